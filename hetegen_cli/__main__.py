@@ -1,0 +1,3 @@
+from hetegen_cli.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""Errors that the CLI turns into a one-line message plus a hint (exit code 1).
+
+Library code raises these; it never prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class HetegenError(Exception):
+    """A handled failure: `message` says what went wrong, `hint` what to do about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ModelError(HetegenError):
+    """The model argument cannot be resolved, read or loaded."""
+
+
+class ProfileError(HetegenError):
+    """A hardware profile is missing, corrupt or of another schema version."""
+
+
+class PlanError(HetegenError):
+    """A plan is invalid, infeasible, or made for another model."""
+
+
+class DeviceError(HetegenError):
+    """A GPU is required but absent, or the device ran out of memory."""
+
+
+class InputError(HetegenError):
+    """A user-supplied value (prompt, size, path) is invalid."""

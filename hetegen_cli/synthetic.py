@@ -1,0 +1,127 @@
+"""Synthetic checkpoints: any preset's shapes with random (never all-zero) weights.
+
+Writes a real safetensors file tensor by tensor, so peak RAM is one tensor, not the model.
+Used by `bench --synthetic` to benchmark OPT-30B-class shapes without a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hetegen_cli import presets
+from hetegen_cli.errors import ModelError
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MARKER = ".hetegen-complete"
+
+
+def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor a checkpoint of `config` stores, in module order.
+
+    Built on the meta device (no memory). Tied LM heads are omitted, as save_pretrained does.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    shapes = []
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        shapes.append((name, tuple(tensor.shape)))
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Weights ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02); biases ~ N(0, 0.01). Never all zero."""
+    if "norm" in name and name.endswith(".weight"):
+        values = 1.0 + 0.02 * torch.randn(shape, generator=generator)
+    elif name.endswith(".bias"):
+        values = 0.01 * torch.randn(shape, generator=generator)
+    else:
+        values = 0.02 * torch.randn(shape, generator=generator)
+    return values.to(dtype)
+
+
+def write_safetensors_streaming(path: Path, shapes: list[tuple[str, tuple[int, ...]]],
+                                dtype: torch.dtype, make: Callable[[str, tuple[int, ...]], torch.Tensor],
+                                on_tensor: Callable[[int], None] | None = None) -> None:
+    """Write a safetensors file whose tensors come from `make(name, shape)` one at a time."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "hetegen synthetic"}}
+    offset = 0
+    for name, shape in shapes:
+        nbytes = itemsize
+        for dim in shape:
+            nbytes *= dim
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)))
+        handle.write(text)
+        for name, shape in shapes:
+            tensor = make(name, shape).contiguous()
+            handle.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if on_tensor:
+                on_tensor(tensor.numel() * itemsize)
+
+
+def synthetic_folder(preset: str, dtype: str, root: Path) -> Path:
+    return root / f"synthetic-{preset}-{dtype}"
+
+
+def build_synthetic_model(preset: str, dtype: str, root: Path, seed: int = 0,
+                          progress: Any = None) -> Path:
+    """A folder with config.json + model.safetensors of random weights for `preset`.
+
+    Reused when already complete. Written to a temporary folder and renamed when done.
+    """
+    if preset not in presets.PRESETS:
+        raise ModelError(f"unknown preset {preset!r} for --synthetic",
+                         "known: " + ", ".join(presets.preset_names()))
+    if dtype not in _TORCH_DTYPES:
+        raise ModelError(f"unsupported dtype {dtype!r}", "use float16, bfloat16 or float32")
+    folder = synthetic_folder(preset, dtype, root)
+    if (folder / _MARKER).exists():
+        return folder
+    config = presets.preset_config(preset)
+    config["torch_dtype"] = dtype
+    shapes = tensor_shapes(config)
+    torch_dtype = _TORCH_DTYPES[dtype]
+    total = sum(torch.Size(s).numel() for _, s in shapes) * torch.tensor([], dtype=torch_dtype).element_size()
+    free = shutil.disk_usage(root if root.exists() else root.parent).free if (root.exists() or root.parent.exists()) else None
+    if free is not None and free < total * 1.05:
+        raise ModelError(f"not enough disk for a synthetic {preset}: needs {total / 1e9:.1f} GB, "
+                         f"{free / 1e9:.1f} GB free under {root}", "set HETEGEN_HOME to a larger disk")
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    task = progress.add_task(f"writing synthetic {preset} ({dtype})", total=total) if progress else None
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors_streaming(
+            tmp / "model.safetensors", shapes, torch_dtype,
+            lambda name, shape: _random_tensor(name, shape, torch_dtype, generator),
+            (lambda n: progress.advance(task, n)) if progress else None)
+        (tmp / _MARKER).write_text("ok\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

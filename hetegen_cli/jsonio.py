@@ -38,6 +38,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             "choose an --output location you can write to",
         ) from exc
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -232,3 +232,36 @@ def out_of_memory_as_error(what: str) -> Iterator[None]:
     except torch.OutOfMemoryError as exc:
         raise DeviceError(f"the GPU ran out of memory while {what}",
                           "lower --gpu-memory or close other GPU programs, then re-plan") from exc
+
+
+class CudaEventClock:
+    """Times work queued on a CUDA stream with timing events, in seconds.
+
+    `start()` records an event; `stop()` records another, waits for it and returns the GPU
+    time between them, so host-side launch jitter does not count (used by `profile`).
+    """
+
+    def __init__(self, backend: Backend, stream: Any = None) -> None:
+        self.device = backend.device
+        self.stream = stream
+        self._start: Any = None
+
+    def _record(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream or torch.cuda.current_stream(self.device))
+        return event
+
+    def start(self) -> None:
+        self._start = self._record()
+
+    def stop(self) -> float:
+        end = self._record()
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+
+
+def event_clock(backend: Backend, stream: Any = None) -> CudaEventClock:
+    """A CUDA-event clock for `backend` (a CudaBackend)."""
+    if not backend.is_cuda:
+        raise ValueError("event_clock needs a CUDA backend")
+    return CudaEventClock(backend, stream)

@@ -85,7 +85,7 @@ def hub_download(hub_id: str) -> Path:
 def _not_cached(hub_id: str, why: str) -> ModelError:
     return ModelError(
         f"model {hub_id!r} is not in the local cache and the hub cannot be reached ({why})",
-        f"download it where the hub is reachable (`huggingface-cli download {hub_id}`) "
+        f"download it where the hub is reachable (`hf download {hub_id}`) "
         "or pass a local folder with --model PATH",
     )
 

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
             model_arg=model or "")
         ref = resolve_model(model, need_weights=False, dtype=dtype)
         planner.validate_request(ref.spec, req)
-        doc, identity = _load_profile(profile, quiet=json_)
+        doc, identity = load_or_measure_profile(profile, quiet=json_)
         plan = planner.make_plan(ref.spec, doc, req, profile_identity=identity)
         saved = save_plan(plan, output) if output is not None else None
         if json_:
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
             note(f"plan saved to {saved}")
 
 
-def _load_profile(path: Optional[Path], quiet: bool) -> tuple[dict, dict]:
+def load_or_measure_profile(path: Optional[Path], quiet: bool) -> tuple[dict, dict]:
     """The profile document and its identity; measure and save a quick one if none exists."""
     from hetegen_cli import costmodel, paths, profile_doc
 

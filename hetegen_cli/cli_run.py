@@ -3,7 +3,8 @@
 `execute_run(options)` is the library entry point: validate -> resolve the model -> tokenize
 -> check the context -> pick device and dtype -> build the model -> generate. The "build" step
 is a replaceable function (`ModelBuilder`), so the heterogeneous engine slots in behind the
-same command. This version builds the stock model on the CPU, or on one GPU when it fits.
+same command: run_engine.choose_builder picks the heterogeneous engine when a plan is given or
+the model does not fit the GPU (see run_engine.py), else the stock model runs plainly.
 torch is imported inside functions only, so `hetegen --help` stays fast.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -70,6 +72,7 @@ class RunContext:
     prompt_ids: list[int]
     backend: Any                      # devices.Backend
     dtype: str                        # resolved, never "auto"
+    fits_on_gpu: bool = False         # the whole model fits in free GPU memory
 
 
 ModelBuilder = Callable[[RunContext], BuiltModel]
@@ -96,6 +99,7 @@ class RunResult:
             "sampling": _sampling_doc(self.context.options.sampling),
             "timings": {"load_s": self.built.load_s, **gen.timings.as_dict()},
             "engine": self.built.engine, "device": self.built.device, "dtype": self.built.dtype,
+            "plan": self.built.extra.get("plan"), "engine_stats": self.built.extra.get("engine_stats"),
         }
 
 
@@ -104,8 +108,9 @@ def _sampling_doc(s: SamplingOptions) -> dict[str, Any]:
             "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed}
 
 
-def pick_device(options: RunOptions, ref: Any, prompt_tokens: int) -> tuple[Any, str]:
-    """(backend, dtype): --device auto uses the GPU only when the whole model fits in free memory."""
+def pick_device(options: RunOptions, ref: Any, prompt_tokens: int) -> tuple[Any, str, bool]:
+    """(backend, dtype, fits): --device auto uses the GPU plainly only when the whole model fits
+    in free memory; otherwise the heterogeneous engine runs it (run_engine.choose_builder)."""
     from hetegen_cli.devices import CpuBackend, cuda_available, get_backend
     from hetegen_cli.loader import resolve_dtype
     from hetegen_cli.model_spec import DTYPE_BYTES
@@ -119,22 +124,17 @@ def pick_device(options: RunOptions, ref: Any, prompt_tokens: int) -> tuple[Any,
         raise DeviceError(exc.message, "run without --device cuda (or with --device cpu)") from exc
     dtype = resolve_dtype(options.dtype, ref.spec.dtype, "cuda" if backend.is_cuda else "cpu")
     if not backend.is_cuda:
-        return backend, dtype
+        return backend, dtype, False
     scale = DTYPE_BYTES[dtype] / ref.spec.dtype_bytes
     need = int(ref.spec.total_weight_bytes * scale
                + ref.spec.kv_cache_bytes(prompt_tokens + options.max_new_tokens) * scale
                + GPU_HEADROOM_BYTES)
     free, _ = backend.memory_info()
     if need <= free:
-        return backend, dtype
+        return backend, dtype, True
     if kind == "cuda":
-        from hetegen_cli.units import format_bytes
-
-        raise DeviceError(f"the model needs about {format_bytes(need)} of GPU memory, "
-                          f"{format_bytes(free)} is free",
-                          "the heterogeneous engine is not in this version yet; use --device cpu "
-                          "or a smaller model")
-    return CpuBackend(), resolve_dtype(options.dtype, ref.spec.dtype, "cpu")
+        return backend, dtype, False
+    return CpuBackend(), resolve_dtype(options.dtype, ref.spec.dtype, "cpu"), False
 
 
 def build_plain_model(ctx: RunContext) -> BuiltModel:
@@ -160,22 +160,36 @@ def prepare_run(options: RunOptions) -> RunContext:
     tokenizer = load_tokenizer(ref.path)
     prompt_ids = prepare_prompt(tokenizer, options.prompt, chat=options.chat)
     check_context(len(prompt_ids), options.max_new_tokens, ref.spec.max_positions)
-    backend, dtype = pick_device(options, ref, len(prompt_ids))
-    return RunContext(options, ref, tokenizer, prompt_ids, backend, dtype)
+    backend, dtype, fits = pick_device(options, ref, len(prompt_ids))
+    return RunContext(options, ref, tokenizer, prompt_ids, backend, dtype, fits)
 
 
 def execute_run(options: RunOptions, on_text: Callable[[str], None] | None = None,
-                build: ModelBuilder = build_plain_model) -> RunResult:
-    """Validate, build the model with `build`, generate. `on_text` receives streamed pieces."""
+                build: ModelBuilder | None = None, engine: Any = None) -> RunResult:
+    """Validate, build the model, generate. `on_text` receives streamed pieces.
+
+    `build` defaults to run_engine.choose_builder's choice for `engine` (EngineOptions):
+    the heterogeneous engine when a plan applies, else the plain stock model.
+    """
     from hetegen_cli.devices import out_of_memory_as_error
     from hetegen_cli.generate import generate
+    from hetegen_cli.run_engine import EngineOptions, choose_builder
 
     ctx = prepare_run(options)
+    if build is None:
+        build = choose_builder(ctx, engine or EngineOptions()) or build_plain_model
     built = build(ctx)
-    with out_of_memory_as_error("generating"):
-        result = generate(built.model, ctx.tokenizer, ctx.prompt_ids,
-                          max_new_tokens=options.max_new_tokens, sampling=options.sampling,
-                          on_text=on_text, sync=ctx.backend.synchronize, device=built.device)
+    hetero = built.extra.pop("hetero", None)
+    try:
+        with out_of_memory_as_error("generating"):
+            result = generate(built.model, ctx.tokenizer, ctx.prompt_ids,
+                              max_new_tokens=options.max_new_tokens, sampling=options.sampling,
+                              on_text=on_text, sync=ctx.backend.synchronize, device=built.device)
+        if hetero is not None:
+            built.extra["engine_stats"] = hetero.stats()
+    finally:
+        if hetero is not None:
+            hetero.close()
     return RunResult(ctx, built, result)
 
 
@@ -184,7 +198,18 @@ def timing_line(result: RunResult) -> str:
     return (f"load {result.built.load_s:.2f} s | prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s "
             f"| first token {t.time_to_first_token_s:.3f} s | decode {t.generated_tokens} tok, "
             f"{t.decode_tokens_per_s:.1f} tok/s | {result.built.engine} on {result.built.device}, "
-            f"{result.built.dtype} | stop: {result.generation.stop_reason}")
+            f"{result.built.dtype} | stop: {result.generation.stop_reason}"
+            + _plan_comparison(result))
+
+
+def _plan_comparison(result: RunResult) -> str:
+    """' | plan predicted X tok/s (achieved Y% of it)' when the engine ran a plan."""
+    plan = result.built.extra.get("plan") or {}
+    predicted = plan.get("predicted_decode_tokens_per_s")
+    achieved = result.generation.timings.decode_tokens_per_s
+    if not predicted or not achieved:
+        return ""
+    return f" | plan predicted {predicted:.2f} tok/s (achieved {100 * achieved / predicted:.0f}%)"
 
 
 def _write(piece: str) -> None:
@@ -206,6 +231,9 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (reproducible output)."),
         dtype: DtypeChoice = typer.Option(DtypeChoice.auto, "--dtype", help="Weight dtype; auto = float32 on CPU, float16/bfloat16 on GPU."),
         device: DeviceChoice = typer.Option(DeviceChoice.auto, "--device", help="auto = the GPU when the whole model fits in free GPU memory, else the CPU."),
+        plan: Optional[Path] = typer.Option(None, "--plan", help="Execute this plan (from `hetegen plan --output`). Default: plan on the fly when the model does not fit the GPU."),
+        gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU budget for planning on the fly, e.g. 6GiB (needs a CUDA GPU)."),
+        profile: Optional[Path] = typer.Option(None, "--profile", help="Hardware profile for planning on the fly. Default: this machine's saved one."),
         json_: bool = typer.Option(False, "--json", help="Print one JSON document (no streamed text)."),
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
@@ -216,7 +244,13 @@ def register(app: typer.Typer) -> None:
             warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
         options = RunOptions(prompt=prompt, model=model, chat=chat, max_new_tokens=max_new_tokens,
                              sampling=sampling, dtype=dtype.value, device=device.value)
-        result = execute_run(options, on_text=None if json_ else _write)
+        from hetegen_cli.run_engine import EngineOptions
+
+        if plan is not None and gpu_memory is not None:
+            raise InputError("--plan and --gpu-memory cannot be combined",
+                             "the plan already fixes the GPU budget; re-plan to change it")
+        engine = EngineOptions(plan_path=plan, gpu_memory=gpu_memory, profile_path=profile)
+        result = execute_run(options, on_text=None if json_ else _write, engine=engine)
         if json_:
             emit_json(result.to_document())
             return

@@ -23,6 +23,8 @@ def round_rows(fraction: float, out_features: int, granularity: int = ROW_GRANUL
     """Rows for the CPU from a fraction, rounded to `granularity` (0 and out stay exact)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"cpu_fraction {fraction} outside [0, 1]")
+    if fraction >= 1.0:
+        return out_features  # "the CPU computes the whole layer" must stay exact
     rows = round(fraction * out_features / granularity) * granularity
     return max(0, min(out_features, rows))
 

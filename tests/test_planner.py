@@ -326,3 +326,11 @@ def test_manual_plan_from_floats_and_dicts():
     check_plan_matches(plan, sp)
     with pytest.raises(ValueError):
         manual_plan(sp, cpu_fraction_prefill={"nope": 1.0}, cpu_fraction_decode=0.0)
+
+
+def test_round_rows_keeps_whole_layer_exact_for_odd_widths():
+    from hetegen_cli.plan import round_rows
+
+    assert round_rows(1.0, 136) == 136   # would round to 128 on the 16-row grid
+    assert round_rows(0.0, 136) == 0
+    assert round_rows(0.5, 136) % 16 == 0

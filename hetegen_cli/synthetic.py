@@ -42,16 +42,48 @@ def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Weights ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02); biases ~ N(0, 0.01). Never all zero."""
+_POOL_SIZE = (1 << 24) + 7  # an odd length so tiles of consecutive tensors do not line up
+
+
+class RandomPool:
+    """Fast seeded pseudo-random fill: tiles of pre-scaled random pools at random offsets.
+
+    Drawing N(0, 1) for every weight runs at ~0.14 Gparam/s on one core (a 6.7B model would
+    take ~50 s); tiling a 16 Mi-value pool from random offsets is one copy per value and still
+    gives random-looking, never all-zero data. Weights are for timing, not for quality:
+    matrices ~ N(0, 0.02), norm weights ~ 1 + N(0, 0.02), biases ~ N(0, 0.01).
+    """
+
+    def __init__(self, generator: torch.Generator, dtype: torch.dtype) -> None:
+        self.generator = generator
+        base = torch.randn(_POOL_SIZE, generator=generator)
+        self.pools = {"weight": (0.02 * base).to(dtype), "norm": (1.0 + 0.02 * base).to(dtype),
+                      "bias": (0.01 * base).to(dtype)}
+        self.dtype = dtype
+
+    def sample(self, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of `shape` in the pool dtype, drawn from pool `kind` (weight, norm, bias)."""
+        pool = self.pools[kind]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        out = torch.empty(numel, dtype=self.dtype)
+        filled = 0
+        while filled < numel:
+            start = int(torch.randint(0, _POOL_SIZE, (1,), generator=self.generator))
+            take = min(numel - filled, _POOL_SIZE - start)
+            out[filled:filled + take] = pool[start:start + take]
+            filled += take
+        return out.view(shape)
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], pool: RandomPool) -> torch.Tensor:
+    """Random values for checkpoint tensor `name` (see RandomPool for the distributions)."""
     if "norm" in name and name.endswith(".weight"):
-        values = 1.0 + 0.02 * torch.randn(shape, generator=generator)
-    elif name.endswith(".bias"):
-        values = 0.01 * torch.randn(shape, generator=generator)
-    else:
-        values = 0.02 * torch.randn(shape, generator=generator)
-    return values.to(dtype)
+        return pool.sample("norm", shape)
+    if name.endswith(".bias"):
+        return pool.sample("bias", shape)
+    return pool.sample("weight", shape)
 
 
 def write_safetensors_streaming(path: Path, shapes: list[tuple[str, tuple[int, ...]]],
@@ -110,13 +142,13 @@ def build_synthetic_model(preset: str, dtype: str, root: Path, seed: int = 0,
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(seed)
+    pool = RandomPool(torch.Generator().manual_seed(seed), torch_dtype)
     task = progress.add_task(f"writing synthetic {preset} ({dtype})", total=total) if progress else None
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors_streaming(
             tmp / "model.safetensors", shapes, torch_dtype,
-            lambda name, shape: _random_tensor(name, shape, torch_dtype, generator),
+            lambda name, shape: _random_tensor(name, shape, pool),
             (lambda n: progress.advance(task, n)) if progress else None)
         (tmp / _MARKER).write_text("ok\n")
         shutil.rmtree(folder, ignore_errors=True)

@@ -35,15 +35,10 @@ def _root(
 
 
 def _register_all() -> None:
-    from hetegen_cli import cli_models, cli_plan, cli_profile, cli_run
+    from hetegen_cli import cli_bench, cli_models, cli_plan, cli_profile, cli_run
 
-    for module in (cli_profile, cli_plan, cli_run, cli_models):
+    for module in (cli_profile, cli_plan, cli_run, cli_bench, cli_models):
         module.register(app)
-    try:
-        from hetegen_cli import cli_bench
-    except ImportError:
-        return
-    cli_bench.register(app)
 
 
 _register_all()

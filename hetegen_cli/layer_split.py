@@ -49,13 +49,16 @@ def apply_layer_split(model: nn.Module, gpu_layers: int, device: torch.device,
     """
     layers = decoder_layers(model)
     gpu_layers = max(0, min(gpu_layers, len(layers)))
-    cpu_ids = {id(layer) for layer in list(layers)[gpu_layers:]}
-    # everything except CPU layers goes to the device
-    for name, module in model.named_children():
-        module.to(device=device, dtype=weights_dtype)
-    for index, layer in enumerate(layers):
-        if id(layer) not in cpu_ids:
-            continue
+    cpu_layers = list(layers)[gpu_layers:]
+    # Move everything except the CPU layers to the device without the CPU layers ever passing
+    # through it (a model larger than the GPU must not touch the device whole): park them as
+    # placeholders while the rest moves, then put them back.
+    for index in range(gpu_layers, len(layers)):
+        layers[index] = nn.Identity()
+    model.to(device=device, dtype=weights_dtype)
+    for index, layer in enumerate(cpu_layers, start=gpu_layers):
+        layers[index] = layer
+    for layer in cpu_layers:
         layer.to(device="cpu", dtype=cpu_dtype)
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

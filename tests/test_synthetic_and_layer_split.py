@@ -93,3 +93,23 @@ def test_layer_split_casts_cpu_layers_to_the_cpu_dtype(tiny_llama_dir):
 def test_decoder_layers_refuses_unknown_models():
     with pytest.raises(ModelError):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_layer_split_never_moves_cpu_layers_through_the_device(tiny_opt_dir, monkeypatch):
+    """CPU layers must not visit the device while the rest moves (a big model would not fit)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir).eval()
+    cpu_layer = decoder_layers(model)[1]
+    seen = []
+    original = torch.nn.Module._apply  # .to() recurses into children through _apply
+
+    def spy(self, *args, **kwargs):
+        seen.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "_apply", spy)
+    apply_layer_split(model, 1, torch.device("cpu"), torch.float32, torch.bfloat16)
+    assert model in seen                      # the rest moved in one call
+    assert decoder_layers(model)[1] is cpu_layer
+    assert seen.count(cpu_layer) == 1         # only its own move to the CPU dtype

@@ -130,16 +130,28 @@ class EngineContext:
         self.finalize()
         self.scheduler.begin_pass(phase)
 
-    def start_cpu_share(self, x2: torch.Tensor, w_cpu: torch.Tensor) -> tuple[Future, int | None]:
-        """Submit x2 [n, in] @ w_cpu[k, in]^T to the worker. Returns (future, output slot)."""
+    def start_cpu_share(self, x2: torch.Tensor, w_cpu: torch.Tensor,
+                        inline: bool = False) -> tuple[Future, int | None]:
+        """Submit x2 [n, in] @ w_cpu[k, in]^T to the worker. Returns (future, output slot).
+
+        `inline` computes on the calling thread instead (used when the CPU does the whole
+        layer: there is no GPU work to overlap, and the thread hand-off costs ~0.1 ms).
+        """
         n, k = x2.shape[0], w_cpu.shape[0]
+        submit = self._run_inline if inline else self._worker.submit
         if self._scratch is None:  # CPU stand-in: x already lives on the host
-            return self._worker.submit(self._cpu_matmul, x2, None, w_cpu, None, None), None
+            return submit(self._cpu_matmul, x2, None, w_cpu, None, None), None
         x_h = self._scratch.x_view((n, x2.shape[1]), x2.dtype)
         x_h.copy_(x2, non_blocking=True)
         x_ready = self.backend.record_event()
         slot, y_h, y_free = self._scratch.y_slot((n, k), x2.dtype)
-        return self._worker.submit(self._cpu_matmul, x_h, x_ready, w_cpu, y_h, y_free), slot
+        return submit(self._cpu_matmul, x_h, x_ready, w_cpu, y_h, y_free), slot
+
+    @staticmethod
+    def _run_inline(fn: Any, *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
 
     def _cpu_matmul(self, x_h: torch.Tensor, x_ready: Any, w: torch.Tensor,
                     y_h: torch.Tensor | None, y_free: Any) -> torch.Tensor:
@@ -234,7 +246,8 @@ class HeteroLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [n, in]
         if x2.dtype != ctx.weights_dtype:
             x2 = x2.to(ctx.weights_dtype)
-        pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k)) if k > 0 else None
+        whole_on_cpu = k == self.out_features
+        pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k), inline=whole_on_cpu) if k > 0 else None
         try:
             # every split linear passes through the scheduler, even with k == out, so the
             # learned execution order is the same in both phases

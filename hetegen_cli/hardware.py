@@ -365,6 +365,15 @@ def _cpu_gemv(shape: Shape, pool: torch.Tensor, threads: int, pool_bytes: int,
             "params_per_s": rate(shape[0] * shape[1], sec), "pool_copies": copies}
 
 
+def default_threads(physical_cores: int, has_gpu: bool) -> int:
+    """Intra-op threads for the CPU share: all physical cores, less one on a GPU machine with
+    4+ cores, which leaves room for the main thread launching CUDA work (method.md section 10).
+    Hyperthreads add no memory bandwidth, so logical cores are not counted."""
+    if has_gpu and physical_cores >= 4:
+        return physical_cores - 1
+    return max(1, physical_cores)
+
+
 def sweep_threads(threads: int, physical_cores: int) -> list[int]:
     """1, half and all physical cores, plus `threads` (deduplicated, ascending)."""
     return sorted({1, max(1, physical_cores // 2), physical_cores, threads})
@@ -377,7 +386,7 @@ def run_profile(quick: bool, threads: int | None = None, repeat: int | None = No
                 sizes: Sizes | None = None, gpu_backend: Any = None) -> dict[str, Any]:
     """Measure this machine and return the profile document (see profile_doc.SCHEMA).
 
-    `threads`: CPU intra-op threads (default: physical cores). `repeat`: samples per
+    `threads`: CPU intra-op threads (default: default_threads()). `repeat`: samples per
     measurement. `progress`: a Rich Progress-like object. `timer`: seconds clock for every
     measurement (default time.perf_counter; injecting one also replaces CUDA events).
     `sizes`: what to measure (default QUICK or FULL, see sizes_for). `gpu_backend`: measure
@@ -392,10 +401,10 @@ def run_profile(quick: bool, threads: int | None = None, repeat: int | None = No
     elif repeat:
         sizes = replace(sizes, repeat=repeat)
     host = host_info()
-    threads = threads or host["physical_cores"]
+    has_gpu = gpu_backend is not None or devices.cuda_available()
+    threads = threads or default_threads(host["physical_cores"], has_gpu)
     pool = sizes.pool_bytes or max(256 * MiB, 2 * (host["last_level_cache_bytes"] or 0))
     pool = max(4096, min(pool, host["ram_available_bytes"] // 4))
-    has_gpu = gpu_backend is not None or devices.cuda_available()
     sweep = sweep_threads(threads, host["physical_cores"]) if sizes.thread_sweep else []
     steps = Steps(progress, count_steps(sizes, len(sweep), has_gpu))
     clock = HostClock(timer)

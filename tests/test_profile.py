@@ -294,3 +294,12 @@ def test_real_gpu_profile_tiny():
     validate_profile(doc)
     assert doc["gpu"] is not None and doc["gpu"]["total_memory_bytes"] > 0
     assert all(t["bytes_per_s"] > 0 for t in doc["gpu"]["transfers"])
+
+
+def test_default_threads_leave_a_core_for_the_gpu_launcher():
+    from hetegen_cli.hardware import default_threads
+
+    assert default_threads(2, has_gpu=False) == 2
+    assert default_threads(16, has_gpu=False) == 16
+    assert default_threads(16, has_gpu=True) == 15
+    assert default_threads(2, has_gpu=True) == 2

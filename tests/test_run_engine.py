@@ -124,3 +124,27 @@ def test_corrupt_plan_file(tiny_llama_dir, tmp_path):
     result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "--plan", str(bad))
     assert result.exit_code == 1
     assert "Error:" in result.stderr and "hetegen plan" in result.stderr
+
+
+def test_plans_on_the_fly_when_a_gpu_is_present_and_gpu_memory_is_given(tiny_llama_dir, tmp_path,
+                                                                          monkeypatch):
+    """With CUDA (faked: the stand-in backend answers for "cuda"), --gpu-memory plans on the
+    fly from the given profile and runs the engine; tokens still equal the plain model's."""
+    from hetegen_cli import devices
+    from hetegen_cli.profile_doc import save_profile
+    from tests.test_costmodel import make_profile
+
+    expected = _reference_tokens(tiny_llama_dir)
+    profile = tmp_path / "gpu-profile.json"
+    save_profile(make_profile(gpu=True), profile)
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(devices, "get_backend", lambda kind="auto": devices.CpuBackend())
+    result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json",
+                  "--gpu-memory", "3GiB", "--profile", str(profile))
+    assert result.exit_code == 0, result.stderr
+    assert "planned on the fly" in result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "hetegen"
+    assert doc["plan"]["origin"] == "planned on the fly"
+    assert doc["plan"]["requires_gpu"] is True
+    assert doc["token_ids"] == expected

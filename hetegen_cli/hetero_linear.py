@@ -246,16 +246,23 @@ class HeteroLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [n, in]
         if x2.dtype != ctx.weights_dtype:
             x2 = x2.to(ctx.weights_dtype)
-        whole_on_cpu = k == self.out_features
-        pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k), inline=whole_on_cpu) if k > 0 else None
-        try:
-            # every split linear passes through the scheduler, even with k == out, so the
-            # learned execution order is the same in both phases
-            w_gpu, slot = ctx.scheduler.acquire(self, k)  # [out - k, in] on the device, or None
-            y_gpu = F.linear(x2, w_gpu) if w_gpu is not None else None  # [n, out - k]
+        if k == self.out_features:
+            # the CPU does the whole layer: no GPU work to overlap, so compute it inline (no
+            # thread hand-off), after the scheduler has issued the next layers' copies
+            # every split linear passes through the scheduler, so the learned execution order
+            # is the same in both phases
+            _, slot = ctx.scheduler.acquire(self, k)  # nothing staged for k == out
             ctx.scheduler.release(slot)
-        finally:
-            y_cpu = ctx.finish_cpu_share(pending) if pending is not None else None  # [n, k]
+            y_cpu = ctx.finish_cpu_share(ctx.start_cpu_share(x2, self.host.cpu_rows(k), inline=True))
+            y_gpu = None
+        else:
+            pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k)) if k > 0 else None
+            try:
+                w_gpu, slot = ctx.scheduler.acquire(self, k)  # [out - k, in] on the device
+                y_gpu = F.linear(x2, w_gpu)  # [n, out - k]
+                ctx.scheduler.release(slot)
+            finally:
+                y_cpu = ctx.finish_cpu_share(pending) if pending is not None else None  # [n, k]
         if y_cpu is None:
             y = y_gpu
         elif y_gpu is None:

@@ -13,7 +13,6 @@ Arms are run by an injectable table (`runners`), so the report logic is testable
 from __future__ import annotations
 
 import gc
-import hashlib
 import platform
 import random
 import sys
@@ -167,17 +166,9 @@ def default_arms(has_cuda: bool) -> list[str]:
 
 def load_profile(path: str | Path | None, progress: Any = None) -> tuple[dict, dict]:
     """(profile document, identity); measures and saves a quick profile when none is saved."""
-    from hetegen_cli import costmodel, hardware, paths, profile_doc
-    from hetegen_cli.output import note
+    from hetegen_cli.profile_doc import load_or_measure_profile
 
-    if path is None:
-        path = paths.default_profile_path()
-        if not path.exists():
-            note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile --quick`)")
-            profile_doc.save_profile(hardware.run_profile(quick=True, progress=progress), path)
-    doc = profile_doc.load_profile(path)
-    sha = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-    return doc, costmodel.profile_identity(doc, str(path), sha)
+    return load_or_measure_profile(path, progress)
 
 
 def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[Any, dict]:

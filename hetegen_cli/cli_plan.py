@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,24 +78,12 @@ def register(app: typer.Typer) -> None:
 
 
 def load_or_measure_profile(path: Optional[Path], quiet: bool) -> tuple[dict, dict]:
-    """The profile document and its identity; measure and save a quick one if none exists."""
-    from hetegen_cli import costmodel, paths, profile_doc
+    """profile_doc.load_or_measure_profile with a progress display unless `quiet`."""
+    from hetegen_cli import profile_doc
+    from hetegen_cli.output import progress
 
-    if path is None:
-        path = paths.default_profile_path()
-        if not path.exists():
-            from hetegen_cli import hardware
-            from hetegen_cli.output import progress
-
-            note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile "
-                 "--quick`)")
-            with progress(enabled=not quiet) as bar:
-                doc = hardware.run_profile(quick=True, progress=bar)
-            profile_doc.save_profile(doc, path)
-            note(f"profile saved to {path}")
-    doc = profile_doc.load_profile(path)
-    sha = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-    return doc, costmodel.profile_identity(doc, str(path), sha)
+    with progress(enabled=not quiet) as bar:
+        return profile_doc.load_or_measure_profile(path, bar)
 
 
 def _rate(fig: dict | None, key: str, fmt: str = "{:.3g}") -> str:

@@ -51,9 +51,10 @@ def resolve_dtype(requested: str, stored: str, device_type: str) -> str:
 
 
 def torch_dtype(name: str) -> Any:
-    import torch
+    """'float16' | 'bfloat16' | 'float32' -> torch dtype (the engine's mapping)."""
+    from hetegen_cli.weight_store import torch_dtype as engine_torch_dtype
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return engine_torch_dtype(name)
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -228,3 +228,24 @@ def pinned_h2d(doc: dict) -> list[dict]:
     return sorted((t for t in gpu.get("transfers", [])
                    if t["direction"] == "h2d" and t["memory"] == "pinned"),
                   key=lambda t: t["size_bytes"])
+
+
+def load_or_measure_profile(path: str | Path | None, progress: Any = None
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(profile document, identity) of `path`, or of the saved profile of this machine, which
+    is measured (`hetegen profile --quick`) and saved first when missing. Used by plan, run
+    and bench; `progress` is a Rich Progress-like object for the measurement."""
+    import hashlib
+
+    from hetegen_cli import costmodel, hardware, paths
+    from hetegen_cli.output import note
+
+    if path is None:
+        path = paths.default_profile_path()
+        if not path.exists():
+            note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile --quick`)")
+            save_profile(hardware.run_profile(quick=True, progress=progress), path)
+            note(f"profile saved to {path}")
+    doc = load_profile(path)
+    sha = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    return doc, costmodel.profile_identity(doc, str(path), sha)

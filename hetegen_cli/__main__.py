@@ -1,3 +1,3 @@
-from hetegen_cli.cli import main
+from hetegen_cli.cli.app import main
 
 main()

@@ -11,18 +11,30 @@ import argparse
 import statistics
 import time
 
-from hetegen_cli import costmodel as cm
-from hetegen_cli import planner
-from hetegen_cli.model_spec import spec_from_config
-from hetegen_cli.presets import preset_config
-from hetegen_cli.units import parse_size
+from hetegen_cli.core.units import parse_size
+from hetegen_cli.models.presets import preset_config
+from hetegen_cli.models.spec import spec_from_config
+from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.solver import solve
 
-#: Made-up PCIe 4 desktop (method.md section 11): B_pcie 25, B_cpu 56, B_dram 70 GB/s.
-DESKTOP = cm.Rates(weights_dtype="float16", cpu_dtype="bfloat16", cpu_threads=14,
-                   cpu_call_s=30e-6, cpu_bytes_per_s=56e9, cpu_bytes_per_s_concurrent=50e9,
-                   cpu_flops_per_s=0.8e12, dram_bytes_per_s=70e9, pcie_bytes_per_s=25e9,
-                   pcie_bytes_per_s_concurrent=23.5e9, pcie_copy_s=10e-6, gpu_call_s=8e-6,
-                   gpu_bytes_per_s=900e9, gpu_flops_per_s=150e12)
+#: Made-up PCIe 4 desktop (docs/method.md §11): B_pcie 25, B_cpu 56, B_dram 70 GB/s.
+DESKTOP = cm.Rates(
+    weights_dtype="float16",
+    cpu_dtype="bfloat16",
+    cpu_threads=14,
+    cpu_call_s=30e-6,
+    cpu_bytes_per_s=56e9,
+    cpu_bytes_per_s_concurrent=50e9,
+    cpu_flops_per_s=0.8e12,
+    dram_bytes_per_s=70e9,
+    pcie_bytes_per_s=25e9,
+    pcie_bytes_per_s_concurrent=23.5e9,
+    pcie_copy_s=10e-6,
+    gpu_call_s=8e-6,
+    gpu_bytes_per_s=900e9,
+    gpu_flops_per_s=150e12,
+)
 
 
 def main() -> None:
@@ -32,22 +44,25 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10)
     args = ap.parse_args()
     spec = spec_from_config(preset_config(args.model), args.model)
-    req = planner.PlanRequest(gpu_budget_bytes=parse_size(args.gpu_memory),
-                              cpu_budget_bytes=parse_size("1TiB"))
+    req = PlanRequest(gpu_budget_bytes=parse_size(args.gpu_memory), cpu_budget_bytes=parse_size("1TiB"))
     t0 = time.perf_counter()
-    plan = planner.solve(spec, DESKTOP, req)
+    plan = solve(spec, DESKTOP, req)
     warm = time.perf_counter() - t0
     samples = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        planner.solve(spec, DESKTOP, req)
+        solve(spec, DESKTOP, req)
         samples.append(time.perf_counter() - t0)
     sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
-    print(f"{args.model}: {len(spec.linears)} block linears, {plan.resident_count} resident, "
-          f"{plan.split_count} split at {args.gpu_memory}")
-    print(f"warm-up {warm * 1e3:.1f} ms; solve over {args.repeat} runs: median "
-          f"{statistics.median(samples) * 1e3:.1f} ms, min {min(samples) * 1e3:.1f}, max "
-          f"{max(samples) * 1e3:.1f}, sd {sd * 1e3:.1f} ms")
+    print(
+        f"{args.model}: {len(spec.linears)} block linears, {plan.resident_count} resident, "
+        f"{plan.split_count} split at {args.gpu_memory}"
+    )
+    print(
+        f"warm-up {warm * 1e3:.1f} ms; solve over {args.repeat} runs: median "
+        f"{statistics.median(samples) * 1e3:.1f} ms, min {min(samples) * 1e3:.1f}, max "
+        f"{max(samples) * 1e3:.1f}, sd {sd * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

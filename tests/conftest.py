@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,9 @@ def tiny_opt_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def tiny_copy(tiny_llama_dir, tmp_path) -> Path:
+    """A private copy of the tiny LLaMA folder that a test may damage."""
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "tiny-copy"))

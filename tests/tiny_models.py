@@ -29,24 +29,36 @@ def build_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.model_input_names = ["input_ids", "attention_mask"]
     fast.save_pretrained(folder)
 
 
-def build_tiny_opt(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                   tokenizer: bool = True) -> Path:
+def build_tiny_opt(
+    folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True
+) -> Path:
     """hidden 64, 2 layers, 4 heads, ffn 200 (not a multiple of 16), vocab 320."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, ffn_dim=200,
-                       num_attention_heads=4, max_position_embeddings=128,
-                       word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = OPTConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=200,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = OPTForCausalLM(config).to(dtype).eval()
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer:
@@ -54,16 +66,27 @@ def build_tiny_opt(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float
     return folder
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     tokenizer: bool = True) -> Path:
+def build_tiny_llama(
+    folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True
+) -> Path:
     """hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), intermediate 136, vocab 320."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=136,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=136,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config).to(dtype).eval()
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer:

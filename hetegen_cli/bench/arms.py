@@ -1,0 +1,306 @@
+"""The arms of `hetegen bench`: why an arm cannot run here, and how each one is loaded.
+
+Every builder returns a `models.loader.LoadedModel` (a model that answers `model(input_ids,
+cache=..., use_cache=True)` like a stock transformers causal LM, the device its inputs go to,
+a sync and a close), with `info` describing the arm. bench.runner times all of them with the
+same generation loop.
+
+| arm | what runs |
+|---|---|
+| hetegen | the plan for this budget through the engine (`load_hetero_model`), as `run` does |
+| offload | the same engine, every cpu_fraction 0, the plan's resident set (optimised streaming) |
+| accelerate | stock Accelerate hooks (`dispatch_model`): the plan's resident set on the GPU, the rest "cpu" |
+| layer-split | decoder layers 0..k-1 on the GPU (k from the planner), the CPU computes the rest |
+| cpu | plain transformers model on the CPU in the CPU dtype |
+| gpu | plain transformers model wholly on the GPU (when it fits the budget) |
+| reference | plain transformers model on the CPU in the weights dtype (token and overhead reference) |
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from hetegen_cli.bench.layer_split import apply_layer_split
+from hetegen_cli.core.devices import CpuBackend, get_backend, torch_dtype
+from hetegen_cli.core.dtypes import itemsize
+from hetegen_cli.core.units import format_bytes
+from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.loader import LoadedModel, load_model
+from hetegen_cli.models.source import ModelRef
+from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.plan.document import Plan
+from hetegen_cli.plan.manual import manual_plan
+from hetegen_cli.plan.memory import whole_model_gpu_bytes
+from hetegen_cli.plan.request import PlanRequest
+
+NO_CUDA = "no CUDA GPU"
+ACCELERATE_MISSING = "accelerate is not installed (pip install 'hetegen[bench]')"
+GPU_ARMS = ("offload", "accelerate", "layer-split", "gpu")
+PLAN_ARMS = ("hetegen", "offload", "accelerate", "layer-split")
+RAM_MARGIN_BYTES = 512 * 1024**2
+
+
+@dataclass
+class ArmContext:
+    """What an arm needs to know for one GPU budget."""
+
+    arm: str
+    ref: ModelRef  # with a local path
+    plan: Plan | None  # None when the planner refused this budget
+    plan_error: str | None
+    gpu_budget_bytes: int | None  # the GPU budget of this case
+    has_cuda: bool
+    threads: int  # torch intra-op threads for plain arms
+    workload: dict  # prompt_len, max_new_tokens
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.ref.spec
+
+
+def accelerate_available() -> bool:
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def gpu_need_bytes(ctx: ArmContext) -> int:
+    """GPU bytes to run the whole model on the GPU (the `gpu` arm), from plan.memory."""
+    w = ctx.workload
+    req = PlanRequest(prompt_len=w["prompt_len"], max_new_tokens=w["max_new_tokens"])
+    return whole_model_gpu_bytes(ctx.spec, req)
+
+
+def _available_ram() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def skip_reason(ctx: ArmContext) -> str | None:
+    """Why `ctx.arm` cannot run here (None: it can). Needs no weights."""
+    arm, reasons = ctx.arm, []
+    if arm in GPU_ARMS and not ctx.has_cuda:
+        reasons.append(NO_CUDA)
+    if arm == "accelerate" and not accelerate_available():
+        reasons.append(ACCELERATE_MISSING)
+    if reasons:
+        return "; ".join(reasons)
+    if arm in PLAN_ARMS and ctx.plan is None:
+        return f"no plan for this budget: {ctx.plan_error}"
+    if arm in ("offload", "accelerate", "layer-split") and not ctx.plan.runtime.requires_gpu:
+        return "the plan for this budget is all-CPU (profile without a GPU, or budget 0)"
+    if arm == "layer-split" and not (ctx.plan.predictions or {}).get("layer_split"):
+        return "the plan has no layer-split prediction to take the GPU layer count from"
+    if arm == "gpu" and ctx.gpu_budget_bytes is not None and gpu_need_bytes(ctx) > ctx.gpu_budget_bytes:
+        return (
+            f"the whole model needs {format_bytes(gpu_need_bytes(ctx))} of GPU memory, "
+            f"the budget is {format_bytes(ctx.gpu_budget_bytes)}"
+        )
+    if arm in ("cpu", "reference"):
+        dtype = ctx.spec.dtype if arm == "reference" else _cpu_dtype(ctx)
+        need = ctx.spec.parameter_count * itemsize(dtype)
+        if need + RAM_MARGIN_BYTES > _available_ram():
+            return (
+                f"the model needs {format_bytes(need)} of RAM in {dtype}, "
+                f"{format_bytes(_available_ram())} is available"
+            )
+    return None
+
+
+def _cpu_dtype(ctx: ArmContext) -> str:
+    return ctx.plan.runtime.cpu_dtype if ctx.plan is not None else ctx.spec.dtype
+
+
+# --- builders -------------------------------------------------------------------------------
+
+
+class _Threads:
+    """Set torch intra-op threads for a plain arm; restore on close."""
+
+    def __init__(self, n: int) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(max(1, n))
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.before)
+
+
+def _plain(ctx: ArmContext, dtype: str, device: str, compute_dtype: str) -> LoadedModel:
+    threads = _Threads(ctx.threads)
+    try:
+        loaded = load_model(ctx.ref, dtype=dtype, device=device)
+    except BaseException:
+        threads.restore()
+        raise
+    loaded.dtype = compute_dtype
+    loaded.on_close = threads.restore
+    loaded.info = {
+        "weights_dtype": dtype,
+        "compute_dtype": compute_dtype,
+        "device": loaded.device,
+        "threads": ctx.threads,
+        "load_s": loaded.load_s,
+    }
+    return loaded
+
+
+def build_reference(ctx: ArmContext) -> LoadedModel:
+    return _plain(ctx, ctx.spec.dtype, "cpu", ctx.spec.dtype)
+
+
+def build_cpu(ctx: ArmContext) -> LoadedModel:
+    dtype = _cpu_dtype(ctx)
+    return _plain(ctx, dtype, "cpu", dtype)
+
+
+def build_gpu(ctx: ArmContext) -> LoadedModel:
+    return _plain(ctx, ctx.spec.dtype, "cuda:0", ctx.spec.dtype)
+
+
+def _engine(ctx: ArmContext, plan: Plan, config: dict) -> LoadedModel:
+    backend = get_backend("cuda") if ctx.has_cuda else CpuBackend()
+    start = time.perf_counter()
+    loaded = load_hetero_model(ctx.ref, plan.placements, plan.runtime, backend, progress=False)
+    rt = plan.runtime
+    loaded.info = {
+        "weights_dtype": rt.weights_dtype,
+        "compute_dtype": loaded.dtype,
+        "device": loaded.device + ("" if backend.is_cuda else " (CPU stand-in backend)"),
+        "threads": rt.cpu_threads,
+        "load_s": time.perf_counter() - start,
+        "config": config,
+    }
+    return loaded
+
+
+def plan_config(plan: Plan, rows: bool = False) -> dict:
+    """The engine configuration of a plan (Plan.summary's placement figures and runtime);
+    with `rows` every linear's CPU rows too (the cache key of engine arms)."""
+    summary = plan.summary()
+    extra = {"cpu_rows": [[p.cpu_rows_prefill, p.cpu_rows_decode] for p in plan.placements]} if rows else {}
+    return {
+        **extra,
+        **{
+            k: summary[k]
+            for k in (
+                "resident_count",
+                "split_count",
+                "mean_cpu_fraction_prefill",
+                "mean_cpu_fraction_decode",
+            )
+        },
+        "lm_head_on_gpu": plan.runtime.lm_head_on_gpu,
+        "staging_buffers": plan.runtime.staging_buffers,
+        "cpu_dtype": plan.runtime.cpu_dtype,
+        "cpu_threads": plan.runtime.cpu_threads,
+    }
+
+
+def offload_plan(plan: Plan, spec: ModelSpec) -> Plan:
+    """The plan's resident set and runtime with every other cpu_fraction 0 (pure offload)."""
+    return manual_plan(
+        spec,
+        cpu_fraction_prefill=0.0,
+        cpu_fraction_decode=0.0,
+        resident={p.name for p in plan.placements if p.resident},
+        runtime=plan.runtime,
+        workload=plan.workload,
+    )
+
+
+def build_hetegen(ctx: ArmContext) -> LoadedModel:
+    return _engine(ctx, ctx.plan, plan_config(ctx.plan))
+
+
+def build_offload(ctx: ArmContext) -> LoadedModel:
+    plan = offload_plan(ctx.plan, ctx.spec)
+    return _engine(ctx, plan, plan_config(plan))
+
+
+def layer_split_layers(ctx: ArmContext) -> int:
+    return int(ctx.plan.predictions["layer_split"]["gpu_layers"])
+
+
+def build_layer_split(ctx: ArmContext) -> LoadedModel:
+    rt, k = ctx.plan.runtime, layer_split_layers(ctx)
+    built = _plain(ctx, rt.weights_dtype, "cpu", f"{rt.weights_dtype}+{rt.cpu_dtype}")
+    backend = get_backend("cuda")
+    model = apply_layer_split(
+        built.model, k, backend.device, torch_dtype(rt.weights_dtype), torch_dtype(rt.cpu_dtype)
+    )
+    built.model, built.device, built.sync = model, str(backend.device), backend.synchronize
+    built.info.update(
+        device=str(backend.device),
+        config={"gpu_layers": k, "cpu_layers": ctx.spec.num_layers - k, "cpu_dtype": rt.cpu_dtype},
+    )
+    return built
+
+
+def accelerate_device_map(module_names: list[str], resident: set[str], offloaded: set[str]) -> dict:
+    """Accelerate device_map: every module with its own tensors -> 0, linears in `offloaded`
+    (host-held in the plan) and not in `resident` -> "cpu"."""
+    return {name: ("cpu" if name in offloaded and name not in resident else 0) for name in module_names}
+
+
+def _tensor_modules(model: Any) -> list[str]:
+    """Names of modules that hold parameters or buffers themselves (not via children)."""
+    names = []
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if own and name:
+            names.append(name)
+    return names
+
+
+def build_accelerate(ctx: ArmContext) -> LoadedModel:
+    from accelerate import dispatch_model
+
+    plan = ctx.plan
+    built = _plain(ctx, plan.runtime.weights_dtype, "cpu", plan.runtime.weights_dtype)
+    resident = {p.name for p in plan.placements if p.resident}
+    offloaded = {p.name for p in plan.placements if not p.resident}
+    device_map = accelerate_device_map(_tensor_modules(built.model), resident, offloaded)
+    backend = get_backend("cuda")
+    built.model = dispatch_model(built.model, device_map=device_map, main_device=backend.index)
+    built.device, built.sync = str(backend.device), backend.synchronize
+    built.info.update(
+        device=str(backend.device),
+        config={
+            "offloaded_modules": sum(v == "cpu" for v in device_map.values()),
+            "gpu_modules": sum(v == 0 for v in device_map.values()),
+        },
+    )
+    return built
+
+
+BUILDERS: dict[str, Callable[[ArmContext], LoadedModel]] = {
+    "hetegen": build_hetegen,
+    "offload": build_offload,
+    "accelerate": build_accelerate,
+    "layer-split": build_layer_split,
+    "cpu": build_cpu,
+    "gpu": build_gpu,
+    "reference": build_reference,
+}
+
+
+def cache_key(ctx: ArmContext) -> str:
+    """Arms with equal keys measure the same thing: budgets reuse the measurement."""
+    if ctx.arm in ("cpu", "reference", "gpu"):
+        extra: Any = _cpu_dtype(ctx) if ctx.arm == "cpu" else None
+    elif ctx.arm == "hetegen":
+        extra = plan_config(ctx.plan, rows=True)
+    elif ctx.arm == "layer-split":
+        extra = [layer_split_layers(ctx), ctx.plan.runtime.cpu_dtype]
+    else:  # offload, accelerate: the resident set and the runtime
+        extra = [
+            sorted(p.name for p in ctx.plan.placements if p.resident),
+            ctx.plan.runtime.staging_buffers,
+            ctx.plan.runtime.lm_head_on_gpu,
+        ]
+    return json.dumps([ctx.arm, extra], sort_keys=True)

@@ -1,0 +1,209 @@
+"""Everything `hetegen bench` decides before loading a weight: options, the profile, the model
+(a real one, or a synthetic checkpoint written once), the prompt, and one plan per GPU budget."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hetegen_cli.core import paths
+from hetegen_cli.core.devices import cuda_available
+from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from hetegen_cli.core.errors import InputError, PlanError, ProfileError
+from hetegen_cli.models import presets
+from hetegen_cli.models.source import ModelRef, resolve_model
+from hetegen_cli.models.synthetic import build_synthetic_model
+from hetegen_cli.plan.document import Plan
+from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.solver import make_plan
+from hetegen_cli.profile.document import gemv_entries
+from hetegen_cli.profile.measure import load_or_measure
+
+ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference")
+RUN_ORDER = ("reference", "cpu", "hetegen", "offload", "accelerate", "layer-split", "gpu")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to benchmark. Sizes in bytes; `gpu_budget_bytes` () = the profile's default budget."""
+
+    model: str | None = None
+    synthetic: str | None = None  # preset name: random weights of that shape
+    dtype: str | None = None  # weights dtype (default: the model's)
+    cpu_dtype: str | None = None  # CPU share dtype (default: the profile's fastest)
+    profile: str | Path | None = None  # default: the saved profile, measured quick if missing
+    prompt_len: int = 512
+    max_new_tokens: int = 64
+    repeat: int = 5
+    warmup: int = 1
+    arms: tuple[str, ...] | None = None  # None: every arm (reference only without CUDA)
+    gpu_budget_bytes: tuple[int, ...] = ()
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads for every arm (default: plan's)
+    command_line: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """InputError for anything wrong that needs no model or profile (checked once, here)."""
+        threads = self.threads if self.threads is not None else 1
+        for value, flag, low in (
+            (self.repeat, "--repeat", 1),
+            (self.warmup, "--warmup", 0),
+            (self.prompt_len, "--prompt-len", 1),
+            (self.max_new_tokens, "--max-new-tokens", 2),
+            (threads, "--threads", 1),
+        ):
+            if value < low:
+                raise InputError(
+                    f"{flag} is {value}; it must be at least {low}", f"pass {flag} {max(low, 1)} or more"
+                )
+        for value, flag in ((self.dtype, "--dtype"), (self.cpu_dtype, "--cpu-dtype")):
+            if value is not None and value not in WEIGHT_DTYPES:
+                raise InputError(f"unknown {flag} {value!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
+        if self.model and self.synthetic:
+            raise InputError(
+                "--model and --synthetic are mutually exclusive",
+                "pass one: a real model, or a preset to build with random weights",
+            )
+        if self.synthetic is not None and self.synthetic.lower() not in presets.PRESETS:
+            raise InputError(
+                f"unknown preset {self.synthetic!r} for --synthetic",
+                "known: " + ", ".join(presets.preset_names()),
+            )
+        if self.arms is not None:
+            parse_arms(",".join(self.arms))
+        if any(b < 0 for b in self.gpu_budget_bytes):
+            raise InputError("--gpu-memory has a negative size", "give sizes of zero or more")
+        if self.profile is not None and not Path(self.profile).expanduser().is_file():
+            raise InputError(
+                f"profile file {self.profile} does not exist",
+                "create it with `hetegen profile --output PATH`, or drop --profile",
+            )
+
+
+@dataclass
+class BudgetCase:
+    """One GPU budget: as requested (None = the profile's default) and as planned."""
+
+    requested_gpu_budget_bytes: int | None
+    gpu_budget_bytes: int | None
+    plan: Plan | None
+    plan_error: str | None
+
+
+@dataclass
+class Prepared:
+    options: BenchOptions
+    ref: ModelRef
+    model_doc: dict
+    profile: dict
+    profile_identity: dict
+    prompt_ids: list[int]
+    cases: list[BudgetCase]
+    arms: list[str]
+    has_cuda: bool
+
+
+def parse_arms(text: str | None) -> tuple[str, ...] | None:
+    """'hetegen,cpu' -> ('hetegen', 'cpu'); InputError names unknown arms."""
+    if text is None:
+        return None
+    names = [a.strip().lower() for a in text.split(",") if a.strip()]
+    bad = [a for a in names if a not in ARMS]
+    if bad or not names:
+        raise InputError(
+            f"unknown arm {bad[0]!r} in --arms" if bad else "--arms is empty",
+            "choose from " + ", ".join(ARMS) + " (comma separated)",
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def default_arms(has_cuda: bool) -> list[str]:
+    return [a for a in ARMS if a != "reference" or not has_cuda]
+
+
+def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef, dict]:
+    """(ModelRef with local weights, model section of the document)."""
+    if o.synthetic:
+        preset = o.synthetic.lower()
+        dtype = o.dtype or presets.preset_config(preset).get("torch_dtype", "float16")
+        folder = build_synthetic_model(
+            preset, dtype, paths.models_dir() / "synthetic", seed=o.seed, progress=progress
+        )
+        ref = resolve_model(str(folder), need_weights=True, dtype=dtype)
+        source = {"kind": "synthetic", "preset": preset, "seed": o.seed}
+    else:
+        ref = resolve_model(o.model, need_weights=True, dtype=o.dtype)
+        source = {"kind": ref.kind}
+    s = ref.spec
+    return ref, {
+        "arg": o.model or "",
+        "name": ref.name,
+        "path": str(ref.path) if ref.path else None,
+        **source,
+        "architecture": s.architecture,
+        "dtype": s.dtype,
+        "num_layers": s.num_layers,
+        "hidden_size": s.hidden_size,
+        "parameters": s.parameter_count,
+        "weight_bytes": s.total_weight_bytes,
+        "config_hash": s.config_hash,
+    }
+
+
+def prompt_ids(vocab_size: int, length: int, seed: int) -> list[int]:
+    """A fixed random prompt: `length` ids in [min(10, V-1), V), from `seed`."""
+    rng = random.Random(seed)
+    low = min(10, vocab_size - 1)
+    return [rng.randrange(low, vocab_size) for _ in range(length)]
+
+
+def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) -> list[BudgetCase]:
+    """One plan per budget (a PlanError becomes the case's plan_error, not a failure)."""
+    cases = []
+    for requested in o.gpu_budget_bytes or (None,):
+        req = PlanRequest(
+            prompt_len=o.prompt_len,
+            max_new_tokens=o.max_new_tokens,
+            gpu_budget_bytes=requested,
+            cpu_dtype=o.cpu_dtype,
+            model_arg=o.model or o.synthetic or "",
+        )
+        try:
+            plan = make_plan(ref.spec, profile, req, profile_identity=identity)
+            if o.threads is not None and o.threads != plan.runtime.cpu_threads:
+                plan = replace(
+                    plan,
+                    runtime=replace(plan.runtime, cpu_threads=o.threads),
+                    notes=(
+                        *plan.notes,
+                        f"--threads {o.threads}: the CPU share runs "
+                        f"on {o.threads} threads; the predictions "
+                        f"assume the profile's {plan.runtime.cpu_threads}",
+                    ),
+                )
+            budget = requested if requested is not None else plan.budget.get("gpu_budget_bytes")
+            cases.append(BudgetCase(requested, budget, plan, None))
+        except PlanError as exc:
+            cases.append(BudgetCase(requested, requested, None, exc.message))
+    return cases
+
+
+def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
+    """Load the profile, resolve the model and plan every budget (no weights read;
+    --synthetic writes its random checkpoint once)."""
+    has_cuda = cuda_available()
+    profile, identity = load_or_measure(o.profile, progress)
+    if o.cpu_dtype and not gemv_entries(profile, o.cpu_dtype):
+        measured = sorted({m["dtype"] for m in profile["cpu"]["gemv"]})
+        raise ProfileError(
+            f"the profile has no CPU GEMV measurements for {o.cpu_dtype}",
+            f"pass --cpu-dtype {' or '.join(measured)}, or re-run `hetegen profile`",
+        )
+    ref, model_doc = resolve_bench_model(o, progress)
+    ref.spec.check_context(o.prompt_len, o.max_new_tokens, "--prompt-len")
+    cases = make_cases(ref, o, profile, identity)
+    arms = [a for a in RUN_ORDER if a in (o.arms or default_arms(has_cuda))]
+    ids = prompt_ids(ref.spec.vocab_size, o.prompt_len, o.seed)
+    return Prepared(o, ref, model_doc, profile, identity, ids, cases, arms, has_cuda)

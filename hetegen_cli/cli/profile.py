@@ -1,0 +1,198 @@
+"""`hetegen profile`: measure this machine and save the hardware profile the planner reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from hetegen_cli.cli.common import JsonOption, guarded
+from hetegen_cli.core.console import emit_json, note, progress, stdout_console, warn
+from hetegen_cli.core.jsonio import check_output_path
+from hetegen_cli.core.units import format_bytes, format_flops, format_rate
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profile")
+    @guarded
+    def profile_command(
+        quick: bool = typer.Option(False, "--quick", help="Fewer, smaller measurements (about 20 s)."),
+        output: Path | None = typer.Option(
+            None,
+            "--output",
+            "-o",
+            help="Where to save the profile JSON. Default: $HETEGEN_HOME/profile.json.",
+        ),
+        json_: JsonOption = False,
+        threads: int | None = typer.Option(
+            None, "--threads", min=1, help="CPU threads for the matmuls (default: physical cores)."
+        ),
+        repeat: int | None = typer.Option(
+            None,
+            "--repeat",
+            min=1,
+            help="Timed repetitions per measurement (default: 3 with --quick, else 5).",
+        ),
+    ) -> None:
+        """Measure CPU memory bandwidth, CPU GEMV/GEMM rates per dtype and, with a CUDA GPU,
+        GPU matmul, PCIe copies and CPU/PCIe concurrency; save them as a versioned profile."""
+        from hetegen_cli.core import paths
+        from hetegen_cli.profile.document import save_profile
+        from hetegen_cli.profile.measure import run_profile
+
+        path = check_output_path(output or paths.default_profile_path())
+        with progress(enabled=not json_) as bar:
+            doc = run_profile(quick=quick, threads=threads, repeat=repeat, progress=bar)
+        saved = save_profile(doc, path)
+        if json_:
+            emit_json(doc)
+        else:
+            render(doc)
+        load = doc["host"].get("load_average_1m")
+        if load is not None and load >= 0.75 * doc["host"]["logical_cores"]:
+            warn(
+                f"the machine was busy (load average {load:.1f} on "
+                f"{doc['host']['logical_cores']} cores): the rates are likely low and noisy; "
+                "re-run `hetegen profile` when it is idle"
+            )
+        if doc["cpu"]["threads"] > doc["host"]["logical_cores"]:
+            warn(
+                f"--threads {doc['cpu']['threads']} exceeds the {doc['host']['logical_cores']} logical cores"
+            )
+        if doc["gpu_note"]:
+            note(doc["gpu_note"])
+        note(f"profile saved to {saved}")
+
+
+def _ms(s: dict[str, Any]) -> str:
+    """'1.234 ± 0.050' (milliseconds) from a stats dict in seconds."""
+    return f"{s['mean'] * 1e3:.3f} ± {s['sd'] * 1e3:.3f}"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
+def _gb(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:.2f}"
+
+
+def _shape(m: dict[str, Any]) -> str:
+    return f"{m['out_features']}x{m['in_features']}"
+
+
+def _table(title: str, *columns: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table
+
+
+def render(doc: dict[str, Any]) -> None:
+    """The profile as Rich tables on stdout."""
+    console = stdout_console()
+    host, cpu, gpu = doc["host"], doc["cpu"], doc["gpu"]
+    features = [name for name, ok in host["features"].items() if ok] or ["none detected"]
+    t = _table("Host", "item", "value")
+    t.columns[1].justify = "left"
+    for key, value in (
+        ("CPU", host["cpu_model"]),
+        ("cores", f"{host['physical_cores']} physical, {host['logical_cores']} logical"),
+        (
+            "RAM",
+            f"{format_bytes(host['ram_total_bytes'])} total, "
+            f"{format_bytes(host['ram_available_bytes'])} available",
+        ),
+        ("CPU features", " ".join(features)),
+        ("torch CPU capability", host.get("torch_cpu_capability", "?")),
+        ("OS", host["os"]),
+        ("Python, torch", f"{host['python']}, {host['torch']}"),
+    ):
+        t.add_row(key, str(value))
+    console.print(t)
+
+    mem = cpu["memory_read_bytes_per_s"]
+    console.print(
+        f"CPU memory read: {format_rate(mem['mean'])} ± {mem['sd'] / 1e9:.1f} ({_threads(cpu['threads'])})",
+        highlight=False,
+    )
+    t = _table(
+        f"CPU GEMV, decode (1 token, {_threads(cpu['threads'])})",
+        "dtype",
+        "out x in",
+        "MiB",
+        "ms/call",
+        "GB/s",
+        "Gparam/s",
+    )
+    for g in cpu["gemv"]:
+        best = " *" if g["dtype"] == cpu["best_gemv_dtype"] else ""
+        t.add_row(
+            g["dtype"] + best,
+            _shape(g),
+            f"{g['weight_bytes'] / 2**20:.1f}",
+            _ms(g["seconds"]),
+            _gb(g["weight_bytes_per_s"]),
+            f"{g['params_per_s'] / 1e9:.2f}",
+        )
+    t.caption = f"* best CPU GEMV dtype: {cpu['best_gemv_dtype']} (params/s, largest shape)"
+    console.print(t)
+    t = _table(
+        f"CPU GEMM, prefill ({_threads(cpu['threads'])})", "dtype", "tokens", "out x in", "ms/call", "FLOP/s"
+    )
+    for g in cpu["gemm"]:
+        t.add_row(g["dtype"], str(g["tokens"]), _shape(g), _ms(g["seconds"]), format_flops(g["flops_per_s"]))
+    console.print(t)
+    if cpu["thread_sweep"]:
+        t = _table("CPU GEMV thread sweep", "threads", "dtype", "out x in", "GB/s")
+        for s in cpu["thread_sweep"]:
+            t.add_row(str(s["threads"]), s["dtype"], _shape(s), _gb(s["weight_bytes_per_s"]))
+        console.print(t)
+    if gpu is None:
+        console.print("GPU: none (no CUDA GPU found)", highlight=False)
+        return
+    _render_gpu(console, gpu)
+
+
+def _render_gpu(console: Any, gpu: dict[str, Any]) -> None:
+    console.print(
+        f"GPU: {gpu['name']}, compute capability {gpu['compute_capability']}, "
+        f"{format_bytes(gpu['total_memory_bytes'])} total, "
+        f"{format_bytes(gpu['free_memory_bytes'])} free",
+        highlight=False,
+    )
+    t = _table("GPU GEMM, prefill", "dtype", "tokens", "out x in", "ms/call", "FLOP/s")
+    for g in gpu["gemm"]:
+        t.add_row(g["dtype"], str(g["tokens"]), _shape(g), _ms(g["seconds"]), format_flops(g["flops_per_s"]))
+    console.print(t)
+    t = _table("GPU GEMV, decode", "dtype", "out x in", "ms/call", "GB/s")
+    for g in gpu["gemv"]:
+        t.add_row(g["dtype"], _shape(g), _ms(g["seconds"]), _gb(g["weight_bytes_per_s"]))
+    console.print(t)
+    t = _table("Host <-> GPU copies", "direction", "host memory", "size", "ms/copy", "GB/s")
+    for c in gpu["transfers"]:
+        t.add_row(
+            c["direction"].upper(),
+            c["memory"],
+            format_bytes(c["size_bytes"]),
+            _ms(c["seconds"]),
+            _gb(c["bytes_per_s"]),
+        )
+    console.print(t)
+    c = gpu["concurrent"]
+    t = _table(
+        f"Concurrency: pinned H2D of {format_bytes(c['size_bytes'])} while the CPU runs a {c['dtype']} GEMV",
+        "rate",
+        "alone",
+        "together",
+    )
+    t.add_row("H2D", format_rate(c["h2d_alone_bytes_per_s"]), format_rate(c["h2d_bytes_per_s"]))
+    t.add_row(
+        "CPU GEMV weights read",
+        format_rate(c["cpu_gemv_alone_weight_bytes_per_s"]),
+        format_rate(c["cpu_gemv_weight_bytes_per_s"]),
+    )
+    console.print(t)

@@ -1,0 +1,126 @@
+"""`hetegen run`: generate text from a prompt, streaming tokens to stdout, timings to stderr."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from hetegen_cli.cli.common import JsonOption, ModelOption, ProfileOption, guarded, size_bytes
+from hetegen_cli.core.console import emit_json, note, warn
+from hetegen_cli.core.errors import InputError
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def timing_line(result: Any) -> str:
+    """The stderr summary of a run.execute.RunResult."""
+    t = result.generation.timings
+    return (
+        f"load {result.built.load_s:.2f} s | prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s "
+        f"| first token {t.time_to_first_token_s:.3f} s | decode {t.generated_tokens} tok, "
+        f"{t.decode_tokens_per_s:.1f} tok/s | {result.built.engine} on {result.built.device}, "
+        f"{result.built.dtype} | stop: {result.generation.stop_reason}" + _plan_comparison(result)
+    )
+
+
+def _plan_comparison(result: Any) -> str:
+    """' | plan predicted X tok/s (achieved Y% of it)' when the engine ran a plan."""
+    plan = result.built.info.get("plan") or {}
+    predicted = ((plan.get("predictions") or {}).get("hetegen") or {}).get("decode_tokens_per_s")
+    achieved = result.generation.timings.decode_tokens_per_s
+    if not predicted or not achieved:
+        return ""
+    return f" | plan predicted {predicted:.2f} tok/s (achieved {100 * achieved / predicted:.0f}%)"
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    @guarded
+    def run_command(
+        prompt: str = typer.Option(
+            ..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."
+        ),
+        model: ModelOption = None,
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        max_new_tokens: int = typer.Option(
+            64, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."
+        ),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
+        top_p: float = typer.Option(
+            1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off)."
+        ),
+        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0 = off)."),
+        seed: int | None = typer.Option(
+            None, "--seed", help="Random seed for sampling (reproducible output)."
+        ),
+        dtype: DtypeChoice = typer.Option(
+            DtypeChoice.auto, "--dtype", help="Weight dtype; auto = float32 on CPU, float16/bfloat16 on GPU."
+        ),
+        device: DeviceChoice = typer.Option(
+            DeviceChoice.auto,
+            "--device",
+            help="auto = the GPU when the whole model fits in free GPU memory, else the CPU.",
+        ),
+        plan: Path | None = typer.Option(
+            None,
+            "--plan",
+            help="Execute this plan (from `hetegen plan --output`). Default: plan on the fly "
+            "when the model does not fit the GPU.",
+        ),
+        gpu_memory: str | None = typer.Option(
+            None, "--gpu-memory", help="GPU budget for planning on the fly, e.g. 6GiB (needs a CUDA GPU)."
+        ),
+        profile: ProfileOption = None,
+        json_: JsonOption = False,
+    ) -> None:
+        """Generate text: tokens stream to stdout, a timing line goes to stderr."""
+        from hetegen_cli.run.context import EngineOptions, RunOptions
+        from hetegen_cli.run.execute import execute_run
+        from hetegen_cli.run.generate import SamplingOptions
+
+        sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        if sampling.greedy and (top_p != 1.0 or top_k != 0 or seed is not None):
+            warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
+        options = RunOptions(
+            prompt=prompt,
+            model=model,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            dtype=dtype.value,
+            device=device.value,
+        )
+        if plan is not None and gpu_memory is not None:
+            raise InputError(
+                "--plan and --gpu-memory cannot be combined",
+                "the plan already fixes the GPU budget; re-plan to change it",
+            )
+        engine = EngineOptions(
+            plan_path=plan, profile_path=profile, gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory")
+        )
+        result = execute_run(options, on_text=None if json_ else _write, engine=engine)
+        if json_:
+            emit_json(result.to_document())
+            return
+        _write("\n")
+        note(timing_line(result))

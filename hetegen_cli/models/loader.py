@@ -1,0 +1,165 @@
+"""Load a tokenizer and a stock transformers model from a local safetensors folder, and
+`LoadedModel`, the one holder of a model ready to generate (plain or engine-run).
+
+Safety: safetensors only (`use_safetensors=True`), never pickles, never remote code, never the
+network (`local_files_only=True`). Failures become ModelError with a hint. The tokenizer is
+loaded separately so the engine, which places weights itself, can reuse `load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetegen_cli.core.devices import get_backend, out_of_memory_as_error, torch_dtype
+from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from hetegen_cli.core.errors import ModelError
+
+DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _no_sync() -> None:
+    pass
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for `run.generate`, plain or through the heterogeneous engine.
+
+    `model` answers `model(input_ids, cache=..., use_cache=True)` like a stock transformers
+    causal LM; input ids go to `device`; `sync` waits for the device before a clock read.
+    `close()` releases what the engine holds (worker thread, pinned memory); idempotent.
+    """
+
+    model: Any  # transformers PreTrainedModel (…ForCausalLM)
+    device: str  # "cpu" or "cuda:0"
+    dtype: str  # compute dtype: "float32", or "float16+float32" (GPU+CPU share)
+    load_s: float  # wall seconds to read the weights and place them
+    engine: str = "plain"  # "plain" or "hetegen"
+    sync: Callable[[], None] = _no_sync
+    info: dict[str, Any] = field(default_factory=dict)  # what was loaded, how (for reports)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes by home (engine)
+    counters: Any = None  # engine counters with as_dict() and reset(), or None
+    on_close: Callable[[], None] | None = None
+
+    def stats(self) -> dict[str, Any] | None:
+        """Engine counters and memory by home; None for a plain model."""
+        if self.counters is None:
+            return None
+        return {**self.counters.as_dict(), **self.memory}
+
+    def reset_stats(self) -> None:
+        if self.counters is not None:
+            self.counters.reset()
+
+    def close(self) -> None:
+        closer, self.on_close = self.on_close, None
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def folder_of(ref_or_folder: Any) -> Path:
+    """The local folder of a ModelRef (or a path); ModelError for shapes-only presets."""
+    path = getattr(ref_or_folder, "path", ref_or_folder)
+    if path is None:
+        name = getattr(ref_or_folder, "name", "model")
+        raise ModelError(
+            f"model {name!r} has no local weights (it is a shapes-only preset)",
+            "download it, or pass a local folder with --model PATH",
+        )
+    return Path(path)
+
+
+def resolve_dtype(requested: str, stored: str, device_type: str) -> str:
+    """The dtype to run in. 'auto': float32 on the CPU; on a GPU the stored half dtype, else float16."""
+    if requested not in DTYPE_CHOICES:
+        raise ModelError(f"unknown dtype {requested!r}", "use one of: " + ", ".join(DTYPE_CHOICES))
+    if requested != "auto":
+        return requested
+    if device_type == "cpu":
+        return "float32"
+    return stored if stored in ("float16", "bfloat16") else "float16"
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer (fast, local files only). ModelError when missing or unreadable."""
+    folder = folder_of(folder)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(
+            f"model folder {folder} has no tokenizer files",
+            "it needs tokenizer.json (or tokenizer_config.json with vocab files); "
+            "save the tokenizer with save_pretrained into the same folder",
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ModelError(
+            f"cannot load the tokenizer of {folder}: {_short(exc)}",
+            "check tokenizer.json / tokenizer_config.json, or re-save the tokenizer with save_pretrained",
+        ) from exc
+
+
+def load_model(ref_or_folder: Any, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load the stock transformers causal LM from a local folder onto `device` in `dtype`.
+
+    `dtype` is float32, bfloat16 or float16 (resolve 'auto' with `resolve_dtype` first).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # hetegen reports the load time itself
+    folder = folder_of(ref_or_folder)
+    if dtype == "auto":
+        raise ValueError("resolve dtype 'auto' with resolve_dtype() before load_model()")
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=torch_dtype(dtype),
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # safetensors, OSError, ValueError, KeyError ...
+        raise ModelError(
+            f"cannot load the weights of {folder}: {_short(exc)}",
+            "the folder may be incomplete or corrupt; re-download or re-convert it "
+            "(hetegen loads *.safetensors only)",
+        ) from exc
+    model.eval()
+    sync = _no_sync
+    if str(device) != "cpu":
+        backend = get_backend("cuda")
+        with out_of_memory_as_error("loading the model onto the GPU"):
+            model.to(device)
+            backend.synchronize()
+        sync = backend.synchronize
+    return LoadedModel(
+        model=model,
+        device=str(device),
+        dtype=dtype,
+        load_s=time.perf_counter() - start,
+        sync=sync,
+        info={"folder": str(folder)},
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}: {text[:200]}" if text else exc.__class__.__name__

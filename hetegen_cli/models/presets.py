@@ -1,0 +1,194 @@
+"""Built-in architecture shapes for common model families (pure data, no weights).
+
+Each preset is a Hugging Face style config dict plus the hub id it stands for, so `plan` and
+`bench --synthetic` can work from shapes alone. Values are those of the published config.json
+files of these models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _opt(
+    hidden: int,
+    layers: int,
+    heads: int,
+    ffn: int,
+    proj_dim: int | None = None,
+    layer_norm_before: bool = True,
+) -> dict[str, Any]:
+    return {
+        "model_type": "opt",
+        "architectures": ["OPTForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "ffn_dim": ffn,
+        "word_embed_proj_dim": proj_dim or hidden,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "do_layer_norm_before": layer_norm_before,
+        "activation_function": "relu",
+        "enable_bias": True,
+        "tie_word_embeddings": True,
+        "pad_token_id": 1,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+    }
+
+
+def _llama(
+    hidden: int,
+    inter: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    max_pos: int,
+    rope_theta: float,
+    tie: bool = False,
+    dtype: str = "float16",
+    **extra: Any,
+) -> dict[str, Any]:
+    cfg = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_pos,
+        "rope_theta": rope_theta,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tie,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+#: short name -> (hub id, config dict)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "opt-125m": ("facebook/opt-125m", _opt(768, 12, 12, 3072)),
+    "opt-350m": ("facebook/opt-350m", _opt(1024, 24, 16, 4096, proj_dim=512, layer_norm_before=False)),
+    "opt-1.3b": ("facebook/opt-1.3b", _opt(2048, 24, 32, 8192)),
+    "opt-2.7b": ("facebook/opt-2.7b", _opt(2560, 32, 32, 10240)),
+    "opt-6.7b": ("facebook/opt-6.7b", _opt(4096, 32, 32, 16384)),
+    "opt-13b": ("facebook/opt-13b", _opt(5120, 40, 40, 20480)),
+    "opt-30b": ("facebook/opt-30b", _opt(7168, 48, 56, 28672)),
+    "opt-66b": ("facebook/opt-66b", _opt(9216, 64, 72, 36864)),
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf", _llama(4096, 11008, 32, 32, 32, 32000, 4096, 10000.0)),
+    "llama-2-13b": ("meta-llama/Llama-2-13b-hf", _llama(5120, 13824, 40, 40, 40, 32000, 4096, 10000.0)),
+    "llama-2-70b": ("meta-llama/Llama-2-70b-hf", _llama(8192, 28672, 80, 64, 8, 32000, 4096, 10000.0)),
+    "llama-3-8b": (
+        "meta-llama/Meta-Llama-3-8B",
+        _llama(
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            128256,
+            8192,
+            500000.0,
+            dtype="bfloat16",
+            bos_token_id=128000,
+            eos_token_id=128001,
+        ),
+    ),
+    "llama-3-70b": (
+        "meta-llama/Meta-Llama-3-70B",
+        _llama(
+            8192,
+            28672,
+            80,
+            64,
+            8,
+            128256,
+            8192,
+            500000.0,
+            dtype="bfloat16",
+            bos_token_id=128000,
+            eos_token_id=128001,
+        ),
+    ),
+    "smollm2-135m": (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        _llama(
+            576,
+            1536,
+            30,
+            9,
+            3,
+            49152,
+            8192,
+            100000.0,
+            tie=True,
+            dtype="bfloat16",
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+    ),
+    "smollm2-360m": (
+        "HuggingFaceTB/SmolLM2-360M-Instruct",
+        _llama(
+            960,
+            2560,
+            32,
+            15,
+            5,
+            49152,
+            8192,
+            100000.0,
+            tie=True,
+            dtype="bfloat16",
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+    ),
+    "smollm2-1.7b": (
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        _llama(
+            2048,
+            8192,
+            24,
+            32,
+            32,
+            49152,
+            8192,
+            130000.0,
+            tie=True,
+            dtype="bfloat16",
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+    ),
+}
+
+#: The model `run` uses when no --model is given (installed from PyPI, see docs/models.md).
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A copy of the preset's config dict (KeyError if unknown)."""
+    return dict(PRESETS[name][1])
+
+
+def preset_hub_id(name: str) -> str:
+    return PRESETS[name][0]

@@ -1,0 +1,297 @@
+"""The plan: per-linear placement decisions that `plan` writes and `run`/`bench` execute.
+
+Pure Python (no torch). `cpu_fraction` is THE definition used everywhere:
+
+    cpu_fraction = fraction of a linear layer's output rows computed on the CPU, in [0, 1].
+    With k = cpu_rows, the CPU computes rows [0, k) of W and the GPU rows [k, out).
+    0 = the whole weight is streamed to the GPU; 1 = the CPU computes the whole layer.
+    A *resident* linear keeps its whole weight on the GPU and is not split.
+
+Prefill and decode each have their own split (docs/method.md §6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetegen_cli.core.errors import PlanError
+from hetegen_cli.core.jsonio import write_document
+
+ROW_GRANULARITY = 16  # CPU/GPU split points are multiples of this many rows (or 0 / out)
+
+
+def round_rows(fraction: float, out_features: int, granularity: int = ROW_GRANULARITY) -> int:
+    """Rows for the CPU from a fraction, rounded to `granularity` (0 and out stay exact)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"cpu_fraction {fraction} outside [0, 1]")
+    if fraction >= 1.0:
+        return out_features  # "the CPU computes the whole layer" must stay exact
+    rows = round(fraction * out_features / granularity) * granularity
+    return max(0, min(out_features, rows))
+
+
+@dataclass(frozen=True)
+class LinearPlacement:
+    """Where one nn.Linear runs. Shapes: weight [out_features, in_features]."""
+
+    name: str
+    layer_index: int
+    role: str
+    out_features: int
+    in_features: int
+    resident: bool  # whole weight on the GPU; no split
+    cpu_rows_prefill: int  # CPU computes rows [0, cpu_rows_prefill) in prefill
+    cpu_rows_decode: int  # ... and rows [0, cpu_rows_decode) in decode
+
+    def __post_init__(self) -> None:
+        for rows in (self.cpu_rows_prefill, self.cpu_rows_decode):
+            if not 0 <= rows <= self.out_features:
+                raise ValueError(f"{self.name}: cpu rows {rows} outside [0, {self.out_features}]")
+        if self.resident and (self.cpu_rows_prefill or self.cpu_rows_decode):
+            raise ValueError(f"{self.name}: a resident linear has no CPU rows")
+
+    @property
+    def cpu_fraction_prefill(self) -> float:
+        return self.cpu_rows_prefill / self.out_features
+
+    @property
+    def cpu_fraction_decode(self) -> float:
+        return self.cpu_rows_decode / self.out_features
+
+    def cpu_rows(self, phase: str) -> int:
+        """CPU rows for phase 'prefill' or 'decode'."""
+        return self.cpu_rows_prefill if phase == "prefill" else self.cpu_rows_decode
+
+    @property
+    def max_cpu_rows(self) -> int:
+        return max(self.cpu_rows_prefill, self.cpu_rows_decode)
+
+    @property
+    def max_gpu_stream_rows(self) -> int:
+        """Rows that may cross PCIe in some phase (0 when resident)."""
+        if self.resident:
+            return 0
+        return self.out_features - min(self.cpu_rows_prefill, self.cpu_rows_decode)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the engine executes the placements."""
+
+    weights_dtype: str = "float16"  # dtype of GPU-side (streamed and resident) weights
+    cpu_dtype: str = "float32"  # dtype the CPU share is computed in
+    cpu_threads: int = 1  # torch intra-op threads for the CPU share
+    staging_buffers: int = 2  # rotating GPU receive buffers for streamed shares
+    prefetch_depth: int = 1  # streamed shares issued ahead of the one computing
+    pin_weights: bool = True  # pin host-held weights once at load
+    lm_head_on_gpu: bool = True  # the LM head stays resident (else planned as a linear)
+    requires_gpu: bool = True  # False for all-CPU plans
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+# --- the plan document ---------------------------------------------------------------------
+
+PLAN_KIND = "hetegen.plan"
+PLAN_SCHEMA_VERSION = 1
+SUPPORTED_PLAN_VERSIONS = (1,)
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class LinearEstimate:
+    """Planner figures for one linear, parallel to Plan.placements (empty for manual plans).
+
+    prefill/decode: predicted seconds {cpu_s, transfer_s, gpu_s, layer_s} at the plan's split.
+    priority_g: decode T_cpu at the balanced split per byte of GPU memory (s/B), docs/method.md §7.
+    """
+
+    weight_bytes: int
+    priority_g: float
+    prefill: dict
+    decode: dict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete plan: what `plan` writes and `run`/`bench` execute.
+
+    placements are in execution order (block linears, then the LM head when it is planned as
+    a linear, i.e. not resident with lm_head_on_gpu). Sizes in bytes, times in seconds.
+    """
+
+    placements: tuple[LinearPlacement, ...]
+    runtime: RuntimeSettings
+    model: dict  # arg, name, architecture, dtype, config_hash, ...
+    workload: dict  # prompt_len, max_new_tokens, batch_size
+    budget: dict = field(default_factory=dict)  # gpu_budget_bytes, cpu_budget_bytes, ...
+    memory: dict = field(default_factory=dict)  # {"gpu": {item_bytes}, "host": {item_bytes}}
+    profile: dict | None = None  # path, created_utc, cpu_model, gpu_name, sha256
+    estimates: tuple[LinearEstimate, ...] = ()
+    predictions: dict = field(default_factory=dict)  # strategy -> figures
+    bounds: dict = field(default_factory=dict)
+    residency: dict = field(default_factory=dict)  # how the resident set was chosen
+    rates: dict = field(default_factory=dict)  # costmodel.Rates used
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    created_utc: str = ""
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts
+
+    def placement(self, name: str) -> LinearPlacement:
+        for p in self.placements:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def resident_count(self) -> int:
+        return sum(p.resident for p in self.placements)
+
+    @property
+    def split_count(self) -> int:
+        return len(self.placements) - self.resident_count
+
+    def summary(self) -> dict:
+        """What a reader of a run or bench result needs to know of this plan."""
+        split = [p for p in self.placements if not p.resident]
+
+        def mean(values: list[float]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        return {
+            "model": self.model.get("name"),
+            "created_utc": self.created_utc,
+            "budget": dict(self.budget),
+            "gpu_memory_bytes": (self.memory.get("gpu") or {}).get("total_bytes"),
+            "host_memory_bytes": (self.memory.get("host") or {}).get("total_bytes"),
+            "runtime": runtime_to_dict(self.runtime),
+            "resident_count": self.resident_count,
+            "split_count": len(split),
+            "mean_cpu_fraction_prefill": mean([p.cpu_fraction_prefill for p in split]),
+            "mean_cpu_fraction_decode": mean([p.cpu_fraction_decode for p in split]),
+            "layer_split_gpu_layers": ((self.predictions or {}).get("layer_split") or {}).get("gpu_layers"),
+            "predictions": self.predictions,
+            "bounds": self.bounds,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
+
+    def to_dict(self) -> dict:
+        """The JSON document (schema_version and kind first)."""
+        linears = []
+        for i, p in enumerate(self.placements):
+            entry = {
+                "name": p.name,
+                "layer_index": p.layer_index,
+                "role": p.role,
+                "shape": [p.out_features, p.in_features],
+                "resident": p.resident,
+                "cpu_fraction_prefill": p.cpu_fraction_prefill,
+                "cpu_fraction_decode": p.cpu_fraction_decode,
+                "cpu_rows_prefill": p.cpu_rows_prefill,
+                "cpu_rows_decode": p.cpu_rows_decode,
+            }
+            if self.estimates:
+                est = self.estimates[i]
+                entry.update(
+                    weight_bytes=est.weight_bytes,
+                    priority_g_s_per_byte=est.priority_g,
+                    prefill=dict(est.prefill),
+                    decode=dict(est.decode),
+                )
+            linears.append(entry)
+        return {
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "kind": PLAN_KIND,
+            "created_utc": self.created_utc,
+            "model": self.model,
+            "profile": self.profile,
+            "workload": self.workload,
+            "budget": self.budget,
+            "memory": self.memory,
+            "runtime": runtime_to_dict(self.runtime),
+            "rates": self.rates,
+            "predictions": self.predictions,
+            "bounds": self.bounds,
+            "residency": self.residency,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "linears": linears,
+        }
+
+
+def runtime_to_dict(runtime: RuntimeSettings) -> dict:
+    return {
+        "weights_dtype": runtime.weights_dtype,
+        "cpu_dtype": runtime.cpu_dtype,
+        "cpu_threads": runtime.cpu_threads,
+        "staging_buffers": runtime.staging_buffers,
+        "prefetch_depth": runtime.prefetch_depth,
+        "pin_weights": runtime.pin_weights,
+        "lm_head_on_gpu": runtime.lm_head_on_gpu,
+        "requires_gpu": runtime.requires_gpu,
+        "extra": dict(runtime.extra),
+    }
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write the plan atomically (core.jsonio.write_document); returns the path."""
+    return write_document(path, plan.to_dict())
+
+
+# --- plans and model specs -----------------------------------------------------------------
+
+
+def model_identity(spec: Any, arg: str = "") -> dict:
+    """The plan's `model` section for a model_spec.ModelSpec."""
+    return {
+        "arg": arg,
+        "name": spec.name,
+        "architecture": spec.architecture,
+        "dtype": spec.dtype,
+        "config_hash": spec.config_hash,
+        "num_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "linear_count": len(spec.linears),
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "weight_bytes": spec.total_weight_bytes,
+    }
+
+
+def check_plan_matches(plan: Plan, spec: Any) -> None:
+    """PlanError unless `plan` was made for this model's shapes and dtype."""
+    made_for = plan.model.get("name") or plan.model.get("arg") or "another model"
+    hint = f"re-run `hetegen plan --model {spec.name}`"
+    if plan.model.get("config_hash") != spec.config_hash:
+        raise PlanError(
+            f"plan was made for model {made_for} (config hash "
+            f"{plan.model.get('config_hash')}), not {spec.name} ({spec.config_hash})",
+            hint,
+        )
+    expected = {lin.name: (lin.out_features, lin.in_features) for lin in spec.linears}
+    if not spec.tie_word_embeddings:
+        expected[spec.lm_head.name] = (spec.lm_head.out_features, spec.lm_head.in_features)
+    for p in plan.placements:
+        if expected.get(p.name) != (p.out_features, p.in_features):
+            raise PlanError(
+                f"plan was made for model {made_for}: its linear {p.name} "
+                f"{[p.out_features, p.in_features]} is not in {spec.name}",
+                hint,
+            )
+    missing = set(lin.name for lin in spec.linears) - {p.name for p in plan.placements}
+    if missing:
+        raise PlanError(
+            f"plan was made for model {made_for}: it lacks {len(missing)} linears of "
+            f"{spec.name}, e.g. {sorted(missing)[0]}",
+            hint,
+        )
+    if spec.lm_head.name not in {p.name for p in plan.placements} and not plan.runtime.lm_head_on_gpu:
+        raise PlanError("plan neither keeps the LM head on the GPU nor places it", hint)
+    if plan.runtime.weights_dtype != spec.dtype:
+        raise PlanError(
+            f"plan was made for {made_for} in {plan.runtime.weights_dtype}, but the "
+            f"model is loaded in {spec.dtype}",
+            f"{hint} --dtype {spec.dtype}, or load the model in {plan.runtime.weights_dtype}",
+        )

@@ -1,0 +1,81 @@
+"""The memory model: bytes on the GPU and in host RAM for a model and a plan (pure, no torch).
+
+One answer each, used by the solver, the engine (its RAM check and its host buffers), `run`
+(does the whole model fit on the GPU) and `bench` (can the `gpu` arm run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hetegen_cli.core.dtypes import itemsize
+from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.plan.document import LinearPlacement
+from hetegen_cli.plan.request import PlanRequest
+
+#: Without --gpu-memory the budget is the profiled free memory less this share of the total.
+FREE_MEMORY_MARGIN = 0.05
+
+
+def default_gpu_budget(gpu_free_bytes: int | None, gpu_total_bytes: int | None) -> int:
+    """Free GPU memory less FREE_MEMORY_MARGIN of the total (0 without a GPU)."""
+    if not gpu_free_bytes:
+        return 0
+    margin = int(FREE_MEMORY_MARGIN * (gpu_total_bytes or gpu_free_bytes))
+    return max(0, gpu_free_bytes - margin)
+
+
+def workspace_bytes(spec: ModelSpec, req: PlanRequest) -> int:
+    """Activation workspace estimate for the prefill step (the larger phase), in bytes.
+
+    b n (6 d + 2 I) activations (hidden states, q/k/v/o, MLP intermediates, CPU partial
+    outputs) + b heads n^2 attention scores, at the weights dtype, + float32 logits b V.
+    """
+    b, n, nbytes = req.batch_size, req.prompt_len, spec.dtype_bytes
+    inter = max(lin.out_features for lin in spec.linears)
+    acts = b * n * (6 * spec.hidden_size + 2 * inter) * nbytes
+    scores = b * spec.num_heads * n * n * nbytes
+    return acts + scores + 4 * b * spec.vocab_size
+
+
+def whole_model_gpu_bytes(spec: ModelSpec, req: PlanRequest, dtype: str | None = None) -> int:
+    """GPU bytes to run the whole model there in `dtype` (default the spec's): weights, KV
+    cache for the request's context, workspace, and the reserve."""
+    scale = itemsize(dtype or spec.dtype) / spec.dtype_bytes
+    model = (
+        spec.total_weight_bytes
+        + spec.kv_cache_bytes(req.context_tokens, req.batch_size)
+        + workspace_bytes(spec, req)
+    )
+    return int(model * scale) + req.reserve_bytes
+
+
+def held_rows(out_features: int, cpu_rows: tuple[int, int], separate_cpu_copy: bool) -> tuple[int, int]:
+    """(row0, copy_rows) of one split linear's host buffers: rows [row0, out) in the weights
+    dtype (the GPU share of either phase is a view of them) and, when the CPU dtype differs
+    (`separate_cpu_copy`), rows [0, copy_rows) in the CPU dtype. Rows no phase streams are
+    then not kept twice."""
+    if not separate_cpu_copy:
+        return 0, 0
+    return min(cpu_rows), max(cpu_rows)
+
+
+def host_memory(
+    placements: Iterable[LinearPlacement], weights_dtype: str, cpu_dtype: str, other_bytes: int = 0
+) -> dict[str, int]:
+    """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`."""
+    separate = cpu_dtype != weights_dtype
+    wbytes, cbytes = itemsize(weights_dtype), itemsize(cpu_dtype)
+    weights = copy = 0
+    for p in placements:
+        if p.resident:
+            continue
+        row0, copy_rows = held_rows(p.out_features, (p.cpu_rows_prefill, p.cpu_rows_decode), separate)
+        weights += (p.out_features - row0) * p.in_features * wbytes
+        copy += copy_rows * p.in_features * cbytes
+    return {
+        "weights_bytes": weights,
+        "cpu_copy_bytes": copy,
+        "other_bytes": other_bytes,
+        "total_bytes": weights + copy + other_bytes,
+    }

@@ -1,0 +1,116 @@
+"""Hardware constants for the cost model, fitted from a profile document (pure, no torch).
+
+`rates_from_profile(profile, weights_dtype)` reads a validated profile (profile.document.SCHEMA)
+and returns `costmodel.Rates` plus notes on fallbacks (docs/plan.md, "The cost model").
+"""
+
+from __future__ import annotations
+
+import math
+
+from hetegen_cli.core.errors import ProfileError
+from hetegen_cli.plan import costmodel as cm
+
+
+def _mean_s(entry: dict) -> float:
+    return float(entry["seconds"]["mean"])
+
+
+def _nearest_flops(entries: list[dict], tokens: int) -> float | None:
+    """FLOP/s of the GEMM measurement with the token count nearest `tokens` (log scale),
+    the fastest shape among equals."""
+    if not entries:
+        return None
+    key = lambda m: (abs(math.log(m["tokens"] / max(tokens, 1))), -m["flops_per_s"])  # noqa: E731
+    return float(min(entries, key=key)["flops_per_s"])
+
+
+def _of_dtype(entries: list[dict], dtype: str, notes: list[str], what: str) -> list[dict]:
+    """Entries of `dtype`, else of the first measured dtype (with a note)."""
+    chosen = [m for m in entries if m["dtype"] == dtype]
+    if chosen or not entries:
+        return chosen
+    other = entries[0]["dtype"]
+    notes.append(f"{what} not measured for {dtype}; used the {other} measurements")
+    return [m for m in entries if m["dtype"] == other]
+
+
+def _profile_error(message: str, hint: str = "re-run `hetegen profile`") -> ProfileError:
+    return ProfileError(message, hint)
+
+
+def rates_from_profile(
+    profile: dict, weights_dtype: str, cpu_dtype: str | None = None, prefill_tokens: int = 512
+) -> tuple[cm.Rates, list[str]]:
+    """Fit `Rates` from a validated profile document; returns them with notes on fallbacks.
+
+    CPU: GEMV t = call + weight_bytes / B_cpu, least squares over the measured shapes of
+    `cpu_dtype` (default cpu.best_gemv_dtype, the fastest in params/s); F_cpu from the GEMM
+    measurement nearest `prefill_tokens`; B_dram = cpu.memory_read_bytes_per_s. PCIe: B_pcie
+    from the largest pinned H2D copy, the per-copy overhead from the smallest. GPU: GEMM FLOP/s
+    of `weights_dtype`, GEMV fit for B_hbm and the launch cost. Concurrent rates scale the solo
+    ones by gpu.concurrent's together/alone ratios.
+    """
+    notes: list[str] = []
+    cpu = profile["cpu"]
+    measured = sorted({m["dtype"] for m in cpu["gemv"]})
+    cpu_dtype = cpu_dtype or cpu["best_gemv_dtype"]
+    gemv = [m for m in cpu["gemv"] if m["dtype"] == cpu_dtype]
+    if not gemv:
+        raise _profile_error(
+            f"the profile has no CPU GEMV measurements for {cpu_dtype}",
+            f"pass --cpu-dtype {' or '.join(measured)}, or re-run `hetegen profile`",
+        )
+    threads = int(cpu["threads"])
+    gemv = [m for m in gemv if m["threads"] == threads] or gemv
+    cpu_call_s, cpu_bw = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in gemv])
+    cpu_flops = _nearest_flops(_of_dtype(cpu["gemm"], cpu_dtype, notes, "CPU GEMM"), prefill_tokens)
+    if cpu_flops is None:
+        raise _profile_error("the profile has no CPU GEMM measurements")
+    dram = float(cpu["memory_read_bytes_per_s"]["mean"])
+    base = dict(
+        weights_dtype=weights_dtype,
+        cpu_dtype=cpu_dtype,
+        cpu_threads=threads,
+        cpu_call_s=cpu_call_s,
+        cpu_bytes_per_s=cpu_bw,
+        cpu_flops_per_s=cpu_flops,
+        dram_bytes_per_s=dram,
+    )
+    gpu = profile.get("gpu")
+    if not gpu:
+        return cm.Rates(has_gpu=False, cpu_bytes_per_s_concurrent=cpu_bw, **base), notes
+    h2d = sorted(
+        (t for t in gpu["transfers"] if t["direction"] == "h2d" and t["memory"] == "pinned"),
+        key=lambda t: t["size_bytes"],
+    )
+    if not h2d:
+        raise _profile_error("the profile has no pinned host-to-GPU copy timings")
+    pcie_bw = h2d[-1]["size_bytes"] / _mean_s(h2d[-1])
+    pcie_copy_s = max(0.0, _mean_s(h2d[0]) - h2d[0]["size_bytes"] / pcie_bw) if len(h2d) > 1 else 0.0
+    gpu_flops = _nearest_flops(_of_dtype(gpu["gemm"], weights_dtype, notes, "GPU GEMM"), prefill_tokens)
+    ggemv = _of_dtype(gpu["gemv"], weights_dtype, notes, "GPU GEMV")
+    if gpu_flops is None or not ggemv:
+        raise _profile_error("the profile lacks GPU GEMM or GEMV measurements")
+    gpu_call_s, hbm = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in ggemv])
+    conc = gpu["concurrent"]
+    cpu_ratio = min(1.0, conc["cpu_gemv_weight_bytes_per_s"] / conc["cpu_gemv_alone_weight_bytes_per_s"])
+    pcie_ratio = min(1.0, conc["h2d_bytes_per_s"] / conc["h2d_alone_bytes_per_s"])
+    both = cpu_bw * cpu_ratio + pcie_bw * pcie_ratio
+    if both > dram:  # CPU loads and DMA reads share DRAM: never more than B_dram together
+        notes.append(
+            f"concurrent CPU + PCIe rates ({both / 1e9:.1f} GB/s) exceed the measured "
+            f"memory bandwidth ({dram / 1e9:.1f} GB/s); both scaled down to fit"
+        )
+        cpu_ratio, pcie_ratio = cpu_ratio * dram / both, pcie_ratio * dram / both
+    return cm.Rates(
+        has_gpu=True,
+        cpu_bytes_per_s_concurrent=cpu_bw * cpu_ratio,
+        pcie_bytes_per_s=pcie_bw,
+        pcie_bytes_per_s_concurrent=pcie_bw * pcie_ratio,
+        pcie_copy_s=pcie_copy_s,
+        gpu_call_s=gpu_call_s,
+        gpu_bytes_per_s=hbm,
+        gpu_flops_per_s=gpu_flops,
+        **base,
+    ), notes

@@ -1,0 +1,58 @@
+"""What the user asks the planner for: the workload and the budgets (pure, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from hetegen_cli.core.errors import InputError
+
+GiB = 1024**3
+#: GPU memory held back for the CUDA context, kernels and allocator fragmentation
+#: (Accelerate's docs advise leaving 1-2 GB); --reserve changes it.
+DEFAULT_RESERVE_BYTES = 1 * GiB
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The workload and budgets. Sizes in bytes; None = take it from the profile.
+
+    Validated once, on construction (InputError naming the option); the context against a
+    model is checked by `ModelSpec.check_context`.
+    """
+
+    prompt_len: int = 512
+    max_new_tokens: int = 64
+    batch_size: int = 1
+    gpu_budget_bytes: int | None = None
+    cpu_budget_bytes: int | None = None
+    cpu_dtype: str | None = None  # None: the profile's fastest GEMV dtype
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    staging_buffers: int = 2
+    model_arg: str = ""
+
+    def __post_init__(self) -> None:
+        for value, flag in (
+            (self.prompt_len, "--prompt-len"),
+            (self.max_new_tokens, "--max-new-tokens"),
+            (self.batch_size, "--batch-size"),
+            (self.staging_buffers, "staging buffers"),
+        ):
+            if value < 1:
+                raise InputError(f"{flag} is {value}; it must be at least 1", f"pass {flag} 1 or more")
+        if self.cpu_dtype is not None and self.cpu_dtype not in WEIGHT_DTYPES:
+            raise InputError(
+                f"unknown --cpu-dtype {self.cpu_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}"
+            )
+        for size, flag in (
+            (self.gpu_budget_bytes, "--gpu-memory"),
+            (self.cpu_budget_bytes, "--cpu-memory"),
+            (self.reserve_bytes, "--reserve"),
+        ):
+            if size is not None and size < 0:
+                raise InputError(f"{flag} is negative", "give a size of zero or more")
+
+    @property
+    def context_tokens(self) -> int:
+        """Prompt plus generated tokens: the KV cache's length at the end."""
+        return self.prompt_len + self.max_new_tokens

@@ -1,0 +1,400 @@
+"""The plan solver: per-linear CPU/GPU split per phase, GPU residency, memory, predictions.
+
+Pure Python (no torch). `make_plan(spec, profile, request)` fits the cost model from a profile
+document; `solve(spec, rates, request)` does the rest (tests give it made-up Rates):
+
+1. cpu_fraction per linear and phase from the balance condition (costmodel.balanced_fraction),
+   rounded to plan.document.ROW_GRANULARITY rows;
+2. GPU memory: reserve + fixed bytes + KV cache + workspace + staging buffers + the untied LM
+   head when it fits, then whole linears made resident greedily by g = T_cpu / M_gpu
+   (plan.residency);
+3. host memory against the CPU budget;
+4. predictions for hetegen, pure offload, a static layer split and CPU-only, and the bounds
+   (plan.predictions).
+"""
+
+from __future__ import annotations
+
+import time
+
+from hetegen_cli.core.errors import PlanError
+from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings, model_identity
+from hetegen_cli.plan.memory import default_gpu_budget, host_memory, workspace_bytes
+from hetegen_cli.plan.predictions import (
+    bounds,
+    cpu_only_prediction,
+    figures,
+    layer_split_prediction,
+    offload_prediction,
+    step_times,
+    tokens_for,
+)
+from hetegen_cli.plan.rates import rates_from_profile
+from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.residency import candidate, choose_resident, staging_bytes
+from hetegen_cli.profile.document import available_ram, gpu_memory
+
+
+def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity: dict | None = None) -> Plan:
+    """Fit the cost model from a (validated) profile document and solve the plan."""
+    rates, notes = rates_from_profile(profile, spec.dtype, req.cpu_dtype, req.batch_size * req.prompt_len)
+    free, total = gpu_memory(profile)
+    return solve(
+        spec,
+        rates,
+        req,
+        gpu_free_bytes=free,
+        gpu_total_bytes=total,
+        cpu_available_bytes=available_ram(profile),
+        profile_identity=profile_identity,
+        notes=notes,
+    )
+
+
+def _layout(spec, rates, req, items, room: int, buffers: int) -> dict:
+    """Resident set, placements and step times for one staging-buffer count."""
+    resident = choose_resident(items, room, buffers)
+    head = spec.lm_head.name
+    placements = tuple(
+        LinearPlacement(
+            i.spec.name,
+            i.spec.layer_index,
+            i.spec.role,
+            i.spec.out_features,
+            i.spec.in_features,
+            i.spec.name in resident,
+            0 if i.spec.name in resident else i.rows_prefill,
+            0 if i.spec.name in resident else i.rows_decode,
+        )
+        for i in items
+        if not (i.spec.name == head and i.spec.name in resident)
+    )
+    head_on_gpu = spec.tie_word_embeddings or head in resident
+    times, totals = {}, {}
+    for phase in ("prefill", "decode"):
+        times[phase], totals[phase] = step_times(rates, spec, req, placements, phase, buffers, head_on_gpu)
+    return {
+        "buffers": buffers,
+        "resident": resident,
+        "placements": placements,
+        "head_on_gpu": head_on_gpu,
+        "times": times,
+        "totals": totals,
+        "total_s": totals["prefill"] + (req.max_new_tokens - 1) * totals["decode"],
+    }
+
+
+# --- the solver ----------------------------------------------------------------------------
+
+
+def _check_host(host: dict, budget: int | None, source: str) -> None:
+    if budget is not None and host["total_bytes"] > budget:
+        raise PlanError(
+            f"the plan needs {format_bytes(host['total_bytes'])} of host memory (weights "
+            f"{format_bytes(host['weights_bytes'])} + CPU-dtype copy {format_bytes(host['cpu_copy_bytes'])}"
+            f" + other {format_bytes(host['other_bytes'])}) but the CPU budget ({source}) is "
+            f"{format_bytes(budget)}",
+            "free RAM or raise --cpu-memory, give more --gpu-memory, or pass --cpu-dtype equal "
+            "to the weights dtype to drop the second copy",
+        )
+
+
+def solve(
+    spec: ModelSpec,
+    rates: cm.Rates,
+    req: PlanRequest,
+    *,
+    gpu_free_bytes: int | None = None,
+    gpu_total_bytes: int | None = None,
+    cpu_available_bytes: int | None = None,
+    profile_identity: dict | None = None,
+    notes: list[str] | tuple = (),
+) -> Plan:
+    """Solve the plan for `spec` on hardware `rates` (see module docstring)."""
+    spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
+    notes, warnings = list(notes), []
+    if req.gpu_budget_bytes is None:
+        budget, source = default_gpu_budget(gpu_free_bytes, gpu_total_bytes), "profile free memory"
+    else:
+        budget, source = req.gpu_budget_bytes, "--gpu-memory"
+    cpu_budget = req.cpu_budget_bytes if req.cpu_budget_bytes is not None else cpu_available_bytes
+    cpu_source = "--cpu-memory" if req.cpu_budget_bytes is not None else "profile available RAM"
+    if cpu_budget is None:
+        notes.append("no CPU memory budget known; host memory not checked")
+    common = dict(
+        spec=spec,
+        rates=rates,
+        req=req,
+        profile_identity=profile_identity,
+        cpu_budget=cpu_budget,
+        cpu_source=cpu_source,
+    )
+    if not rates.has_gpu:
+        if req.gpu_budget_bytes:
+            notes.append("--gpu-memory ignored: the profile has no GPU")
+        notes.append("the profile has no GPU: all-CPU plan (every cpu_fraction = 1)")
+        return _all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
+    if budget == 0:
+        notes.append(f"GPU budget 0 ({source}): all-CPU plan (every cpu_fraction = 1)")
+        return _all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
+
+    lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
+    items = [candidate(rates, lin, req) for lin in lins]
+    ctx = req.prompt_len + req.max_new_tokens
+    gpu_mem = {
+        "reserve_bytes": req.reserve_bytes,
+        "fixed_bytes": spec.fixed_bytes,
+        "kv_cache_bytes": spec.kv_cache_bytes(ctx, req.batch_size),
+        "workspace_bytes": workspace_bytes(spec, req),
+    }
+    base = sum(gpu_mem.values())
+    one_buffer = staging_bytes(items, set())
+    minimum = base + one_buffer
+    if budget < minimum:
+        raise PlanError(
+            f"GPU budget {format_bytes(budget)} ({source}) is below the {format_bytes(minimum)} "
+            f"{spec.name} needs on the GPU: fixed {format_bytes(gpu_mem['fixed_bytes'])} + KV cache "
+            f"{format_bytes(gpu_mem['kv_cache_bytes'])} + workspace "
+            f"{format_bytes(gpu_mem['workspace_bytes'])} + one staging buffer "
+            f"{format_bytes(one_buffer)} + reserve {format_bytes(req.reserve_bytes)}",
+            f"give --gpu-memory {format_bytes(minimum)} or more, lower --prompt-len, "
+            "--max-new-tokens or --batch-size, or lower --reserve",
+        )
+    best = None  # the fastest layout over staging-buffer counts; ties keep more buffers
+    for buffers in range(req.staging_buffers, 0, -1):
+        if base + buffers * one_buffer <= budget:
+            lay = _layout(spec, rates, req, items, budget - base, buffers)
+            if best is None or lay["total_s"] < best["total_s"] * (1 - 1e-12):
+                best = lay
+    buffers, resident, placements = best["buffers"], best["resident"], best["placements"]
+    if buffers < req.staging_buffers and any(not p.resident for p in placements):
+        notes.append(
+            f"{buffers} staging buffer(s) instead of {req.staging_buffers}: the memory "
+            "of another buffer holds weights, which the cost model values more"
+        )
+    head = spec.lm_head.name
+    head_on_gpu = best["head_on_gpu"]
+    gpu_mem["lm_head_bytes"] = spec.lm_head.weight_bytes if head in resident else 0
+    gpu_mem["staging_bytes"] = buffers * staging_bytes(items, resident)
+    gpu_mem["resident_linear_bytes"] = sum(
+        i.spec.weight_bytes for i in items if i.spec.name in resident and i.spec.name != head
+    )
+    gpu_mem["total_bytes"] = sum(gpu_mem.values())
+    assert gpu_mem["total_bytes"] <= budget, (gpu_mem, budget)
+
+    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtype)
+    _check_host(host, cpu_budget, cpu_source)
+    split = [p for p in placements if not p.resident]
+    if not split:
+        warnings.append(
+            "everything fits in the GPU budget: this plan is plain GPU inference "
+            "(no weights on the host, no CPU work)"
+        )
+    elif gpu_free_bytes and req.gpu_budget_bytes is not None:
+        whole = base + sum(lin.weight_bytes for lin in lins)
+        if whole <= default_gpu_budget(gpu_free_bytes, gpu_total_bytes):
+            warnings.append(
+                f"the whole model would fit in this GPU's free memory ({format_bytes(whole)} "
+                f"needed) but --gpu-memory {format_bytes(budget)} puts "
+                f"{format_bytes(host['weights_bytes'])} of weights on the host; raise "
+                f"--gpu-memory for plain GPU inference"
+            )
+
+    phase_times, totals = best["times"], best["totals"]
+    by_name = {i.spec.name: i for i in items}
+    estimates = tuple(
+        LinearEstimate(
+            by_name[p.name].spec.weight_bytes,
+            by_name[p.name].priority_g,
+            phase_times["prefill"][k].to_dict(),
+            phase_times["decode"][k].to_dict(),
+        )
+        for k, p in enumerate(placements)
+    )
+    w_gpu = gpu_mem["resident_linear_bytes"] + (spec.lm_head.weight_bytes if head_on_gpu else 0)
+    w_host = sum(p.out_features * p.in_features * rates.weight_bytes for p in split)
+    predictions = {
+        "hetegen": figures(req, totals["prefill"], totals["decode"], gpu_mem["total_bytes"]),
+        "offload": offload_prediction(
+            rates, spec, req, placements, head_on_gpu, buffers, gpu_mem["total_bytes"]
+        ),
+        "layer_split": layer_split_prediction(
+            rates, spec, req, budget, req.reserve_bytes + spec.fixed_bytes + gpu_mem["workspace_bytes"]
+        ),
+        "cpu_only": cpu_only_prediction(rates, spec, req),
+    }
+    runtime = RuntimeSettings(
+        weights_dtype=spec.dtype,
+        cpu_dtype=rates.cpu_dtype,
+        cpu_threads=rates.cpu_threads,
+        staging_buffers=buffers,
+        prefetch_depth=buffers - 1,
+        pin_weights=True,
+        lm_head_on_gpu=head_on_gpu,
+        requires_gpu=True,
+    )
+    return _assemble(
+        spec,
+        req,
+        placements,
+        runtime,
+        estimates,
+        predictions,
+        bounds(rates, w_gpu, w_host, totals["decode"]),
+        budget={
+            "gpu_budget_bytes": budget,
+            "gpu_budget_source": source,
+            "gpu_minimum_bytes": minimum,
+            "gpu_unused_bytes": budget - gpu_mem["total_bytes"],
+            "cpu_budget_bytes": cpu_budget,
+            "cpu_budget_source": cpu_source,
+        },
+        memory={"gpu": gpu_mem, "host": host},
+        rates=rates,
+        profile_identity=profile_identity,
+        warnings=warnings,
+        notes=notes,
+    )
+
+
+def _assemble(
+    spec,
+    req,
+    placements,
+    runtime,
+    estimates,
+    predictions,
+    bnds,
+    *,
+    budget,
+    memory,
+    rates,
+    profile_identity,
+    warnings,
+    notes,
+) -> Plan:
+    hetegen = predictions["hetegen"]
+    for key, other in predictions.items():
+        if other is not None and key != "hetegen" and other.get("decode_tokens_per_s"):
+            other["hetegen_decode_speedup"] = other["decode_s_per_token"] / hetegen["decode_s_per_token"]
+            other["hetegen_end_to_end_speedup"] = other["total_s"] / hetegen["total_s"]
+    return Plan(
+        placements=placements,
+        runtime=runtime,
+        model=model_identity(spec, req.model_arg),
+        workload={
+            "prompt_len": req.prompt_len,
+            "max_new_tokens": req.max_new_tokens,
+            "batch_size": req.batch_size,
+            "prefill_tokens": req.batch_size * req.prompt_len,
+            "decode_tokens": req.batch_size,
+            "context_tokens": req.prompt_len + req.max_new_tokens,
+        },
+        budget=budget,
+        memory=memory,
+        profile=profile_identity,
+        estimates=estimates,
+        predictions=predictions,
+        bounds=bnds,
+        residency={
+            "priority": "g = T_cpu / M_gpu (decode, balanced split)",
+            "phase": "decode",
+            "order": "g descending, then layer index, then name; LM head first",
+            "resident_count": sum(p.resident for p in placements),
+            "split_count": sum(not p.resident for p in placements),
+        },
+        rates=rates.to_dict(),
+        warnings=tuple(warnings),
+        notes=tuple(notes),
+        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
+def _all_cpu_plan(
+    *, spec, rates, req, profile_identity, cpu_budget, cpu_source, notes, warnings, gpu_budget
+) -> Plan:
+    """Every linear (and an untied LM head) computed whole on the CPU; no GPU needed."""
+    lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
+    placements = tuple(
+        LinearPlacement(
+            lin.name,
+            lin.layer_index,
+            lin.role,
+            lin.out_features,
+            lin.in_features,
+            False,
+            lin.out_features,
+            lin.out_features,
+        )
+        for lin in lins
+    )
+    ctx = req.prompt_len + req.max_new_tokens
+    other = spec.fixed_bytes + spec.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(spec, req)
+    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtype, other)
+    _check_host(host, cpu_budget, cpu_source)
+    estimates, cpu_pred = [], cpu_only_prediction(rates, spec, req)
+    for lin in lins:
+        times = [
+            cm.split_times(
+                rates,
+                lin.out_features,
+                lin.in_features,
+                lin.out_features,
+                tokens_for(lin.role, req, ph),
+                concurrent=False,
+            ).to_dict()
+            for ph in ("prefill", "decode")
+        ]
+        g = times[1]["cpu_s"] / lin.weight_bytes
+        estimates.append(LinearEstimate(lin.weight_bytes, g, times[0], times[1]))
+    gpu_mem = {
+        k: 0
+        for k in (
+            "reserve_bytes",
+            "fixed_bytes",
+            "kv_cache_bytes",
+            "workspace_bytes",
+            "lm_head_bytes",
+            "staging_bytes",
+            "resident_linear_bytes",
+            "total_bytes",
+        )
+    }
+    runtime = RuntimeSettings(
+        weights_dtype=spec.dtype,
+        cpu_dtype=rates.cpu_dtype,
+        cpu_threads=rates.cpu_threads,
+        staging_buffers=0,
+        prefetch_depth=0,
+        pin_weights=False,
+        lm_head_on_gpu=spec.tie_word_embeddings,
+        requires_gpu=False,
+    )
+    w_host = sum(lin.weight_bytes for lin in lins) + (
+        spec.lm_head.weight_bytes if spec.tie_word_embeddings else 0
+    )
+    return _assemble(
+        spec,
+        req,
+        placements,
+        runtime,
+        tuple(estimates),
+        {"hetegen": dict(cpu_pred), "offload": None, "layer_split": None, "cpu_only": cpu_pred},
+        bounds(rates, 0, w_host, cpu_pred["decode_s_per_token"], cpu_plan=True),
+        budget={
+            "gpu_budget_bytes": gpu_budget,
+            "gpu_budget_source": "none",
+            "gpu_minimum_bytes": 0,
+            "gpu_unused_bytes": 0,
+            "cpu_budget_bytes": cpu_budget,
+            "cpu_budget_source": cpu_source,
+        },
+        memory={"gpu": gpu_mem, "host": host},
+        rates=rates,
+        profile_identity=profile_identity,
+        warnings=warnings,
+        notes=notes,
+    )

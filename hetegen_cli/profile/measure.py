@@ -1,0 +1,99 @@
+"""`hetegen profile` as a whole: `run_profile` measures this machine into a profile document;
+`load_or_measure` gives plan, run and bench the saved profile (measured first when missing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetegen_cli.core import devices, paths
+from hetegen_cli.core.console import note
+from hetegen_cli.core.errors import InputError
+from hetegen_cli.profile.cpu import default_threads, host_info, measure_cpu, sweep_threads
+from hetegen_cli.profile.document import GPU_SKIPPED_NOTE, build_profile, identity, load_profile, save_profile
+from hetegen_cli.profile.gpu import measure_gpu
+from hetegen_cli.profile.timing import (
+    CPU_DTYPES,
+    GPU_DTYPES,
+    HostClock,
+    MiB,
+    Sizes,
+    Steps,
+    sizes_for,
+    torch_threads,
+)
+
+# --- the whole profile -------------------------------------------------------------------
+
+
+def run_profile(
+    quick: bool,
+    threads: int | None = None,
+    repeat: int | None = None,
+    progress: Any = None,
+    timer: Callable[[], float] | None = None,
+    sizes: Sizes | None = None,
+    gpu_backend: Any = None,
+) -> dict[str, Any]:
+    """Measure this machine and return the profile document (see profile.document.SCHEMA).
+
+    `threads`: CPU intra-op threads (default: default_threads()). `repeat`: samples per
+    measurement. `progress`: a Rich Progress-like object. `timer`: seconds clock for every
+    measurement (default time.perf_counter; injecting one also replaces CUDA events).
+    `sizes`: what to measure (default QUICK or FULL, see sizes_for). `gpu_backend`: measure
+    the GPU part on this devices.Backend (tests: the CPU stand-in); default CUDA if present.
+    """
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}", "e.g. --threads 4")
+    if repeat is not None and repeat < 1:
+        raise InputError(f"--repeat must be at least 1, got {repeat}", "e.g. --repeat 5")
+    if sizes is None:
+        sizes = sizes_for(quick, repeat)
+    elif repeat:
+        sizes = replace(sizes, repeat=repeat)
+    host = host_info()
+    has_gpu = gpu_backend is not None or devices.cuda_available()
+    threads = threads or default_threads(host["physical_cores"], has_gpu)
+    pool = sizes.pool_bytes or max(256 * MiB, 2 * (host["last_level_cache_bytes"] or 0))
+    pool = max(4096, min(pool, host["ram_available_bytes"] // 4))
+    sweep = sweep_threads(threads, host["physical_cores"]) if sizes.thread_sweep else []
+    steps = Steps(progress, count_steps(sizes, len(sweep), has_gpu))
+    clock = HostClock(timer)
+    with torch_threads(threads), torch.inference_mode():
+        cpu = measure_cpu(sizes, threads, sweep, pool, clock, steps)
+        gpu, note = None, GPU_SKIPPED_NOTE
+        if has_gpu:
+            with devices.out_of_memory_as_error("profiling the GPU"):
+                gpu = measure_gpu(sizes, cpu, host, pool, timer, steps, gpu_backend)
+            note = None
+    return build_profile(host, cpu, gpu, note, quick)
+
+
+def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
+    """Number of progress steps of one profile run."""
+    n = 1 + len(CPU_DTYPES) * (len(sizes.gemv_shapes) + len(sizes.gemm_shapes) * len(sizes.gemm_tokens))
+    n += len(CPU_DTYPES) * sweep_counts
+    if has_gpu:
+        n += len(GPU_DTYPES) * (
+            len(sizes.gpu_gemv_shapes) + len(sizes.gpu_gemm_shapes) * len(sizes.gemm_tokens)
+        )
+        n += 4 * len(sizes.transfer_sizes) + 1
+    return n
+
+
+def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(profile document, identity) of `path`, or of this machine's saved profile, which is
+    measured (`hetegen profile --quick`) and saved first when missing. Used by plan, run and
+    bench; `progress` (a Rich Progress-like object, or None) shows the measurement."""
+    if path is None:
+        path = paths.default_profile_path()
+        if not path.exists():
+            note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile --quick`)")
+            save_profile(run_profile(quick=True, progress=progress), path)
+            note(f"profile saved to {path}")
+    doc = load_profile(path)
+    return doc, identity(doc, path)

@@ -1,0 +1,116 @@
+"""`run` as a library call: validate -> resolve the model -> tokenize -> check the context ->
+pick device and dtype -> build the model (plain or engine, run.builders) -> generate.
+
+`execute_run(options)` is the entry point; its "build" step is replaceable (`ModelBuilder`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hetegen_cli.core.devices import out_of_memory_as_error
+from hetegen_cli.core.errors import InputError
+from hetegen_cli.models.loader import LoadedModel, load_tokenizer
+from hetegen_cli.models.source import resolve_model
+from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device
+from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
+from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
+
+RUN_KIND = "hetegen.run"
+RUN_SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunResult:
+    context: RunContext
+    built: LoadedModel
+    generation: GenerationResult
+    engine_stats: dict[str, Any] | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        ref, gen = self.context.ref, self.generation
+        return {
+            "schema_version": RUN_SCHEMA_VERSION,
+            "kind": RUN_KIND,
+            "model": {
+                "name": ref.name,
+                "source": ref.kind,
+                "arg": ref.arg,
+                "path": str(ref.path) if ref.path else None,
+                "hub_id": ref.hub_id,
+                "architecture": ref.spec.architecture,
+                "layers": ref.spec.num_layers,
+                "parameters": ref.spec.parameter_count,
+                "max_positions": ref.spec.max_positions,
+            },
+            "prompt": self.context.options.prompt,
+            "chat": self.context.options.chat,
+            "prompt_token_ids": gen.prompt_token_ids,
+            "text": gen.text,
+            "token_ids": gen.token_ids,
+            "stop_reason": gen.stop_reason,
+            "sampling": sampling_document(self.context.options.sampling),
+            "timings": {"load_s": self.built.load_s, **gen.timings.as_dict()},
+            "engine": self.built.engine,
+            "device": self.built.device,
+            "dtype": self.built.dtype,
+            "plan": self.built.info.get("plan"),
+            "engine_stats": self.engine_stats,
+        }
+
+
+def sampling_document(s: SamplingOptions) -> dict[str, Any]:
+    return {
+        "mode": "greedy" if s.greedy else "sample",
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "seed": s.seed,
+    }
+
+
+def prepare_run(options: RunOptions) -> RunContext:
+    """Every check that needs no weights: options, model path/shapes, prompt tokens, context."""
+    if not options.prompt or not options.prompt.strip():
+        raise InputError("the prompt is empty", 'pass some text, e.g. --prompt "The capital of France is"')
+    if options.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {options.max_new_tokens} is below 1", "ask for at least 1 token")
+    options.sampling.validate()
+    ref = resolve_model(options.model, need_weights=True)
+    tokenizer = load_tokenizer(ref.path)
+    prompt_ids = prepare_prompt(tokenizer, options.prompt, chat=options.chat)
+    ref.spec.check_context(len(prompt_ids), options.max_new_tokens)
+    backend, dtype, fits = pick_device(options, ref, len(prompt_ids))
+    return RunContext(options, ref, tokenizer, prompt_ids, backend, dtype, fits)
+
+
+def execute_run(
+    options: RunOptions,
+    on_text: Callable[[str], None] | None = None,
+    build: ModelBuilder | None = None,
+    engine: EngineOptions | None = None,
+) -> RunResult:
+    """Validate, build the model, generate. `on_text` receives streamed pieces.
+
+    `build` defaults to run.builders.choose_builder's choice for `engine`: the heterogeneous
+    engine when a plan applies, else the plain stock model.
+    """
+    ctx = prepare_run(options)
+    if build is None:
+        build = choose_builder(ctx, engine or EngineOptions()) or build_plain_model
+    with build(ctx) as built:
+        with out_of_memory_as_error("generating"):
+            result = generate(
+                built.model,
+                ctx.tokenizer,
+                ctx.prompt_ids,
+                max_new_tokens=options.max_new_tokens,
+                sampling=options.sampling,
+                on_text=on_text,
+                sync=built.sync,
+                device=built.device,
+            )
+        stats = built.stats()
+    return RunResult(ctx, built, result, stats)

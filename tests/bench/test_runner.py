@@ -1,0 +1,309 @@
+"""bench library: statistics, ratios, bounds, token checks, skips, CSV and plot, with fake
+measurements injected through the runner table (no weights loaded except where stated)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from hetegen_cli.bench import arms as bench_arms
+from hetegen_cli.bench import prepare, runner
+from hetegen_cli.bench import present as bench_present
+from hetegen_cli.bench.prepare import BenchOptions
+from hetegen_cli.bench.runner import ArmRun
+from hetegen_cli.cli.common import sizes_bytes
+from hetegen_cli.core.errors import InputError
+from tests.fakes import make_profile
+
+
+def sample(prefill_s: float, decode_s: float, steps: int = 3, prompt: int = 8) -> dict:
+    """One generation's timings (generate.GenerationTimings.as_dict layout)."""
+    return {
+        "prompt_tokens": prompt,
+        "generated_tokens": steps + 1,
+        "prefill_s": prefill_s,
+        "time_to_first_token_s": prefill_s,
+        "decode_s": decode_s,
+        "decode_steps": steps,
+        "total_s": prefill_s + decode_s,
+        "prefill_tokens_per_s": prompt / prefill_s,
+        "decode_tokens_per_s": steps / decode_s,
+    }
+
+
+# --- the whole pipeline with fake measurements -------------------------------------------
+
+SPEED = {
+    "hetegen": 4.0,
+    "offload": 1.0,
+    "accelerate": 0.5,
+    "layer-split": 2.0,
+    "cpu": 1.6,
+    "gpu": 20.0,
+    "reference": 1.6,
+}  # decode seconds per run of 3 steps -> tok/s = 3 / s
+
+
+def fake_runner(ctx, prepared) -> ArmRun:
+    """Decode tok/s = SPEED[arm] (two runs, sd 0); prefill 1 s; tokens equal except `cpu`."""
+    d = 3 / SPEED[ctx.arm]
+    tokens = [7, 8, 9, 10] if ctx.arm != "cpu" else [7, 8, 4, 4]
+    dtype = {"cpu": "float32", "hetegen": "float16+float32"}.get(ctx.arm, "float16")
+    logits = {
+        "top2_ids": [[t, 0] for t in tokens],
+        "margins": [0.5, 0.5, 0.01, 0.5],
+        "top1_logits": [1.0] * 4,
+    }
+    if ctx.arm != "cpu":
+        logits["top2_ids"][2] = [9, 4]  # the cpu arm's token is the runner-up, 0.01 behind
+    return ArmRun(
+        [sample(1.0, d), sample(1.0, d)],
+        tokens,
+        True,
+        1000,
+        2000,
+        1500,
+        {"compute_dtype": dtype, "device": "fake"},
+        None,
+        logits,
+    )
+
+
+@pytest.fixture
+def gpu_world(monkeypatch, tmp_path, tiny_llama_dir):
+    """Pretend CUDA and accelerate exist; a made-up GPU profile on disk."""
+    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench_arms, "accelerate_available", lambda: True)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(make_profile(threads=1)))
+    return BenchOptions(
+        model=str(tiny_llama_dir),
+        profile=path,
+        prompt_len=8,
+        max_new_tokens=4,
+        repeat=2,
+        gpu_budget_bytes=(2 * 2**30, 3 * 2**30),
+        arms=("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu"),
+    )
+
+
+def _fake_doc(options):
+    runners = {a: fake_runner for a in prepare.ARMS}
+    return runner.run_bench(options, runners=runners)
+
+
+def test_ratios_bounds_and_predictions_with_fake_measurements(gpu_world):
+    doc = _fake_doc(gpu_world)
+    assert doc["kind"] == "hetegen.bench" and doc["schema_version"] == 1
+    assert len(doc["budgets"]) == 2
+    arms = {e["arm"]: e for e in doc["budgets"][0]["arms"]}
+    assert [e["arm"] for e in doc["budgets"][0]["arms"]] == [
+        "cpu",
+        "hetegen",
+        "offload",
+        "accelerate",
+        "layer-split",
+        "gpu",
+    ]
+    het = arms["hetegen"]
+    # hetegen 4 tok/s... via decode seconds 3/4 per 3 steps
+    assert het["metrics"]["decode_tokens_per_s"]["mean"] == pytest.approx(4.0)
+    assert het["ratios"]["vs_offload"]["decode_tokens_per_s"] == pytest.approx(4.0)
+    assert het["ratios"]["vs_layer_split"]["decode_tokens_per_s"] == pytest.approx(2.0)
+    assert arms["offload"]["ratios"]["vs_offload"]["decode_tokens_per_s"] == pytest.approx(1.0)
+    # end-to-end: 4 tokens / (1 + 0.75) s over 4 / (1 + 3) s
+    assert het["ratios"]["vs_offload"]["end_to_end_tokens_per_s"] == pytest.approx(4 / 1.75 / 1.0)
+    plan = doc["budgets"][0]["plan"]
+    pred = plan["predictions"]["hetegen"]["decode_tokens_per_s"]
+    assert het["prediction_error"]["decode_tokens_per_s"] == pytest.approx(4.0 / pred - 1)
+    assert het["bound"]["own"] == "hybrid"
+    assert het["bound"]["fraction_of_own_bound"] == pytest.approx(plan["bounds"]["hybrid_s_per_token"] * 4.0)
+    assert arms["accelerate"]["prediction"] is None and arms["accelerate"]["bound"]["own"] == "offload"
+    # tokens: every float16 arm agrees; cpu differs at 2 on a near tie -> verified
+    assert het["token_check"]["tokens_match"] is True
+    assert arms["offload"]["token_check"]["compared_with"] == "gpu"
+    cpu = arms["cpu"]["token_check"]
+    assert (cpu["tokens_match"], cpu["first_divergence"], cpu["compared_with"]) == (False, 2, "gpu")
+    assert cpu["near_tie"] is True and cpu["verified"] is True and cpu["same_dtype"] is False
+    assert any("near tie" in n for n in doc["summary"]["notes"])
+
+
+def test_budget_independent_arms_are_measured_once(gpu_world):
+    calls = []
+
+    def counting(ctx, prepared):
+        calls.append(ctx.arm)
+        return fake_runner(ctx, prepared)
+
+    runner.run_bench(gpu_world, runners={a: counting for a in prepare.ARMS})
+    assert calls.count("cpu") == 1 and calls.count("gpu") == 1
+
+
+def test_csv_and_plot_from_fake_measurements(gpu_world, tmp_path):
+    doc = _fake_doc(gpu_world)
+    rows = list(csv.DictReader(io.StringIO(bench_present.csv_text(doc))))
+    assert len(rows) == 12 and {r["gpu_budget_bytes"] for r in rows} == {str(2 * 2**30), str(3 * 2**30)}
+    het = next(r for r in rows if r["arm"] == "hetegen")
+    assert float(het["decode_vs_offload"]) == pytest.approx(4.0)
+    assert het["tokens_match"] == "True" and het["status"] == "ok"
+    path = bench_present.write_plot(doc, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.loads(json.dumps(doc))  # the document is plain JSON
+
+
+def test_a_failing_arm_is_reported_and_the_rest_goes_on(gpu_world):
+    from hetegen_cli.core.errors import DeviceError
+
+    def oom(ctx, prepared):
+        raise DeviceError("the GPU ran out of memory while benchmarking", "lower it")
+
+    runners = {a: fake_runner for a in prepare.ARMS} | {"gpu": oom}
+    doc = runner.run_bench(gpu_world, runners=runners)
+    arms = {e["arm"]: e for e in doc["budgets"][0]["arms"]}
+    assert arms["gpu"]["status"] == "failed" and "out of memory" in arms["gpu"]["reason"]
+    assert arms["hetegen"]["ratios"]["vs_offload"]["decode_tokens_per_s"] == pytest.approx(4.0)
+
+
+# --- skip reasons --------------------------------------------------------------------------
+
+
+def _ctx(arm, ref, plan, has_cuda=False, budget=None, error=None):
+    return bench_arms.ArmContext(
+        arm, ref, plan, error, budget, has_cuda, 1, {"prompt_len": 8, "max_new_tokens": 4}
+    )
+
+
+@pytest.fixture
+def tiny_plan(tiny_llama_dir):
+    from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.plan.request import PlanRequest
+    from hetegen_cli.plan.solver import make_plan
+
+    ref = resolve_model(str(tiny_llama_dir), need_weights=True)
+    req = PlanRequest(prompt_len=8, max_new_tokens=4, gpu_budget_bytes=2**30 + 2**20)
+    return ref, make_plan(ref.spec, make_profile(threads=1), req)
+
+
+def test_skip_reasons(tiny_plan, monkeypatch):
+    ref, plan = tiny_plan
+    for arm in ("offload", "accelerate", "layer-split", "gpu"):
+        assert bench_arms.skip_reason(_ctx(arm, ref, plan)).startswith("no CUDA GPU")
+    for arm in ("hetegen", "cpu", "reference"):
+        assert bench_arms.skip_reason(_ctx(arm, ref, plan)) is None
+    monkeypatch.setattr(bench_arms, "accelerate_available", lambda: False)
+    reason = bench_arms.skip_reason(_ctx("accelerate", ref, plan, has_cuda=True))
+    assert reason == bench_arms.ACCELERATE_MISSING
+    reason = bench_arms.skip_reason(_ctx("gpu", ref, plan, has_cuda=True, budget=2**20))
+    assert "whole model needs" in reason
+    assert bench_arms.skip_reason(_ctx("gpu", ref, plan, has_cuda=True, budget=2**31)) is None
+    reason = bench_arms.skip_reason(_ctx("hetegen", ref, None, error="budget too small"))
+    assert reason == "no plan for this budget: budget too small"
+    monkeypatch.setattr(bench_arms, "_available_ram", lambda: 0)
+    assert "of RAM" in bench_arms.skip_reason(_ctx("cpu", ref, plan))
+
+
+def test_offload_plan_keeps_the_resident_set_and_zeroes_every_fraction(tiny_plan):
+    ref, plan = tiny_plan
+    off = bench_arms.offload_plan(plan, ref.spec)
+    assert {p.name for p in off.placements if p.resident} == {p.name for p in plan.placements if p.resident}
+    assert all(p.cpu_rows_prefill == p.cpu_rows_decode == 0 for p in off.placements)
+    assert off.runtime == plan.runtime
+
+
+def test_accelerate_device_map_covers_every_tensor(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    names = bench_arms._tensor_modules(model)
+    q = "model.layers.0.self_attn.q_proj"
+    dm = bench_arms.accelerate_device_map(names, {q}, {q, "model.layers.1.mlp.up_proj"})
+    assert dm[q] == 0 and dm["model.layers.1.mlp.up_proj"] == "cpu"
+    assert dm["model.embed_tokens"] == 0 and list(dm.values()).count("cpu") == 1
+    for key in model.state_dict():
+        assert any(key.startswith(n + ".") for n in dm), key
+
+
+# --- option validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "over, text",
+    [
+        ({"repeat": 0}, "--repeat is 0"),
+        ({"warmup": -1}, "--warmup"),
+        ({"max_new_tokens": 1}, "--max-new-tokens is 1"),
+        ({"prompt_len": 0}, "--prompt-len"),
+        ({"dtype": "int8"}, "--dtype"),
+        ({"threads": 0}, "--threads"),
+        ({"model": "x", "synthetic": "opt-125m"}, "mutually exclusive"),
+        ({"synthetic": "opt-7b"}, "unknown preset"),
+        ({"gpu_budget_bytes": (-1,)}, "negative"),
+        ({"profile": "/nonexistent/profile.json"}, "does not exist"),
+    ],
+)
+def test_bench_options_are_validated_on_construction(over, text):
+    with pytest.raises(InputError, match=text):
+        BenchOptions(**over)
+
+
+def test_parse_arms_and_budgets():
+    assert prepare.parse_arms("cpu, hetegen,cpu") == ("cpu", "hetegen")
+    with pytest.raises(InputError, match="unknown arm 'fast'"):
+        prepare.parse_arms("hetegen,fast")
+    assert sizes_bytes("4GiB, 8GB", "--gpu-memory") == (4 * 2**30, 8 * 10**9)
+    with pytest.raises(InputError, match="empty entry"):
+        sizes_bytes("4GiB,,8GiB", "--gpu-memory")
+    assert prepare.prompt_ids(320, 5, 0) == prepare.prompt_ids(320, 5, 0)
+    assert all(10 <= i < 320 for i in prepare.prompt_ids(320, 100, 1))
+
+
+def test_gpu_plan_arms_run_end_to_end_on_the_cpu_stand_in(monkeypatch, tmp_path, tiny_llama_dir):
+    """Pretend CUDA, hand every arm the CPU stand-in backend: the hetegen, offload and
+    layer-split builders load and run real GPU plans (splits, streaming, hooks)."""
+    from hetegen_cli.core.devices import CpuBackend
+
+    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
+    for module in (runner, bench_arms):
+        monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(make_profile(threads=1, best="float32", cpu_dtypes={"float32": 50e9})))
+    budgets = (2**30 + 200_000, 2**30 + 400_000)  # a tight and a looser budget
+    doc = runner.run_bench(
+        BenchOptions(
+            model=str(tiny_llama_dir),
+            profile=path,
+            prompt_len=8,
+            max_new_tokens=4,
+            repeat=1,
+            warmup=0,
+            gpu_budget_bytes=budgets,
+            arms=("hetegen", "offload", "layer-split", "cpu"),
+        )
+    )
+    splits = [s["plan"]["split_count"] for s in doc["budgets"]]
+    assert splits[0] > splits[1] > 0
+    for section in doc["budgets"]:
+        arms = arms_of(section)
+        assert all(e["status"] == "ok" for e in arms.values()), arms
+        assert arms["offload"]["engine_stats"]["bytes_streamed"] > 0
+        assert arms["offload"]["info"]["config"]["mean_cpu_fraction_decode"] == 0.0
+        assert arms["hetegen"]["token_check"] == {
+            **arms["hetegen"]["token_check"],
+            "compared_with": "offload",
+            "tokens_match": True,
+        }
+        assert arms["hetegen"]["ratios"]["vs_offload"]["decode_tokens_per_s"] > 0
+        assert arms["cpu"]["ratios"]["vs_layer_split"]["end_to_end_tokens_per_s"] > 0
+        assert (
+            arms["layer-split"]["info"]["config"]["gpu_layers"] == section["plan"]["layer_split_gpu_layers"]
+        )
+        assert arms["layer-split"]["token_check"]["tokens_match"] is True
+    assert "reused_from_budget_index" in arms_of(doc["budgets"][1])["cpu"]
+
+
+def arms_of(section: dict) -> dict:
+    return {e["arm"]: e for e in section["arms"]}

@@ -1,0 +1,131 @@
+"""`hetegen profile` through the CLI: --json, tables, options, output paths, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hetegen_cli.core import devices
+from hetegen_cli.profile import measure as profile_measure
+from hetegen_cli.profile import timing
+from hetegen_cli.profile.document import PROFILE_KIND, PROFILE_SCHEMA_VERSION, load_profile, validate_profile
+from tests.fakes import TOP_FIELDS
+
+
+@pytest.fixture
+def app():
+    from hetegen_cli.cli.app import app
+
+    return app
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def scaled(monkeypatch):
+    """Shrink every CLI measurement (internal knob) so a run takes about a second."""
+    monkeypatch.setenv(timing.SCALE_ENV, "0.05")
+
+
+def test_profile_help(app, runner):
+    result = runner.invoke(app, ["profile", "--help"])
+    assert result.exit_code == 0
+    for option in ("--quick", "--output", "--json", "--threads", "--repeat"):
+        assert option in result.stdout
+
+
+def test_quick_json_real_sizes_saved_and_printed(app, runner, hetegen_home):
+    """The real --quick path (no shrinking): one JSON document, saved where documented."""
+    result = runner.invoke(app, ["profile", "--quick", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert list(doc)[:2] == ["schema_version", "kind"]
+    assert all(field in doc for field in TOP_FIELDS)
+    assert doc["kind"] == PROFILE_KIND and doc["schema_version"] == PROFILE_SCHEMA_VERSION
+    assert doc["quick"] is True
+    validate_profile(doc)
+    cpu = doc["cpu"]
+    assert {g["dtype"] for g in cpu["gemv"]} == {"float32", "bfloat16", "float16"}
+    assert {g["tokens"] for g in cpu["gemm"]} == {128, 512}
+    assert cpu["best_gemv_dtype"] in {"float32", "bfloat16", "float16"}
+    assert cpu["memory_read_bytes_per_s"]["mean"] > 0
+    assert all(len(g["seconds"]["samples"]) == 3 for g in cpu["gemv"])
+    if not devices.cuda_available():
+        assert doc["gpu"] is None
+        assert doc["gpu_note"] == "no CUDA GPU: GPU measurements skipped"
+        assert "no CUDA GPU" in result.stderr
+    saved = hetegen_home / "profile.json"
+    assert json.loads(saved.read_text()) == doc
+    assert load_profile(saved) == doc
+
+
+def test_table_output_to_chosen_path(app, runner, scaled, tmp_path, hetegen_home):
+    target = tmp_path / "new" / "folder" / "mine.json"
+    result = runner.invoke(app, ["profile", "--quick", "--output", str(target)])
+    assert result.exit_code == 0, result.stderr
+    assert "CPU GEMV" in result.stdout and "CPU GEMM" in result.stdout
+    assert "Host" in result.stdout
+    assert str(target) in result.stderr.replace("\n", "")
+    assert load_profile(target)["quick"] is True
+    assert not (hetegen_home / "profile.json").exists()
+
+
+def test_threads_and_repeat_are_recorded(app, runner, scaled, tmp_path):
+    target = tmp_path / "p.json"
+    result = runner.invoke(
+        app, ["profile", "--quick", "--json", "--threads", "1", "--repeat", "2", "-o", str(target)]
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["cpu"]["threads"] == 1
+    assert all(g["threads"] == 1 for g in doc["cpu"]["gemv"] + doc["cpu"]["gemm"])
+    assert all(len(g["seconds"]["samples"]) == 2 for g in doc["cpu"]["gemv"])
+
+
+@pytest.mark.parametrize("option", ["--threads", "--repeat"])
+def test_counts_below_one_are_usage_errors(app, runner, option):
+    result = runner.invoke(app, ["profile", "--quick", option, "0"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+
+
+def test_output_under_a_regular_file_fails_before_measuring(app, runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_measure, "run_profile", lambda **_: pytest.fail("measured anyway"))
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["profile", "--quick", "--json", "--output", str(blocker / "p.json")])
+    assert result.exit_code == 1
+    assert "Error:" in result.stderr and "Hint:" in result.stderr
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert blocker.read_text() == "x"
+
+
+def test_output_that_is_a_directory_fails(app, runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_measure, "run_profile", lambda **_: pytest.fail("measured anyway"))
+    tmp_path = tmp_path / "work"
+    folder = tmp_path / "out"
+    folder.mkdir(parents=True)
+    result = runner.invoke(app, ["profile", "--quick", "--output", str(folder)])
+    assert result.exit_code == 1
+    assert "Error:" in result.stderr and "directory" in result.stderr
+    assert list(folder.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bad_scale_knob_is_a_handled_error(app, runner, monkeypatch, hetegen_home):
+    monkeypatch.setenv(timing.SCALE_ENV, "big")
+    result = runner.invoke(app, ["profile", "--quick"])
+    assert result.exit_code == 1
+    assert "Error:" in result.stderr
+    assert not (hetegen_home / "profile.json").exists()
+
+
+# --- the schema: load / save / validate ----------------------------------------------------

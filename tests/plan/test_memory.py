@@ -1,0 +1,56 @@
+"""The memory model: host bytes per split linear, the whole model on the GPU (pure)."""
+
+from __future__ import annotations
+
+from hetegen_cli.models.presets import preset_config
+from hetegen_cli.models.spec import spec_from_config
+from hetegen_cli.plan.document import LinearPlacement
+from hetegen_cli.plan.memory import (
+    default_gpu_budget,
+    held_rows,
+    host_memory,
+    whole_model_gpu_bytes,
+    workspace_bytes,
+)
+from hetegen_cli.plan.request import PlanRequest
+
+GiB = 2**30
+
+
+def test_held_rows_keep_streamed_rows_once_and_a_cpu_copy_only_when_dtypes_differ():
+    assert held_rows(100, (20, 60), separate_cpu_copy=False) == (0, 0)
+    # rows [20, 100) in the weights dtype (some phase streams them), rows [0, 60) in the CPU dtype
+    assert held_rows(100, (20, 60), separate_cpu_copy=True) == (20, 60)
+    assert held_rows(100, (100, 100), separate_cpu_copy=True) == (100, 100)  # all-CPU: copy only
+
+
+def test_host_memory_sums_held_rows_and_skips_resident_linears():
+    p = [
+        LinearPlacement("a", 0, "q", 100, 10, False, 20, 60),
+        LinearPlacement("b", 0, "k", 50, 10, True, 0, 0),
+        LinearPlacement("c", 0, "v", 40, 10, False, 40, 40),
+    ]
+    same = host_memory(p, "float16", "float16", other_bytes=7)
+    assert same == {
+        "weights_bytes": (100 + 40) * 10 * 2,
+        "cpu_copy_bytes": 0,
+        "other_bytes": 7,
+        "total_bytes": 140 * 10 * 2 + 7,
+    }
+    mixed = host_memory(p, "float16", "float32")
+    assert mixed["weights_bytes"] == (80 + 0) * 10 * 2
+    assert mixed["cpu_copy_bytes"] == (60 + 40) * 10 * 4
+
+
+def test_whole_model_on_the_gpu_counts_weights_kv_workspace_and_reserve():
+    spec = spec_from_config(preset_config("opt-125m"), "opt-125m")
+    req = PlanRequest(prompt_len=100, max_new_tokens=28, reserve_bytes=GiB)
+    need = whole_model_gpu_bytes(spec, req)
+    assert need == (spec.total_weight_bytes + spec.kv_cache_bytes(128) + workspace_bytes(spec, req) + GiB)
+    # float32 doubles everything but the reserve
+    assert whole_model_gpu_bytes(spec, req, "float32") == 2 * (need - GiB) + GiB
+
+
+def test_default_budget_leaves_a_margin_of_the_total():
+    assert default_gpu_budget(None, None) == 0
+    assert default_gpu_budget(10 * GiB, 20 * GiB) == 9 * GiB

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core import paths
+from hetegen_cli.core.console import warn
 from hetegen_cli.core.devices import cuda_available
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
-from hetegen_cli.core.errors import InputError, PlanError, ProfileError
+from hetegen_cli.core.errors import InputError, PlanError, ProfileError, UsageError
+from hetegen_cli.core.paths import probe
 from hetegen_cli.models import presets
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import build_synthetic_model
@@ -47,6 +51,16 @@ class BenchOptions:
     def __post_init__(self) -> None:
         """InputError for anything wrong that needs no model or profile (checked once, here)."""
         threads = self.threads if self.threads is not None else 1
+        for value, flag, high in (
+            (self.repeat, "--repeat", 1000),
+            (self.warmup, "--warmup", 100),
+            (self.prompt_len, "--prompt-len", 2**24),
+            (self.max_new_tokens, "--max-new-tokens", 2**24),
+            (threads, "--threads", 4096),
+            (self.seed, "--seed", 2**63),
+        ):
+            if value > high:
+                raise UsageError(f"{flag} is {value}; it must be at most {high}", f"pass a smaller {flag}")
         for value, flag, low in (
             (self.repeat, "--repeat", 1),
             (self.warmup, "--warmup", 0),
@@ -55,27 +69,29 @@ class BenchOptions:
             (threads, "--threads", 1),
         ):
             if value < low:
-                raise InputError(
+                raise UsageError(
                     f"{flag} is {value}; it must be at least {low}", f"pass {flag} {max(low, 1)} or more"
                 )
         for value, flag in ((self.dtype, "--dtype"), (self.cpu_dtype, "--cpu-dtype")):
             if value is not None and value not in WEIGHT_DTYPES:
-                raise InputError(f"unknown {flag} {value!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
+                raise UsageError(f"unknown {flag} {value!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
         if self.model and self.synthetic:
-            raise InputError(
+            raise UsageError(
                 "--model and --synthetic are mutually exclusive",
                 "pass one: a real model, or a preset to build with random weights",
             )
         if self.synthetic is not None and self.synthetic.lower() not in presets.PRESETS:
-            raise InputError(
+            raise UsageError(
                 f"unknown preset {self.synthetic!r} for --synthetic",
                 "known: " + ", ".join(presets.preset_names()),
             )
         if self.arms is not None:
             parse_arms(",".join(self.arms))
         if any(b < 0 for b in self.gpu_budget_bytes):
-            raise InputError("--gpu-memory has a negative size", "give sizes of zero or more")
-        if self.profile is not None and not Path(self.profile).expanduser().is_file():
+            raise UsageError("--gpu-memory has a negative size", "give sizes of zero or more")
+        if self.profile is not None and not stat.S_ISREG(
+            (probe(Path(self.profile).expanduser(), "--profile") or os.stat_result((0,) * 10)).st_mode
+        ):
             raise InputError(
                 f"profile file {self.profile} does not exist",
                 "create it with `hetegen profile --output PATH`, or drop --profile",
@@ -112,7 +128,7 @@ def parse_arms(text: str | None) -> tuple[str, ...] | None:
     names = [a.strip().lower() for a in text.split(",") if a.strip()]
     bad = [a for a in names if a not in ARMS]
     if bad or not names:
-        raise InputError(
+        raise UsageError(
             f"unknown arm {bad[0]!r} in --arms" if bad else "--arms is empty",
             "choose from " + ", ".join(ARMS) + " (comma separated)",
         )
@@ -202,6 +218,8 @@ def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
             f"pass --cpu-dtype {' or '.join(measured)}, or re-run `hetegen profile`",
         )
     ref, model_doc = resolve_bench_model(o, progress)
+    for message in ref.warnings:
+        warn(message)
     ref.spec.check_context(o.prompt_len, o.max_new_tokens, "--prompt-len")
     cases = make_cases(ref, o, profile, identity)
     arms = [a for a in RUN_ORDER if a in (o.arms or default_arms(has_cuda))]

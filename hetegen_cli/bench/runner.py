@@ -26,7 +26,7 @@ from hetegen_cli.bench import report
 from hetegen_cli.bench.arms import ArmContext
 from hetegen_cli.bench.prepare import BenchOptions, Prepared, prepare
 from hetegen_cli.bench.timing import RSS_INTERVAL_S, RssSampler, timed_runs
-from hetegen_cli.core.console import note
+from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error
 from hetegen_cli.core.errors import HetegenError
 
@@ -204,7 +204,8 @@ def _one_arm(
         progress.update(task, description=f"bench: {ctx.arm}")
     runner = runners.get(ctx.arm) or (lambda c, prep: run_arm(c, prep, advance))
     try:
-        run = runner(ctx, p)
+        with activity(f"benchmarking the {ctx.arm} arm"):
+            run = runner(ctx, p)
     except HetegenError as exc:
         note(f"bench: arm {ctx.arm} failed: {exc.message}")
         return {"arm": ctx.arm, "status": "failed", "reason": exc.message}

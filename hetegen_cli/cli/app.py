@@ -6,6 +6,8 @@ library (and torch) is imported inside command bodies so `--help` stays fast.
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from hetegen_cli import __version__
@@ -34,6 +36,9 @@ def _root(
     ),
 ) -> None:
     """hetegen: heterogeneous CPU+GPU inference."""
+    if not os.environ.get("HETEGEN_DEBUG"):
+        # transformers' own log lines (load reports, advice) would precede hetegen's messages
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 for _module in (profile, plan, run, bench, models):

@@ -16,11 +16,13 @@ from hetegen_cli.cli.common import (
     ProfileOption,
     WeightsDtypeOption,
     guarded,
+    input_file_arg,
+    model_arg,
+    output_arg,
     sizes_bytes,
 )
 from hetegen_cli.core.console import emit_json, note, progress, stdout_console
 from hetegen_cli.core.errors import InputError
-from hetegen_cli.core.jsonio import check_output_path
 
 
 def check_outputs(output: Path | None, csv_path: Path | None, plot: Path | None) -> None:
@@ -28,9 +30,9 @@ def check_outputs(output: Path | None, csv_path: Path | None, plot: Path | None)
     given = [(p, f) for p, f in ((output, "--output"), (csv_path, "--csv"), (plot, "--plot")) if p]
     for path, flag in given:
         try:
-            check_output_path(path)
+            output_arg(path, flag)
         except InputError as exc:
-            raise InputError(f"{flag}: {exc.message}", exc.hint) from None
+            raise type(exc)(f"{flag}: {exc.message}", exc.hint) from None
     resolved = [Path(p).expanduser().resolve() for p, _ in given]
     if len(set(resolved)) != len(resolved):
         raise InputError("--output, --csv and --plot name the same file", "give each its own path")
@@ -100,11 +102,11 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.core.jsonio import atomic_write, write_document
 
         options = BenchOptions(
-            model=model,
+            model=model_arg(model),
             synthetic=synthetic,
             dtype=dtype,
             cpu_dtype=cpu_dtype,
-            profile=profile,
+            profile=input_file_arg(profile, "--profile"),
             prompt_len=prompt_len,
             max_new_tokens=max_new_tokens,
             repeat=repeat,

@@ -3,16 +3,23 @@ commands share, defined once with their help text."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from hetegen_cli.core.console import report_error
-from hetegen_cli.core.errors import HetegenError, InputError
+from hetegen_cli.core.console import printable, report_error, report_interrupt
+from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from hetegen_cli.core.errors import HetegenError, InputError, UsageError
+from hetegen_cli.core.jsonio import check_output_path
+from hetegen_cli.core.paths import probe
 from hetegen_cli.core.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,33 +72,120 @@ def sizes_bytes(text: str | None, flag: str) -> tuple[int, ...]:
         return ()
     parts = [p.strip() for p in text.split(",")]
     if not all(parts):
-        raise InputError(
+        raise UsageError(
             f"{flag} {text!r} has an empty entry", "give sizes separated by commas, e.g. 4GiB,8GiB"
         )
     return tuple(parse_size(p, flag) for p in parts)
 
 
-def guarded(fn: F) -> F:
-    """Map HetegenError to `Error:`/`Hint:` + exit 1 and Ctrl-C to exit 130.
+def model_arg(value: str | None) -> str | None:
+    """--model as given; an empty or blank value is a usage error, not the default model."""
+    if value is not None and not value.strip():
+        raise UsageError("--model is empty", "leave --model out for the default model, or name one")
+    return value
 
-    Done inside the app (not in main()) because CliRunner calls the app directly.
+
+def dtype_arg(value: str | None, flag: str) -> str | None:
+    """--dtype / --cpu-dtype: one of core.dtypes.WEIGHT_DTYPES, or None for the default."""
+    if value is not None and value not in WEIGHT_DTYPES:
+        raise UsageError(f"unknown {flag} {value!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
+    return value
+
+
+def output_arg(value: Path | None, flag: str = "--output") -> Path | None:
+    """An output file option: "-" is refused (use --json for stdout), the rest checked early."""
+    if value is None:
+        return None
+    if str(value) in ("-", ""):
+        raise UsageError(
+            f"{flag} {str(value)!r} is not a file name",
+            "use --json to print the document on stdout, or give a file name",
+        )
+    return check_output_path(value)
+
+
+def input_file_arg(value: Path | None, flag: str) -> Path | None:
+    """An input file option (--plan, --profile): it must exist and be a file, checked now."""
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise UsageError(f"{flag} is empty", f"give the path of a file, or leave {flag} out")
+    info = probe(Path(value).expanduser(), f"{flag}")
+    if info is None:
+        raise InputError(f"{flag} file {value} does not exist", f"check the path given to {flag}")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{flag} {value} is not a file", f"give the path of a file to {flag}")
+    return Path(value).expanduser()
+
+
+def guarded(fn: F) -> F:
+    """The CLI's error contract (docs/validation.md), applied to every command:
+
+    UsageError -> `Error:`/`Hint:`, exit 2; any other HetegenError -> exit 1; Ctrl-C -> one
+    line, exit 130; stdout that cannot be written (disk full, closed pipe) -> exit 1; anything
+    else -> `Error: internal error: ...` with a hint, exit 1 (HETEGEN_DEBUG=1 adds the
+    traceback). Done inside the app, not in main(), because CliRunner calls the app directly.
     """
+    command = fn.__name__.removesuffix("_command")
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a full disk must fail here, not at interpreter exit
+            return result
+        except typer.Exit:
+            raise
+        except UsageError as exc:
+            report_error(exc)
+            raise typer.Exit(2) from None
         except HetegenError as exc:
             report_error(exc)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            report_interrupt(command, exc)
             raise typer.Exit(130) from None
-        except MemoryError as exc:
-            if os.environ.get("HETEGEN_DEBUG"):
-                raise
+        except MemoryError:
             report_error(
-                HetegenError("the host ran out of memory", "use a smaller model or lower --cpu-memory")
+                HetegenError(
+                    "the host ran out of memory", "use a smaller model, or keep more of it on the GPU"
+                )
             )
-            raise typer.Exit(1) from exc
+            raise typer.Exit(1) from None
+        except BrokenPipeError:
+            _drop_stdout()
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+                _internal(exc)
+            _drop_stdout()
+            report_error(
+                HetegenError(
+                    f"cannot write the output: {exc.strerror or exc}",
+                    "free disk space or send stdout elsewhere; files hetegen "
+                    "writes are atomic, so none was left half-written",
+                )
+            )
+            raise typer.Exit(1) from None
+        except Exception as exc:  # the net, not the fix: every known case has its own error
+            _internal(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal(exc: BaseException) -> None:
+    text = printable(str(exc))[:300]
+    report_error(
+        HetegenError(
+            f"internal error: {type(exc).__name__}: {text}",
+            "rerun with HETEGEN_DEBUG=1 for the traceback and report it",
+        )
+    )
+    raise typer.Exit(1) from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from hetegen_cli.cli.common import JsonOption
+from hetegen_cli.cli.common import JsonOption, guarded
 from hetegen_cli.core.console import emit_json, stdout_console
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models import presets
@@ -13,6 +13,7 @@ from hetegen_cli.models.spec import spec_from_config
 
 def register(app: typer.Typer) -> None:
     @app.command("models")
+    @guarded
     def models_command(json_: JsonOption = False) -> None:
         """List preset model names, their hub ids and sizes (usable with --model)."""
         rows = []

@@ -14,7 +14,11 @@ from hetegen_cli.cli.common import (
     ProfileOption,
     PromptLenOption,
     WeightsDtypeOption,
+    dtype_arg,
     guarded,
+    input_file_arg,
+    model_arg,
+    output_arg,
     size_bytes,
 )
 from hetegen_cli.core.console import emit_json, note, progress, stdout_console, warn
@@ -74,11 +78,15 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
             cpu_budget_bytes=size_bytes(cpu_memory, "--cpu-memory"),
-            cpu_dtype=cpu_dtype,
+            cpu_dtype=dtype_arg(cpu_dtype, "--cpu-dtype"),
             reserve_bytes=size_bytes(reserve, "--reserve"),
             model_arg=model or "",
         )
-        ref = resolve_model(model, need_weights=False, dtype=dtype)
+        output = output_arg(output)
+        profile = input_file_arg(profile, "--profile")
+        ref = resolve_model(model_arg(model), need_weights=False, dtype=dtype_arg(dtype, "--dtype"))
+        for message in ref.warnings:
+            warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
         with progress(enabled=not json_) as bar:
             doc, identity = load_or_measure(profile, bar)

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from hetegen_cli.cli.common import JsonOption, guarded
+from hetegen_cli.cli.common import JsonOption, guarded, output_arg
 from hetegen_cli.core.console import emit_json, note, progress, stdout_console, warn
 from hetegen_cli.core.jsonio import check_output_path
 from hetegen_cli.core.units import format_bytes, format_flops, format_rate
@@ -26,13 +26,10 @@ def register(app: typer.Typer) -> None:
         ),
         json_: JsonOption = False,
         threads: int | None = typer.Option(
-            None, "--threads", min=1, help="CPU threads for the matmuls (default: physical cores)."
+            None, "--threads", help="CPU threads for the matmuls (default: physical cores)."
         ),
         repeat: int | None = typer.Option(
-            None,
-            "--repeat",
-            min=1,
-            help="Timed repetitions per measurement (default: 3 with --quick, else 5).",
+            None, "--repeat", help="Timed repetitions per measurement (default: 3 with --quick, else 5)."
         ),
     ) -> None:
         """Measure CPU memory bandwidth, CPU GEMV/GEMM rates per dtype and, with a CUDA GPU,
@@ -41,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.profile.document import save_profile
         from hetegen_cli.profile.measure import run_profile
 
-        path = check_output_path(output or paths.default_profile_path())
+        path = output_arg(output) or check_output_path(paths.default_profile_path())
         with progress(enabled=not json_) as bar:
             doc = run_profile(quick=quick, threads=threads, repeat=repeat, progress=bar)
         saved = save_profile(doc, path)

@@ -9,9 +9,17 @@ from typing import Any
 
 import typer
 
-from hetegen_cli.cli.common import JsonOption, ModelOption, ProfileOption, guarded, size_bytes
+from hetegen_cli.cli.common import (
+    JsonOption,
+    ModelOption,
+    ProfileOption,
+    guarded,
+    input_file_arg,
+    model_arg,
+    size_bytes,
+)
 from hetegen_cli.core.console import emit_json, note, warn
-from hetegen_cli.core.errors import InputError
+from hetegen_cli.core.errors import UsageError
 
 
 class DtypeChoice(str, Enum):
@@ -62,14 +70,10 @@ def register(app: typer.Typer) -> None:
         ),
         model: ModelOption = None,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-        max_new_tokens: int = typer.Option(
-            64, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."
-        ),
-        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
-        top_p: float = typer.Option(
-            1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off)."
-        ),
-        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0 = off)."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+        temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0 = off)."),
         seed: int | None = typer.Option(
             None, "--seed", help="Random seed for sampling (reproducible output)."
         ),
@@ -103,20 +107,28 @@ def register(app: typer.Typer) -> None:
             warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
         options = RunOptions(
             prompt=prompt,
-            model=model,
+            model=model_arg(model),
             chat=chat,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             dtype=dtype.value,
             device=device.value,
         )
-        if plan is not None and gpu_memory is not None:
-            raise InputError(
+        budget = size_bytes(gpu_memory, "--gpu-memory")
+        if plan is not None and budget is not None:
+            raise UsageError(
                 "--plan and --gpu-memory cannot be combined",
                 "the plan already fixes the GPU budget; re-plan to change it",
             )
+        if device == DeviceChoice.cpu and budget is not None:
+            raise UsageError(
+                "--gpu-memory has no effect with --device cpu",
+                "drop one of them: --device cpu runs without a GPU budget",
+            )
         engine = EngineOptions(
-            plan_path=plan, profile_path=profile, gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory")
+            plan_path=input_file_arg(plan, "--plan"),
+            profile_path=input_file_arg(profile, "--profile"),
+            gpu_budget_bytes=budget,
         )
         result = execute_run(options, on_text=None if json_ else _write, engine=engine)
         if json_:

@@ -79,12 +79,47 @@ def progress(enabled: bool = True) -> Iterator[Any]:
         yield bar
 
 
+_ACTIVITIES: list[str] = []
+
+
+@contextlib.contextmanager
+def activity(description: str) -> Iterator[None]:
+    """Name the long step under way ("loading the model"), for the Ctrl-C message."""
+    _ACTIVITIES.append(description)
+    try:
+        yield
+    except KeyboardInterrupt as exc:  # remember the innermost step for the message
+        if not hasattr(exc, "hetegen_activity"):
+            exc.hetegen_activity = description  # type: ignore[attr-defined]
+        raise
+    finally:
+        _ACTIVITIES.pop()
+
+
+def printable(text: str) -> str:
+    """`text` safe for any terminal: bytes that are not UTF-8 (surrogate escapes from argv or
+    file names) shown as \\x.. escapes, whitespace runs folded to one space."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return " ".join(raw.decode("utf-8", "backslashreplace").split())
+
+
 def report_error(exc: HetegenError) -> None:
     """`Error: ...` and `Hint: ...` on stderr, one line each."""
     console = stderr_console()
-    message = escape(" ".join(str(exc.message).split()))
+    message = escape(printable(str(exc.message)))
     console.print(f"[bold red]Error:[/bold red] {message}", highlight=False)
     if exc.hint:
-        console.print(f"[cyan]Hint:[/cyan] {escape(exc.hint)}", highlight=False)
+        console.print(f"[cyan]Hint:[/cyan] {escape(printable(exc.hint))}", highlight=False)
     if os.environ.get("HETEGEN_DEBUG"):
         traceback.print_exc(file=sys.stderr)
+
+
+def report_interrupt(command: str, exc: BaseException | None = None) -> None:
+    """The one line Ctrl-C prints: what was interrupted, and that nothing partial was left."""
+    doing = getattr(exc, "hetegen_activity", None) or (_ACTIVITIES[-1] if _ACTIVITIES else None)
+    what = f"while {doing}" if doing else "by Ctrl-C"
+    stderr_console().print(
+        f"[yellow]Interrupted[/yellow] {escape(what)}: `hetegen {command}` "
+        "stopped; no partial file was left.",
+        highlight=False,
+    )

@@ -1,6 +1,7 @@
-"""Errors that the CLI turns into a one-line message plus a hint (exit code 1).
+"""Errors that the CLI turns into a one-line message plus a hint.
 
-Library code raises these; it never prints or exits.
+Library code raises these; it never prints or exits. Exit codes: UsageError 2 (like Typer's
+own usage errors), every other HetegenError 1 (docs/validation.md).
 """
 
 from __future__ import annotations
@@ -33,3 +34,8 @@ class DeviceError(HetegenError):
 
 class InputError(HetegenError):
     """A user-supplied value (prompt, size, path) is invalid."""
+
+
+class UsageError(InputError):
+    """An option's value is malformed or outside its own range, or two options conflict:
+    decided without reading a file, a model or the hardware. Exit code 2."""

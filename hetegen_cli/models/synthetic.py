@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import dtype_name, torch_dtype
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES, to_safetensors
 from hetegen_cli.core.errors import ModelError
@@ -163,17 +164,18 @@ def build_synthetic_model(preset: str, dtype: str, root: Path, seed: int = 0, pr
     pool = RandomPool(torch.Generator().manual_seed(seed), tdtype)
     task = progress.add_task(f"writing synthetic {preset} ({dtype})", total=total) if progress else None
     try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors_streaming(
-            tmp / "model.safetensors",
-            shapes,
-            tdtype,
-            lambda name, shape: _random_tensor(name, shape, pool),
-            (lambda n: progress.advance(task, n)) if progress else None,
-        )
-        (tmp / _MARKER).write_text("ok\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with activity(f"writing the synthetic {preset} checkpoint"):
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_safetensors_streaming(
+                tmp / "model.safetensors",
+                shapes,
+                tdtype,
+                lambda name, shape: _random_tensor(name, shape, pool),
+                (lambda n: progress.advance(task, n)) if progress else None,
+            )
+            (tmp / _MARKER).write_text("ok\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,18 +1,30 @@
-"""Reading plan files: parse and validate a (possibly hand-edited) plan document into a Plan.
-
-Errors are PlanError naming the file, the linear and the field, with a hint to re-plan.
+"""Reading plan files: validate a (possibly hand-edited) plan document against its schema,
+then build the Plan. Every field run and bench read is type- and range-checked, optional
+sections included (docs/validation.md); PlanError names the file, the field and the value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from pydantic import Field, StrictInt, model_validator
+
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.jsonio import read_document
+from hetegen_cli.core.validation import (
+    Count,
+    Finite,
+    Flag,
+    Fraction,
+    Index,
+    NonNegative,
+    Positive,
+    Schema,
+    Text,
+    check,
+)
 from hetegen_cli.plan.document import (
-    PHASES,
     PLAN_KIND,
     SUPPORTED_PLAN_VERSIONS,
     LinearEstimate,
@@ -21,155 +33,212 @@ from hetegen_cli.plan.document import (
     RuntimeSettings,
 )
 
-_REPLAN = "re-run `hetegen plan`"
-_TIME_FIELDS = ("cpu_s", "transfer_s", "gpu_s", "layer_s")
+_HINT = "fix the value by hand or re-run `hetegen plan`"
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+Dim = Annotated[StrictInt, Field(ge=1, le=2**31)]
+
+
+class PhaseTimes(Schema):
+    cpu_s: NonNegative
+    transfer_s: NonNegative
+    gpu_s: NonNegative
+    layer_s: NonNegative
+
+
+class LinearDoc(Schema):
+    name: Annotated[Text, Field(min_length=1)]
+    layer_index: Annotated[StrictInt, Field(ge=-1, le=2**20)]
+    role: Text
+    shape: Annotated[list[Dim], Field(min_length=2, max_length=2)]
+    resident: Flag
+    cpu_fraction_prefill: Fraction
+    cpu_fraction_decode: Fraction
+    cpu_rows_prefill: Index
+    cpu_rows_decode: Index
+    weight_bytes: Index | None = None
+    priority_g_s_per_byte: NonNegative | None = None
+    prefill: PhaseTimes | None = None
+    decode: PhaseTimes | None = None
+
+    @model_validator(mode="after")
+    def _rows_agree(self) -> LinearDoc:
+        out = self.shape[0]
+        for phase in ("prefill", "decode"):
+            rows, fraction = getattr(self, f"cpu_rows_{phase}"), getattr(self, f"cpu_fraction_{phase}")
+            if rows > out:
+                raise ValueError(f"cpu_rows_{phase} {rows} exceeds out_features {out}")
+            if abs(fraction * out - rows) > 0.5:
+                raise ValueError(
+                    f"cpu_rows_{phase} ({rows}) and cpu_fraction_{phase} ({fraction}) "
+                    f"disagree: rows must be round(fraction * {out})"
+                )
+            if self.resident and rows:
+                raise ValueError(f"a resident linear has no CPU rows, but cpu_rows_{phase} is {rows}")
+        return self
+
+
+class RuntimeDoc(Schema):
+    weights_dtype: WeightDtype
+    cpu_dtype: WeightDtype
+    cpu_threads: Annotated[StrictInt, Field(ge=1, le=4096)]
+    staging_buffers: Annotated[StrictInt, Field(ge=0, le=64)]
+    prefetch_depth: Annotated[StrictInt, Field(ge=0, le=64)]
+    pin_weights: Flag
+    lm_head_on_gpu: Flag
+    requires_gpu: Flag
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelDoc(Schema):
+    name: Text
+    architecture: Text
+    dtype: WeightDtype
+    config_hash: Text
+    arg: Text = ""
+    weight_bytes: Index | None = None
+
+
+class WorkloadDoc(Schema):
+    prompt_len: Index
+    max_new_tokens: Index
+    batch_size: Count
+
+
+class BudgetDoc(Schema):
+    gpu_budget_bytes: Index | None = None
+    cpu_budget_bytes: Index | None = None
+    gpu_budget_source: Text | None = None
+    cpu_budget_source: Text | None = None
+    gpu_minimum_bytes: Index | None = None
+    gpu_unused_bytes: Index | None = None
+
+
+class MemoryDoc(Schema):
+    gpu: dict[str, Index] = Field(default_factory=dict)
+    host: dict[str, Index] = Field(default_factory=dict)
+
+
+class Prediction(Schema):
+    prefill_s: NonNegative
+    decode_s_per_token: NonNegative
+    decode_tokens_per_s: Positive | None
+    end_to_end_tokens_per_s: Positive | None
+    total_s: NonNegative
+    gpu_memory_bytes: Index
+    hetegen_decode_speedup: Positive | None = None
+    hetegen_end_to_end_speedup: Positive | None = None
+    gpu_layers: Index | None = None
+    lm_head_on_gpu: Flag | None = None
+
+
+class ProfileIdentity(Schema):
+    path: Text | None = None
+    created_utc: Text | None = None
+    cpu_model: Text | None = None
+    gpu_name: Text | None = None
+    quick: Flag | None = None
+    sha256: Text | None = None
+
+
+class PlanDoc(Schema):
+    schema_version: StrictInt
+    kind: Literal["hetegen.plan"]
+    created_utc: Text = ""
+    model: ModelDoc
+    profile: ProfileIdentity | None = None
+    workload: WorkloadDoc
+    budget: BudgetDoc = BudgetDoc()
+    memory: MemoryDoc = MemoryDoc()
+    runtime: RuntimeDoc
+    rates: dict[str, Any] = Field(default_factory=dict)
+    predictions: dict[str, Prediction | None] = Field(default_factory=dict)
+    bounds: dict[str, Finite | None] = Field(default_factory=dict)
+    residency: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[Text] = Field(default_factory=list)
+    notes: list[Text] = Field(default_factory=list)
+    linears: Annotated[list[LinearDoc], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PlanDoc:
+        names = [lin.name for lin in self.linears]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"the plan lists linear {twice!r} twice")
+        return self
 
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file (PlanError on corrupt, foreign or hand-broken files)."""
     doc = read_document(path, PLAN_KIND, SUPPORTED_PLAN_VERSIONS, PlanError, "hetegen plan")
-    try:
-        return plan_from_dict(doc)
-    except PlanError as exc:
-        raise PlanError(f"plan {path}: {exc.message}", exc.hint) from None
+    return plan_from_dict(doc, f"plan {path}")
 
 
-def _bad(message: str) -> PlanError:
-    return PlanError(message, f"fix the value by hand or {_REPLAN}")
-
-
-def _field(d: Any, key: str, kind: type | tuple, where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise _bad(f"{where} lacks field {key!r}")
-    value = d[key]
-    kinds = (int, float) if kind is float else (kind if isinstance(kind, tuple) else (kind,))
-    if isinstance(value, bool) and bool not in kinds:
-        raise _bad(f"{where} field {key!r} is {value!r}, not a number")
-    if not isinstance(value, kinds):
-        raise _bad(f"{where} field {key!r} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _check_sizes(tree: Any, where: str) -> None:
-    """Every *_bytes value in a nested dict must be a non-negative integer."""
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            if key.endswith("_bytes") and value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise _bad(f"{where}.{key} is {value!r}; sizes must be whole bytes >= 0")
-            else:
-                _check_sizes(value, f"{where}.{key}")
-
-
-def _placement_from(entry: dict, index: int) -> tuple[LinearPlacement, LinearEstimate | None]:
-    where = f"linear #{index}"
-    name = _field(entry, "name", str, where)
-    where = f"linear {name}"
-    shape = _field(entry, "shape", list, where)
-    if len(shape) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        raise _bad(f"{where} field 'shape' is {shape!r}; expected [out_features, in_features] > 0")
-    out, inp = shape
-    resident = _field(entry, "resident", bool, where)
-    rows = {}
-    for phase in PHASES:
-        frac = _field(entry, f"cpu_fraction_{phase}", float, where)
-        if not 0.0 <= frac <= 1.0:
-            raise _bad(f"{where} field 'cpu_fraction_{phase}' is {frac}; it must lie in [0, 1]")
-        r = _field(entry, f"cpu_rows_{phase}", int, where)
-        if not 0 <= r <= out:
-            raise _bad(f"{where} field 'cpu_rows_{phase}' is {r}; it must lie in [0, {out}]")
-        if abs(frac * out - r) > 0.5:
-            raise _bad(
-                f"{where} fields 'cpu_rows_{phase}' ({r}) and 'cpu_fraction_{phase}' "
-                f"({frac}) disagree: rows must be round(fraction * {out})"
-            )
-        if resident and r:
-            raise _bad(
-                f"{where} is resident but field 'cpu_rows_{phase}' is {r}; a resident linear has no CPU rows"
-            )
-        rows[phase] = r
-    placement = LinearPlacement(
-        name,
-        _field(entry, "layer_index", int, where),
-        _field(entry, "role", str, where),
-        out,
-        inp,
-        resident,
-        rows["prefill"],
-        rows["decode"],
-    )
-    estimate = None
-    if "prefill" in entry and "decode" in entry:
-        times = {}
-        for phase in PHASES:
-            t = _field(entry, phase, dict, where)
-            for key in _TIME_FIELDS:
-                value = _field(t, key, float, f"{where}.{phase}")
-                if value < 0:
-                    raise _bad(f"{where} field '{phase}.{key}' is negative ({value})")
-            times[phase] = dict(t)
-        wb = _field(entry, "weight_bytes", int, where)
-        if wb < 0:
-            raise _bad(f"{where} field 'weight_bytes' is negative ({wb})")
-        estimate = LinearEstimate(
-            wb, float(entry.get("priority_g_s_per_byte", 0.0)), times["prefill"], times["decode"]
-        )
-    return placement, estimate
-
-
-def _runtime_from(d: dict) -> RuntimeSettings:
-    where = "runtime"
-    for key in ("weights_dtype", "cpu_dtype"):
-        if _field(d, key, str, where) not in WEIGHT_DTYPES:
-            raise _bad(f"runtime field {key!r} is {d[key]!r}; use one of {', '.join(WEIGHT_DTYPES)}")
-    for key, low in (("cpu_threads", 1), ("staging_buffers", 0), ("prefetch_depth", 0)):
-        if _field(d, key, int, where) < low:
-            raise _bad(f"runtime field {key!r} is {d[key]}; it must be >= {low}")
-    return RuntimeSettings(
-        weights_dtype=d["weights_dtype"],
-        cpu_dtype=d["cpu_dtype"],
-        cpu_threads=d["cpu_threads"],
-        staging_buffers=d["staging_buffers"],
-        prefetch_depth=d["prefetch_depth"],
-        pin_weights=_field(d, "pin_weights", bool, where),
-        lm_head_on_gpu=_field(d, "lm_head_on_gpu", bool, where),
-        requires_gpu=_field(d, "requires_gpu", bool, where),
-        extra=dict(d.get("extra") or {}),
-    )
-
-
-def plan_from_dict(doc: dict) -> Plan:
-    if doc.get("kind") != PLAN_KIND or doc.get("schema_version") not in SUPPORTED_PLAN_VERSIONS:
+def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
+    """Validate a plan document and build the Plan; PlanError names the bad field."""
+    if (
+        not isinstance(doc, dict)
+        or doc.get("kind") != PLAN_KIND
+        or doc.get("schema_version") not in SUPPORTED_PLAN_VERSIONS
+    ):
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        version = doc.get("schema_version") if isinstance(doc, dict) else None
         raise PlanError(
-            f"not a {PLAN_KIND} document of schema version "
-            f"{', '.join(map(str, SUPPORTED_PLAN_VERSIONS))} "
-            f"(kind={doc.get('kind')!r}, schema_version={doc.get('schema_version')!r})",
-            f"{_REPLAN} with this version of hetegen",
+            f"{source} is not a {PLAN_KIND} document of schema version "
+            f"{', '.join(map(str, SUPPORTED_PLAN_VERSIONS))} (kind={kind!r}, "
+            f"schema_version={version!r})",
+            "re-run `hetegen plan` with this version of hetegen",
         )
-    entries = _field(doc, "linears", list, "plan")
-    if not entries:
-        raise _bad("plan has no linears")
-    parsed = [_placement_from(e, i) for i, e in enumerate(entries)]
-    names = [p.name for p, _ in parsed]
-    if len(set(names)) != len(names):
-        raise _bad("plan lists a linear twice")
-    estimates = tuple(e for _, e in parsed)
-    for section in ("budget", "memory"):
-        _check_sizes(doc.get(section) or {}, section)
+    parsed = check(PlanDoc, doc, source=source, error=PlanError, hint=_HINT)
+    placements, estimates = [], []
+    for lin in parsed.linears:
+        out, inp = lin.shape
+        placements.append(
+            LinearPlacement(
+                lin.name,
+                lin.layer_index,
+                lin.role,
+                out,
+                inp,
+                lin.resident,
+                lin.cpu_rows_prefill,
+                lin.cpu_rows_decode,
+            )
+        )
+        if lin.prefill is not None and lin.decode is not None and lin.weight_bytes is not None:
+            estimates.append(
+                LinearEstimate(
+                    lin.weight_bytes,
+                    lin.priority_g_s_per_byte or 0.0,
+                    lin.prefill.model_dump(),
+                    lin.decode.model_dump(),
+                )
+            )
+    rt = parsed.runtime
+    runtime = RuntimeSettings(
+        weights_dtype=rt.weights_dtype,
+        cpu_dtype=rt.cpu_dtype,
+        cpu_threads=rt.cpu_threads,
+        staging_buffers=rt.staging_buffers,
+        prefetch_depth=rt.prefetch_depth,
+        pin_weights=rt.pin_weights,
+        lm_head_on_gpu=rt.lm_head_on_gpu,
+        requires_gpu=rt.requires_gpu,
+        extra=dict(rt.extra),
+    )
     return Plan(
-        placements=tuple(p for p, _ in parsed),
-        runtime=_runtime_from(_field(doc, "runtime", dict, "plan")),
-        model=_field(doc, "model", dict, "plan"),
-        workload=_field(doc, "workload", dict, "plan"),
+        placements=tuple(placements),
+        runtime=runtime,
+        model=dict(doc["model"]),
+        workload=dict(doc["workload"]),
         budget=dict(doc.get("budget") or {}),
         memory=dict(doc.get("memory") or {}),
         profile=doc.get("profile"),
-        estimates=estimates if all(e is not None for e in estimates) else (),
+        estimates=tuple(estimates) if len(estimates) == len(placements) else (),
         predictions=dict(doc.get("predictions") or {}),
         bounds=dict(doc.get("bounds") or {}),
         residency=dict(doc.get("residency") or {}),
         rates=dict(doc.get("rates") or {}),
-        warnings=tuple(doc.get("warnings") or ()),
-        notes=tuple(doc.get("notes") or ()),
-        created_utc=str(doc.get("created_utc") or ""),
+        warnings=tuple(parsed.warnings),
+        notes=tuple(parsed.notes),
+        created_utc=parsed.created_utc,
     )

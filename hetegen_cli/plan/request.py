@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
-from hetegen_cli.core.errors import InputError
+from hetegen_cli.core.errors import UsageError
 
 GiB = 1024**3
 #: GPU memory held back for the CUDA context, kernels and allocator fragmentation
@@ -39,9 +39,11 @@ class PlanRequest:
             (self.staging_buffers, "staging buffers"),
         ):
             if value < 1:
-                raise InputError(f"{flag} is {value}; it must be at least 1", f"pass {flag} 1 or more")
+                raise UsageError(f"{flag} is {value}; it must be at least 1", f"pass {flag} 1 or more")
+            if value > 2**24:
+                raise UsageError(f"{flag} is {value}; it must be at most {2**24}", f"pass a smaller {flag}")
         if self.cpu_dtype is not None and self.cpu_dtype not in WEIGHT_DTYPES:
-            raise InputError(
+            raise UsageError(
                 f"unknown --cpu-dtype {self.cpu_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}"
             )
         for size, flag in (
@@ -50,7 +52,7 @@ class PlanRequest:
             (self.reserve_bytes, "--reserve"),
         ):
             if size is not None and size < 0:
-                raise InputError(f"{flag} is negative", "give a size of zero or more")
+                raise UsageError(f"{flag} is negative", "give a size of zero or more")
 
     @property
     def context_tokens(self) -> int:

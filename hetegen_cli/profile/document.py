@@ -1,20 +1,22 @@
 """The hardware profile document: schema, build, validate, load, save (pure, no torch).
 
-`hetegen profile` writes it; `plan` reads it. Every timing is a stats dict
-{"mean", "sd", "samples"} in seconds per call; rates are derived from the mean.
+`hetegen profile` writes it; `plan` reads it. Every timing is a stats dict (core.stats:
+mean, sd, median, min, max, n, samples) in seconds per call; rates derive from the mean.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictInt, model_validator
 
 from hetegen_cli import __version__
 from hetegen_cli.core.errors import ProfileError
 from hetegen_cli.core.jsonio import read_document, write_document
+from hetegen_cli.core.validation import Count, Flag, Index, NonNegative, Positive, Schema, Text, check
 
 PROFILE_KIND = "hetegen.profile"
 PROFILE_SCHEMA_VERSION = 1
@@ -70,179 +72,158 @@ def build_profile(
     }
 
 
-# --- schema -----------------------------------------------------------------------------
-# A spec is a type (or tuple of types), NUM / RATE / INT markers, a dict (object with these
-# required keys; extra keys allowed), a one-item list (list of such items) or Nullable(spec).
+# --- schema (docs/validation.md) ------------------------------------------------------------
+
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+Threads = Annotated[StrictInt, Field(ge=1, le=65536)]
+Dim = Annotated[StrictInt, Field(ge=1, le=2**31)]
 
 
-class _Num:
-    """A finite real number (bool excluded); `positive` demands > 0."""
+class Seconds(Schema):
+    """Seconds per call: strictly positive and finite, so every rate derived from it is too."""
 
-    def __init__(self, positive: bool = False, integer: bool = False) -> None:
-        self.positive, self.integer = positive, integer
-
-
-class Nullable:
-    def __init__(self, spec: Any) -> None:
-        self.spec = spec
+    mean: Positive
+    sd: NonNegative
+    samples: Annotated[list[Positive], Field(min_length=1)]
 
 
-NUM, RATE, INT, COUNT = _Num(), _Num(positive=True), _Num(integer=True), _Num(True, True)
-STATS = {"mean": NUM, "sd": NUM, "samples": [NUM]}
-
-SCHEMA: dict[str, Any] = {
-    "schema_version": INT,
-    "kind": str,
-    "hetegen_version": str,
-    "created_utc": str,
-    "quick": bool,
-    "host": {
-        "cpu_model": str,
-        "physical_cores": COUNT,
-        "logical_cores": COUNT,
-        "ram_total_bytes": COUNT,
-        "ram_available_bytes": INT,
-        "features": dict,
-        "os": str,
-        "python": str,
-        "torch": str,
-    },
-    "cpu": {
-        "threads": COUNT,
-        "memory_read_bytes_per_s": STATS,
-        "gemv": [
-            {
-                "dtype": str,
-                "out_features": COUNT,
-                "in_features": COUNT,
-                "weight_bytes": COUNT,
-                "threads": COUNT,
-                "seconds": STATS,
-                "weight_bytes_per_s": RATE,
-                "params_per_s": RATE,
-            }
-        ],
-        "gemm": [
-            {
-                "dtype": str,
-                "tokens": COUNT,
-                "out_features": COUNT,
-                "in_features": COUNT,
-                "threads": COUNT,
-                "seconds": STATS,
-                "flops_per_s": RATE,
-            }
-        ],
-        "thread_sweep": [
-            {
-                "threads": COUNT,
-                "dtype": str,
-                "out_features": COUNT,
-                "in_features": COUNT,
-                "weight_bytes_per_s": RATE,
-            }
-        ],
-        "best_gemv_dtype": str,
-    },
-    "gpu": Nullable(
-        {
-            "name": str,
-            "total_memory_bytes": COUNT,
-            "free_memory_bytes": INT,
-            "compute_capability": str,
-            "gemm": [
-                {
-                    "dtype": str,
-                    "tokens": COUNT,
-                    "out_features": COUNT,
-                    "in_features": COUNT,
-                    "seconds": STATS,
-                    "flops_per_s": RATE,
-                }
-            ],
-            "gemv": [
-                {
-                    "dtype": str,
-                    "out_features": COUNT,
-                    "in_features": COUNT,
-                    "weight_bytes": COUNT,
-                    "seconds": STATS,
-                    "weight_bytes_per_s": RATE,
-                }
-            ],
-            "transfers": [
-                {"direction": str, "memory": str, "size_bytes": COUNT, "seconds": STATS, "bytes_per_s": RATE}
-            ],
-            "concurrent": {
-                "dtype": str,
-                "size_bytes": COUNT,
-                "h2d_alone_bytes_per_s": RATE,
-                "h2d_bytes_per_s": RATE,
-                "cpu_gemv_alone_weight_bytes_per_s": RATE,
-                "cpu_gemv_weight_bytes_per_s": RATE,
-            },
-        }
-    ),
-    "gpu_note": Nullable(str),
-}
+class Bandwidth(Schema):
+    mean: Positive
+    sd: NonNegative
 
 
-def _type_name(spec: Any) -> str:
-    if isinstance(spec, _Num):
-        kind = "integer" if spec.integer else "number"
-        return f"positive {kind}" if spec.positive else kind
-    if isinstance(spec, dict):
-        return "object"
-    if isinstance(spec, list):
-        return "list"
-    if isinstance(spec, Nullable):
-        return f"{_type_name(spec.spec)} or null"
-    return getattr(spec, "__name__", str(spec))
+class Host(Schema):
+    cpu_model: Text
+    physical_cores: Threads
+    logical_cores: Threads
+    ram_total_bytes: Count
+    ram_available_bytes: Index
+    features: dict[str, Flag]
+    os: Text
+    python: Text
+    torch: Text
 
 
-def _check(value: Any, spec: Any, where: str) -> str | None:
-    """The first problem found as text naming the field, or None."""
-    if isinstance(spec, Nullable):
-        return None if value is None else _check(value, spec.spec, where)
-    if isinstance(spec, _Num):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value) and (not spec.integer or float(value).is_integer())
-        if ok and (value > 0 if spec.positive else (not spec.integer or value >= 0)):
-            return None
-        return f"field {where} should be a {_type_name(spec)}, got {value!r}"
-    if isinstance(spec, dict):
-        if not isinstance(value, dict):
-            return f"field {where} should be an object, got {type(value).__name__}"
-        for key, sub in spec.items():
-            name = f"{where}.{key}" if where else key
-            if key not in value:
-                return f"field {name} is missing"
-            problem = _check(value[key], sub, name)
-            if problem:
-                return problem
-        return None
-    if isinstance(spec, list):
-        if not isinstance(value, list):
-            return f"field {where} should be a list, got {type(value).__name__}"
-        for i, item in enumerate(value):
-            problem = _check(item, spec[0], f"{where}[{i}]")
-            if problem:
-                return problem
-        return None
-    if isinstance(value, spec) and not (spec is not bool and isinstance(value, bool)):
-        return None
-    return f"field {where} should be {_type_name(spec)}, got {type(value).__name__}"
+class CpuGemv(Schema):
+    dtype: WeightDtype
+    out_features: Dim
+    in_features: Dim
+    weight_bytes: Count
+    threads: Threads
+    seconds: Seconds
+    weight_bytes_per_s: Positive
+    params_per_s: Positive
+
+
+class CpuGemm(Schema):
+    dtype: WeightDtype
+    tokens: Dim
+    out_features: Dim
+    in_features: Dim
+    threads: Threads
+    seconds: Seconds
+    flops_per_s: Positive
+
+
+class ThreadPoint(Schema):
+    threads: Threads
+    dtype: WeightDtype
+    out_features: Dim
+    in_features: Dim
+    weight_bytes_per_s: Positive
+
+
+class Cpu(Schema):
+    threads: Threads
+    memory_read_bytes_per_s: Bandwidth
+    gemv: Annotated[list[CpuGemv], Field(min_length=1)]
+    gemm: Annotated[list[CpuGemm], Field(min_length=1)]
+    thread_sweep: list[ThreadPoint]
+    best_gemv_dtype: WeightDtype
+
+    @model_validator(mode="after")
+    def _best_is_measured(self) -> Cpu:
+        if self.best_gemv_dtype not in {g.dtype for g in self.gemv}:
+            raise ValueError(f"best_gemv_dtype {self.best_gemv_dtype!r} has no GEMV measurements")
+        return self
+
+
+class GpuGemm(Schema):
+    dtype: WeightDtype
+    tokens: Dim
+    out_features: Dim
+    in_features: Dim
+    seconds: Seconds
+    flops_per_s: Positive
+
+
+class GpuGemv(Schema):
+    dtype: WeightDtype
+    out_features: Dim
+    in_features: Dim
+    weight_bytes: Count
+    seconds: Seconds
+    weight_bytes_per_s: Positive
+
+
+class Transfer(Schema):
+    direction: Literal["h2d", "d2h"]
+    memory: Literal["pinned", "pageable"]
+    size_bytes: Count
+    seconds: Seconds
+    bytes_per_s: Positive
+
+
+class Concurrent(Schema):
+    dtype: WeightDtype
+    size_bytes: Count
+    h2d_alone_bytes_per_s: Positive
+    h2d_bytes_per_s: Positive
+    cpu_gemv_alone_weight_bytes_per_s: Positive
+    cpu_gemv_weight_bytes_per_s: Positive
+
+
+class Gpu(Schema):
+    name: Text
+    total_memory_bytes: Count
+    free_memory_bytes: Index
+    compute_capability: Text
+    gemm: Annotated[list[GpuGemm], Field(min_length=1)]
+    gemv: Annotated[list[GpuGemv], Field(min_length=1)]
+    transfers: list[Transfer]
+    concurrent: Concurrent
+
+    @model_validator(mode="after")
+    def _has_pinned_h2d(self) -> Gpu:
+        if not any(t.direction == "h2d" and t.memory == "pinned" for t in self.transfers):
+            raise ValueError("transfers hold no pinned host-to-GPU copy")
+        if self.free_memory_bytes > self.total_memory_bytes:
+            raise ValueError("free_memory_bytes exceeds total_memory_bytes")
+        return self
+
+
+class Profile(Schema):
+    schema_version: StrictInt
+    kind: Literal["hetegen.profile"]
+    hetegen_version: Text
+    created_utc: Text
+    quick: Flag
+    host: Host
+    cpu: Cpu
+    gpu: Gpu | None
+    gpu_note: Text | None
 
 
 def validate_profile(doc: dict[str, Any], source: str = "profile") -> dict[str, Any]:
-    """Check required fields and types; raise ProfileError naming the first bad field."""
-    problem = _check(doc, SCHEMA, "")
-    if problem is None and not doc["cpu"]["gemv"]:
-        problem = "field cpu.gemv is empty"
-    if problem is None and doc["cpu"]["best_gemv_dtype"] not in {m["dtype"] for m in doc["cpu"]["gemv"]}:
-        problem = "field cpu.best_gemv_dtype names a dtype without GEMV measurements"
-    if problem:
-        raise ProfileError(f"{source} is not a valid hardware profile: {problem}", f"re-run `{PRODUCED_BY}`")
+    """Check every field the planner and the reports read (types, ranges, finite positive
+    measurements); raise ProfileError naming the first bad field. Returns `doc` unchanged."""
+    check(
+        Profile,
+        doc,
+        source=f"{source} is not a valid hardware profile",
+        error=ProfileError,
+        hint=f"re-run `{PRODUCED_BY}`",
+    )
     return doc
 
 
@@ -266,20 +247,6 @@ def gemv_entries(doc: dict, dtype: str, side: str = "cpu") -> list[dict]:
     section = doc.get(side) or {}
     return sorted(
         (m for m in section.get("gemv", []) if m["dtype"] == dtype), key=lambda m: m["weight_bytes"]
-    )
-
-
-def mean_seconds(entry: dict) -> float:
-    """Mean seconds per call of one measurement entry."""
-    return float(entry["seconds"]["mean"])
-
-
-def pinned_h2d(doc: dict) -> list[dict]:
-    """Pinned host-to-GPU copies, smallest first ([] without a GPU)."""
-    gpu = doc.get("gpu") or {}
-    return sorted(
-        (t for t in gpu.get("transfers", []) if t["direction"] == "h2d" and t["memory"] == "pinned"),
-        key=lambda t: t["size_bytes"],
     )
 
 

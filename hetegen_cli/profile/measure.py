@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from hetegen_cli.core import devices, paths
-from hetegen_cli.core.console import note
-from hetegen_cli.core.errors import InputError
+from hetegen_cli.core.console import activity, note
+from hetegen_cli.core.errors import UsageError
+from hetegen_cli.core.paths import check_writable_folder, probe
 from hetegen_cli.profile.cpu import default_threads, host_info, measure_cpu, sweep_threads
 from hetegen_cli.profile.document import GPU_SKIPPED_NOTE, build_profile, identity, load_profile, save_profile
 from hetegen_cli.profile.gpu import measure_gpu
@@ -47,10 +48,10 @@ def run_profile(
     `sizes`: what to measure (default QUICK or FULL, see sizes_for). `gpu_backend`: measure
     the GPU part on this devices.Backend (tests: the CPU stand-in); default CUDA if present.
     """
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}", "e.g. --threads 4")
-    if repeat is not None and repeat < 1:
-        raise InputError(f"--repeat must be at least 1, got {repeat}", "e.g. --repeat 5")
+    if threads is not None and not 1 <= threads <= 4096:
+        raise UsageError(f"--threads must be in [1, 4096], got {threads}", "e.g. --threads 4")
+    if repeat is not None and not 1 <= repeat <= 1000:
+        raise UsageError(f"--repeat must be in [1, 1000], got {repeat}", "e.g. --repeat 5")
     if sizes is None:
         sizes = sizes_for(quick, repeat)
     elif repeat:
@@ -63,7 +64,7 @@ def run_profile(
     sweep = sweep_threads(threads, host["physical_cores"]) if sizes.thread_sweep else []
     steps = Steps(progress, count_steps(sizes, len(sweep), has_gpu))
     clock = HostClock(timer)
-    with torch_threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode(), activity("measuring this machine"):
         cpu = measure_cpu(sizes, threads, sweep, pool, clock, steps)
         gpu, note = None, GPU_SKIPPED_NOTE
         if has_gpu:
@@ -91,7 +92,12 @@ def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict
     bench; `progress` (a Rich Progress-like object, or None) shows the measurement."""
     if path is None:
         path = paths.default_profile_path()
-        if not path.exists():
+        if probe(path, "the saved profile") is None:
+            check_writable_folder(
+                path.parent,
+                "HETEGEN_HOME",
+                f"set {paths.HOME_ENV} to a writable folder, or pass --profile PATH",
+            )
             note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile --quick`)")
             save_profile(run_profile(quick=True, progress=progress), path)
             note(f"profile saved to {path}")

@@ -18,8 +18,7 @@ from hetegen_cli.core.errors import DeviceError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model, resolve_dtype
 from hetegen_cli.models.source import ModelRef
-from hetegen_cli.plan.document import Plan, check_plan_matches
-from hetegen_cli.plan.load import load_plan
+from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
@@ -74,18 +73,23 @@ def _plan_on_the_fly(ctx: RunContext, engine: EngineOptions) -> Plan:
     return plan
 
 
+def check_plan_device(plan: Plan, device: str, origin: str) -> None:
+    """DeviceError when a plan that needs a GPU meets a machine without one (and no --device
+    cpu asked for the stand-in): checked before anything slow."""
+    if plan.runtime.requires_gpu and device != "cpu" and not cuda_available():
+        raise DeviceError(
+            f"plan {origin} needs a GPU and this machine has no CUDA GPU",
+            "re-plan here with `hetegen plan` (a CPU-only profile gives an all-CPU "
+            "plan), or pass --device cpu to run it on the CPU stand-in (slow)",
+        )
+
+
 def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
     """The engine's ModelBuilder, or None for the plain model. Validates the plan first."""
     device = ctx.options.device
-    if engine.plan_path is not None:
-        plan = load_plan(engine.plan_path)
-        check_plan_matches(plan, ctx.ref.spec)
-        if plan.runtime.requires_gpu and device != "cpu" and not cuda_available():
-            raise DeviceError(
-                f"plan {engine.plan_path} needs a GPU and this machine has no CUDA GPU",
-                "re-plan here with `hetegen plan` (a CPU-only profile gives an all-CPU "
-                "plan), or pass --device cpu to run it on the CPU stand-in (slow)",
-            )
+    if ctx.plan is not None:
+        plan = ctx.plan
+        check_plan_device(plan, device, str(engine.plan_path))
         if plan.runtime.requires_gpu and device == "cpu":
             warn(
                 "running a GPU plan on the CPU stand-in backend: the GPU share is computed on the "

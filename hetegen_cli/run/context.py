@@ -11,6 +11,7 @@ from typing import Any
 from hetegen_cli.core.devices import Backend
 from hetegen_cli.models.loader import LoadedModel
 from hetegen_cli.models.source import ModelRef
+from hetegen_cli.plan.document import Plan
 from hetegen_cli.run.generate import SamplingOptions
 
 
@@ -45,6 +46,7 @@ class RunContext:
     backend: Backend
     dtype: str  # resolved, never "auto"
     fits_on_gpu: bool = False  # the whole model fits in free GPU memory (plan.memory)
+    plan: Plan | None = None  # the --plan file, loaded and checked against the model
 
 
 ModelBuilder = Callable[[RunContext], LoadedModel]

@@ -10,15 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hetegen_cli.core.console import activity, warn
 from hetegen_cli.core.devices import out_of_memory_as_error
-from hetegen_cli.core.errors import InputError
+from hetegen_cli.core.errors import UsageError
 from hetegen_cli.models.loader import LoadedModel, load_tokenizer
 from hetegen_cli.models.source import resolve_model
-from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device
+from hetegen_cli.plan.document import check_plan_matches
+from hetegen_cli.plan.load import load_plan
+from hetegen_cli.run.builders import build_plain_model, check_plan_device, choose_builder, pick_device
 from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
 
 RUN_KIND = "hetegen.run"
+MAX_TOKENS = 2**24  # beyond any model's context
 RUN_SCHEMA_VERSION = 1
 
 
@@ -71,19 +75,31 @@ def sampling_document(s: SamplingOptions) -> dict[str, Any]:
     }
 
 
-def prepare_run(options: RunOptions) -> RunContext:
-    """Every check that needs no weights: options, model path/shapes, prompt tokens, context."""
+def prepare_run(options: RunOptions, engine: EngineOptions | None = None) -> RunContext:
+    """Every check that needs no weights, cheapest first: the options, the plan file, the
+    model's path and headers, the plan against the model, the prompt's tokens and context."""
+    engine = engine or EngineOptions()
     if not options.prompt or not options.prompt.strip():
-        raise InputError("the prompt is empty", 'pass some text, e.g. --prompt "The capital of France is"')
-    if options.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens {options.max_new_tokens} is below 1", "ask for at least 1 token")
+        raise UsageError("the prompt is empty", 'pass some text, e.g. --prompt "The capital of France is"')
+    if not 1 <= options.max_new_tokens <= MAX_TOKENS:
+        raise UsageError(
+            f"--max-new-tokens {options.max_new_tokens} is outside [1, {MAX_TOKENS}]",
+            "ask for at least 1 token",
+        )
     options.sampling.validate()
+    plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
+    if plan is not None:
+        check_plan_device(plan, options.device, str(engine.plan_path))
     ref = resolve_model(options.model, need_weights=True)
+    for message in ref.warnings:
+        warn(message)
+    if plan is not None:
+        check_plan_matches(plan, ref.spec)
     tokenizer = load_tokenizer(ref.path)
     prompt_ids = prepare_prompt(tokenizer, options.prompt, chat=options.chat)
     ref.spec.check_context(len(prompt_ids), options.max_new_tokens)
     backend, dtype, fits = pick_device(options, ref, len(prompt_ids))
-    return RunContext(options, ref, tokenizer, prompt_ids, backend, dtype, fits)
+    return RunContext(options, ref, tokenizer, prompt_ids, backend, dtype, fits, plan)
 
 
 def execute_run(
@@ -97,11 +113,12 @@ def execute_run(
     `build` defaults to run.builders.choose_builder's choice for `engine`: the heterogeneous
     engine when a plan applies, else the plain stock model.
     """
-    ctx = prepare_run(options)
+    engine = engine or EngineOptions()
+    ctx = prepare_run(options, engine)
     if build is None:
-        build = choose_builder(ctx, engine or EngineOptions()) or build_plain_model
+        build = choose_builder(ctx, engine) or build_plain_model
     with build(ctx) as built:
-        with out_of_memory_as_error("generating"):
+        with out_of_memory_as_error("generating"), activity("generating"):
             result = generate(
                 built.model,
                 ctx.tokenizer,

@@ -9,12 +9,13 @@ token. Shapes: B = 1 (batch), T = prompt tokens, V = vocabulary.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hetegen_cli.core.errors import InputError
+from hetegen_cli.core.errors import InputError, ModelError, UsageError
 from hetegen_cli.models.spec import check_context
 
 TextCallback = Callable[[str], None]
@@ -34,15 +35,18 @@ class SamplingOptions:
         return self.temperature <= 0.0
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise InputError(
-                f"temperature {self.temperature} is negative",
+        """UsageError for values outside their ranges (docs/validation.md)."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(
+                f"--temperature {self.temperature} is not a finite number of 0 or more",
                 "use 0 for greedy decoding or a positive value such as 0.7",
             )
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top-p {self.top_p} is outside (0, 1]", "use e.g. --top-p 0.9")
-        if self.top_k < 0:
-            raise InputError(f"top-k {self.top_k} is negative", "use 0 (off) or e.g. --top-k 50")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise UsageError(f"--top-p {self.top_p} is outside (0, 1]", "use e.g. --top-p 0.9")
+        if not 0 <= self.top_k <= 2**31:
+            raise UsageError(f"--top-k {self.top_k} is outside [0, 2^31]", "use 0 (off) or e.g. --top-k 50")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UsageError(f"--seed {self.seed} is outside [0, 2^64)", "use e.g. --seed 42")
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,15 @@ class GenerationResult:
 def prepare_prompt(tokenizer: Any, prompt: str, *, chat: bool = False) -> list[int]:
     """Token ids of `prompt`: plain text, or a one-turn chat with the generation prompt."""
     if prompt is None or not prompt.strip():
-        raise InputError("the prompt is empty", 'pass some text, e.g. --prompt "The capital of France is"')
+        raise UsageError("the prompt is empty", 'pass some text, e.g. --prompt "The capital of France is"')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = prompt.encode("utf-8", "surrogateescape")
+        raise UsageError(
+            f"the prompt is not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r} at position {exc.start})",
+            "pass the prompt as UTF-8 text",
+        ) from None
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(
@@ -200,17 +212,32 @@ def new_cache(model: Any) -> Any:
         return DynamicCache()
 
 
+def _non_finite() -> ModelError:
+    return ModelError(
+        "the model produced logits that are NaN or infinite",
+        "the weights may be damaged or overflow in this dtype; try --dtype float32",
+    )
+
+
 def select_token(logits: Any, sampling: SamplingOptions, generator: Any = None) -> int:
     """Next token from last-position logits [V]: argmax, or temperature/top-k/top-p sampling.
 
-    Sampling runs on the CPU in float32 with `generator`, so a seed gives the same tokens on
-    any device for the same logits.
+    Sampling runs on the CPU in float64 with `generator`, so a seed gives the same tokens on
+    any device for the same logits. ModelError when the logits are not finite.
     """
     import torch
 
     if sampling.greedy:
-        return int(torch.argmax(logits).item())
-    scores = logits.detach().float().cpu() / sampling.temperature  # [V]
+        token = int(torch.argmax(logits).item())
+        if not math.isfinite(float(logits[token])):  # argmax picks a NaN where there is one
+            raise _non_finite()
+        return token
+    scores = logits.detach().double().cpu()  # [V]
+    top = scores.max()
+    if not torch.isfinite(top):
+        raise _non_finite()
+    # shift before dividing: every score <= 0, so a tiny temperature gives -inf, never NaN
+    scores = (scores - top) / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < scores.numel():
         kth = torch.topk(scores, sampling.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -113,21 +113,23 @@ def test_cpu_only_profile_gives_all_cpu_plan(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, text",
+    "args, text, code",
     [
-        (["--gpu-memory", "1GiB"], "below the"),
-        (["--gpu-memory", "six"], "cannot read"),
-        (["--prompt-len", "0"], "--prompt-len"),
-        (["--max-new-tokens", "0"], "--max-new-tokens"),
-        (["--batch-size", "0"], "--batch-size"),
-        (["--prompt-len", "2040", "--max-new-tokens", "64"], "context"),
-        (["--cpu-memory", "1GiB"], "host memory"),
-        (["--cpu-dtype", "int8"], "--cpu-dtype"),
+        (["--gpu-memory", "1GiB"], "below the", 1),
+        (["--gpu-memory", "six"], "cannot read", 2),
+        (["--prompt-len", "0"], "--prompt-len", 2),
+        (["--max-new-tokens", "0"], "--max-new-tokens", 2),
+        (["--batch-size", "0"], "--batch-size", 2),
+        (["--prompt-len", "2040", "--max-new-tokens", "64"], "context", 1),
+        (["--cpu-memory", "1GiB"], "host memory", 1),
+        (["--cpu-dtype", "int8"], "--cpu-dtype", 2),
     ],
 )
-def test_bad_input_is_a_one_line_error(profile_path, args, text):
+def test_bad_input_is_a_one_line_error(profile_path, args, text, code):
+    """Usage errors (an option's own format or range) exit 2; what depends on the model, the
+    profile or the budget exits 1."""
     result = plan("--model", "opt-30b", "--profile", str(profile_path), "--json", *args)
-    assert result.exit_code == 1
+    assert result.exit_code == code
     assert result.stdout == ""
     assert "Error:" in result.stderr and text in result.stderr and "Hint:" in result.stderr
 

@@ -168,8 +168,7 @@ def test_plan_and_gpu_memory_conflict(tiny_llama_dir, tmp_path):
     result = _run(
         "--model", str(tiny_llama_dir), "--prompt", PROMPT, "--plan", str(path), "--gpu-memory", "1GiB"
     )
-    assert result.exit_code == 1
-    assert "cannot be combined" in result.stderr
+    assert_error(result, "cannot be combined", exit_code=2)
 
 
 def test_corrupt_plan_file(tiny_llama_dir, tmp_path):
@@ -259,7 +258,7 @@ def test_streams_text_to_stdout_and_timings_to_stderr(tiny_llama_dir):
 @pytest.mark.parametrize("prompt", ["", "   \n"])
 def test_empty_prompt(tiny_llama_dir, prompt):
     result = runner.invoke(app, ["run", "--model", str(tiny_llama_dir), "--prompt", prompt])
-    assert_error(result, "prompt is empty")
+    assert_error(result, "prompt is empty", exit_code=2)
 
 
 def test_max_new_tokens_beyond_context(tiny_llama_dir):
@@ -296,7 +295,7 @@ def test_invalid_top_p(tiny_llama_dir):
     result = runner.invoke(
         app, ["run", "--model", str(tiny_llama_dir), "--prompt", PROMPT, "--temperature", "1", "--top-p", "0"]
     )
-    assert_error(result, "top-p")
+    assert_error(result, "top-p", exit_code=2)
 
 
 def test_cuda_requested_without_gpu(tiny_llama_dir):

@@ -47,12 +47,13 @@ def test_tensor_shapes_follow_transformers_and_skip_tied_head():
 def test_build_synthetic_model_is_loadable_and_cached(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hetegen_cli.models.spec import spec_from_folder
+    from hetegen_cli.models.folder import spec_from_folder
     from hetegen_cli.models.synthetic import build_synthetic_model
 
     folder = build_synthetic_model("opt-125m", "float16", tmp_path)
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"
-    assert spec_from_folder(folder).dtype == "float16"
+    spec, warnings = spec_from_folder(folder)
+    assert spec.dtype == "float16" and warnings == ()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert build_synthetic_model("opt-125m", "float16", tmp_path) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten

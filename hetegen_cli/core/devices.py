@@ -3,7 +3,9 @@
 `Backend` hides whether a GPU is present. `CudaBackend` uses real CUDA streams, events and
 page-locked host memory. `CpuBackend` is the stand-in used without a GPU: the "device" is the
 CPU, streams are None, events are already complete and pinning is a no-op, so the same engine
-code (split, join, ordering, prefetch) runs and is tested everywhere.
+code (split, join, ordering, prefetch) runs and is tested everywhere; core.strict's
+StrictBackend keeps CUDA's hazards instead. Every asynchronous copy the engine makes goes
+through `to_device_async` / `to_host_async`, so a backend decides when it really happens.
 """
 
 from __future__ import annotations
@@ -85,12 +87,28 @@ class Backend:
     def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
         """Tell the caching allocator `tensor` is used on `stream`."""
 
-    def empty_pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A page-locked host tensor (plain host tensor on the stand-in)."""
+    def to_device_async(self, dst: torch.Tensor, src: torch.Tensor, stream: Any = None) -> None:
+        """Copy host `src` into device `dst` on `stream` (default: the current stream), without
+        waiting; a consumer on another stream must wait for an event recorded after it."""
         raise NotImplementedError
 
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+    def to_host_async(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy device `src` into (pinned) host `dst` on the current stream, without waiting; a
+        host thread must synchronize an event recorded after it before reading `dst`."""
         raise NotImplementedError
+
+    def empty_pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A small page-locked host tensor from torch's caching host allocator, which rounds the
+        bytes up to a power of two (`pinned_cost`). Plain host memory on the stand-in."""
+        raise NotImplementedError
+
+    def pinned_arena(self, nbytes: int) -> torch.Tensor:
+        """One page-locked host block of exactly `nbytes` (uint8, [nbytes]), for the host-held
+        weights: no power-of-two rounding. Release it with `release_arena`."""
+        raise NotImplementedError
+
+    def release_arena(self, arena: torch.Tensor) -> None:
+        """Unpin an arena from `pinned_arena` (the caller then drops its references)."""
 
     def memory_info(self) -> tuple[int, int]:
         """(free bytes, total bytes) of device memory."""
@@ -146,11 +164,20 @@ class CpuBackend(Backend):
     def wait_event(self, event: Any, stream: Any = None) -> None:
         pass
 
+    def to_device_async(self, dst: torch.Tensor, src: torch.Tensor, stream: Any = None) -> None:
+        dst.copy_(src)
+
+    def to_host_async(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
     def empty_pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    def pinned_arena(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release_arena(self, arena: torch.Tensor) -> None:
+        pass
 
     def memory_info(self) -> tuple[int, int]:
         vm = psutil.virtual_memory()
@@ -199,11 +226,32 @@ class CudaBackend(Backend):
         if stream is not None and tensor.is_cuda:
             tensor.record_stream(stream)
 
+    def to_device_async(self, dst: torch.Tensor, src: torch.Tensor, stream: Any = None) -> None:
+        with self.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def to_host_async(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
     def empty_pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.is_pinned() else tensor.pin_memory()
+    def pinned_arena(self, nbytes: int) -> torch.Tensor:
+        """Pageable memory of exactly `nbytes`, then page-locked in place with
+        cudaHostRegister (torch's own pinned allocator would round it up to a power of two)."""
+        arena = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
+        if int(err) != 0:
+            raise DeviceError(
+                f"cannot page-lock {nbytes / 2**30:.2f} GiB of host memory for the weights "
+                f"(cudaHostRegister error {int(err)})",
+                "free RAM, raise the locked-memory limit (ulimit -l), or keep more of the model on the GPU",
+            )
+        return arena[:nbytes]
+
+    def release_arena(self, arena: torch.Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
 
     def memory_info(self) -> tuple[int, int]:
         free, total = torch.cuda.mem_get_info(self.device)
@@ -226,6 +274,12 @@ class CudaBackend(Backend):
             "compute_capability": f"{props.major}.{props.minor}",
             "multiprocessor_count": int(props.multi_processor_count),
         }
+
+
+def pinned_cost(nbytes: int) -> int:
+    """Bytes torch's caching host allocator holds for a pinned request of `nbytes`: the next
+    power of two (what `empty_pinned` really costs)."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
 
 
 def get_backend(kind: str = "auto") -> Backend:

@@ -35,7 +35,7 @@ from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtyp
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.checkpoint import CheckpointReader
-from hetegen_cli.engine.host_weight import HostWeight
+from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.models.loader import LoadedModel, quiet_transformers
 from hetegen_cli.models.source import ModelRef
@@ -76,6 +76,17 @@ def load_hetero_model(
 
     start = time.perf_counter()
     context = EngineContext(backend, runtime)
+    try:
+        need = sum(
+            HostWeight.arena_need(
+                p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), wdt, cdt
+            )
+            for p in split
+        )
+        context.arena = HostArena(need, backend, runtime.pin_weights)
+    except BaseException:
+        context.close()
+        raise
     try:
         with (
             CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
@@ -235,13 +246,7 @@ def _install_split(
     if key is None:
         raise ModelError(f"the checkpoint lacks {p.name}.weight", "re-download or convert the model")
     host = HostWeight.allocate(
-        p.out_features,
-        p.in_features,
-        (p.cpu_rows_prefill, p.cpu_rows_decode),
-        wdt,
-        cdt,
-        context.backend,
-        context.runtime.pin_weights,
+        p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), wdt, cdt, context.arena
     )
     reader.copy_rows(key, host.gpu_home, start=host.row0)
     if host.separate_cpu_copy:
@@ -357,16 +362,19 @@ def _load_generation_config(model: nn.Module, folder: Path) -> None:
 
 
 def _memory_report(model: nn.Module, context: EngineContext) -> dict[str, int]:
-    """Bytes by home. On the CPU stand-in, "device" bytes are host RAM as well."""
+    """Bytes by home, as held (the arena with its alignment). On the CPU stand-in, "device"
+    bytes are host RAM as well. Pinned scratch grows while running: EngineStats counts it."""
     hosts = [lin.host for lin in context.linears]
     device_bytes = sum(
         t.numel() * t.element_size() for t in {id(t): t for _, t in _named_tensors(model)}.values()
     )
+    arena = context.arena.nbytes if context.arena is not None else 0
+    copies = sum(h.cpu_copy_bytes for h in hosts)
     return {
         "split_linears": len(hosts),
-        "host_weight_bytes": sum(h.gpu_home_bytes + h.cpu_copy_bytes for h in hosts),
-        "pinned_bytes": sum(h.gpu_home_bytes for h in hosts if h.pinned),
-        "cpu_copy_bytes": sum(h.cpu_copy_bytes for h in hosts),
+        "host_weight_bytes": arena + copies,
+        "pinned_bytes": arena if context.arena is not None and context.arena.pinned else 0,
+        "cpu_copy_bytes": copies,
         "device_weight_bytes": device_bytes,
         "staging_bytes": context.scheduler.staging_bytes if context.scheduler else 0,
     }

@@ -36,7 +36,8 @@ class PrefetchScheduler:
     compute stream after the matmul that last read it); compute waits on the copy's "ready"
     event. A staged copy of rows [k', out) serves any k >= k' (a view). An unexpected linear or
     a phase whose k needs rows that were not staged discards the in-flight copies and re-issues:
-    correctness first. Buffers and pinned sources are persistent, so record_stream is not needed.
+    correctness first. Staging buffers are recorded on the copy stream (record_stream), so the
+    caching allocator never hands their memory out while a copy into them is pending.
     """
 
     def __init__(
@@ -47,10 +48,13 @@ class PrefetchScheduler:
         # elements of the largest GPU share any phase streams: max (out - k_min) * in
         elems = max((lin.placement.max_gpu_stream_rows * lin.in_features for lin in linears), default=0)
         count = max(1, int(runtime.staging_buffers))
-        self.buffers = [torch.empty(elems, dtype=dtype, device=backend.device) for _ in range(count)]
+        with torch.inference_mode(False):  # normal tensors, written in and out of inference mode
+            self.buffers = [torch.empty(elems, dtype=dtype, device=backend.device) for _ in range(count)]
         self.free_events: list = [None] * count
         self.depth = max(0, min(int(runtime.prefetch_depth), count - 1))
         self.copy_stream = backend.new_stream()
+        for buffer in self.buffers:  # written on the copy stream: the allocator must know
+            backend.record_stream(buffer, self.copy_stream)
         self.order: list | None = None  # learned execution order (HeteroLinear objects)
         self.recording: list | None = None  # order being recorded during the first pass
         self.inflight: deque[_Slot] = deque()
@@ -130,11 +134,10 @@ class PrefetchScheduler:
         self._next_buf = (buf + 1) % len(self.buffers)
         view = self.buffers[buf][: rows * linear.in_features].view(rows, linear.in_features)
         src = linear.host.gpu_rows(k)
-        with self.backend.stream(self.copy_stream):
-            if self.free_events[buf] is not None:
-                self.backend.wait_event(self.free_events[buf], self.copy_stream)
-            view.copy_(src, non_blocking=True)
-            ready = self.backend.record_event(self.copy_stream)
+        if self.free_events[buf] is not None:  # the kernel that last read this buffer
+            self.backend.wait_event(self.free_events[buf], self.copy_stream)
+        self.backend.to_device_async(view, src, self.copy_stream)
+        ready = self.backend.record_event(self.copy_stream)
         self.stats.copies_issued += 1
         self.stats.bytes_streamed += src.numel() * src.element_size()
         return _Slot(seq, linear, k, buf, view, ready)

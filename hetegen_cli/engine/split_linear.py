@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetegen_cli.core.devices import Backend, torch_dtype
-from hetegen_cli.engine.host_weight import HostWeight
+from hetegen_cli.core.devices import Backend, pinned_cost, torch_dtype
+from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.prefetch import PrefetchScheduler
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 
@@ -51,6 +51,7 @@ class EngineStats:
     order_resyncs: int = 0  # a linear ran that was not the expected next one
     cpu_compute_s: float = 0.0  # worker time inside CPU matmuls
     cpu_wait_s: float = 0.0  # main-thread time blocked joining the CPU share
+    pinned_scratch_bytes: int = 0  # pinned x / output slots held now (a level, kept by reset)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +59,8 @@ class EngineStats:
     def reset(self) -> None:
         """Zero every counter."""
         for name, value in asdict(EngineStats()).items():
-            setattr(self, name, value)
+            if name != "pinned_scratch_bytes":
+                setattr(self, name, value)
 
 
 class _HostScratch:
@@ -68,8 +70,9 @@ class _HostScratch:
     after the H2D copy that last read it. Buffers grow (powers of two) and are never shrunk.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, stats: EngineStats) -> None:
         self.backend = backend
+        self.stats = stats
         self._x: torch.Tensor | None = None
         self._y: list[torch.Tensor | None] = [None, None]
         self._y_read: list[Any] = [None, None]
@@ -77,11 +80,20 @@ class _HostScratch:
 
     def _fit(self, buf: torch.Tensor | None, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self.backend.empty_pinned((1 << max(12, (numel - 1).bit_length()),), dtype)
+            # grown inside forwards that may run under inference mode: allocate a normal
+            # tensor, which the worker thread (never in inference mode) may write in place
+            with torch.inference_mode(False):
+                buf = self.backend.empty_pinned((1 << max(12, (numel - 1).bit_length()),), dtype)
         return buf
+
+    def pinned_bytes(self) -> int:
+        """What the scratch holds in torch's caching host allocator (powers of two)."""
+        bufs = [self._x, *self._y]
+        return sum(pinned_cost(b.numel() * b.element_size()) for b in bufs if b is not None)
 
     def x_view(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         self._x = self._fit(self._x, shape[0] * shape[1], dtype)
+        self.stats.pinned_scratch_bytes = self.pinned_bytes()
         return self._x[: shape[0] * shape[1]].view(shape)
 
     def y_slot(self, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, torch.Tensor, Any]:
@@ -89,6 +101,7 @@ class _HostScratch:
         i = self._next
         self._next ^= 1
         self._y[i] = self._fit(self._y[i], shape[0] * shape[1], dtype)
+        self.stats.pinned_scratch_bytes = self.pinned_bytes()
         return i, self._y[i][: shape[0] * shape[1]].view(shape), self._y_read[i]
 
     def mark_read(self, slot: int) -> None:
@@ -115,7 +128,8 @@ class EngineContext:
         self._worker = ThreadPoolExecutor(
             1, thread_name_prefix="hetegen-cpu", initializer=torch.set_num_threads, initargs=(threads,)
         )
-        self._scratch = _HostScratch(backend) if backend.is_cuda else None
+        self._scratch = _HostScratch(backend, self.stats) if backend.is_cuda else None
+        self.arena: HostArena | None = None  # the host-held weights, set by the loader
         self.closed = False
 
     def register(self, linear: HeteroLinear) -> None:
@@ -152,7 +166,7 @@ class EngineContext:
         if self._scratch is None:  # CPU stand-in: x already lives on the host
             return submit(self._cpu_matmul, x2, None, w_cpu, None, None), None
         x_h = self._scratch.x_view((n, x2.shape[1]), x2.dtype)
-        x_h.copy_(x2, non_blocking=True)
+        self.backend.to_host_async(x_h, x2)
         x_ready = self.backend.record_event()
         slot, y_h, y_free = self._scratch.y_slot((n, k), x2.dtype)
         return submit(self._cpu_matmul, x_h, x_ready, w_cpu, y_h, y_free), slot
@@ -170,7 +184,8 @@ class EngineContext:
         if x_ready is not None:
             x_ready.synchronize()  # the D2H copy of x has landed
         start = time.perf_counter()
-        with torch.no_grad():
+        # the worker thread does not inherit the caller's inference mode: set it here
+        with torch.inference_mode():
             xc = x_h if x_h.dtype == w.dtype else x_h.to(w.dtype)
             if y_h is None:
                 result = F.linear(xc, w).to(x_h.dtype)
@@ -193,17 +208,25 @@ class EngineContext:
         self.stats.cpu_wait_s += time.perf_counter() - start
         if self._scratch is None:
             return result
-        on_device = result.to(self.backend.device, non_blocking=True)
+        on_device = torch.empty(result.shape, dtype=result.dtype, device=self.backend.device)
+        self.backend.to_device_async(on_device, result)
         self._scratch.mark_read(slot)
         return on_device
 
     def close(self) -> None:
-        """Stop the worker, wait for in-flight copies, restore the intra-op thread count."""
+        """Stop the worker, wait for in-flight copies, release the pinned memory (arena,
+        scratch) and the staging buffers, restore the intra-op thread count."""
         if self.closed:
             return
         self.closed = True
         self._worker.shutdown(wait=True)
         self.backend.synchronize()
+        if self.arena is not None:
+            self.arena.release()
+        for linear in self.linears:
+            linear.host = None  # its views into the arena must not outlive it
+        self._scratch = None
+        self.scheduler = None
         torch.set_num_threads(self._threads_before)
 
 
@@ -259,6 +282,8 @@ class HeteroLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (device) -> y [..., out] (device, x's dtype)."""
         ctx = self.ctx
+        if ctx.closed:
+            raise RuntimeError("this model's engine is closed; load the model again")
         if ctx.scheduler is None:
             ctx.finalize()
         ctx.stats.split_calls += 1

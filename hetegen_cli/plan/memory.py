@@ -15,6 +15,13 @@ from hetegen_cli.plan.request import PlanRequest
 
 #: Without --gpu-memory the budget is the profiled free memory less this share of the total.
 FREE_MEMORY_MARGIN = 0.05
+#: every weight in the host arena starts at a multiple of this many bytes (engine.host_weight)
+ARENA_ALIGN = 64
+
+
+def arena_bytes(nbytes: int) -> int:
+    """Bytes one buffer of `nbytes` takes in the host arena: rounded up to ARENA_ALIGN."""
+    return -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
 
 
 def default_gpu_budget(gpu_free_bytes: int | None, gpu_total_bytes: int | None) -> int:
@@ -63,7 +70,9 @@ def held_rows(out_features: int, cpu_rows: tuple[int, int], separate_cpu_copy: b
 def host_memory(
     placements: Iterable[LinearPlacement], weights_dtype: str, cpu_dtype: str, other_bytes: int = 0
 ) -> dict[str, int]:
-    """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`."""
+    """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`: exactly what
+    the engine allocates. `weights_bytes` is the arena (pinned on a GPU machine), aligned per
+    weight; `cpu_copy_bytes` the separate CPU-dtype copies (pageable)."""
     separate = cpu_dtype != weights_dtype
     wbytes, cbytes = itemsize(weights_dtype), itemsize(cpu_dtype)
     weights = copy = 0
@@ -71,7 +80,7 @@ def host_memory(
         if p.resident:
             continue
         row0, copy_rows = held_rows(p.out_features, (p.cpu_rows_prefill, p.cpu_rows_decode), separate)
-        weights += (p.out_features - row0) * p.in_features * wbytes
+        weights += arena_bytes((p.out_features - row0) * p.in_features * wbytes)
         copy += copy_rows * p.in_features * cbytes
     return {
         "weights_bytes": weights,

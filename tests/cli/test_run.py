@@ -340,3 +340,52 @@ def test_runs_on_gpu_and_matches_cpu(tiny_llama_dir):
     gpu = _run_json(*args, "--device", "cuda", "--dtype", "float32")
     cpu = _run_json(*args, "--device", "cpu")
     assert gpu["device"].startswith("cuda") and gpu["token_ids"] == cpu["token_ids"]
+
+
+def _pretend_cuda(monkeypatch, free_bytes: int):
+    """CUDA present (the strict stand-in answers for it) with `free_bytes` of GPU memory."""
+    from hetegen_cli.core.strict import StrictBackend
+
+    class SmallGpu(StrictBackend):
+        def memory_info(self):
+            return free_bytes, free_bytes
+
+    backend = SmallGpu()
+    monkeypatch.setattr(builders, "cuda_available", lambda: True)
+    monkeypatch.setattr(builders, "get_backend", lambda kind="auto": backend)
+    return backend
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_a_model_too_big_for_the_gpu_goes_through_the_engine(device, tiny_llama_dir, tmp_path, monkeypatch):
+    """Without a plan, a model that does not fit free GPU memory is planned on the fly and run
+    by the engine, with --device cuda as with auto (it used to load whole onto the GPU), and
+    generation is timed with the engine's device clock, not the CPU's."""
+    from hetegen_cli.profile.document import save_profile
+    from tests.fakes import make_profile
+
+    expected = _reference_tokens(tiny_llama_dir)
+    backend = _pretend_cuda(monkeypatch, free_bytes=2**20)  # 1 MiB: nothing fits
+    syncs = []
+    real_sync = backend.synchronize
+    monkeypatch.setattr(backend, "synchronize", lambda: (syncs.append(1), real_sync())[1])
+    profile = tmp_path / "gpu-profile.json"
+    save_profile(make_profile(gpu=True), profile)
+    result = _run(
+        "--model",
+        str(tiny_llama_dir),
+        "--prompt",
+        PROMPT,
+        "-n",
+        "6",
+        "--json",
+        "--device",
+        device,
+        "--profile",
+        str(profile),
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "hetegen" and doc["plan"]["origin"] == "planned on the fly"
+    assert doc["token_ids"] == expected
+    assert len(syncs) >= 2 * 6  # a synchronised clock read around prefill and every decode step

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,7 +18,8 @@ from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.engine.split_linear import HeteroLinear
 from hetegen_cli.models.loader import LoadedModel
 from hetegen_cli.models.source import resolve_model
-from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings, round_rows
+from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
+from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements, random_rows
 
 FP32 = RuntimeSettings(
     weights_dtype="float32",
@@ -29,62 +29,6 @@ FP32 = RuntimeSettings(
     prefetch_depth=1,
     requires_gpu=False,
 )
-PROMPT = [[5, 17, 42, 99, 7, 250]]
-NEW_TOKENS = 8
-
-
-def placements(spec, choose) -> list[LinearPlacement]:
-    """One placement per block linear.
-
-    choose(linear, index) -> (resident, cpu_rows_prefill, cpu_rows_decode)."""
-    out = []
-    for i, lin in enumerate(spec.linears):
-        resident, pre, dec = choose(lin, i)
-        out.append(
-            LinearPlacement(
-                lin.name, lin.layer_index, lin.role, lin.out_features, lin.in_features, resident, pre, dec
-            )
-        )
-    return out
-
-
-def _random_rows(seed: int):
-    rng = random.Random(seed)
-
-    def choose(lin, i):
-        return False, round_rows(rng.random(), lin.out_features), round_rows(rng.random(), lin.out_features)
-
-    return choose
-
-
-PLANS = {
-    "all_cpu": lambda lin, i: (False, lin.out_features, lin.out_features),
-    "all_streamed": lambda lin, i: (False, 0, 0),
-    "random": _random_rows(7),
-    # every third linear resident; the others split, prefill CPU share ~0, decode ~0.6
-    "mixed": lambda lin, i: (
-        (True, 0, 0)
-        if i % 3 == 0
-        else (False, round_rows(0.1 * (i % 2), lin.out_features), round_rows(0.6, lin.out_features))
-    ),
-}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_opt_dir, tiny_llama_dir):
-    """name -> (ModelRef, reference greedy tokens, reference prompt logits) in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    result = {}
-    for name, folder in (("opt", tiny_opt_dir), ("llama", tiny_llama_dir)):
-        ref = resolve_model(str(folder), need_weights=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        ids = torch.tensor(PROMPT)
-        with torch.no_grad():
-            tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            logits = model(ids).logits
-        result[name] = (ref, tokens, logits)
-    return result
 
 
 def _load(ref, plan, runtime=FP32) -> LoadedModel:
@@ -247,6 +191,7 @@ from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.engine.hetero_model import _meta_model, load_hetero_model
 from hetegen_cli.models.source import resolve_model
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings, round_rows
+from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements, random_rows
 ref = resolve_model(sys.argv[1], need_weights=True)
 plan = [LinearPlacement(l.name, l.layer_index, l.role, l.out_features, l.in_features, False,
                         0, round_rows(0.5, l.out_features)) for l in ref.spec.linears]
@@ -342,7 +287,7 @@ def test_default_model_random_split():
         want = reference.generate(ids, max_new_tokens=8, do_sample=False)
     del reference
     runtime = replace(FP32, cpu_threads=2)
-    with _load(ref, placements(ref.spec, _random_rows(3)), runtime) as hm, torch.no_grad():
+    with _load(ref, placements(ref.spec, random_rows(3)), runtime) as hm, torch.no_grad():
         got = hm.model.generate(ids, max_new_tokens=8, do_sample=False)
     assert got.tolist() == want.tolist()
 
@@ -388,3 +333,33 @@ def test_cuda_weights_pinned_and_copies_on_side_stream(models):
             out = hm.model(torch.tensor(PROMPT, device=backend.device))
         assert out.logits.device.type == "cuda" and torch.isfinite(out.logits).all()
         assert hm.stats()["bytes_streamed"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_name", ["opt", "llama"])
+def test_cuda_generate_under_inference_mode_then_release(models, model_name):
+    """As `hetegen run` drives it (run.generate, inference mode, the worker thread writing
+    pinned output slots): greedy tokens equal the reference; close() unpins the arena."""
+    from hetegen_cli.run.generate import generate
+
+    ref, want, _ = models[model_name]
+    backend = get_backend("cuda")
+    runtime = replace(FP32, requires_gpu=True, pin_weights=True)
+
+    class Ids:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    with load_hetero_model(ref, placements(ref.spec, PLANS["mixed"]), runtime, backend, progress=False) as hm:
+        got = generate(
+            hm.model,
+            Ids(),
+            PROMPT[0],
+            max_new_tokens=NEW_TOKENS,
+            eos_ids=set(),
+            sync=hm.sync,
+            device=hm.device,
+        ).token_ids
+        assert hm.stats()["pinned_bytes"] > 0
+    assert got == want[0, len(PROMPT[0]) :].tolist()
+    assert engine_context(hm.model).arena.block is None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hetegen_cli.core.devices import CpuBackend
-from hetegen_cli.engine.host_weight import HostWeight
+from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.plan.document import LinearPlacement, round_rows
 from hetegen_cli.plan.memory import host_memory
 
@@ -22,7 +22,13 @@ def test_allocations_equal_the_memory_model(cpu_dtype):
         out, inp = rng.choice([(64, 32), (200, 48), (136, 64)])
         rows = (round_rows(rng.random(), out), round_rows(rng.random(), out))
         placements.append(LinearPlacement(f"l{i}", 0, "q", out, inp, False, *rows))
-    backend = CpuBackend()
+    need = sum(
+        HostWeight.arena_need(
+            p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), torch.float16, cpu_dtype
+        )
+        for p in placements
+    )
+    arena = HostArena(need, CpuBackend(), pin=True)
     hosts = [
         HostWeight.allocate(
             p.out_features,
@@ -30,13 +36,12 @@ def test_allocations_equal_the_memory_model(cpu_dtype):
             (p.cpu_rows_prefill, p.cpu_rows_decode),
             torch.float16,
             cpu_dtype,
-            backend,
-            pin=True,
+            arena,
         )
         for p in placements
     ]
     want = host_memory(placements, "float16", str(cpu_dtype).removeprefix("torch."))
-    assert sum(h.gpu_home_bytes for h in hosts) == want["weights_bytes"]
+    assert arena.nbytes == arena.offset == want["weights_bytes"]  # aligned, exactly planned
     assert sum(h.cpu_copy_bytes for h in hosts) == want["cpu_copy_bytes"]
 
 

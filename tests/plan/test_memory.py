@@ -6,6 +6,8 @@ from hetegen_cli.models.presets import preset_config
 from hetegen_cli.models.spec import spec_from_config
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.memory import (
+    ARENA_ALIGN,
+    arena_bytes,
     default_gpu_budget,
     held_rows,
     host_memory,
@@ -31,15 +33,20 @@ def test_host_memory_sums_held_rows_and_skips_resident_linears():
         LinearPlacement("c", 0, "v", 40, 10, False, 40, 40),
     ]
     same = host_memory(p, "float16", "float16", other_bytes=7)
+    weights = arena_bytes(100 * 10 * 2) + arena_bytes(40 * 10 * 2)  # each aligned in the arena
     assert same == {
-        "weights_bytes": (100 + 40) * 10 * 2,
+        "weights_bytes": weights,
         "cpu_copy_bytes": 0,
         "other_bytes": 7,
-        "total_bytes": 140 * 10 * 2 + 7,
+        "total_bytes": weights + 7,
     }
     mixed = host_memory(p, "float16", "float32")
-    assert mixed["weights_bytes"] == (80 + 0) * 10 * 2
+    assert mixed["weights_bytes"] == arena_bytes(80 * 10 * 2)  # rows [20, 100); c: none streamed
     assert mixed["cpu_copy_bytes"] == (60 + 40) * 10 * 4
+
+
+def test_arena_alignment():
+    assert ARENA_ALIGN == 64 and arena_bytes(0) == 0 and arena_bytes(1) == 64 and arena_bytes(128) == 128
 
 
 def test_whole_model_on_the_gpu_counts_weights_kv_workspace_and_reserve():

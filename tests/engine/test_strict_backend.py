@@ -1,0 +1,127 @@
+"""The engine on the strict stand-in (core.strict.StrictBackend): CUDA's code paths and hazards
+on the CPU. Copies happen late and their destinations hold NaN until then, so a missing wait
+or an early buffer reuse changes the greedy tokens; forwards run through run.generate under
+inference mode exactly as `hetegen run` does."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.strict import StrictBackend
+from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
+from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
+from hetegen_cli.plan.memory import host_memory
+from hetegen_cli.run.generate import generate
+from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements
+
+FP32 = RuntimeSettings(
+    weights_dtype="float32",
+    cpu_dtype="float32",
+    cpu_threads=1,
+    staging_buffers=2,
+    prefetch_depth=1,
+    pin_weights=True,
+    requires_gpu=True,
+)
+
+
+class _Ids:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
+def _differs(loaded, want: list[int]) -> bool:
+    """True when generation goes wrong: other tokens, or poison (NaN) reaching the logits."""
+    try:
+        return _generate(loaded) != want
+    except ModelError:
+        return True
+
+
+def _generate(loaded) -> list[int]:
+    result = generate(
+        loaded.model,
+        _Ids(),
+        PROMPT[0],
+        max_new_tokens=NEW_TOKENS,
+        eos_ids=set(),
+        sync=loaded.sync,
+        device=loaded.device,
+    )
+    return result.token_ids
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """The greedy tokens transformers' generate gives (prompt excluded)."""
+    return {name: want[0, len(PROMPT[0]) :].tolist() for name, (_, want, _) in models.items()}
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+@pytest.mark.parametrize("model_name", ["opt", "llama"])
+@pytest.mark.parametrize("buffers", [1, 2, 3])
+def test_greedy_tokens_hold_under_cuda_hazards(models, reference, model_name, plan_name, buffers):
+    ref = models[model_name][0]
+    runtime = RuntimeSettings(**{**FP32.__dict__, "staging_buffers": buffers, "prefetch_depth": buffers - 1})
+    plan = placements(ref.spec, PLANS[plan_name])
+    with load_hetero_model(ref, plan, runtime, StrictBackend(), progress=False) as loaded:
+        assert _generate(loaded) == reference[model_name]
+        assert _generate(loaded) == reference[model_name]  # the learned order, wrapping around
+        stats = loaded.stats()
+    if plan_name != "all_cpu":
+        assert stats["bytes_streamed"] > 0
+
+
+def test_pinned_memory_is_counted_exactly_and_released_on_close(models):
+    ref = models["llama"][0]
+    backend = StrictBackend()
+    plan = placements(ref.spec, PLANS["random"])
+    loaded = load_hetero_model(ref, plan, FP32, backend, progress=False)
+    want = host_memory(plan, "float32", "float32")["weights_bytes"]
+    assert loaded.stats()["pinned_bytes"] == want  # one arena: no power-of-two rounding
+    _generate(loaded)
+    scratch = loaded.stats()["pinned_scratch_bytes"]
+    assert scratch > 0 and backend.pinned_live_bytes == want + scratch
+    loaded.close()
+    del loaded
+    gc.collect()
+    assert backend.pinned_live_bytes == 0
+
+
+def test_staging_buffers_are_recorded_on_the_copy_stream(models):
+    ref = models["opt"][0]
+    backend = StrictBackend()
+    with load_hetero_model(
+        ref, placements(ref.spec, PLANS["all_streamed"]), FP32, backend, progress=False
+    ) as loaded:
+        scheduler = engine_context(loaded.model).scheduler
+        recorded = {(id(t), id(s)) for t, s in backend.recorded_streams}
+        assert all((id(b), id(scheduler.copy_stream)) in recorded for b in scheduler.buffers)
+
+
+def test_a_missing_wait_is_caught(models, reference, monkeypatch):
+    """The stand-in has teeth: skip the compute stream's wait on a copy, and tokens change."""
+    ref = models["llama"][0]
+    monkeypatch.setattr(StrictBackend, "wait_event", lambda self, event, stream=None: None)
+    with load_hetero_model(
+        ref, placements(ref.spec, PLANS["all_streamed"]), FP32, StrictBackend(), progress=False
+    ) as loaded:
+        assert _differs(loaded, reference["llama"])
+
+
+def test_a_buffer_refilled_before_its_reader_is_caught(models, reference):
+    """Prefetch as deep as the buffers (a copy into the buffer the current linear reads)."""
+    ref = models["llama"][0]
+    runtime = RuntimeSettings(**{**FP32.__dict__, "staging_buffers": 2, "prefetch_depth": 2})
+    with load_hetero_model(
+        ref, placements(ref.spec, PLANS["all_streamed"]), runtime, StrictBackend(), progress=False
+    ) as loaded:
+        engine_context(loaded.model).scheduler.depth = 2  # bypass the min(depth, buffers - 1) guard
+        assert _differs(loaded, reference["llama"])
+
+
+def test_placement_for_a_missing_linear_fails_cleanly():
+    assert LinearPlacement("x", 0, "q", 4, 4, False, 0, 0).max_gpu_stream_rows == 4

@@ -1,8 +1,10 @@
-"""Summarise a scripts/gpu-check.sh output folder into gpu-check.json (and print it).
+"""Summarise the work folder of scripts/gpu-check.sh into gpu-check.json (and print it).
 
-Usage: python3 scripts/gpu_check_summary.py OUT_DIR
-Reads engine-check.json and bench-sweep.json (hetegen.bench documents), cuda-tests.txt and
-profile.json; writes OUT_DIR/gpu-check.json. Missing pieces are reported as missing.
+Usage: python3 scripts/gpu_check_summary.py WORK_DIR
+Reads each step's exit code and stderr, smoke.json, arms.json and sweep.json (hetegen.bench
+documents, possibly partial: "complete": false), profile.json and the CUDA tests' output;
+writes WORK_DIR/gpu-check.json. Missing pieces are reported as missing; failed arms carry
+their error.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def arm_rows(doc: dict | None) -> list[dict]:
                 "arm": e["arm"],
                 "status": e.get("status"),
                 "reason": e.get("reason"),
+                "error_type": (e.get("error") or {}).get("type"),
             }
             if e.get("status") == "ok":
                 m = e["metrics"]
@@ -65,36 +68,50 @@ def arm_rows(doc: dict | None) -> list[dict]:
     return rows
 
 
-def main(out_dir: str) -> int:
-    out = Path(out_dir)
-    cuda_log = (
-        (out / "cuda-tests.txt").read_text().strip().splitlines() if (out / "cuda-tests.txt").exists() else []
+def _step(work: Path, name: str) -> dict:
+    """Exit code and the last stderr line of one step of gpu-check.sh."""
+    err = (
+        (work / f"{name}.stderr").read_text(errors="replace").strip().splitlines()
+        if (work / f"{name}.stderr").exists()
+        else []
     )
-    profile = _read(out / "profile.json") or {}
+    return {"rc": _rc(work / f"{name}.rc"), "stderr_last_line": err[-1] if err else None}
+
+
+def main(work_dir: str) -> int:
+    work = Path(work_dir)
+    tests = (
+        (work / "cuda-tests.stdout").read_text(errors="replace").strip().splitlines()
+        if (work / "cuda-tests.stdout").exists()
+        else []
+    )
+    profile = _read(work / "profile.json") or {}
     gpu = profile.get("gpu") or {}
     summary = {
-        "schema_version": 1,
+        "schema_version": 2,
         "kind": "hetegen.gpu-check",
-        "cuda_tests": {"rc": _rc(out / "cuda-tests.rc"), "last_line": cuda_log[-1] if cuda_log else None},
-        "profile": {"rc": _rc(out / "profile.rc"), "gpu": gpu.get("name"), "note": profile.get("gpu_note")},
-        "engine_check": {
-            "rc": _rc(out / "engine-check.rc"),
-            "arms": arm_rows(_read(out / "engine-check.json")),
+        "cuda_tests": {**_step(work, "cuda-tests"), "last_line": tests[-1] if tests else None},
+        "smoke": {**_step(work, "smoke"), "arms": arm_rows(_read(work / "smoke.json"))},
+        "profile": {**_step(work, "profile"), "gpu": gpu.get("name"), "note": profile.get("gpu_note")},
+        "arms": {
+            **_step(work, "arms"),
+            "complete": (_read(work / "arms.json") or {}).get("complete"),
+            "rows": arm_rows(_read(work / "arms.json")),
         },
-        "bench_sweep": {
-            "rc": _rc(out / "bench-sweep.rc"),
-            "arms": arm_rows(_read(out / "bench-sweep.json")),
-            "plot": (out / "bench-sweep.png").exists(),
+        "sweep": {
+            **_step(work, "sweep"),
+            "complete": (_read(work / "sweep.json") or {}).get("complete"),
+            "rows": arm_rows(_read(work / "sweep.json")),
+            "plot": (work / "sweep.png").exists(),
         },
     }
     transfers = [
         t for t in gpu.get("transfers", []) if t.get("direction") == "h2d" and t.get("memory") == "pinned"
     ]
     if transfers:
-        summary["profile"]["h2d_pinned_largest_gbps"] = (
-            max(transfers, key=lambda t: t["size_bytes"])["bytes_per_s"] / 1e9
-        )
-    (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        largest = max(transfers, key=lambda t: t["size_bytes"])
+        summary["profile"]["h2d_pinned_largest_gbps"] = largest["bytes_per_s"] / 1e9
+    (work / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
 

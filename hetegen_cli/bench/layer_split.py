@@ -52,10 +52,14 @@ def apply_layer_split(
     weights_dtype: torch.dtype,
     cpu_dtype: torch.dtype,
 ) -> nn.Module:
-    """Place a CPU-loaded model: layers [0, gpu_layers) and the rest on `device`, others on CPU.
+    """Place a CPU-loaded model (already in `weights_dtype`): layers [0, gpu_layers) and
+    everything outside the decoder layers on `device`, the other layers on the CPU with their
+    parameters in `cpu_dtype`. Returns the same model.
 
-    CPU layers are cast to `cpu_dtype` and wrapped with hooks that move their inputs to the
-    CPU and their outputs back to `device` in `weights_dtype`. Returns the same model.
+    Only devices move (and only parameters are cast): buffers such as the rotary `inv_freq`
+    keep their dtype. Activations cross at the boundary only: the first CPU layer moves its
+    inputs to the CPU, the last one moves its output back, so consecutive CPU layers pass
+    tensors on the CPU as llama.cpp's CPU layers do.
     """
     layers = decoder_layers(model)
     gpu_layers = max(0, min(gpu_layers, len(layers)))
@@ -65,19 +69,26 @@ def apply_layer_split(
     # placeholders while the rest moves, then put them back.
     for index in range(gpu_layers, len(layers)):
         layers[index] = nn.Identity()
-    model.to(device=device, dtype=weights_dtype)
+    model.to(device=device)
     for index, layer in enumerate(cpu_layers, start=gpu_layers):
         layers[index] = layer
+    cpu = torch.device("cpu")
+
+    def to_cpu(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # a no-op for tensors already on the CPU in cpu_dtype (every CPU layer but the first);
+        # masks and rotary tables from the model come from the device for each layer
+        return _move(args, cpu, cpu_dtype), _move(kwargs, cpu, cpu_dtype)
+
+    def to_device(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return _move(output, device, weights_dtype)
+
     for layer in cpu_layers:
-        layer.to(device="cpu", dtype=cpu_dtype)
-
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return _move(args, torch.device("cpu"), cpu_dtype), _move(kwargs, torch.device("cpu"), cpu_dtype)
-
-        def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return _move(output, device, weights_dtype)
-
-        layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        layer.register_forward_hook(post_hook, with_kwargs=True)
+        layer.to(device=cpu)
+        for param in layer.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(cpu_dtype)
+        layer.register_forward_pre_hook(to_cpu, with_kwargs=True)
+    if cpu_layers:
+        cpu_layers[-1].register_forward_hook(to_device, with_kwargs=True)
     model.hetegen_layer_split = {"gpu_layers": gpu_layers, "cpu_layers": len(layers) - gpu_layers}
     return model

@@ -108,8 +108,14 @@ def own_bound_s(arm: str, bounds: dict, weight_bytes: int) -> tuple[str | None, 
     return None, None
 
 
-def derive(section: dict) -> None:
-    """Add metrics, predictions, bounds, token checks and ratios to one budget section."""
+#: arms whose tokens do not depend on the GPU budget: one measured at any budget is a token
+#: baseline for every budget (the `gpu` arm may only fit the larger budgets of a sweep)
+BUDGET_FREE_ARMS = ("reference", "gpu")
+
+
+def derive(section: dict, shared: dict | None = None) -> None:
+    """Add metrics, predictions, bounds, token checks and ratios to one budget section.
+    `shared`: budget-free arms measured at other budgets, for the token check."""
     entries = {e["arm"]: e for e in section["arms"]}
     plan = section.get("plan")
     bounds = (plan or {}).get("bounds") or {}
@@ -131,8 +137,9 @@ def derive(section: dict) -> None:
             "hybrid_is": "hybrid" if "hybrid_s_per_token" in bounds else "cpu_only",
             "fraction_of_hybrid_bound": hybrid * decode if hybrid and decode else None,
         }
-        base = token_baseline(arm, entries)
-        e["token_check"] = token_check(e, entries.get(base), base)
+        candidates = {**(shared or {}), **{a: x for a, x in entries.items() if x.get("status") == "ok"}}
+        base = token_baseline(arm, {**candidates, arm: e})
+        e["token_check"] = token_check(e, candidates.get(base), base)
         e["ratios"] = {}
         for other in ("offload", "layer-split"):
             o = entries.get(other, {})
@@ -145,8 +152,13 @@ def derive(section: dict) -> None:
 def finish(doc: dict) -> dict:
     """Derive every budget section; add the summary (skips, token problems, notes)."""
     notes, skipped = [], []
+    shared: dict = {}
+    for section in doc["budgets"]:
+        for e in section["arms"]:
+            if e["arm"] in BUDGET_FREE_ARMS and e.get("status") == "ok":
+                shared.setdefault(e["arm"], e)
     for i, section in enumerate(doc["budgets"]):
-        derive(section)
+        derive(section, shared)
         for e in section["arms"]:
             if e["status"] != "ok":
                 skipped.append(

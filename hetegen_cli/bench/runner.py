@@ -12,10 +12,12 @@ Arms are run by an injectable table (`runners`), so the report logic is testable
 
 from __future__ import annotations
 
+import copy
 import gc
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,12 +113,15 @@ def run_bench(
     runners: dict[str, Runner] | None = None,
     progress: Any = None,
     prepared: Prepared | None = None,
+    on_update: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run every requested arm at every budget; return the "hetegen.bench" document.
 
     `runners` maps arm name -> runner(ctx, prepared) -> ArmRun (default: run_arm) so tests can
-    inject fake measurements. Failures inside one arm (out of memory, load errors) mark that
-    arm "failed" with the message and the benchmark goes on.
+    inject fake measurements. Any failure inside one arm (out of memory, a CUDA error, a load
+    error) marks that arm "failed" with its type, message and traceback tail, and the
+    benchmark goes on. `on_update(doc)` receives the finished-so-far document after every arm
+    (`"complete": false` until the last), so a run cut short still leaves its rows.
     """
     p = prepared or prepare(options, progress)
     o, runners = p.options, runners or {}
@@ -126,9 +131,10 @@ def run_bench(
         else None
     )
     done: dict[str, tuple[int, dict]] = {}
-    budgets = []
+    doc = _skeleton(p)
     for index, case in enumerate(p.cases):
-        entries = []
+        entries: list[dict] = []
+        doc["budgets"].append(report.budget_section(case, entries, p.ref.spec))
         threads = (
             case.plan.runtime.cpu_threads if case.plan else (o.threads or int(p.profile["cpu"]["threads"]))
         )
@@ -144,12 +150,21 @@ def run_bench(
                 {"prompt_len": o.prompt_len, "max_new_tokens": o.max_new_tokens},
             )
             entries.append(_one_arm(ctx, p, runners, done, index, progress, task))
-        budgets.append(report.budget_section(case, entries, p.ref.spec))
-    doc = {
+            if on_update is not None:
+                on_update(report.finish(copy.deepcopy(doc)))
+    doc["complete"] = True
+    return report.finish(doc)
+
+
+def _skeleton(p: Prepared) -> dict:
+    """The document before any arm ran (`complete` false, no budgets yet)."""
+    o = p.options
+    return {
         "schema_version": BENCH_SCHEMA_VERSION,
         "kind": BENCH_KIND,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command_line": list(o.command_line or sys.argv),
+        "complete": False,
         "model": p.model_doc,
         "workload": {
             "prompt_len": o.prompt_len,
@@ -162,7 +177,7 @@ def run_bench(
         "method": {
             "warmup_runs": o.warmup,
             "repeat": o.repeat,
-            "timer": "time.perf_counter after device synchronisation (generate.generate)",
+            "timer": "time.perf_counter after device synchronisation (run.generate)",
             "host_memory": f"process RSS sampled every {RSS_INTERVAL_S * 1e3:.0f} ms by a "
             "background thread from before loading the arm until it is closed",
             "gpu_memory": "torch peak allocated bytes while generating (reset after "
@@ -179,9 +194,8 @@ def run_bench(
             "platform": platform.platform(),
         },
         "arms_requested": list(p.arms),
-        "budgets": budgets,
+        "budgets": [],
     }
-    return report.finish(doc)
 
 
 def _one_arm(
@@ -208,10 +222,27 @@ def _one_arm(
             run = runner(ctx, p)
     except HetegenError as exc:
         note(f"bench: arm {ctx.arm} failed: {exc.message}")
-        return {"arm": ctx.arm, "status": "failed", "reason": exc.message}
+        return _failed(ctx.arm, exc, exc.message)
+    except Exception as exc:
+        note(f"bench: arm {ctx.arm} failed: {type(exc).__name__}: {exc}")
+        return _failed(ctx.arm, exc, f"{type(exc).__name__}: {exc}")
+    finally:
+        gc.collect()
     entry = {"arm": ctx.arm, "status": "ok", "reason": None, **_run_doc(run)}
     done[key] = (index, entry)
     return entry
+
+
+def _failed(arm: str, exc: BaseException, reason: str) -> dict:
+    """A failed arm's entry: what went wrong, with the traceback's last lines."""
+    tail = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    lines = "".join(tail).strip().splitlines()[-12:]
+    return {
+        "arm": arm,
+        "status": "failed",
+        "reason": reason[:500],
+        "error": {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback_tail": lines},
+    }
 
 
 def _run_doc(run: ArmRun) -> dict:

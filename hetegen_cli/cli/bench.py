@@ -118,8 +118,11 @@ def register(app: typer.Typer) -> None:
             command_line=tuple(["hetegen", *sys.argv[1:]]),
         )
         check_outputs(output, csv_path, plot)
+        # with --output the file is rewritten (atomically) after every arm: a run cut short
+        # still leaves the rows it measured, marked "complete": false
+        on_update = (lambda partial: write_document(output, partial)) if output is not None else None
         with progress(enabled=not json_) as bar:
-            doc = run_bench(options, progress=bar)
+            doc = run_bench(options, progress=bar, on_update=on_update)
         # files first (atomic), then stdout, so a failed write leaves stdout empty
         png = present.plot_png(doc) if plot is not None else None
         if output is not None:

@@ -61,3 +61,17 @@ def test_layer_split_never_moves_cpu_layers_through_the_device(tiny_opt_dir, mon
     assert model in seen  # the rest moved in one call
     assert decoder_layers(model)[1] is cpu_layer
     assert seen.count(cpu_layer) == 1  # only its own move to the CPU dtype
+
+
+def test_layer_split_moves_devices_only_and_activations_at_the_boundary(tiny_llama_dir):
+    """Rotary tables keep float32 when the weights run in float16, and only the last CPU layer
+    hands its output back to the device: consecutive CPU layers pass CPU tensors."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float16).eval()
+    apply_layer_split(model, 0, torch.device("cpu"), torch.float16, torch.bfloat16)
+    buffers = {name: b.dtype for name, b in model.named_buffers() if name.endswith("inv_freq")}
+    assert buffers and set(buffers.values()) == {torch.float32}
+    layers = decoder_layers(model)
+    assert [len(layer._forward_hooks) for layer in layers] == [0] * (len(layers) - 1) + [1]
+    assert all(p.dtype == torch.bfloat16 for layer in layers for p in layer.parameters())

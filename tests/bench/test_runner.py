@@ -307,3 +307,88 @@ def test_gpu_plan_arms_run_end_to_end_on_the_cpu_stand_in(monkeypatch, tmp_path,
 
 def arms_of(section: dict) -> dict:
     return {e["arm"]: e for e in section["arms"]}
+
+
+def test_a_crashing_arm_is_recorded_and_the_others_still_run(gpu_world):
+    """A RuntimeError (a CUDA error, a failed pinned allocation) in one arm marks it failed
+    with its type, message and traceback tail; every other arm still runs, and the document
+    is handed out after every arm."""
+
+    def crash(ctx, prepared):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    runners = {a: fake_runner for a in prepare.ARMS} | {"offload": crash}
+    updates = []
+    doc = runner.run_bench(gpu_world, runners=runners, on_update=updates.append)
+    arms = {e["arm"]: e for e in doc["budgets"][0]["arms"]}
+    failed = arms["offload"]
+    assert failed["status"] == "failed" and failed["error"]["type"] == "RuntimeError"
+    assert "illegal memory access" in failed["reason"]
+    assert any("raise RuntimeError" in line for line in failed["error"]["traceback_tail"])
+    assert all(e["status"] == "ok" for a, e in arms.items() if a != "offload")
+    assert arms["hetegen"]["ratios"]["vs_offload"]["decode_tokens_per_s"] is None
+    arms_per_budget = len(doc["budgets"][0]["arms"])
+    assert len(updates) == 2 * arms_per_budget  # two budgets
+    assert [u["complete"] for u in updates] == [False] * len(updates) and doc["complete"] is True
+    assert len(updates[0]["budgets"][0]["arms"]) == 1 and "summary" in updates[0]
+
+
+def test_bench_output_is_rewritten_after_every_arm(tiny_opt_dir, tmp_path, monkeypatch):
+    """Killed after the first arm, --output still holds a valid document with that arm."""
+    from typer.testing import CliRunner
+
+    from hetegen_cli.cli.app import app
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(make_profile(gpu=False, best="float32", threads=1)))
+    out = tmp_path / "bench.json"
+    seen = []
+    real = runner.run_arm
+
+    def second_arm_is_killed(ctx, prepared, on_run=None):
+        if seen:
+            seen.append(json.loads(out.read_text()))  # what a kill here would leave
+            raise KeyboardInterrupt
+        seen.append(ctx.arm)
+        return real(ctx, prepared, on_run)
+
+    monkeypatch.setattr(runner, "run_arm", second_arm_is_killed)
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_opt_dir),
+            "--profile",
+            str(profile),
+            "--prompt-len",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--arms",
+            "reference,cpu",
+            "--output",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 130
+    partial = seen[1]
+    assert partial["complete"] is False and partial["kind"] == "hetegen.bench"
+    assert [e["arm"] for e in partial["budgets"][0]["arms"]] == ["reference"]
+    assert partial["budgets"][0]["arms"][0]["status"] == "ok"
+    assert json.loads(out.read_text()) == partial  # nothing half-written after the interrupt
+
+
+def test_the_gpu_arm_of_another_budget_is_the_token_baseline(gpu_world):
+    """In a sweep whose small budget cannot hold the whole model, the all-GPU arm measured at
+    the larger budget still checks the tokens of every arm at the small one."""
+    from dataclasses import replace
+
+    options = replace(gpu_world, gpu_budget_bytes=(2**30 + 400_000, 3 * 2**30), arms=("hetegen", "gpu"))
+    doc = runner.run_bench(options, runners={a: fake_runner for a in prepare.ARMS})
+    small, large = ({e["arm"]: e for e in s["arms"]} for s in doc["budgets"])
+    assert small["gpu"]["status"] == "skipped" and large["gpu"]["status"] == "ok"
+    assert small["hetegen"]["token_check"]["compared_with"] == "gpu"
+    assert small["hetegen"]["token_check"]["tokens_match"] is True

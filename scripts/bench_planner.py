@@ -2,7 +2,9 @@
 
 Usage: python scripts/bench_planner.py [--model llama-2-70b] [--gpu-memory 24GiB] [--repeat 10]
 Pure Python: no GPU and no weights needed (shapes from the preset, made-up PCIe-4 desktop
-rates). Prints warm-up, then median, min, max and sd of the solve time over the repetitions.
+rates). Prints warm-up, then median, min, max and sd of the solve time over the repetitions,
+for one solve and for the CPU-format choice (`plan` solves once per (prefill, decode) pair of
+the profile's formats: 9 solves for 3 measured formats; docs/plan.md, "CPU formats").
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 from hetegen_cli.core.units import parse_size
 from hetegen_cli.models.presets import preset_config
@@ -48,21 +51,24 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = solve(spec, DESKTOP, req)
     warm = time.perf_counter() - t0
-    samples = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        solve(spec, DESKTOP, req)
-        samples.append(time.perf_counter() - t0)
-    sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
     print(
         f"{args.model}: {len(spec.linears)} block linears, {plan.resident_count} resident, "
-        f"{plan.split_count} split at {args.gpu_memory}"
+        f"{plan.split_count} split at {args.gpu_memory}; warm-up {warm * 1e3:.1f} ms"
     )
-    print(
-        f"warm-up {warm * 1e3:.1f} ms; solve over {args.repeat} runs: median "
-        f"{statistics.median(samples) * 1e3:.1f} ms, min {min(samples) * 1e3:.1f}, max "
-        f"{max(samples) * 1e3:.1f}, sd {sd * 1e3:.1f} ms"
-    )
+    formats = [replace(DESKTOP, cpu_dtype=d) for d in ("float32", "bfloat16", "float16")]
+    pairs = [cm.PhaseRates(p, d) for p in formats for d in formats]
+    for label, rates in (("one solve", [DESKTOP]), (f"format choice ({len(pairs)} solves)", pairs)):
+        samples = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            for r in rates:
+                solve(spec, r, req)
+            samples.append(time.perf_counter() - t0)
+        sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
+        print(
+            f"{label} over {args.repeat} runs: median {statistics.median(samples) * 1e3:.1f} ms, "
+            f"min {min(samples) * 1e3:.1f}, max {max(samples) * 1e3:.1f}, sd {sd * 1e3:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

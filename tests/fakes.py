@@ -23,6 +23,7 @@ def make_profile(
     cpu_call_s: float = 0.0,
     cpu_flops: float = 1e12,
     cpu_dtypes: dict | None = None,
+    cpu_gemm: dict | None = None,
     best: str = "float16",
     dram: float = 70 * GB,
     gpu: bool = True,
@@ -42,13 +43,14 @@ def make_profile(
     """A schema-valid profile document (profile.document.SCHEMA) with exactly these rates.
 
     cpu_dtypes: dtype -> GEMV bytes/s (default: `best` at cpu_bw, float32 at cpu_bw, i.e.
-    half the params/s). Timings are t = call + bytes / rate on a few shapes.
+    half the params/s). cpu_gemm: dtype -> GEMM FLOP/s (default cpu_flops for each).
+    Timings are t = call + bytes / rate on a few shapes.
     """
     cpu_dtypes = cpu_dtypes or {best: cpu_bw, "float32": cpu_bw}
     size = {"float32": 4, "float16": 2, "bfloat16": 2}
     gemv, gemm = [], []
     for dtype, bw in cpu_dtypes.items():
-        for out, inp in ((2048, 2048), (4096, 4096), (11008, 4096)):
+        for out, inp in ((512, 512), (2048, 2048), (4096, 4096), (11008, 4096)):
             wb = out * inp * size[dtype]
             sec = cpu_call_s + wb / bw
             gemv.append(
@@ -63,8 +65,9 @@ def make_profile(
                     "params_per_s": out * inp / sec,
                 }
             )
+        flops = (cpu_gemm or {}).get(dtype, cpu_flops)
         for tokens in (128, 512):
-            sec = 2 * tokens * 4096 * 4096 / cpu_flops
+            sec = 2 * tokens * 4096 * 4096 / flops
             gemm.append(
                 {
                     "dtype": dtype,
@@ -73,7 +76,7 @@ def make_profile(
                     "in_features": 4096,
                     "threads": threads,
                     "seconds": _stats(sec),
-                    "flops_per_s": cpu_flops,
+                    "flops_per_s": flops,
                 }
             )
     doc = {

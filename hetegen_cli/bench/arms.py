@@ -10,8 +10,9 @@ same generation loop.
 | hetegen | the plan for this budget through the engine (`load_hetero_model`), as `run` does |
 | offload | the same engine, every cpu_fraction 0, the plan's resident set (optimised streaming) |
 | accelerate | stock Accelerate hooks (`dispatch_model`): the plan's resident set on the GPU, the rest "cpu" |
-| layer-split | decoder layers 0..k-1 on the GPU (k from the planner), the CPU computes the rest |
-| cpu | plain transformers model on the CPU in the CPU dtype |
+| layer-split | decoder layers 0..k-1 on the GPU (k from the planner), the CPU the rest (decode format) |
+| cpu | the CPU alone in an all-CPU plan's formats: plain transformers in D when both phases use D, |
+|  | else the engine (CPU backend), the model in the prefill format, decode's linears in D |
 | gpu | plain transformers model wholly on the GPU (when it fits the budget) |
 | reference | plain transformers model on the CPU in the weights dtype (token and overhead reference) |
 """
@@ -29,7 +30,7 @@ import psutil
 import torch
 
 from hetegen_cli.bench.layer_split import apply_layer_split
-from hetegen_cli.core.devices import CpuBackend, get_backend, torch_dtype
+from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.hetero_model import load_hetero_model
@@ -60,6 +61,8 @@ class ArmContext:
     has_cuda: bool
     threads: int  # torch intra-op threads for plain arms
     workload: dict  # prompt_len, max_new_tokens
+    cpu_plan: Plan | None = None  # the all-CPU plan of the `cpu` arm (GPU budget 0)
+    cpu_ref: ModelRef | None = None  # the model in the `cpu` arm's run dtype (its prefill format)
 
     @property
     def spec(self) -> ModelSpec:
@@ -102,8 +105,10 @@ def skip_reason(ctx: ArmContext) -> str | None:
             f"the budget is {format_bytes(ctx.gpu_budget_bytes)}"
         )
     if arm in ("cpu", "reference"):
-        dtype = ctx.spec.dtype if arm == "reference" else _cpu_dtype(ctx)
-        need = ctx.spec.parameter_count * itemsize(dtype)
+        # the cpu arm holds the model in its prefill format and the decode format's copy
+        dtypes = [ctx.spec.dtype] if arm == "reference" else list(dict.fromkeys(_cpu_dtypes(ctx)))
+        dtype = "+".join(dtypes)
+        need = ctx.spec.parameter_count * sum(itemsize(d) for d in dtypes)
         if need + RAM_MARGIN_BYTES > _available_ram():
             return (
                 f"the model needs {format_bytes(need)} of RAM in {dtype}, "
@@ -112,8 +117,10 @@ def skip_reason(ctx: ArmContext) -> str | None:
     return None
 
 
-def _cpu_dtype(ctx: ArmContext) -> str:
-    return ctx.plan.runtime.cpu_dtype if ctx.plan is not None else ctx.spec.dtype
+def _cpu_dtypes(ctx: ArmContext) -> tuple[str, str]:
+    """(prefill, decode) formats of the `cpu` arm: its all-CPU plan's, else the weights dtype."""
+    plan = ctx.cpu_plan
+    return plan.runtime.cpu_dtypes if plan is not None else (ctx.spec.dtype, ctx.spec.dtype)
 
 
 # --- builders -------------------------------------------------------------------------------
@@ -154,18 +161,23 @@ def build_reference(ctx: ArmContext) -> LoadedModel:
 
 
 def build_cpu(ctx: ArmContext) -> LoadedModel:
-    dtype = _cpu_dtype(ctx)
-    return _plain(ctx, dtype, "cpu", dtype)
+    prefill, decode = _cpu_dtypes(ctx)
+    if prefill == decode:
+        return _plain(ctx, prefill, "cpu", prefill)
+    plan = ctx.cpu_plan
+    return _engine(ctx, plan, plan_config(plan), CpuBackend(), ctx.cpu_ref)
 
 
 def build_gpu(ctx: ArmContext) -> LoadedModel:
     return _plain(ctx, ctx.spec.dtype, "cuda:0", ctx.spec.dtype)
 
 
-def _engine(ctx: ArmContext, plan: Plan, config: dict) -> LoadedModel:
-    backend = get_backend("cuda") if ctx.has_cuda else CpuBackend()
+def _engine(
+    ctx: ArmContext, plan: Plan, config: dict, backend: Backend | None = None, ref: ModelRef | None = None
+) -> LoadedModel:
+    backend = backend or (get_backend("cuda") if ctx.has_cuda else CpuBackend())
     start = time.perf_counter()
-    loaded = load_hetero_model(ctx.ref, plan.placements, plan.runtime, backend, progress=False)
+    loaded = load_hetero_model(ref or ctx.ref, plan.placements, plan.runtime, backend, progress=False)
     rt = plan.runtime
     loaded.info = {
         "weights_dtype": rt.weights_dtype,
@@ -196,7 +208,8 @@ def plan_config(plan: Plan, rows: bool = False) -> dict:
         },
         "lm_head_on_gpu": plan.runtime.lm_head_on_gpu,
         "staging_buffers": plan.runtime.staging_buffers,
-        "cpu_dtype": plan.runtime.cpu_dtype,
+        "cpu_dtype_prefill": plan.runtime.cpu_dtype_prefill,
+        "cpu_dtype_decode": plan.runtime.cpu_dtype_decode,
         "cpu_threads": plan.runtime.cpu_threads,
     }
 
@@ -228,15 +241,16 @@ def layer_split_layers(ctx: ArmContext) -> int:
 
 def build_layer_split(ctx: ArmContext) -> LoadedModel:
     rt, k = ctx.plan.runtime, layer_split_layers(ctx)
-    built = _plain(ctx, rt.weights_dtype, "cpu", f"{rt.weights_dtype}+{rt.cpu_dtype}")
+    cpu_dtype = rt.cpu_dtype_decode  # one format for both phases, as llama.cpp's split runs
+    built = _plain(ctx, rt.weights_dtype, "cpu", f"{rt.weights_dtype}+{cpu_dtype}")
     backend = get_backend("cuda")
     model = apply_layer_split(
-        built.model, k, backend.device, torch_dtype(rt.weights_dtype), torch_dtype(rt.cpu_dtype)
+        built.model, k, backend.device, torch_dtype(rt.weights_dtype), torch_dtype(cpu_dtype)
     )
     built.model, built.device, built.sync = model, str(backend.device), backend.synchronize
     built.info.update(
         device=str(backend.device),
-        config={"gpu_layers": k, "cpu_layers": ctx.spec.num_layers - k, "cpu_dtype": rt.cpu_dtype},
+        config={"gpu_layers": k, "cpu_layers": ctx.spec.num_layers - k, "cpu_dtype": cpu_dtype},
     )
     return built
 
@@ -292,11 +306,11 @@ BUILDERS: dict[str, Callable[[ArmContext], LoadedModel]] = {
 def cache_key(ctx: ArmContext) -> str:
     """Arms with equal keys measure the same thing: budgets reuse the measurement."""
     if ctx.arm in ("cpu", "reference", "gpu"):
-        extra: Any = _cpu_dtype(ctx) if ctx.arm == "cpu" else None
+        extra: Any = _cpu_dtypes(ctx) if ctx.arm == "cpu" else None
     elif ctx.arm == "hetegen":
         extra = plan_config(ctx.plan, rows=True)
     elif ctx.arm == "layer-split":
-        extra = [layer_split_layers(ctx), ctx.plan.runtime.cpu_dtype]
+        extra = [layer_split_layers(ctx), ctx.plan.runtime.cpu_dtype_decode]
     else:  # offload, accelerate: the resident set and the runtime
         extra = [
             sorted(p.name for p in ctx.plan.placements if p.resident),

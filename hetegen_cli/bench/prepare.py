@@ -14,16 +14,16 @@ from hetegen_cli.core import paths
 from hetegen_cli.core.console import warn
 from hetegen_cli.core.devices import cuda_available
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
-from hetegen_cli.core.errors import InputError, PlanError, ProfileError, UsageError
+from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
 from hetegen_cli.models import presets
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import build_synthetic_model
 from hetegen_cli.plan.document import Plan
-from hetegen_cli.plan.request import PlanRequest
-from hetegen_cli.plan.solver import make_plan
-from hetegen_cli.profile.document import gemv_entries
+from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair
+from hetegen_cli.plan.solver import check_forced_formats, make_plan
 from hetegen_cli.profile.measure import load_or_measure
+from hetegen_cli.run.builders import all_cpu_formats_plan
 
 ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference")
 RUN_ORDER = ("reference", "cpu", "hetegen", "offload", "accelerate", "layer-split", "gpu")
@@ -36,7 +36,7 @@ class BenchOptions:
     model: str | None = None
     synthetic: str | None = None  # preset name: random weights of that shape
     dtype: str | None = None  # weights dtype (default: the model's)
-    cpu_dtype: str | None = None  # CPU share dtype (default: the profile's fastest)
+    cpu_dtype: str | None = None  # CPU share dtype(s): "D" or "P,D" (default: chosen per phase)
     profile: str | Path | None = None  # default: the saved profile, measured quick if missing
     prompt_len: int = 512
     max_new_tokens: int = 64
@@ -72,9 +72,9 @@ class BenchOptions:
                 raise UsageError(
                     f"{flag} is {value}; it must be at least {low}", f"pass {flag} {max(low, 1)} or more"
                 )
-        for value, flag in ((self.dtype, "--dtype"), (self.cpu_dtype, "--cpu-dtype")):
-            if value is not None and value not in WEIGHT_DTYPES:
-                raise UsageError(f"unknown {flag} {value!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
+        if self.dtype is not None and self.dtype not in WEIGHT_DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
+        cpu_dtype_pair(self.cpu_dtype)
         if self.model and self.synthetic:
             raise UsageError(
                 "--model and --synthetic are mutually exclusive",
@@ -119,6 +119,9 @@ class Prepared:
     cases: list[BudgetCase]
     arms: list[str]
     has_cuda: bool
+    cpu_plan: Plan | None = None  # all-CPU plan of the `cpu` arm (its formats per phase)
+    cpu_ref: ModelRef | None = None  # the model in the `cpu` arm's run dtype
+    cpu_plan_error: str | None = None
 
 
 def parse_arms(text: str | None) -> tuple[str, ...] | None:
@@ -187,18 +190,7 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
             model_arg=o.model or o.synthetic or "",
         )
         try:
-            plan = make_plan(ref.spec, profile, req, profile_identity=identity)
-            if o.threads is not None and o.threads != plan.runtime.cpu_threads:
-                plan = replace(
-                    plan,
-                    runtime=replace(plan.runtime, cpu_threads=o.threads),
-                    notes=(
-                        *plan.notes,
-                        f"--threads {o.threads}: the CPU share runs "
-                        f"on {o.threads} threads; the predictions "
-                        f"assume the profile's {plan.runtime.cpu_threads}",
-                    ),
-                )
+            plan = _with_threads(make_plan(ref.spec, profile, req, profile_identity=identity), o.threads)
             budget = requested if requested is not None else plan.budget.get("gpu_budget_bytes")
             cases.append(BudgetCase(requested, budget, plan, None))
         except PlanError as exc:
@@ -206,17 +198,45 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
     return cases
 
 
+def _with_threads(plan: Plan, threads: int | None) -> Plan:
+    """`plan` with --threads as its CPU thread count (and a note), when given."""
+    if threads is None or threads == plan.runtime.cpu_threads:
+        return plan
+    return replace(
+        plan,
+        runtime=replace(plan.runtime, cpu_threads=threads),
+        notes=(
+            *plan.notes,
+            f"--threads {threads}: the CPU share runs on {threads} threads; the predictions "
+            f"assume the profile's {plan.runtime.cpu_threads}",
+        ),
+    )
+
+
+def make_cpu_case(
+    ref: ModelRef, o: BenchOptions, profile: dict, identity: dict
+) -> tuple[Plan | None, ModelRef | None, str | None]:
+    """(all-CPU plan, the model in its run dtype, error) of the `cpu` arm
+    (run.builders.all_cpu_formats_plan: the profile's CPU formats per phase)."""
+    req = PlanRequest(
+        prompt_len=o.prompt_len,
+        max_new_tokens=o.max_new_tokens,
+        cpu_dtype=o.cpu_dtype,
+        model_arg=o.model or o.synthetic or "",
+    )
+    try:
+        plan, cpu_ref = all_cpu_formats_plan(ref, profile, identity, req)
+    except PlanError as exc:
+        return None, None, exc.message
+    return _with_threads(plan, o.threads), cpu_ref, None
+
+
 def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
     """Load the profile, resolve the model and plan every budget (no weights read;
     --synthetic writes its random checkpoint once)."""
     has_cuda = cuda_available()
     profile, identity = load_or_measure(o.profile, progress)
-    if o.cpu_dtype and not gemv_entries(profile, o.cpu_dtype):
-        measured = sorted({m["dtype"] for m in profile["cpu"]["gemv"]})
-        raise ProfileError(
-            f"the profile has no CPU GEMV measurements for {o.cpu_dtype}",
-            f"pass --cpu-dtype {' or '.join(measured)}, or re-run `hetegen profile`",
-        )
+    check_forced_formats(profile, cpu_dtype_pair(o.cpu_dtype))
     ref, model_doc = resolve_bench_model(o, progress)
     for message in ref.warnings:
         warn(message)
@@ -224,4 +244,18 @@ def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
     cases = make_cases(ref, o, profile, identity)
     arms = [a for a in RUN_ORDER if a in (o.arms or default_arms(has_cuda))]
     ids = prompt_ids(ref.spec.vocab_size, o.prompt_len, o.seed)
-    return Prepared(o, ref, model_doc, profile, identity, ids, cases, arms, has_cuda)
+    cpu_plan, cpu_ref, cpu_error = make_cpu_case(ref, o, profile, identity) if "cpu" in arms else (None,) * 3
+    return Prepared(
+        o,
+        ref,
+        model_doc,
+        profile,
+        identity,
+        ids,
+        cases,
+        arms,
+        has_cuda,
+        cpu_plan=cpu_plan,
+        cpu_ref=cpu_ref,
+        cpu_plan_error=cpu_error,
+    )

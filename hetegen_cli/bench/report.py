@@ -68,13 +68,19 @@ def _rel_error(measured: float | None, predicted: float | None) -> float | None:
     return None if r is None else r - 1.0
 
 
-def prediction(arm: str, entry: dict, plan: dict | None) -> tuple[dict | None, dict | None]:
-    """(the planner's figures for this arm, relative errors measured/predicted - 1)."""
+def prediction(
+    arm: str, entry: dict, plan: dict | None, cpu_plan: dict | None = None
+) -> tuple[dict | None, dict | None]:
+    """(the planner's figures for this arm, relative errors measured/predicted - 1). The `cpu`
+    and `reference` arms are predicted by the all-CPU plan (`cpu_plan`, a Plan.summary)."""
+    if arm in ("cpu", "reference"):
+        plan = cpu_plan
     if plan is None or arm not in PREDICTION_KEYS:
         return None, None
     runtime = plan["runtime"]
-    if arm == "reference" and runtime["cpu_dtype"] != runtime["weights_dtype"]:
-        return None, None  # the CPU-only prediction is for the CPU dtype
+    formats = (runtime["cpu_dtype_prefill"], runtime["cpu_dtype_decode"])
+    if arm == "reference" and formats != (runtime["weights_dtype"],) * 2:
+        return None, None  # the CPU-only prediction is for the CPU formats, not the weights dtype
     pred = (plan["predictions"] or {}).get(PREDICTION_KEYS[arm])
     if not pred:
         return None, None
@@ -113,9 +119,10 @@ def own_bound_s(arm: str, bounds: dict, weight_bytes: int) -> tuple[str | None, 
 BUDGET_FREE_ARMS = ("reference", "gpu")
 
 
-def derive(section: dict, shared: dict | None = None) -> None:
+def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = None) -> None:
     """Add metrics, predictions, bounds, token checks and ratios to one budget section.
-    `shared`: budget-free arms measured at other budgets, for the token check."""
+    `shared`: budget-free arms measured at other budgets, for the token check; `cpu_plan`:
+    the all-CPU plan's summary, which predicts the `cpu` and `reference` arms."""
     entries = {e["arm"]: e for e in section["arms"]}
     plan = section.get("plan")
     bounds = (plan or {}).get("bounds") or {}
@@ -125,7 +132,7 @@ def derive(section: dict, shared: dict | None = None) -> None:
     for arm, e in entries.items():
         if e.get("status") != "ok":
             continue
-        e["prediction"], e["prediction_error"] = prediction(arm, e, plan)
+        e["prediction"], e["prediction_error"] = prediction(arm, e, plan, cpu_plan)
         name, own = own_bound_s(arm, bounds, section.get("model_weight_bytes") or 0)
         decode = e["metrics"]["decode_tokens_per_s"]["mean"]
         hybrid = bounds.get("hybrid_s_per_token", bounds.get("bound_s_per_token"))
@@ -141,11 +148,11 @@ def derive(section: dict, shared: dict | None = None) -> None:
         base = token_baseline(arm, {**candidates, arm: e})
         e["token_check"] = token_check(e, candidates.get(base), base)
         e["ratios"] = {}
-        for other in ("offload", "layer-split"):
-            o = entries.get(other, {})
+        for other in ("reference", "offload", "layer-split"):
+            o = entries.get(other) or (shared or {}).get(other) or {}
             e["ratios"][f"vs_{other.replace('-', '_')}"] = {
                 m: ratio(_mean(e, m), _mean(o, m)) if o else None
-                for m in ("decode_tokens_per_s", "end_to_end_tokens_per_s")
+                for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s")
             }
 
 
@@ -158,7 +165,7 @@ def finish(doc: dict) -> dict:
             if e["arm"] in BUDGET_FREE_ARMS and e.get("status") == "ok":
                 shared.setdefault(e["arm"], e)
     for i, section in enumerate(doc["budgets"]):
-        derive(section, shared)
+        derive(section, shared, doc.get("cpu_plan"))
         for e in section["arms"]:
             if e["status"] != "ok":
                 skipped.append(

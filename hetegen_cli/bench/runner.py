@@ -148,6 +148,8 @@ def run_bench(
                 p.has_cuda,
                 threads,
                 {"prompt_len": o.prompt_len, "max_new_tokens": o.max_new_tokens},
+                p.cpu_plan,
+                p.cpu_ref,
             )
             entries.append(_one_arm(ctx, p, runners, done, index, progress, task))
             if on_update is not None:
@@ -194,6 +196,8 @@ def _skeleton(p: Prepared) -> dict:
             "platform": platform.platform(),
         },
         "arms_requested": list(p.arms),
+        "cpu_plan": p.cpu_plan.summary() if p.cpu_plan else None,
+        "cpu_plan_error": p.cpu_plan_error,
         "budgets": [],
     }
 

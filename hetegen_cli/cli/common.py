@@ -21,6 +21,7 @@ from hetegen_cli.core.errors import HetegenError, InputError, UsageError
 from hetegen_cli.core.jsonio import check_output_path
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.units import parse_size
+from hetegen_cli.plan.request import cpu_dtype_pair
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +56,9 @@ WeightsDtypeOption = Annotated[
 CpuDtypeOption = Annotated[
     str | None,
     typer.Option(
-        "--cpu-dtype", help="Dtype of the CPU share. Default: the profile's fastest GEMV dtype in params/s."
+        "--cpu-dtype",
+        help="Dtype of the CPU share: one for both phases, or PREFILL,DECODE (e.g. bfloat16,float32). "
+        "Default: chosen per phase from the profile (docs/plan.md, 'CPU formats').",
     ),
 ]
 PromptLenOption = Annotated[int, typer.Option("--prompt-len", help="Prompt tokens (prefill).")]
@@ -90,6 +93,12 @@ def dtype_arg(value: str | None, flag: str) -> str | None:
     if value is not None and value not in WEIGHT_DTYPES:
         raise UsageError(f"unknown {flag} {value!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
     return value
+
+
+def cpu_dtype_arg(value: str | None) -> str | None:
+    """--cpu-dtype: one dtype for both phases or PREFILL,DECODE; None lets the planner choose."""
+    pair = cpu_dtype_pair(value)
+    return None if pair is None else ",".join(dict.fromkeys(pair))
 
 
 def output_arg(value: Path | None, flag: str = "--output") -> Path | None:

@@ -14,6 +14,7 @@ from hetegen_cli.cli.common import (
     ProfileOption,
     PromptLenOption,
     WeightsDtypeOption,
+    cpu_dtype_arg,
     dtype_arg,
     guarded,
     input_file_arg,
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
             cpu_budget_bytes=size_bytes(cpu_memory, "--cpu-memory"),
-            cpu_dtype=dtype_arg(cpu_dtype, "--cpu-dtype"),
+            cpu_dtype=cpu_dtype_arg(cpu_dtype),
             reserve_bytes=size_bytes(reserve, "--reserve"),
             model_arg=model or "",
         )
@@ -126,7 +127,13 @@ def render(plan: Any, explain: bool) -> None:
     prof = plan.profile or {}
     console.print(
         f"Profile: {prof.get('path')} ({prof.get('cpu_model')}; GPU "
-        f"{prof.get('gpu_name') or 'none'}); CPU share in {rt.cpu_dtype}, "
+        f"{prof.get('gpu_name') or 'none'}); CPU share in "
+        + (
+            rt.cpu_dtype_prefill
+            if rt.cpu_dtype_prefill == rt.cpu_dtype_decode
+            else f"{rt.cpu_dtype_prefill} (prefill) and {rt.cpu_dtype_decode} (decode)"
+        )
+        + ", "
         f"{rt.cpu_threads} threads",
         highlight=False,
     )

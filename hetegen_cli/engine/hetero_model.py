@@ -4,8 +4,8 @@
 split linear named in the placements with a `HeteroLinear`, then reads each tensor from the
 safetensors files straight into its final home:
 
-- split linears: rows into host buffers (weights dtype, pinned on CUDA when asked), plus the
-  CPU-dtype copy of the CPU rows when that dtype differs;
+- split linears: rows into host buffers (weights dtype, pinned on CUDA when asked), plus a
+  copy of the CPU rows in each phase's CPU dtype that differs from it;
 - everything else (embeddings, norms, biases, resident linears, the LM head unless a placement
   names "lm_head"): the backend's device, in the weights dtype.
 
@@ -66,7 +66,8 @@ def load_hetero_model(
             "pass a model folder, a .gguf file, or a hub id that is cached locally",
         )
     folder = Path(ref.path)
-    wdt, cdt = torch_dtype(runtime.weights_dtype), torch_dtype(runtime.cpu_dtype)
+    wdt = torch_dtype(runtime.weights_dtype)
+    cdt = tuple(torch_dtype(d) for d in runtime.cpu_dtypes)  # (prefill, decode)
     model = _meta_model(folder, wdt)
     modules = dict(model.named_modules())
     _check_projections(ref, modules)
@@ -112,11 +113,7 @@ def load_hetero_model(
     model.hetegen_engine = context
     _load_generation_config(model, folder)
     cpu_rows = any(p.max_cpu_rows for p in split)
-    compute = (
-        runtime.weights_dtype
-        if not cpu_rows or runtime.cpu_dtype == runtime.weights_dtype
-        else f"{runtime.weights_dtype}+{runtime.cpu_dtype}"
-    )
+    compute = runtime.compute_label if cpu_rows else runtime.weights_dtype
     return LoadedModel(
         model=model,
         device=str(backend.device),
@@ -202,7 +199,7 @@ def _check_ram(
     model: nn.Module, split: list[LinearPlacement], runtime: RuntimeSettings, backend: Backend
 ) -> None:
     """Refuse before loading when the host-held weights would not fit in available RAM."""
-    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtype)["total_bytes"]
+    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes)["total_bytes"]
     if not backend.is_cuda:  # the stand-in "device" is host memory too
         split_names = {p.name for p in split}
         rest = {id(t): t.numel() for n, t in _named_tensors(model) if n.rpartition(".")[0] not in split_names}
@@ -235,7 +232,7 @@ def _install_split(
     reader: CheckpointReader,
     context: EngineContext,
     wdt: torch.dtype,
-    cdt: torch.dtype,
+    cdt: tuple[torch.dtype, torch.dtype],
     tied: bool,
     embed_key: str | None,
 ) -> None:
@@ -249,8 +246,8 @@ def _install_split(
         p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), wdt, cdt, context.arena
     )
     reader.copy_rows(key, host.gpu_home, start=host.row0)
-    if host.separate_cpu_copy:
-        reader.copy_rows(key, host.cpu_home, start=0)
+    for copy in host.copies.values():
+        reader.copy_rows(key, copy, start=0)
     bias = None
     if linear.bias is not None:
         bias_key = reader.key_for(f"{p.name}.bias")

@@ -1,11 +1,11 @@
 """Where a split linear's weight lives in host memory (`HostWeight`).
 
 - `gpu_home`: rows `[row0, out)` in the weights dtype, ONE row-contiguous buffer (pinned on
-  CUDA when asked), so the GPU share of either phase, rows `[k, out)`, is a view. When the CPU
-  dtype equals the weights dtype, `row0 = 0` and the CPU rows are views of the same buffer.
-- `cpu_home`: rows `[0, max_cpu_rows)` in the CPU dtype, only when that dtype differs from the
-  weights dtype (then `row0 = min(cpu_rows_prefill, cpu_rows_decode)`: rows no phase ever sends
-  to the GPU are not kept twice). Row counts come from plan.memory.held_rows, which the
+  CUDA when asked), so the GPU share of either phase, rows `[k, out)`, is a view. A phase whose
+  CPU share is computed in the weights dtype reads views of it too (then `row0 = 0`).
+- `copies`: for each other CPU dtype a phase computes in, rows `[0, k)` in that dtype (k the
+  largest CPU share of the phases using it), pageable. Rows no phase streams or computes in
+  the weights dtype are not kept in it. Row counts come from plan.memory.held_rows, which the
   planner's and the engine's RAM checks use too.
 
 Every `gpu_home` is a view into one `HostArena` per model: one block of exactly the bytes the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetegen_cli.core.devices import Backend
+from hetegen_cli.core.devices import Backend, dtype_name, torch_dtype
 from hetegen_cli.plan.memory import arena_bytes, held_rows
 
 
@@ -60,25 +60,40 @@ class HostArena:
 
 @dataclass
 class HostWeight:
-    """Host-held weight of one split linear. Shapes: gpu_home [out - row0, in], cpu_home [kmax, in]."""
+    """Host-held weight of one split linear. Shapes: gpu_home [out - row0, in], each copy
+    [rows, in] in its dtype."""
 
     out_features: int
     in_features: int
     row0: int  # first row held in gpu_home
     gpu_home: torch.Tensor  # weights dtype, in the (pinned) HostArena
-    cpu_home: torch.Tensor  # CPU dtype; a view of gpu_home when the dtypes agree
+    copies: dict[torch.dtype, torch.Tensor]  # CPU-share rows [0, rows) in other dtypes
     pinned: bool
 
     @staticmethod
+    def held(
+        out_features: int,
+        cpu_rows: tuple[int, int],
+        weights_dtype: torch.dtype,
+        cpu_dtypes: tuple[torch.dtype, torch.dtype],
+    ) -> tuple[int, dict[torch.dtype, int]]:
+        """plan.memory.held_rows in torch dtypes: (row0, {dtype: rows})."""
+        row0, copies = held_rows(
+            out_features, cpu_rows, tuple(dtype_name(d) for d in cpu_dtypes), dtype_name(weights_dtype)
+        )
+        return row0, {torch_dtype(d): rows for d, rows in copies.items()}
+
+    @classmethod
     def arena_need(
+        cls,
         out_features: int,
         in_features: int,
         cpu_rows: tuple[int, int],
         weights_dtype: torch.dtype,
-        cpu_dtype: torch.dtype,
+        cpu_dtypes: tuple[torch.dtype, torch.dtype],
     ) -> int:
         """Arena bytes `allocate` will take for this linear (plan.memory counts the same)."""
-        row0, _ = held_rows(out_features, cpu_rows, cpu_dtype != weights_dtype)
+        row0, _ = cls.held(out_features, cpu_rows, weights_dtype, cpu_dtypes)
         return arena_bytes((out_features - row0) * in_features * weights_dtype.itemsize)
 
     @classmethod
@@ -88,18 +103,17 @@ class HostWeight:
         in_features: int,
         cpu_rows: tuple[int, int],
         weights_dtype: torch.dtype,
-        cpu_dtype: torch.dtype,
+        cpu_dtypes: tuple[torch.dtype, torch.dtype],
         arena: HostArena,
     ) -> HostWeight:
-        """Empty buffers for a linear whose CPU share is `cpu_rows` = (prefill, decode) rows:
-        the weights-dtype rows from `arena`, a CPU-dtype copy (pageable) when dtypes differ."""
-        same = cpu_dtype == weights_dtype
-        row0, copy_rows = held_rows(out_features, cpu_rows, not same)
-        kmax = max(cpu_rows)
+        """Empty buffers for a linear whose CPU share is `cpu_rows` = (prefill, decode) rows
+        computed in `cpu_dtypes` = (prefill, decode): the weights-dtype rows from `arena`, a
+        pageable copy per other CPU dtype."""
+        row0, rows = cls.held(out_features, cpu_rows, weights_dtype, cpu_dtypes)
         gpu_home = arena.take((out_features - row0, in_features), weights_dtype)
         with torch.inference_mode(False):
-            cpu_home = gpu_home[:kmax] if same else torch.empty((copy_rows, in_features), dtype=cpu_dtype)
-        return cls(out_features, in_features, row0, gpu_home, cpu_home, arena.pinned)
+            copies = {d: torch.empty((n, in_features), dtype=d) for d, n in rows.items()}
+        return cls(out_features, in_features, row0, gpu_home, copies, arena.pinned)
 
     @classmethod
     def from_tensor(
@@ -107,28 +121,32 @@ class HostWeight:
         weight: torch.Tensor,
         cpu_rows: tuple[int, int],
         weights_dtype: torch.dtype,
-        cpu_dtype: torch.dtype,
+        cpu_dtypes: tuple[torch.dtype, torch.dtype],
         backend: Backend,
         pin: bool,
     ) -> HostWeight:
         """A HostWeight filled from an in-memory weight [out, in] (tests, small models), in an
         arena of its own."""
         out, inp = weight.shape
-        arena = HostArena(cls.arena_need(out, inp, cpu_rows, weights_dtype, cpu_dtype), backend, pin)
-        host = cls.allocate(out, inp, cpu_rows, weights_dtype, cpu_dtype, arena)
+        arena = HostArena(cls.arena_need(out, inp, cpu_rows, weights_dtype, cpu_dtypes), backend, pin)
+        host = cls.allocate(out, inp, cpu_rows, weights_dtype, cpu_dtypes, arena)
         with torch.no_grad():
             host.gpu_home.copy_(weight[host.row0 :])
-            if host.cpu_home.data_ptr() != host.gpu_home.data_ptr() and host.cpu_home.shape[0]:
-                host.cpu_home.copy_(weight[: host.cpu_home.shape[0]])
+            for copy in host.copies.values():
+                copy.copy_(weight[: copy.shape[0]])
         return host
 
-    @property
-    def separate_cpu_copy(self) -> bool:
-        return self.cpu_home.shape[0] > 0 and self.cpu_home.dtype != self.gpu_home.dtype
-
-    def cpu_rows(self, k: int) -> torch.Tensor:
-        """Rows [0, k) for the CPU share: [k, in], CPU dtype, contiguous view."""
-        return self.cpu_home[:k]
+    def cpu_rows(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [0, k) for the CPU share in `dtype`: [k, in], contiguous view."""
+        if dtype == self.gpu_home.dtype:
+            if k > 0 and self.row0 > 0:
+                raise ValueError(f"rows from 0 requested in {dtype} but only rows from {self.row0} are held")
+            return self.gpu_home[:k]
+        copy = self.copies.get(dtype)
+        if copy is None or copy.shape[0] < k:
+            held = 0 if copy is None else copy.shape[0]
+            raise ValueError(f"{k} CPU rows requested in {dtype} but {held} are held")
+        return copy[:k]
 
     def gpu_rows(self, k: int) -> torch.Tensor:
         """Rows [k, out) for the GPU share: [out - k, in], weights dtype, contiguous view."""
@@ -142,5 +160,5 @@ class HostWeight:
 
     @property
     def cpu_copy_bytes(self) -> int:
-        """Bytes of the separate CPU-dtype copy (0 when the CPU reads gpu_home)."""
-        return self.cpu_home.numel() * self.cpu_home.element_size() if self.separate_cpu_copy else 0
+        """Bytes of the copies in other CPU dtypes (0 when the CPU reads gpu_home only)."""
+        return sum(c.numel() * c.element_size() for c in self.copies.values())

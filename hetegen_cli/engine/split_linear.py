@@ -115,8 +115,11 @@ class EngineContext:
         self.backend = backend
         self.runtime = runtime
         self.weights_dtype = torch_dtype(runtime.weights_dtype)
-        self.cpu_dtype = torch_dtype(runtime.cpu_dtype)
+        self.cpu_dtypes = tuple(torch_dtype(d) for d in runtime.cpu_dtypes)  # (prefill, decode)
         self.phase = "decode"
+        # False once finalize() sees that no linear streams in any phase on the CPU backend:
+        # then every linear computes whole, inline, from weight views cached per phase
+        self.streaming = True
         self.stats = EngineStats()
         self.linears: list[HeteroLinear] = []
         self.scheduler: PrefetchScheduler | None = None  # built by finalize()
@@ -132,6 +135,11 @@ class EngineContext:
         self.arena: HostArena | None = None  # the host-held weights, set by the loader
         self.closed = False
 
+    @property
+    def cpu_dtype(self) -> torch.dtype:
+        """The CPU share's dtype in the current phase."""
+        return self.cpu_dtypes[self.phase == "decode"]
+
     def register(self, linear: HeteroLinear) -> None:
         self.linears.append(linear)
         self.scheduler = None  # the staging buffers must fit the new linear too
@@ -142,6 +150,11 @@ class EngineContext:
             self.scheduler = PrefetchScheduler(
                 self.backend, self.linears, self.runtime, self.weights_dtype, self.stats
             )
+            self.streaming = self.backend.is_cuda or any(
+                lin.placement.max_gpu_stream_rows for lin in self.linears
+            )
+            for lin in self.linears:
+                lin.whole = None if self.streaming else lin.whole_weights()
 
     def begin_pass(self, phase: str) -> None:
         """Called once per model forward (a pre-hook): sets the phase, lets prefetch track order."""
@@ -219,6 +232,7 @@ class EngineContext:
         if self.closed:
             return
         self.closed = True
+        self.streaming = True  # a closed engine takes the checked path, which refuses to run
         self._worker.shutdown(wait=True)
         self.backend.synchronize()
         if self.arena is not None:
@@ -250,6 +264,7 @@ class HeteroLinear(nn.Module):
         self.out_features = placement.out_features
         self.host = host
         self.ctx = ctx
+        self.whole: tuple[torch.Tensor, torch.Tensor] | None = None  # set by ctx.finalize()
         if bias is None:
             self.register_parameter("bias", None)
         else:
@@ -265,7 +280,7 @@ class HeteroLinear(nn.Module):
             linear.weight.detach(),
             (placement.cpu_rows_prefill, placement.cpu_rows_decode),
             ctx.weights_dtype,
-            ctx.cpu_dtype,
+            ctx.cpu_dtypes,
             ctx.backend,
             ctx.runtime.pin_weights,
         )
@@ -282,6 +297,8 @@ class HeteroLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (device) -> y [..., out] (device, x's dtype)."""
         ctx = self.ctx
+        if not ctx.streaming:  # all-CPU on the CPU backend: no pipeline, no thread hand-off
+            return self._whole_forward(x)
         if ctx.closed:
             raise RuntimeError("this model's engine is closed; load the model again")
         if ctx.scheduler is None:
@@ -298,10 +315,12 @@ class HeteroLinear(nn.Module):
             # is the same in both phases
             _, slot = ctx.scheduler.acquire(self, k)  # nothing staged for k == out
             ctx.scheduler.release(slot)
-            y_cpu = ctx.finish_cpu_share(ctx.start_cpu_share(x2, self.host.cpu_rows(k), inline=True))
+            y_cpu = ctx.finish_cpu_share(
+                ctx.start_cpu_share(x2, self.host.cpu_rows(k, ctx.cpu_dtype), inline=True)
+            )
             y_gpu = None
         else:
-            pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k)) if k > 0 else None
+            pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k, ctx.cpu_dtype)) if k > 0 else None
             try:
                 w_gpu, slot = ctx.scheduler.acquire(self, k)  # [out - k, in] on the device
                 y_gpu = F.linear(x2, w_gpu)  # [n, out - k]
@@ -317,3 +336,25 @@ class HeteroLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def whole_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefill, decode) views of the whole weight [out, in] in each phase's CPU dtype."""
+        return tuple(self.host.cpu_rows(self.out_features, dtype) for dtype in self.ctx.cpu_dtypes)  # type: ignore[return-value]
+
+    def _whole_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole layer on the calling thread in the phase's CPU dtype, from views cached at
+        finalize: activations are converted at the boundary, weights never. The same numbers
+        as the pipelined path with k = out (x -> weights dtype -> CPU dtype -> weights dtype)."""
+        ctx = self.ctx
+        ctx.stats.split_calls += 1
+        start = time.perf_counter()
+        w = self.whole[ctx.phase == "decode"]
+        wdt = ctx.weights_dtype
+        xw = x if x.dtype == wdt else x.to(wdt)
+        y = F.linear(xw if xw.dtype == w.dtype else xw.to(w.dtype), w)  # [..., out]
+        if y.dtype != wdt:
+            y = y.to(wdt)
+        if self.bias is not None:
+            y = y + self.bias
+        ctx.stats.cpu_compute_s += time.perf_counter() - start
+        return y if y.dtype == x.dtype else y.to(x.dtype)

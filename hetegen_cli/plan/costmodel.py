@@ -63,6 +63,43 @@ class Rates:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@dataclass(frozen=True)
+class PhaseRates:
+    """The hardware as each phase sees it: the same GPU, PCIe and DRAM, the CPU share in that
+    phase's format (its GEMM rate matters in prefill, its GEMV rate in decode)."""
+
+    prefill: Rates
+    decode: Rates
+
+    @classmethod
+    def of(cls, rates: Rates | PhaseRates) -> PhaseRates:
+        """`rates` itself, or one Rates used for both phases."""
+        return rates if isinstance(rates, PhaseRates) else cls(rates, rates)
+
+    def __getitem__(self, phase: str) -> Rates:
+        return self.prefill if phase == "prefill" else self.decode
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.decode.has_gpu
+
+    @property
+    def weights_dtype(self) -> str:
+        return self.decode.weights_dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.decode.weight_bytes
+
+    @property
+    def cpu_dtypes(self) -> tuple[str, str]:
+        """(prefill, decode) CPU dtypes."""
+        return self.prefill.cpu_dtype, self.decode.cpu_dtype
+
+    def to_dict(self) -> dict:
+        return {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict()}
+
+
 # --- per-row costs (seconds per output row of a share) -------------------------------------
 
 

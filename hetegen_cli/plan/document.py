@@ -81,7 +81,8 @@ class RuntimeSettings:
     """How the engine executes the placements."""
 
     weights_dtype: str = "float16"  # dtype of GPU-side (streamed and resident) weights
-    cpu_dtype: str = "float32"  # dtype the CPU share is computed in
+    cpu_dtype_prefill: str = "float32"  # dtype the CPU share is computed in during prefill
+    cpu_dtype_decode: str = "float32"  # ... and during decode
     cpu_threads: int = 1  # torch intra-op threads for the CPU share
     staging_buffers: int = 2  # rotating GPU receive buffers for streamed shares
     prefetch_depth: int = 1  # streamed shares issued ahead of the one computing
@@ -90,12 +91,28 @@ class RuntimeSettings:
     requires_gpu: bool = True  # False for all-CPU plans
     extra: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def cpu_dtypes(self) -> tuple[str, str]:
+        """(prefill, decode) CPU dtypes."""
+        return self.cpu_dtype_prefill, self.cpu_dtype_decode
+
+    def cpu_dtype_for(self, phase: str) -> str:
+        """The CPU dtype of phase 'prefill' or 'decode'."""
+        return self.cpu_dtype_prefill if phase == "prefill" else self.cpu_dtype_decode
+
+    @property
+    def compute_label(self) -> str:
+        """The formats this runtime computes in, e.g. 'float16+bfloat16' (weights dtype first)."""
+        names = [self.weights_dtype]
+        names += [d for d in self.cpu_dtypes if d not in names]
+        return "+".join(names)
+
 
 # --- the plan document ---------------------------------------------------------------------
 
 PLAN_KIND = "hetegen.plan"
-PLAN_SCHEMA_VERSION = 1
-SUPPORTED_PLAN_VERSIONS = (1,)
+PLAN_SCHEMA_VERSION = 2  # 2: the CPU dtype per phase (runtime.cpu_dtype_prefill/_decode)
+SUPPORTED_PLAN_VERSIONS = (1, 2)
 PHASES = ("prefill", "decode")
 
 
@@ -132,7 +149,8 @@ class Plan:
     predictions: dict = field(default_factory=dict)  # strategy -> figures
     bounds: dict = field(default_factory=dict)
     residency: dict = field(default_factory=dict)  # how the resident set was chosen
-    rates: dict = field(default_factory=dict)  # costmodel.Rates used
+    rates: dict = field(default_factory=dict)  # costmodel.PhaseRates used ({prefill, decode})
+    cpu_formats: dict = field(default_factory=dict)  # how the CPU dtype per phase was chosen
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     created_utc: str = ""
@@ -171,6 +189,9 @@ class Plan:
             "split_count": len(split),
             "mean_cpu_fraction_prefill": mean([p.cpu_fraction_prefill for p in split]),
             "mean_cpu_fraction_decode": mean([p.cpu_fraction_decode for p in split]),
+            "cpu_formats": {
+                k: self.cpu_formats[k] for k in ("prefill", "decode", "reason") if k in self.cpu_formats
+            },
             "layer_split_gpu_layers": ((self.predictions or {}).get("layer_split") or {}).get("gpu_layers"),
             "predictions": self.predictions,
             "bounds": self.bounds,
@@ -213,6 +234,7 @@ class Plan:
             "memory": self.memory,
             "runtime": runtime_to_dict(self.runtime),
             "rates": self.rates,
+            "cpu_formats": self.cpu_formats,
             "predictions": self.predictions,
             "bounds": self.bounds,
             "residency": self.residency,
@@ -225,7 +247,8 @@ class Plan:
 def runtime_to_dict(runtime: RuntimeSettings) -> dict:
     return {
         "weights_dtype": runtime.weights_dtype,
-        "cpu_dtype": runtime.cpu_dtype,
+        "cpu_dtype_prefill": runtime.cpu_dtype_prefill,
+        "cpu_dtype_decode": runtime.cpu_dtype_decode,
         "cpu_threads": runtime.cpu_threads,
         "staging_buffers": runtime.staging_buffers,
         "prefetch_depth": runtime.prefetch_depth,

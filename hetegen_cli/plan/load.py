@@ -79,7 +79,8 @@ class LinearDoc(Schema):
 
 class RuntimeDoc(Schema):
     weights_dtype: WeightDtype
-    cpu_dtype: WeightDtype
+    cpu_dtype_prefill: WeightDtype
+    cpu_dtype_decode: WeightDtype
     cpu_threads: Annotated[StrictInt, Field(ge=1, le=4096)]
     staging_buffers: Annotated[StrictInt, Field(ge=0, le=64)]
     prefetch_depth: Annotated[StrictInt, Field(ge=0, le=64)]
@@ -151,6 +152,7 @@ class PlanDoc(Schema):
     memory: MemoryDoc = MemoryDoc()
     runtime: RuntimeDoc
     rates: dict[str, Any] = Field(default_factory=dict)
+    cpu_formats: dict[str, Any] = Field(default_factory=dict)
     predictions: dict[str, Prediction | None] = Field(default_factory=dict)
     bounds: dict[str, Finite | None] = Field(default_factory=dict)
     residency: dict[str, Any] = Field(default_factory=dict)
@@ -188,6 +190,7 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
             f"schema_version={version!r})",
             "re-run `hetegen plan` with this version of hetegen",
         )
+    doc = _upgrade(doc)
     parsed = check(PlanDoc, doc, source=source, error=PlanError, hint=_HINT)
     placements, estimates = [], []
     for lin in parsed.linears:
@@ -216,7 +219,8 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
     rt = parsed.runtime
     runtime = RuntimeSettings(
         weights_dtype=rt.weights_dtype,
-        cpu_dtype=rt.cpu_dtype,
+        cpu_dtype_prefill=rt.cpu_dtype_prefill,
+        cpu_dtype_decode=rt.cpu_dtype_decode,
         cpu_threads=rt.cpu_threads,
         staging_buffers=rt.staging_buffers,
         prefetch_depth=rt.prefetch_depth,
@@ -238,7 +242,19 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         bounds=dict(doc.get("bounds") or {}),
         residency=dict(doc.get("residency") or {}),
         rates=dict(doc.get("rates") or {}),
+        cpu_formats=dict(parsed.cpu_formats),
         warnings=tuple(parsed.warnings),
         notes=tuple(parsed.notes),
         created_utc=parsed.created_utc,
     )
+
+
+def _upgrade(doc: dict) -> dict:
+    """A schema-1 plan in the current schema: its one `runtime.cpu_dtype` serves both phases.
+    (A copy; a runtime that is not an object is left for the schema to reject.)"""
+    runtime = doc.get("runtime")
+    if doc.get("schema_version") != 1 or not isinstance(runtime, dict) or "cpu_dtype" not in runtime:
+        return doc
+    runtime = {k: v for k, v in runtime.items() if k != "cpu_dtype"}
+    runtime["cpu_dtype_prefill"] = runtime["cpu_dtype_decode"] = doc["runtime"]["cpu_dtype"]
+    return {**doc, "runtime": runtime}

@@ -57,31 +57,48 @@ def whole_model_gpu_bytes(spec: ModelSpec, req: PlanRequest, dtype: str | None =
     return int(model * scale) + req.reserve_bytes
 
 
-def held_rows(out_features: int, cpu_rows: tuple[int, int], separate_cpu_copy: bool) -> tuple[int, int]:
-    """(row0, copy_rows) of one split linear's host buffers: rows [row0, out) in the weights
-    dtype (the GPU share of either phase is a view of them) and, when the CPU dtype differs
-    (`separate_cpu_copy`), rows [0, copy_rows) in the CPU dtype. Rows no phase streams are
-    then not kept twice."""
-    if not separate_cpu_copy:
-        return 0, 0
-    return min(cpu_rows), max(cpu_rows)
+def held_rows(
+    out_features: int, cpu_rows: tuple[int, int], cpu_dtypes: tuple[str, str], weights_dtype: str
+) -> tuple[int, dict[str, int]]:
+    """(row0, {dtype: rows}) of one split linear's host buffers, for CPU rows (prefill,
+    decode) computed in `cpu_dtypes` (prefill, decode).
+
+    Rows [row0, out) are held in the weights dtype: the GPU share of either phase, rows
+    [k, out), is a view of them, and so is a CPU share computed in the weights dtype (then
+    row0 = 0). Each other CPU dtype gets its own copy of rows [0, max k of the phases using
+    it). Rows no phase streams or computes in the weights dtype are not kept in it.
+    """
+    row0 = min(cpu_rows)
+    copies: dict[str, int] = {}
+    for k, dtype in zip(cpu_rows, cpu_dtypes, strict=True):
+        if k == 0:
+            continue
+        if dtype == weights_dtype:
+            row0 = 0
+        else:
+            copies[dtype] = max(copies.get(dtype, 0), k)
+    return row0, copies
 
 
 def host_memory(
-    placements: Iterable[LinearPlacement], weights_dtype: str, cpu_dtype: str, other_bytes: int = 0
+    placements: Iterable[LinearPlacement],
+    weights_dtype: str,
+    cpu_dtypes: tuple[str, str],
+    other_bytes: int = 0,
 ) -> dict[str, int]:
     """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`: exactly what
     the engine allocates. `weights_bytes` is the arena (pinned on a GPU machine), aligned per
-    weight; `cpu_copy_bytes` the separate CPU-dtype copies (pageable)."""
-    separate = cpu_dtype != weights_dtype
-    wbytes, cbytes = itemsize(weights_dtype), itemsize(cpu_dtype)
+    weight; `cpu_copy_bytes` the copies in other CPU dtypes (pageable)."""
+    wbytes = itemsize(weights_dtype)
     weights = copy = 0
     for p in placements:
         if p.resident:
             continue
-        row0, copy_rows = held_rows(p.out_features, (p.cpu_rows_prefill, p.cpu_rows_decode), separate)
+        row0, copies = held_rows(
+            p.out_features, (p.cpu_rows_prefill, p.cpu_rows_decode), cpu_dtypes, weights_dtype
+        )
         weights += arena_bytes((p.out_features - row0) * p.in_features * wbytes)
-        copy += copy_rows * p.in_features * cbytes
+        copy += sum(rows * p.in_features * itemsize(d) for d, rows in copies.items())
     return {
         "weights_bytes": weights,
         "cpu_copy_bytes": copy,

@@ -72,9 +72,10 @@ def figures(req: PlanRequest, prefill_s: float, decode_s: float, gpu_memory_byte
     }
 
 
-def step_times(rates, spec, req, placements, phase, buffers, head_on_gpu, concurrent=True):
+def step_times(rates: cm.PhaseRates, spec, req, placements, phase, buffers, head_on_gpu, concurrent=True):
     """(per-linear ShareTimes, step seconds): the linears through the copy/compute pipeline,
     then the LM head (when not a placement) and attention on the GPU."""
+    rates = rates[phase]
     times = [
         cm.split_times(
             rates,
@@ -92,7 +93,7 @@ def step_times(rates, spec, req, placements, phase, buffers, head_on_gpu, concur
     return times, t + head + attention_for(rates, spec, req, phase, spec.num_layers, True)
 
 
-def offload_prediction(rates, spec, req, placements, head_on_gpu, buffers, gpu_bytes) -> dict:
+def offload_prediction(rates: cm.PhaseRates, spec, req, placements, head_on_gpu, buffers, gpu_bytes) -> dict:
     """Pure offloading (optimised streaming): the same resident set and staging buffers, every
     other weight streamed whole (cpu_fraction 0) at the solo PCIe rate, same pipeline."""
     zero = [
@@ -106,10 +107,11 @@ def offload_prediction(rates, spec, req, placements, head_on_gpu, buffers, gpu_b
     return figures(req, out["prefill"], out["decode"], gpu_bytes)
 
 
-def layer_split_prediction(rates, spec, req, budget: int, base_bytes: int) -> dict:
+def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_bytes: int) -> dict:
     """llama.cpp-style static split: decoder layers 0..k-1 whole on the GPU (with their KV),
     the CPU computes the rest whole (solo rate) one after the other; the LM head on the GPU
-    when it fits first. `base_bytes` = reserve + fixed + workspace (no staging, no KV)."""
+    when it fits first. `base_bytes` = reserve + fixed + workspace (no staging, no KV). The CPU
+    layers run in the decode format in both phases (one format per layer, as llama.cpp)."""
     room = budget - base_bytes
     untied = not spec.tie_word_embeddings
     head_gpu = not untied or spec.lm_head.weight_bytes <= room
@@ -124,6 +126,7 @@ def layer_split_prediction(rates, spec, req, budget: int, base_bytes: int) -> di
         room -= per_layer[gpu_layers]
         gpu_layers += 1
     out = {}
+    rates = rates.decode
     for phase in ("prefill", "decode"):
         t = 0.0
         for lin in spec.linears:
@@ -142,10 +145,11 @@ def layer_split_prediction(rates, spec, req, budget: int, base_bytes: int) -> di
     return result
 
 
-def cpu_only_prediction(rates, spec, req) -> dict:
+def cpu_only_prediction(phase_rates: cm.PhaseRates, spec, req) -> dict:
     """Everything on the CPU at its solo rate: every linear, the LM head, attention."""
     out = {}
     for phase in ("prefill", "decode"):
+        rates = phase_rates[phase]
         t = sum(
             cm.cpu_time(
                 rates, lin.out_features, lin.in_features, tokens_for(lin.role, req, phase), concurrent=False
@@ -160,8 +164,10 @@ def cpu_only_prediction(rates, spec, req) -> dict:
     return figures(req, out["prefill"], out["decode"], 0)
 
 
-def bounds(rates: cm.Rates, w_gpu: int, w_host: int, decode_s: float, cpu_plan: bool = False) -> dict:
-    """docs/method.md §11: per-token time >= W_gpu / B_hbm + W_host / X (solo rates)."""
+def bounds(rates: cm.PhaseRates, w_gpu: int, w_host: int, decode_s: float, cpu_plan: bool = False) -> dict:
+    """docs/method.md §11: per-token time >= W_gpu / B_hbm + W_host / X (solo rates, the
+    decode format's CPU rate)."""
+    rates = rates.decode
     b_cpu = rates.cpu_params_per_s * rates.weight_bytes  # in weight-dtype bytes
     b_dram = rates.dram_bytes_per_s
     result = {

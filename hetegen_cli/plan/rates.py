@@ -114,3 +114,23 @@ def rates_from_profile(
         gpu_flops_per_s=gpu_flops,
         **base,
     ), notes
+
+
+def cpu_formats(profile: dict) -> list[str]:
+    """CPU dtypes the profile measured both GEMV and GEMM for (the planner's candidates for
+    the CPU share's format), in the order they were measured."""
+    cpu = profile["cpu"]
+    gemm = {m["dtype"] for m in cpu["gemm"]}
+    return list(dict.fromkeys(m["dtype"] for m in cpu["gemv"] if m["dtype"] in gemm))
+
+
+def phase_rates_from_profile(
+    profile: dict, weights_dtype: str, cpu_dtypes: tuple[str, str], prefill_tokens: int
+) -> tuple[cm.PhaseRates, list[str]]:
+    """PhaseRates with the CPU share in cpu_dtypes = (prefill, decode); notes on fallbacks."""
+    notes: list[str] = []
+    fitted: dict[str, cm.Rates] = {}
+    for dtype in dict.fromkeys(cpu_dtypes):
+        fitted[dtype], more = rates_from_profile(profile, weights_dtype, dtype, prefill_tokens)
+        notes += [n for n in more if n not in notes]
+    return cm.PhaseRates(fitted[cpu_dtypes[0]], fitted[cpu_dtypes[1]]), notes

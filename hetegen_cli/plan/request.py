@@ -13,6 +13,20 @@ GiB = 1024**3
 DEFAULT_RESERVE_BYTES = 1 * GiB
 
 
+def cpu_dtype_pair(text: str | None) -> tuple[str, str] | None:
+    """--cpu-dtype as (prefill, decode): "D" for both phases or "P,D"; None stays None
+    (the planner chooses). UsageError for anything else."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 2 or any(p not in WEIGHT_DTYPES for p in parts):
+        raise UsageError(
+            f"unknown --cpu-dtype {text!r}",
+            f"use one of {', '.join(WEIGHT_DTYPES)}, or PREFILL,DECODE (e.g. bfloat16,float32)",
+        )
+    return parts[0], parts[-1]
+
+
 @dataclass(frozen=True)
 class PlanRequest:
     """The workload and budgets. Sizes in bytes; None = take it from the profile.
@@ -26,7 +40,7 @@ class PlanRequest:
     batch_size: int = 1
     gpu_budget_bytes: int | None = None
     cpu_budget_bytes: int | None = None
-    cpu_dtype: str | None = None  # None: the profile's fastest GEMV dtype
+    cpu_dtype: str | None = None  # None: chosen per phase; "D" both phases; "P,D" prefill, decode
     reserve_bytes: int = DEFAULT_RESERVE_BYTES
     staging_buffers: int = 2
     model_arg: str = ""
@@ -42,10 +56,7 @@ class PlanRequest:
                 raise UsageError(f"{flag} is {value}; it must be at least 1", f"pass {flag} 1 or more")
             if value > 2**24:
                 raise UsageError(f"{flag} is {value}; it must be at most {2**24}", f"pass a smaller {flag}")
-        if self.cpu_dtype is not None and self.cpu_dtype not in WEIGHT_DTYPES:
-            raise UsageError(
-                f"unknown --cpu-dtype {self.cpu_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}"
-            )
+        cpu_dtype_pair(self.cpu_dtype)
         for size, flag in (
             (self.gpu_budget_bytes, "--gpu-memory"),
             (self.cpu_budget_bytes, "--cpu-memory"),
@@ -53,6 +64,11 @@ class PlanRequest:
         ):
             if size is not None and size < 0:
                 raise UsageError(f"{flag} is negative", "give a size of zero or more")
+
+    @property
+    def cpu_dtypes(self) -> tuple[str, str] | None:
+        """The forced (prefill, decode) CPU dtypes, or None to let the planner choose."""
+        return cpu_dtype_pair(self.cpu_dtype)
 
     @property
     def context_tokens(self) -> int:

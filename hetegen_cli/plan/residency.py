@@ -35,10 +35,12 @@ class Candidate:
         )
 
 
-def candidate(rates: cm.Rates, lin: LinearSpec, req: PlanRequest) -> Candidate:
-    """`lin` at its balanced split per phase, with its residency priority g (s/B)."""
+def candidate(phase_rates: cm.PhaseRates, lin: LinearSpec, req: PlanRequest) -> Candidate:
+    """`lin` at its balanced split per phase (each phase's CPU format), with its residency
+    priority g (s/B)."""
     rows = {}
     for phase in ("prefill", "decode"):
+        rates = phase_rates[phase]
         f = cm.balanced_fraction(rates, lin.out_features, lin.in_features, tokens_for(lin.role, req, phase))
         rows[phase] = round_rows(f, lin.out_features)
         if phase == "decode":  # T_cpu at the balanced split = the split step time

@@ -16,12 +16,14 @@ document; `solve(spec, rates, request)` does the rest (tests give it made-up Rat
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
-from hetegen_cli.core.errors import PlanError
+from hetegen_cli.core.errors import PlanError, ProfileError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings, model_identity
+from hetegen_cli.plan.formats import Tried, candidate_pairs, pick
 from hetegen_cli.plan.memory import default_gpu_budget, host_memory, workspace_bytes
 from hetegen_cli.plan.predictions import (
     bounds,
@@ -32,26 +34,72 @@ from hetegen_cli.plan.predictions import (
     step_times,
     tokens_for,
 )
-from hetegen_cli.plan.rates import rates_from_profile
+from hetegen_cli.plan.rates import cpu_formats, phase_rates_from_profile
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.residency import candidate, choose_resident, staging_bytes
 from hetegen_cli.profile.document import available_ram, gpu_memory
 
 
 def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity: dict | None = None) -> Plan:
-    """Fit the cost model from a (validated) profile document and solve the plan."""
-    rates, notes = rates_from_profile(profile, spec.dtype, req.cpu_dtype, req.batch_size * req.prompt_len)
+    """Fit the cost model from a (validated) profile document and solve the plan, once per
+    (prefill, decode) pair of CPU formats; keep the pair plan.formats.pick chooses."""
     free, total = gpu_memory(profile)
-    return solve(
-        spec,
-        rates,
-        req,
-        gpu_free_bytes=free,
-        gpu_total_bytes=total,
-        cpu_available_bytes=available_ram(profile),
-        profile_identity=profile_identity,
-        notes=notes,
-    )
+    forced = req.cpu_dtypes
+    measured = check_forced_formats(profile, forced)
+    plans: dict[tuple[str, str], Plan] = {}
+    tried: list[Tried] = []
+    errors: dict[tuple[str, str], PlanError] = {}
+    for pair in candidate_pairs(measured, forced):
+        rates, notes = phase_rates_from_profile(profile, spec.dtype, pair, req.batch_size * req.prompt_len)
+        try:
+            plan = solve(
+                spec,
+                rates,
+                req,
+                gpu_free_bytes=free,
+                gpu_total_bytes=total,
+                cpu_available_bytes=available_ram(profile),
+                profile_identity=profile_identity,
+                notes=notes,
+            )
+        except PlanError as exc:
+            errors[pair] = exc
+            tried.append(Tried(pair, error=exc.message))
+            continue
+        plans[pair] = plan
+        hetegen = plan.predictions["hetegen"]
+        tried.append(
+            Tried(
+                pair,
+                hetegen["total_s"],
+                hetegen["prefill_s"],
+                hetegen["decode_s_per_token"],
+                plan.memory["host"]["total_bytes"],
+            )
+        )
+    if not plans:
+        raise _least_memory_error(errors, spec.dtype)
+    chosen, record = pick(tried, forced is not None)
+    plan = plans[chosen.pair]
+    return replace(plan, cpu_formats=record, notes=(*plan.notes, f"CPU share format: {record['reason']}"))
+
+
+def check_forced_formats(profile: dict, forced: tuple[str, str] | None) -> list[str]:
+    """The CPU formats the profile measured; ProfileError when a forced one is not among them."""
+    measured = cpu_formats(profile)
+    missing = [d for d in dict.fromkeys(forced or ()) if d not in measured]
+    if missing:
+        raise ProfileError(
+            f"the profile has no CPU GEMV and GEMM measurements for {missing[0]}",
+            f"pass --cpu-dtype {' or '.join(measured)}, or re-run `hetegen profile`",
+        )
+    return measured
+
+
+def _least_memory_error(errors: dict[tuple[str, str], PlanError], weights_dtype: str) -> PlanError:
+    """When no pair has a plan: the error of the pair that needs the least host memory (the
+    weights dtype in both phases, no second copy) when it was tried, else the first."""
+    return errors.get((weights_dtype, weights_dtype)) or next(iter(errors.values()))
 
 
 def _layout(spec, rates, req, items, room: int, buffers: int) -> dict:
@@ -90,21 +138,23 @@ def _layout(spec, rates, req, items, room: int, buffers: int) -> dict:
 # --- the solver ----------------------------------------------------------------------------
 
 
-def _check_host(host: dict, budget: int | None, source: str) -> None:
+def _check_host(host: dict, budget: int | None, source: str, rates: cm.PhaseRates) -> None:
     if budget is not None and host["total_bytes"] > budget:
+        hint = "free RAM or raise --cpu-memory, or give more --gpu-memory"
+        if host["cpu_copy_bytes"]:
+            hint += f"; --cpu-dtype {rates.weights_dtype} drops the CPU-dtype copy"
         raise PlanError(
             f"the plan needs {format_bytes(host['total_bytes'])} of host memory (weights "
             f"{format_bytes(host['weights_bytes'])} + CPU-dtype copy {format_bytes(host['cpu_copy_bytes'])}"
             f" + other {format_bytes(host['other_bytes'])}) but the CPU budget ({source}) is "
             f"{format_bytes(budget)}",
-            "free RAM or raise --cpu-memory, give more --gpu-memory, or pass --cpu-dtype equal "
-            "to the weights dtype to drop the second copy",
+            hint,
         )
 
 
 def solve(
     spec: ModelSpec,
-    rates: cm.Rates,
+    rates: cm.Rates | cm.PhaseRates,
     req: PlanRequest,
     *,
     gpu_free_bytes: int | None = None,
@@ -113,7 +163,9 @@ def solve(
     profile_identity: dict | None = None,
     notes: list[str] | tuple = (),
 ) -> Plan:
-    """Solve the plan for `spec` on hardware `rates` (see module docstring)."""
+    """Solve the plan for `spec` on hardware `rates` (see module docstring); one Rates is
+    used for both phases."""
+    rates = cm.PhaseRates.of(rates)
     spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
     notes, warnings = list(notes), []
     if req.gpu_budget_bytes is None:
@@ -185,8 +237,8 @@ def solve(
     gpu_mem["total_bytes"] = sum(gpu_mem.values())
     assert gpu_mem["total_bytes"] <= budget, (gpu_mem, budget)
 
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtype)
-    _check_host(host, cpu_budget, cpu_source)
+    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes)
+    _check_host(host, cpu_budget, cpu_source, rates)
     split = [p for p in placements if not p.resident]
     if not split:
         warnings.append(
@@ -228,8 +280,9 @@ def solve(
     }
     runtime = RuntimeSettings(
         weights_dtype=spec.dtype,
-        cpu_dtype=rates.cpu_dtype,
-        cpu_threads=rates.cpu_threads,
+        cpu_dtype_prefill=rates.prefill.cpu_dtype,
+        cpu_dtype_decode=rates.decode.cpu_dtype,
+        cpu_threads=rates.decode.cpu_threads,
         staging_buffers=buffers,
         prefetch_depth=buffers - 1,
         pin_weights=True,
@@ -333,13 +386,13 @@ def _all_cpu_plan(
     )
     ctx = req.prompt_len + req.max_new_tokens
     other = spec.fixed_bytes + spec.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(spec, req)
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtype, other)
-    _check_host(host, cpu_budget, cpu_source)
+    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, other)
+    _check_host(host, cpu_budget, cpu_source, rates)
     estimates, cpu_pred = [], cpu_only_prediction(rates, spec, req)
     for lin in lins:
         times = [
             cm.split_times(
-                rates,
+                rates[ph],
                 lin.out_features,
                 lin.in_features,
                 lin.out_features,
@@ -365,8 +418,9 @@ def _all_cpu_plan(
     }
     runtime = RuntimeSettings(
         weights_dtype=spec.dtype,
-        cpu_dtype=rates.cpu_dtype,
-        cpu_threads=rates.cpu_threads,
+        cpu_dtype_prefill=rates.prefill.cpu_dtype,
+        cpu_dtype_decode=rates.decode.cpu_dtype,
+        cpu_threads=rates.decode.cpu_threads,
         staging_buffers=0,
         prefetch_depth=0,
         pin_weights=False,

@@ -7,17 +7,25 @@ Rules, in order:
   --gpu-memory: plain GPU.
 - no plan, CUDA present, otherwise: plan on the fly from the saved profile (measured quickly
   when missing) and the --gpu-memory budget, then run the engine. A note says so.
-- no plan, no CUDA: plain CPU. An all-CPU plan is exactly that, and needs no profile.
+- no plan, no CUDA (or --device cpu): the CPU computes everything. With --dtype auto and a
+  profile (saved, or --profile), an all-CPU plan picks the CPU format of each phase
+  (docs/plan.md, section 1b): one format D for both phases runs the plain model in D; two run
+  the engine with the model in the prefill format and decode's linears in the decode format.
+  Without a profile, with --dtype, or when the choice is float32 in both phases, the plain
+  model runs in the --dtype (float32 for auto).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from hetegen_cli.core import paths
 from hetegen_cli.core.console import note, warn
 from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_backend
-from hetegen_cli.core.errors import DeviceError
+from hetegen_cli.core.errors import DeviceError, HetegenError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model, resolve_dtype
-from hetegen_cli.models.source import ModelRef
+from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
@@ -73,6 +81,61 @@ def _plan_on_the_fly(ctx: RunContext, engine: EngineOptions) -> Plan:
     return plan
 
 
+def all_cpu_formats_plan(
+    ref: ModelRef, profile: dict, identity: dict, req: PlanRequest
+) -> tuple[Plan, ModelRef]:
+    """How the CPU alone runs `ref` fastest in the profile's formats: an all-CPU plan
+    (`req` with GPU budget 0) chooses the CPU formats (P, D) of prefill and decode; the model
+    then runs in P (embeddings, norms, attention and KV cache too, which makes them cheaper)
+    with decode's linears in D. Returns (plan, `ref` in P); the plan keeps the choice's record."""
+    req = replace(req, gpu_budget_bytes=0)
+    first = make_plan(ref.spec, profile, req, profile_identity=identity)
+    prefill, decode = first.runtime.cpu_dtypes
+    if ref.spec.dtype == prefill or ref.path is None:
+        return first, ref
+    ref_p = replace(ref, spec=resolve_model(str(ref.path), need_weights=True, dtype=prefill).spec)
+    plan = make_plan(ref_p.spec, profile, replace(req, cpu_dtype=f"{prefill},{decode}"), identity)
+    note = f"the model runs in {prefill}, the prefill format; decode's linears in {decode}"
+    return replace(plan, cpu_formats=first.cpu_formats, notes=(*first.notes, note)), ref_p
+
+
+def _cpu_formats_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
+    """The CPU model in the profile's best format per phase (docs/plan.md, section 1b) when
+    --dtype is auto and a profile exists: plain in D when both phases use one dtype D, else the
+    engine with all_cpu_formats_plan. None (the plain model in the run's dtype) when the
+    profile's choice is the run's dtype in both phases or there is no profile. A profile that
+    cannot be used is a warning here, not an error."""
+    if ctx.options.dtype != "auto":
+        return None
+    if engine.profile_path is None and paths.probe(paths.default_profile_path(), "the saved profile") is None:
+        return None  # no profile: do not spend a minute measuring one for a plain CPU run
+    try:
+        doc, identity = load_or_measure(engine.profile_path)
+        ref = ctx.ref
+        if ref.spec.dtype != ctx.dtype:
+            ref = replace(ref, spec=resolve_model(str(ref.path), need_weights=True, dtype=ctx.dtype).spec)
+        req = PlanRequest(
+            prompt_len=len(ctx.prompt_ids),
+            max_new_tokens=ctx.options.max_new_tokens,
+            model_arg=ctx.options.model or "",
+        )
+        plan, ref = all_cpu_formats_plan(ref, doc, identity, req)
+    except HetegenError as exc:
+        warn(f"the profile's CPU formats are not used ({exc.message}); running in {ctx.dtype}")
+        return None
+    prefill, decode = plan.runtime.cpu_dtypes
+    if (prefill, decode) == (ctx.dtype, ctx.dtype):
+        return None
+    if prefill == decode:
+        note(f"running in {prefill}, the profile's fastest CPU format for this run; --dtype forces another")
+        return lambda c: load_model(c.ref, dtype=prefill, device="cpu")
+    note(
+        f"running in {prefill} with decode's linears in {decode}: the CPU formats chosen from the "
+        "profile for this run; --dtype forces one format"
+    )
+    return engine_builder(plan, CpuBackend(), "all-CPU, formats from the profile", ref)
+
+
 def check_plan_device(plan: Plan, device: str, origin: str) -> None:
     """DeviceError when a plan that needs a GPU meets a machine without one (and no --device
     cpu asked for the stand-in): checked before anything slow."""
@@ -103,7 +166,7 @@ def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | Non
                 "--gpu-memory needs a CUDA GPU and this machine has none",
                 "drop --gpu-memory (the model then runs on the CPU)",
             )
-        return None
+        return _cpu_formats_builder(ctx, engine)
     if engine.gpu_budget_bytes is None and ctx.fits_on_gpu:
         return None  # the whole model fits: plain GPU inference
     plan = _plan_on_the_fly(ctx, engine)
@@ -112,11 +175,12 @@ def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | Non
     return engine_builder(plan, get_backend("cuda"), "planned on the fly")
 
 
-def engine_builder(plan: Plan, backend: Backend, origin: str) -> ModelBuilder:
-    """A ModelBuilder that loads the model through the engine with `plan` on `backend`."""
+def engine_builder(plan: Plan, backend: Backend, origin: str, ref: ModelRef | None = None) -> ModelBuilder:
+    """A ModelBuilder that loads the model (`ref`, default the run's) through the engine with
+    `plan` on `backend`."""
 
     def build(ctx: RunContext) -> LoadedModel:
-        loaded = load_hetero_model(ctx.ref, plan.placements, plan.runtime, backend, progress=True)
+        loaded = load_hetero_model(ref or ctx.ref, plan.placements, plan.runtime, backend, progress=True)
         loaded.info["plan"] = {**plan.summary(), "origin": origin, "backend": backend.name}
         return loaded
 

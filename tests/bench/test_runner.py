@@ -148,6 +148,7 @@ def test_csv_and_plot_from_fake_measurements(gpu_world, tmp_path):
     assert len(rows) == 12 and {r["gpu_budget_bytes"] for r in rows} == {str(2 * 2**30), str(3 * 2**30)}
     het = next(r for r in rows if r["arm"] == "hetegen")
     assert float(het["decode_vs_offload"]) == pytest.approx(4.0)
+    assert {"prefill_tokens_per_s_mean", "prefill_vs_reference", "end_to_end_vs_reference"} <= set(het)
     assert het["tokens_match"] == "True" and het["status"] == "ok"
     path = bench_present.write_plot(doc, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -392,3 +393,46 @@ def test_the_gpu_arm_of_another_budget_is_the_token_baseline(gpu_world):
     assert small["gpu"]["status"] == "skipped" and large["gpu"]["status"] == "ok"
     assert small["hetegen"]["token_check"]["compared_with"] == "gpu"
     assert small["hetegen"]["token_check"]["tokens_match"] is True
+
+
+def test_cpu_arm_runs_the_all_cpu_plans_formats_per_phase(tmp_path, tiny_llama_dir):
+    """A profile whose GEMM favours bfloat16 and GEMV float32: the `cpu` arm runs the engine
+    with bfloat16 prefill and float32 decode, the planner's all-CPU plan predicts it, and the
+    reference arm stays plain float32 (the correctness baseline), with ratios against it."""
+    path = tmp_path / "profile.json"
+    path.write_text(
+        json.dumps(
+            make_profile(
+                gpu=False,
+                threads=1,
+                best="float32",
+                cpu_dtypes={"float32": 160e9, "bfloat16": 40e9},
+                cpu_gemm={"float32": 1e11, "bfloat16": 1e12},
+            )
+        )
+    )
+    doc = runner.run_bench(
+        BenchOptions(
+            model=str(tiny_llama_dir),
+            profile=path,
+            prompt_len=8,
+            max_new_tokens=4,
+            repeat=1,
+            warmup=0,
+            arms=("cpu", "reference"),
+        )
+    )
+    assert (doc["cpu_plan"]["cpu_formats"]["prefill"], doc["cpu_plan"]["cpu_formats"]["decode"]) == (
+        "bfloat16",
+        "float32",
+    )
+    arms = arms_of(doc["budgets"][0])
+    cpu, ref = arms["cpu"], arms["reference"]
+    assert cpu["status"] == ref["status"] == "ok"
+    # the model in bfloat16 (the prefill format), decode's linears in float32
+    assert cpu["info"]["compute_dtype"] == "bfloat16+float32" and ref["info"]["compute_dtype"] == "float32"
+    assert cpu["engine_stats"]["split_calls"] > 0  # through the engine
+    assert cpu["prediction"] == doc["cpu_plan"]["predictions"]["cpu_only"]
+    assert ref["prediction"] is None  # the all-CPU plan does not predict float32 everywhere
+    assert cpu["token_check"]["compared_with"] == "reference"
+    assert cpu["ratios"]["vs_reference"]["prefill_tokens_per_s"] > 0

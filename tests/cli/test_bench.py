@@ -171,7 +171,7 @@ def test_synthetic_preset_end_to_end(tmp_path):
         "float16",
         "--json",
     )
-    assert result.exit_code == 1 and "no CPU GEMV measurements for float16" in result.stderr
+    assert result.exit_code == 1 and "no CPU GEMV and GEMM measurements for float16" in result.stderr
     result = invoke(
         "--synthetic",
         "opt-125m",

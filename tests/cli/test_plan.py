@@ -41,7 +41,13 @@ def test_plan_json_parses(profile_path):
     result = plan("--model", "opt-30b", "--profile", str(profile_path), "--gpu-memory", "6GiB", "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["kind"] == "hetegen.plan" and doc["schema_version"] == 1
+    assert doc["kind"] == "hetegen.plan" and doc["schema_version"] == 2
+    formats = doc["cpu_formats"]
+    assert (formats["prefill"], formats["decode"]) == (
+        doc["runtime"]["cpu_dtype_prefill"],
+        doc["runtime"]["cpu_dtype_decode"],
+    )
+    assert formats["reason"] and len(formats["considered"]) == 4  # 2 measured formats, per phase
     assert doc["model"]["name"] == "opt-30b" and doc["budget"]["gpu_budget_bytes"] == 6 * 2**30
     assert len(doc["linears"]) == 48 * 6
     assert doc["profile"]["path"] == str(profile_path) and len(doc["profile"]["sha256"]) == 64
@@ -123,6 +129,9 @@ def test_cpu_only_profile_gives_all_cpu_plan(tmp_path):
         (["--prompt-len", "2040", "--max-new-tokens", "64"], "context", 1),
         (["--cpu-memory", "1GiB"], "host memory", 1),
         (["--cpu-dtype", "int8"], "--cpu-dtype", 2),
+        (["--cpu-dtype", "float32,int4"], "--cpu-dtype", 2),
+        (["--cpu-dtype", "float32,float16,bfloat16"], "PREFILL,DECODE", 2),
+        (["--cpu-dtype", "bfloat16,float32"], "no CPU GEMV and GEMM measurements for bfloat16", 1),
     ],
 )
 def test_bad_input_is_a_one_line_error(profile_path, args, text, code):
@@ -132,6 +141,19 @@ def test_bad_input_is_a_one_line_error(profile_path, args, text, code):
     assert result.exit_code == code
     assert result.stdout == ""
     assert "Error:" in result.stderr and text in result.stderr and "Hint:" in result.stderr
+
+
+def test_cpu_dtype_per_phase_from_the_command_line(profile_path):
+    result = plan(
+        "--model", "opt-30b", "--profile", str(profile_path), "--json", "--cpu-dtype", "float32,float16"
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["runtime"]["cpu_dtype_prefill"], doc["runtime"]["cpu_dtype_decode"]) == ("float32", "float16")
+    assert doc["cpu_formats"]["forced"] and "forced by --cpu-dtype" in doc["cpu_formats"]["reason"]
+    human = plan("--model", "opt-30b", "--profile", str(profile_path), "--cpu-dtype", "float32, float16")
+    assert human.exit_code == 0, human.stderr
+    assert "float32 (prefill) and float16 (decode)" in " ".join(human.stdout.split())
 
 
 def test_bad_model_and_bad_profiles(profile_path, tmp_path):

@@ -52,7 +52,8 @@ def _split_plan(folder, tmp_path, requires_gpu=True, prefill=0.5, decode=0.25, r
     spec = resolve_model(str(folder), need_weights=True).spec
     runtime = RuntimeSettings(
         weights_dtype=spec.dtype,
-        cpu_dtype="float32",
+        cpu_dtype_prefill="float32",
+        cpu_dtype_decode="float32",
         cpu_threads=1,
         staging_buffers=2,
         prefetch_depth=1,
@@ -106,6 +107,62 @@ def test_all_cpu_plan_runs_through_engine_without_gpu(tiny_llama_dir, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["engine"] == "hetegen" and doc["token_ids"] == expected
     assert doc["engine_stats"]["bytes_streamed"] == 0
+
+
+def _save_profile(home: Path, gemv: dict, gemm: dict) -> Path:
+    from tests.fakes import make_profile
+
+    path = home / "profile.json"
+    path.write_text(
+        json.dumps(make_profile(gpu=False, threads=1, cpu_dtypes=gemv, cpu_gemm=gemm, best="float32"))
+    )
+    return path
+
+
+# float32 GEMV 2x bfloat16's params/s, bfloat16 GEMM 10x float32's: a 6-token prefill is
+# compute-bound in float32 and faster in bfloat16, decode faster in float32
+PER_PHASE = ({"float32": 160e9, "bfloat16": 40e9}, {"float32": 1e11, "bfloat16": 1e12})
+
+
+def test_cpu_run_uses_the_saved_profiles_format_per_phase(tiny_llama_dir, hetegen_home):
+    _save_profile(hetegen_home, *PER_PHASE)
+    args = ["--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json"]
+    result = _run(*args)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "hetegen" and doc["dtype"] == "bfloat16+float32"  # the model in bf16
+    assert doc["plan"]["origin"] == "all-CPU, formats from the profile"
+    assert (doc["plan"]["runtime"]["cpu_dtype_prefill"], doc["plan"]["runtime"]["cpu_dtype_decode"]) == (
+        "bfloat16",
+        "float32",
+    )
+    assert "running in bfloat16 with decode's linears in float32" in " ".join(result.stderr.split())
+    forced = _run(*args, "--dtype", "float32")  # --dtype forces one format: the plain model
+    assert forced.exit_code == 0, forced.stderr
+    assert json.loads(forced.stdout)["engine"] == "plain"
+
+
+def test_cpu_run_in_one_faster_format_is_plain(tiny_llama_dir, hetegen_home):
+    _save_profile(hetegen_home, {"float32": 10e9, "bfloat16": 80e9}, {"float32": 1e9, "bfloat16": 1e12})
+    result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "plain" and doc["dtype"] == "bfloat16"
+
+
+def test_cpu_run_without_a_profile_measures_nothing_and_runs_plain(tiny_llama_dir, hetegen_home):
+    result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["engine"] == "plain" and json.loads(result.stdout)["dtype"] == "float32"
+    assert not (hetegen_home / "profile.json").exists()
+
+
+def test_cpu_run_with_a_broken_profile_warns_and_runs_plain(tiny_llama_dir, hetegen_home):
+    (hetegen_home / "profile.json").write_text("{broken")
+    result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["engine"] == "plain"
+    assert "CPU formats are not used" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_gpu_plan_refused_without_cuda(tiny_llama_dir, tmp_path):

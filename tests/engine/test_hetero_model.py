@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hetegen_cli.core.devices import CpuBackend, get_backend
 from hetegen_cli.core.errors import ModelError, PlanError
@@ -23,7 +24,8 @@ from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements, random_
 
 FP32 = RuntimeSettings(
     weights_dtype="float32",
-    cpu_dtype="float32",
+    cpu_dtype_prefill="float32",
+    cpu_dtype_decode="float32",
     cpu_threads=1,
     staging_buffers=2,
     prefetch_depth=1,
@@ -71,6 +73,56 @@ def test_logits_and_cached_decode_step(models, model_name):
         )
 
 
+def _reference_with_prefill_cpu_rows_in_bf16(folder, plan):
+    """transformers' fp32 model whose planned linears compute their prefill CPU rows [0, k)
+    as the engine should: x and W[:k] in bfloat16, the result back in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    for p in plan:
+        lin, k = modules[p.name], p.cpu_rows_prefill
+
+        def forward(x, lin=lin, k=k):
+            if x.shape[-2] == 1 or k == 0:  # decode (or no CPU rows): float32 as stored
+                return F.linear(x, lin.weight, lin.bias)
+            w = lin.weight
+            head = F.linear(x.bfloat16(), w[:k].bfloat16()).float()
+            y = torch.cat([head, F.linear(x, w[k:])], dim=-1)
+            return y if lin.bias is None else y + lin.bias
+
+        lin.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("plan_name", ["all_cpu", "random"])
+@pytest.mark.parametrize("model_name", ["opt", "llama"])
+def test_each_phase_runs_in_its_planned_cpu_format(
+    models, model_name, plan_name, tiny_opt_dir, tiny_llama_dir
+):
+    """bfloat16 prefill + float32 decode CPU shares: the engine gives the greedy tokens and
+    logits of a reference computing exactly those formats, and the prefill really ran in
+    bfloat16 (its logits differ from float32's by more than float32 rounding)."""
+    ref, _, fp32_logits = models[model_name]
+    folder = tiny_opt_dir if model_name == "opt" else tiny_llama_dir
+    plan = placements(ref.spec, PLANS[plan_name])
+    runtime = replace(FP32, cpu_dtype_prefill="bfloat16")
+    want_model = _reference_with_prefill_cpu_rows_in_bf16(folder, plan)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        want_tokens = want_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        want_logits = want_model(ids).logits
+    with _load(ref, plan, runtime) as hm, torch.no_grad():
+        got_tokens = hm.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        got_logits = hm.model(ids).logits
+        assert hm.dtype == "float32+bfloat16"
+        assert engine_context(hm.model).streaming == (plan_name != "all_cpu")
+    assert got_tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got_logits, fp32_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_logits, fp32_logits, rtol=0.05, atol=0.05)
+
+
 def test_prefetch_wraps_around_in_steady_decode(models):
     ref, _, _ = models["llama"]
     with _load(ref, placements(ref.spec, PLANS["all_streamed"])) as hm:
@@ -97,7 +149,7 @@ def test_bf16_weights_with_fp32_cpu_copy(models, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     ref, _, _ = models["llama"]
-    runtime = replace(FP32, weights_dtype="bfloat16", cpu_dtype="float32")
+    runtime = replace(FP32, weights_dtype="bfloat16")
     plan = placements(ref.spec, PLANS["mixed"])
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
     with _load(ref, plan, runtime) as hm, torch.no_grad():
@@ -202,7 +254,7 @@ def anon():  # anonymous memory: RSS minus file-backed pages (the mmapped checkp
     return m.rss - m.shared
 for dtype in sys.argv[2:]:
     gc.collect()
-    runtime = RuntimeSettings(weights_dtype=dtype, cpu_dtype="float32", cpu_threads=1, requires_gpu=False)
+    runtime = RuntimeSettings(weights_dtype=dtype, cpu_threads=1, requires_gpu=False)
     base_rss, base_anon = proc.memory_info().rss, anon()
     peak = {"rss": base_rss, "anon": base_anon, "done": False}
     def sample():
@@ -318,7 +370,7 @@ def test_cuda_greedy_tokens_equal_reference(models, model_name):
 def test_cuda_weights_pinned_and_copies_on_side_stream(models):
     ref, _, _ = models["llama"]
     backend = get_backend("cuda")
-    runtime = replace(FP32, weights_dtype="float16", cpu_dtype="float32", requires_gpu=True)
+    runtime = replace(FP32, weights_dtype="float16", requires_gpu=True)
     with load_hetero_model(
         ref, placements(ref.spec, PLANS["random"]), runtime, backend, progress=False
     ) as hm:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hetegen_cli.core.devices import CpuBackend
@@ -30,8 +31,15 @@ def make_ctx():
     made: list[EngineContext] = []
 
     def make(weights=torch.float32, cpu=torch.float32, **kw) -> EngineContext:
+        """`cpu`: one dtype for both phases, or (prefill, decode)."""
+        prefill, decode = cpu if isinstance(cpu, tuple) else (cpu, cpu)
         runtime = RuntimeSettings(
-            weights_dtype=NAMES[weights], cpu_dtype=NAMES[cpu], cpu_threads=1, requires_gpu=False, **kw
+            weights_dtype=NAMES[weights],
+            cpu_dtype_prefill=NAMES[prefill],
+            cpu_dtype_decode=NAMES[decode],
+            cpu_threads=1,
+            requires_gpu=False,
+            **kw,
         )
         ctx = EngineContext(CpuBackend(), runtime)
         made.append(ctx)
@@ -71,7 +79,7 @@ def test_matches_nn_linear_half(make_ctx, dtype, cpu, fraction):
         y = split(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y, ref(x), rtol=rtol, atol=atol)
-    assert split.host.separate_cpu_copy == (cpu_dtype != dtype and split.placement.max_cpu_rows > 0)
+    assert bool(split.host.copies) == (cpu_dtype != dtype and split.placement.max_cpu_rows > 0)
 
 
 def test_prefill_and_decode_use_their_own_split(make_ctx):
@@ -81,7 +89,7 @@ def test_prefill_and_decode_use_their_own_split(make_ctx):
     assert (p.cpu_rows_prefill, p.cpu_rows_decode) == (48, 144)
     split = HeteroLinear.from_linear(ref, p, ctx)
     # poison the CPU copy: the output then shows exactly which rows ran on the CPU
-    split.host.cpu_home.zero_()
+    split.host.copies[torch.float32].zero_()
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     rtol, atol = TOL[torch.bfloat16]
     for phase, k in (("prefill", 48), ("decode", 144)):
@@ -97,7 +105,7 @@ def test_cpu_copy_holds_only_cpu_rows(make_ctx):
     ref = _linear(200, 64, False, torch.bfloat16)
     split = HeteroLinear.from_linear(ref, _placement("l", 200, 64, 0.25, 0.75), ctx)
     host = split.host
-    assert host.cpu_home.dtype == torch.float32 and host.cpu_home.shape == (144, 64)
+    assert list(host.copies) == [torch.float32] and host.copies[torch.float32].shape == (144, 64)
     assert host.row0 == 48 and host.gpu_home.shape == (152, 64)  # rows [48, 200)
     torch.testing.assert_close(host.gpu_rows(48), ref.weight[48:].detach())
     with pytest.raises(ValueError):
@@ -106,9 +114,54 @@ def test_cpu_copy_holds_only_cpu_rows(make_ctx):
 
 def test_resident_placement_is_refused(make_ctx):
     ctx = make_ctx()
-    host = HostWeight.from_tensor(torch.zeros(16, 8), (0, 0), torch.float32, torch.float32, ctx.backend, True)
+    host = HostWeight.from_tensor(
+        torch.zeros(16, 8), (0, 0), torch.float32, (torch.float32, torch.float32), ctx.backend, True
+    )
     with pytest.raises(ValueError, match="resident"):
         HeteroLinear(LinearPlacement("r", 0, "q", 16, 8, True, 0, 0), host, None, ctx)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_each_phase_computes_in_its_own_cpu_dtype(make_ctx, fraction):
+    """float32 weights; prefill's CPU share in bfloat16, decode's in float32: each phase's CPU
+    rows equal nn.Linear in that dtype (activations converted at the boundary)."""
+    ctx = make_ctx(cpu=(torch.bfloat16, torch.float32))
+    ref = _linear(96, 64, True, torch.float32)
+    split = HeteroLinear.from_linear(ref, _placement("l", 96, 64, fraction, fraction), ctx)
+    k = split.placement.cpu_rows_prefill
+    assert sorted(map(str, split.host.copies)) == ["torch.bfloat16"]  # decode reads the fp32 rows
+    x = torch.randn(6, 64)
+    w, b = ref.weight.detach(), ref.bias.detach()
+    with torch.no_grad():
+        ctx.begin_pass("prefill")
+        y = split(x)
+        want = F.linear(x.bfloat16(), w[:k].bfloat16()).float() + b[:k]
+        torch.testing.assert_close(y[:, :k], want, rtol=0, atol=0)
+        torch.testing.assert_close(y[:, k:], F.linear(x, w[k:], b[k:]), rtol=1e-6, atol=1e-6)
+        ctx.begin_pass("decode")
+        torch.testing.assert_close(split(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_all_cpu_fast_path_gives_the_pipelined_result(make_ctx):
+    """When no linear streams, linears skip the scheduler; the numbers are the same as
+    through the pipeline (k = out) and nothing is copied."""
+    ref = _linear(80, 48, True, torch.float32)
+    x = torch.randn(5, 48)
+    outputs = []
+    for streaming in (False, True):
+        ctx = make_ctx(cpu=torch.bfloat16)
+        split = HeteroLinear.from_linear(ref, _placement("a", 80, 48, 1.0, 1.0), ctx)
+        if streaming:  # a second linear that streams turns the pipeline on
+            HeteroLinear.from_linear(
+                _linear(32, 48, False, torch.float32), _placement("b", 32, 48, 0.5, 0.5), ctx
+            )
+        ctx.begin_pass("decode")
+        assert ctx.streaming == streaming
+        with torch.no_grad():
+            outputs.append(split(x))
+        if not streaming:
+            assert ctx.stats.copies_issued == 0 and ctx.stats.split_calls == 1
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
 def _chain(ctx, sizes, fractions):

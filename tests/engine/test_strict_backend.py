@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 
 import pytest
+import torch
 
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.strict import StrictBackend
@@ -19,7 +20,8 @@ from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements
 
 FP32 = RuntimeSettings(
     weights_dtype="float32",
-    cpu_dtype="float32",
+    cpu_dtype_prefill="float32",
+    cpu_dtype_decode="float32",
     cpu_threads=1,
     staging_buffers=2,
     prefetch_depth=1,
@@ -80,7 +82,7 @@ def test_pinned_memory_is_counted_exactly_and_released_on_close(models):
     backend = StrictBackend()
     plan = placements(ref.spec, PLANS["random"])
     loaded = load_hetero_model(ref, plan, FP32, backend, progress=False)
-    want = host_memory(plan, "float32", "float32")["weights_bytes"]
+    want = host_memory(plan, "float32", ("float32", "float32"))["weights_bytes"]
     assert loaded.stats()["pinned_bytes"] == want  # one arena: no power-of-two rounding
     _generate(loaded)
     scratch = loaded.stats()["pinned_scratch_bytes"]
@@ -125,3 +127,32 @@ def test_a_buffer_refilled_before_its_reader_is_caught(models, reference):
 
 def test_placement_for_a_missing_linear_fails_cleanly():
     assert LinearPlacement("x", 0, "q", 4, 4, False, 0, 0).max_gpu_stream_rows == 4
+
+
+@pytest.mark.parametrize("plan_name", ["random", "mixed"])
+@pytest.mark.parametrize("model_name", ["opt", "llama"])
+def test_per_phase_cpu_formats_hold_under_cuda_hazards(models, model_name, plan_name):
+    """bfloat16 prefill + float16 decode CPU shares through the pinned-scratch path: the same
+    greedy tokens as the CPU backend (whose formats test_hetero_model checks against a
+    reference)."""
+    from hetegen_cli.core.devices import CpuBackend
+
+    ref = models[model_name][0]
+    runtime = RuntimeSettings(
+        **{**FP32.__dict__, "cpu_dtype_prefill": "bfloat16", "cpu_dtype_decode": "float16"}
+    )
+    plan = placements(ref.spec, PLANS[plan_name])
+    ids = torch.tensor(PROMPT)
+    with load_hetero_model(ref, plan, runtime, CpuBackend(), progress=False) as plain:
+        want = _generate(plain)
+        with torch.no_grad():
+            want_logits = plain.model(ids).logits
+    with load_hetero_model(ref, plan, runtime, StrictBackend(), progress=False) as loaded:
+        assert _generate(loaded) == want
+        with torch.no_grad():
+            logits = loaded.model(ids).logits
+            loaded.sync()
+        assert loaded.stats()["cpu_copy_bytes"] > 0
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
+    if any(p.cpu_rows_prefill for p in plan):  # the prefill CPU share really ran in bfloat16
+        assert not torch.allclose(logits, models[model_name][2], rtol=1e-4, atol=1e-5)

@@ -103,7 +103,7 @@ def _edit(path, fn):
         ),
         (lambda d: d["memory"]["gpu"].update(kv_cache_bytes=-1), "kv_cache_bytes"),
         (lambda d: d["linears"][0].pop("shape"), "shape"),
-        (lambda d: d["runtime"].update(cpu_dtype="int4"), "cpu_dtype"),
+        (lambda d: d["runtime"].update(cpu_dtype_decode="int4"), "cpu_dtype_decode"),
     ],
 )
 def test_load_plan_rejects_hand_broken_values(saved, edit, match):
@@ -116,7 +116,7 @@ def test_load_plan_rejects_hand_broken_values(saved, edit, match):
 
 def test_load_plan_rejects_future_versions_and_corrupt_files(saved, tmp_path):
     _, _, path = saved
-    _edit(path, lambda d: d.update(schema_version=2))
+    _edit(path, lambda d: d.update(schema_version=3))
     with pytest.raises(PlanError, match="schema_version") as info:
         load_plan(path)
     assert "hetegen plan" in info.value.hint
@@ -124,6 +124,22 @@ def test_load_plan_rejects_future_versions_and_corrupt_files(saved, tmp_path):
     broken.write_text('{"schema_version": 1, "kind": "hetegen.plan", "linears": [')
     with pytest.raises(PlanError, match=r"not valid JSON: .* at line 1 column 59"):
         load_plan(broken)
+
+
+def test_schema_1_plans_load_with_one_cpu_dtype_for_both_phases(saved):
+    _, plan, path = saved
+
+    def downgrade(d):
+        d["schema_version"] = 1
+        rt = d["runtime"]
+        rt["cpu_dtype"] = rt.pop("cpu_dtype_prefill")
+        del rt["cpu_dtype_decode"]
+        d.pop("cpu_formats")
+
+    _edit(path, downgrade)
+    old = load_plan(path)
+    assert old.runtime.cpu_dtypes == (plan.runtime.cpu_dtype_prefill,) * 2
+    assert old.placements == plan.placements
 
 
 def test_check_plan_matches_refuses_another_model(saved):

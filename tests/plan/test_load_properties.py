@@ -41,7 +41,7 @@ def _use(doc: object) -> None:
     predicted = ((summary["predictions"] or {}).get("hetegen") or {}).get("decode_tokens_per_s")
     if predicted:
         f"{predicted:.2f}"  # the run report formats it
-    host_memory(plan.placements, plan.runtime.weights_dtype, plan.runtime.cpu_dtype)
+    host_memory(plan.placements, plan.runtime.weights_dtype, plan.runtime.cpu_dtypes)
     with contextlib.suppress(PlanError):
         check_plan_matches(plan, SPEC)
 

@@ -19,11 +19,18 @@ from hetegen_cli.plan.request import PlanRequest
 GiB = 2**30
 
 
-def test_held_rows_keep_streamed_rows_once_and_a_cpu_copy_only_when_dtypes_differ():
-    assert held_rows(100, (20, 60), separate_cpu_copy=False) == (0, 0)
-    # rows [20, 100) in the weights dtype (some phase streams them), rows [0, 60) in the CPU dtype
-    assert held_rows(100, (20, 60), separate_cpu_copy=True) == (20, 60)
-    assert held_rows(100, (100, 100), separate_cpu_copy=True) == (100, 100)  # all-CPU: copy only
+def test_held_rows_keep_streamed_rows_once_and_a_copy_per_other_cpu_dtype():
+    f16, f32, bf16 = "float16", "float32", "bfloat16"
+    # CPU in the weights dtype: every row once, in the weights dtype
+    assert held_rows(100, (20, 60), (f16, f16), f16) == (0, {})
+    # rows [20, 100) in the weights dtype (some phase streams them), rows [0, 60) in float32
+    assert held_rows(100, (20, 60), (f32, f32), f16) == (20, {f32: 60})
+    assert held_rows(100, (100, 100), (f32, f32), f16) == (100, {f32: 100})  # all-CPU: copy only
+    # a format per phase: a copy each, sized by its own phase
+    assert held_rows(100, (20, 60), (bf16, f32), f16) == (20, {bf16: 20, f32: 60})
+    assert held_rows(100, (100, 100), (bf16, f32), f32) == (0, {bf16: 100})  # decode reads fp32
+    # a phase without CPU rows needs no copy in its format
+    assert held_rows(100, (0, 60), (bf16, f32), f16) == (0, {f32: 60})
 
 
 def test_host_memory_sums_held_rows_and_skips_resident_linears():
@@ -32,7 +39,7 @@ def test_host_memory_sums_held_rows_and_skips_resident_linears():
         LinearPlacement("b", 0, "k", 50, 10, True, 0, 0),
         LinearPlacement("c", 0, "v", 40, 10, False, 40, 40),
     ]
-    same = host_memory(p, "float16", "float16", other_bytes=7)
+    same = host_memory(p, "float16", ("float16", "float16"), other_bytes=7)
     weights = arena_bytes(100 * 10 * 2) + arena_bytes(40 * 10 * 2)  # each aligned in the arena
     assert same == {
         "weights_bytes": weights,
@@ -40,9 +47,12 @@ def test_host_memory_sums_held_rows_and_skips_resident_linears():
         "other_bytes": 7,
         "total_bytes": weights + 7,
     }
-    mixed = host_memory(p, "float16", "float32")
+    mixed = host_memory(p, "float16", ("float32", "float32"))
     assert mixed["weights_bytes"] == arena_bytes(80 * 10 * 2)  # rows [20, 100); c: none streamed
     assert mixed["cpu_copy_bytes"] == (60 + 40) * 10 * 4
+    per_phase = host_memory(p, "float16", ("bfloat16", "float32"))
+    assert per_phase["weights_bytes"] == mixed["weights_bytes"]
+    assert per_phase["cpu_copy_bytes"] == (20 + 40) * 10 * 2 + (60 + 40) * 10 * 4
 
 
 def test_arena_alignment():

@@ -60,7 +60,7 @@ def test_decode_split_is_two_thirds_rounded_and_prefill_near_zero():
         assert p.cpu_rows_decode == round_rows(2 / 3, p.out_features)
         assert p.cpu_rows_decode % ROW_GRANULARITY == 0
         assert p.cpu_fraction_prefill < 0.1
-    assert plan.runtime.cpu_dtype == "float16" and plan.runtime.requires_gpu
+    assert plan.runtime.cpu_dtypes == ("float16", "float16") and plan.runtime.requires_gpu
 
 
 def test_every_split_linear_is_balanced_within_the_rounding():
@@ -156,7 +156,7 @@ def test_residency_greedy_by_g_with_skips():
     # overheads make small matrices rank first (higher T_cpu per byte)
     rates = simple_rates(cpu_call_s=1e-4)
     sp = spec()
-    items = [residency.candidate(rates, lin, request()) for lin in sp.linears]
+    items = [residency.candidate(cm.PhaseRates.of(rates), lin, request()) for lin in sp.linears]
     q = next(i for i in items if i.spec.role == "q")
     fc1 = next(i for i in items if i.spec.role == "fc1")
     assert q.priority_g > fc1.priority_g

@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -53,6 +54,21 @@ WeightsDtypeOption = Annotated[
     str | None,
     typer.Option("--dtype", help="Weights dtype (float16, bfloat16, float32). Default: the model's."),
 ]
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 CpuDtypeOption = Annotated[
     str | None,
     typer.Option(

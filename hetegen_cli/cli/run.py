@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from hetegen_cli.cli.common import (
+    DeviceChoice,
+    DtypeChoice,
     JsonOption,
     ModelOption,
     ProfileOption,
@@ -20,19 +21,6 @@ from hetegen_cli.cli.common import (
 )
 from hetegen_cli.core.console import emit_json, note, warn
 from hetegen_cli.core.errors import UsageError
-
-
-class DtypeChoice(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def timing_line(result: Any) -> str:

@@ -63,7 +63,7 @@ def build_plain_model(ctx: RunContext) -> LoadedModel:
 
 def _plan_on_the_fly(ctx: RunContext, engine: EngineOptions) -> Plan:
     req = PlanRequest(
-        prompt_len=len(ctx.prompt_ids),
+        prompt_len=ctx.planned_prompt_tokens,
         max_new_tokens=ctx.options.max_new_tokens,
         gpu_budget_bytes=engine.gpu_budget_bytes,
         model_arg=ctx.options.model or "",
@@ -115,7 +115,7 @@ def _cpu_formats_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder
         if ref.spec.dtype != ctx.dtype:
             ref = replace(ref, spec=resolve_model(str(ref.path), need_weights=True, dtype=ctx.dtype).spec)
         req = PlanRequest(
-            prompt_len=len(ctx.prompt_ids),
+            prompt_len=ctx.planned_prompt_tokens,
             max_new_tokens=ctx.options.max_new_tokens,
             model_arg=ctx.options.model or "",
         )

@@ -47,6 +47,13 @@ class RunContext:
     dtype: str  # resolved, never "auto"
     fits_on_gpu: bool = False  # the whole model fits in free GPU memory (plan.memory)
     plan: Plan | None = None  # the --plan file, loaded and checked against the model
+    workload_prompt_tokens: int | None = None  # plan on the fly for this many (default: the prompt's)
+
+    @property
+    def planned_prompt_tokens(self) -> int:
+        """The prompt length a plan made on the fly is made for: the prompt's, or a server's
+        workload (`hetegen serve` plans for its context before any prompt arrives)."""
+        return self.workload_prompt_tokens or len(self.prompt_ids)
 
 
 ModelBuilder = Callable[[RunContext], LoadedModel]

@@ -19,6 +19,7 @@ from hetegen_cli.core.errors import InputError, ModelError, UsageError
 from hetegen_cli.models.spec import check_context
 
 TextCallback = Callable[[str], None]
+StopCheck = Callable[[], str | None]  # a reason to stop now (e.g. "cancelled"), or None
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens only (an EOS that stopped it included)
     text: str  # decoded generated tokens, special tokens skipped
-    stop_reason: str  # "eos" or "length"
+    stop_reason: str  # "eos", "length", or what should_stop returned (e.g. "stop", "cancelled")
     timings: GenerationTimings
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -261,12 +262,15 @@ def generate(
     on_text: TextCallback | None = None,
     sync: Callable[[], None] | None = None,
     device: Any = None,
+    should_stop: StopCheck | None = None,
 ) -> GenerationResult:
     """Prefill `prompt_ids` in one forward, then decode one token per step with a KV cache.
 
     `on_text` receives each new piece of text as soon as it is complete. `sync` (e.g.
     Backend.synchronize) is called before every clock read so GPU timings are real. `device`
     is where the input ids go (default: the device of the model's first parameter).
+    `should_stop` is asked after every token (a client gone, a stop string seen): a reason
+    ends generation there with that stop_reason.
     """
     import torch
 
@@ -310,7 +314,8 @@ def generate(
         first_token_s = now() - start
         tokens.append(token)
         emit(token)
-        while token not in eos and len(tokens) < max_new_tokens:
+        stopped = should_stop() if should_stop is not None else None
+        while token not in eos and len(tokens) < max_new_tokens and stopped is None:
             step_start = now()
             step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
             out = model(input_ids=step, use_cache=True, **{cache_kw: cache}, **extra)
@@ -318,9 +323,12 @@ def generate(
             decode_s += now() - step_start
             tokens.append(token)
             emit(token)
+            stopped = should_stop() if should_stop is not None else None
         total_s = now() - start
     if tokens[-1] in eos:
         stop_reason = "eos"
+    elif stopped is not None:
+        stop_reason = stopped
     tail = decoder.flush()
     if tail and on_text is not None:
         on_text(tail)

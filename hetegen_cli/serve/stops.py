@@ -1,0 +1,48 @@
+"""Stop strings over streamed text (pure Python).
+
+OpenAI's `stop`: generation ends where the first stop string appears, and the returned text
+excludes it. Pieces arrive a token at a time, so text that could still become a stop string is
+held back until it cannot; a client never sees part of a stop string.
+"""
+
+from __future__ import annotations
+
+
+class StopText:
+    """Feed text pieces with `push`; it returns what is safe to emit and sets `hit` at the
+    first stop string (everything after it is dropped). `flush` returns what was held back."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, piece: str) -> str:
+        if self.hit:
+            return ""
+        if not self.stops:
+            return piece
+        self.pending += piece
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending, self.hit = self.pending[: min(found)], "", True
+            return out
+        hold = self._held_back()
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest end of `pending` that begins some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), longest, -1):
+                if self.pending.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def flush(self) -> str:
+        """The held-back text at the end of generation (none after a stop string)."""
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out

@@ -1,8 +1,10 @@
 """Stop strings over streamed text (pure Python).
 
-OpenAI's `stop`: generation ends where the first stop string appears, and the returned text
-excludes it. Pieces arrive a token at a time, so text that could still become a stop string is
-held back until it cannot; a client never sees part of a stop string.
+OpenAI's `stop`: generation ends as soon as a stop string has been generated, and the returned
+text excludes it. "First" means first complete: reading the text one character at a time, the
+earliest position where some stop string ends. Pieces arrive a token at a time, so text that
+could still become a stop string is held back until it cannot; a client never sees part of a
+stop string, and the result does not depend on how the text was cut into pieces.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ class StopText:
         if not self.stops:
             return piece
         self.pending += piece
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        # the stop string that is complete first (earliest end; on a tie the longer one), as if
+        # the text had come one character at a time: the result never depends on how the
+        # text was cut into pieces
+        found = [(i + len(s), i) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if found:
-            out, self.pending, self.hit = self.pending[: min(found)], "", True
+            _, start = min(found)
+            out, self.pending, self.hit = self.pending[:start], "", True
             return out
         hold = self._held_back()
         out = self.pending[: len(self.pending) - hold]

@@ -10,7 +10,7 @@ import pytest
 from hetegen_cli.serve.stops import StopText
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -22,8 +22,12 @@ def run(pieces: list[str], stops: list[str]) -> tuple[str, bool, list[str]]:
 
 
 def expected(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [i for i in (text.find(x) for x in stops if x) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    """Character by character: cut at the first position where a stop string ends."""
+    for end in range(1, len(text) + 1):
+        ending = [x for x in stops if x and text[:end].endswith(x)]
+        if ending:
+            return text[: end - max(map(len, ending))], True
+    return text, False
 
 
 def test_examples():
@@ -31,8 +35,11 @@ def test_examples():
     assert run(["abc"], []) == ("abc", False, ["abc", ""])
     assert run(["a", "b"], ["bc"]) == ("ab", False, ["a", "", "b"])  # "b" held until the end
     assert run(["x\n\n", "y"], ["\n\n", "y"]) == ("x", True, ["x", "", ""])
+    # the stop that completes first wins, however the text is cut
+    assert run(["a\n", "a"], ["\n", "a\na"])[:2] == run(["a\na"], ["\n", "a\na"])[:2] == ("a", True)
 
 
+@settings(max_examples=1000, deadline=None)
 @given(
     text=st.text(alphabet="ab\nc ", max_size=40),
     cuts=st.lists(st.integers(0, 40), max_size=8),

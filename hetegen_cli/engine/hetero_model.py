@@ -17,27 +17,34 @@ tells the engine whether each forward is a prefill (more than one new token) or 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import inspect
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
 from torch import nn
 
 from hetegen_cli.core import console
-from hetegen_cli.core.console import printable
 from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtype
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.engine.checkpoint import CheckpointReader
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
-from hetegen_cli.models.loader import LoadedModel, quiet_transformers
+from hetegen_cli.models.checkpoint import CheckpointReader
+from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.meta import (
+    check_no_meta,
+    embedding_key,
+    load_generation_config,
+    load_rest,
+    meta_model,
+    named_tensors,
+    recreate_rotary,
+    set_module,
+    tied_head,
+)
 from hetegen_cli.models.source import ModelRef
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
@@ -68,11 +75,11 @@ def load_hetero_model(
     folder = Path(ref.path)
     wdt = torch_dtype(runtime.weights_dtype)
     cdt = tuple(torch_dtype(d) for d in runtime.cpu_dtypes)  # (prefill, decode)
-    model = _meta_model(folder, wdt)
+    model = meta_model(folder, wdt)
     modules = dict(model.named_modules())
     _check_projections(ref, modules)
     split = _check_placements(placements, modules)
-    tied = _tied_head(model)
+    tied = tied_head(model)
     _check_ram(model, split, runtime, backend)
 
     start = time.perf_counter()
@@ -95,15 +102,15 @@ def load_hetero_model(
             console.activity(f"loading {ref.name} through the engine"),
             console.progress(progress) as bar,
         ):
-            total = len(split) + sum(1 for t in _named_tensors(model) if t[1].is_meta)
+            total = len(split) + sum(1 for t in named_tensors(model) if t[1].is_meta)
             task = bar.add_task(f"Loading {ref.name}", total=total)
-            embed_key = _embedding_key(model, reader)
+            embed_key = embedding_key(model, reader)
             for p in split:
                 _install_split(model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key)
                 bar.advance(task)
-            _load_rest(model, reader, backend.device, wdt, tied, bar, task)
-        _recreate_rotary(model, backend.device)
-        _check_no_meta(model)
+            load_rest(model, reader, backend.device, wdt, tied, bar, task)
+        recreate_rotary(model, backend.device)
+        check_no_meta(model)
         context.finalize()
     except BaseException:
         context.close()
@@ -111,7 +118,7 @@ def load_hetero_model(
     model.eval()
     model.register_forward_pre_hook(_phase_hook(context), with_kwargs=True)
     model.hetegen_engine = context
-    _load_generation_config(model, folder)
+    load_generation_config(model, folder)
     cpu_rows = any(p.max_cpu_rows for p in split)
     compute = runtime.compute_label if cpu_rows else runtime.weights_dtype
     return LoadedModel(
@@ -126,25 +133,6 @@ def load_hetero_model(
         counters=context.stats,
         on_close=context.close,
     )
-
-
-def _meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The stock transformers model on the meta device (no weight memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    except MemoryError:
-        raise
-    except Exception as exc:  # transformers raises many types for configs it cannot build
-        raise ModelError(
-            f"transformers cannot build the model in {folder} ({type(exc).__name__}: "
-            f"{printable(str(exc))[:200]})",
-            "hetegen runs stock transformers causal LMs (no remote code); check config.json",
-        ) from exc
 
 
 def _check_projections(ref: ModelRef, modules: dict[str, nn.Module]) -> None:
@@ -189,12 +177,6 @@ def _check_placements(
     return [p for p in placements if not p.resident]
 
 
-def _tied_head(model: nn.Module) -> bool:
-    """True when transformers tied the LM head to the input embeddings (OPT, SmolLM2)."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embed is not None and head.weight is embed.weight
-
-
 def _check_ram(
     model: nn.Module, split: list[LinearPlacement], runtime: RuntimeSettings, backend: Backend
 ) -> None:
@@ -202,7 +184,7 @@ def _check_ram(
     need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes)["total_bytes"]
     if not backend.is_cuda:  # the stand-in "device" is host memory too
         split_names = {p.name for p in split}
-        rest = {id(t): t.numel() for n, t in _named_tensors(model) if n.rpartition(".")[0] not in split_names}
+        rest = {id(t): t.numel() for n, t in named_tensors(model) if n.rpartition(".")[0] not in split_names}
         need += sum(rest.values()) * torch_dtype(runtime.weights_dtype).itemsize
     available = int(psutil.virtual_memory().available)
     if need + RAM_MARGIN_BYTES > available:
@@ -211,18 +193,6 @@ def _check_ram(
             f"{format_bytes(available)} is available",
             "close other programs, keep more of the model on the GPU, or use a smaller model",
         )
-
-
-def _named_tensors(model: nn.Module):
-    """(name, tensor) of every parameter and buffer, tied ones listed under each name."""
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
-
-
-def _embedding_key(model: nn.Module, reader: CheckpointReader) -> str | None:
-    embed = model.get_input_embeddings()
-    name = next((n for n, m in model.named_modules() if m is embed), None)
-    return reader.key_for(f"{name}.weight") if name is not None else None
 
 
 def _install_split(
@@ -254,85 +224,7 @@ def _install_split(
         if bias_key is None:
             raise ModelError(f"the checkpoint lacks {p.name}.bias", "re-download or convert the model")
         bias = reader.read(bias_key, wdt, context.backend.device)
-    _set_module(model, p.name, HeteroLinear(p, host, bias, context))
-
-
-def _load_rest(
-    model: nn.Module,
-    reader: CheckpointReader,
-    device: torch.device,
-    wdt: torch.dtype,
-    tied: bool,
-    bar: Any,
-    task: int,
-) -> None:
-    """Every parameter/buffer still on meta: read it onto the device (tied head: re-tie)."""
-    head = model.get_output_embeddings()
-    head_name = next((n for n, m in model.named_modules() if m is head), None)
-    retie = False
-    for name, tensor in list(_named_tensors(model)):
-        if not tensor.is_meta:
-            continue
-        if tied and head_name is not None and name == f"{head_name}.weight":
-            retie = True  # read once, as the input embeddings
-            bar.advance(task)
-            continue
-        key = reader.key_for(name)
-        if key is None:
-            if _is_buffer(model, name):
-                continue  # non-persistent buffers (rotary tables) are re-created below
-            raise ModelError(f"the checkpoint lacks tensor {name}", "re-download or convert the model")
-        dtype = wdt if tensor.is_floating_point() else tensor.dtype
-        value = reader.read(key, dtype, device)
-        _set_tensor(model, name, value)
-        bar.advance(task)
-    if retie and isinstance(head, nn.Linear):
-        head.weight = model.get_input_embeddings().weight
-
-
-def _is_buffer(model: nn.Module, name: str) -> bool:
-    owner, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(owner)._buffers
-
-
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        owner._buffers[attr] = value
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner_name), attr, module)
-
-
-def _recreate_rotary(model: nn.Module, device: torch.device) -> None:
-    """Rotary embeddings keep non-persistent tables that were born on meta: build them again."""
-    for name, module in list(model.named_modules()):
-        if not type(module).__name__.endswith("RotaryEmbedding"):
-            continue
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        cls = type(module)
-        params = inspect.signature(cls.__init__).parameters
-        kwargs: dict[str, Any] = {"config": getattr(module, "config", model.config)}
-        if "device" in params:
-            kwargs["device"] = device
-        with torch.device("cpu"):
-            fresh = cls(**kwargs)
-        _set_module(model, name, fresh.to(device))
-
-
-def _check_no_meta(model: nn.Module) -> None:
-    left = [n for n, t in _named_tensors(model) if t.is_meta]
-    if left:
-        raise ModelError(
-            f"{len(left)} tensors were not loaded (first: {', '.join(left[:3])})",
-            "this architecture needs support in hetegen's loader; please report it",
-        )
+    set_module(model, p.name, HeteroLinear(p, host, bias, context))
 
 
 def _phase_hook(context: EngineContext):
@@ -348,22 +240,12 @@ def _phase_hook(context: EngineContext):
     return hook
 
 
-def _load_generation_config(model: nn.Module, folder: Path) -> None:
-    if not (folder / "generation_config.json").exists():
-        return
-    from transformers import GenerationConfig
-
-    # on failure keep the defaults derived from config.json, as transformers does
-    with contextlib.suppress(OSError, ValueError):
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-
-
 def _memory_report(model: nn.Module, context: EngineContext) -> dict[str, int]:
     """Bytes by home, as held (the arena with its alignment). On the CPU stand-in, "device"
     bytes are host RAM as well. Pinned scratch grows while running: EngineStats counts it."""
     hosts = [lin.host for lin in context.linears]
     device_bytes = sum(
-        t.numel() * t.element_size() for t in {id(t): t for _, t in _named_tensors(model)}.values()
+        t.numel() * t.element_size() for t in {id(t): t for _, t in named_tensors(model)}.values()
     )
     arena = context.arena.nbytes if context.arena is not None else 0
     copies = sum(h.cpu_copy_bytes for h in hosts)

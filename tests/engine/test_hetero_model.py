@@ -240,14 +240,15 @@ def test_empty_plan_is_plain_model(models):
 _RSS_SCRIPT = r"""
 import gc, json, sys, threading, time, psutil, torch
 from hetegen_cli.core.devices import CpuBackend
-from hetegen_cli.engine.hetero_model import _meta_model, load_hetero_model
+from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.meta import meta_model
 from hetegen_cli.models.source import resolve_model
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings, round_rows
 from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements, random_rows
 ref = resolve_model(sys.argv[1], need_weights=True)
 plan = [LinearPlacement(l.name, l.layer_index, l.role, l.out_features, l.in_features, False,
                         0, round_rows(0.5, l.out_features)) for l in ref.spec.linears]
-_meta_model(ref.path, torch.float32)  # import transformers' modeling code before the baseline
+meta_model(ref.path, torch.float32)  # import transformers' modeling code before the baseline
 proc = psutil.Process()
 def anon():  # anonymous memory: RSS minus file-backed pages (the mmapped checkpoint)
     m = proc.memory_info()

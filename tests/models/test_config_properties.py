@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.engine.hetero_model import _meta_model
+from hetegen_cli.models.meta import meta_model
 from hetegen_cli.models.spec import spec_from_config
 from tests.mutations import mutated, property_settings
 
@@ -67,7 +67,7 @@ def test_damaged_configs_are_accepted_or_refused_with_model_error(source, data, 
     folder = tmp_path_factory.mktemp("config")
     (folder / "config.json").write_text(json.dumps(config))
     try:
-        model = _meta_model(folder, torch.float32)
+        model = meta_model(folder, torch.float32)
     except ModelError:
         return  # transformers refused it: a handled error with its reason
     built = {

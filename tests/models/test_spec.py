@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.engine.hetero_model import _meta_model
+from hetegen_cli.models.meta import meta_model
 from hetegen_cli.models.presets import preset_config, preset_names
 from hetegen_cli.models.spec import spec_from_config
 
@@ -21,7 +21,7 @@ def test_expected_tensors_equal_the_transformers_model(name, tmp_path):
     config = {**preset_config(name), "num_hidden_layers": 2}
     spec = spec_from_config(config, name)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = _meta_model(tmp_path, torch.float16)
+    model = meta_model(tmp_path, torch.float16)
     built = {
         k: tuple(t.shape)
         for k, t in model.state_dict().items()
@@ -62,7 +62,7 @@ def test_architecture_variants(variant, tmp_path):
     config = {k: v for k, v in config.items() if v is not None}
     spec = spec_from_config(config, "variant")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = _meta_model(tmp_path, torch.float32)
+    model = meta_model(tmp_path, torch.float32)
     built = {
         k: tuple(t.shape)
         for k, t in model.state_dict().items()

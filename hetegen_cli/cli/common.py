@@ -63,6 +63,23 @@ class DtypeChoice(str, Enum):
     float16 = "float16"
 
 
+class QuantChoice(str, Enum):
+    auto = "auto"
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+QuantOption = Annotated[
+    QuantChoice,
+    typer.Option(
+        "--quant",
+        help="Weight quantization: auto = as the model is stored (int4 for a Q4 GGUF such as the "
+        "default model), none = floating point, int8 / int4 = a quantized copy made once (docs/quant.md).",
+    ),
+]
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"

@@ -14,6 +14,8 @@ from hetegen_cli.cli.common import (
     JsonOption,
     ModelOption,
     ProfileOption,
+    QuantChoice,
+    QuantOption,
     guarded,
     input_file_arg,
     model_arg,
@@ -83,6 +85,7 @@ def register(app: typer.Typer) -> None:
             None, "--gpu-memory", help="GPU budget for planning on the fly, e.g. 6GiB (needs a CUDA GPU)."
         ),
         profile: ProfileOption = None,
+        quant: QuantOption = QuantChoice.auto,
         json_: JsonOption = False,
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
@@ -101,6 +104,7 @@ def register(app: typer.Typer) -> None:
             sampling=sampling,
             dtype=dtype.value,
             device=device.value,
+            quant=quant.value,
         )
         budget = size_bytes(gpu_memory, "--gpu-memory")
         if plan is not None and budget is not None:

@@ -99,6 +99,12 @@ class CheckpointReader:
             hi = min(rows, lo + step)
             self._copy(dest[lo:hi], sl[start + lo : start + hi])
 
+    def raw(self, key: str) -> torch.Tensor:
+        """Tensor `key` whole, as stored (quantized parts, small tensors)."""
+        tensor = self._handle(key).get_tensor(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
     def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The whole tensor `key` as a new tensor of `dtype` on `device`, filled chunk by chunk."""
         dest = torch.empty(self.shape(key), dtype=dtype, device=device)
@@ -109,27 +115,6 @@ class CheckpointReader:
         with torch.no_grad():
             dest.copy_(src)
         self.bytes_read += src.numel() * src.element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype_name: str) -> int:
-    return {
-        "float64": 8,
-        "float32": 4,
-        "int64": 8,
-        "int32": 4,
-        "float16": 2,
-        "bfloat16": 2,
-        "int8": 1,
-        "uint8": 1,
-        "bool": 1,
-    }.get(dtype_name, 4)
 
 
 def _itemsize(dtype_name: str) -> int:

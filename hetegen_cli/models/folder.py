@@ -15,6 +15,7 @@ from hetegen_cli.core.dtypes import DTYPES
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.config import read_config
 from hetegen_cli.models.headers import TensorIndex, folder_tensor_index
+from hetegen_cli.models.quantfile import REST_DTYPE, read_quantization, spec_with_quantization, virtual_index
 from hetegen_cli.models.spec import ModelSpec, spec_from_config
 
 #: stored tensors transformers ignores on load (old rotary tables, attention masks)
@@ -94,6 +95,12 @@ def spec_from_folder(
             "hetegen loads safetensors only (never pickles); convert the checkpoint "
             "with transformers' save_pretrained(safe_serialization=True)",
         )
+    quantization = read_quantization(folder)
+    if quantization is not None:  # a quantized folder (models.quantfile): its own dtypes
+        index = virtual_index(index, quantization)
+        spec = spec_from_config(config, name or str(folder), REST_DTYPE)
+        warnings = check_tensors(spec, index, folder)
+        return spec_with_quantization(spec, quantization), warnings
     stored = {dt for (_, dt, _) in index.values() if dt in ("float32", "bfloat16", "float16")}
     if dtype is None and len(stored) == 1:
         dtype = stored.pop()

@@ -75,17 +75,26 @@ def default_gguf_path() -> Path:
     return path
 
 
-def ensure_default_model() -> Path:
-    """The converted default model folder, converting it on first use (about 30 s)."""
+def ensure_default_model(quant: str = "none") -> Path:
+    """The converted default model folder, converting it on first use (about 30 s for fp32;
+    `quant` int8/int4 writes hetegen's quantized layout straight from the GGUF, "auto" the
+    GGUF's own format: int4 for its Q4_1 linears)."""
+    gguf = None
+    if quant != "none":
+        gguf = default_gguf_path()
+        quant = _resolve_quant(gguf, quant)
+    if quant != "none":
+        return _ensure_quantized_gguf(gguf, paths.models_dir() / DEFAULT_FOLDER_NAME, quant)
     target = paths.models_dir() / DEFAULT_FOLDER_NAME
     if is_complete(target):
         return target
-    gguf = default_gguf_path()
+    gguf = gguf or default_gguf_path()
     return _convert_into(gguf, target, "the default model SmolLM2-135M-Instruct", "about 30 s")
 
 
-def ensure_converted_gguf(path: Path) -> Path:
-    """A converted folder for a user's GGUF file, cached by file name + size + mtime."""
+def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
+    """A converted folder for a user's GGUF file, cached by file name + size + mtime: fp32
+    (`quant` none), or hetegen's quantized layout (int8, int4, or "auto": the file's own)."""
     path = Path(path).expanduser()
     try:
         stat = path.stat()
@@ -94,15 +103,50 @@ def ensure_converted_gguf(path: Path) -> Path:
             f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
         ) from exc
     if _is_default_gguf(path):
-        return ensure_default_model()  # the same file: share its conversion
+        return ensure_default_model(quant)  # the same file: share its conversion
     key = hashlib.sha256(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = paths.models_dir() / f"gguf-{_safe(path.stem)}-{key}"
+    gguf_architecture(path)  # fail fast on corrupt files and unsupported architectures
+    quant = _resolve_quant(path, quant)
+    if quant != "none":
+        return _ensure_quantized_gguf(path, target, quant)
     if is_complete(target):
         return target
-    gguf_architecture(path)  # fail fast on corrupt files and unsupported architectures
     return _convert_into(
         path, target, path.name, f"the fp32 copy takes about {_fp32_estimate(stat.st_size)} of disk"
     )
+
+
+def _resolve_quant(gguf: Path, quant: str) -> str:
+    """ "auto" -> the GGUF's own format (models.gguf_quant.native_format)."""
+    if quant != "auto":
+        return quant
+    from hetegen_cli.models.gguf_quant import native_format
+
+    return native_format(gguf)
+
+
+def _ensure_quantized_gguf(gguf: Path, float_target: Path, fmt: str) -> Path:
+    """The quantized folder of `gguf` beside where its fp32 conversion would go, made once."""
+    from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
+    from hetegen_cli.models.gguf_quant import write_gguf_quantized
+    from hetegen_cli.models.quantfile import quantized_folder_name, read_quantization
+
+    target = float_target.parent / quantized_folder_name(float_target.name, fmt, DEFAULT_GROUP_SIZE)
+    if read_quantization(target) is not None and (target / "model.safetensors").is_file():
+        return target
+    note(f"Converting {gguf.name} to hetegen's {fmt} layout, once, into {target}")
+    start = time.perf_counter()
+    try:
+        with activity(f"converting {gguf.name}"):
+            write_gguf_quantized(gguf, target, fmt, DEFAULT_GROUP_SIZE)
+    except OSError as exc:
+        raise ModelError(
+            f"converting {gguf.name} into {target} failed: {exc.strerror or exc}",
+            "free disk space or set HETEGEN_HOME to another folder",
+        ) from exc
+    note(f"Converted in {time.perf_counter() - start:.1f} s")
+    return target
 
 
 def _is_default_gguf(path: Path) -> bool:

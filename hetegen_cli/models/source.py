@@ -11,14 +11,16 @@ from __future__ import annotations
 import difflib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hetegen_cli.core.errors import ModelError, UsageError
 from hetegen_cli.core.paths import is_dir, probe
+from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, check_quant
 from hetegen_cli.models import presets
 from hetegen_cli.models.folder import spec_from_folder
 from hetegen_cli.models.gguf import ensure_converted_gguf, ensure_default_model
+from hetegen_cli.models.quantfile import REST_DTYPE
 from hetegen_cli.models.spec import ModelSpec, spec_from_config
 
 
@@ -100,12 +102,45 @@ def _not_cached(hub_id: str, why: str) -> ModelError:
     )
 
 
-def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = None) -> ModelRef:
+def resolve_model(
+    arg: str | None, *, need_weights: bool, dtype: str | None = None, quant: str = "none"
+) -> ModelRef:
     """Resolve --model (None: the default model). `need_weights=False` accepts shapes-only
     presets (plan, synthetic bench). A local folder's safetensors headers are checked against
-    its config (models.folder) before anything else reads it."""
+    its config (models.folder) before anything else reads it.
+
+    `quant` (--quant): "none" (floating point), "int8" or "int4" (a quantized copy, made once:
+    models.quantized, straight from the blocks for a GGUF), or "auto": the model as stored (a
+    Q4 GGUF such as the default model gives int4, a float folder stays float).
+    """
+    check_quant(quant)
+    return apply_quant(_resolve(arg, need_weights, dtype, quant), quant)
+
+
+def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
+    """`ref` in the format `quant` asks for (see resolve_model)."""
+    stored = ref.spec.quant
+    if quant == "auto" or quant == (stored or "none"):
+        return ref
+    if stored is not None:
+        raise ModelError(
+            f"{ref.name} is stored quantized ({stored}); it cannot run as {quant}",
+            f"pass --quant {stored} (or auto), or the original floating-point model",
+        )
+    if ref.path is None:  # shapes only: the plan of a quantized copy
+        spec = replace(ref.spec, dtype=REST_DTYPE).quantized(quant, DEFAULT_GROUP_SIZE)
+        return replace(ref, spec=spec)
+    from hetegen_cli.models.quantized import ensure_quantized  # torch: only when quantizing
+
+    folder = ensure_quantized(ref, quant, DEFAULT_GROUP_SIZE)
+    spec, warnings = spec_from_folder(folder, name=ref.name)
+    return ModelRef(ref.arg, ref.kind, ref.name, folder, ref.hub_id, spec, warnings)
+
+
+def _resolve(arg: str | None, need_weights: bool, dtype: str | None, quant: str) -> ModelRef:
+    gguf_quant = quant if quant in ("auto", "int8", "int4") else "none"
     if arg is None:
-        folder = ensure_default_model()
+        folder = ensure_default_model(gguf_quant)
         hub_id = presets.preset_hub_id(presets.DEFAULT_MODEL)
         return _local("", "default", presets.DEFAULT_MODEL, folder, hub_id, dtype)
     if not arg.strip():
@@ -120,7 +155,7 @@ def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = No
                     f"model path {path} is a file but not a .gguf file",
                     "pass a Hugging Face model folder or a .gguf file",
                 )
-            return _local(arg, "gguf", path.name, ensure_converted_gguf(path), None, dtype)
+            return _local(arg, "gguf", path.name, ensure_converted_gguf(path, gguf_quant), None, dtype)
         _check_folder(path)
         return _local(arg, "folder", path.name or str(path), path, None, dtype)
 
@@ -128,7 +163,7 @@ def resolve_model(arg: str | None, *, need_weights: bool, dtype: str | None = No
     if key in presets.PRESETS:
         hub_id = presets.preset_hub_id(key)
         if key == presets.DEFAULT_MODEL and need_weights:
-            return resolve_model(None, need_weights=True, dtype=dtype)
+            return _resolve(None, True, dtype, quant)
         folder = hub_cached_folder(hub_id)
         if folder is None and need_weights:
             folder = hub_download(hub_id)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES, itemsize
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
+from hetegen_cli.core.quant import kernel_takes
+from hetegen_cli.core.quant import weight_bytes as quant_weight_bytes
 from hetegen_cli.models.config import validate_config
 
 
@@ -29,9 +31,13 @@ class LinearSpec:
     in_features: int
     has_bias: bool
     dtype_bytes: int
+    quant: str | None = None  # int8 / int4 when the weight is stored quantized (core.quant)
+    group_size: int | None = None  # int4's group
 
     @property
     def weight_bytes(self) -> int:
+        if self.quant is not None:
+            return quant_weight_bytes(self.quant, self.out_features, self.in_features, self.group_size or 32)
         return self.out_features * self.in_features * self.dtype_bytes
 
     @property
@@ -87,7 +93,26 @@ class ModelSpec:
 
     @property
     def parameter_count(self) -> int:
-        return self.total_weight_bytes // self.dtype_bytes
+        """Parameters stored (a tied LM head counted once)."""
+        return sum(math.prod(shape) for shape in self.tensors.values())
+
+    @property
+    def quant(self) -> str | None:
+        """The quantized format of the block linears (None: floating point)."""
+        return next((lin.quant for lin in self.linears if lin.quant), None)
+
+    def quantized(self, fmt: str, group_size: int, names: set[str] | None = None) -> ModelSpec:
+        """This spec with the block linears in `names` (default: every one the CPU kernel
+        takes, core.quant.kernel_takes) stored as `fmt`; the LM head stays floating point."""
+
+        def pick(lin: LinearSpec) -> LinearSpec:
+            takes = kernel_takes(fmt, lin.out_features, lin.in_features, group_size)
+            chosen = lin.name in names if names is not None else takes
+            return (
+                replace(lin, quant=fmt, group_size=group_size if fmt == "int4" else None) if chosen else lin
+            )
+
+        return replace(self, linears=tuple(pick(lin) for lin in self.linears))
 
 
 _HASH_KEYS = (

@@ -22,7 +22,7 @@ from dataclasses import replace
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import note, warn
 from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_backend
-from hetegen_cli.core.errors import DeviceError, HetegenError
+from hetegen_cli.core.errors import DeviceError, HetegenError, UsageError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model, resolve_dtype
 from hetegen_cli.models.source import ModelRef, resolve_model
@@ -36,8 +36,17 @@ from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, Run
 
 def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple[Backend, str, bool]:
     """(backend, dtype, fits): --device auto uses the GPU plainly only when the whole model fits
-    in free memory; otherwise the heterogeneous engine runs it (choose_builder)."""
+    in free memory; otherwise the heterogeneous engine runs it (choose_builder). Quantized
+    weights run on the CPU (their packed kernels are CPU kernels)."""
     kind = options.device
+    if ref.spec.quant is not None:
+        if kind == "cuda":
+            raise DeviceError(
+                f"{ref.name} is quantized ({ref.spec.quant}); quantized weights run on the CPU in "
+                "this version",
+                "drop --device cuda, or pass --quant none to run the floating-point model on the GPU",
+            )
+        return CpuBackend(), ref.spec.dtype, False
     if kind == "auto" and not cuda_available():
         kind = "cpu"
     try:
@@ -54,6 +63,13 @@ def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple
     if kind == "cuda":
         return backend, dtype, False
     return CpuBackend(), resolve_dtype(options.dtype, ref.spec.dtype, "cpu"), False
+
+
+def build_quantized_model(ctx: RunContext) -> LoadedModel:
+    """The quantized model on the CPU (models.quantized: packed int8/int4 kernels)."""
+    from hetegen_cli.models.quantized import load_quantized
+
+    return load_quantized(ctx.ref)
 
 
 def build_plain_model(ctx: RunContext) -> LoadedModel:
@@ -150,6 +166,14 @@ def check_plan_device(plan: Plan, device: str, origin: str) -> None:
 def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
     """The engine's ModelBuilder, or None for the plain model. Validates the plan first."""
     device = ctx.options.device
+    if ctx.ref.spec.quant is not None:
+        if ctx.plan is not None or engine.gpu_budget_bytes is not None:
+            raise UsageError(
+                f"{ctx.ref.name} is quantized ({ctx.ref.spec.quant}); the engine runs floating-point "
+                "weights in this version",
+                "drop --plan / --gpu-memory to run it on the CPU, or pass --quant none",
+            )
+        return build_quantized_model
     if ctx.plan is not None:
         plan = ctx.plan
         check_plan_device(plan, device, str(engine.plan_path))

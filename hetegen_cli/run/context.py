@@ -24,6 +24,7 @@ class RunOptions:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
+    quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class RunResult:
             "engine": self.built.engine,
             "device": self.built.device,
             "dtype": self.built.dtype,
+            "quant": self.context.ref.spec.quant or "none",
             "plan": self.built.info.get("plan"),
             "engine_stats": self.engine_stats,
         }
@@ -90,7 +91,7 @@ def prepare_run(options: RunOptions, engine: EngineOptions | None = None) -> Run
     plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
     if plan is not None:
         check_plan_device(plan, options.device, str(engine.plan_path))
-    ref = resolve_model(options.model, need_weights=True)
+    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
     for message in ref.warnings:
         warn(message)
     if plan is not None:

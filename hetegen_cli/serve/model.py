@@ -36,6 +36,7 @@ class ServeOptions:
     profile_path: Path | None = None
     dtype: str = "auto"
     device: str = "auto"
+    quant: str = "auto"  # auto | none | int8 | int4 (core.quant)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -144,7 +145,7 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
     plan = load_plan(options.plan_path) if options.plan_path is not None else None
     if plan is not None:
         check_plan_device(plan, options.device, str(options.plan_path))
-    ref = resolve_model(options.model, need_weights=True)
+    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
     for message in ref.warnings:
         warn(message)
     if plan is not None:
@@ -171,6 +172,7 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
         max_new_tokens=default_max,
         dtype=options.dtype,
         device=options.device,
+        quant=options.quant,
     )
     workload_prompt = max(1, context - default_max)  # a plan made here reserves the whole context
     backend, dtype, fits = pick_device(run, ref, workload_prompt)

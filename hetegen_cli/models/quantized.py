@@ -1,0 +1,239 @@
+"""Quantized model folders: hetegen's own safetensors layout, made once, loaded fast.
+
+A quantized folder is a Hugging Face folder (config.json, tokenizer files) whose
+`model.safetensors` stores every quantized linear `X` as `X.weight.q`, `X.weight.scale` and,
+for int4, `X.weight.min` (models.quant's layout), and every other tensor in bfloat16 (the
+activations the packed kernels take). `quantization.json` says which format and which
+linears. Linears a kernel cannot take (core.quant.kernel_takes) and the LM head stay bfloat16.
+
+`ensure_quantized(ref, format)` makes (once) and returns the quantized copy of a float model
+under $HETEGEN_HOME/models; models.gguf writes the same layout straight from Q4_0/Q4_1/Q8_0
+GGUF blocks. `load_quantized(ref)` builds the model on meta and fills it: QuantLinear modules
+for the quantized linears, bfloat16 tensors for the rest (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetegen_cli.core import paths, quant
+from hetegen_cli.core.console import activity, note, progress
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.checkpoint import CheckpointReader
+from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.meta import (
+    check_no_meta,
+    load_generation_config,
+    meta_model,
+    named_tensors,
+    recreate_rotary,
+    set_module,
+    set_tensor,
+    tied_head,
+)
+from hetegen_cli.models.quant import QuantLinear, QuantWeight, quantize
+from hetegen_cli.models.quantfile import (
+    QUANT_FILE,
+    REST_DTYPE,
+    quantization_doc,
+    quantized_folder_name,
+    read_quantization,
+)
+
+_COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def read_quant_weight(reader: CheckpointReader, name: str, doc: dict) -> QuantWeight:
+    """Quantized linear `name` from a quantized folder."""
+    fmt = doc["format"]
+    get = lambda part: reader.raw(f"{name}.weight.{part}")  # noqa: E731
+    q, scale = get("q"), get("scale")
+    out, cols = q.shape
+    if fmt == "int8":
+        return QuantWeight("int8", out, cols, q, scale)
+    return QuantWeight("int4", out, cols * 2, q, scale, get("min"), int(doc["group_size"]))
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def write_folder(
+    target: Path,
+    source: Path | None,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    doc: dict,
+    label: str,
+    after: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a quantized folder into `target` atomically (a temporary sibling, then a rename):
+    config.json (dtype bfloat16), model.safetensors, quantization.json, and the tokenizer and
+    generation files of `source` (or what `after(tmp)` writes there)."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:
+        config = {**config, "torch_dtype": REST_DTYPE}
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if source is not None:
+            for name in _COPIED:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+        if after is not None:
+            after(tmp)
+        with activity(f"writing {label}"):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+        (tmp / QUANT_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ModelError(
+                f"writing {label} into {target} failed: {exc.strerror or exc}",
+                "free disk space or set HETEGEN_HOME to another folder",
+            ) from exc
+        raise
+    return target
+
+
+def quantize_folder(ref: Any, fmt: str, group: int, target: Path) -> Path:
+    """Quantize the float model `ref` (a ModelRef with a local folder) into `target`."""
+    spec = ref.spec.quantized(fmt, group)
+    start = time.perf_counter()
+    tensors: dict[str, torch.Tensor] = {}
+    qnames = {f"{lin.name}.weight": lin for lin in spec.linears if lin.quant}
+    with CheckpointReader(Path(ref.path)) as reader, progress(True) as bar:
+        task = bar.add_task(f"Quantizing {ref.name} to {fmt}", total=len(spec.tensors))
+        for name in spec.tensors:
+            key = reader.key_for(name)
+            if key is None:
+                raise ModelError(f"the checkpoint lacks {name}", "re-download or convert the model")
+            lin = qnames.get(name)
+            if lin is None:
+                tensors[name] = reader.read(key, torch.bfloat16, torch.device("cpu"))
+            else:
+                w = quantize(reader.read(key, torch.float32, torch.device("cpu")), fmt, group)
+                tensors[f"{name}.q"], tensors[f"{name}.scale"] = w.q, w.scale
+                if w.min is not None:
+                    tensors[f"{name}.min"] = w.min
+            bar.advance(task)
+    config = json.loads((Path(ref.path) / "config.json").read_text(encoding="utf-8"))
+    doc = quantization_doc(
+        fmt, group, spec, {"folder": str(ref.path), "name": ref.name}, time.perf_counter() - start
+    )
+    return write_folder(target, Path(ref.path), config, tensors, doc, f"{ref.name} ({fmt})")
+
+
+def ensure_quantized(
+    ref: Any, fmt: str, group: int = quant.DEFAULT_GROUP_SIZE, output: Path | None = None
+) -> Path:
+    """The folder of `ref` quantized to `fmt` (made once, under $HETEGEN_HOME/models unless
+    `output` is given); `ref` itself when it is already in that format."""
+    doc = read_quantization(Path(ref.path))
+    if doc is not None:
+        if doc["format"] == fmt and (fmt != "int4" or doc["group_size"] == group):
+            return Path(ref.path)
+        raise ModelError(
+            f"{ref.name} is already quantized ({doc['format']}); it cannot be re-quantized to {fmt}",
+            "quantize the floating-point model instead",
+        )
+    target = output or paths.models_dir() / quantized_folder_name(ref.name, fmt, group)
+    if output is None and read_quantization(target) is not None and (target / "model.safetensors").is_file():
+        return target
+    note(
+        f"Quantizing {ref.name} to {fmt}"
+        + (f" (groups of {group})" if fmt == "int4" else "")
+        + f", once, into {target}"
+    )
+    start = time.perf_counter()
+    quantize_folder(ref, fmt, group, target)
+    size = sum(f.stat().st_size for f in target.iterdir())
+    note(f"Quantized in {time.perf_counter() - start:.1f} s ({format_bytes(size)})")
+    return target
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def load_quantized(ref: Any) -> LoadedModel:
+    """A quantized folder as a stock transformers model on the CPU: QuantLinear for each
+    quantized linear, bfloat16 for everything else."""
+    folder = Path(ref.path)
+    doc = read_quantization(folder)
+    if doc is None:
+        raise ModelError(f"{folder} is not a quantized model folder", "run `hetegen quantize` first")
+    start = time.perf_counter()
+    model = meta_model(folder, torch.bfloat16)
+    quantized = set(doc["linears"])
+    tied = tied_head(model)
+    with (
+        CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
+        activity(f"loading {ref.name} ({doc['format']})"),
+    ):
+        for name in quantized:
+            linear = model.get_submodule(name)
+            bias = None
+            if linear.bias is not None:
+                bias = reader.read(reader.key_for(f"{name}.bias"), torch.bfloat16, torch.device("cpu"))
+            set_module(model, name, QuantLinear(read_quant_weight(reader, name, doc), bias))
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        for name, tensor in list(named_tensors(model)):
+            if not tensor.is_meta:
+                continue
+            if tied and name == f"{head_name}.weight":
+                continue
+            key = reader.key_for(name)
+            if key is None:
+                owner, _, attr = name.rpartition(".")
+                if attr in model.get_submodule(owner)._buffers:
+                    continue  # rotary tables: rebuilt below
+                raise ModelError(f"the checkpoint lacks tensor {name}", "quantize the model again")
+            dtype = torch.bfloat16 if tensor.is_floating_point() else tensor.dtype
+            set_tensor(model, name, reader.read(key, dtype, torch.device("cpu")))
+        if tied and head is not None:
+            head.weight = model.get_input_embeddings().weight
+    recreate_rotary(model, torch.device("cpu"))
+    check_no_meta(model)
+    model.eval()
+    load_generation_config(model, folder)
+    stored = sum(m.stored_bytes for m in model.modules() if isinstance(m, QuantLinear))
+    return LoadedModel(
+        model=model,
+        device="cpu",
+        dtype=f"{doc['format']}+{REST_DTYPE}",
+        load_s=time.perf_counter() - start,
+        info={
+            "folder": str(folder),
+            "quant": doc["format"],
+            "group_size": doc.get("group_size"),
+            "quantized_linears": len(quantized),
+            "quantized_weight_bytes": stored,
+        },
+    )

@@ -65,6 +65,16 @@ def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple
     return CpuBackend(), resolve_dtype(options.dtype, ref.spec.dtype, "cpu"), False
 
 
+def check_quant_without_engine(ref: ModelRef, engine_asked: bool) -> None:
+    """UsageError when a quantized model meets --plan or --gpu-memory (checked early)."""
+    if ref.spec.quant is not None and engine_asked:
+        raise UsageError(
+            f"{ref.name} is quantized ({ref.spec.quant}); the engine runs floating-point weights "
+            "in this version",
+            "drop --plan / --gpu-memory to run it on the CPU, or pass --quant none",
+        )
+
+
 def build_quantized_model(ctx: RunContext) -> LoadedModel:
     """The quantized model on the CPU (models.quantized: packed int8/int4 kernels)."""
     from hetegen_cli.models.quantized import load_quantized
@@ -167,12 +177,7 @@ def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | Non
     """The engine's ModelBuilder, or None for the plain model. Validates the plan first."""
     device = ctx.options.device
     if ctx.ref.spec.quant is not None:
-        if ctx.plan is not None or engine.gpu_budget_bytes is not None:
-            raise UsageError(
-                f"{ctx.ref.name} is quantized ({ctx.ref.spec.quant}); the engine runs floating-point "
-                "weights in this version",
-                "drop --plan / --gpu-memory to run it on the CPU, or pass --quant none",
-            )
+        check_quant_without_engine(ctx.ref, ctx.plan is not None or engine.gpu_budget_bytes is not None)
         return build_quantized_model
     if ctx.plan is not None:
         plan = ctx.plan

@@ -17,7 +17,13 @@ from hetegen_cli.models.loader import LoadedModel, load_tokenizer
 from hetegen_cli.models.source import resolve_model
 from hetegen_cli.plan.document import check_plan_matches
 from hetegen_cli.plan.load import load_plan
-from hetegen_cli.run.builders import build_plain_model, check_plan_device, choose_builder, pick_device
+from hetegen_cli.run.builders import (
+    build_plain_model,
+    check_plan_device,
+    check_quant_without_engine,
+    choose_builder,
+    pick_device,
+)
 from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
 
@@ -94,6 +100,7 @@ def prepare_run(options: RunOptions, engine: EngineOptions | None = None) -> Run
     ref = resolve_model(options.model, need_weights=True, quant=options.quant)
     for message in ref.warnings:
         warn(message)
+    check_quant_without_engine(ref, plan is not None or engine.gpu_budget_bytes is not None)
     if plan is not None:
         check_plan_matches(plan, ref.spec)
     tokenizer = load_tokenizer(ref.path)

@@ -18,7 +18,13 @@ from hetegen_cli.models.loader import LoadedModel, load_tokenizer
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.plan.document import check_plan_matches
 from hetegen_cli.plan.load import load_plan
-from hetegen_cli.run.builders import build_plain_model, check_plan_device, choose_builder, pick_device
+from hetegen_cli.run.builders import (
+    build_plain_model,
+    check_plan_device,
+    check_quant_without_engine,
+    choose_builder,
+    pick_device,
+)
 from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, StopCheck, eos_token_ids, generate
 
@@ -148,6 +154,7 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
     ref = resolve_model(options.model, need_weights=True, quant=options.quant)
     for message in ref.warnings:
         warn(message)
+    check_quant_without_engine(ref, plan is not None or options.gpu_budget_bytes is not None)
     if plan is not None:
         check_plan_matches(plan, ref.spec)
     tokenizer = load_tokenizer(ref.path)

@@ -446,3 +446,18 @@ def test_a_model_too_big_for_the_gpu_goes_through_the_engine(device, tiny_llama_
     assert doc["engine"] == "hetegen" and doc["plan"]["origin"] == "planned on the fly"
     assert doc["token_ids"] == expected
     assert len(syncs) >= 2 * 6  # a synchronised clock read around prefill and every decode step
+
+
+def test_quant_int4_runs_a_quantized_copy_on_the_cpu(tiny_llama_dir, hetegen_home, tmp_path):
+    result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["quant"] == "int4" and doc["dtype"] == "int4+bfloat16" and doc["engine"] == "plain"
+    again = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")
+    assert again.exit_code == 0 and "Quantizing" not in again.stderr  # made once, then reused
+    assert json.loads(again.stdout)["token_ids"] == doc["token_ids"]
+    plan = _split_plan(tiny_llama_dir, tmp_path, requires_gpu=False)
+    refused = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "--quant", "int4", "--plan", str(plan))
+    assert refused.exit_code == 2 and "engine runs floating-point weights" in refused.stderr
+    bad = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "--quant", "int3")
+    assert bad.exit_code == 2 and "Traceback" not in bad.stderr

@@ -100,8 +100,9 @@ class CheckpointReader:
             self._copy(dest[lo:hi], sl[start + lo : start + hi])
 
     def raw(self, key: str) -> torch.Tensor:
-        """Tensor `key` whole, as stored (quantized parts, small tensors)."""
-        tensor = self._handle(key).get_tensor(key)
+        """Tensor `key` whole, as stored (quantized parts, small tensors), in memory of its own:
+        safetensors may hand out views of its memory map, which closing the reader unmaps."""
+        tensor = self._handle(key).get_tensor(key).clone()
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 

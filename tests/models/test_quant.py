@@ -203,3 +203,25 @@ def test_the_default_gguf_converts_to_int4_exactly():
         ):
             want = a.read(a.key_for(f"{name}.weight"), torch.float32, torch.device("cpu"))
             assert torch.equal(read_quant_weight(b, name, doc).dequantize(), want)
+
+
+def test_cli_quantize_writes_the_folder_run_uses(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from hetegen_cli.cli.app import app
+
+    out = tmp_path / "tiny-int8"
+    r = CliRunner().invoke(
+        app, ["quantize", "--model", str(tiny_llama_dir), "--quant", "int8", "--output", str(out), "--json"]
+    )
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["kind"] == "hetegen.quantized" and doc["format"] == "int8" and doc["folder"] == str(out)
+    assert read_quantization(out)["format"] == "int8" and doc["bytes"] > 0
+    run = CliRunner().invoke(app, ["run", "--model", str(out), "--prompt", "hello", "-n", "3", "--json"])
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(run.stdout)["quant"] == "int8"
+    bad = CliRunner().invoke(
+        app, ["quantize", "--model", str(tiny_llama_dir), "--quant", "int4", "--group-size", "48"]
+    )
+    assert bad.exit_code == 2 and "--group-size 48" in bad.stderr

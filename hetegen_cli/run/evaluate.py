@@ -1,0 +1,161 @@
+"""Perplexity of a model on a text: the quality check of quantized (or any) execution.
+
+The text is tokenized once and scored in windows of `context` tokens that start every
+`stride` tokens; each token is scored once, by the first window in which it has at least
+`context - stride` tokens before it (all tokens of the first window are scored). perplexity =
+exp(mean negative log-likelihood), from float32 log-softmax of the model's logits.
+The model is built exactly as `hetegen run` builds it (run.builders), so a perplexity
+describes what `run` would generate with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hetegen_cli.core.errors import InputError, UsageError
+from hetegen_cli.models.loader import LoadedModel, load_tokenizer
+from hetegen_cli.models.source import resolve_model
+from hetegen_cli.run.builders import (
+    build_plain_model,
+    check_quant_without_engine,
+    choose_builder,
+    pick_device,
+)
+from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
+
+#: the text shipped with hetegen: 1,277 words of plain English prose (written for hetegen)
+DEFAULT_TEXT = "eval.txt"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    nll_per_token: float
+    tokens_scored: int
+    text_tokens: int
+    windows: int
+    context: int
+    stride: int
+    seconds: float
+    text: str  # where the text came from
+    text_sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_text(path: Path | None) -> tuple[str, str]:
+    """(text, where it came from): the file at `path`, or hetegen's own text."""
+    if path is None:
+        return resources.files("hetegen_cli.data").joinpath(DEFAULT_TEXT).read_text(
+            encoding="utf-8"
+        ), DEFAULT_TEXT
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--text {path} is not UTF-8 text", "pass a plain UTF-8 text file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read --text {path}: {exc.strerror or exc}", "check the path") from None
+    return text, str(path)
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position) of each window over n tokens (see the module)."""
+    out, start, scored = [], 0, 1
+    while True:
+        end = min(start + context, n)
+        out.append((start, end, scored))
+        if end >= n:
+            return out
+        start += stride
+        scored = end
+
+
+def perplexity(
+    built: LoadedModel, ids: list[int], context: int, stride: int, on_window: Callable[[], None] | None = None
+) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, tokens scored, windows) of `ids` under `built`."""
+    import torch
+
+    nll, count, spans = 0.0, 0, windows(len(ids), context, stride)
+    with torch.inference_mode():
+        for start, end, scored in spans:
+            chunk = torch.tensor([ids[start:end]], dtype=torch.long, device=built.device)  # [1, T]
+            logits = built.model(input_ids=chunk, use_cache=False).logits[0].float()  # [T, V]
+            logp = torch.log_softmax(logits[:-1], dim=-1)
+            targets = chunk[0, 1:]
+            picked = logp.gather(1, targets[:, None])[:, 0]  # log p(token t | tokens < t)
+            keep = picked[scored - start - 1 :]
+            nll -= float(keep.sum())
+            count += keep.numel()
+            if on_window is not None:
+                on_window()
+    return nll, count, len(spans)
+
+
+def evaluate(
+    options: RunOptions,
+    engine: EngineOptions,
+    text_path: Path | None = None,
+    context: int = 512,
+    stride: int | None = None,
+    progress: Any = None,
+) -> tuple[EvalResult, LoadedModel]:
+    """Build the model as `run` would and measure its perplexity on the text."""
+    if not 2 <= context <= 2**20:
+        raise UsageError(f"--context {context} is outside [2, 2^20]", "use e.g. --context 512")
+    stride = context // 2 if stride is None else stride
+    if not 1 <= stride <= context:
+        raise UsageError(
+            f"--stride {stride} must be in [1, --context]",
+            "use e.g. --stride 256 with --context 512, or leave it out",
+        )
+    text, source = read_text(text_path)
+    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
+    check_quant_without_engine(ref, engine.plan_path is not None or engine.gpu_budget_bytes is not None)
+    tokenizer = load_tokenizer(ref.path)
+    ids = [int(i) for i in tokenizer(text)["input_ids"]]
+    if len(ids) < 2:
+        raise InputError(f"the text ({source}) has fewer than 2 tokens", "pass a longer text")
+    limit = ref.spec.max_positions
+    context = min(context, limit)
+    stride = min(stride, context)
+    backend, dtype, fits = pick_device(options, ref, context)
+    ctx = RunContext(options, ref, tokenizer, ids[:context], backend, dtype, fits, None)
+    build = choose_builder(ctx, engine) or build_plain_model
+    built = build(ctx)
+    try:
+        task = (
+            progress.add_task("perplexity", total=len(windows(len(ids), context, stride)))
+            if progress
+            else None
+        )
+        start = time.perf_counter()
+        nll, count, n_windows = perplexity(
+            built, ids, context, stride, (lambda: progress.advance(task)) if progress else None
+        )
+        seconds = time.perf_counter() - start
+    except BaseException:
+        built.close()
+        raise
+    mean = nll / count
+    result = EvalResult(
+        perplexity=math.exp(mean),
+        nll_per_token=mean,
+        tokens_scored=count,
+        text_tokens=len(ids),
+        windows=n_windows,
+        context=context,
+        stride=stride,
+        seconds=seconds,
+        text=source,
+        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
+    return result, built

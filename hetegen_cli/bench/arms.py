@@ -24,17 +24,20 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
 from hetegen_cli.bench.layer_split import apply_layer_split
+from hetegen_cli.bench.llama_cpp import LLAMA_MISSING, llama_cpp_available, load_llama_cpp
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model
+from hetegen_cli.models.quantized import load_quantized
 from hetegen_cli.models.source import ModelRef
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan.document import Plan
@@ -63,6 +66,7 @@ class ArmContext:
     workload: dict  # prompt_len, max_new_tokens
     cpu_plan: Plan | None = None  # the all-CPU plan of the `cpu` arm (GPU budget 0)
     cpu_ref: ModelRef | None = None  # the model in the `cpu` arm's run dtype (its prefill format)
+    gguf: Path | None = None  # the GGUF the model came from (the llama.cpp arm)
 
     @property
     def spec(self) -> ModelSpec:
@@ -91,8 +95,17 @@ def skip_reason(ctx: ArmContext) -> str | None:
         reasons.append(NO_CUDA)
     if arm == "accelerate" and not accelerate_available():
         reasons.append(ACCELERATE_MISSING)
+    if arm == "llama.cpp":
+        if not llama_cpp_available():
+            reasons.append(LLAMA_MISSING)
+        elif ctx.gguf is None:
+            reasons.append("llama.cpp runs GGUF files: pass --model FILE.gguf (or use the default model)")
     if reasons:
         return "; ".join(reasons)
+    if ctx.spec.quant is not None and arm in ("hetegen", *GPU_ARMS):
+        return (
+            f"the model is quantized ({ctx.spec.quant}); this arm runs floating-point weights (--quant none)"
+        )
     if arm in PLAN_ARMS and ctx.plan is None:
         return f"no plan for this budget: {ctx.plan_error}"
     if arm in ("offload", "accelerate", "layer-split") and not ctx.plan.runtime.requires_gpu:
@@ -140,7 +153,11 @@ class _Threads:
 def _plain(ctx: ArmContext, dtype: str, device: str, compute_dtype: str) -> LoadedModel:
     threads = _Threads(ctx.threads)
     try:
-        loaded = load_model(ctx.ref, dtype=dtype, device=device)
+        if ctx.spec.quant is not None:  # the plain model of a quantized copy: its CPU kernels
+            loaded = load_quantized(ctx.ref)
+            dtype = compute_dtype = loaded.dtype
+        else:
+            loaded = load_model(ctx.ref, dtype=dtype, device=device)
     except BaseException:
         threads.restore()
         raise
@@ -292,6 +309,20 @@ def build_accelerate(ctx: ArmContext) -> LoadedModel:
     return built
 
 
+def build_llama_cpp(ctx: ArmContext) -> LoadedModel:
+    import llama_cpp
+    from transformers import AutoConfig
+
+    gpu_layers = 0
+    if ctx.has_cuda and llama_cpp.llama_supports_gpu_offload() and ctx.plan is not None:
+        gpu_layers = layer_split_layers(ctx) if (ctx.plan.predictions or {}).get("layer_split") else 0
+    config = AutoConfig.from_pretrained(str(ctx.ref.path), local_files_only=True, trust_remote_code=False)
+    # llama.cpp pads its context to a multiple of 256; a shorter n_ctx gave all-zero logits
+    need = ctx.workload["prompt_len"] + ctx.workload["max_new_tokens"] + 16
+    n_ctx = max(512, -(-need // 256) * 256)
+    return load_llama_cpp(ctx.gguf, config, ctx.threads, n_ctx, gpu_layers)
+
+
 BUILDERS: dict[str, Callable[[ArmContext], LoadedModel]] = {
     "hetegen": build_hetegen,
     "offload": build_offload,
@@ -300,13 +331,17 @@ BUILDERS: dict[str, Callable[[ArmContext], LoadedModel]] = {
     "cpu": build_cpu,
     "gpu": build_gpu,
     "reference": build_reference,
+    "llama.cpp": build_llama_cpp,
 }
 
 
 def cache_key(ctx: ArmContext) -> str:
     """Arms with equal keys measure the same thing: budgets reuse the measurement."""
-    if ctx.arm in ("cpu", "reference", "gpu"):
-        extra: Any = _cpu_dtypes(ctx) if ctx.arm == "cpu" else None
+    if ctx.arm == "llama.cpp":
+        split = ctx.has_cuda and ctx.plan is not None and (ctx.plan.predictions or {}).get("layer_split")
+        extra: Any = [str(ctx.gguf), layer_split_layers(ctx) if split else 0]
+    elif ctx.arm in ("cpu", "reference", "gpu"):
+        extra = _cpu_dtypes(ctx) if ctx.arm == "cpu" else None
     elif ctx.arm == "hetegen":
         extra = plan_config(ctx.plan, rows=True)
     elif ctx.arm == "layer-split":

@@ -16,6 +16,7 @@ from hetegen_cli.core.devices import cuda_available
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
+from hetegen_cli.core.quant import check_quant
 from hetegen_cli.models import presets
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import build_synthetic_model
@@ -25,8 +26,8 @@ from hetegen_cli.plan.solver import check_forced_formats, make_plan
 from hetegen_cli.profile.measure import load_or_measure
 from hetegen_cli.run.builders import all_cpu_formats_plan
 
-ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference")
-RUN_ORDER = ("reference", "cpu", "hetegen", "offload", "accelerate", "layer-split", "gpu")
+ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference", "llama.cpp")
+RUN_ORDER = ("reference", "cpu", "hetegen", "llama.cpp", "offload", "accelerate", "layer-split", "gpu")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class BenchOptions:
     synthetic: str | None = None  # preset name: random weights of that shape
     dtype: str | None = None  # weights dtype (default: the model's)
     cpu_dtype: str | None = None  # CPU share dtype(s): "D" or "P,D" (default: chosen per phase)
+    quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
     profile: str | Path | None = None  # default: the saved profile, measured quick if missing
     prompt_len: int = 512
     max_new_tokens: int = 64
@@ -75,6 +77,7 @@ class BenchOptions:
         if self.dtype is not None and self.dtype not in WEIGHT_DTYPES:
             raise UsageError(f"unknown --dtype {self.dtype!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
         cpu_dtype_pair(self.cpu_dtype)
+        check_quant(self.quant)
         if self.model and self.synthetic:
             raise UsageError(
                 "--model and --synthetic are mutually exclusive",
@@ -121,6 +124,7 @@ class Prepared:
     has_cuda: bool
     cpu_plan: Plan | None = None  # all-CPU plan of the `cpu` arm (its formats per phase)
     cpu_ref: ModelRef | None = None  # the model in the `cpu` arm's run dtype
+    gguf: Path | None = None  # the GGUF file the model came from (the llama.cpp arm runs it)
     cpu_plan_error: str | None = None
 
 
@@ -150,10 +154,10 @@ def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef
         folder = build_synthetic_model(
             preset, dtype, paths.models_dir() / "synthetic", seed=o.seed, progress=progress
         )
-        ref = resolve_model(str(folder), need_weights=True, dtype=dtype)
+        ref = resolve_model(str(folder), need_weights=True, dtype=dtype, quant=o.quant)
         source = {"kind": "synthetic", "preset": preset, "seed": o.seed}
     else:
-        ref = resolve_model(o.model, need_weights=True, dtype=o.dtype)
+        ref = resolve_model(o.model, need_weights=True, dtype=o.dtype, quant=o.quant)
         source = {"kind": ref.kind}
     s = ref.spec
     return ref, {
@@ -169,6 +173,18 @@ def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef
         "weight_bytes": s.total_weight_bytes,
         "config_hash": s.config_hash,
     }
+
+
+def source_gguf(o: BenchOptions) -> Path | None:
+    """The GGUF file behind --model (a .gguf path, or the default model's), else None."""
+    if o.synthetic:
+        return None
+    if o.model is None or o.model.lower() == presets.DEFAULT_MODEL:
+        from hetegen_cli.models.gguf import default_gguf_path
+
+        return default_gguf_path()
+    path = Path(o.model).expanduser()
+    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
 def prompt_ids(vocab_size: int, length: int, seed: int) -> list[int]:
@@ -244,7 +260,9 @@ def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
     cases = make_cases(ref, o, profile, identity)
     arms = [a for a in RUN_ORDER if a in (o.arms or default_arms(has_cuda))]
     ids = prompt_ids(ref.spec.vocab_size, o.prompt_len, o.seed)
-    cpu_plan, cpu_ref, cpu_error = make_cpu_case(ref, o, profile, identity) if "cpu" in arms else (None,) * 3
+    cpu_plan = cpu_ref = cpu_error = None
+    if "cpu" in arms and ref.spec.quant is None:  # the planner takes float weights only
+        cpu_plan, cpu_ref, cpu_error = make_cpu_case(ref, o, profile, identity)
     return Prepared(
         o,
         ref,
@@ -258,4 +276,5 @@ def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
         cpu_plan=cpu_plan,
         cpu_ref=cpu_ref,
         cpu_plan_error=cpu_error,
+        gguf=source_gguf(o),
     )

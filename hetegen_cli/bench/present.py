@@ -120,6 +120,8 @@ def _tables(doc: dict, console: Any) -> None:
         "e2e x offload",
         "decode x layer-split",
         "e2e x layer-split",
+        "decode x llama.cpp",
+        "e2e x llama.cpp",
     ):
         t.add_column(col, justify="left" if col in ("arm", "own bound") else "right")
     for s in doc["budgets"]:
@@ -143,6 +145,8 @@ def _tables(doc: dict, console: Any) -> None:
                 _num(r["vs_offload"]["end_to_end_tokens_per_s"], "{:.2f}x"),
                 _num(r["vs_layer_split"]["decode_tokens_per_s"], "{:.2f}x"),
                 _num(r["vs_layer_split"]["end_to_end_tokens_per_s"], "{:.2f}x"),
+                _num(r["vs_llama_cpp"]["decode_tokens_per_s"], "{:.2f}x"),
+                _num(r["vs_llama_cpp"]["end_to_end_tokens_per_s"], "{:.2f}x"),
             )
     console.print(t)
 
@@ -181,6 +185,8 @@ CSV_FIELDS = (
     "end_to_end_vs_offload",
     "decode_vs_layer_split",
     "end_to_end_vs_layer_split",
+    "decode_vs_llama_cpp",
+    "end_to_end_vs_llama_cpp",
     "tokens_match",
     "first_divergence",
     "compared_with",
@@ -223,6 +229,8 @@ def csv_rows(doc: dict) -> list[dict]:
                     end_to_end_vs_offload=r["vs_offload"]["end_to_end_tokens_per_s"],
                     decode_vs_layer_split=r["vs_layer_split"]["decode_tokens_per_s"],
                     end_to_end_vs_layer_split=r["vs_layer_split"]["end_to_end_tokens_per_s"],
+                    decode_vs_llama_cpp=r["vs_llama_cpp"]["decode_tokens_per_s"],
+                    end_to_end_vs_llama_cpp=r["vs_llama_cpp"]["end_to_end_tokens_per_s"],
                     tokens_match=c["tokens_match"],
                     first_divergence=c["first_divergence"],
                     compared_with=c["compared_with"],

@@ -114,9 +114,12 @@ def own_bound_s(arm: str, bounds: dict, weight_bytes: int) -> tuple[str | None, 
     return None, None
 
 
+#: arms that compute with kernels of their own: their tokens are compared, but a divergence
+#: does not void their timing
+OWN_KERNEL_ARMS = ("llama.cpp",)
 #: arms whose tokens do not depend on the GPU budget: one measured at any budget is a token
 #: baseline for every budget (the `gpu` arm may only fit the larger budgets of a sweep)
-BUDGET_FREE_ARMS = ("reference", "gpu")
+BUDGET_FREE_ARMS = ("reference", "gpu", "llama.cpp")
 
 
 def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = None) -> None:
@@ -148,9 +151,9 @@ def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = No
         base = token_baseline(arm, {**candidates, arm: e})
         e["token_check"] = token_check(e, candidates.get(base), base)
         e["ratios"] = {}
-        for other in ("reference", "offload", "layer-split"):
+        for other in ("reference", "offload", "layer-split", "llama.cpp"):
             o = entries.get(other) or (shared or {}).get(other) or {}
-            e["ratios"][f"vs_{other.replace('-', '_')}"] = {
+            e["ratios"][f"vs_{other.replace('-', '_').replace('.', '_')}"] = {
                 m: ratio(_mean(e, m), _mean(o, m)) if o else None
                 for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s")
             }
@@ -182,6 +185,11 @@ def finish(doc: dict) -> dict:
                         f"{where}, where the top two logits are a near tie (within "
                         f"{c['tolerance']:g} in {e['info'].get('compute_dtype')}): "
                         "rounding, not an error"
+                    )
+                elif e["arm"] in OWN_KERNEL_ARMS:
+                    notes.append(
+                        f"{where}: llama.cpp computes with its own kernels (8-bit activations for "
+                        "quantized matmuls), so its tokens are not expected to match; its timing counts"
                     )
                 elif c["verified"] is False:
                     notes.append(f"{where}, not a near tie: its timing does not count")

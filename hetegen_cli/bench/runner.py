@@ -150,6 +150,7 @@ def run_bench(
                 {"prompt_len": o.prompt_len, "max_new_tokens": o.max_new_tokens},
                 p.cpu_plan,
                 p.cpu_ref,
+                p.gguf,
             )
             entries.append(_one_arm(ctx, p, runners, done, index, progress, task))
             if on_update is not None:

@@ -436,3 +436,31 @@ def test_cpu_arm_runs_the_all_cpu_plans_formats_per_phase(tmp_path, tiny_llama_d
     assert ref["prediction"] is None  # the all-CPU plan does not predict float32 everywhere
     assert cpu["token_check"]["compared_with"] == "reference"
     assert cpu["ratios"]["vs_reference"]["prefill_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_llama_cpp_arm_runs_the_same_gguf(tmp_path):
+    """llama.cpp (where llama-cpp-python is installed) on the default model's GGUF, beside
+    hetegen's int4 copy of it: same prompt, same loop, ratios side by side."""
+    from hetegen_cli.bench.llama_cpp import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed (optional: pip install 'hetegen[llama]')")
+    path = tmp_path / "profile.json"
+    path.write_text(
+        json.dumps(make_profile(gpu=False, threads=2, best="float32", cpu_dtypes={"float32": 50e9}))
+    )
+    doc = runner.run_bench(
+        BenchOptions(
+            profile=path, prompt_len=16, max_new_tokens=6, repeat=2, warmup=1, arms=("reference", "llama.cpp")
+        )
+    )
+    arms = arms_of(doc["budgets"][0])
+    llama, ref = arms["llama.cpp"], arms["reference"]
+    assert llama["status"] == "ok" and ref["status"] == "ok", (llama.get("reason"), ref.get("reason"))
+    assert ref["info"]["compute_dtype"] == "int4+bfloat16"  # --quant auto: the GGUF's own format
+    assert llama["info"]["config"]["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert llama["tokens_stable"] and len(llama["tokens"]) == 6  # the state resets between runs
+    assert ref["ratios"]["vs_llama_cpp"]["decode_tokens_per_s"] > 0
+    if not llama["token_check"]["tokens_match"]:
+        assert any("llama.cpp computes with its own kernels" in n for n in doc["summary"]["notes"])

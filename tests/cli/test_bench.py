@@ -72,7 +72,19 @@ def test_tiny_llama_json_hetegen_matches_reference_and_gpu_arms_are_skipped(tiny
     doc = json.loads(result.stdout)
     assert (doc["kind"], doc["schema_version"]) == ("hetegen.bench", 1)
     arms = arms_of(doc)
-    assert list(arms) == ["reference", "cpu", "hetegen", "offload", "accelerate", "layer-split", "gpu"]
+    assert list(arms) == [
+        "reference",
+        "cpu",
+        "hetegen",
+        "llama.cpp",
+        "offload",
+        "accelerate",
+        "layer-split",
+        "gpu",
+    ]
+    # a safetensors folder has no GGUF for llama.cpp (when it is installed at all)
+    llama = arms["llama.cpp"]
+    assert llama["status"] == "skipped" and ("GGUF" in llama["reason"] or "not installed" in llama["reason"])
     het = arms["hetegen"]
     assert het["status"] == "ok" and het["token_check"]["compared_with"] == "reference"
     assert het["token_check"]["tokens_match"] is True and het["token_check"]["verified"] is True

@@ -1,0 +1,120 @@
+"""The `llama.cpp` arm of `hetegen bench`: llama.cpp (llama-cpp-python, optional) on the same
+GGUF file, timed by the same generation loop as every other arm.
+
+`LlamaCppModel` answers `model(input_ids=..., cache=..., use_cache=True)` like a transformers
+causal LM, so run.generate drives it: a new cache object starts a new sequence (llama.cpp's
+state is reset), each call evaluates the new tokens and returns the last position's logits.
+Same prompt ids, same greedy decode, same clock; llama.cpp computes with its own kernels
+(8-bit activations for quantized matmuls), so its tokens may differ from hetegen's.
+
+Threads: the arm's thread count for both batch and decode. With a CUDA build and a GPU,
+`n_gpu_layers` is the planner's layer-split count for the budget (docs/bench.md); the CPU build
+runs everything on the CPU. On CPUs with AMX, llama.cpp's extra buffer types (AMX, repack) are
+turned off: its AMX matmul crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the development
+machine with llama-cpp-python 0.3.36.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetegen_cli.models.loader import LoadedModel
+
+LLAMA_MISSING = (
+    "llama-cpp-python is not installed (pip install 'hetegen[llama]'; it builds llama.cpp, ~15 min)"
+)
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+class _Output:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class LlamaCppModel(nn.Module):
+    """llama.cpp behind the interface run.generate drives (see the module docstring)."""
+
+    def __init__(self, llm: Any, config: Any) -> None:
+        super().__init__()
+        self.llm = llm
+        self.config = config
+        self._cache: Any = None
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: Any = None, use_cache: bool = True, **_: Any
+    ) -> _Output:
+        if cache is not self._cache:  # a new generation: start from an empty context
+            self.llm.reset()
+            self._cache = cache  # held, so a later cache can never be mistaken for it
+        self.llm.eval([int(t) for t in input_ids[0].tolist()])
+        logits = torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1].copy())  # [V]
+        return _Output(logits.view(1, 1, -1))
+
+
+def load_llama_cpp(gguf: Path, config: Any, threads: int, n_ctx: int, gpu_layers: int = 0) -> LoadedModel:
+    """llama.cpp on `gguf` as a LoadedModel (device "cpu": ids stay on the host)."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    extra_bufts = not cpu_has_amx()
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = defaults()
+        p.use_extra_bufts = extra_bufts
+        return p
+
+    start = time.perf_counter()
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(gguf),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 2048),
+            n_gpu_layers=gpu_layers,
+            logits_all=False,
+            verbose=False,
+        )
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+    loaded = LoadedModel(
+        model=LlamaCppModel(llm, config),
+        device="cpu",
+        dtype="gguf",
+        load_s=time.perf_counter() - start,
+        engine="llama.cpp",
+        on_close=llm.close if hasattr(llm, "close") else None,
+    )
+    loaded.info = {
+        "weights_dtype": "gguf",
+        "compute_dtype": "gguf",
+        "device": "cpu" if not gpu_layers else f"cpu + {gpu_layers} layers on the GPU",
+        "threads": threads,
+        "load_s": loaded.load_s,
+        "config": {
+            "gguf": str(gguf),
+            "llama_cpp_version": getattr(llama_cpp, "__version__", None),
+            "n_gpu_layers": gpu_layers,
+            "extra_buffer_types": extra_bufts,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        },
+    }
+    return loaded

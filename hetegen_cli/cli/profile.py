@@ -137,6 +137,30 @@ def render(doc: dict[str, Any]) -> None:
         )
     t.caption = f"* best CPU GEMV dtype: {cpu['best_gemv_dtype']} (params/s, largest shape)"
     console.print(t)
+    if cpu.get("quant_gemv"):
+        float_rate = {
+            (g["out_features"], g["in_features"], g["dtype"]): g["params_per_s"] for g in cpu["gemv"]
+        }
+        t = _table(
+            f"CPU GEMV, quantized weights (1 token, bfloat16 activations, {_threads(cpu['threads'])})",
+            "format",
+            "out x in",
+            "MiB",
+            "ms/call",
+            "Gparam/s",
+            "x float16",
+        )
+        for g in cpu["quant_gemv"]:
+            f16 = float_rate.get((g["out_features"], g["in_features"], "float16"))
+            t.add_row(
+                g["format"] + (f" g{g['group_size']}" if g.get("group_size") else ""),
+                _shape(g),
+                f"{g['weight_bytes'] / 2**20:.1f}",
+                _ms(g["seconds"]),
+                f"{g['params_per_s'] / 1e9:.2f}",
+                f"{g['params_per_s'] / f16:.2f}x" if f16 else "-",
+            )
+        console.print(t)
     t = _table(
         f"CPU GEMM, prefill ({_threads(cpu['threads'])})", "dtype", "tokens", "out x in", "ms/call", "FLOP/s"
     )

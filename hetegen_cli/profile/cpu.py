@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from hetegen_cli.core.devices import dtype_name, torch_dtype
+from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, QUANT_FORMATS
 from hetegen_cli.core.stats import summarize
 from hetegen_cli.profile.document import CPU_FEATURES, rate
 from hetegen_cli.profile.timing import (
@@ -23,6 +24,7 @@ from hetegen_cli.profile.timing import (
     gemm_fn,
     gemv_fn,
     measure,
+    quant_gemv_fn,
     random_tensor,
     torch_threads,
     weight_pool,
@@ -132,6 +134,28 @@ def measure_cpu(
                 )
         del pool
     sweep.sort(key=lambda e: e["threads"])  # stable: dtype order within a thread count
+    quantized = []
+    for fmt in QUANT_FORMATS:
+        for shape in sizes.gemv_shapes:
+            with steps.step(f"CPU GEMV {fmt} {shape[0]}x{shape[1]}"):
+                made = quant_gemv_fn(fmt, shape, pool_bytes)
+                if made is None:
+                    continue
+                fn, weight_bytes, _ = made
+                sec = measure(fn, clock, **m)
+                quantized.append(
+                    {
+                        "format": fmt,
+                        "group_size": DEFAULT_GROUP_SIZE if fmt == "int4" else None,
+                        "out_features": shape[0],
+                        "in_features": shape[1],
+                        "weight_bytes": weight_bytes,
+                        "threads": threads,
+                        "seconds": sec,
+                        "weight_bytes_per_s": rate(weight_bytes, sec),
+                        "params_per_s": rate(shape[0] * shape[1], sec),
+                    }
+                )
     at_largest = [g for g in gemv if (g["out_features"], g["in_features"]) == largest]
     best = max(at_largest, key=lambda g: g["params_per_s"])["dtype"]
 
@@ -159,6 +183,7 @@ def measure_cpu(
         "gemv": gemv,
         "gemm": gemm,
         "thread_sweep": sweep,
+        "quant_gemv": quantized,
         "best_gemv_dtype": best,
         "pool_bytes": pool_bytes,
     }

@@ -133,6 +133,18 @@ class ThreadPoint(Schema):
     weight_bytes_per_s: Positive
 
 
+class QuantGemv(Schema):
+    format: Literal["int8", "int4"]
+    group_size: Dim | None = None
+    out_features: Dim
+    in_features: Dim
+    weight_bytes: Dim
+    threads: Threads
+    seconds: Seconds
+    weight_bytes_per_s: Positive
+    params_per_s: Positive
+
+
 class Cpu(Schema):
     threads: Threads
     memory_read_bytes_per_s: Bandwidth
@@ -140,6 +152,7 @@ class Cpu(Schema):
     gemm: Annotated[list[CpuGemm], Field(min_length=1)]
     thread_sweep: list[ThreadPoint]
     best_gemv_dtype: WeightDtype
+    quant_gemv: list[QuantGemv] = Field(default_factory=list)  # profiles before issue 11 lack it
 
     @model_validator(mode="after")
     def _best_is_measured(self) -> Cpu:

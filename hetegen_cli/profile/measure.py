@@ -14,6 +14,7 @@ from hetegen_cli.core import devices, paths
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.core.paths import check_writable_folder, probe
+from hetegen_cli.core.quant import QUANT_FORMATS
 from hetegen_cli.profile.cpu import default_threads, host_info, measure_cpu, sweep_threads
 from hetegen_cli.profile.document import GPU_SKIPPED_NOTE, build_profile, identity, load_profile, save_profile
 from hetegen_cli.profile.gpu import measure_gpu
@@ -77,6 +78,7 @@ def run_profile(
 def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
     """Number of progress steps of one profile run."""
     n = 1 + len(CPU_DTYPES) * (len(sizes.gemv_shapes) + len(sizes.gemm_shapes) * len(sizes.gemm_tokens))
+    n += len(QUANT_FORMATS) * len(sizes.gemv_shapes)
     n += len(CPU_DTYPES) * sweep_counts
     if has_gpu:
         n += len(GPU_DTYPES) * (

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hetegen_cli.core import quant
 from hetegen_cli.core.errors import InputError
 from hetegen_cli.core.stats import summarize
 
@@ -198,6 +199,38 @@ def gemv_fn(shape: Shape, pool: torch.Tensor, pool_bytes: int) -> tuple[Callable
     def fn() -> torch.Tensor:
         turn[0] = (turn[0] + 1) % copies
         return F.linear(x, weights[turn[0]])
+
+    return fn, weight_bytes, copies
+
+
+def quant_gemv_fn(fmt: str, shape: Shape, pool_bytes: int) -> tuple[Callable[[], Any], int, int] | None:
+    """(fn, weight_bytes, copies) for a quantized GEMV with torch's packed CPU kernel
+    (core.quant: int8 per row, int4 in groups of 32; bfloat16 activations), rotating over copies
+    like gemv_fn; None when the kernel cannot take `shape`."""
+    out, inp = shape
+    if not quant.kernel_takes(fmt, out, inp):
+        return None
+    weight_bytes = quant.weight_bytes(fmt, out, inp)
+    copies = max(2, pool_bytes // weight_bytes)
+    gen = torch.Generator().manual_seed(0)
+    x = random_tensor(inp, torch.bfloat16, seed=1).view(1, inp)
+    if fmt == "int8":
+        q = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=gen)
+        weights = [q.clone() for _ in range(copies)]
+        scales = (torch.rand(out, generator=gen) * 0.01).to(torch.bfloat16)
+        mm = lambda w: torch._weight_int8pack_mm(x, w, scales)  # noqa: E731
+    else:
+        group = quant.DEFAULT_GROUP_SIZE
+        values = torch.randint(0, 16, (out, inp), dtype=torch.int32, generator=gen)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
+        weights = [packed.clone() for _ in range(copies)]
+        sz = (torch.rand(inp // group, out, 2, generator=gen) * 0.01).to(torch.bfloat16)
+        mm = lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, sz)  # noqa: E731
+    turn = [0]
+
+    def fn() -> torch.Tensor:
+        turn[0] = (turn[0] + 1) % copies
+        return mm(weights[turn[0]])
 
     return fn, weight_bytes, copies
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from hetegen_cli.core import devices
+from hetegen_cli.core import devices, quant
 from hetegen_cli.profile import cpu as profile_cpu
 from hetegen_cli.profile import timing
 from hetegen_cli.profile.document import validate_profile
@@ -50,6 +50,14 @@ def test_injected_timer_gives_a_deterministic_document():
     mem = cpu["memory_read_bytes_per_s"]
     assert mem["samples"] == [mem["buffer_bytes"] / TICK] * TINY.repeat
     assert cpu["thread_sweep"] == []  # quick sizes skip the sweep
+    # quantized GEMV with the packed kernels, at every shape the kernels take
+    measured = {(g["format"], g["out_features"], g["in_features"]) for g in cpu["quant_gemv"]}
+    for fmt in ("int8", "int4"):
+        want = {(fmt, o, i) for o, i in TINY.gemv_shapes if quant.kernel_takes(fmt, o, i)}
+        assert want and {m for m in measured if m[0] == fmt} == want
+    for g in cpu["quant_gemv"]:
+        assert g["weight_bytes"] == quant.weight_bytes(g["format"], g["out_features"], g["in_features"])
+        assert g["params_per_s"] == g["out_features"] * g["in_features"] / TICK
 
 
 def test_thread_sweep_covers_one_half_and_all_cores():

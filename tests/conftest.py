@@ -65,3 +65,9 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def tiny_copy(tiny_llama_dir, tmp_path) -> Path:
     """A private copy of the tiny LLaMA folder that a test may damage."""
     return Path(shutil.copytree(tiny_llama_dir, tmp_path / "tiny-copy"))
+
+
+@pytest.fixture(params=["opt", "llama"])
+def tiny_dir(request, tiny_opt_dir, tiny_llama_dir) -> Path:
+    """Each tiny model in turn."""
+    return tiny_opt_dir if request.param == "opt" else tiny_llama_dir

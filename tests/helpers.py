@@ -1,7 +1,8 @@
-"""Helpers shared by tests that drive the command line."""
+"""Helpers shared by tests: the command line, handled errors, transformers' own tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from typer.testing import CliRunner
@@ -30,3 +31,14 @@ def assert_error(result: Any, *needles: str, exit_code: int = 1) -> None:
     assert any(line.startswith("Hint:") for line in lines), result.stderr
     for needle in needles:
         assert needle in result.stderr, result.stderr
+
+
+def transformers_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
+    """transformers' own greedy generation: the tokens hetegen must reproduce."""
+    import torch
+
+    from hetegen_cli.models.loader import load_model
+
+    model = load_model(folder).model
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt_ids) :].tolist()

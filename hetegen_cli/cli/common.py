@@ -86,6 +86,20 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+RunDtypeOption = Annotated[
+    DtypeChoice,
+    typer.Option(
+        "--dtype",
+        help="Weights dtype. auto = on a GPU the checkpoint's half dtype; on the CPU the profile's "
+        "format per phase (docs/run.md), else float32. Quantized weights keep their own.",
+    ),
+]
+DeviceOption = Annotated[
+    DeviceChoice,
+    typer.Option(
+        "--device", help="auto = the GPU when the whole model fits in free GPU memory, else the CPU."
+    ),
+]
 CpuDtypeOption = Annotated[
     str | None,
     typer.Option(

@@ -8,12 +8,14 @@ import typer
 
 from hetegen_cli.cli.common import (
     DeviceChoice,
+    DeviceOption,
     DtypeChoice,
     JsonOption,
     ModelOption,
     ProfileOption,
     QuantChoice,
     QuantOption,
+    RunDtypeOption,
     guarded,
     input_file_arg,
     model_arg,
@@ -27,8 +29,8 @@ def register(app: typer.Typer) -> None:
     def eval_command(
         model: ModelOption = None,
         quant: QuantOption = QuantChoice.auto,
-        dtype: DtypeChoice = typer.Option(DtypeChoice.auto, "--dtype", help="As for `run`."),
-        device: DeviceChoice = typer.Option(DeviceChoice.auto, "--device", help="As for `run`."),
+        dtype: RunDtypeOption = DtypeChoice.auto,
+        device: DeviceOption = DeviceChoice.auto,
         text: Path | None = typer.Option(
             None, "--text", help="UTF-8 text to score. Default: hetegen's own text (1,277 words)."
         ),

@@ -10,12 +10,14 @@ import typer
 
 from hetegen_cli.cli.common import (
     DeviceChoice,
+    DeviceOption,
     DtypeChoice,
     JsonOption,
     ModelOption,
     ProfileOption,
     QuantChoice,
     QuantOption,
+    RunDtypeOption,
     guarded,
     input_file_arg,
     model_arg,
@@ -67,14 +69,8 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(
             None, "--seed", help="Random seed for sampling (reproducible output)."
         ),
-        dtype: DtypeChoice = typer.Option(
-            DtypeChoice.auto, "--dtype", help="Weight dtype; auto = float32 on CPU, float16/bfloat16 on GPU."
-        ),
-        device: DeviceChoice = typer.Option(
-            DeviceChoice.auto,
-            "--device",
-            help="auto = the GPU when the whole model fits in free GPU memory, else the CPU.",
-        ),
+        dtype: RunDtypeOption = DtypeChoice.auto,
+        device: DeviceOption = DeviceChoice.auto,
         plan: Path | None = typer.Option(
             None,
             "--plan",

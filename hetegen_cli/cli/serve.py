@@ -8,11 +8,13 @@ import typer
 
 from hetegen_cli.cli.common import (
     DeviceChoice,
+    DeviceOption,
     DtypeChoice,
     ModelOption,
     ProfileOption,
     QuantChoice,
     QuantOption,
+    RunDtypeOption,
     guarded,
     input_file_arg,
     model_arg,
@@ -32,8 +34,8 @@ def register(app: typer.Typer) -> None:
             None, "--gpu-memory", help="GPU budget to plan on the fly, e.g. 6GiB (needs a CUDA GPU)."
         ),
         profile: ProfileOption = None,
-        dtype: DtypeChoice = typer.Option(DtypeChoice.auto, "--dtype", help="Weights dtype, as for `run`."),
-        device: DeviceChoice = typer.Option(DeviceChoice.auto, "--device", help="As for `run`."),
+        dtype: RunDtypeOption = DtypeChoice.auto,
+        device: DeviceOption = DeviceChoice.auto,
         quant: QuantOption = QuantChoice.auto,
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
         port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),

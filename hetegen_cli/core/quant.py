@@ -46,10 +46,6 @@ def weight_bytes(fmt: str, out_features: int, in_features: int, group_size: int 
     raise ValueError(f"not a quantized format: {fmt!r}")
 
 
-def bytes_per_param(fmt: str, in_features: int = 4096, group_size: int = DEFAULT_GROUP_SIZE) -> float:
-    return weight_bytes(fmt, 1, in_features, group_size) / in_features
-
-
 def kernel_takes(fmt: str, out_features: int, in_features: int, group_size: int = DEFAULT_GROUP_SIZE) -> bool:
     """Whether torch's CPU kernel for `fmt` computes [out, in] correctly. Measured on torch
     2.13: the int8 kernel needs in % 16 == 0 (24 or 40 inputs gave wrong results, 5 crashed

@@ -8,7 +8,7 @@
 
 `QuantLinear` is an nn.Module that multiplies with torch's packed CPU kernels
 (`torch._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`). Both want bfloat16
-activations (float16 or float32 activations ran 10-20x slower on torch 2.13), so x is
+activations (float16 or float32 activations ran 7-45x slower on torch 2.13), so x is
 converted at the boundary and the result converted back. Every QuantLinear checks its kernel
 against the dequantized weight once, at construction: a kernel that gives wrong numbers for a
 shape (the int8 kernel did, for 24 or 40 inputs) raises instead of answering.
@@ -45,18 +45,6 @@ class QuantWeight:
     def nbytes(self) -> int:
         parts = [self.q, self.scale] + ([self.min] if self.min is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
-
-    def rows(self, start: int, stop: int) -> QuantWeight:
-        """Rows [start, stop) (views)."""
-        return QuantWeight(
-            self.format,
-            stop - start,
-            self.in_features,
-            self.q[start:stop],
-            self.scale[start:stop],
-            None if self.min is None else self.min[start:stop],
-            self.group_size,
-        )
 
     def permute_rows(self, order: torch.Tensor) -> QuantWeight:
         """The weight with its rows in `order` (GGUF stores LLaMA's q/k rows permuted)."""

@@ -34,11 +34,11 @@ from hetegen_cli.models.loader import LoadedModel
 from hetegen_cli.models.meta import (
     check_no_meta,
     load_generation_config,
+    load_rest,
     meta_model,
     named_tensors,
     recreate_rotary,
     set_module,
-    set_tensor,
     tied_head,
 )
 from hetegen_cli.models.quant import QuantLinear, QuantWeight, quantize
@@ -192,33 +192,20 @@ def load_quantized(ref: Any) -> LoadedModel:
     model = meta_model(folder, torch.bfloat16)
     quantized = set(doc["linears"])
     tied = tied_head(model)
+    cpu = torch.device("cpu")
     with (
         CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
         activity(f"loading {ref.name} ({doc['format']})"),
+        progress(True) as bar,
     ):
+        task = bar.add_task(f"Loading {ref.name}", total=len(list(named_tensors(model))))
         for name in quantized:
             linear = model.get_submodule(name)
             bias = None
             if linear.bias is not None:
-                bias = reader.read(reader.key_for(f"{name}.bias"), torch.bfloat16, torch.device("cpu"))
+                bias = reader.read(reader.key_for(f"{name}.bias"), torch.bfloat16, cpu)
             set_module(model, name, QuantLinear(read_quant_weight(reader, name, doc), bias))
-        head = model.get_output_embeddings()
-        head_name = next((n for n, m in model.named_modules() if m is head), None)
-        for name, tensor in list(named_tensors(model)):
-            if not tensor.is_meta:
-                continue
-            if tied and name == f"{head_name}.weight":
-                continue
-            key = reader.key_for(name)
-            if key is None:
-                owner, _, attr = name.rpartition(".")
-                if attr in model.get_submodule(owner)._buffers:
-                    continue  # rotary tables: rebuilt below
-                raise ModelError(f"the checkpoint lacks tensor {name}", "quantize the model again")
-            dtype = torch.bfloat16 if tensor.is_floating_point() else tensor.dtype
-            set_tensor(model, name, reader.read(key, dtype, torch.device("cpu")))
-        if tied and head is not None:
-            head.weight = model.get_input_embeddings().weight
+        load_rest(model, reader, cpu, torch.bfloat16, tied, bar, task)  # the rest, as the engine does
     recreate_rotary(model, torch.device("cpu"))
     check_no_meta(model)
     model.eval()

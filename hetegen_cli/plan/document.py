@@ -96,10 +96,6 @@ class RuntimeSettings:
         """(prefill, decode) CPU dtypes."""
         return self.cpu_dtype_prefill, self.cpu_dtype_decode
 
-    def cpu_dtype_for(self, phase: str) -> str:
-        """The CPU dtype of phase 'prefill' or 'decode'."""
-        return self.cpu_dtype_prefill if phase == "prefill" else self.cpu_dtype_decode
-
     @property
     def compute_label(self) -> str:
         """The formats this runtime computes in, e.g. 'float16+bfloat16' (weights dtype first)."""

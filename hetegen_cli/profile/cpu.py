@@ -142,20 +142,8 @@ def measure_cpu(
                 if made is None:
                     continue
                 fn, weight_bytes, _ = made
-                sec = measure(fn, clock, **m)
-                quantized.append(
-                    {
-                        "format": fmt,
-                        "group_size": DEFAULT_GROUP_SIZE if fmt == "int4" else None,
-                        "out_features": shape[0],
-                        "in_features": shape[1],
-                        "weight_bytes": weight_bytes,
-                        "threads": threads,
-                        "seconds": sec,
-                        "weight_bytes_per_s": rate(weight_bytes, sec),
-                        "params_per_s": rate(shape[0] * shape[1], sec),
-                    }
-                )
+                kind = {"format": fmt, "group_size": DEFAULT_GROUP_SIZE if fmt == "int4" else None}
+                quantized.append(_gemv_entry(kind, shape, weight_bytes, threads, measure(fn, clock, **m)))
     at_largest = [g for g in gemv if (g["out_features"], g["in_features"]) == largest]
     best = max(at_largest, key=lambda g: g["params_per_s"])["dtype"]
 
@@ -205,9 +193,16 @@ def _cpu_gemv(
     shape: Shape, pool: torch.Tensor, threads: int, pool_bytes: int, clock: HostClock, m: dict
 ) -> dict[str, Any]:
     fn, weight_bytes, copies = gemv_fn(shape, pool, pool_bytes)
-    sec = measure(fn, clock, **m)
+    entry = _gemv_entry(
+        {"dtype": dtype_name(pool.dtype)}, shape, weight_bytes, threads, measure(fn, clock, **m)
+    )
+    return {**entry, "pool_copies": copies}
+
+
+def _gemv_entry(kind: dict, shape: Shape, weight_bytes: int, threads: int, sec: dict) -> dict[str, Any]:
+    """One GEMV measurement: `kind` (dtype, or format and group) first, then shape and rates."""
     return {
-        "dtype": dtype_name(pool.dtype),
+        **kind,
         "out_features": shape[0],
         "in_features": shape[1],
         "weight_bytes": weight_bytes,
@@ -215,7 +210,6 @@ def _cpu_gemv(
         "seconds": sec,
         "weight_bytes_per_s": rate(weight_bytes, sec),
         "params_per_s": rate(shape[0] * shape[1], sec),
-        "pool_copies": copies,
     }
 
 

@@ -18,15 +18,17 @@ Rules, in order:
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import note, warn
 from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_backend
 from hetegen_cli.core.errors import DeviceError, HetegenError, UsageError
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.models.loader import LoadedModel, load_model, resolve_dtype
+from hetegen_cli.models.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from hetegen_cli.models.source import ModelRef, resolve_model
-from hetegen_cli.plan.document import Plan
+from hetegen_cli.plan.document import Plan, check_plan_matches
+from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
@@ -63,6 +65,22 @@ def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple
     if kind == "cuda":
         return backend, dtype, False
     return CpuBackend(), resolve_dtype(options.dtype, ref.spec.dtype, "cpu"), False
+
+
+def resolve_checked(options: RunOptions, engine: EngineOptions) -> tuple[Plan | None, ModelRef, Any]:
+    """(plan, model, tokenizer) after every check that needs no weights, cheapest first: the
+    plan file, the plan against this machine, the model's files and headers, a quantized model
+    asked to run through the engine, the plan against the model. Shared by run, serve, eval."""
+    plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
+    if plan is not None:
+        check_plan_device(plan, options.device, str(engine.plan_path))
+    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
+    for message in ref.warnings:
+        warn(message)
+    check_quant_without_engine(ref, plan is not None or engine.gpu_budget_bytes is not None)
+    if plan is not None:
+        check_plan_matches(plan, ref.spec)
+    return plan, ref, load_tokenizer(ref.path)
 
 
 def check_quant_without_engine(ref: ModelRef, engine_asked: bool) -> None:
@@ -176,8 +194,7 @@ def check_plan_device(plan: Plan, device: str, origin: str) -> None:
 def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
     """The engine's ModelBuilder, or None for the plain model. Validates the plan first."""
     device = ctx.options.device
-    if ctx.ref.spec.quant is not None:
-        check_quant_without_engine(ctx.ref, ctx.plan is not None or engine.gpu_budget_bytes is not None)
+    if ctx.ref.spec.quant is not None:  # resolve_checked refused --plan / --gpu-memory for it
         return build_quantized_model
     if ctx.plan is not None:
         plan = ctx.plan

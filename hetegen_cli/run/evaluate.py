@@ -20,14 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core.errors import InputError, UsageError
-from hetegen_cli.models.loader import LoadedModel, load_tokenizer
-from hetegen_cli.models.source import resolve_model
-from hetegen_cli.run.builders import (
-    build_plain_model,
-    check_quant_without_engine,
-    choose_builder,
-    pick_device,
-)
+from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
 
 #: the text shipped with hetegen: 1,277 words of plain English prose (written for hetegen)
@@ -118,9 +112,7 @@ def evaluate(
             "use e.g. --stride 256 with --context 512, or leave it out",
         )
     text, source = read_text(text_path)
-    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
-    check_quant_without_engine(ref, engine.plan_path is not None or engine.gpu_budget_bytes is not None)
-    tokenizer = load_tokenizer(ref.path)
+    plan, ref, tokenizer = resolve_checked(options, engine)
     ids = [int(i) for i in tokenizer(text)["input_ids"]]
     if len(ids) < 2:
         raise InputError(f"the text ({source}) has fewer than 2 tokens", "pass a longer text")
@@ -128,7 +120,7 @@ def evaluate(
     context = min(context, limit)
     stride = min(stride, context)
     backend, dtype, fits = pick_device(options, ref, context)
-    ctx = RunContext(options, ref, tokenizer, ids[:context], backend, dtype, fits, None)
+    ctx = RunContext(options, ref, tokenizer, ids[:context], backend, dtype, fits, plan)
     build = choose_builder(ctx, engine) or build_plain_model
     built = build(ctx)
     try:

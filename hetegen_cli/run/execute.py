@@ -10,20 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hetegen_cli.core.console import activity, warn
+from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import out_of_memory_as_error
 from hetegen_cli.core.errors import UsageError
-from hetegen_cli.models.loader import LoadedModel, load_tokenizer
-from hetegen_cli.models.source import resolve_model
-from hetegen_cli.plan.document import check_plan_matches
-from hetegen_cli.plan.load import load_plan
-from hetegen_cli.run.builders import (
-    build_plain_model,
-    check_plan_device,
-    check_quant_without_engine,
-    choose_builder,
-    pick_device,
-)
+from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
 
@@ -94,16 +85,7 @@ def prepare_run(options: RunOptions, engine: EngineOptions | None = None) -> Run
             "ask for at least 1 token",
         )
     options.sampling.validate()
-    plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
-    if plan is not None:
-        check_plan_device(plan, options.device, str(engine.plan_path))
-    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
-    for message in ref.warnings:
-        warn(message)
-    check_quant_without_engine(ref, plan is not None or engine.gpu_budget_bytes is not None)
-    if plan is not None:
-        check_plan_matches(plan, ref.spec)
-    tokenizer = load_tokenizer(ref.path)
+    plan, ref, tokenizer = resolve_checked(options, engine)
     prompt_ids = prepare_prompt(tokenizer, options.prompt, chat=options.chat)
     ref.spec.check_context(len(prompt_ids), options.max_new_tokens)
     backend, dtype, fits = pick_device(options, ref, len(prompt_ids))

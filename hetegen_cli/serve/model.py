@@ -8,23 +8,14 @@ files and headers, the plan against the model, the context.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hetegen_cli.core.console import warn
 from hetegen_cli.core.errors import UsageError
-from hetegen_cli.models.loader import LoadedModel, load_tokenizer
-from hetegen_cli.models.source import ModelRef, resolve_model
-from hetegen_cli.plan.document import check_plan_matches
-from hetegen_cli.plan.load import load_plan
-from hetegen_cli.run.builders import (
-    build_plain_model,
-    check_plan_device,
-    check_quant_without_engine,
-    choose_builder,
-    pick_device,
-)
+from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.source import ModelRef
+from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, StopCheck, eos_token_ids, generate
 
@@ -148,16 +139,15 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
     """Every check that needs no weights, cheapest first: the plan file, the model's files and
     headers, the plan against the model, the context; then how the model will be built."""
     engine = EngineOptions(options.plan_path, options.gpu_budget_bytes, options.profile_path)
-    plan = load_plan(options.plan_path) if options.plan_path is not None else None
-    if plan is not None:
-        check_plan_device(plan, options.device, str(options.plan_path))
-    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
-    for message in ref.warnings:
-        warn(message)
-    check_quant_without_engine(ref, plan is not None or options.gpu_budget_bytes is not None)
-    if plan is not None:
-        check_plan_matches(plan, ref.spec)
-    tokenizer = load_tokenizer(ref.path)
+    run = RunOptions(
+        prompt="(hetegen serve)",
+        model=options.model,
+        max_new_tokens=options.default_max_tokens,
+        dtype=options.dtype,
+        device=options.device,
+        quant=options.quant,
+    )
+    plan, ref, tokenizer = resolve_checked(run, engine)
     limit = ref.spec.max_positions or DEFAULT_CONTEXT
     planned = None
     if plan is not None:  # its KV cache and workspace were budgeted for this many tokens
@@ -173,14 +163,7 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
             + (", or re-plan with a larger --prompt-len / --max-new-tokens" if by_plan else ""),
         )
     default_max = min(options.default_max_tokens, max(1, context // 2))
-    run = RunOptions(
-        prompt="(hetegen serve)",
-        model=options.model,
-        max_new_tokens=default_max,
-        dtype=options.dtype,
-        device=options.device,
-        quant=options.quant,
-    )
+    run = replace(run, max_new_tokens=default_max)
     workload_prompt = max(1, context - default_max)  # a plan made here reserves the whole context
     backend, dtype, fits = pick_device(run, ref, workload_prompt)
     ctx = RunContext(
@@ -188,8 +171,3 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
     )
     build = choose_builder(ctx, engine) or build_plain_model
     return ServeSetup(ref, tokenizer, context, default_max, ctx, build)
-
-
-def load_served_model(options: ServeOptions) -> ServedModel:
-    """prepare_serving(options).load()."""
-    return prepare_serving(options).load()

@@ -167,9 +167,6 @@ def now() -> int:
     return int(time.time())
 
 
-FinishReason = Literal["stop", "length"]
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -178,65 +175,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def document(rid: str, obj: str, model: str, choice: dict | None, **extra: Any) -> dict:
+    """One response or stream chunk: `choice` (index 0, no logprobs) or no choices."""
+    choices = [] if choice is None else [{"index": 0, **choice, "logprobs": None}]
+    return {"id": rid, "object": obj, "created": now(), "model": model, "choices": choices, **extra}
+
+
 def chat_response(rid: str, model: str, text: str, finish: str, use: dict, timings: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": now(),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
-        "usage": use,
-        "hetegen": timings,
-    }
+    message = {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return document(rid, "chat.completion", model, message, usage=use, hetegen=timings)
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
+    return document(rid, "chat.completion.chunk", model, {"delta": delta, "finish_reason": finish})
 
 
 def completion_response(rid: str, model: str, text: str, finish: str, use: dict, timings: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        "usage": use,
-        "hetegen": timings,
-    }
+    choice = {"text": text, "finish_reason": finish}
+    return document(rid, "text_completion", model, choice, usage=use, hetegen=timings)
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None = None) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-    }
+    return document(rid, "text_completion", model, {"text": text, "finish_reason": finish})
 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict, timings: dict) -> dict:
     """The final chunk of a stream with `stream_options.include_usage`: no choices."""
-    return {
-        "id": rid,
-        "object": obj,
-        "created": now(),
-        "model": model,
-        "choices": [],
-        "usage": use,
-        "hetegen": timings,
-    }
+    return document(rid, obj, model, None, usage=use, hetegen=timings)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from hetegen_cli.models import headers
 from hetegen_cli.profile import measure as profile_measure
-from hetegen_cli.run import execute
+from hetegen_cli.run import builders
 from tests.fakes import make_profile
 from tests.helpers import assert_error, cli, run_quick
 
@@ -71,7 +71,7 @@ def _edit_json(path: Path, edit) -> Path:
 )
 def test_a_checkpoint_missing_a_tensor_is_refused_before_loading(tiny_copy, monkeypatch, tensor):
     _edit_tensors(tiny_copy, lambda t: t.pop(tensor))
-    monkeypatch.setattr(execute, "load_tokenizer", lambda *a: pytest.fail("loaded past the check"))
+    monkeypatch.setattr(builders, "load_tokenizer", lambda *a: pytest.fail("loaded past the check"))
     assert_error(run_quick("-m", str(tiny_copy)), "lacks 1 tensor", tensor)
 
 
@@ -318,7 +318,7 @@ def test_an_unexpected_exception_is_an_internal_error_not_a_traceback(monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody foresaw")
 
-    monkeypatch.setattr(execute, "load_tokenizer", broken)
+    monkeypatch.setattr(builders, "load_tokenizer", broken)
     result = run_quick("-m", str(tiny_llama_dir))
     assert_error(result, "internal error: RuntimeError: something nobody foresaw", "HETEGEN_DEBUG=1")
     monkeypatch.setenv("HETEGEN_DEBUG", "1")
@@ -331,7 +331,7 @@ def test_an_unexpected_exception_is_an_internal_error_not_a_traceback(monkeypatc
 def test_a_bad_plan_fails_before_the_tokenizer_loads(tiny_llama_dir, tmp_path, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    monkeypatch.setattr(execute, "load_tokenizer", lambda *a: pytest.fail("tokenizer loaded first"))
+    monkeypatch.setattr(builders, "load_tokenizer", lambda *a: pytest.fail("tokenizer loaded first"))
     assert_error(run_quick("-m", str(tiny_llama_dir), "--plan", str(bad)), "not a hetegen.plan")
 
 

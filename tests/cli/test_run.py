@@ -8,32 +8,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from hetegen_cli.cli.app import app
-from hetegen_cli.models.loader import load_model, load_tokenizer
+from hetegen_cli.models.loader import load_tokenizer
 from hetegen_cli.models.source import resolve_model
 from hetegen_cli.plan.document import RuntimeSettings, save_plan
 from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.run import builders
-from tests.helpers import assert_error
+from tests.helpers import assert_error, transformers_greedy
 
 runner = CliRunner()
 PROMPT = "The capital of France is"
-
-
-def _reference(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
-    """transformers' own greedy generation: the tokens hetegen must reproduce."""
-    model = load_model(folder).model
-    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)
-    return out[0, len(prompt_ids) :].tolist()
-
-
-@pytest.fixture(params=["opt", "llama"])
-def tiny_dir(request, tiny_opt_dir, tiny_llama_dir) -> Path:
-    return tiny_opt_dir if request.param == "opt" else tiny_llama_dir
 
 
 def _run(*args: str):
@@ -282,7 +269,7 @@ def _run_json(*args: str) -> dict:
 def test_cli_json_matches_transformers_greedy(tiny_dir):
     doc = _run_json("--model", str(tiny_dir), "--prompt", PROMPT, "--max-new-tokens", "16")
     assert list(doc)[:2] == ["schema_version", "kind"] and doc["kind"] == "hetegen.run"
-    assert doc["token_ids"] == _reference(tiny_dir, doc["prompt_token_ids"], 16)
+    assert doc["token_ids"] == transformers_greedy(tiny_dir, doc["prompt_token_ids"], 16)
     assert doc["device"] == "cpu" and doc["dtype"] == "float32" and doc["engine"] == "plain"
     assert doc["sampling"]["mode"] == "greedy"
     assert doc["model"]["source"] == "folder" and doc["model"]["path"] == str(tiny_dir)

@@ -3,8 +3,6 @@ sampling filters, streaming text, the context check."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,21 +17,10 @@ from hetegen_cli.run.generate import (
     prepare_prompt,
     select_token,
 )
+from tests.helpers import transformers_greedy
 
 runner = CliRunner()
 PROMPT = "The capital of France is"
-
-
-def _reference(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
-    """transformers' own greedy generation: the tokens hetegen must reproduce."""
-    model = load_model(folder).model
-    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)
-    return out[0, len(prompt_ids) :].tolist()
-
-
-@pytest.fixture(params=["opt", "llama"])
-def tiny_dir(request, tiny_opt_dir, tiny_llama_dir) -> Path:
-    return tiny_opt_dir if request.param == "opt" else tiny_llama_dir
 
 
 # ---------------------------------------------------------------------- greedy equivalence
@@ -45,7 +32,7 @@ def test_generate_matches_transformers_greedy(tiny_dir):
     ids = prepare_prompt(tokenizer, PROMPT)
     pieces: list[str] = []
     result = generate(model, tokenizer, ids, max_new_tokens=24, on_text=pieces.append)
-    assert result.token_ids == _reference(tiny_dir, ids, 24)
+    assert result.token_ids == transformers_greedy(tiny_dir, ids, 24)
     assert result.prompt_token_ids == ids
     assert "".join(pieces) == result.text
     t = result.timings

@@ -46,6 +46,22 @@ def weight_bytes(fmt: str, out_features: int, in_features: int, group_size: int 
     raise ValueError(f"not a quantized format: {fmt!r}")
 
 
+def part_shapes(fmt: str, rows: int, in_features: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """{part: (shape, bytes per element)} of `rows` rows of a quantized weight, the layout
+    stored on disk and held by the engine: int8 q [rows, in] int8, scale [rows] float16; int4
+    q [rows, in / 2] uint8, scale and min [rows, in / group] float16."""
+    if fmt == "int8":
+        return {"q": ((rows, in_features), 1), "scale": ((rows,), SCALE_BYTES)}
+    if fmt == "int4":
+        groups = (rows, in_features // group_size)
+        return {
+            "q": ((rows, in_features // 2), 1),
+            "scale": (groups, SCALE_BYTES),
+            "min": (groups, SCALE_BYTES),
+        }
+    raise ValueError(f"not a quantized format: {fmt!r}")
+
+
 def kernel_takes(fmt: str, out_features: int, in_features: int, group_size: int = DEFAULT_GROUP_SIZE) -> bool:
     """Whether torch's CPU kernel for `fmt` computes [out, in] correctly. Measured on torch
     2.13: the int8 kernel needs in % 16 == 0 (24 or 40 inputs gave wrong results, 5 crashed

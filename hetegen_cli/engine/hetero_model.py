@@ -5,7 +5,10 @@ split linear named in the placements with a `HeteroLinear`, then reads each tens
 safetensors files straight into its final home:
 
 - split linears: rows into host buffers (weights dtype, pinned on CUDA when asked), plus a
-  copy of the CPU rows in each phase's CPU dtype that differs from it;
+  copy of the CPU rows in each phase's CPU dtype that differs from it; a quantized model's
+  quantized linears (models.quantfile) keep their stored parts there instead, with a packed
+  CPU kernel per CPU share (engine.quant_host);
+- resident quantized linears: their parts on the device, dequantized per forward;
 - everything else (embeddings, norms, biases, resident linears, the LM head unless a placement
   names "lm_head"): the backend's device, in the weights dtype.
 
@@ -31,6 +34,7 @@ from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtyp
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
+from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.models.checkpoint import CheckpointReader
 from hetegen_cli.models.loader import LoadedModel
@@ -80,15 +84,16 @@ def load_hetero_model(
     _check_projections(ref, modules)
     split = _check_placements(placements, modules)
     tied = tied_head(model)
-    _check_ram(model, split, runtime, backend)
+    quant = ref.spec.quant_map()
+    _check_ram(model, split, runtime, backend, quant)
 
     start = time.perf_counter()
     context = EngineContext(backend, runtime)
     try:
         need = sum(
-            HostWeight.arena_need(
-                p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), wdt, cdt
-            )
+            QuantHostWeight.arena_need(p.out_features, p.in_features, _rows(p), quant[p.name])
+            if p.name in quant
+            else HostWeight.arena_need(p.out_features, p.in_features, _rows(p), wdt, cdt)
             for p in split
         )
         context.arena = HostArena(need, backend, runtime.pin_weights)
@@ -106,8 +111,17 @@ def load_hetero_model(
             task = bar.add_task(f"Loading {ref.name}", total=total)
             embed_key = embedding_key(model, reader)
             for p in split:
-                _install_split(model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key)
+                _install_split(
+                    model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key, quant.get(p.name)
+                )
                 bar.advance(task)
+            for p in placements:
+                if p.resident and p.name in quant:
+                    bias = _read_bias(modules[p.name], p.name, reader, wdt, backend.device)
+                    shape = (p.out_features, p.in_features)
+                    resident = DequantLinear.load(reader, p.name, shape, quant[p.name], backend.device, bias)
+                    set_module(model, p.name, resident)
+                    bar.advance(task)
             load_rest(model, reader, backend.device, wdt, tied, bar, task)
         recreate_rotary(model, backend.device)
         check_no_meta(model)
@@ -133,6 +147,10 @@ def load_hetero_model(
         counters=context.stats,
         on_close=context.close,
     )
+
+
+def _rows(p: LinearPlacement) -> tuple[int, int]:
+    return p.cpu_rows_prefill, p.cpu_rows_decode
 
 
 def _check_projections(ref: ModelRef, modules: dict[str, nn.Module]) -> None:
@@ -178,10 +196,14 @@ def _check_placements(
 
 
 def _check_ram(
-    model: nn.Module, split: list[LinearPlacement], runtime: RuntimeSettings, backend: Backend
+    model: nn.Module,
+    split: list[LinearPlacement],
+    runtime: RuntimeSettings,
+    backend: Backend,
+    quant: dict[str, tuple[str, int]],
 ) -> None:
     """Refuse before loading when the host-held weights would not fit in available RAM."""
-    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes)["total_bytes"]
+    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes, quant=quant)["total_bytes"]
     if not backend.is_cuda:  # the stand-in "device" is host memory too
         split_names = {p.name for p in split}
         rest = {id(t): t.numel() for n, t in named_tensors(model) if n.rpartition(".")[0] not in split_names}
@@ -205,8 +227,15 @@ def _install_split(
     cdt: tuple[torch.dtype, torch.dtype],
     tied: bool,
     embed_key: str | None,
+    quant: tuple[str, int] | None,
 ) -> None:
     """Read one split linear's rows into host buffers and swap in a HeteroLinear."""
+    bias = _read_bias(linear, p.name, reader, wdt, context.backend.device)
+    if quant is not None:
+        shape = (p.out_features, p.in_features)
+        host = QuantHostWeight.load(reader, p.name, shape, _rows(p), quant, context.arena)
+        set_module(model, p.name, HeteroLinear(p, host, bias, context))
+        return
     key = reader.key_for(f"{p.name}.weight")
     if key is None and tied and linear is model.get_output_embeddings():
         key = embed_key
@@ -218,13 +247,19 @@ def _install_split(
     reader.copy_rows(key, host.gpu_home, start=host.row0)
     for copy in host.copies.values():
         reader.copy_rows(key, copy, start=0)
-    bias = None
-    if linear.bias is not None:
-        bias_key = reader.key_for(f"{p.name}.bias")
-        if bias_key is None:
-            raise ModelError(f"the checkpoint lacks {p.name}.bias", "re-download or convert the model")
-        bias = reader.read(bias_key, wdt, context.backend.device)
     set_module(model, p.name, HeteroLinear(p, host, bias, context))
+
+
+def _read_bias(
+    linear: nn.Linear, name: str, reader: CheckpointReader, wdt: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """The linear's bias in the weights dtype on `device` (None when it has none)."""
+    if linear.bias is None:
+        return None
+    key = reader.key_for(f"{name}.bias")
+    if key is None:
+        raise ModelError(f"the checkpoint lacks {name}.bias", "re-download or convert the model")
+    return reader.read(key, wdt, device)
 
 
 def _phase_hook(context: EngineContext):

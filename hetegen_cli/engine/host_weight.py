@@ -15,6 +15,7 @@ two, up to 2x the RAM; docs/engine.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,9 @@ class HostArena:
     def nbytes(self) -> int:
         return 0 if self.block is None else self.block.numel()
 
-    def take(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """The next free [rows, in] buffer of `dtype` in the arena."""
-        nbytes = shape[0] * shape[1] * dtype.itemsize
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next free buffer of `shape` (e.g. [rows, in]) and `dtype` in the arena."""
+        nbytes = math.prod(shape) * dtype.itemsize
         end = self.offset + arena_bytes(nbytes)
         if end > self.nbytes:
             raise ValueError(f"host arena of {self.nbytes} bytes is full (needs {end})")
@@ -147,6 +148,21 @@ class HostWeight:
             held = 0 if copy is None else copy.shape[0]
             raise ValueError(f"{k} CPU rows requested in {dtype} but {held} are held")
         return copy[:k]
+
+    quant = None  # a float weight (QuantHostWeight holds (format, group size))
+
+    def cpu_operand(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """What the CPU share multiplies with: rows [0, k) in `dtype` (cpu_rows)."""
+        return self.cpu_rows(k, dtype)
+
+    def gpu_parts(self, k: int) -> tuple[torch.Tensor, ...]:
+        """The host tensors the GPU share of rows [k, out) streams: (gpu_rows(k),)."""
+        return (self.gpu_rows(k),)
+
+    @staticmethod
+    def device_weight(parts: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The staged parts as the weight [rows, in] the GPU multiplies with (a view)."""
+        return parts[0]
 
     def gpu_rows(self, k: int) -> torch.Tensor:
         """Rows [k, out) for the GPU share: [out - k, in], weights dtype, contiguous view."""

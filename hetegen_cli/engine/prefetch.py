@@ -11,17 +11,19 @@ import torch
 
 from hetegen_cli.core.devices import Backend
 from hetegen_cli.plan.document import RuntimeSettings
+from hetegen_cli.plan.memory import arena_bytes
 
 
 @dataclass
 class _Slot:
-    """One issued copy: rows [k, out) of `linear`'s weight into staging buffer `buf`."""
+    """One issued copy: rows [k, out) of `linear`'s weight (each of its stored parts: one
+    tensor for a float weight, q/scale/min for a quantized one) into staging buffer `buf`."""
 
     seq: int  # position in the cyclic execution order (-1 while learning)
     linear: object  # the HeteroLinear
     k: int  # first staged row; rows [k, out) are staged
     buf: int | None  # staging buffer index; None when nothing is copied (k == out)
-    view: torch.Tensor | None  # [out - k, in] on the device
+    view: tuple[torch.Tensor, ...] | None  # the staged parts, rows [k, out), on the device
     ready: object  # event recorded on the copy stream after the copy
 
 
@@ -36,20 +38,22 @@ class PrefetchScheduler:
     compute stream after the matmul that last read it); compute waits on the copy's "ready"
     event. A staged copy of rows [k', out) serves any k >= k' (a view). An unexpected linear or
     a phase whose k needs rows that were not staged discards the in-flight copies and re-issues:
-    correctness first. Staging buffers are recorded on the copy stream (record_stream), so the
-    caching allocator never hands their memory out while a copy into them is pending.
+    correctness first. Buffers are bytes: a GPU share is staged as the host holds it (the
+    weights dtype, or a quantized weight's parts, each at a multiple of ARENA_ALIGN bytes).
+    Staging buffers are recorded on the copy stream (record_stream), so the caching allocator
+    never hands their memory out while a copy into them is pending.
     """
 
-    def __init__(
-        self, backend: Backend, linears: list, runtime: RuntimeSettings, dtype: torch.dtype, stats: Any
-    ) -> None:
+    def __init__(self, backend: Backend, linears: list, runtime: RuntimeSettings, stats: Any) -> None:
         self.backend = backend
         self.stats = stats
-        # elements of the largest GPU share any phase streams: max (out - k_min) * in
-        elems = max((lin.placement.max_gpu_stream_rows * lin.in_features for lin in linears), default=0)
+        # bytes of the largest GPU share any phase streams (plan.memory.rows_bytes)
+        nbytes = max((lin.stream_bytes(lin.placement.max_gpu_stream_rows) for lin in linears), default=0)
         count = max(1, int(runtime.staging_buffers))
         with torch.inference_mode(False):  # normal tensors, written in and out of inference mode
-            self.buffers = [torch.empty(elems, dtype=dtype, device=backend.device) for _ in range(count)]
+            self.buffers = [
+                torch.empty(nbytes, dtype=torch.uint8, device=backend.device) for _ in range(count)
+            ]
         self.free_events: list = [None] * count
         self.depth = max(0, min(int(runtime.prefetch_depth), count - 1))
         self.copy_stream = backend.new_stream()
@@ -86,8 +90,9 @@ class PrefetchScheduler:
             self.issued = self.cur
         self.pass_start = self.cur
 
-    def acquire(self, linear, k: int) -> tuple[torch.Tensor | None, _Slot]:
-        """The staged rows [k, out) of `linear` ([out - k, in], device) or None if k == out.
+    def acquire(self, linear, k: int) -> tuple[tuple[torch.Tensor, ...] | None, _Slot]:
+        """The staged parts of rows [k, out) of `linear` (device; for a float weight one
+        tensor [out - k, in]) or None if k == out.
 
         The compute stream is made to wait for the copy. Call release(slot) after the matmul.
         """
@@ -120,11 +125,11 @@ class PrefetchScheduler:
         if slot.seq >= 0:
             self.cur = slot.seq + 1
 
-    def _use(self, slot: _Slot, k: int) -> tuple[torch.Tensor | None, _Slot]:
+    def _use(self, slot: _Slot, k: int) -> tuple[tuple[torch.Tensor, ...] | None, _Slot]:
         if k >= slot.linear.out_features:
             return None, slot
         self.backend.wait_event(slot.ready)
-        return slot.view[k - slot.k :], slot
+        return tuple(part[k - slot.k :] for part in slot.view), slot
 
     def _issue(self, seq: int, linear, k: int) -> _Slot:
         rows = linear.out_features - k
@@ -132,15 +137,19 @@ class PrefetchScheduler:
             return _Slot(seq, linear, k, None, None, None)
         buf = self._next_buf
         self._next_buf = (buf + 1) % len(self.buffers)
-        view = self.buffers[buf][: rows * linear.in_features].view(rows, linear.in_features)
-        src = linear.host.gpu_rows(k)
         if self.free_events[buf] is not None:  # the kernel that last read this buffer
             self.backend.wait_event(self.free_events[buf], self.copy_stream)
-        self.backend.to_device_async(view, src, self.copy_stream)
+        views, offset = [], 0
+        for src in linear.host.gpu_parts(k):
+            nbytes = src.numel() * src.element_size()
+            view = self.buffers[buf][offset : offset + nbytes].view(src.dtype).view(src.shape)
+            self.backend.to_device_async(view, src, self.copy_stream)
+            views.append(view)
+            offset += arena_bytes(nbytes)
+            self.stats.bytes_streamed += nbytes
         ready = self.backend.record_event(self.copy_stream)
         self.stats.copies_issued += 1
-        self.stats.bytes_streamed += src.numel() * src.element_size()
-        return _Slot(seq, linear, k, buf, view, ready)
+        return _Slot(seq, linear, k, buf, tuple(views), ready)
 
     def _prefetch_ahead(self) -> None:
         """Issue copies ahead (cyclic order) until `depth` real copies are in flight."""

@@ -32,6 +32,7 @@ from hetegen_cli.core.devices import Backend, pinned_cost, torch_dtype
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.prefetch import PrefetchScheduler
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
+from hetegen_cli.plan.memory import rows_bytes
 
 PHASES = ("prefill", "decode")
 
@@ -147,9 +148,7 @@ class EngineContext:
     def finalize(self) -> None:
         """Allocate the staging buffers for all registered linears (done at load, or lazily)."""
         if self.scheduler is None:
-            self.scheduler = PrefetchScheduler(
-                self.backend, self.linears, self.runtime, self.weights_dtype, self.stats
-            )
+            self.scheduler = PrefetchScheduler(self.backend, self.linears, self.runtime, self.stats)
             self.streaming = self.backend.is_cuda or any(
                 lin.placement.max_gpu_stream_rows for lin in self.linears
             )
@@ -167,14 +166,16 @@ class EngineContext:
         self.scheduler.begin_pass(phase)
 
     def start_cpu_share(
-        self, x2: torch.Tensor, w_cpu: torch.Tensor, inline: bool = False
+        self, x2: torch.Tensor, w_cpu: torch.Tensor | nn.Module, inline: bool = False
     ) -> tuple[Future, int | None]:
-        """Submit x2 [n, in] @ w_cpu[k, in]^T to the worker. Returns (future, output slot).
+        """Submit x2 [n, in] @ w_cpu[k, in]^T to the worker (`w_cpu` a weight, or a packed
+        quantized kernel module with `out_features` k). Returns (future, output slot).
 
         `inline` computes on the calling thread instead (used when the CPU does the whole
         layer: there is no GPU work to overlap, and the thread hand-off costs ~0.1 ms).
         """
-        n, k = x2.shape[0], w_cpu.shape[0]
+        n = x2.shape[0]
+        k = w_cpu.shape[0] if isinstance(w_cpu, torch.Tensor) else w_cpu.out_features
         submit = self._run_inline if inline else self._worker.submit
         if self._scratch is None:  # CPU stand-in: x already lives on the host
             return submit(self._cpu_matmul, x2, None, w_cpu, None, None), None
@@ -191,14 +192,29 @@ class EngineContext:
         return future
 
     def _cpu_matmul(
-        self, x_h: torch.Tensor, x_ready: Any, w: torch.Tensor, y_h: torch.Tensor | None, y_free: Any
+        self,
+        x_h: torch.Tensor,
+        x_ready: Any,
+        w: torch.Tensor | nn.Module,
+        y_h: torch.Tensor | None,
+        y_free: Any,
     ) -> torch.Tensor:
-        """Worker thread: x_h [n, in] @ w[k, in]^T -> [n, k] in x_h's dtype (into y_h if given)."""
+        """Worker thread: x_h [n, in] @ w[k, in]^T -> [n, k] in x_h's dtype (into y_h if given);
+        a quantized kernel module converts x itself."""
         if x_ready is not None:
             x_ready.synchronize()  # the D2H copy of x has landed
         start = time.perf_counter()
         # the worker thread does not inherit the caller's inference mode: set it here
         with torch.inference_mode():
+            if not isinstance(w, torch.Tensor):  # models.quant.QuantLinear: bfloat16 inside
+                result = w(x_h)
+                if y_h is not None:
+                    if y_free is not None:
+                        y_free.synchronize()
+                    y_h.copy_(result)
+                    result = y_h
+                self.stats.cpu_compute_s += time.perf_counter() - start
+                return result
             xc = x_h if x_h.dtype == w.dtype else x_h.to(w.dtype)
             if y_h is None:
                 result = F.linear(xc, w).to(x_h.dtype)
@@ -260,6 +276,7 @@ class HeteroLinear(nn.Module):
         if (host.out_features, host.in_features) != (placement.out_features, placement.in_features):
             raise ValueError(f"{placement.name}: weight shape does not match its placement")
         self.placement = placement
+        self.quant = host.quant  # (format, group size) of a quantized weight, else None
         self.in_features = placement.in_features
         self.out_features = placement.out_features
         self.host = host
@@ -285,6 +302,10 @@ class HeteroLinear(nn.Module):
             ctx.runtime.pin_weights,
         )
         return cls(placement, host, linear.bias, ctx)
+
+    def stream_bytes(self, rows: int) -> int:
+        """Staging bytes of `rows` rows of this weight as held (plan.memory.rows_bytes)."""
+        return rows_bytes(rows, self.in_features, self.ctx.runtime.weights_dtype, self.quant)
 
     def extra_repr(self) -> str:
         p = self.placement
@@ -316,13 +337,14 @@ class HeteroLinear(nn.Module):
             _, slot = ctx.scheduler.acquire(self, k)  # nothing staged for k == out
             ctx.scheduler.release(slot)
             y_cpu = ctx.finish_cpu_share(
-                ctx.start_cpu_share(x2, self.host.cpu_rows(k, ctx.cpu_dtype), inline=True)
+                ctx.start_cpu_share(x2, self.host.cpu_operand(k, ctx.cpu_dtype), inline=True)
             )
             y_gpu = None
         else:
-            pending = ctx.start_cpu_share(x2, self.host.cpu_rows(k, ctx.cpu_dtype)) if k > 0 else None
+            pending = ctx.start_cpu_share(x2, self.host.cpu_operand(k, ctx.cpu_dtype)) if k > 0 else None
             try:
-                w_gpu, slot = ctx.scheduler.acquire(self, k)  # [out - k, in] on the device
+                parts, slot = ctx.scheduler.acquire(self, k)  # rows [k, out) as held, on the device
+                w_gpu = self.host.device_weight(parts, ctx.weights_dtype)  # [out - k, in]
                 y_gpu = F.linear(x2, w_gpu)  # [n, out - k]
                 ctx.scheduler.release(slot)
             finally:
@@ -337,9 +359,10 @@ class HeteroLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def whole_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prefill, decode) views of the whole weight [out, in] in each phase's CPU dtype."""
-        return tuple(self.host.cpu_rows(self.out_features, dtype) for dtype in self.ctx.cpu_dtypes)  # type: ignore[return-value]
+    def whole_weights(self) -> tuple:
+        """(prefill, decode) operands of the whole layer: views of the weight [out, in] in each
+        phase's CPU dtype, or a quantized weight's packed kernel."""
+        return tuple(self.host.cpu_operand(self.out_features, dtype) for dtype in self.ctx.cpu_dtypes)
 
     def _whole_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The whole layer on the calling thread in the phase's CPU dtype, from views cached at
@@ -351,7 +374,10 @@ class HeteroLinear(nn.Module):
         w = self.whole[ctx.phase == "decode"]
         wdt = ctx.weights_dtype
         xw = x if x.dtype == wdt else x.to(wdt)
-        y = F.linear(xw if xw.dtype == w.dtype else xw.to(w.dtype), w)  # [..., out]
+        if isinstance(w, torch.Tensor):
+            y = F.linear(xw if xw.dtype == w.dtype else xw.to(w.dtype), w)  # [..., out]
+        else:  # a packed quantized kernel (bfloat16 inside, xw's dtype out)
+            y = w(xw)
         if y.dtype != wdt:
             y = y.to(wdt)
         if self.bias is not None:

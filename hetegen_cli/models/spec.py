@@ -101,6 +101,10 @@ class ModelSpec:
         """The quantized format of the block linears (None: floating point)."""
         return next((lin.quant for lin in self.linears if lin.quant), None)
 
+    def quant_map(self) -> dict[str, tuple[str, int]]:
+        """{linear name: (format, group size)} of the quantized linears ({} for a float model)."""
+        return {lin.name: (lin.quant, lin.group_size or 32) for lin in self.linears if lin.quant}
+
     def quantized(self, fmt: str, group_size: int, names: set[str] | None = None) -> ModelSpec:
         """This spec with the block linears in `names` (default: every one the CPU kernel
         takes, core.quant.kernel_takes) stored as `fmt`; the LM head stays floating point."""

@@ -6,8 +6,10 @@ One answer each, used by the solver, the engine (its RAM check and its host buff
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
+from hetegen_cli.core import quant as qfmt
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan.document import LinearPlacement
@@ -22,6 +24,26 @@ ARENA_ALIGN = 64
 def arena_bytes(nbytes: int) -> int:
     """Bytes one buffer of `nbytes` takes in the host arena: rounded up to ARENA_ALIGN."""
     return -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+
+
+def rows_bytes(rows: int, in_features: int, weights_dtype: str, quant: tuple[str, int] | None = None) -> int:
+    """Bytes of `rows` rows of one linear's weight as the engine holds and streams them: in the
+    weights dtype, or as the parts of a quantized weight (`quant` = (format, group size),
+    core.quant.part_shapes), each part aligned to ARENA_ALIGN."""
+    if rows <= 0:
+        return 0
+    if quant is None:
+        return arena_bytes(rows * in_features * itemsize(weights_dtype))
+    parts = qfmt.part_shapes(quant[0], rows, in_features, quant[1]).values()
+    return sum(arena_bytes(math.prod(shape) * size) for shape, size in parts)
+
+
+def held_quant_rows(cpu_rows: tuple[int, int]) -> tuple[int, tuple[int, ...]]:
+    """(row0, CPU kernels) of a quantized split linear with CPU rows (prefill, decode): rows
+    [row0, out) are held as stored (the GPU share of either phase is a view of them) and the
+    CPU computes from a packed copy of rows [0, k) for each distinct k > 0 (torch's packed
+    int4 layout cannot be sliced at arbitrary rows)."""
+    return min(cpu_rows), tuple(sorted({k for k in cpu_rows if k > 0}))
 
 
 def default_gpu_budget(gpu_free_bytes: int | None, gpu_total_bytes: int | None) -> int:
@@ -85,14 +107,22 @@ def host_memory(
     weights_dtype: str,
     cpu_dtypes: tuple[str, str],
     other_bytes: int = 0,
+    quant: Mapping[str, tuple[str, int]] | None = None,
 ) -> dict[str, int]:
     """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`: exactly what
     the engine allocates. `weights_bytes` is the arena (pinned on a GPU machine), aligned per
-    weight; `cpu_copy_bytes` the copies in other CPU dtypes (pageable)."""
+    weight; `cpu_copy_bytes` the copies in other CPU dtypes (pageable). `quant` maps the
+    quantized linears to (format, group size): their rows as stored (held_quant_rows)."""
     wbytes = itemsize(weights_dtype)
     weights = copy = 0
     for p in placements:
         if p.resident:
+            continue
+        q = (quant or {}).get(p.name)
+        if q is not None:
+            row0, kernels = held_quant_rows((p.cpu_rows_prefill, p.cpu_rows_decode))
+            weights += rows_bytes(p.out_features - row0, p.in_features, weights_dtype, q)
+            copy += sum(qfmt.weight_bytes(q[0], k, p.in_features, q[1]) for k in kernels)
             continue
         row0, copies = held_rows(
             p.out_features, (p.cpu_rows_prefill, p.cpu_rows_decode), cpu_dtypes, weights_dtype

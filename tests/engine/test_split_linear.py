@@ -11,6 +11,7 @@ from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.engine.host_weight import HostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings, round_rows
+from hetegen_cli.plan.memory import arena_bytes
 
 # per-dtype tolerances (rtol, atol) against nn.Linear in the same dtype
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -205,9 +206,10 @@ def test_prefetch_learns_order_and_wraps(make_ctx):
     _run(splits, x[:1])
     per_pass = sum((o - round_rows(f, o)) * i * 4 for (o, i), f in zip(SIZES, (0.5, 0.5, 0.25), strict=False))
     assert ctx.stats.bytes_streamed - before == per_pass
-    # buffers fit the largest share of any phase: max (out - k_min) * in
+    # buffers (bytes) fit the largest share of any phase: max (out - k_min) * in * 4, aligned
     assert ctx.scheduler.buffers[0].numel() == max(
-        (o - round_rows(f, o)) * i for (o, i), f in zip(SIZES, (0.0, 0.25, 0.0), strict=False)
+        arena_bytes((o - round_rows(f, o)) * i * 4)
+        for (o, i), f in zip(SIZES, (0.0, 0.25, 0.0), strict=False)
     )
 
 

@@ -1,0 +1,195 @@
+"""Where a quantized split linear's weight lives in host memory (`QuantHostWeight`).
+
+The quantized counterpart of engine.host_weight.HostWeight (same interface for HeteroLinear
+and the prefetch scheduler):
+
+- rows `[row0, out)` of each stored part (core.quant.part_shapes: q, scale and, for int4, min)
+  in the model's HostArena, pinned on CUDA: the GPU share of either phase, rows `[k, out)`,
+  crosses PCIe as these quantized bytes and is dequantized on the device into the weights dtype
+  just before its matmul (`device_weight`);
+- for each distinct CPU share k of the phases, a `models.quant.QuantLinear` of rows `[0, k)`
+  (torch's packed CPU kernel; its int4 packing interleaves rows in blocks of 64, so a share is
+  packed on its own rather than sliced). Row counts: plan.memory.held_quant_rows, which the
+  planner's and the engine's RAM checks use too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetegen_cli.core import quant as qfmt
+from hetegen_cli.engine.host_weight import HostArena
+from hetegen_cli.models.checkpoint import CheckpointReader
+from hetegen_cli.models.quant import QuantLinear, QuantWeight
+from hetegen_cli.plan.memory import held_quant_rows, rows_bytes
+
+_PART_DTYPES = {"q": None, "scale": torch.float16, "min": torch.float16}  # None: by format
+
+
+def _part_dtype(fmt: str, part: str) -> torch.dtype:
+    if part == "q":
+        return torch.int8 if fmt == "int8" else torch.uint8
+    return _PART_DTYPES[part]
+
+
+def dequantize(
+    fmt: str, group: int | None, parts: tuple[torch.Tensor, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Stored parts of rows of a weight (on any device) -> the weight [rows, in] in `dtype`:
+    w = q scale, or q scale + min per group of int4, computed in float32 (exact: the stored
+    values, as models.quant.QuantWeight.dequantize) and rounded to `dtype` once."""
+    f32 = torch.float32
+    if fmt == "int8":
+        q, scale = parts
+        return (q.to(f32) * scale.to(f32)[:, None]).to(dtype)
+    q, scale, low = parts
+    rows = q.shape[0]
+    values = torch.stack((q & 0x0F, q >> 4), dim=-1).view(rows, -1, group).to(f32)  # [rows, in/g, g]
+    return torch.addcmul(low.to(f32)[..., None], values, scale.to(f32)[..., None]).view(rows, -1).to(dtype)
+
+
+@dataclass
+class QuantHostWeight:
+    """Host-held quantized weight of one split linear (module docstring). `parts` are views
+    into the arena, rows [row0, out); `kernels` maps a CPU share k to its packed QuantLinear."""
+
+    format: str
+    group_size: int | None
+    out_features: int
+    in_features: int
+    row0: int
+    parts: tuple[torch.Tensor, ...]
+    kernels: dict[int, QuantLinear]
+    pinned: bool
+
+    @property
+    def quant(self) -> tuple[str, int]:
+        return self.format, self.group_size or qfmt.DEFAULT_GROUP_SIZE
+
+    @staticmethod
+    def arena_need(
+        out_features: int, in_features: int, cpu_rows: tuple[int, int], quant: tuple[str, int]
+    ) -> int:
+        """Arena bytes `load` takes for this linear (plan.memory counts the same)."""
+        row0, _ = held_quant_rows(cpu_rows)
+        return rows_bytes(out_features - row0, in_features, "float32", quant)
+
+    @classmethod
+    def load(
+        cls,
+        reader: CheckpointReader,
+        name: str,
+        shape: tuple[int, int],
+        cpu_rows: tuple[int, int],
+        quant: tuple[str, int],
+        arena: HostArena,
+    ) -> QuantHostWeight:
+        """Read linear `name` ([out, in], stored as `quant` = (format, group)) from a quantized
+        folder: its streamed rows into `arena`, one packed CPU kernel per CPU share."""
+        fmt, group = quant
+        out, inp = shape
+        row0, ks = held_quant_rows(cpu_rows)
+        shapes = qfmt.part_shapes(fmt, out - row0, inp, group)
+        parts = []
+        for part, (part_shape, _) in shapes.items():
+            view = arena.take(part_shape, _part_dtype(fmt, part))
+            reader.copy_rows(f"{name}.weight.{part}", view, start=row0)
+            parts.append(view)
+        kernels = {}
+        for k in ks:
+            rows = {}
+            for part, (part_shape, _) in qfmt.part_shapes(fmt, k, inp, group).items():
+                rows[part] = torch.empty(part_shape, dtype=_part_dtype(fmt, part))
+                reader.copy_rows(f"{name}.weight.{part}", rows[part], start=0)
+            weight = QuantWeight(
+                fmt, k, inp, rows["q"], rows["scale"], rows.get("min"), group if fmt == "int4" else None
+            )
+            kernels[k] = QuantLinear(weight)
+        return cls(fmt, group if fmt == "int4" else None, out, inp, row0, tuple(parts), kernels, arena.pinned)
+
+    def cpu_operand(self, k: int, dtype: torch.dtype) -> nn.Module:
+        """The packed kernel of rows [0, k) (it computes in bfloat16 whatever `dtype` is)."""
+        kernel = self.kernels.get(k)
+        if kernel is None:
+            raise ValueError(f"no CPU kernel for {k} rows (held: {sorted(self.kernels)})")
+        return kernel
+
+    def gpu_parts(self, k: int) -> tuple[torch.Tensor, ...]:
+        """Rows [k, out) of each stored part (contiguous views) for the GPU share."""
+        if k < self.row0:
+            raise ValueError(f"rows from {k} requested but only rows from {self.row0} are held")
+        return tuple(p[k - self.row0 :] for p in self.parts)
+
+    def device_weight(self, parts: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Staged parts -> the weight [rows, in] in `dtype`, on their device."""
+        return dequantize(self.format, self.group_size, parts, dtype)
+
+    @property
+    def gpu_home_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    @property
+    def cpu_copy_bytes(self) -> int:
+        """Bytes of the packed CPU kernels' weights and scales."""
+        return sum(
+            int(k.q.numel() * k.q.element_size() + k.scales.numel() * k.scales.element_size())
+            for k in self.kernels.values()
+        )
+
+
+class DequantLinear(nn.Module):
+    """A resident quantized linear on the device: the stored parts stay quantized there (so
+    more weights fit) and are dequantized into the weights dtype at every forward.
+    x [..., in] -> y [..., out] in x's dtype."""
+
+    def __init__(
+        self,
+        fmt: str,
+        group: int | None,
+        parts: tuple[torch.Tensor, ...],
+        out: int,
+        inp: int,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.format, self.group_size = fmt, group
+        self.in_features, self.out_features = inp, out
+        for name, tensor in zip(
+            qfmt.part_shapes(fmt, out, inp, group or qfmt.DEFAULT_GROUP_SIZE), parts, strict=True
+        ):
+            self.register_buffer(name, tensor, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def load(
+        cls,
+        reader: CheckpointReader,
+        name: str,
+        shape: tuple[int, int],
+        quant: tuple[str, int],
+        device: torch.device,
+        bias: torch.Tensor | None,
+    ) -> DequantLinear:
+        fmt, group = quant
+        out, inp = shape
+        parts = []
+        for part, (part_shape, _) in qfmt.part_shapes(fmt, out, inp, group).items():
+            tensor = torch.empty(part_shape, dtype=_part_dtype(fmt, part), device=device)
+            reader.copy_rows(f"{name}.weight.{part}", tensor)
+            parts.append(tensor)
+        return cls(fmt, group if fmt == "int4" else None, tuple(parts), out, inp, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = ("q", "scale", "min") if self.format == "int4" else ("q", "scale")
+        w = dequantize(self.format, self.group_size, tuple(getattr(self, n) for n in names), x.dtype)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

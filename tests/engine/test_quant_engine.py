@@ -1,0 +1,151 @@
+"""Quantized weights through the engine (engine.quant_host): the CPU share runs torch's packed
+kernels on its rows, the GPU share streams the stored parts and is dequantized on the device,
+resident quantized linears stay quantized there. References: the same quantized model run
+plainly (models.quantized: the same kernels) and the dequantized weights in bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.core.dtypes import greedy_tolerance
+from hetegen_cli.core.strict import StrictBackend
+from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight, dequantize
+from hetegen_cli.engine.split_linear import HeteroLinear
+from hetegen_cli.models.quant import quantize
+from hetegen_cli.models.quantized import ensure_quantized, load_quantized
+from hetegen_cli.models.source import resolve_model
+from hetegen_cli.plan.document import RuntimeSettings
+from hetegen_cli.plan.memory import host_memory
+from tests.engine.conftest import PLANS, PROMPT, placements
+
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantized(request, tiny_llama_dir, tmp_path_factory):
+    """(ref of the quantized tiny LLaMA, plain model, its greedy tokens, its prompt logits)."""
+    src = resolve_model(str(tiny_llama_dir), need_weights=True)
+    folder = ensure_quantized(src, request.param, 32, tmp_path_factory.mktemp("q") / request.param)
+    ref = resolve_model(str(folder), need_weights=True, quant="auto")
+    plain = load_quantized(ref)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        tokens = plain.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        logits = plain.model(ids).logits
+    return ref, plain, tokens, logits
+
+
+def _load(ref, plan_name, backend, buffers=2):
+    runtime = RuntimeSettings(
+        weights_dtype=ref.spec.dtype, staging_buffers=buffers, prefetch_depth=buffers - 1
+    )
+    return load_hetero_model(ref, placements(ref.spec, PLANS[plan_name]), runtime, backend, progress=False)
+
+
+def _assert_greedy_within_tolerance(model, reference_tokens, reference_model):
+    """Teacher-forced over the reference's greedy sequence: wherever the engine's argmax
+    differs, the reference's own margin between its token and the engine's is a near tie
+    (core.dtypes.greedy_tolerance for bfloat16, relative to the logit range)."""
+    seq = reference_tokens
+    with torch.no_grad():
+        got = model(seq).logits[0, len(PROMPT[0]) - 1 : -1].float()
+        want = reference_model(seq).logits[0, len(PROMPT[0]) - 1 : -1].float()
+    tol = greedy_tolerance("bfloat16")
+    for pos in range(got.shape[0]):
+        a, b = int(got[pos].argmax()), int(want[pos].argmax())
+        if a != b:
+            span = float(want[pos].max() - want[pos].min())
+            margin = float(want[pos, b] - want[pos, a]) / span
+            assert margin <= tol, f"position {pos}: engine {a}, reference {b}, margin {margin:.3g}"
+
+
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_all_cpu_quantized_plan_is_the_plain_quantized_model(quantized, backend):
+    """Every linear whole on the CPU: the same packed kernels as the plain model, bit for bit."""
+    ref, _, tokens, logits = quantized
+    loaded = _load(ref, "all_cpu", backend())
+    try:
+        with torch.no_grad():
+            assert torch.equal(loaded.model(torch.tensor(PROMPT)).logits, logits)
+            out = loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert out.tolist() == tokens.tolist()
+        hosts = [m.host for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
+        assert any(isinstance(h, QuantHostWeight) for h in hosts)
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("plan_name", ["all_streamed", "random", "mixed"])
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_split_quantized_plans_match_the_plain_model(quantized, plan_name, backend):
+    ref, plain, tokens, logits = quantized
+    loaded = _load(ref, plan_name, backend())
+    try:
+        with torch.no_grad():
+            got = loaded.model(torch.tensor(PROMPT)).logits
+        torch.testing.assert_close(got.float(), logits.float(), atol=2e-2, rtol=0)
+        _assert_greedy_within_tolerance(loaded.model, tokens, plain.model)
+        stats = loaded.counters
+        if plan_name != "all_cpu":
+            assert stats.copies_issued > 0
+    finally:
+        loaded.close()
+
+
+def test_streamed_share_is_the_dequantized_weight(quantized):
+    """The GPU share multiplies with exactly the stored values dequantized to bfloat16."""
+    ref, *_ = quantized
+    loaded = _load(ref, "all_streamed", CpuBackend())
+    try:
+        lin = next(m for m in loaded.model.modules() if isinstance(m, HeteroLinear) and m.quant)
+        x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        host = lin.host
+        w = dequantize(host.format, host.group_size, host.gpu_parts(0), torch.bfloat16)
+        loaded.counters.reset()
+        with torch.no_grad():
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, w))
+        # what crossed the bus: the quantized parts, not bfloat16 weights
+        assert loaded.counters.bytes_streamed == host.gpu_home_bytes < lin.out_features * lin.in_features * 2
+    finally:
+        loaded.close()
+
+
+def test_resident_quantized_linears_stay_quantized(quantized):
+    ref, *_ = quantized
+    loaded = _load(ref, "mixed", CpuBackend())
+    try:
+        resident = [m for m in loaded.model.modules() if isinstance(m, DequantLinear)]
+        assert resident
+        for m in resident:
+            assert m.stored_bytes < m.out_features * m.in_features * 2  # below bfloat16's bytes
+            assert m.q.dtype in (torch.int8, torch.uint8)
+    finally:
+        loaded.close()
+
+
+def test_host_memory_counts_what_the_engine_holds(quantized):
+    """plan.memory.host_memory (the planner's and the RAM check's answer) equals the arena
+    plus the packed CPU kernels the engine allocated, for quantized and float linears."""
+    ref, *_ = quantized
+    for plan_name in ("all_cpu", "random", "all_streamed"):
+        loaded = _load(ref, plan_name, CpuBackend())
+        try:
+            split = [m.placement for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
+            cpu_dtypes = RuntimeSettings(weights_dtype=ref.spec.dtype).cpu_dtypes
+            want = host_memory(split, ref.spec.dtype, cpu_dtypes, quant=ref.spec.quant_map())
+            assert loaded.memory["host_weight_bytes"] == want["weights_bytes"] + want["cpu_copy_bytes"]
+        finally:
+            loaded.close()
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_dequantize_matches_quant_weight(fmt):
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    qw = quantize(w, fmt, 32)
+    parts = (qw.q, qw.scale) + ((qw.min,) if fmt == "int4" else ())
+    assert torch.equal(dequantize(fmt, qw.group_size, parts, torch.float32), qw.dequantize(torch.float32))
+    rows = tuple(p[16:] for p in parts)
+    assert torch.equal(dequantize(fmt, qw.group_size, rows, torch.float32), qw.dequantize(torch.float32)[16:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+from hetegen_cli.core import quant
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.profile import timing
 from hetegen_cli.profile.measure import run_profile
@@ -15,6 +16,28 @@ HUGE = 1e30  # a rate so high its term vanishes
 
 def _stats(seconds: float) -> dict:
     return {"mean": seconds, "sd": 0.0, "samples": [seconds]}
+
+
+def _quant_gemv(quant_bw: dict, call_s: float, threads: int) -> list[dict]:
+    out = []
+    for fmt, bw in quant_bw.items():
+        for rows, cols in ((512, 512), (4096, 4096), (11008, 4096)):
+            wb = quant.weight_bytes(fmt, rows, cols)
+            sec = call_s + wb / bw
+            out.append(
+                {
+                    "format": fmt,
+                    "group_size": 32 if fmt == "int4" else None,
+                    "out_features": rows,
+                    "in_features": cols,
+                    "weight_bytes": wb,
+                    "threads": threads,
+                    "seconds": _stats(sec),
+                    "weight_bytes_per_s": wb / sec,
+                    "params_per_s": rows * cols / sec,
+                }
+            )
+    return out
 
 
 def make_profile(
@@ -39,11 +62,13 @@ def make_profile(
     ram_available: int = 64 * 2**30,
     threads: int = 8,
     created_utc: str = "2026-01-01T00:00:00Z",
+    quant_bw: dict | None = None,
 ) -> dict:
     """A schema-valid profile document (profile.document.SCHEMA) with exactly these rates.
 
     cpu_dtypes: dtype -> GEMV bytes/s (default: `best` at cpu_bw, float32 at cpu_bw, i.e.
     half the params/s). cpu_gemm: dtype -> GEMM FLOP/s (default cpu_flops for each).
+    quant_bw: format (int8, int4) -> quantized GEMV stored bytes/s (default: none measured).
     Timings are t = call + bytes / rate on a few shapes.
     """
     cpu_dtypes = cpu_dtypes or {best: cpu_bw, "float32": cpu_bw}
@@ -103,6 +128,7 @@ def make_profile(
             "gemm": gemm,
             "thread_sweep": [],
             "best_gemv_dtype": best,
+            "quant_gemv": _quant_gemv(quant_bw or {}, cpu_call_s, threads),
         },
         "gpu": None,
         "gpu_note": "no CUDA GPU: GPU measurements skipped",

@@ -13,6 +13,8 @@ from hetegen_cli.cli.common import (
     ModelOption,
     ProfileOption,
     PromptLenOption,
+    QuantChoice,
+    QuantOption,
     WeightsDtypeOption,
     cpu_dtype_arg,
     dtype_arg,
@@ -53,6 +55,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(1, "--batch-size", help="Sequences per step."),
         dtype: WeightsDtypeOption = None,
         cpu_dtype: CpuDtypeOption = None,
+        quant: QuantOption = QuantChoice.auto,
         reserve: str = typer.Option(
             "1GiB",
             "--reserve",
@@ -85,7 +88,9 @@ def register(app: typer.Typer) -> None:
         )
         output = output_arg(output)
         profile = input_file_arg(profile, "--profile")
-        ref = resolve_model(model_arg(model), need_weights=False, dtype=dtype_arg(dtype, "--dtype"))
+        ref = resolve_model(
+            model_arg(model), need_weights=False, dtype=dtype_arg(dtype, "--dtype"), quant=quant.value
+        )
         for message in ref.warnings:
             warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")

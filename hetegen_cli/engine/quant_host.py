@@ -39,16 +39,16 @@ def dequantize(
     fmt: str, group: int | None, parts: tuple[torch.Tensor, ...], dtype: torch.dtype
 ) -> torch.Tensor:
     """Stored parts of rows of a weight (on any device) -> the weight [rows, in] in `dtype`:
-    w = q scale, or q scale + min per group of int4, computed in float32 (exact: the stored
-    values, as models.quant.QuantWeight.dequantize) and rounded to `dtype` once."""
-    f32 = torch.float32
+    w = q scale, or q scale + min per group of int4, computed in `dtype` in place (q is exact
+    there; peak transient memory 1 + 2 itemsize bytes per parameter, plan.memory counts it).
+    In float32 it equals models.quant.QuantWeight.dequantize bit for bit."""
     if fmt == "int8":
         q, scale = parts
-        return (q.to(f32) * scale.to(f32)[:, None]).to(dtype)
+        return q.to(dtype).mul_(scale.to(dtype)[:, None])
     q, scale, low = parts
     rows = q.shape[0]
-    values = torch.stack((q & 0x0F, q >> 4), dim=-1).view(rows, -1, group).to(f32)  # [rows, in/g, g]
-    return torch.addcmul(low.to(f32)[..., None], values, scale.to(f32)[..., None]).view(rows, -1).to(dtype)
+    values = torch.stack((q & 0x0F, q >> 4), dim=-1).view(rows, -1, group).to(dtype)  # [rows, in/g, g]
+    return values.mul_(scale.to(dtype)[..., None]).add_(low.to(dtype)[..., None]).view(rows, -1)
 
 
 @dataclass

@@ -101,6 +101,14 @@ class ModelSpec:
         """The quantized format of the block linears (None: floating point)."""
         return next((lin.quant for lin in self.linears if lin.quant), None)
 
+    @property
+    def quant_label(self) -> str | None:
+        """'int8', 'int4-g32' (format and group), or None for a float model."""
+        fmt = next(iter(self.quant_map().values()), None)
+        if fmt is None:
+            return None
+        return fmt[0] if fmt[0] == "int8" else f"{fmt[0]}-g{fmt[1]}"
+
     def quant_map(self) -> dict[str, tuple[str, int]]:
         """{linear name: (format, group size)} of the quantized linears ({} for a float model)."""
         return {lin.name: (lin.quant, lin.group_size or 32) for lin in self.linears if lin.quant}

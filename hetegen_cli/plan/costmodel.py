@@ -13,7 +13,7 @@ T_cpu(f out) = T_transfer((1-f) out) + T_gpu((1-f) out) in closed form (`balance
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from hetegen_cli.core.dtypes import itemsize
 
@@ -41,14 +41,21 @@ class Rates:
     gpu_call_s: float = 0.0  # fixed cost of one GPU matmul (launch)
     gpu_bytes_per_s: float = 1e12  # B_hbm: GEMV weight-read rate
     gpu_flops_per_s: float = 100e12  # F_gpu at prefill shapes
+    # quantized linears (plan.rates.quant_rates): bytes per parameter held, streamed and read
+    # by the CPU kernel (0: the dtype's itemsize), and the bytes per parameter the GPU writes
+    # and reads again dequantizing a share into the weights dtype before its matmul
+    weight_bytes_per_param: float = 0.0
+    gpu_dequant_bytes_per_param: float = 0.0
 
     @property
-    def weight_bytes(self) -> int:
-        return itemsize(self.weights_dtype)
+    def weight_bytes(self) -> float:
+        """Bytes per parameter held on the host and streamed over PCIe."""
+        return self.weight_bytes_per_param or itemsize(self.weights_dtype)
 
     @property
-    def cpu_dtype_bytes(self) -> int:
-        return itemsize(self.cpu_dtype)
+    def cpu_dtype_bytes(self) -> float:
+        """Bytes per parameter the CPU share reads."""
+        return self.weight_bytes_per_param or itemsize(self.cpu_dtype)
 
     @property
     def cpu_params_per_s(self) -> float:
@@ -70,6 +77,9 @@ class PhaseRates:
 
     prefill: Rates
     decode: Rates
+    #: the rates of quantized linears by format (both phases: the CPU share runs the format's
+    #: packed kernel whatever the float formats are); plan.rates.quant_rates fits them
+    quant: dict[str, Rates] = field(default_factory=dict)
 
     @classmethod
     def of(cls, rates: Rates | PhaseRates) -> PhaseRates:
@@ -78,6 +88,12 @@ class PhaseRates:
 
     def __getitem__(self, phase: str) -> Rates:
         return self.prefill if phase == "prefill" else self.decode
+
+    def of_linear(self, phase: str, quant: str | None) -> Rates:
+        """The rates a linear sees in `phase`: its quantized format's, or the phase's."""
+        if quant is None:
+            return self[phase]
+        return self.quant[quant]
 
     @property
     def has_gpu(self) -> bool:
@@ -97,7 +113,10 @@ class PhaseRates:
         return self.prefill.cpu_dtype, self.decode.cpu_dtype
 
     def to_dict(self) -> dict:
-        return {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict()}
+        out = {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict()}
+        if self.quant:
+            out["quant"] = {fmt: r.to_dict() for fmt, r in self.quant.items()}
+        return out
 
 
 # --- per-row costs (seconds per output row of a share) -------------------------------------
@@ -115,7 +134,8 @@ def transfer_row_s(rates: Rates, in_features: int, concurrent: bool = True) -> f
 
 
 def gpu_row_s(rates: Rates, in_features: int, tokens: int) -> float:
-    return in_features * max(rates.weight_bytes / rates.gpu_bytes_per_s, 2.0 * tokens / rates.gpu_flops_per_s)
+    read = rates.weight_bytes + rates.gpu_dequant_bytes_per_param
+    return in_features * max(read / rates.gpu_bytes_per_s, 2.0 * tokens / rates.gpu_flops_per_s)
 
 
 # --- share times ---------------------------------------------------------------------------

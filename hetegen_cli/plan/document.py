@@ -276,6 +276,7 @@ def model_identity(spec: Any, arg: str = "") -> dict:
         "linear_count": len(spec.linears),
         "tie_word_embeddings": spec.tie_word_embeddings,
         "weight_bytes": spec.total_weight_bytes,
+        "quant": spec.quant_label,
     }
 
 
@@ -308,6 +309,13 @@ def check_plan_matches(plan: Plan, spec: Any) -> None:
         )
     if spec.lm_head.name not in {p.name for p in plan.placements} and not plan.runtime.lm_head_on_gpu:
         raise PlanError("plan neither keeps the LM head on the GPU nor places it", hint)
+    if plan.model.get("quant") != spec.quant_label:
+        stored = lambda label: f"quantized ({label})" if label else "in floating point"  # noqa: E731
+        raise PlanError(
+            f"plan was made for {made_for} stored {stored(plan.model.get('quant'))}, but the model "
+            f"is {stored(spec.quant_label)}",
+            f"{hint} --quant {(spec.quant_label or 'none').split('-')[0]}",
+        )
     if plan.runtime.weights_dtype != spec.dtype:
         raise PlanError(
             f"plan was made for {made_for} in {plan.runtime.weights_dtype}, but the "

@@ -97,6 +97,7 @@ class ModelDoc(Schema):
     config_hash: Text
     arg: Text = ""
     weight_bytes: Index | None = None
+    quant: Literal["int8", "int4-g32", "int4-g64", "int4-g128"] | None = None  # schema 2 from issue 11
 
 
 class WorkloadDoc(Schema):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from hetegen_cli.core import quant as qfmt
 from hetegen_cli.core.dtypes import itemsize
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.spec import LinearSpec, ModelSpec
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.request import PlanRequest
 
@@ -36,6 +36,23 @@ def rows_bytes(rows: int, in_features: int, weights_dtype: str, quant: tuple[str
         return arena_bytes(rows * in_features * itemsize(weights_dtype))
     parts = qfmt.part_shapes(quant[0], rows, in_features, quant[1]).values()
     return sum(arena_bytes(math.prod(shape) * size) for shape, size in parts)
+
+
+def linear_rows_bytes(lin: LinearSpec, rows: int) -> int:
+    """rows_bytes of `rows` rows of `lin` (its stored format)."""
+    if rows <= 0:
+        return 0
+    if lin.quant is not None:
+        return rows_bytes(rows, lin.in_features, "", (lin.quant, lin.group_size or qfmt.DEFAULT_GROUP_SIZE))
+    return arena_bytes(rows * lin.in_features * lin.dtype_bytes)
+
+
+def dequant_bytes(spec: ModelSpec) -> int:
+    """GPU bytes the engine's dequantization of the largest quantized linear holds at once: its
+    uint8 values and the weights-dtype result (engine.quant_host.dequantize); 0 for a float
+    model."""
+    sizes = [lin.out_features * lin.in_features for lin in spec.linears if lin.quant]
+    return max(sizes, default=0) * (1 + spec.dtype_bytes)
 
 
 def held_quant_rows(cpu_rows: tuple[int, int]) -> tuple[int, tuple[int, ...]]:

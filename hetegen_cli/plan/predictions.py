@@ -74,11 +74,12 @@ def figures(req: PlanRequest, prefill_s: float, decode_s: float, gpu_memory_byte
 
 def step_times(rates: cm.PhaseRates, spec, req, placements, phase, buffers, head_on_gpu, concurrent=True):
     """(per-linear ShareTimes, step seconds): the linears through the copy/compute pipeline,
-    then the LM head (when not a placement) and attention on the GPU."""
-    rates = rates[phase]
+    then the LM head (when not a placement) and attention on the GPU. Quantized linears
+    (spec.quant_map) at their format's rates."""
+    quant = spec.quant_map()
     times = [
         cm.split_times(
-            rates,
+            rates.of_linear(phase, quant.get(p.name, (None,))[0]),
             p.out_features,
             p.in_features,
             p.cpu_rows(phase),
@@ -89,6 +90,7 @@ def step_times(rates: cm.PhaseRates, spec, req, placements, phase, buffers, head
         for p in placements
     ]
     t = cm.pipeline_time([(x.cpu_s, x.transfer_s, x.gpu_s) for x in times], buffers)
+    rates = rates[phase]
     head = head_time(rates, spec, req, True) if head_on_gpu else 0.0
     return times, t + head + attention_for(rates, spec, req, phase, spec.num_layers, True)
 
@@ -126,15 +128,16 @@ def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_by
         room -= per_layer[gpu_layers]
         gpu_layers += 1
     out = {}
-    rates = rates.decode
+    phase_rates, rates = rates, rates.decode
     for phase in ("prefill", "decode"):
         t = 0.0
         for lin in spec.linears:
             n = tokens_for(lin.role, req, phase)
+            r = phase_rates.of_linear("decode", lin.quant)
             if lin.layer_index < gpu_layers:
-                t += cm.gpu_time(rates, lin.out_features, lin.in_features, n)
+                t += cm.gpu_time(r, lin.out_features, lin.in_features, n)
             else:
-                t += cm.cpu_time(rates, lin.out_features, lin.in_features, n, concurrent=False)
+                t += cm.cpu_time(r, lin.out_features, lin.in_features, n, concurrent=False)
         t += head_time(rates, spec, req, head_gpu)
         t += attention_for(rates, spec, req, phase, gpu_layers, True)
         t += attention_for(rates, spec, req, phase, spec.num_layers - gpu_layers, False)
@@ -152,7 +155,11 @@ def cpu_only_prediction(phase_rates: cm.PhaseRates, spec, req) -> dict:
         rates = phase_rates[phase]
         t = sum(
             cm.cpu_time(
-                rates, lin.out_features, lin.in_features, tokens_for(lin.role, req, phase), concurrent=False
+                phase_rates.of_linear(phase, lin.quant),
+                lin.out_features,
+                lin.in_features,
+                tokens_for(lin.role, req, phase),
+                concurrent=False,
             )
             for lin in spec.linears
         )
@@ -164,11 +171,19 @@ def cpu_only_prediction(phase_rates: cm.PhaseRates, spec, req) -> dict:
     return figures(req, out["prefill"], out["decode"], 0)
 
 
-def bounds(rates: cm.PhaseRates, w_gpu: int, w_host: int, decode_s: float, cpu_plan: bool = False) -> dict:
+def bounds(
+    rates: cm.PhaseRates,
+    w_gpu: int,
+    w_host: int,
+    decode_s: float,
+    cpu_plan: bool = False,
+    quant: str | None = None,
+) -> dict:
     """docs/method.md §11: per-token time >= W_gpu / B_hbm + W_host / X (solo rates, the
-    decode format's CPU rate)."""
+    decode format's CPU rate; a quantized model's: its format's, bytes as stored)."""
+    cpu_rates = rates.of_linear("decode", quant)
     rates = rates.decode
-    b_cpu = rates.cpu_params_per_s * rates.weight_bytes  # in weight-dtype bytes
+    b_cpu = cpu_rates.cpu_params_per_s * cpu_rates.weight_bytes  # in held bytes
     b_dram = rates.dram_bytes_per_s
     result = {
         "w_gpu_bytes": w_gpu,

@@ -7,7 +7,10 @@ and returns `costmodel.Rates` plus notes on fallbacks (docs/plan.md, "The cost m
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+from hetegen_cli.core import quant
+from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.errors import ProfileError
 from hetegen_cli.plan import costmodel as cm
 
@@ -124,13 +127,55 @@ def cpu_formats(profile: dict) -> list[str]:
     return list(dict.fromkeys(m["dtype"] for m in cpu["gemv"] if m["dtype"] in gemm))
 
 
+def quant_rates(profile: dict, base: cm.Rates, fmt: str, group_size: int) -> tuple[cm.Rates, list[str]]:
+    """The rates of linears stored as `fmt` (core.quant): `base` (a float format's) with the
+    CPU GEMV fitted on the profile's quantized GEMVs (t = call + stored bytes / B, stored bytes
+    = q + scales), the stored bytes per parameter on the host and over PCIe, and the GPU's
+    dequantization traffic (it writes the share in the weights dtype and reads it again).
+    The kernels' prefill FLOP rate is not measured: the base format's GEMM rate stands in."""
+    notes = []
+    entries = [m for m in profile["cpu"].get("quant_gemv") or [] if m["format"] == fmt]
+    per_param = quant.weight_bytes(fmt, 1, 4096, group_size) / 4096  # int8: 1 + 2/in at in=4096
+    if not entries:
+        raise _profile_error(
+            f"the profile has no {fmt} CPU GEMV measurements (profiles before quantized weights)",
+            "re-run `hetegen profile` to plan a quantized model",
+        )
+    threads = int(profile["cpu"]["threads"])
+    entries = [m for m in entries if m["threads"] == threads] or entries
+    call_s, bw = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in entries])
+    ratio = base.cpu_bytes_per_s_concurrent / base.cpu_bytes_per_s if base.cpu_bytes_per_s else 1.0
+    notes.append(
+        f"{fmt} linears: the CPU share runs torch's packed {fmt} kernel "
+        f"({bw / per_param / 1e9:.2f} Gparam/s fitted); prefill uses the {base.cpu_dtype} GEMM FLOP rate"
+    )
+    return replace(
+        base,
+        cpu_dtype=fmt,
+        cpu_call_s=call_s,
+        cpu_bytes_per_s=bw,
+        cpu_bytes_per_s_concurrent=bw * ratio,
+        weight_bytes_per_param=per_param,
+        gpu_dequant_bytes_per_param=2.0 * itemsize(base.weights_dtype) if base.has_gpu else 0.0,
+    ), notes
+
+
 def phase_rates_from_profile(
-    profile: dict, weights_dtype: str, cpu_dtypes: tuple[str, str], prefill_tokens: int
+    profile: dict,
+    weights_dtype: str,
+    cpu_dtypes: tuple[str, str],
+    prefill_tokens: int,
+    quant_format: tuple[str, int] | None = None,
 ) -> tuple[cm.PhaseRates, list[str]]:
-    """PhaseRates with the CPU share in cpu_dtypes = (prefill, decode); notes on fallbacks."""
+    """PhaseRates with the CPU share in cpu_dtypes = (prefill, decode), and the rates of a
+    quantized model's linears (`quant_format` = (format, group size)); notes on fallbacks."""
     notes: list[str] = []
     fitted: dict[str, cm.Rates] = {}
     for dtype in dict.fromkeys(cpu_dtypes):
         fitted[dtype], more = rates_from_profile(profile, weights_dtype, dtype, prefill_tokens)
         notes += [n for n in more if n not in notes]
-    return cm.PhaseRates(fitted[cpu_dtypes[0]], fitted[cpu_dtypes[1]]), notes
+    by_format = {}
+    if quant_format is not None:
+        by_format[quant_format[0]], more = quant_rates(profile, fitted[cpu_dtypes[1]], *quant_format)
+        notes += more
+    return cm.PhaseRates(fitted[cpu_dtypes[0]], fitted[cpu_dtypes[1]], by_format), notes

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hetegen_cli.models.spec import LinearSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.document import round_rows
+from hetegen_cli.plan.memory import linear_rows_bytes
 from hetegen_cli.plan.predictions import tokens_for
 from hetegen_cli.plan.request import PlanRequest
 
@@ -27,12 +28,8 @@ class Candidate:
 
     @property
     def stream_bytes(self) -> int:
-        """Largest GPU share that crosses PCIe in any phase."""
-        return (
-            (self.spec.out_features - min(self.rows_prefill, self.rows_decode))
-            * self.spec.in_features
-            * self.spec.dtype_bytes
-        )
+        """Largest GPU share that crosses PCIe in any phase (bytes as held: plan.memory)."""
+        return linear_rows_bytes(self.spec, self.spec.out_features - min(self.rows_prefill, self.rows_decode))
 
 
 def candidate(phase_rates: cm.PhaseRates, lin: LinearSpec, req: PlanRequest) -> Candidate:
@@ -40,7 +37,7 @@ def candidate(phase_rates: cm.PhaseRates, lin: LinearSpec, req: PlanRequest) -> 
     priority g (s/B)."""
     rows = {}
     for phase in ("prefill", "decode"):
-        rates = phase_rates[phase]
+        rates = phase_rates.of_linear(phase, lin.quant)
         f = cm.balanced_fraction(rates, lin.out_features, lin.in_features, tokens_for(lin.role, req, phase))
         rows[phase] = round_rows(f, lin.out_features)
         if phase == "decode":  # T_cpu at the balanced split = the split step time

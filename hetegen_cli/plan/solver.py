@@ -24,7 +24,7 @@ from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings, model_identity
 from hetegen_cli.plan.formats import Tried, candidate_pairs, pick
-from hetegen_cli.plan.memory import default_gpu_budget, host_memory, workspace_bytes
+from hetegen_cli.plan.memory import default_gpu_budget, dequant_bytes, host_memory, workspace_bytes
 from hetegen_cli.plan.predictions import (
     bounds,
     cpu_only_prediction,
@@ -50,7 +50,10 @@ def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity
     tried: list[Tried] = []
     errors: dict[tuple[str, str], PlanError] = {}
     for pair in candidate_pairs(measured, forced):
-        rates, notes = phase_rates_from_profile(profile, spec.dtype, pair, req.batch_size * req.prompt_len)
+        quant = next(iter(spec.quant_map().values()), None)
+        rates, notes = phase_rates_from_profile(
+            profile, spec.dtype, pair, req.batch_size * req.prompt_len, quant
+        )
         try:
             plan = solve(
                 spec,
@@ -202,6 +205,8 @@ def solve(
         "kv_cache_bytes": spec.kv_cache_bytes(ctx, req.batch_size),
         "workspace_bytes": workspace_bytes(spec, req),
     }
+    if spec.quant is not None:
+        gpu_mem["dequant_bytes"] = dequant_bytes(spec)
     base = sum(gpu_mem.values())
     one_buffer = staging_bytes(items, set())
     minimum = base + one_buffer
@@ -237,7 +242,7 @@ def solve(
     gpu_mem["total_bytes"] = sum(gpu_mem.values())
     assert gpu_mem["total_bytes"] <= budget, (gpu_mem, budget)
 
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes)
+    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, quant=spec.quant_map())
     _check_host(host, cpu_budget, cpu_source, rates)
     split = [p for p in placements if not p.resident]
     if not split:
@@ -267,7 +272,8 @@ def solve(
         for k, p in enumerate(placements)
     )
     w_gpu = gpu_mem["resident_linear_bytes"] + (spec.lm_head.weight_bytes if head_on_gpu else 0)
-    w_host = sum(p.out_features * p.in_features * rates.weight_bytes for p in split)
+    held = {lin.name: lin.weight_bytes for lin in lins}
+    w_host = sum(held[p.name] for p in split)
     predictions = {
         "hetegen": figures(req, totals["prefill"], totals["decode"], gpu_mem["total_bytes"]),
         "offload": offload_prediction(
@@ -296,7 +302,7 @@ def solve(
         runtime,
         estimates,
         predictions,
-        bounds(rates, w_gpu, w_host, totals["decode"]),
+        bounds(rates, w_gpu, w_host, totals["decode"], quant=spec.quant),
         budget={
             "gpu_budget_bytes": budget,
             "gpu_budget_source": source,
@@ -386,13 +392,13 @@ def _all_cpu_plan(
     )
     ctx = req.prompt_len + req.max_new_tokens
     other = spec.fixed_bytes + spec.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(spec, req)
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, other)
+    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, other, quant=spec.quant_map())
     _check_host(host, cpu_budget, cpu_source, rates)
     estimates, cpu_pred = [], cpu_only_prediction(rates, spec, req)
     for lin in lins:
         times = [
             cm.split_times(
-                rates[ph],
+                rates.of_linear(ph, lin.quant),
                 lin.out_features,
                 lin.in_features,
                 lin.out_features,
@@ -437,7 +443,7 @@ def _all_cpu_plan(
         runtime,
         tuple(estimates),
         {"hetegen": dict(cpu_pred), "offload": None, "layer_split": None, "cpu_only": cpu_pred},
-        bounds(rates, 0, w_host, cpu_pred["decode_s_per_token"], cpu_plan=True),
+        bounds(rates, 0, w_host, cpu_pred["decode_s_per_token"], cpu_plan=True, quant=spec.quant),
         budget={
             "gpu_budget_bytes": gpu_budget,
             "gpu_budget_source": "none",

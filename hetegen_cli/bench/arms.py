@@ -99,10 +99,13 @@ def skip_reason(ctx: ArmContext) -> str | None:
         if not llama_cpp_available():
             reasons.append(LLAMA_MISSING)
         elif ctx.gguf is None:
-            reasons.append("llama.cpp runs GGUF files: pass --model FILE.gguf (or use the default model)")
+            reasons.append(
+                "llama.cpp runs GGUF files: pass --model FILE.gguf (or use the default model), "
+                "or --synthetic PRESET --synthetic-format gguf-q4_0"
+            )
     if reasons:
         return "; ".join(reasons)
-    if ctx.spec.quant is not None and arm in ("hetegen", *GPU_ARMS):
+    if ctx.spec.quant is not None and arm in ("accelerate", "gpu"):
         return (
             f"the model is quantized ({ctx.spec.quant}); this arm runs floating-point weights (--quant none)"
         )
@@ -317,7 +320,7 @@ def build_llama_cpp(ctx: ArmContext) -> LoadedModel:
     if ctx.has_cuda and llama_cpp.llama_supports_gpu_offload() and ctx.plan is not None:
         gpu_layers = layer_split_layers(ctx) if (ctx.plan.predictions or {}).get("layer_split") else 0
     config = AutoConfig.from_pretrained(str(ctx.ref.path), local_files_only=True, trust_remote_code=False)
-    # llama.cpp pads its context to a multiple of 256; a shorter n_ctx gave all-zero logits
+    # llama.cpp pads its context to a multiple of 256 (at least 512 here)
     need = ctx.workload["prompt_len"] + ctx.workload["max_new_tokens"] + 16
     n_ctx = max(512, -(-need // 256) * 256)
     return load_llama_cpp(ctx.gguf, config, ctx.threads, n_ctx, gpu_layers)

@@ -136,14 +136,17 @@ def quant_rates(profile: dict, base: cm.Rates, fmt: str, group_size: int) -> tup
     notes = []
     entries = [m for m in profile["cpu"].get("quant_gemv") or [] if m["format"] == fmt]
     per_param = quant.weight_bytes(fmt, 1, 4096, group_size) / 4096  # int8: 1 + 2/in at in=4096
-    if not entries:
-        raise _profile_error(
-            f"the profile has no {fmt} CPU GEMV measurements (profiles before quantized weights)",
-            "re-run `hetegen profile` to plan a quantized model",
-        )
     threads = int(profile["cpu"]["threads"])
     entries = [m for m in entries if m["threads"] == threads] or entries
-    call_s, bw = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in entries])
+    if entries:
+        call_s, bw = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in entries])
+    else:  # a profile from before quantized weights
+        call_s, bw = base.cpu_call_s, base.cpu_bytes_per_s
+        notes.append(
+            f"the profile has no {fmt} CPU GEMV measurements: {fmt} linears assumed to read their "
+            f"stored bytes at the {base.cpu_dtype} GEMV's byte rate; re-run `hetegen profile` to "
+            "measure it"
+        )
     ratio = base.cpu_bytes_per_s_concurrent / base.cpu_bytes_per_s if base.cpu_bytes_per_s else 1.0
     notes.append(
         f"{fmt} linears: the CPU share runs torch's packed {fmt} kernel "

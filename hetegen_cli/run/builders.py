@@ -13,6 +13,9 @@ Rules, in order:
   the engine with the model in the prefill format and decode's linears in the decode format.
   Without a profile, with --dtype, or when the choice is float32 in both phases, the plain
   model runs in the --dtype (float32 for auto).
+- a quantized model (--quant, or stored so) follows the same rules, except that without a
+  plan on the CPU it runs plainly on its packed kernels, and on a GPU it always goes through
+  the engine (planned on the fly when no plan is given; resident linears stay quantized).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import note, warn
 from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_backend
-from hetegen_cli.core.errors import DeviceError, HetegenError, UsageError
+from hetegen_cli.core.errors import DeviceError, HetegenError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from hetegen_cli.models.source import ModelRef, resolve_model
@@ -38,23 +41,17 @@ from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, Run
 
 def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple[Backend, str, bool]:
     """(backend, dtype, fits): --device auto uses the GPU plainly only when the whole model fits
-    in free memory; otherwise the heterogeneous engine runs it (choose_builder). Quantized
-    weights run on the CPU (their packed kernels are CPU kernels)."""
+    in free memory; otherwise the heterogeneous engine runs it (choose_builder). A quantized
+    model on a GPU always goes through the engine (its resident linears stay quantized there)."""
     kind = options.device
-    if ref.spec.quant is not None:
-        if kind == "cuda":
-            raise DeviceError(
-                f"{ref.name} is quantized ({ref.spec.quant}); quantized weights run on the CPU in "
-                "this version",
-                "drop --device cuda, or pass --quant none to run the floating-point model on the GPU",
-            )
-        return CpuBackend(), ref.spec.dtype, False
     if kind == "auto" and not cuda_available():
         kind = "cpu"
     try:
         backend = get_backend("cuda" if kind in ("auto", "cuda") else "cpu")
     except DeviceError as exc:
         raise DeviceError(exc.message, "run without --device cuda (or with --device cpu)") from exc
+    if ref.spec.quant is not None:  # stored quantized: its float parts in the stored dtype
+        return backend, ref.spec.dtype, False
     dtype = resolve_dtype(options.dtype, ref.spec.dtype, "cuda" if backend.is_cuda else "cpu")
     if not backend.is_cuda:
         return backend, dtype, False
@@ -69,28 +66,17 @@ def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple
 
 def resolve_checked(options: RunOptions, engine: EngineOptions) -> tuple[Plan | None, ModelRef, Any]:
     """(plan, model, tokenizer) after every check that needs no weights, cheapest first: the
-    plan file, the plan against this machine, the model's files and headers, a quantized model
-    asked to run through the engine, the plan against the model. Shared by run, serve, eval."""
+    plan file, the plan against this machine, the model's files and headers, the plan against
+    the model (its shapes, dtype and quantization). Shared by run, serve, eval."""
     plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
     if plan is not None:
         check_plan_device(plan, options.device, str(engine.plan_path))
     ref = resolve_model(options.model, need_weights=True, quant=options.quant)
     for message in ref.warnings:
         warn(message)
-    check_quant_without_engine(ref, plan is not None or engine.gpu_budget_bytes is not None)
     if plan is not None:
         check_plan_matches(plan, ref.spec)
     return plan, ref, load_tokenizer(ref.path)
-
-
-def check_quant_without_engine(ref: ModelRef, engine_asked: bool) -> None:
-    """UsageError when a quantized model meets --plan or --gpu-memory (checked early)."""
-    if ref.spec.quant is not None and engine_asked:
-        raise UsageError(
-            f"{ref.name} is quantized ({ref.spec.quant}); the engine runs floating-point weights "
-            "in this version",
-            "drop --plan / --gpu-memory to run it on the CPU, or pass --quant none",
-        )
 
 
 def build_quantized_model(ctx: RunContext) -> LoadedModel:
@@ -194,8 +180,6 @@ def check_plan_device(plan: Plan, device: str, origin: str) -> None:
 def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
     """The engine's ModelBuilder, or None for the plain model. Validates the plan first."""
     device = ctx.options.device
-    if ctx.ref.spec.quant is not None:  # resolve_checked refused --plan / --gpu-memory for it
-        return build_quantized_model
     if ctx.plan is not None:
         plan = ctx.plan
         check_plan_device(plan, device, str(engine.plan_path))
@@ -212,6 +196,8 @@ def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | Non
                 "--gpu-memory needs a CUDA GPU and this machine has none",
                 "drop --gpu-memory (the model then runs on the CPU)",
             )
+        if ctx.ref.spec.quant is not None:  # packed CPU kernels for every quantized linear
+            return build_quantized_model
         return _cpu_formats_builder(ctx, engine)
     if engine.gpu_budget_bytes is None and ctx.fits_on_gpu:
         return None  # the whole model fits: plain GPU inference

@@ -17,7 +17,7 @@ from hetegen_cli.plan.document import RuntimeSettings, save_plan
 from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.run import builders
-from tests.helpers import assert_error, transformers_greedy
+from tests.helpers import assert_error, cli, transformers_greedy
 
 runner = CliRunner()
 PROMPT = "The capital of France is"
@@ -435,6 +435,57 @@ def test_a_model_too_big_for_the_gpu_goes_through_the_engine(device, tiny_llama_
     assert len(syncs) >= 2 * 6  # a synchronised clock read around prefill and every decode step
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_quantized_plan_runs_through_the_engine(fmt, tiny_llama_dir, hetegen_home, tmp_path, monkeypatch):
+    """`plan --quant` on a GPU profile, then `run --plan` on the CPU stand-in: the quantized
+    linears split (packed kernel rows on the CPU, stored parts streamed and dequantized), and
+    with CUDA (faked) `--gpu-memory` plans the quantized model on the fly. Greedy tokens equal
+    the plain quantized model's on this prompt."""
+    from hetegen_cli.core.devices import CpuBackend
+    from hetegen_cli.profile.document import save_profile
+    from tests.fakes import GB, make_profile
+
+    profile = tmp_path / "gpu-profile.json"
+    save_profile(make_profile(gpu=True, quant_bw={"int8": 20 * GB, "int4": 20 * GB}), profile)
+    base = ("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", fmt)
+    plain = _run(*base)
+    assert plain.exit_code == 0, plain.stderr
+    expected = json.loads(plain.stdout)["token_ids"]
+    plan_path = tmp_path / "q.json"
+    made = cli(
+        "plan",
+        "--model",
+        str(tiny_llama_dir),
+        "--quant",
+        fmt,
+        "--profile",
+        str(profile),
+        "--gpu-memory",
+        "120KiB",
+        "--reserve",
+        "0",
+        "--prompt-len",
+        "16",
+        "--max-new-tokens",
+        "8",
+        "-o",
+        str(plan_path),
+    )
+    assert made.exit_code == 0, made.stderr
+    doc = json.loads(plan_path.read_text())
+    assert doc["model"]["quant"] == ("int8" if fmt == "int8" else "int4-g32")
+    assert any(0 < lin["cpu_fraction_decode"] < 1 for lin in doc["linears"])  # really split
+    result = _run(*base, "--plan", str(plan_path), "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["engine"] == "hetegen" and out["token_ids"] == expected
+    monkeypatch.setattr(builders, "cuda_available", lambda: True)
+    monkeypatch.setattr(builders, "get_backend", lambda kind="auto": CpuBackend())
+    fly = _run(*base, "--gpu-memory", "3GiB", "--profile", str(profile))  # all resident, quantized
+    assert fly.exit_code == 0, fly.stderr
+    assert json.loads(fly.stdout)["token_ids"] == expected
+
+
 def test_quant_int4_runs_a_quantized_copy_on_the_cpu(tiny_llama_dir, hetegen_home, tmp_path):
     result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")
     assert result.exit_code == 0, result.stderr
@@ -443,8 +494,11 @@ def test_quant_int4_runs_a_quantized_copy_on_the_cpu(tiny_llama_dir, hetegen_hom
     again = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")
     assert again.exit_code == 0 and "Quantizing" not in again.stderr  # made once, then reused
     assert json.loads(again.stdout)["token_ids"] == doc["token_ids"]
-    plan = _split_plan(tiny_llama_dir, tmp_path, requires_gpu=False)
+    plan = _split_plan(tiny_llama_dir, tmp_path, requires_gpu=False)  # made for the float model
     refused = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "--quant", "int4", "--plan", str(plan))
-    assert refused.exit_code == 2 and "engine runs floating-point weights" in refused.stderr
+    assert (
+        refused.exit_code == 1 and "in floating point" in refused.stderr and "--quant int4" in refused.stderr
+    )
+    assert "Traceback" not in refused.stderr
     bad = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "--quant", "int3")
     assert bad.exit_code == 2 and "Traceback" not in bad.stderr

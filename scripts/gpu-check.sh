@@ -11,14 +11,17 @@
 #   gpu-check.json      the summary (scripts/gpu_check_summary.py): one row per (budget, arm)
 #   gpu-check.tar.gz    every step's stdout, stderr and documents (bench JSON is rewritten
 #                       after every arm, so a step cut short still leaves its rows)
-# Steps, each under its own limit, about 7 minutes in all on a 16-core H200 machine:
+# Steps, each under its own limit, at most TOTAL_S (540 s) in all:
 #   1. the CUDA-marked tests                                   (limit 120 s)
 #   2. hetegen profile --quick (the later steps plan from it)  (limit 90 s)
 #   3. smoke: a synthetic opt-125m at a budget that splits most linears; greedy tokens of the
 #      engine against the plain model on the GPU                (limit 90 s)
 #   4. hetegen, offload, layer split, Accelerate and all-GPU at one budget on a synthetic
 #      OPT-6.7B fp16 (no CPU-only arms: they would load 13-27 GB more)  (limit 200 s)
-#   5. the budget sweep with the time left (hetegen, offload, layer split)
+#   5. the same budget with the model quantized to int4 (issue 11: stored parts streamed and
+#      dequantized on the GPU, resident linears quantized): hetegen, offload, layer split
+#      (limit 170 s: the int4 copy of the synthetic model is made first)
+#   6. the budget sweep with the time left (hetegen, offload, layer split)
 # Dry run on a CPU machine: HETEGEN_CHECK_PRESET=opt-125m bash scripts/gpu-check.sh out/dry
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +32,7 @@ BUDGETS="${HETEGEN_CHECK_BUDGETS:-4GiB,8GiB,16GiB}"
 PROMPT_LEN="${HETEGEN_CHECK_PROMPT_LEN:-64}"
 NEW_TOKENS="${HETEGEN_CHECK_NEW_TOKENS:-16}"
 REPEAT="${HETEGEN_CHECK_REPEAT:-2}"
-TOTAL_S="${HETEGEN_CHECK_TOTAL_S:-420}"
+TOTAL_S="${HETEGEN_CHECK_TOTAL_S:-540}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
@@ -98,6 +101,15 @@ step arms "$(( $(left) < 200 ? $(left) : 200 ))" "$PY" -m hetegen_cli bench --sy
   --prompt-len "$PROMPT_LEN" --max-new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --warmup 1 \
   --output "$WORK/arms.json"
 tail -n 25 "$WORK/arms.stdout" >> "$LOG"
+
+if [ "$(left)" -gt 60 ]; then
+  step quant "$(( $(left) < 170 ? $(left) : 170 ))" "$PY" -m hetegen_cli bench --synthetic "$PRESET" \
+    --quant int4 --gpu-memory "$BUDGET" --arms hetegen,offload,layer-split --prompt-len "$PROMPT_LEN" \
+    --max-new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --warmup 1 --output "$WORK/quant.json"
+  tail -n 25 "$WORK/quant.stdout" >> "$LOG"
+else
+  log "step quant: skipped, $(left)s left"
+fi
 
 if [ "$(left)" -gt 45 ]; then
   step sweep "$(left)" "$PY" -m hetegen_cli bench --synthetic "$PRESET" --dtype float16 \

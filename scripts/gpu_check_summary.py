@@ -98,6 +98,11 @@ def main(work_dir: str) -> int:
             "complete": (_read(work / "arms.json") or {}).get("complete"),
             "rows": arm_rows(_read(work / "arms.json")),
         },
+        "quant": {
+            **_step(work, "quant"),
+            "complete": (_read(work / "quant.json") or {}).get("complete"),
+            "rows": arm_rows(_read(work / "quant.json")),
+        },
         "sweep": {
             **_step(work, "sweep"),
             "complete": (_read(work / "sweep.json") or {}).get("complete"),

@@ -135,6 +135,8 @@ def load_hetero_model(
     load_generation_config(model, folder)
     cpu_rows = any(p.max_cpu_rows for p in split)
     compute = runtime.compute_label if cpu_rows else runtime.weights_dtype
+    if quant:  # e.g. int4+bfloat16: the quantized linears' format first
+        compute = f"{ref.spec.quant}+{compute}"
     return LoadedModel(
         model=model,
         device=str(backend.device),
@@ -142,7 +144,12 @@ def load_hetero_model(
         load_s=time.perf_counter() - start,
         engine="hetegen",
         sync=backend.synchronize,
-        info={"folder": str(folder), "backend": backend.name, "cpu_threads": runtime.cpu_threads},
+        info={
+            "folder": str(folder),
+            "backend": backend.name,
+            "cpu_threads": runtime.cpu_threads,
+            "quant": ref.spec.quant_label,
+        },
         memory=_memory_report(model, context),
         counters=context.stats,
         on_close=context.close,

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import build_tiny_llama, build_tiny_opt
+from tests.tiny_models import (
+    TINY_GGUF_CONFIG,
+    TINY_GGUF_SEED,
+    TINY_GGUF_STD,
+    build_tiny_llama,
+    build_tiny_opt,
+    gguf_stored_values,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,3 +78,33 @@ def tiny_copy(tiny_llama_dir, tmp_path) -> Path:
 def tiny_dir(request, tiny_opt_dir, tiny_llama_dir) -> Path:
     """Each tiny model in turn."""
     return tiny_opt_dir if request.param == "opt" else tiny_llama_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(path, hetegen's int4 ModelRef of it, the values it holds by transformers name): a
+    tiny synthetic Q4_0 GGUF (tests.tiny_models.TINY_GGUF_CONFIG), written and converted once
+    (the conversion under `path.parent / "home"`). Skips without the default model's GGUF,
+    whose tokenizer it copies."""
+    from hetegen_cli.core.errors import ModelError
+    from hetegen_cli.models.gguf import default_gguf_path
+    from hetegen_cli.models.gguf_write import write_llama_gguf
+    from hetegen_cli.models.source import resolve_model
+
+    try:
+        tokenizer = default_gguf_path()
+    except ModelError as exc:
+        pytest.skip(f"the tokenizer comes from the default model's GGUF: {exc.message}")
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    path = write_llama_gguf(
+        TINY_GGUF_CONFIG,
+        root / f"synthetic-tiny-gguf-q4_0-seed{TINY_GGUF_SEED}.gguf",  # as bench names it
+        "Q4_0",
+        seed=TINY_GGUF_SEED,
+        std=TINY_GGUF_STD,
+        tokenizer_gguf=tokenizer,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HETEGEN_HOME", str(root / "home"))  # its conversion, with it
+        ref = resolve_model(str(path), need_weights=True, quant="auto")
+    return path, ref, gguf_stored_values(TINY_GGUF_CONFIG, "Q4_0", TINY_GGUF_SEED, TINY_GGUF_STD)

@@ -92,3 +92,64 @@ def build_tiny_llama(
     if tokenizer:
         build_tokenizer(folder)
     return folder
+
+
+# --- a tiny synthetic GGUF (models.gguf_write) --------------------------------------------
+
+#: hidden 64, 2 layers, 4 heads / 2 KV heads (GQA: k rows are permuted by the KV heads),
+#: intermediate 128, tied head, SmolLM2's vocabulary: the tokenizer is copied from the
+#: default model's GGUF, so its 49,152 tokens must be the model's
+TINY_GGUF_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 256,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+#: matrices ~ N(0, 0.1), not the default 0.02: attention far from uniform and clear greedy
+#: choices, so a wrong q/k row order or a wrong rotary base changes the logits
+TINY_GGUF_STD = 0.1
+TINY_GGUF_SEED = 3
+
+
+def gguf_stored_values(config: dict, qtype: str, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """The values a synthetic GGUF holds, in transformers' layout and float32, computed apart
+    from the file: the writer's float weights through gguf's own quantize and dequantize
+    (embedding and a separate head Q8_0, the other matrices `qtype`, norms as they are)."""
+    from gguf import GGMLQuantizationType, quants
+
+    from hetegen_cli.models.gguf_write import synthetic_weights
+
+    out = {}
+    for name, w in synthetic_weights(config, seed, std):
+        if w.dim() == 2:
+            head = "embed_tokens" in name or name == "lm_head.weight"
+            kind = GGMLQuantizationType["Q8_0" if head else qtype]
+            w = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), kind), kind))
+        out[name] = w
+    return out
+
+
+def llama_from_values(config: dict, values: dict[str, torch.Tensor]):
+    """transformers' LlamaForCausalLM in float32 holding `values` (a tied head follows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    skip = ("architectures", "model_type", "torch_dtype")
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k not in skip})).eval()
+    missing, unexpected = model.load_state_dict(values, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    model.tie_weights()
+    return model

@@ -63,8 +63,20 @@ class LlamaCppModel(nn.Module):
             self.llm.reset()
             self._cache = cache  # held, so a later cache can never be mistaken for it
         self.llm.eval([int(t) for t in input_ids[0].tolist()])
-        logits = torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1].copy())  # [V]
-        return _Output(logits.view(1, 1, -1))
+        return _Output(last_logits(self.llm).view(1, 1, -1))
+
+
+def last_logits(llm: Any) -> torch.Tensor:
+    """float32 [V]: llama.cpp's logits of the last evaluated token, copied out of its context.
+
+    Read from the context, not from `Llama.scores`: llama-cpp-python 0.3.36 fills `scores`
+    only with `logits_all=True` (it stayed all zeros here, and every greedy token was 0).
+    """
+    import llama_cpp
+    import numpy as np
+
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy())
 
 
 def load_llama_cpp(gguf: Path, config: Any, threads: int, n_ctx: int, gpu_layers: int = 0) -> LoadedModel:

@@ -18,6 +18,12 @@ from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.quant import check_quant
 from hetegen_cli.models import presets
+from hetegen_cli.models.gguf_write import (
+    GGUF_FORMATS,
+    build_synthetic_gguf,
+    gguf_preset_error,
+    synthetic_gguf_path,
+)
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import build_synthetic_model
 from hetegen_cli.plan.document import Plan
@@ -28,6 +34,8 @@ from hetegen_cli.run.builders import all_cpu_formats_plan
 
 ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference", "llama.cpp")
 RUN_ORDER = ("reference", "cpu", "hetegen", "llama.cpp", "offload", "accelerate", "layer-split", "gpu")
+#: --synthetic-format values: random float weights, or a GGUF that llama.cpp reads too
+SYNTHETIC_FORMATS = ("safetensors", *GGUF_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class BenchOptions:
 
     model: str | None = None
     synthetic: str | None = None  # preset name: random weights of that shape
+    synthetic_format: str | None = None  # SYNTHETIC_FORMATS; None: see synthetic_gguf_type
     dtype: str | None = None  # weights dtype (default: the model's)
     cpu_dtype: str | None = None  # CPU share dtype(s): "D" or "P,D" (default: chosen per phase)
     quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
@@ -90,6 +99,7 @@ class BenchOptions:
             )
         if self.arms is not None:
             parse_arms(",".join(self.arms))
+        self._check_synthetic_format()
         if any(b < 0 for b in self.gpu_budget_bytes):
             raise UsageError("--gpu-memory has a negative size", "give sizes of zero or more")
         if self.profile is not None and not stat.S_ISREG(
@@ -99,6 +109,42 @@ class BenchOptions:
                 f"profile file {self.profile} does not exist",
                 "create it with `hetegen profile --output PATH`, or drop --profile",
             )
+
+    def _check_synthetic_format(self) -> None:
+        fmt = self.synthetic_format
+        if fmt is not None and fmt not in SYNTHETIC_FORMATS:
+            raise UsageError(
+                f"unknown --synthetic-format {fmt!r}", "use one of " + ", ".join(SYNTHETIC_FORMATS)
+            )
+        if fmt is not None and self.synthetic is None:
+            raise UsageError(
+                "--synthetic-format needs --synthetic", "name a preset with --synthetic, or drop the option"
+            )
+        if self.synthetic is None or self.synthetic_gguf_type() is None:
+            return
+        why = gguf_preset_error(self.synthetic.lower())
+        if why and fmt is not None:
+            raise UsageError(
+                f"--synthetic-format {fmt}: {why}",
+                "use a llama-* or smollm2-* preset, or --synthetic-format safetensors",
+            )
+        if why:
+            raise UsageError(
+                f"the llama.cpp arm runs GGUF files, and {why}",
+                "use a llama-* or smollm2-* preset, or drop llama.cpp from --arms",
+            )
+
+    def synthetic_gguf_type(self) -> str | None:
+        """The GGUF type of the linears when --synthetic is written as GGUF, else None: as
+        --synthetic-format says; without it, when --arms names llama.cpp (Q8_0 for --quant
+        int8, Q4_0 otherwise)."""
+        if self.synthetic is None:
+            return None
+        if self.synthetic_format is not None:
+            return GGUF_FORMATS.get(self.synthetic_format)
+        if self.arms is not None and "llama.cpp" in self.arms:
+            return "Q8_0" if self.quant == "int8" else "Q4_0"
+        return None
 
 
 @dataclass
@@ -148,14 +194,24 @@ def default_arms(has_cuda: bool) -> list[str]:
 
 def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef, dict]:
     """(ModelRef with local weights, model section of the document)."""
-    if o.synthetic:
+    qtype = o.synthetic_gguf_type()
+    if o.synthetic and qtype:
+        preset = o.synthetic.lower()
+        gguf = build_synthetic_gguf(preset, qtype, _synthetic_root(), seed=o.seed, progress=progress)
+        ref = resolve_model(str(gguf), need_weights=True, dtype=o.dtype, quant=o.quant)
+        source = {
+            "kind": "synthetic",
+            "preset": preset,
+            "seed": o.seed,
+            "format": f"gguf-{qtype.lower()}",
+            "gguf": str(gguf),
+        }
+    elif o.synthetic:
         preset = o.synthetic.lower()
         dtype = o.dtype or presets.preset_config(preset).get("torch_dtype", "float16")
-        folder = build_synthetic_model(
-            preset, dtype, paths.models_dir() / "synthetic", seed=o.seed, progress=progress
-        )
+        folder = build_synthetic_model(preset, dtype, _synthetic_root(), seed=o.seed, progress=progress)
         ref = resolve_model(str(folder), need_weights=True, dtype=dtype, quant=o.quant)
-        source = {"kind": "synthetic", "preset": preset, "seed": o.seed}
+        source = {"kind": "synthetic", "preset": preset, "seed": o.seed, "format": "safetensors"}
     else:
         ref = resolve_model(o.model, need_weights=True, dtype=o.dtype, quant=o.quant)
         source = {"kind": ref.kind}
@@ -175,10 +231,16 @@ def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef
     }
 
 
+def _synthetic_root() -> Path:
+    return paths.models_dir() / "synthetic"
+
+
 def source_gguf(o: BenchOptions) -> Path | None:
-    """The GGUF file behind --model (a .gguf path, or the default model's), else None."""
+    """The GGUF file behind the model: a .gguf --model, the default model's, or the
+    synthetic GGUF of --synthetic (once written); else None."""
     if o.synthetic:
-        return None
+        qtype = o.synthetic_gguf_type()
+        return synthetic_gguf_path(o.synthetic.lower(), qtype, o.seed, _synthetic_root()) if qtype else None
     if o.model is None or o.model.lower() == presets.DEFAULT_MODEL:
         from hetegen_cli.models.gguf import default_gguf_path
 

@@ -57,6 +57,14 @@ def register(app: typer.Typer) -> None:
             help="Benchmark a preset's shapes (e.g. opt-6.7b) with random "
             "weights, built once under $HETEGEN_HOME/models/synthetic.",
         ),
+        synthetic_format: str | None = typer.Option(
+            None,
+            "--synthetic-format",
+            help="How --synthetic is written: safetensors (random float weights), or "
+            "gguf-q4_0, gguf-q4_1, gguf-q8_0 (one GGUF file that hetegen and llama.cpp both run; "
+            "LLaMA-family presets). Default: gguf when --arms names llama.cpp (Q8_0 for --quant "
+            "int8, else Q4_0), else safetensors.",
+        ),
         dtype: WeightsDtypeOption = None,
         cpu_dtype: CpuDtypeOption = None,
         quant: QuantOption = QuantChoice.auto,
@@ -74,7 +82,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--arms",
             help="Comma-separated subset of: hetegen, offload, accelerate, "
-            "layer-split, cpu, gpu, reference. Default: all (reference "
+            "layer-split, cpu, gpu, reference, llama.cpp. Default: all (reference "
             "only without CUDA).",
         ),
         gpu_memory: str | None = typer.Option(
@@ -108,6 +116,7 @@ def register(app: typer.Typer) -> None:
         options = BenchOptions(
             model=model_arg(model),
             synthetic=synthetic,
+            synthetic_format=synthetic_format.lower() if synthetic_format else None,
             dtype=dtype,
             cpu_dtype=cpu_dtype_arg(cpu_dtype),
             quant=quant.value,

@@ -82,7 +82,7 @@ class RandomPool:
         return out.view(shape)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], pool: RandomPool) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], pool: RandomPool) -> torch.Tensor:
     """Random values for checkpoint tensor `name` (see RandomPool for the distributions)."""
     if "norm" in name and name.endswith(".weight"):
         return pool.sample("norm", shape)
@@ -170,7 +170,7 @@ def build_synthetic_model(preset: str, dtype: str, root: Path, seed: int = 0, pr
                 tmp / "model.safetensors",
                 shapes,
                 tdtype,
-                lambda name, shape: _random_tensor(name, shape, pool),
+                lambda name, shape: random_tensor(name, shape, pool),
                 (lambda n: progress.advance(task, n)) if progress else None,
             )
             (tmp / _MARKER).write_text("ok\n")

@@ -462,5 +462,6 @@ def test_llama_cpp_arm_runs_the_same_gguf(tmp_path):
     assert llama["info"]["config"]["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert llama["tokens_stable"] and len(llama["tokens"]) == 6  # the state resets between runs
     assert ref["ratios"]["vs_llama_cpp"]["decode_tokens_per_s"] > 0
-    if not llama["token_check"]["tokens_match"]:
-        assert any("llama.cpp computes with its own kernels" in n for n in doc["summary"]["notes"])
+    assert max(abs(v) for v in llama["logits"]["top1_logits"]) > 0  # its logits, not zeros
+    # the same greedy tokens as hetegen's int4, or a divergence at a near tie
+    assert llama["token_check"]["compared_with"] == "reference" and llama["token_check"]["verified"]

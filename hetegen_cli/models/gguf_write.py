@@ -1,0 +1,312 @@
+"""Synthetic LLaMA-family models written as quantized GGUF files that llama.cpp and hetegen
+both read (`bench --synthetic PRESET --synthetic-format gguf-q4_0`).
+
+One file is the model for both sides: llama.cpp runs it as it is; hetegen converts it once
+into its int4/int8 layout (models.gguf_quant: Q4_0/Q4_1 blocks map onto int4 exactly). What
+is written, per tensor (GGUF names, the layout of llama.cpp's `convert_hf_to_gguf.py`):
+
+- the linears (`blk.N.attn_q/k/v/output`, `ffn_gate/up/down`) in the chosen type: Q4_0, Q4_1
+  or Q8_0 (blocks of 32 inputs, `gguf.quants.quantize`);
+- the norms in F32;
+- the token embedding, and a separate `output` head when the preset's head is untied, in
+  Q8_0 (what the default model's GGUF holds; llama-quantize would pick Q6_K for a 2048-wide
+  tied embedding, which `gguf` cannot write);
+- q/k rows permuted as llama.cpp's converter permutes them (hetegen's reader puts them back);
+- `llama.*` hyperparameters from the preset's config, and the tokenizer (`tokenizer.*`)
+  copied from the default model's GGUF (SmolLM2's, 49,152 tokens: the vocabulary must match).
+
+Weights are random from a seed (models.synthetic's RandomPool: matrices ~ N(0, 0.02), norm
+weights ~ 1 + N(0, 0.02)), generated in transformers' layout; `synthetic_weights` yields the
+same values, so a test can build the float model the file quantizes. Written tensor by tensor
+(peak RAM: one float32 tensor and its blocks) into a temporary file renamed at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetegen_cli.core.console import activity, note
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models import presets
+from hetegen_cli.models.synthetic import RandomPool, random_tensor, tensor_shapes
+
+#: --synthetic-format values that write a GGUF -> the GGUF type of the linears
+GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0"}
+#: the GGUF type written for each hetegen format when --quant asks for one
+GGUF_TYPE_FOR_QUANT = {"int4": "Q4_0", "int8": "Q8_0"}
+EMBEDDING_TYPE = "Q8_0"  # token embedding and a separate output head
+GGUF_MODEL_TYPES = ("llama",)  # config model_type values this module writes
+_FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # gguf.LlamaFileType.MOSTLY_*
+_BLOCK = 32  # inputs per block of Q4_0, Q4_1 and Q8_0
+WEIGHT_STD = 0.02  # RandomPool's matrices
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor to write: transformers name and shape [rows, cols] (or [n]), GGUF name and
+    type, and for q/k weights the head count their rows are permuted by."""
+
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: str  # F32, Q4_0, Q4_1, Q8_0
+    permute_heads: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count // block * size
+
+
+def gguf_preset_error(preset: str) -> str | None:
+    """Why `preset` cannot be written as GGUF (its architecture), or None when it can."""
+    model_type = presets.preset_config(preset).get("model_type")
+    if model_type in GGUF_MODEL_TYPES:
+        return None
+    return (
+        f"synthetic GGUF files are written for LLaMA-family presets only "
+        f"({preset} is model_type {model_type!r})"
+    )
+
+
+def llama_gguf_rows(out: int, heads: int) -> torch.Tensor:
+    """transformers -> GGUF row order of a LLaMA q or k weight [out, in] with `heads` heads
+    (convert_hf_to_gguf's `permute`: per head, the two rotary halves interleaved)."""
+    dim = out // heads // 2
+    return torch.arange(out).reshape(heads, 2, dim).transpose(1, 2).reshape(-1)
+
+
+def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
+    """Every tensor of a LLaMA `config` as written with linears in `qtype`, in module order.
+
+    ModelError for another architecture, an unwritable type or shapes the blocks cannot take.
+    """
+    import gguf
+
+    if config.get("model_type") not in GGUF_MODEL_TYPES:
+        raise ModelError(
+            f"synthetic GGUF files are written for LLaMA-family models, not {config.get('model_type')!r}",
+            "use a llama-* or smollm2-* preset",
+        )
+    if qtype not in _FILE_TYPES:
+        raise ModelError(f"cannot write GGUF type {qtype!r}", "use Q4_0, Q4_1 or Q8_0")
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    plan = []
+    for name, shape in tensor_shapes(config):
+        base, _, suffix = name.rpartition(".")
+        mapped = names.get_name(base)
+        if mapped is None or suffix != "weight":
+            raise ModelError(f"no GGUF name for {name}", "synthetic GGUF files hold LLaMA weights only")
+        if len(shape) == 1:
+            kind = "F32"
+        elif base in ("model.embed_tokens", "lm_head"):
+            kind = EMBEDDING_TYPE
+        else:
+            kind = qtype
+        if kind != "F32" and shape[-1] % _BLOCK:
+            raise ModelError(
+                f"{name} has {shape[-1]} inputs, not a multiple of {_BLOCK} ({kind} blocks)",
+                "choose hidden and intermediate sizes that are multiples of 32",
+            )
+        permute = None
+        if name.endswith("self_attn.q_proj.weight"):
+            permute = heads
+        elif name.endswith("self_attn.k_proj.weight"):
+            permute = kv_heads
+        plan.append(GgufTensor(name, f"{mapped}.{suffix}", tuple(shape), kind, permute))
+    return plan
+
+
+def synthetic_weights(
+    config: dict[str, Any], seed: int = 0, std: float = WEIGHT_STD
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, float32 tensor) of every stored tensor, random from `seed`, in
+    module order: the float model that `write_llama_gguf` quantizes. Matrices ~ N(0, std),
+    norm weights ~ 1 + N(0, 0.02)."""
+    pool = RandomPool(torch.Generator().manual_seed(seed), torch.float32)
+    for name, shape in tensor_shapes(config):
+        values = random_tensor(name, shape, pool)
+        yield name, values if len(shape) == 1 or std == WEIGHT_STD else values * (std / WEIGHT_STD)
+
+
+def tokenizer_fields(gguf_path: Path) -> list[tuple[str, Any, Any, Any]]:
+    """(key, value, GGUF value type, array item type) of every `tokenizer.*` key of a GGUF
+    (read once per file version: parsing SmolLM2's 49,152 tokens takes ~2 s)."""
+    stat = Path(gguf_path).stat()
+    return list(_tokenizer_fields(str(gguf_path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, Any, Any, Any], ...]:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(path)
+    fields = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        fields.append((key, field.contents(), vtype, sub))
+    return tuple(fields)
+
+
+def _token_count(fields: list[tuple[str, Any, Any, Any]]) -> int | None:
+    for key, value, _, _ in fields:
+        if key == "tokenizer.ggml.tokens":
+            return len(value)
+    return None
+
+
+def write_llama_gguf(
+    config: dict[str, Any],
+    path: Path,
+    qtype: str = "Q4_0",
+    *,
+    seed: int = 0,
+    std: float = WEIGHT_STD,
+    tokenizer_gguf: Path | None = None,
+    name: str = "synthetic",
+    progress: Any = None,
+) -> Path:
+    """Write a random LLaMA model of `config` as a GGUF file at `path` (see the module
+    docstring), atomically; returns `path`. `std` scales the matrices (tests use larger
+    weights so attention is far from uniform). `tokenizer_gguf` (default: the default model's
+    GGUF) supplies the tokenizer, whose token count must equal `config["vocab_size"]`."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from hetegen_cli.models.gguf import default_gguf_path
+
+    plan = tensor_plan(config, qtype)
+    fields = tokenizer_fields(tokenizer_gguf or default_gguf_path())
+    vocab = int(config["vocab_size"])
+    if _token_count(fields) != vocab:
+        raise ModelError(
+            f"the tokenizer has {_token_count(fields)} tokens, the model's vocabulary {vocab}",
+            "use a preset with the SmolLM2 vocabulary (49152), or pass a tokenizer GGUF that matches",
+        )
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_partials(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(f"hetegen {name}")
+    writer.add_description(
+        f"hetegen synthetic {name}: random weights (seed {seed}, std {std}), not a trained model"
+    )
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_rope_dimension_count(int(config.get("head_dim") or hidden // heads))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(_FILE_TYPES[qtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value, vtype, sub in fields:
+        writer.add_key_value(key, value, vtype, sub)
+    for t in plan:
+        if t.qtype == "F32":
+            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes)
+        else:
+            kind = GGMLQuantizationType[t.qtype]
+            byte_shape = quants.quant_shape_to_byte_shape(t.shape, kind)
+            writer.add_tensor_info(t.gguf_name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=kind)
+    total = sum(t.nbytes for t in plan)
+    task = progress.add_task(f"writing {name} as GGUF {qtype}", total=total) if progress else None
+    try:
+        with activity(f"writing {name} as GGUF"):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t, (hf_name, values) in zip(plan, synthetic_weights(config, seed, std), strict=True):
+                assert hf_name == t.hf_name
+                if t.permute_heads is not None:
+                    values = values[llama_gguf_rows(t.shape[0], t.permute_heads)]
+                array = values.numpy()
+                if t.qtype != "F32":
+                    array = quants.quantize(array, GGMLQuantizationType[t.qtype])
+                writer.write_tensor_data(array)
+                if progress:
+                    progress.advance(task, t.nbytes)
+            writer.flush()
+            os.fsync(writer.fout[0].fileno())
+            writer.close()
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ModelError(
+                f"writing {path} failed: {exc.strerror or exc}",
+                "free disk space or set HETEGEN_HOME to another folder",
+            ) from exc
+        raise
+    return path
+
+
+def _clean_stale_partials(path: Path) -> None:
+    """Remove temporary files of writes into `path` whose process has died."""
+    for partial in path.parent.glob(f".{path.name}.partial-*"):
+        try:
+            os.kill(int(partial.name.rsplit("-", 1)[-1]), 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            continue
+
+
+def synthetic_gguf_path(preset: str, qtype: str, seed: int, root: Path) -> Path:
+    """Where the synthetic GGUF of `preset` with `qtype` linears and `seed` is cached."""
+    return root / f"synthetic-{preset}-{qtype.lower()}-seed{seed}.gguf"
+
+
+def build_synthetic_gguf(preset: str, qtype: str, root: Path, seed: int = 0, progress: Any = None) -> Path:
+    """The synthetic GGUF of `preset` under `root`, written once (reused when present)."""
+    import shutil
+
+    if preset not in presets.PRESETS:
+        raise ModelError(
+            f"unknown preset {preset!r} for --synthetic", "known: " + ", ".join(presets.preset_names())
+        )
+    why = gguf_preset_error(preset)
+    if why:
+        raise ModelError(why, "use a llama-* or smollm2-* preset, or --synthetic-format safetensors")
+    path = synthetic_gguf_path(preset, qtype, seed, root)
+    if path.is_file():
+        return path
+    config = presets.preset_config(preset)
+    total = sum(t.nbytes for t in tensor_plan(config, qtype))
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < total * 1.05:
+        raise ModelError(
+            f"not enough disk for a synthetic {preset} GGUF: needs {format_bytes(total)}, "
+            f"{format_bytes(free)} free under {root}",
+            "set HETEGEN_HOME to a larger disk",
+        )
+    note(f"Writing a synthetic {preset} as GGUF {qtype} ({format_bytes(total)}), once, to {path}")
+    return write_llama_gguf(config, path, qtype, seed=seed, name=preset, progress=progress)

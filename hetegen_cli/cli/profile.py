@@ -37,10 +37,13 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.core import paths
         from hetegen_cli.profile.document import save_profile
         from hetegen_cli.profile.measure import run_profile
+        from hetegen_cli.run.engine_costs import measure_for_profile
 
         path = output_arg(output) or check_output_path(paths.default_profile_path())
         with progress(enabled=not json_) as bar:
-            doc = run_profile(quick=quick, threads=threads, repeat=repeat, progress=bar)
+            doc = run_profile(
+                quick=quick, threads=threads, repeat=repeat, progress=bar, engine_costs=measure_for_profile
+            )
         saved = save_profile(doc, path)
         if json_:
             emit_json(doc)
@@ -174,8 +177,54 @@ def render(doc: dict[str, Any]) -> None:
         console.print(t)
     if gpu is None:
         console.print("GPU: none (no CUDA GPU found)", highlight=False)
-        return
-    _render_gpu(console, gpu)
+    else:
+        _render_gpu(console, gpu)
+    if doc.get("engine"):
+        _render_engine(console, doc["engine"])
+
+
+def _render_engine(console: Any, engine: dict[str, Any]) -> None:
+    """The engine's fixed costs: per device, dtype and family, at the smallest and largest
+    measured prompt and context; and the engine's cost per linear."""
+    t = _table(
+        "Engine fixed costs (tiny models; non-linear work per decoder layer and per step, ms)",
+        "device",
+        "dtype",
+        "family",
+        "prefill layer",
+        "prefill step",
+        "decode layer",
+        "decode step",
+    )
+    for e in engine["entries"]:
+        pre, dec = e["prefill"], e["decode"]
+
+        def span(points: list[dict], key: str) -> str:
+            return f"{points[0][key] * 1e3:.3f} .. {points[-1][key] * 1e3:.3f}"
+
+        t.add_row(
+            e["device"],
+            e["dtype"],
+            e["architecture"],
+            span(pre, "layer_s"),
+            span(pre, "token_s"),
+            span(dec, "layer_s"),
+            span(dec, "token_s"),
+        )
+    pre, dec = engine["entries"][0]["prefill"], engine["entries"][0]["decode"]
+    t.caption = (
+        f"prefill at {pre[0]['tokens']} .. {pre[-1]['tokens']} tokens, decode at context "
+        f"{dec[0]['context']} .. {dec[-1]['context']}; measured in {engine.get('seconds', 0):.1f} s"
+    )
+    console.print(t)
+    rows = [(e, m, v) for e in engine["entries"] for m, v in (e.get("linear_s") or {}).items()]
+    if rows:
+        t = _table(
+            "Engine cost per linear (us, over a plain nn.Linear)", "device", "mode", "prefill", "decode"
+        )
+        for e, mode, v in rows:
+            t.add_row(e["device"], mode, f"{v['prefill'] * 1e6:.1f}", f"{v['decode'] * 1e6:.1f}")
+        console.print(t)
 
 
 def _render_gpu(console: Any, gpu: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ GiB = 1024**3
 #: GPU memory held back for the CUDA context, kernels and allocator fragmentation
 #: (Accelerate's docs advise leaving 1-2 GB); --reserve changes it.
 DEFAULT_RESERVE_BYTES = 1 * GiB
+OBJECTIVES = ("pipeline", "per-linear")
 
 
 def cpu_dtype_pair(text: str | None) -> tuple[str, str] | None:
@@ -44,6 +45,9 @@ class PlanRequest:
     reserve_bytes: int = DEFAULT_RESERVE_BYTES
     staging_buffers: int = 2
     model_arg: str = ""
+    #: "pipeline": per-linear fractions chosen for the whole step (plan.pipeline); "per-linear":
+    #: each split linear balanced alone (costmodel.balanced_fraction), the fallback
+    objective: str = "pipeline"
 
     def __post_init__(self) -> None:
         for value, flag in (
@@ -57,6 +61,10 @@ class PlanRequest:
             if value > 2**24:
                 raise UsageError(f"{flag} is {value}; it must be at most {2**24}", f"pass a smaller {flag}")
         cpu_dtype_pair(self.cpu_dtype)
+        if self.objective not in OBJECTIVES:
+            raise UsageError(
+                f"unknown planner objective {self.objective!r}", f"use one of {', '.join(OBJECTIVES)}"
+            )
         for size, flag in (
             (self.gpu_budget_bytes, "--gpu-memory"),
             (self.cpu_budget_bytes, "--cpu-memory"),

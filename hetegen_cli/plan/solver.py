@@ -22,9 +22,12 @@ from hetegen_cli.core.errors import PlanError, ProfileError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.calibration import profile_overheads
 from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings, model_identity
 from hetegen_cli.plan.formats import Tried, candidate_pairs, pick
 from hetegen_cli.plan.memory import default_gpu_budget, dequant_bytes, host_memory, workspace_bytes
+from hetegen_cli.plan.overheads import Overheads, with_fixed_terms
+from hetegen_cli.plan.pipeline import refine_placements
 from hetegen_cli.plan.predictions import (
     bounds,
     cpu_only_prediction,
@@ -49,6 +52,7 @@ def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity
     plans: dict[tuple[str, str], Plan] = {}
     tried: list[Tried] = []
     errors: dict[tuple[str, str], PlanError] = {}
+    overheads, fixed_notes = profile_overheads(profile, profile_identity)
     for pair in candidate_pairs(measured, forced):
         quant = next(iter(spec.quant_map().values()), None)
         rates, notes = phase_rates_from_profile(
@@ -63,7 +67,8 @@ def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity
                 gpu_total_bytes=total,
                 cpu_available_bytes=available_ram(profile),
                 profile_identity=profile_identity,
-                notes=notes,
+                notes=notes + fixed_notes,
+                overheads=overheads,
             )
         except PlanError as exc:
             errors[pair] = exc
@@ -124,6 +129,8 @@ def _layout(spec, rates, req, items, room: int, buffers: int) -> dict:
         if not (i.spec.name == head and i.spec.name in resident)
     )
     head_on_gpu = spec.tie_word_embeddings or head in resident
+    if req.objective == "pipeline":  # per-linear fractions chosen for the whole step (plan.pipeline)
+        placements = refine_placements(spec, rates, req, placements, buffers, staging_bytes(items, resident))
     times, totals = {}, {}
     for phase in ("prefill", "decode"):
         times[phase], totals[phase] = step_times(rates, spec, req, placements, phase, buffers, head_on_gpu)
@@ -165,9 +172,11 @@ def solve(
     cpu_available_bytes: int | None = None,
     profile_identity: dict | None = None,
     notes: list[str] | tuple = (),
+    overheads: Overheads | None = None,
 ) -> Plan:
     """Solve the plan for `spec` on hardware `rates` (see module docstring); one Rates is
-    used for both phases."""
+    used for both phases. `overheads`: the engine's fixed costs (plan.overheads), added to
+    every strategy's prediction."""
     rates = cm.PhaseRates.of(rates)
     spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
     notes, warnings = list(notes), []
@@ -186,6 +195,7 @@ def solve(
         profile_identity=profile_identity,
         cpu_budget=cpu_budget,
         cpu_source=cpu_source,
+        overheads=overheads,
     )
     if not rates.has_gpu:
         if req.gpu_budget_bytes:
@@ -284,6 +294,8 @@ def solve(
         ),
         "cpu_only": cpu_only_prediction(rates, spec, req),
     }
+    predictions, more = with_fixed_terms(predictions, overheads, spec, req, placements, rates, all_cpu=False)
+    notes += more
     runtime = RuntimeSettings(
         weights_dtype=spec.dtype,
         cpu_dtype_prefill=rates.prefill.cpu_dtype,
@@ -302,7 +314,7 @@ def solve(
         runtime,
         estimates,
         predictions,
-        bounds(rates, w_gpu, w_host, totals["decode"], quant=spec.quant),
+        bounds(rates, w_gpu, w_host, predictions["hetegen"]["decode_s_per_token"], quant=spec.quant),
         budget={
             "gpu_budget_bytes": budget,
             "gpu_budget_source": source,
@@ -373,7 +385,7 @@ def _assemble(
 
 
 def _all_cpu_plan(
-    *, spec, rates, req, profile_identity, cpu_budget, cpu_source, notes, warnings, gpu_budget
+    *, spec, rates, req, profile_identity, cpu_budget, cpu_source, notes, warnings, gpu_budget, overheads
 ) -> Plan:
     """Every linear (and an untied LM head) computed whole on the CPU; no GPU needed."""
     lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
@@ -436,14 +448,17 @@ def _all_cpu_plan(
     w_host = sum(lin.weight_bytes for lin in lins) + (
         spec.lm_head.weight_bytes if spec.tie_word_embeddings else 0
     )
+    predictions = {"hetegen": dict(cpu_pred), "offload": None, "layer_split": None, "cpu_only": cpu_pred}
+    predictions, more = with_fixed_terms(predictions, overheads, spec, req, placements, rates, all_cpu=True)
+    notes = [*notes, *more]
     return _assemble(
         spec,
         req,
         placements,
         runtime,
         tuple(estimates),
-        {"hetegen": dict(cpu_pred), "offload": None, "layer_split": None, "cpu_only": cpu_pred},
-        bounds(rates, 0, w_host, cpu_pred["decode_s_per_token"], cpu_plan=True, quant=spec.quant),
+        predictions,
+        bounds(rates, 0, w_host, predictions["cpu_only"]["decode_s_per_token"], True, spec.quant),
         budget={
             "gpu_budget_bytes": gpu_budget,
             "gpu_budget_source": "none",

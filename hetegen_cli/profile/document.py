@@ -19,7 +19,8 @@ from hetegen_cli.core.jsonio import read_document, write_document
 from hetegen_cli.core.validation import Count, Flag, Index, NonNegative, Positive, Schema, Text, check
 
 PROFILE_KIND = "hetegen.profile"
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2  # 2: the engine's fixed costs (`engine`)
+SUPPORTED_PROFILE_VERSIONS = (1, 2)  # 1 loads without `engine`; plan says so in a note
 PRODUCED_BY = "hetegen profile"
 GPU_SKIPPED_NOTE = "no CUDA GPU: GPU measurements skipped"
 
@@ -56,9 +57,16 @@ def utc_now() -> str:
 
 
 def build_profile(
-    host: dict, cpu: dict, gpu: dict | None, gpu_note: str | None, quick: bool, created_utc: str | None = None
+    host: dict,
+    cpu: dict,
+    gpu: dict | None,
+    gpu_note: str | None,
+    quick: bool,
+    created_utc: str | None = None,
+    engine: dict | None = None,
 ) -> dict[str, Any]:
-    """The profile document, leading with schema_version and kind."""
+    """The profile document, leading with schema_version and kind. `engine`: the engine's
+    fixed costs (run.engine_costs), or None when they were not measured."""
     return {
         "schema_version": PROFILE_SCHEMA_VERSION,
         "kind": PROFILE_KIND,
@@ -69,6 +77,7 @@ def build_profile(
         "cpu": cpu,
         "gpu": gpu,
         "gpu_note": gpu_note,
+        "engine": engine,
     }
 
 
@@ -215,6 +224,51 @@ class Gpu(Schema):
         return self
 
 
+class PrefillPoint(Schema):
+    tokens: Dim
+    layer_s: NonNegative  # non-linear seconds per decoder layer
+    token_s: NonNegative  # seconds per step outside the layers and linears
+
+
+class DecodePoint(Schema):
+    context: Dim
+    layer_s: NonNegative
+    token_s: NonNegative
+
+
+class EngineEntry(Schema):
+    """Fixed costs measured on one device, activation dtype and architecture family."""
+
+    device: Literal["cpu", "cuda"]
+    backend: Text
+    dtype: WeightDtype
+    architecture: Literal["llama", "opt"]
+    threads: Threads
+    sample_s_per_vocab: NonNegative
+    prefill: Annotated[list[PrefillPoint], Field(min_length=1)]
+    decode: Annotated[list[DecodePoint], Field(min_length=1)]
+    #: mode (inline, split, stream) -> phase -> seconds the engine adds per linear
+    linear_s: dict[Literal["inline", "split", "stream"], dict[Literal["prefill", "decode"], NonNegative]] = (
+        Field(default_factory=dict)
+    )
+
+
+class EngineModel(Schema):
+    hidden_size: Dim
+    num_heads: Dim
+    head_dim: Dim
+    kv_width: Dim
+    vocab_size: Dim
+
+
+class EngineCosts(Schema):
+    """The engine's fixed costs (run.engine_costs measures them; plan.overheads fits them)."""
+
+    version: Literal[1]
+    model: EngineModel
+    entries: Annotated[list[EngineEntry], Field(min_length=1)]
+
+
 class Profile(Schema):
     schema_version: StrictInt
     kind: Literal["hetegen.profile"]
@@ -225,6 +279,7 @@ class Profile(Schema):
     cpu: Cpu
     gpu: Gpu | None
     gpu_note: Text | None
+    engine: EngineCosts | None = None  # schema 2; version 1 profiles have none
 
 
 def validate_profile(doc: dict[str, Any], source: str = "profile") -> dict[str, Any]:
@@ -242,7 +297,7 @@ def validate_profile(doc: dict[str, Any], source: str = "profile") -> dict[str, 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
     """Read and validate a saved profile; ProfileError (hint: re-run) on any problem."""
-    doc = read_document(path, PROFILE_KIND, (PROFILE_SCHEMA_VERSION,), ProfileError, PRODUCED_BY)
+    doc = read_document(path, PROFILE_KIND, SUPPORTED_PROFILE_VERSIONS, ProfileError, PRODUCED_BY)
     return validate_profile(doc, str(path))
 
 

@@ -29,6 +29,9 @@ from hetegen_cli.profile.timing import (
     torch_threads,
 )
 
+#: measures the engine's fixed costs: (threads=, quick=, gpu_backend=) -> the `engine` section
+EngineCostsHook = Callable[..., dict[str, Any]]
+
 # --- the whole profile -------------------------------------------------------------------
 
 
@@ -40,6 +43,7 @@ def run_profile(
     timer: Callable[[], float] | None = None,
     sizes: Sizes | None = None,
     gpu_backend: Any = None,
+    engine_costs: EngineCostsHook | None = None,
 ) -> dict[str, Any]:
     """Measure this machine and return the profile document (see profile.document.SCHEMA).
 
@@ -48,6 +52,8 @@ def run_profile(
     measurement (default time.perf_counter; injecting one also replaces CUDA events).
     `sizes`: what to measure (default QUICK or FULL, see sizes_for). `gpu_backend`: measure
     the GPU part on this devices.Backend (tests: the CPU stand-in); default CUDA if present.
+    `engine_costs`: measures the engine's fixed costs (run.engine_costs.measure_for_profile;
+    it lives above this package because it runs the engine); None leaves them out.
     """
     if threads is not None and not 1 <= threads <= 4096:
         raise UsageError(f"--threads must be in [1, 4096], got {threads}", "e.g. --threads 4")
@@ -72,7 +78,12 @@ def run_profile(
             with devices.out_of_memory_as_error("profiling the GPU"):
                 gpu = measure_gpu(sizes, cpu, host, pool, timer, steps, gpu_backend)
             note = None
-    return build_profile(host, cpu, gpu, note, quick)
+    engine = None
+    if engine_costs is not None:
+        with activity("measuring the engine's fixed costs"):
+            gpu_side = gpu_backend or (devices.get_backend("cuda") if has_gpu else None)
+            engine = engine_costs(threads=threads, quick=quick, gpu_backend=gpu_side)
+    return build_profile(host, cpu, gpu, note, quick, engine=engine)
 
 
 def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
@@ -88,10 +99,13 @@ def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
     return n
 
 
-def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_or_measure(
+    path: str | Path | None, progress: Any = None, engine_costs: EngineCostsHook | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(profile document, identity) of `path`, or of this machine's saved profile, which is
     measured (`hetegen profile --quick`) and saved first when missing. Used by plan, run and
-    bench; `progress` (a Rich Progress-like object, or None) shows the measurement."""
+    bench; `progress` (a Rich Progress-like object, or None) shows the measurement;
+    `engine_costs` as in run_profile."""
     if path is None:
         path = paths.default_profile_path()
         if probe(path, "the saved profile") is None:
@@ -101,7 +115,7 @@ def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict
                 f"set {paths.HOME_ENV} to a writable folder, or pass --profile PATH",
             )
             note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile --quick`)")
-            save_profile(run_profile(quick=True, progress=progress), path)
+            save_profile(run_profile(quick=True, progress=progress, engine_costs=engine_costs), path)
             note(f"profile saved to {path}")
     doc = load_profile(path)
     return doc, identity(doc, path)

@@ -64,6 +64,7 @@ def test_decode_split_is_two_thirds_rounded_and_prefill_near_zero():
 
 
 def test_every_split_linear_is_balanced_within_the_rounding():
+    """The per-linear objective (the fallback) balances each split linear on its own."""
     sp = spec("llama-2-7b")
     rates = simple_rates(
         cpu_call_s=30e-6,
@@ -74,7 +75,7 @@ def test_every_split_linear_is_balanced_within_the_rounding():
         cpu_bytes_per_s_concurrent=40 * GB,
         pcie_bytes_per_s_concurrent=22 * GB,
     )
-    plan = solver.solve(sp, rates, request(gpu_budget_bytes=6 * GiB))
+    plan = solver.solve(sp, rates, request(gpu_budget_bytes=6 * GiB, objective="per-linear"))
     checked = 0
     for p, est in zip(plan.placements, plan.estimates, strict=False):
         if p.resident:

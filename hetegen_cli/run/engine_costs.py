@@ -1,0 +1,413 @@
+"""The engine's own fixed costs, measured through the real model and engine (`hetegen profile`).
+
+A bandwidth model knows each linear's bytes; a real step also pays for what is not a linear
+(norms, rotary, residual adds, the KV-cache append and the attention kernel, Python and kernel
+launches) and for the engine itself (the hand-off to the CPU worker, the activation copies,
+the join). These costs are a few percent of a 30B model's step and most of a small model's, so
+the planner needs them measured (docs/profile.md, "Engine costs").
+
+How: tiny synthetic models (hidden 256, 4 heads of 64, FFN 512, vocabulary 2048; one and six
+decoder layers; untied LM head) of each architecture family (llama, opt) are written to a
+temporary folder and loaded as `run` loads them. Per backend (the CPU, and the GPU when
+present) and per activation dtype:
+
+- the stock model's prefill at several prompt lengths and its decode step at two context
+  lengths, minus the same linears called alone (`F.linear`, same shapes, same device): the
+  non-linear time. The 6-layer minus the 1-layer model, over 5, is the time per decoder layer;
+  what is left of the 1-layer model is the time per step outside the layers (embedding, final
+  norm, masks, the generation loop); sampling's cost per vocabulary entry is timed alone;
+- the engine with every linear whole on the CPU (the inline path), split in halves (worker
+  hand-off, join) and wholly streamed, against the stock model: the engine's cost per linear
+  and mode.
+
+Every figure is the fastest of `repeat` samples: on a shared machine noise only adds time. The result is the
+profile's `engine` section (profile.document.EngineCosts); plan.overheads turns it into the
+cost model's fixed terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hetegen_cli.core.devices import Backend, CpuBackend, torch_dtype
+from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.loader import LoadedModel, load_model
+from hetegen_cli.models.source import ModelRef, resolve_model
+from hetegen_cli.models.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
+from hetegen_cli.plan.document import RuntimeSettings
+from hetegen_cli.plan.manual import manual_plan
+from hetegen_cli.profile import measure as profile_measure
+from hetegen_cli.profile.timing import SCALE_ENV
+from hetegen_cli.run.generate import _cache_keyword, new_cache
+
+ENGINE_COSTS_VERSION = 1
+ARCHITECTURES = ("llama", "opt")
+MODES = ("inline", "split", "stream")  # the CPU computes the whole linear / half / none of it
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """The measuring models' shapes (small enough that linears cost little)."""
+
+    hidden: int = 256
+    heads: int = 4
+    intermediate: int = 512
+    vocab: int = 2048
+    layers: tuple[int, int] = (1, 6)
+    max_positions: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class CostSizes:
+    """What to measure: prompt lengths (the prefills, and the contexts of the decode steps
+    after them), decode steps per generation, generations per point (the fastest counts)."""
+
+    prompts: tuple[int, ...] = (16, 128, 512)  # prefill lengths, and decode contexts
+    decode_steps: int = 6
+    repeat: int = 3
+    shape: TinyShape = TinyShape()
+
+
+QUICK_COSTS = CostSizes()
+FULL_COSTS = CostSizes(prompts=(16, 64, 256, 512, 1024), repeat=5)
+#: with HETEGEN_PROFILE_SCALE set (tests): tiny models, short prompts, one sample
+SCALED_COSTS = CostSizes(
+    prompts=(4, 8, 16),
+    decode_steps=2,
+    repeat=1,
+    shape=TinyShape(hidden=32, heads=2, intermediate=64, vocab=64, layers=(1, 2), max_positions=64),
+)
+
+
+def tiny_config(arch: str, shape: TinyShape, layers: int) -> dict[str, Any]:
+    """A transformers config dict of the measuring model (untied LM head)."""
+    common = {
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": shape.heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": shape.max_positions,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    if arch == "opt":
+        return {
+            "model_type": "opt",
+            "architectures": ["OPTForCausalLM"],
+            "ffn_dim": shape.intermediate,
+            "word_embed_proj_dim": shape.hidden,
+            "do_layer_norm_before": True,
+            "activation_function": "relu",
+            "enable_bias": True,
+            "pad_token_id": 1,
+            **common,
+        }
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "intermediate_size": shape.intermediate,
+        "num_key_value_heads": shape.heads,
+        "head_dim": shape.head_dim,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        **common,
+    }
+
+
+def write_tiny_model(folder: Path, arch: str, shape: TinyShape, layers: int) -> ModelRef:
+    """Write a tiny random checkpoint of `arch` into `folder`; its ModelRef (float32)."""
+    config = tiny_config(arch, shape, layers)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    pool = RandomPool(torch.Generator().manual_seed(layers), torch.float32)
+    write_safetensors_streaming(
+        folder / "model.safetensors",
+        tensor_shapes(config),
+        torch.float32,
+        lambda name, s: pool.sample(
+            "norm" if "norm" in name else "bias" if name.endswith("bias") else "weight", s
+        ),
+    )
+    return resolve_model(str(folder), need_weights=True)
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+class _Clock:
+    """perf_counter after synchronising the backend, or an injected timer (tests)."""
+
+    def __init__(self, backend: Backend, timer: Callable[[], float] | None) -> None:
+        self.backend, self.timer = backend, timer
+
+    def __call__(self) -> float:
+        self.backend.synchronize()
+        return self.timer() if self.timer is not None else time.perf_counter()
+
+
+def _generation(model: Any, device: Any, clock: _Clock, prompt: int, steps: int) -> tuple[float, float]:
+    """(prefill seconds, fastest decode-step seconds) of one generation: a forward over
+    `prompt` random tokens, then `steps` one-token forwards, each with argmax sampling."""
+    cache_kw = _cache_keyword(model)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(prompt)
+    ids = torch.randint(3, vocab, (1, prompt), generator=gen).to(device)
+    cache = new_cache(model)
+    start = clock()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    token = int(out.logits[0, -1].argmax().item())
+    prefill = clock() - start
+    times = []
+    for _ in range(steps):
+        start = clock()
+        step = torch.tensor([[token]], dtype=torch.long, device=device)
+        out = model(input_ids=step, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        token = int(out.logits[0, -1].argmax().item())
+        times.append(clock() - start)
+    return prefill, min(times)
+
+
+def _fastest(model: Any, device: Any, clock: _Clock, prompt: int, sizes: CostSizes) -> tuple[float, float]:
+    """The fastest prefill and decode step over `repeat` generations (noise on a shared
+    machine only ever adds time, so the minimum is the machine's own cost)."""
+    runs = [_generation(model, device, clock, prompt, sizes.decode_steps) for _ in range(sizes.repeat)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def _linears_alone(
+    model: Any, device: Any, dtype: torch.dtype, clock: _Clock, tokens: int, repeat: int
+) -> float:
+    """Fastest seconds of every linear of `model` called once with `tokens` tokens, in order,
+    with its own weights (the LM head with one token: logits_to_keep=1)."""
+    head = model.get_output_embeddings()
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    operands = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            n = 1 if m is head else tokens
+            if (n, m.in_features) not in inputs:
+                inputs[n, m.in_features] = torch.randn(1, n, m.in_features).to(device, dtype)
+            operands.append((inputs[n, m.in_features], m.weight, m.bias))
+    samples = []
+    for _ in range(repeat + 1):
+        start = clock()
+        for x, w, b in operands:
+            F.linear(x, w, b)
+        samples.append(clock() - start)
+    return min(samples[1:])
+
+
+def _sample_s_per_vocab(clock: _Clock, device: Any, repeat: int) -> float:
+    """Seconds per vocabulary entry of greedy sampling (argmax of fp32 logits, to the host)."""
+    vocab = 65536
+    logits = torch.randn(vocab).to(device)
+    samples = []
+    for _ in range(repeat + 1):
+        start = clock()
+        for _ in range(8):
+            int(logits.argmax().item())
+        samples.append((clock() - start) / 8)
+    return min(samples[1:]) / vocab
+
+
+# --- one backend, one dtype, one architecture --------------------------------------------------
+
+
+def _plain(ref: ModelRef, dtype: str, backend: Backend) -> LoadedModel:
+    return load_model(ref, dtype=dtype, device=str(backend.device) if backend.is_cuda else "cpu")
+
+
+def _engine(ref: ModelRef, dtype: str, backend: Backend, mode: str, threads: int) -> LoadedModel:
+    fraction = {"inline": 1.0, "split": 0.5, "stream": 0.0}[mode]
+    runtime = RuntimeSettings(
+        weights_dtype=dtype,
+        cpu_dtype_prefill=dtype,
+        cpu_dtype_decode=dtype,
+        cpu_threads=threads,
+        staging_buffers=2,
+        prefetch_depth=1,
+        pin_weights=backend.is_cuda,
+        lm_head_on_gpu=False,
+        requires_gpu=mode != "inline",
+    )
+    spec = ref.spec
+    plan = manual_plan(spec, cpu_fraction_prefill=fraction, cpu_fraction_decode=fraction, runtime=runtime)
+    return load_hetero_model(ref, plan.placements, runtime, backend, progress=False)
+
+
+def _nonlinear(
+    refs: dict[int, ModelRef], dtype: str, backend: Backend, clock: _Clock, sizes: CostSizes
+) -> dict[str, Any]:
+    """Per-layer and per-step non-linear seconds of the stock model, prefill and decode: one
+    generation per prompt length gives the prefill at that length and decode steps at that
+    context; the linears alone are subtracted."""
+    tdt = torch_dtype(dtype)
+    few, many = sizes.shape.layers
+    points: dict[int, dict[str, list[float]]] = {}
+    for layers in (few, many):
+        with _plain(refs[layers], dtype, backend) as loaded, torch.inference_mode():
+            model, device = loaded.model, loaded.device
+            _generation(model, device, clock, sizes.prompts[0], 2)  # warm-up
+            lin1 = _linears_alone(model, device, tdt, clock, 1, sizes.repeat)
+            pre, dec = [], []
+            for n in sizes.prompts:
+                prefill, step = _fastest(model, device, clock, n, sizes)
+                pre.append(max(0.0, prefill - _linears_alone(model, device, tdt, clock, n, sizes.repeat)))
+                dec.append(max(0.0, step - lin1))
+            points[layers] = {"prefill": pre, "decode": dec}
+    span = many - few
+    result: dict[str, list[dict[str, float]]] = {"prefill": [], "decode": []}
+    for phase, key in (("prefill", "tokens"), ("decode", "context")):
+        for i, n in enumerate(sizes.prompts):
+            per_layer = max(0.0, (points[many][phase][i] - points[few][phase][i]) / span)
+            outside = max(0.0, points[few][phase][i] - few * per_layer)
+            at = n if phase == "prefill" else n + sizes.decode_steps // 2
+            result[phase].append({key: at, "layer_s": per_layer, "token_s": outside})
+    return result
+
+
+def _linear_overheads(
+    ref: ModelRef, dtype: str, backend: Backend, clock: _Clock, sizes: CostSizes, threads: int
+) -> dict[str, dict[str, float]]:
+    """Seconds per linear the engine adds in each mode and phase, over the stock model."""
+    n_linears = len(ref.spec.linears) + 1  # + the LM head, planned as a linear
+    prompt = sizes.prompts[1] if len(sizes.prompts) > 1 else sizes.prompts[0]
+
+    def fastest(loaded: LoadedModel) -> tuple[float, float]:
+        _generation(loaded.model, loaded.device, clock, prompt, 2)  # warm-up
+        return _fastest(loaded.model, loaded.device, clock, prompt, sizes)
+
+    with _plain(ref, dtype, backend) as loaded, torch.inference_mode():
+        base = fastest(loaded)
+    result: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        if mode == "inline" and backend.is_cuda:
+            continue  # on a GPU machine whole-CPU linears take the pipelined path ("split" costs)
+        with _engine(ref, dtype, backend, mode, threads) as loaded, torch.inference_mode():
+            times = fastest(loaded)
+        result[mode] = {
+            phase: max(0.0, (t - b) / n_linears)
+            for phase, t, b in zip(("prefill", "decode"), times, base, strict=False)
+        }
+    return result
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_engine_costs(
+    backends: list[Backend] | None = None,
+    *,
+    threads: int,
+    dtypes: dict[str, tuple[str, ...]] | None = None,
+    architectures: tuple[str, ...] = ARCHITECTURES,
+    sizes: CostSizes = QUICK_COSTS,
+    timer: Callable[[], float] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The profile's `engine` section: fixed costs per backend, dtype and architecture.
+
+    `backends`: default the CPU stand-in only (the caller adds a CudaBackend when CUDA is
+    present). `dtypes`: activation dtypes per backend name (default float32 and bfloat16 on
+    the CPU, float16 and bfloat16 on a GPU). `timer` replaces the clock (tests).
+    """
+    backends = backends or [CpuBackend()]
+    default_dtypes = {"cpu": ("float32", "bfloat16")}
+    entries = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hetegen-engine-costs-") as tmp, _threads(threads):
+        refs = {
+            arch: {
+                n: write_tiny_model(Path(tmp) / f"{arch}-{n}", arch, sizes.shape, n)
+                for n in sizes.shape.layers
+            }
+            for arch in architectures
+        }
+        for backend in backends:
+            clock = _Clock(backend, timer)
+            kind = "cuda" if backend.is_cuda else "cpu"
+            chosen = (
+                (dtypes or {}).get(backend.name)
+                or default_dtypes.get(backend.name)
+                or ("float16", "bfloat16")
+            )
+            sample = _sample_s_per_vocab(clock, backend.device, sizes.repeat)
+            for dtype in chosen:
+                for arch in architectures:
+                    if progress:
+                        progress(f"engine costs: {arch} {dtype} on {backend.name}")
+                    entry = {
+                        "device": kind,
+                        "backend": backend.name,
+                        "dtype": dtype,
+                        "architecture": arch,
+                        "threads": threads,
+                        "sample_s_per_vocab": sample,
+                        **_nonlinear(refs[arch], dtype, backend, clock, sizes),
+                    }
+                    if arch == architectures[0] and dtype == chosen[0]:
+                        many = refs[arch][sizes.shape.layers[-1]]
+                        entry["linear_s"] = _linear_overheads(many, dtype, backend, clock, sizes, threads)
+                    entries.append(entry)
+    shape = sizes.shape
+    return {
+        "version": ENGINE_COSTS_VERSION,
+        "method": "tiny synthetic models through the stock model and the engine; fastest of repeat",
+        "model": {
+            "hidden_size": shape.hidden,
+            "num_heads": shape.heads,
+            "head_dim": shape.head_dim,
+            "kv_width": shape.heads * shape.head_dim,
+            "intermediate_size": shape.intermediate,
+            "vocab_size": shape.vocab,
+            "layers": list(shape.layers),
+        },
+        "repeat": sizes.repeat,
+        "seconds": time.perf_counter() - start,
+        "entries": entries,
+    }
+
+
+def measure_for_profile(*, threads: int, quick: bool, gpu_backend: Backend | None = None) -> dict[str, Any]:
+    """The `engine` section `hetegen profile` saves: the CPU (stand-in backend), and the GPU
+    (`gpu_backend`, a CUDA backend where the profile measures one)."""
+    backends: list[Backend] = [CpuBackend()]
+    if gpu_backend is not None:
+        backends.append(gpu_backend)
+    sizes = QUICK_COSTS if quick else FULL_COSTS
+    if os.environ.get(SCALE_ENV):  # tests: shrink as the rest of the profile shrinks
+        sizes = SCALED_COSTS
+    return measure_engine_costs(backends, threads=threads, sizes=sizes)
+
+
+def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """profile.measure.load_or_measure, measuring the engine's fixed costs too when it has to
+    measure a profile (plan, run and bench use this one)."""
+    return profile_measure.load_or_measure(path, progress, engine_costs=measure_for_profile)

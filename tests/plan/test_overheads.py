@@ -1,0 +1,103 @@
+"""The engine's fixed costs in the cost model (plan.overheads): the fit, and every strategy."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetegen_cli.models.presets import preset_config
+from hetegen_cli.models.spec import spec_from_config
+from hetegen_cli.plan import overheads as oh
+from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.solver import make_plan
+from hetegen_cli.profile.document import validate_profile
+from tests.fakes import GB, make_profile
+from tests.plan.engine_fakes import MODEL, TERMS, engine_section, with_engine
+
+GiB = 1024**3
+
+
+def test_nonnegative_fit_recovers_known_terms_and_never_goes_negative():
+    rows = [[1.0, x, x * x] for x in (1.0, 2.0, 5.0, 9.0)]
+    ys = [0.5 + 2 * x + 0.1 * x * x for x in (1.0, 2.0, 5.0, 9.0)]
+    assert oh.nonnegative_fit(rows, ys) == pytest.approx([0.5, 2.0, 0.1], rel=1e-6)
+    falling = [3.0 - 0.2 * x for x in (1.0, 2.0, 5.0, 9.0)]  # a negative slope: clamped to 0
+    fit = oh.nonnegative_fit([[1.0, x] for x in (1.0, 2.0, 5.0, 9.0)], falling)
+    assert fit[1] == 0.0 and fit[0] == pytest.approx(sum(falling) / 4)
+
+
+def test_fit_entry_recovers_the_terms_it_was_made_from():
+    entry = engine_section(devices=("cpu",), dtypes=("float32",))["entries"][0]
+    costs = oh.fit_entry(entry, MODEL)
+    (pa, pc, pe, s0, s1), (da, db, ds0), sample, _ = TERMS["cpu"]
+    assert costs.prefill.layer_s == pytest.approx(pa, rel=1e-6)
+    assert costs.prefill.layer_token_s == pytest.approx(pc, rel=1e-6)  # per token x hidden unit
+    assert costs.prefill.layer_pair_s == pytest.approx(pe, rel=1e-6)  # per token pair x query width
+    assert costs.prefill.step_s == pytest.approx(
+        s0, rel=1e-6
+    ) and costs.prefill.step_token_s == pytest.approx(s1)
+    assert costs.decode.layer_s == pytest.approx(da, rel=1e-6)
+    assert costs.decode.layer_kv_s == pytest.approx(db, rel=1e-6)
+    assert costs.decode.step_s == pytest.approx(ds0, rel=1e-6) and costs.sample_s_per_vocab == sample
+
+
+def test_fixed_terms_scale_with_the_models_layers_and_context():
+    o = oh.overheads_from_profile({"engine": engine_section(devices=("cpu",))})
+    small = spec_from_config(preset_config("opt-1.3b"), "opt-1.3b", dtype="float32")
+    args = dict(prompt_len=128, max_new_tokens=32, batch=1)
+    one = oh.fixed_s(o, "cpu", "float32", small, "decode", layers=1, outside=False, **args)
+    all_layers = oh.fixed_s(
+        o, "cpu", "float32", small, "decode", layers=small.num_layers, outside=False, **args
+    )
+    assert all_layers == pytest.approx(small.num_layers * one)
+    longer = oh.fixed_s(
+        o, "cpu", "float32", small, "decode", layers=1, outside=False, **dict(args, prompt_len=1024)
+    )
+    assert longer > one  # the KV cache grows with the context
+    assert oh.fixed_s(o, "cuda", "float32", small, "decode", layers=1, **args) is None  # not measured
+
+
+def _plans(engine: bool, **profile_over):
+    base = dict(gpu=True, free=24 * GiB, total=24 * GiB, ram_available=256 * GiB)
+    base.update(profile_over)
+    profile = make_profile(**base)
+    if engine:
+        profile = with_engine(profile)
+        validate_profile(profile)
+    spec = spec_from_config(preset_config("llama-2-7b"), "llama-2-7b")
+    req = PlanRequest(prompt_len=256, max_new_tokens=32, gpu_budget_bytes=6 * GiB)
+    return make_plan(spec, profile, req)
+
+
+def test_every_strategy_gets_the_fixed_terms():
+    bare, full = _plans(False), _plans(True)
+    assert oh.NO_ENGINE_NOTE in bare.notes and oh.NO_ENGINE_NOTE not in full.notes
+    for key in ("hetegen", "offload", "layer_split", "cpu_only"):
+        b, f = bare.predictions[key], full.predictions[key]
+        for phase, field in (("prefill", "prefill_s"), ("decode", "decode_s_per_token")):
+            fixed = f["fixed"][field]
+            assert fixed > 0, (key, phase)
+            assert f[field] == pytest.approx(f["linear"][field] + fixed)
+        assert f["decode_tokens_per_s"] < b["decode_tokens_per_s"], key
+    # the CPU pays more per layer than the GPU here: the all-CPU strategy gains the most time
+    gained = {k: full.predictions[k]["fixed"]["decode_s_per_token"] for k in ("hetegen", "cpu_only")}
+    assert gained["cpu_only"] > gained["hetegen"]
+
+
+def test_a_profile_without_gpu_engine_costs_says_so():
+    base = make_profile(gpu=True, free=24 * GiB, total=24 * GiB, ram_available=256 * GiB)
+    profile = dict(base, schema_version=2, engine=engine_section(devices=("cpu",)))
+    spec = spec_from_config(preset_config("llama-2-7b"), "llama-2-7b")
+    plan = make_plan(spec, profile, PlanRequest(prompt_len=64, max_new_tokens=8, gpu_budget_bytes=6 * GiB))
+    assert any("no engine costs measured on the GPU" in n for n in plan.notes)
+    assert plan.predictions["cpu_only"]["fixed"]["decode_s_per_token"] > 0
+
+
+def test_all_cpu_plans_count_the_inline_cost_per_linear():
+    profile = with_engine(make_profile(gpu=False, cpu_dtypes={"float32": 20 * GB}, best="float32"))
+    spec = spec_from_config(preset_config("opt-1.3b"), "opt-1.3b", dtype="float32")
+    plan = make_plan(spec, profile, PlanRequest(prompt_len=64, max_new_tokens=8))
+    h, c = plan.predictions["hetegen"], plan.predictions["cpu_only"]
+    per_linear = TERMS["cpu"][3]
+    assert h["fixed"]["decode_s_per_token"] - c["fixed"]["decode_s_per_token"] == pytest.approx(
+        len(plan.placements) * per_linear
+    )

@@ -8,10 +8,12 @@ planner's prediction and its relative error, the fraction of the physical bound 
 
 from __future__ import annotations
 
+from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from hetegen_cli.bench.tokens import token_baseline, token_check
 from hetegen_cli.core.stats import ratio, summarize
+from hetegen_cli.plan.estimate import prediction_check
 
 if TYPE_CHECKING:
     from hetegen_cli.bench.prepare import BudgetCase
@@ -71,8 +73,13 @@ def _rel_error(measured: float | None, predicted: float | None) -> float | None:
 def prediction(
     arm: str, entry: dict, plan: dict | None, cpu_plan: dict | None = None
 ) -> tuple[dict | None, dict | None]:
-    """(the planner's figures for this arm, relative errors measured/predicted - 1). The `cpu`
-    and `reference` arms are predicted by the all-CPU plan (`cpu_plan`, a Plan.summary)."""
+    """(the planner's figures for this arm, relative errors measured/predicted - 1): the arm's
+    own prediction as it ran (`predicted`, bench.predicted) when there is one; else the plan's.
+    The `cpu` and `reference` arms are predicted by the all-CPU plan (`cpu_plan`, a
+    Plan.summary)."""
+    own = (entry.get("predicted") or {}).get("figures")
+    if own:
+        return own, _errors(entry, own)
     if arm in ("cpu", "reference"):
         plan = cpu_plan
     if plan is None or arm not in PREDICTION_KEYS:
@@ -84,11 +91,33 @@ def prediction(
     pred = (plan["predictions"] or {}).get(PREDICTION_KEYS[arm])
     if not pred:
         return None, None
-    errors = {
+    return pred, _errors(entry, pred)
+
+
+def _errors(entry: dict, pred: dict) -> dict:
+    return {
         m: _rel_error(_mean(entry, m), pred.get(m))
         for m in ("prefill_s", "decode_tokens_per_s", "end_to_end_tokens_per_s")
     }
-    return pred, errors
+
+
+def check(entry: dict) -> dict | None:
+    """Per-phase predicted against measured (medians of the timed runs; decode per step), with
+    the parts `plan --calibrate` refits (plan.estimate.prediction_check)."""
+    own = entry.get("predicted")
+    if not own or entry.get("status") != "ok":
+        return None
+    samples = entry["samples"]
+    prefill = median([s["prefill_s"] for s in samples])
+    steps = [s["decode_s"] / s["decode_steps"] for s in samples if s.get("decode_steps")]
+    return prediction_check(
+        own["figures"],
+        prefill,
+        median(steps) if steps else None,
+        device=own["device"],
+        strategy=own["strategy"],
+        profile=own.get("profile"),
+    )
 
 
 def own_bound_s(arm: str, bounds: dict, weight_bytes: int) -> tuple[str | None, float | None]:
@@ -136,6 +165,7 @@ def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = No
         if e.get("status") != "ok":
             continue
         e["prediction"], e["prediction_error"] = prediction(arm, e, plan, cpu_plan)
+        e["prediction_check"] = check(e)
         name, own = own_bound_s(arm, bounds, section.get("model_weight_bytes") or 0)
         decode = e["metrics"]["decode_tokens_per_s"]["mean"]
         hybrid = bounds.get("hybrid_s_per_token", bounds.get("bound_s_per_token"))

@@ -26,6 +26,7 @@ from hetegen_cli import __version__
 from hetegen_cli.bench import arms as bench_arms
 from hetegen_cli.bench import report
 from hetegen_cli.bench.arms import ArmContext
+from hetegen_cli.bench.predicted import predicted_for_arm
 from hetegen_cli.bench.prepare import BenchOptions, Prepared, prepare
 from hetegen_cli.bench.timing import RSS_INTERVAL_S, RssSampler, timed_runs
 from hetegen_cli.core.console import activity, note
@@ -234,6 +235,7 @@ def _one_arm(
     finally:
         gc.collect()
     entry = {"arm": ctx.arm, "status": "ok", "reason": None, **_run_doc(run)}
+    entry["predicted"] = predicted_for_arm(ctx.arm, ctx.plan, ctx.cpu_plan, ctx.spec, p)
     done[key] = (index, entry)
     return entry
 

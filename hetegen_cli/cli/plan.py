@@ -66,6 +66,12 @@ def register(app: typer.Typer) -> None:
         ),
         json_: JsonOption = False,
         explain: bool = typer.Option(False, "--explain", help="Add the per-linear table."),
+        calibrate_runs: list[Path] | None = typer.Option(
+            None,
+            "--calibrate",
+            help="Refit the fixed costs from `run --json` / `bench --json` output of this machine "
+            "(repeatable) and save the calibration next to the profile; no plan is made.",
+        ),
     ) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
@@ -74,8 +80,13 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.plan.document import save_plan
         from hetegen_cli.plan.request import PlanRequest
         from hetegen_cli.plan.solver import make_plan
-        from hetegen_cli.profile.measure import load_or_measure
+        from hetegen_cli.run.engine_costs import load_or_measure
 
+        if calibrate_runs:
+            from hetegen_cli.cli.calibrate import calibrate
+
+            runs = [input_file_arg(r, "--calibrate") for r in calibrate_runs]
+            return calibrate(runs, input_file_arg(profile, "--profile"), json_)
         req = PlanRequest(
             prompt_len=prompt_len,
             max_new_tokens=max_new_tokens,

@@ -35,8 +35,8 @@ from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
-from hetegen_cli.profile.measure import load_or_measure
 from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
+from hetegen_cli.run.engine_costs import load_or_measure
 
 
 def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple[Backend, str, bool]:
@@ -216,4 +216,5 @@ def engine_builder(plan: Plan, backend: Backend, origin: str, ref: ModelRef | No
         loaded.info["plan"] = {**plan.summary(), "origin": origin, "backend": backend.name}
         return loaded
 
+    build.plan = plan  # type: ignore[attr-defined]  # run.execute predicts the run from it
     return build

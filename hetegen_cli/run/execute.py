@@ -17,6 +17,7 @@ from hetegen_cli.models.loader import LoadedModel
 from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
+from hetegen_cli.run.predicted import predict_run
 
 RUN_KIND = "hetegen.run"
 MAX_TOKENS = 2**24  # beyond any model's context
@@ -29,6 +30,7 @@ class RunResult:
     built: LoadedModel
     generation: GenerationResult
     engine_stats: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None  # run.predicted: predicted beside measured, per phase
 
     def to_document(self) -> dict[str, Any]:
         ref, gen = self.context.ref, self.generation
@@ -60,6 +62,7 @@ class RunResult:
             "quant": self.context.ref.spec.quant or "none",
             "plan": self.built.info.get("plan"),
             "engine_stats": self.engine_stats,
+            "prediction": self.prediction,
         }
 
 
@@ -120,4 +123,29 @@ def execute_run(
                 device=built.device,
             )
         stats = built.stats()
-    return RunResult(ctx, built, result, stats)
+    t = result.timings
+    prediction = predict_run(
+        built_spec(ctx),
+        engine=built.engine,
+        device=built.device,
+        dtype=built.dtype,
+        plan=getattr(build, "plan", None) or ctx.plan,
+        backend_name=(built.info.get("plan") or {}).get("backend"),
+        prompt_tokens=t.prompt_tokens,
+        generated_tokens=t.generated_tokens,
+        prefill_s=t.prefill_s,
+        decode_s=t.decode_s,
+        decode_steps=t.decode_steps,
+        profile_path=engine.profile_path,
+    )
+    return RunResult(ctx, built, result, stats, prediction)
+
+
+def built_spec(ctx: RunContext) -> Any:
+    """The model's shapes in the dtype the run computes in (plan.estimate re-derives a plan's)."""
+    spec = ctx.ref.spec
+    if spec.quant is None and spec.dtype != ctx.dtype and spec.config:
+        from hetegen_cli.models.spec import spec_from_config
+
+        return spec_from_config(spec.config, spec.name, dtype=ctx.dtype)
+    return spec

@@ -432,8 +432,17 @@ def test_cpu_arm_runs_the_all_cpu_plans_formats_per_phase(tmp_path, tiny_llama_d
     # the model in bfloat16 (the prefill format), decode's linears in float32
     assert cpu["info"]["compute_dtype"] == "bfloat16+float32" and ref["info"]["compute_dtype"] == "float32"
     assert cpu["engine_stats"]["split_calls"] > 0  # through the engine
-    assert cpu["prediction"] == doc["cpu_plan"]["predictions"]["cpu_only"]
-    assert ref["prediction"] is None  # the all-CPU plan does not predict float32 everywhere
+    planned = doc["cpu_plan"]["predictions"]["cpu_only"]
+    for key in ("prefill_s", "decode_tokens_per_s"):  # the arm as it ran = the all-CPU plan
+        assert cpu["prediction"][key] == pytest.approx(planned[key])
+    # the stock model in float32 everywhere is predicted on its own (its own rates)
+    assert ref["prediction"]["decode_tokens_per_s"] != pytest.approx(planned["decode_tokens_per_s"])
+    for arm in (cpu, ref):
+        check = arm["prediction_check"]
+        assert check["device"] == "cpu" and check["strategy"] == "cpu_only"
+        for phase in ("prefill", "decode"):
+            p = check["phases"][phase]
+            assert p["ratio"] == pytest.approx(p["measured_s"] / p["predicted_s"])
     assert cpu["token_check"]["compared_with"] == "reference"
     assert cpu["ratios"]["vs_reference"]["prefill_tokens_per_s"] > 0
 

@@ -1,0 +1,74 @@
+"""`hetegen plan --calibrate RUN.json ...`: refit the fixed terms from real runs of this machine
+and store the calibration next to the profile (plan.calibration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hetegen_cli.core.console import emit_json, note, stdout_console
+from hetegen_cli.core.errors import InputError, ProfileError
+from hetegen_cli.core.jsonio import read_json
+
+
+def calibrate(runs: list[Path], profile: Path | None, json_: bool) -> None:
+    """Read the run / bench documents, fit, write `<profile>.calibration.json` atomically."""
+    from hetegen_cli.core import paths
+    from hetegen_cli.plan.calibration import build_calibration, calibration_path, records_of, save_calibration
+    from hetegen_cli.profile.document import identity, load_profile, utc_now
+
+    path = profile or paths.default_profile_path()
+    if profile is None and not path.is_file():
+        raise ProfileError(
+            f"no saved profile at {path} to calibrate",
+            "measure one with `hetegen profile`, run with it, then calibrate; or pass --profile",
+        )
+    doc = load_profile(path)
+    if not doc.get("engine"):
+        raise ProfileError(
+            f"profile {path} has no engine costs to calibrate (made before profile schema 2)",
+            "re-run `hetegen profile`, then the runs, then calibrate",
+        )
+    who = identity(doc, path)
+    records = []
+    for run in runs:
+        data = read_json(run, "run", InputError, "pass a `hetegen run --json` or `hetegen bench --json` file")
+        records += records_of(data, str(run), who)
+    cal = build_calibration(records, who, utc_now())
+    if not cal["factors"]:
+        raise InputError(
+            "the runs hold no fixed terms to refit (no phase with a measured time and a fixed part)",
+            "calibrate with `run --json` or `bench --json` output made with this profile",
+        )
+    saved = save_calibration(cal, calibration_path(path))
+    if json_:
+        emit_json(cal)
+    else:
+        _render(cal)
+    note(f"calibration saved to {saved}; `plan`, `run` and `bench` apply it with profile {path}")
+
+
+def _render(cal: dict) -> None:
+    from rich.table import Table
+
+    factors = cal["factors"]
+    t = Table(title="Calibration: measured against predicted, per run and phase", title_justify="left")
+    for col in ("run", "device", "phase", "measured ms", "before ms", "ratio", "after ms", "ratio"):
+        t.add_column(col, justify="left" if col in ("run", "device", "phase") else "right")
+    for r in cal["runs"]:
+        k = factors.get(r["device"], {}).get(r["phase"], 1.0)
+        before = r["linear_s"] + r["fixed_uncalibrated_s"]
+        after = r["linear_s"] + k * r["fixed_uncalibrated_s"]
+        t.add_row(
+            Path(r["source"]).name,
+            r["device"],
+            r["phase"],
+            f"{r['measured_s'] * 1e3:.2f}",
+            f"{before * 1e3:.2f}",
+            f"{r['measured_s'] / before:.2f}",
+            f"{after * 1e3:.2f}",
+            f"{r['measured_s'] / after:.2f}",
+        )
+    t.caption = "factors on the fixed terms: " + ", ".join(
+        f"{dev} {ph} x{k:.2f}" for dev, by in factors.items() for ph, k in by.items()
+    )
+    stdout_console().print(t)

@@ -29,8 +29,8 @@ from hetegen_cli.models.synthetic import build_synthetic_model
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair
 from hetegen_cli.plan.solver import check_forced_formats, make_plan
-from hetegen_cli.profile.measure import load_or_measure
 from hetegen_cli.run.builders import all_cpu_formats_plan
+from hetegen_cli.run.engine_costs import load_or_measure
 
 ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference", "llama.cpp")
 RUN_ORDER = ("reference", "cpu", "hetegen", "llama.cpp", "offload", "accelerate", "layer-split", "gpu")

@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.plan.document import save_plan
         from hetegen_cli.plan.request import PlanRequest
         from hetegen_cli.plan.solver import make_plan
-        from hetegen_cli.run.engine_costs import load_or_measure
+        from hetegen_cli.profile.measure import load_or_measure
 
         if calibrate_runs:
             from hetegen_cli.cli.calibrate import calibrate
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
             warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
         with progress(enabled=not json_) as bar:
-            doc, identity = load_or_measure(profile, bar)
+            doc, identity = load_or_measure(profile, bar, engine_costs=_measure_engine_costs)
         plan = make_plan(ref.spec, doc, req, profile_identity=identity)
         saved = save_plan(plan, output) if output is not None else None
         if json_:
@@ -119,6 +119,14 @@ def register(app: typer.Typer) -> None:
             note(message)
         if saved is not None:
             note(f"plan saved to {saved}")
+
+
+def _measure_engine_costs(**kwargs: Any) -> dict:
+    """run.engine_costs.measure_for_profile, imported only when a profile must be measured
+    (it imports torch; planning from a saved profile does not)."""
+    from hetegen_cli.run.engine_costs import measure_for_profile
+
+    return measure_for_profile(**kwargs)
 
 
 def _rate(fig: dict | None, key: str, fmt: str = "{:.3g}") -> str:

@@ -2,7 +2,7 @@
 
 `hetegen profile` measures them through the real model and engine on tiny synthetic models
 (run.engine_costs; the profile's `engine` section). Here they are fitted into per-phase terms
-and scaled to a model's shapes (docs/plan.md §1c):
+and scaled to a model's shapes (docs/plan.md §1d):
 
     per decoder layer  = a + c * n * d + e * n * ctx * q + b * ctx * kv     (seconds)
     per step           = s0 + s1 * n + sample * V                          (outside the layers)
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.models.spec import ModelSpec
@@ -65,24 +67,13 @@ def nonnegative_fit(rows: list[list[float]], ys: list[float]) -> list[float]:
 
 
 def _solve_ls(rows: list[list[float]], ys: list[float]) -> list[float] | None:
-    """Ordinary least squares by the normal equations (columns scaled first); None if singular."""
-    k = len(rows[0])
-    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(k)]
-    x = [[r[j] / scale[j] for j in range(k)] for r in rows]
-    a = [
-        [sum(r[i] * r[j] for r in x) for j in range(k)] + [sum(r[i] * y for r, y in zip(x, ys, strict=False))]
-        for i in range(k)
-    ]
-    for i in range(k):  # Gauss-Jordan with partial pivoting
-        pivot = max(range(i, k), key=lambda p: abs(a[p][i]))
-        if abs(a[pivot][i]) < 1e-12:
-            return None
-        a[i], a[pivot] = a[pivot], a[i]
-        for p in range(k):
-            if p != i:
-                f = a[p][i] / a[i][i]
-                a[p] = [u - f * v for u, v in zip(a[p], a[i], strict=False)]
-    return [a[i][k] / a[i][i] / scale[i] for i in range(k)]
+    """Ordinary least squares (numpy, columns scaled to 1 first so units do not matter);
+    None when the columns are linearly dependent."""
+    x, y = np.asarray(rows, dtype=float), np.asarray(ys, dtype=float)
+    scale = np.abs(x).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=None)
+    return None if rank < x.shape[1] else [float(v) for v in coef / scale]
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ Same prompt ids, same greedy decode, same clock; llama.cpp computes with its own
 
 Threads: the arm's thread count for both batch and decode. With a CUDA build and a GPU,
 `n_gpu_layers` is the planner's layer-split count for the budget (docs/bench.md); the CPU build
-runs everything on the CPU. On CPUs with AMX, llama.cpp's extra buffer types (AMX, repack) are
-turned off: its AMX matmul crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the development
-machine with llama-cpp-python 0.3.36.
+runs everything on the CPU. When llama.cpp was built with its AMX kernels and the CPU has AMX,
+its extra buffer types (AMX and repack: one switch) are turned off: its AMX matmul crashed
+(SIGSEGV in ggml_backend_amx_mul_mat) on the development machine with llama-cpp-python 0.3.36.
+That also loses the repacked Q4_0 kernels, which decoded 1.8x faster there: build llama.cpp
+without AMX on such CPUs (docs/bench.md) and the extra buffer types stay on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def cpu_has_amx() -> bool:
         return "amx_tile" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+def build_has_amx(system_info: str) -> bool:
+    """True when llama.cpp's system info (`llama_print_system_info`) lists its AMX kernels."""
+    return "AMX_INT8 = 1" in system_info
 
 
 class _Output:
@@ -84,7 +91,8 @@ def load_llama_cpp(gguf: Path, config: Any, threads: int, n_ctx: int, gpu_layers
     import llama_cpp
     import llama_cpp.llama as llama_module
 
-    extra_bufts = not cpu_has_amx()
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    extra_bufts = not (cpu_has_amx() and build_has_amx(system_info))
     defaults = llama_module.llama_cpp.llama_model_default_params
 
     def params() -> Any:
@@ -126,7 +134,7 @@ def load_llama_cpp(gguf: Path, config: Any, threads: int, n_ctx: int, gpu_layers
             "llama_cpp_version": getattr(llama_cpp, "__version__", None),
             "n_gpu_layers": gpu_layers,
             "extra_buffer_types": extra_bufts,
-            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+            "system_info": system_info,
         },
     }
     return loaded

@@ -143,3 +143,11 @@ def test_bench_runs_hetegen_and_llama_cpp_on_one_gguf(tiny_gguf, tmp_path, monke
     assert max(abs(v) for v in llama["logits"]["top1_logits"]) > 0  # real logits, not zeros
     assert llama["token_check"]["compared_with"] == "reference" and llama["token_check"]["verified"]
     assert ref["ratios"]["vs_llama_cpp"]["decode_tokens_per_s"] > 0
+
+
+def test_extra_buffer_types_are_off_only_for_an_amx_build():
+    from hetegen_cli.bench.llama_cpp import build_has_amx
+
+    amx = "CPU : AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"
+    assert build_has_amx(amx)
+    assert not build_has_amx(amx.replace("AMX_INT8 = 1 | ", ""))

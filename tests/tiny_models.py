@@ -108,7 +108,7 @@ TINY_GGUF_CONFIG = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "vocab_size": 49152,
-    "max_position_embeddings": 256,
+    "max_position_embeddings": 512,  # llama.cpp warns below its 512-token context
     "rope_theta": 100000.0,
     "rms_norm_eps": 1e-5,
     "hidden_act": "silu",

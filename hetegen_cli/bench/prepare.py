@@ -126,12 +126,12 @@ class BenchOptions:
         if why and fmt is not None:
             raise UsageError(
                 f"--synthetic-format {fmt}: {why}",
-                "use a llama-* or smollm2-* preset, or --synthetic-format safetensors",
+                "use a smollm2-* preset, or --synthetic-format safetensors",
             )
         if why:
             raise UsageError(
                 f"the llama.cpp arm runs GGUF files, and {why}",
-                "use a llama-* or smollm2-* preset, or drop llama.cpp from --arms",
+                "use a smollm2-* preset, or drop llama.cpp from --arms",
             )
 
     def synthetic_gguf_type(self) -> str | None:

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
             "--synthetic-format",
             help="How --synthetic is written: safetensors (random float weights), or "
             "gguf-q4_0, gguf-q4_1, gguf-q8_0 (one GGUF file that hetegen and llama.cpp both run; "
-            "LLaMA-family presets). Default: gguf when --arms names llama.cpp (Q8_0 for --quant "
+            "smollm2-* presets). Default: gguf when --arms names llama.cpp (Q8_0 for --quant "
             "int8, else Q4_0), else safetensors.",
         ),
         dtype: WeightsDtypeOption = None,

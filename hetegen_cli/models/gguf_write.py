@@ -44,6 +44,7 @@ GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0"}
 GGUF_TYPE_FOR_QUANT = {"int4": "Q4_0", "int8": "Q8_0"}
 EMBEDDING_TYPE = "Q8_0"  # token embedding and a separate output head
 GGUF_MODEL_TYPES = ("llama",)  # config model_type values this module writes
+TOKENIZER_VOCAB = 49152  # tokens of the default model's tokenizer, copied into every file
 _FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # gguf.LlamaFileType.MOSTLY_*
 _BLOCK = 32  # inputs per block of Q4_0, Q4_1 and Q8_0
 WEIGHT_STD = 0.02  # RandomPool's matrices
@@ -72,14 +73,20 @@ class GgufTensor:
 
 
 def gguf_preset_error(preset: str) -> str | None:
-    """Why `preset` cannot be written as GGUF (its architecture), or None when it can."""
-    model_type = presets.preset_config(preset).get("model_type")
-    if model_type in GGUF_MODEL_TYPES:
-        return None
-    return (
-        f"synthetic GGUF files are written for LLaMA-family presets only "
-        f"({preset} is model_type {model_type!r})"
-    )
+    """Why `preset` cannot be written as GGUF (its architecture or its vocabulary), or None."""
+    config = presets.preset_config(preset)
+    model_type = config.get("model_type")
+    if model_type not in GGUF_MODEL_TYPES:
+        return (
+            f"synthetic GGUF files are written for LLaMA-family presets only "
+            f"({preset} is model_type {model_type!r})"
+        )
+    if config.get("vocab_size") != TOKENIZER_VOCAB:
+        return (
+            f"synthetic GGUF files carry SmolLM2's tokenizer ({TOKENIZER_VOCAB} tokens); "
+            f"{preset} has a vocabulary of {config.get('vocab_size')}"
+        )
+    return None
 
 
 def llama_gguf_rows(out: int, heads: int) -> torch.Tensor:
@@ -99,7 +106,7 @@ def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
     if config.get("model_type") not in GGUF_MODEL_TYPES:
         raise ModelError(
             f"synthetic GGUF files are written for LLaMA-family models, not {config.get('model_type')!r}",
-            "use a llama-* or smollm2-* preset",
+            "use a LLaMA-family config",
         )
     if qtype not in _FILE_TYPES:
         raise ModelError(f"cannot write GGUF type {qtype!r}", "use Q4_0, Q4_1 or Q8_0")
@@ -294,7 +301,7 @@ def build_synthetic_gguf(preset: str, qtype: str, root: Path, seed: int = 0, pro
         )
     why = gguf_preset_error(preset)
     if why:
-        raise ModelError(why, "use a llama-* or smollm2-* preset, or --synthetic-format safetensors")
+        raise ModelError(why, "use a smollm2-* preset, or --synthetic-format safetensors")
     path = synthetic_gguf_path(preset, qtype, seed, root)
     if path.is_file():
         return path

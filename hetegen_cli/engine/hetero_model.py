@@ -49,6 +49,7 @@ from hetegen_cli.models.meta import (
     set_module,
     tied_head,
 )
+from hetegen_cli.models.quantized import quantize_head
 from hetegen_cli.models.source import ModelRef
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
@@ -125,6 +126,8 @@ def load_hetero_model(
             load_rest(model, reader, backend.device, wdt, tied, bar, task)
         recreate_rotary(model, backend.device)
         check_no_meta(model)
+        if quant and not backend.is_cuda and ref.spec.lm_head.name not in {p.name for p in placements}:
+            quantize_head(model)  # on the CPU, as the plain quantized model holds it
         context.finalize()
     except BaseException:
         context.close()

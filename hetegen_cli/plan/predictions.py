@@ -7,6 +7,7 @@ plan.LinearPlacement in execution order; times are seconds per step.
 
 from __future__ import annotations
 
+from hetegen_cli.core.quant import HEAD_FORMAT, kernel_takes
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.document import LinearPlacement
@@ -53,6 +54,15 @@ def head_time(rates: cm.Rates, spec: ModelSpec, req: PlanRequest, on_gpu: bool) 
     if on_gpu:
         return cm.gpu_time(rates, h.out_features, h.in_features, req.batch_size)
     return cm.cpu_time(rates, h.out_features, h.in_features, req.batch_size, concurrent=False)
+
+
+def cpu_head_rates(phase_rates: cm.PhaseRates, phase: str, spec: ModelSpec) -> cm.Rates:
+    """The rates of an LM head the CPU computes: a quantized model holds it as int8
+    (core.quant.HEAD_FORMAT, models.quantized.quantize_head) when the kernel takes it."""
+    h = spec.lm_head
+    if spec.quant is not None and kernel_takes(HEAD_FORMAT, h.out_features, h.in_features):
+        return phase_rates.quant.get(HEAD_FORMAT, phase_rates[phase])
+    return phase_rates[phase]
 
 
 def figures(req: PlanRequest, prefill_s: float, decode_s: float, gpu_memory_bytes: int) -> dict:
@@ -138,7 +148,9 @@ def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_by
                 t += cm.gpu_time(r, lin.out_features, lin.in_features, n)
             else:
                 t += cm.cpu_time(r, lin.out_features, lin.in_features, n, concurrent=False)
-        t += head_time(rates, spec, req, head_gpu)
+        t += head_time(
+            rates if head_gpu else cpu_head_rates(phase_rates, "decode", spec), spec, req, head_gpu
+        )
         t += attention_for(rates, spec, req, phase, gpu_layers, True)
         t += attention_for(rates, spec, req, phase, spec.num_layers - gpu_layers, False)
         out[phase] = t
@@ -165,7 +177,7 @@ def cpu_only_prediction(phase_rates: cm.PhaseRates, spec, req) -> dict:
         )
         out[phase] = (
             t
-            + head_time(rates, spec, req, False)
+            + head_time(cpu_head_rates(phase_rates, phase, spec), spec, req, False)
             + attention_for(rates, spec, req, phase, spec.num_layers, False)
         )
     return figures(req, out["prefill"], out["decode"], 0)

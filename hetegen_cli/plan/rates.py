@@ -178,7 +178,8 @@ def phase_rates_from_profile(
         fitted[dtype], more = rates_from_profile(profile, weights_dtype, dtype, prefill_tokens)
         notes += [n for n in more if n not in notes]
     by_format = {}
-    if quant_format is not None:
-        by_format[quant_format[0]], more = quant_rates(profile, fitted[cpu_dtypes[1]], *quant_format)
-        notes += more
+    if quant_format is not None:  # the model's format, and the LM head's (quant.HEAD_FORMAT)
+        for fmt in dict.fromkeys((quant_format[0], quant.HEAD_FORMAT)):
+            by_format[fmt], more = quant_rates(profile, fitted[cpu_dtypes[1]], fmt, quant_format[1])
+            notes += [n for n in more if n not in notes]
     return cm.PhaseRates(fitted[cpu_dtypes[0]], fitted[cpu_dtypes[1]], by_format), notes

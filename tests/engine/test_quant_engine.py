@@ -65,14 +65,21 @@ def _assert_greedy_within_tolerance(model, reference_tokens, reference_model):
 
 @pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
 def test_all_cpu_quantized_plan_is_the_plain_quantized_model(quantized, backend):
-    """Every linear whole on the CPU: the same packed kernels as the plain model, bit for bit."""
-    ref, _, tokens, logits = quantized
+    """Every linear whole on the CPU: the same packed kernels as the plain model, bit for bit
+    on the CPU backend (its LM head int8 as the plain model's); the CUDA-like strict backend
+    keeps the head in bfloat16 on its "device", as a GPU does, so there within tolerance."""
+    ref, plain, tokens, logits = quantized
     loaded = _load(ref, "all_cpu", backend())
     try:
         with torch.no_grad():
-            assert torch.equal(loaded.model(torch.tensor(PROMPT)).logits, logits)
+            got = loaded.model(torch.tensor(PROMPT)).logits
             out = loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
-        assert out.tolist() == tokens.tolist()
+        if backend is CpuBackend:
+            assert torch.equal(got, logits)
+            assert out.tolist() == tokens.tolist()
+        else:
+            torch.testing.assert_close(got.float(), logits.float(), atol=2e-2, rtol=0)
+            _assert_greedy_within_tolerance(loaded.model, tokens, plain.model)
         hosts = [m.host for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
         assert any(isinstance(h, QuantHostWeight) for h in hosts)
     finally:

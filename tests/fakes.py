@@ -220,6 +220,17 @@ def simple_rates(**over) -> cm.Rates:
     return cm.Rates(**base)
 
 
+#: a desktop-like machine with per-call overheads: the tests' common non-trivial rates
+DESKTOP_RATES = simple_rates(
+    cpu_call_s=30e-6,
+    pcie_copy_s=10e-6,
+    gpu_call_s=8e-6,
+    gpu_bytes_per_s=900 * GB,
+    gpu_flops_per_s=80e12,
+    cpu_bytes_per_s_concurrent=40 * GB,
+    pcie_bytes_per_s_concurrent=22 * GB,
+)
+
 #: QUICK shrunk 20x: shapes like 208x208, pools of a few hundred KiB (runs in about a second).
 TINY = timing.QUICK.scaled(0.05)
 TICK = 0.25  # a power of two: differences of multiples are exact in binary floating point

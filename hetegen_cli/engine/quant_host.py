@@ -26,13 +26,12 @@ from hetegen_cli.models.checkpoint import CheckpointReader
 from hetegen_cli.models.quant import QuantLinear, QuantWeight
 from hetegen_cli.plan.memory import held_quant_rows, rows_bytes
 
-_PART_DTYPES = {"q": None, "scale": torch.float16, "min": torch.float16}  # None: by format
-
 
 def _part_dtype(fmt: str, part: str) -> torch.dtype:
+    """q: int8 (int8) or uint8 nibbles (int4); scale and min: float16."""
     if part == "q":
         return torch.int8 if fmt == "int8" else torch.uint8
-    return _PART_DTYPES[part]
+    return torch.float16
 
 
 def dequantize(
@@ -157,9 +156,8 @@ class DequantLinear(nn.Module):
         super().__init__()
         self.format, self.group_size = fmt, group
         self.in_features, self.out_features = inp, out
-        for name, tensor in zip(
-            qfmt.part_shapes(fmt, out, inp, group or qfmt.DEFAULT_GROUP_SIZE), parts, strict=True
-        ):
+        self.part_names = tuple(qfmt.part_shapes(fmt, out, inp, group or qfmt.DEFAULT_GROUP_SIZE))
+        for name, tensor in zip(self.part_names, parts, strict=True):
             self.register_buffer(name, tensor, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
@@ -186,8 +184,8 @@ class DequantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = ("q", "scale", "min") if self.format == "int4" else ("q", "scale")
-        w = dequantize(self.format, self.group_size, tuple(getattr(self, n) for n in names), x.dtype)
+        parts = tuple(getattr(self, n) for n in self.part_names)
+        w = dequantize(self.format, self.group_size, parts, x.dtype)
         return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @property

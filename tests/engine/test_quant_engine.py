@@ -96,9 +96,7 @@ def test_split_quantized_plans_match_the_plain_model(quantized, plan_name, backe
             got = loaded.model(torch.tensor(PROMPT)).logits
         torch.testing.assert_close(got.float(), logits.float(), atol=2e-2, rtol=0)
         _assert_greedy_within_tolerance(loaded.model, tokens, plain.model)
-        stats = loaded.counters
-        if plan_name != "all_cpu":
-            assert stats.copies_issued > 0
+        assert loaded.counters.copies_issued > 0  # every one of these plans streams
     finally:
         loaded.close()
 

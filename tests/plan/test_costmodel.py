@@ -11,7 +11,7 @@ import pytest
 
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.document import ROW_GRANULARITY, round_rows
-from tests.fakes import GB, simple_rates
+from tests.fakes import DESKTOP_RATES, GB, simple_rates
 
 
 def test_decode_fraction_is_two_thirds_for_50_and_25_gbps():
@@ -42,15 +42,7 @@ def test_fraction_formula_matches_t_g_over_t_c_plus_t_g():
 @pytest.mark.parametrize("shape", [(768, 768), (4096, 4096), (11008, 4096), (4096, 11008), (50272, 7168)])
 @pytest.mark.parametrize("tokens", [1, 4, 512])
 def test_balance_condition_holds(shape, tokens):
-    rates = simple_rates(
-        cpu_call_s=30e-6,
-        pcie_copy_s=10e-6,
-        gpu_call_s=8e-6,
-        gpu_bytes_per_s=900 * GB,
-        gpu_flops_per_s=80e12,
-        cpu_bytes_per_s_concurrent=40 * GB,
-        pcie_bytes_per_s_concurrent=22 * GB,
-    )
+    rates = DESKTOP_RATES
     out, inp = shape
     f = cm.balanced_fraction(rates, out, inp, tokens)
     assert 0.0 <= f <= 1.0

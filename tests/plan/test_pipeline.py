@@ -10,20 +10,12 @@ from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import solver
 from hetegen_cli.plan.pipeline import min_cpu_rows
 from hetegen_cli.plan.request import PlanRequest
-from tests.fakes import GB, simple_rates
+from tests.fakes import DESKTOP_RATES, GB, simple_rates
 
 GiB, MiB = 1024**3, 1024**2
 
 RATES = {
-    "desktop": simple_rates(
-        cpu_call_s=30e-6,
-        pcie_copy_s=10e-6,
-        gpu_call_s=8e-6,
-        gpu_bytes_per_s=900 * GB,
-        gpu_flops_per_s=80e12,
-        cpu_bytes_per_s_concurrent=40 * GB,
-        pcie_bytes_per_s_concurrent=22 * GB,
-    ),
+    "desktop": DESKTOP_RATES,
     "slow-gpu": simple_rates(  # a GPU whose own math is a large share of the GPU path
         cpu_call_s=20e-6,
         pcie_copy_s=5e-6,

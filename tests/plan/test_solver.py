@@ -15,7 +15,7 @@ from hetegen_cli.plan import residency, solver
 from hetegen_cli.plan.document import ROW_GRANULARITY, Plan, round_rows
 from hetegen_cli.plan.memory import workspace_bytes
 from hetegen_cli.plan.request import PlanRequest
-from tests.fakes import GB, make_profile, simple_rates
+from tests.fakes import DESKTOP_RATES, GB, make_profile, simple_rates
 
 MiB, GiB = 2**20, 2**30
 
@@ -66,15 +66,7 @@ def test_decode_split_is_two_thirds_rounded_and_prefill_near_zero():
 def test_every_split_linear_is_balanced_within_the_rounding():
     """The per-linear objective (the fallback) balances each split linear on its own."""
     sp = spec("llama-2-7b")
-    rates = simple_rates(
-        cpu_call_s=30e-6,
-        pcie_copy_s=10e-6,
-        gpu_call_s=8e-6,
-        gpu_bytes_per_s=900 * GB,
-        gpu_flops_per_s=80e12,
-        cpu_bytes_per_s_concurrent=40 * GB,
-        pcie_bytes_per_s_concurrent=22 * GB,
-    )
+    rates = DESKTOP_RATES
     plan = solver.solve(sp, rates, request(gpu_budget_bytes=6 * GiB, objective="per-linear"))
     checked = 0
     for p, est in zip(plan.placements, plan.estimates, strict=False):

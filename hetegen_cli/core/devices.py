@@ -11,6 +11,7 @@ through `to_device_async` / `to_host_async`, so a backend decides when it really
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -55,11 +56,17 @@ class _DoneEvent:
         pass
 
 
+DONE_EVENT = _DoneEvent()
+
+
 class Backend:
     """Where the "GPU side" lives. Subclasses: CudaBackend, CpuBackend."""
 
     name = "abstract"
     is_cuda = False
+    #: True when "device" work runs on the host's cores (the CPU stand-ins): the engine then
+    #: needs the host's intra-op threads for it too
+    device_is_host = True
     device = torch.device("cpu")
 
     def synchronize(self) -> None:
@@ -76,8 +83,11 @@ class Backend:
     def current_stream(self) -> Any:
         raise NotImplementedError
 
-    def record_event(self, stream: Any = None) -> Any:
-        """An event recorded on `stream` (default: the current stream)."""
+    def record_event(self, stream: Any = None, event: Any = None) -> Any:
+        """An event recorded on `stream` (default: the current stream). Pass an event this
+        backend made earlier to record it again instead of making a new one (pooled events):
+        waits issued before keep the earlier record, a host `synchronize` after it waits for
+        the new one."""
         raise NotImplementedError
 
     def wait_event(self, event: Any, stream: Any = None) -> None:
@@ -158,8 +168,8 @@ class CpuBackend(Backend):
     def current_stream(self) -> Any:
         return None
 
-    def record_event(self, stream: Any = None) -> Any:
-        return _DoneEvent()
+    def record_event(self, stream: Any = None, event: Any = None) -> Any:
+        return DONE_EVENT
 
     def wait_event(self, event: Any, stream: Any = None) -> None:
         pass
@@ -189,6 +199,7 @@ class CudaBackend(Backend):
 
     name = "cuda"
     is_cuda = True
+    device_is_host = False
 
     def __init__(self, index: int = 0) -> None:
         if not cuda_available():
@@ -214,8 +225,8 @@ class CudaBackend(Backend):
     def current_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
 
-    def record_event(self, stream: Any = None) -> Any:
-        event = torch.cuda.Event()
+    def record_event(self, stream: Any = None, event: Any = None) -> Any:
+        event = event if event is not None else torch.cuda.Event()
         event.record(stream or torch.cuda.current_stream(self.device))
         return event
 
@@ -243,6 +254,9 @@ class CudaBackend(Backend):
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
         if int(err) != 0:
+            # the failure stays as this thread's last CUDA error, and torch's check after the
+            # next kernel launch would report it there, as an unrelated error: clear it
+            clear_last_cuda_error()
             raise DeviceError(
                 f"cannot page-lock {nbytes / 2**30:.2f} GiB of host memory for the weights "
                 f"(cudaHostRegister error {int(err)})",
@@ -274,6 +288,34 @@ class CudaBackend(Backend):
             "compute_capability": f"{props.major}.{props.minor}",
             "multiprocessor_count": int(props.multi_processor_count),
         }
+
+
+def _loaded_cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime library this process has loaded (torch's), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "libcudart" in path.rsplit("/", 1)[-1]:
+                    return ctypes.CDLL(path)
+    except OSError:
+        pass
+    return None
+
+
+def clear_last_cuda_error() -> int:
+    """Read and so reset the calling thread's last CUDA runtime error (cudaGetLastError);
+    returns it (0: none). torch binds no cudaGetLastError, so this goes through the runtime
+    library torch loaded; without one, a tiny kernel launch lets torch's own launch check
+    consume the error instead."""
+    cudart = _loaded_cudart()
+    if cudart is not None:
+        return int(cudart.cudaGetLastError())
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+    except RuntimeError:
+        return -1
+    return 0
 
 
 def pinned_cost(nbytes: int) -> int:

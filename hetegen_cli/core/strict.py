@@ -8,8 +8,12 @@ the host, the worker's output slots), and:
 - performs asynchronous copies late: a copy on a side stream, or to the host, happens only
   when an event recorded after it is waited for (or at `synchronize`); until then its
   destination holds poison (NaN, or 0xFF bytes). A consumer that reads without waiting reads
-  poison, and greedy tokens change. Copies to the device on the compute stream happen at once
-  (the same stream orders them before their consumers, as on a GPU).
+  poison, and greedy tokens change. Copies to the device on the compute stream land at once
+  (the same stream orders them before their consumers, as on a GPU), but on a GPU they read
+  their host source only when the stream gets there: the source must not change until an
+  event recorded after the copy completes. So each such copy keeps a snapshot of its source
+  and checks it when the copy is known to be done (a later compute-stream event waited for,
+  or `synchronize`); a source rewritten before that raises `StrictHazard`.
 - poisons a copy's destination when it is issued, so a buffer refilled before its last
   reader was done (no wait on the reader's "free" event) is corrupted where CUDA would race;
 - counts pinned bytes as torch's caching host allocator does (`pinned_cost`: powers of two)
@@ -50,14 +54,23 @@ class LateStream:
     def run_until(self, position: int) -> None:
         with self.lock:
             while self.done < position:
-                self.pending.pop(0)()
-                self.done += 1
+                task = self.pending.pop(0)
+                self.done += 1  # counted even if it raises: the stream stays consistent
+                task()
+
+
+class StrictHazard(RuntimeError):
+    """A host buffer was rewritten while a GPU copy from it could still be reading it."""
 
 
 class LateEvent:
     """Complete once its stream has run everything submitted before it was recorded."""
 
     def __init__(self, stream: LateStream | None) -> None:
+        self.record(stream)
+
+    def record(self, stream: LateStream | None) -> None:
+        """(Re-)record: from now on it stands for everything `stream` has been given so far."""
         self.stream = stream
         self.position = stream.issued if stream is not None else 0
 
@@ -80,6 +93,15 @@ def _poison(tensor: torch.Tensor) -> None:
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     with torch.inference_mode():
         dst.copy_(src)
+
+
+def _check_unchanged(src: torch.Tensor, snapshot: torch.Tensor) -> None:
+    """The GPU copy from `src` is done now: it read what was there when it was issued?"""
+    if not torch.equal(src.flatten().view(torch.uint8), snapshot.flatten().view(torch.uint8)):
+        raise StrictHazard(
+            "a host buffer was rewritten while a compute-stream copy from it was pending "
+            "(wait for an event recorded after the copy before writing its source)"
+        )
 
 
 class StrictBackend(CpuBackend):
@@ -120,11 +142,16 @@ class StrictBackend(CpuBackend):
     def current_stream(self) -> Any:
         return getattr(self._current, "stream", None)
 
-    def record_event(self, stream: Any = None) -> LateEvent:
+    def record_event(self, stream: Any = None, event: LateEvent | None = None) -> LateEvent:
         """On a side stream: after its copies. On the compute stream: after the copies to the
-        host issued so far (compute itself is synchronous)."""
+        host (and the source checks of copies to the device) issued so far (compute itself is
+        synchronous). `event`: re-record that one."""
         stream = stream or self.current_stream()
-        return LateEvent(stream if stream is not None else self.host_stream)
+        stream = stream if stream is not None else self.host_stream
+        if event is None:
+            return LateEvent(stream)
+        event.record(stream)
+        return event
 
     def wait_event(self, event: Any, stream: Any = None) -> None:
         """The compute stream waiting means the copies must be done now; a side stream's wait
@@ -145,6 +172,9 @@ class StrictBackend(CpuBackend):
         stream = stream or self.current_stream()
         if stream is None:
             dst.copy_(src)  # the compute stream orders it before its consumers
+            # on a GPU, the host source is read only when the stream gets there
+            snapshot = src.clone()
+            self.host_stream.submit(lambda: _check_unchanged(src, snapshot))
             return
         _poison(dst)
         stream.submit(lambda: _copy(dst, src))

@@ -41,6 +41,7 @@ class Rates:
     gpu_call_s: float = 0.0  # fixed cost of one GPU matmul (launch)
     gpu_bytes_per_s: float = 1e12  # B_hbm: GEMV weight-read rate
     gpu_flops_per_s: float = 100e12  # F_gpu at prefill shapes
+    h2d_copy_engines: int = 1  # host-to-device copies served at once (the profile's probe)
     # quantized linears (plan.rates.quant_rates): bytes per parameter held, streamed and read
     # by the CPU kernel (0: the dtype's itemsize), and the bytes per parameter the GPU writes
     # and reads again dequantizing a share into the weights dtype before its matmul
@@ -222,17 +223,23 @@ def balanced_fraction(rates: Rates, out_features: int, in_features: int, tokens:
     return min(1.0, max(0.0, fraction))
 
 
-def pipeline_time(steps: list[tuple[float, float, float]], buffers: int) -> float:
+def pipeline_time(steps: list[tuple[float, float, float]], buffers: int, copy_engines: int = 1) -> float:
     """Seconds for linears run in order, each (cpu_s, transfer_s, gpu_s) (docs/method.md §9).
 
     Linear m's CPU share and GPU math need its input x (the end of linear m-1); its weight copy
-    does not. The engine issues the copy for linear m when linear m - (buffers - 1) starts
-    (prefetch depth = buffers - 1) on one copy stream, into `buffers` rotating staging buffers
-    (a buffer is refilled once the kernel that read it finished). With one buffer nothing runs
-    ahead and each linear takes max(cpu_s, transfer_s + gpu_s).
+    does not. The engine issues the copy for linear m when linear m - depth starts (with two or
+    more host-to-device `copy_engines`) or after its join (with one, so the join's small copy
+    never waits behind a weight copy); prefetch depth = buffers - 1, and the first `depth`
+    linears' copies were issued during the pass before. Copies run in order on one copy stream
+    into `buffers` rotating staging buffers (a buffer is refilled once the kernel that read it
+    finished). With one buffer nothing runs ahead and each linear takes
+    max(cpu_s, transfer_s + gpu_s). The join's small copies themselves, and host time, are left
+    to the trace replay (plan.simulate).
     """
     depth = max(0, buffers - 1)
     copy_end = layer_end = 0.0
+    early = copy_engines >= 2
+    ends: list[float] = []  # end (join) of every linear
     starts: list[float] = []  # start (input ready) of every linear
     kernel_ends: list[float] = []  # GPU end times of streamed linears, in order
     for m, (cpu_s, transfer_s, gpu_s) in enumerate(steps):
@@ -240,7 +247,12 @@ def pipeline_time(steps: list[tuple[float, float, float]], buffers: int) -> floa
         starts.append(x)
         gpu_start = x
         if transfer_s > 0:
-            issue = starts[m - depth] if m >= depth else 0.0
+            if depth == 0:
+                issue = x
+            elif m < depth:
+                issue = 0.0
+            else:
+                issue = starts[m - depth] if early else ends[m - depth]
             free = kernel_ends[-buffers] if len(kernel_ends) >= buffers else 0.0
             copy_end = max(copy_end, free, issue) + transfer_s
             gpu_start = max(x, copy_end)
@@ -248,6 +260,7 @@ def pipeline_time(steps: list[tuple[float, float, float]], buffers: int) -> floa
         if transfer_s > 0:
             kernel_ends.append(gpu_end)
         layer_end = max(x + cpu_s, gpu_end)
+        ends.append(layer_end)
     return layer_end
 
 

@@ -89,6 +89,10 @@ class RuntimeSettings:
     pin_weights: bool = True  # pin host-held weights once at load
     lm_head_on_gpu: bool = True  # the LM head stays resident (else planned as a linear)
     requires_gpu: bool = True  # False for all-CPU plans
+    # host-to-device copy engines the plan assumes (the profile's probe; 1 when unknown): with
+    # one, the next weight copies are issued after a linear's join, so its small copy goes
+    # first; with two or more, as soon as the linear starts (docs/engine.md)
+    copy_engines: int = 1
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -251,6 +255,7 @@ def runtime_to_dict(runtime: RuntimeSettings) -> dict:
         "pin_weights": runtime.pin_weights,
         "lm_head_on_gpu": runtime.lm_head_on_gpu,
         "requires_gpu": runtime.requires_gpu,
+        "copy_engines": runtime.copy_engines,
         "extra": dict(runtime.extra),
     }
 

@@ -87,6 +87,7 @@ class RuntimeDoc(Schema):
     pin_weights: Flag
     lm_head_on_gpu: Flag
     requires_gpu: Flag
+    copy_engines: Annotated[StrictInt, Field(ge=1, le=64)] = 1  # absent in older plans: 1
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -228,6 +229,7 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         pin_weights=rt.pin_weights,
         lm_head_on_gpu=rt.lm_head_on_gpu,
         requires_gpu=rt.requires_gpu,
+        copy_engines=rt.copy_engines,
         extra=dict(rt.extra),
     )
     return Plan(

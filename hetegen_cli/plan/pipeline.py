@@ -63,8 +63,9 @@ def refine_rows(
         return hit
 
     def total(rows: list[int]) -> float:
-        return cm.pipeline_time([step(i, r) for i, r in enumerate(rows)], buffers)
+        return cm.pipeline_time([step(i, r) for i, r in enumerate(rows)], buffers, engines)
 
+    engines = rates_of[0].h2d_copy_engines if rates_of else 1
     base = total(given)
     if buffers < 2 or not any(not p.resident for p in placements) or not rates_of or not rates_of[0].has_gpu:
         return given, base, base

@@ -99,7 +99,9 @@ def step_times(rates: cm.PhaseRates, spec, req, placements, phase, buffers, head
         )
         for p in placements
     ]
-    t = cm.pipeline_time([(x.cpu_s, x.transfer_s, x.gpu_s) for x in times], buffers)
+    t = cm.pipeline_time(
+        [(x.cpu_s, x.transfer_s, x.gpu_s) for x in times], buffers, rates[phase].h2d_copy_engines
+    )
     rates = rates[phase]
     head = head_time(rates, spec, req, True) if head_on_gpu else 0.0
     return times, t + head + attention_for(rates, spec, req, phase, spec.num_layers, True)

@@ -306,6 +306,7 @@ def solve(
         pin_weights=True,
         lm_head_on_gpu=head_on_gpu,
         requires_gpu=True,
+        copy_engines=rates.decode.h2d_copy_engines,
     )
     return _assemble(
         spec,

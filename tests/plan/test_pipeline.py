@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hetegen_cli.models.presets import preset_config
@@ -59,8 +61,9 @@ def test_the_whole_pipeline_is_never_predicted_slower_than_per_linear(model, bud
 
 def test_the_whole_pipeline_values_prefetch():
     """With the GPU's own math a large share of its path, overlapping copies with earlier
-    compute pays: the pipeline objective keeps 2 buffers and predicts a faster step."""
-    plans = _both("llama-2-7b", 6 * GiB, RATES["slow-gpu"])
+    compute pays where copies run beside the join's (two copy engines): the pipeline
+    objective keeps 2 buffers and predicts a faster step."""
+    plans = _both("llama-2-7b", 6 * GiB, dataclasses.replace(RATES["slow-gpu"], h2d_copy_engines=2))
     per, whole = plans["per-linear"], plans["pipeline"]
     assert whole.runtime.staging_buffers == 2
     assert (
@@ -74,6 +77,19 @@ def test_the_whole_pipeline_values_prefetch():
         if not a.resident and a.cpu_rows_decode != b.cpu_rows_decode
     ]
     assert moved
+    assert whole.runtime.copy_engines == 2
+
+
+def test_with_one_copy_engine_prefetch_after_the_join_is_the_per_linear_balance():
+    """One copy engine: the next copy is issued after a linear's join, so at depth 1 nothing
+    overlaps across linears and each linear takes max(cpu, transfer + gpu)."""
+    steps = [(1.0, 0.7, 0.2), (0.5, 0.9, 0.3), (0.8, 0.4, 0.1)]
+    per_linear = sum(max(c, t + g) for c, t, g in steps)
+    assert cm.pipeline_time(steps, 2, copy_engines=1) == pytest.approx(per_linear)
+    assert cm.pipeline_time(steps, 2, copy_engines=2) < per_linear  # copies overlap earlier linears
+    assert cm.pipeline_time(steps, 1, copy_engines=2) == pytest.approx(per_linear)
+    plans = _both("llama-2-7b", 6 * GiB, RATES["slow-gpu"])
+    assert plans["pipeline"].runtime.copy_engines == 1
 
 
 def test_streamed_shares_stay_within_the_planned_staging_buffer():

@@ -43,6 +43,10 @@ def test_rates_from_profile_reads_the_measured_numbers():
     assert rates.cpu_flops_per_s == 1e12 and rates.gpu_flops_per_s == 100e12
     assert rates.dram_bytes_per_s == 70 * GB and rates.has_gpu
     assert notes == []
+    assert rates.h2d_copy_engines == 1  # no copy-engine probe: the safe assumption
+    doc["gpu"]["copy_engine_probe"] = {"h2d_copy_engines": 2}
+    assert rates_from_profile(doc, "float16")[0].h2d_copy_engines == 2
+    del doc["gpu"]["copy_engine_probe"]
     # an explicit CPU dtype: float32 reads 4 bytes a parameter
     rates32, _ = rates_from_profile(doc, "float16", cpu_dtype="float32")
     assert rates32.cpu_params_per_s == pytest.approx(60 * GB / 4, rel=1e-9)

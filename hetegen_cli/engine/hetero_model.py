@@ -84,6 +84,12 @@ def load_hetero_model(
     modules = dict(model.named_modules())
     _check_projections(ref, modules)
     split = _check_placements(placements, modules)
+    if split and not runtime.pin_weights and not backend.device_is_host:
+        raise PlanError(
+            "the plan keeps the host-held weights in pageable memory (runtime.pin_weights is "
+            "false): on a GPU every weight copy would then block the host at half the bandwidth",
+            "set runtime.pin_weights to true in the plan, or plan again with `hetegen plan`",
+        )
     tied = tied_head(model)
     quant = ref.spec.quant_map()
     _check_ram(model, split, runtime, backend, quant)

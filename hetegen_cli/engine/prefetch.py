@@ -30,18 +30,22 @@ class _Slot:
 class PrefetchScheduler:
     """Streams GPU shares into a rotating pool of device staging buffers, ahead of use.
 
-    Execution order is learned during the first model forward (copies are then issued on
-    demand, one at a time) and treated as cyclic afterwards: while linear i computes, the
-    copies of the next `prefetch_depth` linears are in flight, wrapping from the last linear of
-    a pass to the first ones of the next pass (predicted as a decode pass). Copy j goes to
+    The execution order starts as the order the linears were registered in (the plan's order,
+    which is the model's), so the first forward prefetches too; the order that forward really
+    took replaces it at the next one. The order is cyclic: after linear i's join
+    (`prefetch_ahead`), the copies of the next `prefetch_depth` linears are issued, wrapping
+    from the last linear of a pass to the first ones of the next pass (predicted as a decode
+    pass). Issued after the join, a weight copy never delays the join's own small
+    host-to-device copy on a GPU whose copy engine serves one copy at a time. Copy j goes to
     buffer j % N on a dedicated copy stream, after that buffer's "free" event (recorded on the
     compute stream after the matmul that last read it); compute waits on the copy's "ready"
-    event. A staged copy of rows [k', out) serves any k >= k' (a view). An unexpected linear or
-    a phase whose k needs rows that were not staged discards the in-flight copies and re-issues:
-    correctness first. Buffers are bytes: a GPU share is staged as the host holds it (the
-    weights dtype, or a quantized weight's parts, each at a multiple of ARENA_ALIGN bytes).
-    Staging buffers are recorded on the copy stream (record_stream), so the caching allocator
-    never hands their memory out while a copy into them is pending.
+    event. Both events are made once per buffer and recorded again. A staged copy of rows
+    [k', out) serves any k >= k' (a view). An unexpected linear or a phase whose k needs rows
+    that were not staged discards the in-flight copies and re-issues: correctness first.
+    Buffers are bytes: a GPU share is staged as the host holds it (the weights dtype, or a
+    quantized weight's parts, each at a multiple of ARENA_ALIGN bytes). Staging buffers are
+    recorded on the copy stream (record_stream), so the caching allocator never hands their
+    memory out while a copy into them is pending.
     """
 
     def __init__(self, backend: Backend, linears: list, runtime: RuntimeSettings, stats: Any) -> None:
@@ -54,13 +58,18 @@ class PrefetchScheduler:
             self.buffers = [
                 torch.empty(nbytes, dtype=torch.uint8, device=backend.device) for _ in range(count)
             ]
-        self.free_events: list = [None] * count
+        self.free_events: list = [None] * count  # per buffer, recorded again each use
+        self.ready_events: list = [None] * count
         self.depth = max(0, min(int(runtime.prefetch_depth), count - 1))
         self.copy_stream = backend.new_stream()
         for buffer in self.buffers:  # written on the copy stream: the allocator must know
             backend.record_stream(buffer, self.copy_stream)
-        self.order: list | None = None  # learned execution order (HeteroLinear objects)
-        self.recording: list | None = None  # order being recorded during the first pass
+        # execution order (HeteroLinear objects): seeded with the registration order, replaced
+        # by the order the first forward really took (recorded while it runs)
+        self.order: list | None = list(linears) or None
+        self.recording: list | None = [] if self.order else None
+        self.tracer = None  # the EngineContext's Tracer while one records
+        self._copies: dict[tuple, tuple] = {}  # (buffer, linear, k) -> _copy_plan
         self.inflight: deque[_Slot] = deque()
         self.cur = 0  # sequence number of the next expected linear
         self.issued = 0  # sequence number of the next copy to issue ahead
@@ -75,12 +84,16 @@ class PrefetchScheduler:
     def begin_pass(self, phase: str) -> None:
         """A model forward starts: finish learning the order, or re-align to a pass start."""
         self.phase = phase
-        if self.order is None:
-            if self.recording:
-                self.order, self.recording = self.recording, None
+        if self.recording:  # the first forward's order replaces the seeded (or no) order
+            seen = self.recording
+            self.recording = None
+            if self.order is None or seen != self.order:
+                self._discard()
+                self.order = seen
                 self.cur = self.issued = self.pass_start = 0
-            else:
-                self.recording = []
+                return
+        if self.order is None:
+            self.recording = []
             return
         length = len(self.order)
         if self.cur % length:  # the last pass ended early (error, or a partial forward)
@@ -96,9 +109,9 @@ class PrefetchScheduler:
 
         The compute stream is made to wait for the copy. Call release(slot) after the matmul.
         """
+        if self.recording is not None:
+            self.recording.append(linear)
         if self.order is None:
-            if self.recording is not None:
-                self.recording.append(linear)
             slot = self._issue(-1, linear, k)
             self.stats.prefetch_misses += slot.buf is not None
             return self._use(slot, k)
@@ -115,13 +128,15 @@ class PrefetchScheduler:
             slot = self._issue(self.cur, linear, k)
             self.issued = self.cur + 1
             self.stats.prefetch_misses += slot.buf is not None
-        self._prefetch_ahead()
         return self._use(slot, k)
 
     def release(self, slot: _Slot) -> None:
         """The matmul reading `slot` has been launched: its buffer may be refilled after it."""
         if slot.buf is not None:
-            self.free_events[slot.buf] = self.backend.record_event()
+            event = self.backend.record_event(event=self.free_events[slot.buf])
+            self.free_events[slot.buf] = event
+            if self.tracer is not None:
+                self.tracer.recorded(event, "compute")
         if slot.seq >= 0:
             self.cur = slot.seq + 1
 
@@ -129,6 +144,10 @@ class PrefetchScheduler:
         if k >= slot.linear.out_features:
             return None, slot
         self.backend.wait_event(slot.ready)
+        if self.tracer is not None:
+            self.tracer.op("wait", stream="compute", event=self.tracer.event_id(slot.ready))
+        if k == slot.k:
+            return slot.view, slot
         return tuple(part[k - slot.k :] for part in slot.view), slot
 
     def _issue(self, seq: int, linear, k: int) -> _Slot:
@@ -137,23 +156,45 @@ class PrefetchScheduler:
             return _Slot(seq, linear, k, None, None, None)
         buf = self._next_buf
         self._next_buf = (buf + 1) % len(self.buffers)
+        tr = self.tracer
         if self.free_events[buf] is not None:  # the kernel that last read this buffer
             self.backend.wait_event(self.free_events[buf], self.copy_stream)
-        views, offset = [], 0
-        for src in linear.host.gpu_parts(k):
-            nbytes = src.numel() * src.element_size()
-            view = self.buffers[buf][offset : offset + nbytes].view(src.dtype).view(src.shape)
+            if tr is not None:
+                tr.op("wait", stream="copy", event=tr.event_id(self.free_events[buf]))
+        key = (buf, linear, k)
+        plan = self._copies.get(key)
+        if plan is None:  # the same (buffer, linear, rows) recurs every pass: views made once
+            plan = self._copies[key] = self._copy_plan(buf, linear, k)
+        srcs, views, nbytes = plan
+        for src, view in zip(srcs, views, strict=True):
             self.backend.to_device_async(view, src, self.copy_stream)
-            views.append(view)
-            offset += arena_bytes(nbytes)
-            self.stats.bytes_streamed += nbytes
-        ready = self.backend.record_event(self.copy_stream)
+        self.stats.bytes_streamed += nbytes
+        if tr is not None:
+            name = linear.placement.name
+            tr.op("copy", dir="h2d", stream="copy", what="weight", linear=name, rows=rows, tokens=0)
+        ready = self.backend.record_event(self.copy_stream, self.ready_events[buf])
+        self.ready_events[buf] = ready
+        if tr is not None:
+            tr.recorded(ready, "copy")
         self.stats.copies_issued += 1
-        return _Slot(seq, linear, k, buf, tuple(views), ready)
+        return _Slot(seq, linear, k, buf, views, ready)
 
-    def _prefetch_ahead(self) -> None:
-        """Issue copies ahead (cyclic order) until `depth` real copies are in flight."""
-        if self.depth == 0:
+    def _copy_plan(self, buf: int, linear, k: int) -> tuple[tuple, tuple, int]:
+        """(host parts of rows [k, out), their device views in buffer `buf`, bytes)."""
+        srcs = tuple(linear.host.gpu_parts(k))
+        views, offset, total = [], 0, 0
+        with torch.inference_mode(False):  # kept for later forwards, in inference mode or not
+            for src in srcs:
+                nbytes = src.numel() * src.element_size()
+                views.append(self.buffers[buf][offset : offset + nbytes].view(src.dtype).view(src.shape))
+                offset += arena_bytes(nbytes)
+                total += nbytes
+        return srcs, tuple(views), total
+
+    def prefetch_ahead(self) -> None:
+        """Issue copies ahead (cyclic order) until `depth` real copies are in flight. The
+        split linear calls it after its join (class docstring)."""
+        if self.depth == 0 or self.order is None:
             return
         length = len(self.order)
         real = sum(s.buf is not None for s in self.inflight)

@@ -40,14 +40,24 @@ def dequantize(
     """Stored parts of rows of a weight (on any device) -> the weight [rows, in] in `dtype`:
     w = q scale, or q scale + min per group of int4, computed in `dtype` in place (q is exact
     there; peak transient memory 1 + 2 itemsize bytes per parameter, plan.memory counts it).
-    In float32 it equals models.quant.QuantWeight.dequantize bit for bit."""
+    In float32 it equals models.quant.QuantWeight.dequantize bit for bit. int4 takes four
+    kernels when scale and min are stored in `dtype` (unpack both nibbles with one shift
+    against [0, 4], mask, convert, multiply-add in two in-place steps)."""
     if fmt == "int8":
         q, scale = parts
         return q.to(dtype).mul_(scale.to(dtype)[:, None])
     q, scale, low = parts
     rows = q.shape[0]
-    values = torch.stack((q & 0x0F, q >> 4), dim=-1).view(rows, -1, group).to(dtype)  # [rows, in/g, g]
+    shifts = _NIBBLE_SHIFTS.get(q.device)
+    if shifts is None:
+        shifts = _NIBBLE_SHIFTS[q.device] = torch.tensor([0, 4], dtype=torch.uint8, device=q.device)
+    nibbles = torch.bitwise_right_shift(q[..., None], shifts).bitwise_and_(0x0F)  # [rows, in/2, 2]
+    values = nibbles.view(rows, -1, group).to(dtype)  # [rows, in/g, g]
     return values.mul_(scale.to(dtype)[..., None]).add_(low.to(dtype)[..., None]).view(rows, -1)
+
+
+#: the shifts that unpack a byte's low and high nibble, one tensor per device
+_NIBBLE_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass

@@ -2,25 +2,28 @@
 
 One `HeteroLinear` replaces one nn.Linear (weight [out, in], y = x W^T + b). All split linears
 of a model share one `EngineContext`: the backend, the current phase ("prefill" or "decode",
-set once per model forward by `begin_pass`), one CPU worker thread, pinned scratch buffers and
-the `PrefetchScheduler` (engine.prefetch), which streams GPU shares into staging buffers.
+set once per model forward by `begin_pass`), pinned scratch buffers and the
+`PrefetchScheduler` (engine.prefetch), which streams GPU shares into staging buffers.
 
 Forward of a split linear, x [..., in] -> y [..., out], k = cpu rows of the current phase:
 
-1. (k > 0) copy x to a pinned host buffer (non_blocking on CUDA), record an event, and submit
-   x_h @ W[:k]^T to the CPU worker, which waits for that event first.
-2. acquire the staged GPU share W[k:] from the scheduler (the copy was usually issued while an
-   earlier linear computed), make the compute stream wait for it, y_g = x @ W[k:]^T.
-3. join: y[..., :k] = CPU result (non_blocking from pinned memory), y[..., k:] = y_g, add bias.
+1. (k > 0, CUDA) copy x to a pinned host buffer on the compute stream and record an event;
+   q, k and v, fed the same tensor, share that copy.
+2. acquire the staged GPU share W[k:] from the scheduler (its copy was issued after an earlier
+   linear's join), make the compute stream wait for it, launch y[:, k:] = x @ W[k:]^T.
+3. (k > 0) wait for x on the host, compute x_h @ W[:k]^T on the calling thread while the GPU
+   runs its share, copy it into y[:, :k] (async, from a pinned slot); add the bias in place.
+4. issue the copies of the next linears' GPU shares (prefetch): after the join's copy with
+   one host-to-device copy engine (it must not queue behind them), else right after step 2.
 
 On the CPU stand-in backend the very same code runs: the "device" is the CPU, the "copy" into
-the staging buffer is a real tensor copy, events are already complete.
+the staging buffer is a real tensor copy, events are already complete. An attached
+`engine.trace.Tracer` records every step for trace replay.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,12 +34,14 @@ from torch import nn
 from hetegen_cli.core.devices import Backend, pinned_cost, torch_dtype
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.prefetch import PrefetchScheduler
+from hetegen_cli.engine.trace import Tracer
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import rows_bytes
 
 PHASES = ("prefill", "decode")
 
 
+@dataclass
 @dataclass
 class EngineStats:
     """Counters of one engine since load (or the last reset)."""
@@ -50,8 +55,9 @@ class EngineStats:
     prefetch_misses: int = 0  # GPU share issued on demand (first pass, order/phase change)
     copies_discarded: int = 0  # issued ahead but not used (order or phase changed)
     order_resyncs: int = 0  # a linear ran that was not the expected next one
-    cpu_compute_s: float = 0.0  # worker time inside CPU matmuls
-    cpu_wait_s: float = 0.0  # main-thread time blocked joining the CPU share
+    inputs_shared: int = 0  # CPU shares that reused the host copy of the same input (q/k/v)
+    cpu_compute_s: float = 0.0  # time inside CPU-share matmuls
+    cpu_wait_s: float = 0.0  # time blocked until a layer input reached the host (CUDA)
     pinned_scratch_bytes: int = 0  # pinned x / output slots held now (a level, kept by reset)
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,8 +73,10 @@ class EngineStats:
 class _HostScratch:
     """Reusable pinned host buffers (CUDA only): x for the D2H copy, two CPU-output slots.
 
-    Output slots alternate; before the worker overwrites one it waits for the event recorded
-    after the H2D copy that last read it. Buffers grow (powers of two) and are never shrunk.
+    Output slots alternate; before the CPU share overwrites one it waits for the event recorded
+    after the H2D copy that last read it (a copy that reads pinned memory when the stream gets
+    there). Buffers grow (powers of two) and are never shrunk. Events are made once per slot
+    and recorded again (pooled).
     """
 
     def __init__(self, backend: Backend, stats: EngineStats) -> None:
@@ -76,20 +84,22 @@ class _HostScratch:
         self.stats = stats
         self._x: torch.Tensor | None = None
         self._y: list[torch.Tensor | None] = [None, None]
-        self._y_read: list[Any] = [None, None]
+        self._y_read: list[Any] = [None, None]  # the event after the copy that last read a slot
+        self.x_ready: Any = None  # the event after the last D2H copy of x
         self._next = 0
 
     def _fit(self, buf: torch.Tensor | None, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             # grown inside forwards that may run under inference mode: allocate a normal
-            # tensor, which the worker thread (never in inference mode) may write in place
+            # tensor, which may be written in place in and out of inference mode
             with torch.inference_mode(False):
                 buf = self.backend.empty_pinned((1 << max(12, (numel - 1).bit_length()),), dtype)
+            self.stats.pinned_scratch_bytes = self.pinned_bytes(buf)
         return buf
 
-    def pinned_bytes(self) -> int:
+    def pinned_bytes(self, new: torch.Tensor | None = None) -> int:
         """What the scratch holds in torch's caching host allocator (powers of two)."""
-        bufs = [self._x, *self._y]
+        bufs = [self._x, *self._y, new]
         return sum(pinned_cost(b.numel() * b.element_size()) for b in bufs if b is not None)
 
     def x_view(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -98,19 +108,25 @@ class _HostScratch:
         return self._x[: shape[0] * shape[1]].view(shape)
 
     def y_slot(self, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, torch.Tensor, Any]:
-        """(slot, pinned view [n, k], event to wait before writing it or None)."""
+        """(slot, pinned view [n, k], event to wait for before writing it, or None)."""
         i = self._next
         self._next ^= 1
         self._y[i] = self._fit(self._y[i], shape[0] * shape[1], dtype)
-        self.stats.pinned_scratch_bytes = self.pinned_bytes()
         return i, self._y[i][: shape[0] * shape[1]].view(shape), self._y_read[i]
 
-    def mark_read(self, slot: int) -> None:
-        self._y_read[slot] = self.backend.record_event()
+    def mark_read(self, slot: int) -> Any:
+        self._y_read[slot] = self.backend.record_event(event=self._y_read[slot])
+        return self._y_read[slot]
 
 
 class EngineContext:
-    """State shared by the split linears of one model. Close it to stop the worker thread."""
+    """State shared by the split linears of one model. Close it to release its memory.
+
+    The CPU share of every split linear runs on the calling (main) thread, with the intra-op
+    threads of `runtime.cpu_threads`: on CUDA after the GPU share has been launched (GPU
+    launches are asynchronous, so both run at once), so no second thread, no hand-off and no
+    second OpenMP team compete for the cores (docs/engine.md).
+    """
 
     def __init__(self, backend: Backend, runtime: RuntimeSettings) -> None:
         self.backend = backend
@@ -124,15 +140,12 @@ class EngineContext:
         self.stats = EngineStats()
         self.linears: list[HeteroLinear] = []
         self.scheduler: PrefetchScheduler | None = None  # built by finalize()
-        threads = max(1, int(runtime.cpu_threads))
-        # intra-op threads are a process setting (restored on close); set in the worker too,
-        # since OpenMP keeps the thread count per calling thread
+        self.tracer: Tracer | None = None  # set to record a trace (engine.trace)
+        # intra-op threads are a process setting, restored on close
         self._threads_before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        self._worker = ThreadPoolExecutor(
-            1, thread_name_prefix="hetegen-cpu", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+        torch.set_num_threads(max(1, int(runtime.cpu_threads)))
         self._scratch = _HostScratch(backend, self.stats) if backend.is_cuda else None
+        self._staged: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, version, x_h)
         self.arena: HostArena | None = None  # the host-held weights, set by the loader
         self.closed = False
 
@@ -155,6 +168,12 @@ class EngineContext:
             for lin in self.linears:
                 lin.whole = None if self.streaming else lin.whole_weights()
 
+    def attach_tracer(self, tracer: Tracer | None) -> None:
+        """Record the engine's operations into `tracer` from now on (None: stop)."""
+        self.finalize()
+        self.tracer = tracer
+        self.scheduler.tracer = tracer
+
     def begin_pass(self, phase: str) -> None:
         """Called once per model forward (a pre-hook): sets the phase, lets prefetch track order."""
         if phase not in PHASES:
@@ -162,102 +181,100 @@ class EngineContext:
         self.phase = phase
         self.stats.passes += 1
         self.stats.prefill_passes += phase == "prefill"
+        self._staged = None
         self.finalize()
+        if self.tracer is not None:
+            self.tracer.op("pass", phase=phase)
         self.scheduler.begin_pass(phase)
 
-    def start_cpu_share(
-        self, x2: torch.Tensor, w_cpu: torch.Tensor | nn.Module, inline: bool = False
-    ) -> tuple[Future, int | None]:
-        """Submit x2 [n, in] @ w_cpu[k, in]^T to the worker (`w_cpu` a weight, or a packed
-        quantized kernel module with `out_features` k). Returns (future, output slot).
-
-        `inline` computes on the calling thread instead (used when the CPU does the whole
-        layer: there is no GPU work to overlap, and the thread hand-off costs ~0.1 ms).
-        """
-        n = x2.shape[0]
-        k = w_cpu.shape[0] if isinstance(w_cpu, torch.Tensor) else w_cpu.out_features
-        submit = self._run_inline if inline else self._worker.submit
-        if self._scratch is None:  # CPU stand-in: x already lives on the host
-            return submit(self._cpu_matmul, x2, None, w_cpu, None, None), None
-        x_h = self._scratch.x_view((n, x2.shape[1]), x2.dtype)
+    def stage_input(self, x: torch.Tensor, x2: torch.Tensor, name: str) -> torch.Tensor:
+        """x2 [n, in] (device) in a pinned host buffer: a D2H copy on the compute stream and
+        an event after it (CUDA). Linears fed the same input tensor (q, k and v) share one
+        copy: `x` unchanged since (same object, same version; inference tensors keep no
+        version, and no model changes a linear's input in place between two linears) reuses it."""
+        version = -1 if x.is_inference() else x._version
+        staged = self._staged
+        if staged is not None and staged[0] is x and staged[1] == version:
+            self.stats.inputs_shared += 1
+            return staged[2]
+        x_h = self._scratch.x_view(tuple(x2.shape), x2.dtype)
         self.backend.to_host_async(x_h, x2)
-        x_ready = self.backend.record_event()
-        slot, y_h, y_free = self._scratch.y_slot((n, k), x2.dtype)
-        return submit(self._cpu_matmul, x_h, x_ready, w_cpu, y_h, y_free), slot
+        scratch = self._scratch
+        scratch.x_ready = self.backend.record_event(event=scratch.x_ready)
+        tr = self.tracer
+        if tr is not None:
+            tr.op("copy", dir="d2h", stream="compute", what="x", linear=name, rows=0, tokens=x2.shape[0])
+            tr.recorded(scratch.x_ready, "compute")
+        self._staged = (x, version, x_h)  # holds x: its memory is not reused meanwhile
+        return x_h
 
-    @staticmethod
-    def _run_inline(fn: Any, *args: Any) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def _cpu_matmul(
-        self,
-        x_h: torch.Tensor,
-        x_ready: Any,
-        w: torch.Tensor | nn.Module,
-        y_h: torch.Tensor | None,
-        y_free: Any,
-    ) -> torch.Tensor:
-        """Worker thread: x_h [n, in] @ w[k, in]^T -> [n, k] in x_h's dtype (into y_h if given);
-        a quantized kernel module converts x itself."""
-        if x_ready is not None:
-            x_ready.synchronize()  # the D2H copy of x has landed
+    def cpu_share(
+        self, x2: torch.Tensor, x_h: torch.Tensor | None, w: Any, y: torch.Tensor, name: str
+    ) -> None:
+        """y [n, k] (device, weights dtype) = x @ w[k, in]^T on the CPU, in w's dtype (`w` a
+        weight, or a packed quantized kernel module that converts x itself). On CUDA from the
+        staged host copy x_h into a pinned output slot, then an async H2D copy into y."""
+        tr = self.tracer
+        n, k = y.shape
+        if self._scratch is None:  # CPU stand-in: x and y already live on the host
+            start = time.perf_counter()
+            _matmul_into(x2, w, y)
+            self.stats.cpu_compute_s += time.perf_counter() - start
+            if tr is not None:
+                tr.blocking("cpu", start, linear=name, rows=k, tokens=n)
+            return
+        scratch = self._scratch
         start = time.perf_counter()
-        # the worker thread does not inherit the caller's inference mode: set it here
-        with torch.inference_mode():
-            if not isinstance(w, torch.Tensor):  # models.quant.QuantLinear: bfloat16 inside
-                result = w(x_h)
-                if y_h is not None:
-                    if y_free is not None:
-                        y_free.synchronize()
-                    y_h.copy_(result)
-                    result = y_h
-                self.stats.cpu_compute_s += time.perf_counter() - start
-                return result
-            xc = x_h if x_h.dtype == w.dtype else x_h.to(w.dtype)
-            if y_h is None:
-                result = F.linear(xc, w).to(x_h.dtype)
-            else:
-                if y_free is not None:
-                    y_free.synchronize()  # the H2D copy that last read this slot is done
-                if w.dtype == y_h.dtype:
-                    torch.mm(xc, w.t(), out=y_h)
-                else:
-                    y_h.copy_(F.linear(xc, w))
-                result = y_h
-        self.stats.cpu_compute_s += time.perf_counter() - start
-        return result
-
-    def finish_cpu_share(self, pending: tuple[Future, int | None]) -> torch.Tensor:
-        """Join: the CPU share [n, k] on the device (async H2D copy from pinned memory)."""
-        future, slot = pending
-        start = time.perf_counter()
-        result = future.result()
-        self.stats.cpu_wait_s += time.perf_counter() - start
-        if self._scratch is None:
-            return result
-        on_device = torch.empty(result.shape, dtype=result.dtype, device=self.backend.device)
-        self.backend.to_device_async(on_device, result)
-        self._scratch.mark_read(slot)
-        return on_device
+        scratch.x_ready.synchronize()  # the D2H copy of x has landed
+        if tr is not None:
+            tr.blocking("sync", start, event=tr.event_id(scratch.x_ready))
+        slot, y_h, y_free = scratch.y_slot((n, k), y.dtype)
+        if y_free is not None:
+            waited = time.perf_counter()
+            y_free.synchronize()  # the H2D copy that last read this slot is done
+            if tr is not None:
+                tr.blocking("sync", waited, event=tr.event_id(y_free))
+        start_cpu = time.perf_counter()
+        self.stats.cpu_wait_s += start_cpu - start
+        _matmul_into(x_h, w, y_h)
+        self.stats.cpu_compute_s += time.perf_counter() - start_cpu
+        if tr is not None:
+            tr.blocking("cpu", start_cpu, linear=name, rows=k, tokens=n)
+        self.backend.to_device_async(y, y_h)
+        read = scratch.mark_read(slot)
+        if tr is not None:
+            tr.op("copy", dir="h2d", stream="compute", what="y", linear=name, rows=k, tokens=n)
+            tr.recorded(read, "compute")
 
     def close(self) -> None:
-        """Stop the worker, wait for in-flight copies, release the pinned memory (arena,
-        scratch) and the staging buffers, restore the intra-op thread count."""
+        """Wait for in-flight copies, release the pinned memory (arena, scratch) and the
+        staging buffers, restore the intra-op thread count."""
         if self.closed:
             return
         self.closed = True
         self.streaming = True  # a closed engine takes the checked path, which refuses to run
-        self._worker.shutdown(wait=True)
         self.backend.synchronize()
         if self.arena is not None:
             self.arena.release()
         for linear in self.linears:
             linear.host = None  # its views into the arena must not outlive it
         self._scratch = None
+        self._staged = None
         self.scheduler = None
         torch.set_num_threads(self._threads_before)
+
+
+def _matmul_into(x: torch.Tensor, w: Any, y: torch.Tensor) -> None:
+    """y [n, k] = x [n, in] @ w[k, in]^T, computed in w's dtype (a weight) or by a packed
+    quantized kernel module (bfloat16 inside), written in y's dtype."""
+    if isinstance(w, torch.Tensor):
+        xc = x if x.dtype == w.dtype else x.to(w.dtype)
+        if w.dtype == y.dtype:
+            torch.mm(xc, w.t(), out=y)
+        else:
+            y.copy_(F.linear(xc, w))
+    else:  # models.quant.QuantLinear
+        y.copy_(w(x))
 
 
 class HeteroLinear(nn.Module):
@@ -282,6 +299,7 @@ class HeteroLinear(nn.Module):
         self.host = host
         self.ctx = ctx
         self.whole: tuple[torch.Tensor, torch.Tensor] | None = None  # set by ctx.finalize()
+        self._cpu_ops: dict[str, tuple[int, Any]] = {}  # phase -> (k, CPU operand), on first use
         if bias is None:
             self.register_parameter("bias", None)
         else:
@@ -316,7 +334,12 @@ class HeteroLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] (device) -> y [..., out] (device, x's dtype)."""
+        """x [..., in] (device) -> y [..., out] (device, x's dtype).
+
+        y is allocated once: the GPU share's matmul writes y[:, k:], the CPU share's result
+        is copied into y[:, :k], then the bias is added in place. With one host-to-device copy
+        engine (runtime.copy_engines) the next layers' weight copies are issued only after the
+        join's copy, so that small copy never queues behind them; with more, right away."""
         ctx = self.ctx
         if not ctx.streaming:  # all-CPU on the CPU backend: no pipeline, no thread hand-off
             return self._whole_forward(x)
@@ -325,39 +348,44 @@ class HeteroLinear(nn.Module):
         if ctx.scheduler is None:
             ctx.finalize()
         ctx.stats.split_calls += 1
-        k = self.placement.cpu_rows(ctx.phase)
+        cached = self._cpu_ops.get(ctx.phase)
+        if cached is None:  # (k, the CPU share's operand) of this phase, fixed after load
+            k = self.placement.cpu_rows(ctx.phase)
+            cached = self._cpu_ops[ctx.phase] = (k, self.host.cpu_operand(k, ctx.cpu_dtype) if k else None)
+        k, w_cpu = cached
+        out = self.out_features
         x2 = x.reshape(-1, self.in_features)  # [n, in]
         if x2.dtype != ctx.weights_dtype:
             x2 = x2.to(ctx.weights_dtype)
-        if k == self.out_features:
-            # the CPU does the whole layer: no GPU work to overlap, so compute it inline (no
-            # thread hand-off), after the scheduler has issued the next layers' copies
-            # every split linear passes through the scheduler, so the learned execution order
-            # is the same in both phases
-            _, slot = ctx.scheduler.acquire(self, k)  # nothing staged for k == out
-            ctx.scheduler.release(slot)
-            y_cpu = ctx.finish_cpu_share(
-                ctx.start_cpu_share(x2, self.host.cpu_operand(k, ctx.cpu_dtype), inline=True)
-            )
-            y_gpu = None
-        else:
-            pending = ctx.start_cpu_share(x2, self.host.cpu_operand(k, ctx.cpu_dtype)) if k > 0 else None
-            try:
-                parts, slot = ctx.scheduler.acquire(self, k)  # rows [k, out) as held, on the device
-                w_gpu = self.host.device_weight(parts, ctx.weights_dtype)  # [out - k, in]
-                y_gpu = F.linear(x2, w_gpu)  # [n, out - k]
-                ctx.scheduler.release(slot)
-            finally:
-                y_cpu = ctx.finish_cpu_share(pending) if pending is not None else None  # [n, k]
-        if y_cpu is None:
-            y = y_gpu
-        elif y_gpu is None:
-            y = y_cpu
-        else:
-            y = torch.cat((y_cpu, y_gpu), dim=-1)
+        n = x2.shape[0]
+        name = self.placement.name
+        tr = ctx.tracer
+        x_h = ctx.stage_input(x, x2, name) if k > 0 and ctx._scratch is not None else None
+        y = torch.empty((n, out), dtype=ctx.weights_dtype, device=ctx.backend.device)  # [n, out]
+        # every split linear passes through the scheduler (nothing is staged when k == out),
+        # so the learned execution order is the same in both phases
+        parts, slot = ctx.scheduler.acquire(self, k)  # rows [k, out) as held, on the device
+        early = ctx.runtime.copy_engines >= 2
+        if early:  # copies of different streams run side by side: issue the next ones now
+            ctx.scheduler.prefetch_ahead()
+        if k < out:
+            w_gpu = self.host.device_weight(parts, ctx.weights_dtype)  # [out - k, in]
+            if tr is not None and self.quant is not None:
+                tr.op("kernel", stream="compute", what="dequant", linear=name, rows=out - k, tokens=n)
+            torch.mm(x2, w_gpu.t(), out=y[:, k:])  # [n, out - k]
+            if tr is not None:
+                tr.op("kernel", stream="compute", what="matmul", linear=name, rows=out - k, tokens=n)
+        ctx.scheduler.release(slot)
+        if k > 0:
+            ctx.cpu_share(x2, x_h, w_cpu, y[:, :k], name)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y.add_(self.bias)
+            if tr is not None:
+                tr.op("kernel", stream="compute", what="bias", linear=name, rows=out, tokens=n)
+        if not early:  # one copy engine: after the join's copy, which must not queue behind them
+            ctx.scheduler.prefetch_ahead()
+        y = y.view(*x.shape[:-1], out)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def whole_weights(self) -> tuple:
         """(prefill, decode) operands of the whole layer: views of the weight [out, in] in each

@@ -65,9 +65,17 @@ def reference(models):
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 @pytest.mark.parametrize("model_name", ["opt", "llama"])
 @pytest.mark.parametrize("buffers", [1, 2, 3])
-def test_greedy_tokens_hold_under_cuda_hazards(models, reference, model_name, plan_name, buffers):
+@pytest.mark.parametrize("engines", [1, 2])  # prefetch after the join, or right after acquire
+def test_greedy_tokens_hold_under_cuda_hazards(models, reference, model_name, plan_name, buffers, engines):
     ref = models[model_name][0]
-    runtime = RuntimeSettings(**{**FP32.__dict__, "staging_buffers": buffers, "prefetch_depth": buffers - 1})
+    runtime = RuntimeSettings(
+        **{
+            **FP32.__dict__,
+            "staging_buffers": buffers,
+            "prefetch_depth": buffers - 1,
+            "copy_engines": engines,
+        }
+    )
     plan = placements(ref.spec, PLANS[plan_name])
     with load_hetero_model(ref, plan, runtime, StrictBackend(), progress=False) as loaded:
         assert _generate(loaded) == reference[model_name]
@@ -115,14 +123,33 @@ def test_a_missing_wait_is_caught(models, reference, monkeypatch):
 
 
 def test_a_buffer_refilled_before_its_reader_is_caught(models, reference):
-    """Prefetch as deep as the buffers (a copy into the buffer the current linear reads)."""
+    """Prefetch deeper than the buffers: a copy into a buffer whose staged share no linear has
+    read yet (prefetch runs after the join, so depth == buffers would still be safe)."""
     ref = models["llama"][0]
     runtime = RuntimeSettings(**{**FP32.__dict__, "staging_buffers": 2, "prefetch_depth": 2})
     with load_hetero_model(
         ref, placements(ref.spec, PLANS["all_streamed"]), runtime, StrictBackend(), progress=False
     ) as loaded:
-        engine_context(loaded.model).scheduler.depth = 2  # bypass the min(depth, buffers - 1) guard
+        engine_context(loaded.model).scheduler.depth = 3  # bypass the min(depth, buffers - 1) guard
         assert _differs(loaded, reference["llama"])
+
+
+def test_an_output_slot_rewritten_before_its_copy_is_caught(models, monkeypatch):
+    """Drop the wait for the copy that last read a pinned output slot (q, k and v share their
+    input, so nothing else orders it): the stand-in refuses the rewrite."""
+    from hetegen_cli.core.strict import StrictHazard
+    from hetegen_cli.engine.split_linear import _HostScratch
+
+    ref = models["llama"][0]
+    real = _HostScratch.y_slot
+    monkeypatch.setattr(_HostScratch, "y_slot", lambda self, *a: (*real(self, *a)[:2], None))
+    with (
+        load_hetero_model(
+            ref, placements(ref.spec, PLANS["all_cpu"]), FP32, StrictBackend(), progress=False
+        ) as loaded,
+        pytest.raises(StrictHazard, match="rewritten"),
+    ):
+        _generate(loaded)
 
 
 def test_placement_for_a_missing_linear_fails_cleanly():
@@ -156,3 +183,26 @@ def test_per_phase_cpu_formats_hold_under_cuda_hazards(models, model_name, plan_
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
     if any(p.cpu_rows_prefill for p in plan):  # the prefill CPU share really ran in bfloat16
         assert not torch.allclose(logits, models[model_name][2], rtol=1e-4, atol=1e-5)
+
+
+def test_q_k_and_v_share_one_host_copy_of_their_input(models, reference):
+    ref = models["llama"][0]
+    with load_hetero_model(
+        ref, placements(ref.spec, PLANS["all_cpu"]), FP32, StrictBackend(), progress=False
+    ) as loaded:
+        assert _generate(loaded) == reference["llama"]
+        stats = loaded.stats()
+    # per layer and forward: k and v reuse q's copy, up reuses gate's
+    assert stats["inputs_shared"] == 3 * ref.spec.num_layers * stats["passes"]
+
+
+def test_unpinned_host_weights_are_refused_on_a_gpu(models):
+    from hetegen_cli.core.errors import PlanError
+
+    class GpuLike(StrictBackend):
+        device_is_host = False
+
+    ref = models["llama"][0]
+    runtime = RuntimeSettings(**{**FP32.__dict__, "pin_weights": False})
+    with pytest.raises(PlanError, match="pageable"):
+        load_hetero_model(ref, placements(ref.spec, PLANS["random"]), runtime, GpuLike(), progress=False)

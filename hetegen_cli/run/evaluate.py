@@ -1,8 +1,10 @@
 """Perplexity of a model on a text: the quality check of quantized (or any) execution.
 
 The text is tokenized once and scored in windows of `context` tokens that start every
-`stride` tokens; each token is scored once, by the first window in which it has at least
-`context - stride` tokens before it (all tokens of the first window are scored). perplexity =
+`stride` tokens; each token after the first is scored once, by the first window in which it
+has at least max(1, `context - stride`) tokens before it (all tokens of the first window are
+scored). With `stride == context` the windows overlap by one token, so that the first token of
+each window has one before it. perplexity =
 exp(mean negative log-likelihood), from float32 log-softmax of the model's logits.
 The model is built exactly as `hetegen run` builds it (run.builders), so a perplexity
 describes what `run` would generate with.
@@ -68,7 +70,7 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
         out.append((start, end, scored))
         if end >= n:
             return out
-        start += stride
+        start = min(start + stride, end - 1)  # token `end` needs one before it in its window
         scored = end
 
 
@@ -86,7 +88,7 @@ def perplexity(
             logp = torch.log_softmax(logits[:-1], dim=-1)
             targets = chunk[0, 1:]
             picked = logp.gather(1, targets[:, None])[:, 0]  # log p(token t | tokens < t)
-            keep = picked[scored - start - 1 :]
+            keep = picked[scored - start - 1 :]  # windows() keeps scored > start
             nll -= float(keep.sum())
             count += keep.numel()
             if on_window is not None:

@@ -6,21 +6,55 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from hetegen_cli.cli.app import app
-from hetegen_cli.run.evaluate import read_text, windows
+from hetegen_cli.run.evaluate import perplexity, read_text, windows
 
 runner = CliRunner()
 
 
-def test_windows_score_every_token_once_with_enough_context():
-    for n, context, stride in ((1505, 512, 256), (10, 4, 4), (7, 8, 3), (100, 10, 1)):
-        spans = windows(n, context, stride)
-        scored = [t for s, e, first in spans for t in range(first, e)]
-        assert scored == list(range(1, n))  # each token after the first, once
-        for s, e, first in spans[1:]:
-            assert first - s >= context - stride and e - s <= context
+@given(
+    n=st.integers(2, 3000),
+    context=st.integers(2, 700),
+    stride_fraction=st.floats(0.0, 1.0),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_windows_score_every_token_once_with_context_before_it(n, context, stride_fraction):
+    stride = max(1, round(stride_fraction * context))
+    spans = windows(n, context, stride)
+    scored = [t for s, e, first in spans for t in range(first, e)]
+    assert scored == list(range(1, n))  # each token after the first, exactly once
+    for s, e, first in spans:
+        assert e - s <= context and s < first <= e
+    for s, _, first in spans[1:]:
+        assert first - s >= max(1, context - stride)
+
+
+class _Uniform:
+    """A model whose logits are all equal: every token costs log(vocab)."""
+
+    device = "cpu"
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.model = self
+
+    def __call__(self, input_ids, use_cache):
+        import torch
+
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+
+@pytest.mark.parametrize(("n", "context", "stride"), [(2597, 512, 512), (2597, 512, 256), (50, 8, 1)])
+def test_perplexity_scores_each_token_once(n, context, stride):
+    """`--context 512 --stride 512` once scored 516 of 2,597 tokens (a window's first token
+    was indexed as picked[-1:])."""
+    nll, count, _ = perplexity(_Uniform(32), [i % 32 for i in range(n)], context, stride)
+    assert count == n - 1
+    assert nll == pytest.approx(count * math.log(32), rel=1e-6)
 
 
 def test_the_shipped_text():

@@ -43,7 +43,7 @@ def predicted_for_arm(arm: str, plan: Any, cpu_plan: Any, spec: Any, prepared: A
             return None
         formats = runtime.cpu_dtypes if runtime is not None else (spec.dtype, spec.dtype)
         if backend == "standin":
-            rates, _ = standin_rates(profile, spec.dtype, formats, o.prompt_len)
+            rates, _ = standin_rates(profile, spec.dtype, formats, o.prompt_len, quant)
         else:
             rates, _ = phase_rates_from_profile(profile, spec.dtype, formats, o.prompt_len, quant)
         placements = use.placements if use is not None else None

@@ -94,6 +94,8 @@ class PhaseRates:
         """The rates a linear sees in `phase`: its quantized format's, or the phase's."""
         if quant is None:
             return self[phase]
+        if quant not in self.quant:  # a caller built these rates without the model's format
+            raise ValueError(f"no rates for {quant} linears: pass the model's quant format")
         return self.quant[quant]
 
     @property

@@ -20,17 +20,25 @@ from hetegen_cli.plan.predictions import cpu_only_prediction, figures, step_time
 from hetegen_cli.plan.rates import phase_rates_from_profile, rates_from_profile
 from hetegen_cli.plan.request import PlanRequest
 
-#: On the stand-in, the worker's CPU share and the main thread's "GPU" share run at once on
-#: the same cores (two OpenMP teams): each gets about half of the CPU while both run.
+#: On the stand-in, the CPU share and the "GPU" share (and its "copy") run one after the other
+#: on the same thread and cores. Modelled as both sides at half the CPU at once: for a balanced
+#: split the pipeline's max(cpu, copy + gpu) then equals their sum at the full rate.
 STANDIN_SHARE = 0.5
 BACKENDS = ("cpu", "cuda", "standin")
 
 
-def standin_rates(profile: dict, weights_dtype: str, cpu_dtypes: tuple[str, str], prefill_tokens: int):
-    """(PhaseRates, notes) of the CPU stand-in: the CPU share at the CPU's rates in its formats,
-    the "GPU" share at the CPU's rates in the weights dtype, the "copy" a memory copy (read and
-    write: half the memory read rate); both sides at STANDIN_SHARE while they run together."""
-    rates, notes = phase_rates_from_profile(profile, weights_dtype, cpu_dtypes, prefill_tokens)
+def standin_rates(
+    profile: dict,
+    weights_dtype: str,
+    cpu_dtypes: tuple[str, str],
+    prefill_tokens: int,
+    quant_format: tuple[str, int] | None = None,
+):
+    """(PhaseRates, notes) of the CPU stand-in: the CPU share at the CPU's rates in its formats
+    (a quantized model's: `quant_format`, as phase_rates_from_profile), the "GPU" share at the
+    CPU's rates in the weights dtype, the "copy" a memory copy (read and write: half the memory
+    read rate); both sides at STANDIN_SHARE while they run together."""
+    rates, notes = phase_rates_from_profile(profile, weights_dtype, cpu_dtypes, prefill_tokens, quant_format)
     gpu_side, more = rates_from_profile(profile, weights_dtype, weights_dtype, prefill_tokens)
     notes += more
 

@@ -73,7 +73,7 @@ def predict_run(
         spec = _spec_in(spec, run_dtype)
         quant = next(iter(spec.quant_map().values()), None)
         if backend == "standin":
-            rates, _ = standin_rates(profile, spec.dtype, formats, prompt_tokens)
+            rates, _ = standin_rates(profile, spec.dtype, formats, prompt_tokens, quant)
         else:
             rates, _ = phase_rates_from_profile(profile, spec.dtype, formats, prompt_tokens, quant)
         req = PlanRequest(prompt_len=prompt_tokens, max_new_tokens=max(1, generated_tokens))

@@ -118,3 +118,22 @@ def test_a_float_plan_does_not_run_a_quantized_model(plans):
     with pytest.raises(PlanError, match=r"quantized \(int4-g32\)"):
         check_plan_matches(plans["int4"], _spec("int8"))
     check_plan_matches(plans["int4"], _spec("int4"))
+
+
+@pytest.mark.parametrize("backend", ["standin", "cuda"])
+def test_a_quantized_plan_is_predicted_from_a_profile_without_quantized_rates(backend):
+    """A profile from before quantized GEMVs: `run --plan` and bench predictions on the
+    stand-in once ended in `KeyError: 'int4'` (the stand-in's rates lacked the format)."""
+    from hetegen_cli.plan.estimate import predict_execution, standin_rates
+    from hetegen_cli.plan.rates import phase_rates_from_profile
+
+    spec = _spec("int4")
+    profile = _profile(quant_bw={})
+    assert not profile["cpu"].get("quant_gemv")
+    plan = make_plan(spec, profile, _req())
+    fmt = next(iter(spec.quant_map().values()))
+    build = standin_rates if backend == "standin" else phase_rates_from_profile
+    rates, notes = build(profile, spec.dtype, plan.runtime.cpu_dtypes, 128, fmt)
+    assert any("no int4 CPU GEMV measurements" in n for n in notes)
+    fig = predict_execution(spec, plan.placements, plan.runtime, rates, None, _req(), backend)
+    assert fig["decode_tokens_per_s"] > 0

@@ -171,3 +171,19 @@ def test_round_rows_keeps_whole_layer_exact_for_odd_widths():
     assert round_rows(1.0, 136) == 136  # would round to 128 on the 16-row grid
     assert round_rows(0.0, 136) == 0
     assert round_rows(0.5, 136) % 16 == 0
+
+
+@pytest.mark.parametrize("fraction", [1.2, -0.2])
+def test_a_fraction_outside_zero_one_is_refused_even_where_rows_round_to_a_valid_count(saved, fraction):
+    """On a 2-row linear, 1.2 x 2 rounds to 2 rows and -0.2 x 2 to 0: only the bound on the
+    fraction itself catches them."""
+    _, _, path = saved
+
+    def edit(doc):
+        entry = doc["linears"][0]
+        entry.update(shape=[2, entry["shape"][1]], resident=False, cpu_fraction_decode=fraction)
+        entry.update(cpu_rows_decode=round(fraction * 2), cpu_fraction_prefill=0.0, cpu_rows_prefill=0)
+
+    _edit(path, edit)
+    with pytest.raises(PlanError, match="cpu_fraction_decode"):
+        load_plan(path)

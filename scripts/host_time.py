@@ -2,7 +2,7 @@
 
 Usage: python scripts/host_time.py [--shape 64x64] [--calls 2000] [--rounds 5] [--threads 1]
 
-A GPU is not needed: `NoopCudaBackend` reports itself as CUDA (`is_cuda`), so the engine takes
+A GPU is not needed: `core.devices.CudaPathBackend` reports itself as CUDA, so the engine takes
 every CUDA path (pinned scratch, the copy of x to the host, the worker thread, output slots,
 events, the join copy, the prefetch scheduler), but its copies are plain memcpy and its events
 are already complete. With a small shape (default 64 rows x 64 columns, one token) the matmuls
@@ -24,16 +24,9 @@ import time
 import torch
 from torch import nn
 
-from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.core.devices import CudaPathBackend
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
-
-
-class NoopCudaBackend(CpuBackend):
-    """The CUDA code path with no-op events: copies happen at once, events are complete."""
-
-    name = "noop-cuda"
-    is_cuda = True
 
 
 def _placement(name: str, out: int, inp: int, k: int) -> LinearPlacement:
@@ -64,7 +57,7 @@ def main() -> None:
         staging_buffers=2,
         prefetch_depth=1,
     )
-    ctx = EngineContext(NoopCudaBackend(), runtime)
+    ctx = EngineContext(CudaPathBackend(), runtime)
     plain = nn.Linear(inp, out)
     kinds = {"split": out // 2, "streamed": 0, "cpu-only": out}
     layers = {}

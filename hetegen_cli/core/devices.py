@@ -148,6 +148,17 @@ class Backend:
         fn()
         return self.now() - start
 
+    def timing_event(self, stream: Any = None) -> Any:
+        """A timestamp taken when the work queued on `stream` (default: current) before it is
+        done; two of them give `elapsed_s`. Here (the stand-ins, whose copies finish before
+        they return): the host clock now."""
+        return time.perf_counter()
+
+    def elapsed_s(self, start: Any, end: Any) -> float:
+        """Seconds from `timing_event` `start` to `end` (waits for `end`); negative when `end`
+        came first."""
+        return float(end - start)
+
 
 class CpuBackend(Backend):
     """No GPU: the GPU side runs on the CPU. Streams/events are trivially complete."""
@@ -192,6 +203,21 @@ class CpuBackend(Backend):
     def memory_info(self) -> tuple[int, int]:
         vm = psutil.virtual_memory()
         return int(vm.available), int(vm.total)
+
+
+class CudaPathBackend(CpuBackend):
+    """The engine's CUDA code path on the CPU (`is_cuda`: pinned scratch, the copy of x to the
+    host, output slots, events), with copies done at once and events complete: a GPU's host
+    work without a GPU and without the strict stand-in's bookkeeping. Records traces
+    (engine.trace, `hetegen plan --simulate`) and times host work (scripts/host_time.py)."""
+
+    name = "cuda-path-cpu"
+    is_cuda = True
+
+    def record_event(self, stream: Any = None, event: Any = None) -> Any:
+        """A complete event, but a distinct object per event, as on a GPU (a trace tells
+        events apart by identity)."""
+        return event if event is not None else _DoneEvent()
 
 
 class CudaBackend(Backend):
@@ -288,6 +314,16 @@ class CudaBackend(Backend):
             "compute_capability": f"{props.major}.{props.minor}",
             "multiprocessor_count": int(props.multi_processor_count),
         }
+
+    def timing_event(self, stream: Any = None) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream or torch.cuda.current_stream(self.device))
+        return event
+
+    def elapsed_s(self, start: Any, end: Any) -> float:
+        start.synchronize()  # both must have completed (they may be on different streams)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in ms
 
 
 def _loaded_cudart() -> ctypes.CDLL | None:

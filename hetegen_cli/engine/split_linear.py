@@ -210,10 +210,11 @@ class EngineContext:
 
     def cpu_share(
         self, x2: torch.Tensor, x_h: torch.Tensor | None, w: Any, y: torch.Tensor, name: str
-    ) -> None:
+    ) -> Any:
         """y [n, k] (device, weights dtype) = x @ w[k, in]^T on the CPU, in w's dtype (`w` a
         weight, or a packed quantized kernel module that converts x itself). On CUDA from the
-        staged host copy x_h into a pinned output slot, then an async H2D copy into y."""
+        staged host copy x_h into a pinned output slot, then an async H2D copy into y; returns
+        the event recorded after that copy (None on the CPU stand-in)."""
         tr = self.tracer
         n, k = y.shape
         if self._scratch is None:  # CPU stand-in: x and y already live on the host
@@ -222,7 +223,7 @@ class EngineContext:
             self.stats.cpu_compute_s += time.perf_counter() - start
             if tr is not None:
                 tr.blocking("cpu", start, linear=name, rows=k, tokens=n)
-            return
+            return None
         scratch = self._scratch
         start = time.perf_counter()
         scratch.x_ready.synchronize()  # the D2H copy of x has landed
@@ -245,6 +246,7 @@ class EngineContext:
         if tr is not None:
             tr.op("copy", dir="h2d", stream="compute", what="y", linear=name, rows=k, tokens=n)
             tr.recorded(read, "compute")
+        return read
 
     def close(self) -> None:
         """Wait for in-flight copies, release the pinned memory (arena, scratch) and the
@@ -376,14 +378,13 @@ class HeteroLinear(nn.Module):
             if tr is not None:
                 tr.op("kernel", stream="compute", what="matmul", linear=name, rows=out - k, tokens=n)
         ctx.scheduler.release(slot)
-        if k > 0:
-            ctx.cpu_share(x2, x_h, w_cpu, y[:, :k], name)
+        joined = ctx.cpu_share(x2, x_h, w_cpu, y[:, :k], name) if k > 0 else None
         if self.bias is not None:
             y.add_(self.bias)
             if tr is not None:
                 tr.op("kernel", stream="compute", what="bias", linear=name, rows=out, tokens=n)
         if not early:  # one copy engine: after the join's copy, which must not queue behind them
-            ctx.scheduler.prefetch_ahead()
+            ctx.scheduler.prefetch_ahead(after=joined)
         y = y.view(*x.shape[:-1], out)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

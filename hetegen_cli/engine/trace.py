@@ -94,9 +94,9 @@ def trace_steps(model: Any, prompt_len: int, vocab_size: int, seed: int = 0) -> 
         model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         ctx.backend.synchronize()
 
-    tracer = Tracer()
     with torch.inference_mode():
         prefill_then_decode()  # warm-up: learn the order, size the scratch, first-use caches
+        tracer = Tracer()
         ctx.attach_tracer(tracer)
         try:
             prefill_then_decode()

@@ -109,7 +109,7 @@ def rates_from_profile(
     probe = gpu.get("copy_engine_probe") or {}  # without it: one engine, the safe assumption
     return cm.Rates(
         has_gpu=True,
-        h2d_copy_engines=int(probe.get("h2d_copy_engines", 1)),
+        h2d_copy_engines=int(probe.get("h2d_copy_engines") or 1),
         cpu_bytes_per_s_concurrent=cpu_bw * cpu_ratio,
         pcie_bytes_per_s=pcie_bw,
         pcie_bytes_per_s_concurrent=pcie_bw * pcie_ratio,

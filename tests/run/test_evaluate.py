@@ -16,11 +16,7 @@ from hetegen_cli.run.evaluate import perplexity, read_text, windows
 runner = CliRunner()
 
 
-@given(
-    n=st.integers(2, 3000),
-    context=st.integers(2, 700),
-    stride_fraction=st.floats(0.0, 1.0),
-)
+@given(n=st.integers(2, 3000), context=st.integers(2, 700), stride_fraction=st.floats(0.0, 1.0))
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 def test_windows_score_every_token_once_with_context_before_it(n, context, stride_fraction):
     stride = max(1, round(stride_fraction * context))

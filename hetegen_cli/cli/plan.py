@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from hetegen_cli.cli.common import (
     output_arg,
     size_bytes,
 )
-from hetegen_cli.core.console import emit_json, note, progress, stdout_console, warn
+from hetegen_cli.core.console import activity, emit_json, note, progress, stdout_console, warn
+from hetegen_cli.core.errors import UsageError
 from hetegen_cli.core.units import format_bytes
 
 _STRATEGIES = (
@@ -72,6 +74,24 @@ def register(app: typer.Typer) -> None:
             help="Refit the fixed costs from `run --json` / `bench --json` output of this machine "
             "(repeatable) and save the calibration next to the profile; no plan is made.",
         ),
+        simulate: bool = typer.Option(
+            False,
+            "--simulate",
+            help="Record the engine's operations for this plan (on a small proxy, CPU stand-in) and "
+            "replay them with the profile's speeds: adds a `simulation` section and the engine's "
+            "host time to the prediction.",
+        ),
+        timeline: Path | None = typer.Option(
+            None,
+            "--timeline",
+            help="Draw one simulated decode step as lanes (main thread, copy engines, GPU) into "
+            "this PNG file (implies --simulate; needs matplotlib).",
+        ),
+        copy_engines: int | None = typer.Option(
+            None,
+            "--copy-engines",
+            help="Host-to-device copy engines of the GPU, 1 or 2 (default: the profile's probe, else 1).",
+        ),
     ) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
@@ -98,6 +118,12 @@ def register(app: typer.Typer) -> None:
             model_arg=model or "",
         )
         output = output_arg(output)
+        timeline = _timeline_arg(timeline)
+        simulate = simulate or timeline is not None
+        if copy_engines is not None and copy_engines not in (1, 2):
+            raise UsageError(
+                f"--copy-engines is {copy_engines}; it must be 1 or 2", "pass --copy-engines 1 or 2"
+            )
         profile = input_file_arg(profile, "--profile")
         ref = resolve_model(
             model_arg(model), need_weights=False, dtype=dtype_arg(dtype, "--dtype"), quant=quant.value
@@ -107,18 +133,142 @@ def register(app: typer.Typer) -> None:
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
         with progress(enabled=not json_) as bar:
             doc, identity = load_or_measure(profile, bar, engine_costs=_measure_engine_costs)
+        doc, engines_note = _with_copy_engines(doc, copy_engines)
         plan = make_plan(ref.spec, doc, req, profile_identity=identity)
+        if engines_note:
+            plan = replace(plan, notes=(*plan.notes, engines_note))
+        drawn = None
+        if simulate:
+            plan, drawn = _simulate(plan, ref.spec, doc, timeline)
         saved = save_plan(plan, output) if output is not None else None
         if json_:
             emit_json(plan.to_dict())
         else:
             render(plan, explain)
+            if plan.simulation:
+                render_simulation(plan)
         for message in plan.warnings:
             warn(message)
         for message in plan.notes:
             note(message)
+        if drawn is not None:
+            note(f"timeline saved to {drawn}")
         if saved is not None:
             note(f"plan saved to {saved}")
+
+
+def _timeline_arg(value: Path | None) -> Path | None:
+    """--timeline: a writable .png path, checked (with matplotlib) before any work."""
+    if value is None:
+        return None
+    path = output_arg(value, "--timeline")
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--timeline {value} is not a .png file name", "give a file name ending in .png")
+    from hetegen_cli.run.simulate import check_matplotlib
+
+    check_matplotlib()
+    return path
+
+
+def _with_copy_engines(doc: dict, copy_engines: int | None) -> tuple[dict, str | None]:
+    """The profile document with its copy-engine count replaced by --copy-engines (the plan
+    is then made for it: the engine's copy order, the pipeline model, the simulation)."""
+    gpu = doc.get("gpu")
+    if copy_engines is None or not gpu:
+        return doc, None
+    probe = dict(gpu.get("copy_engine_probe") or {})
+    measured = probe.get("h2d_copy_engines")
+    probe.setdefault("small_copy_alone_s", 0.0)
+    probe.setdefault("small_copy_during_big_s", 0.0)
+    probe.setdefault("big_copy_s", 0.0)
+    probe["h2d_copy_engines"] = copy_engines
+    said = f"the profile's probe found {measured}" if measured else "the profile has no probe result"
+    return (
+        {**doc, "gpu": {**gpu, "copy_engine_probe": probe}},
+        f"--copy-engines {copy_engines}: planned for {copy_engines} host-to-device copy engine(s) ({said})",
+    )
+
+
+def _simulate(plan: Any, spec: Any, profile: dict, timeline: Path | None) -> tuple[Any, Path | None]:
+    """The plan with its trace replay (plan.simulate.with_simulation), and the timeline drawn."""
+    from hetegen_cli.plan.overheads import overheads_from_profile
+    from hetegen_cli.plan.simulate import with_simulation
+    from hetegen_cli.run.simulate import draw_timeline, record_trace
+
+    if not plan.runtime.requires_gpu or plan.split_count == 0:
+        why = "an all-CPU plan" if not plan.runtime.requires_gpu else "plain GPU inference"
+        warn(f"--simulate: this plan is {why}; there is no CPU/GPU pipeline to replay")
+        if timeline is not None:
+            warn(f"--timeline: nothing drawn, {timeline} not written")
+        return plan, None
+    with activity("recording the engine's operations on a proxy of the model"):
+        trace, info = record_trace(plan, spec)
+    overheads = overheads_from_profile(profile)
+    on_gpu = overheads is not None and overheads.has("cuda")
+    plan, sims = with_simulation(plan, spec, trace, engine_costs_on_gpu=on_gpu, recorded=info)
+    if timeline is None:
+        return plan, None
+    dec = plan.simulation["decode"]
+    title = (
+        f"{plan.model.get('name')}: one decode step replayed, {dec['simulated_s'] * 1e3:.2f} ms "
+        f"(predicted {dec['predicted_s'] * 1e3:.2f} ms, without host time {dec['ideal_s'] * 1e3:.2f} ms)\n"
+        f"{plan.simulation['copy_engines']} host-to-device copy engine(s); speeds from the profile, "
+        f"operations from the engine on the {info['backend']} stand-in"
+    )
+    return plan, draw_timeline(sims["decode"].simulated, timeline, title)
+
+
+_LANES = {
+    "host": "main thread",
+    "gpu": "GPU",
+    "h2d": "H2D",
+    "h2d:copy": "H2D (weights)",
+    "h2d:compute": "H2D (CPU results)",
+    "d2h": "D2H",
+}
+
+
+def render_simulation(plan: Any) -> None:
+    """A short summary of the plan's `simulation` section on stdout."""
+    sim = plan.simulation
+    rec = sim.get("recorded") or {}
+    dec, pre = sim["decode"], sim["prefill"]
+    console = stdout_console()
+    proxy = rec.get("proxy") or {}
+    console.print(
+        f"Simulation (trace replay, {sim['copy_engines']} host-to-device copy engine(s)); trace recorded "
+        f"on {rec.get('machine_cpu')} ({rec.get('backend')} stand-in, proxy hidden "
+        f"{proxy.get('hidden_size')}, {proxy.get('num_layers')} layers, prompt {rec.get('prompt_len')}"
+        + (", capped" if rec.get("prompt_len_capped") else "")
+        + ")",
+        highlight=False,
+    )
+    frac = dec.get("simulated_fraction_of_predicted")
+    console.print(
+        f"  decode: simulated {_rate(dec, 'simulated_tokens_per_s')} tok/s, predicted "
+        f"{_rate(dec, 'predicted_tokens_per_s')}, without host time {_rate(dec, 'ideal_tokens_per_s')}"
+        + (f" ({frac:.0%} of predicted)" if frac else ""),
+        highlight=False,
+    )
+    console.print(
+        f"  prefill: simulated {pre['simulated_s']:.3f} s, predicted "
+        f"{_rate(pre, 'predicted_s', '{:.3f}')} s, without host time {pre['ideal_s']:.3f} s",
+        highlight=False,
+    )
+    busy = ", ".join(f"{_LANES.get(k, k)} {v:.0%}" for k, v in dec["busy_fraction"].items())
+    console.print(f"  busy in decode: {busy}", highlight=False)
+    path = ", ".join(f"{c['item']} {c['share']:.0%}" for c in dec["critical_path"][:4])
+    console.print(f"  decode waited on: {path}", highlight=False)
+    per = (dec.get("host") or {}).get("per_linear") or {}
+    if "split" in per:
+        split = per["split"]
+        console.print(
+            f"  host time per split linear in decode: {split['within_forward_mean_s'] * 1e6:.0f} us in "
+            f"its forward, {split['mean_s'] * 1e6:.0f} us with the model's work before it; "
+            f"{dec['host']['total_s'] * 1e3:.2f} ms per decode step"
+            + (" (added to the prediction)" if sim.get("host_term_added") else ""),
+            highlight=False,
+        )
 
 
 def _measure_engine_costs(**kwargs: Any) -> dict:

@@ -154,6 +154,8 @@ class Plan:
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     created_utc: str = ""
+    #: `hetegen plan --simulate`: the trace replay of this plan (plan.simulate); optional
+    simulation: dict = field(default_factory=dict)
 
     __hash__ = None  # type: ignore[assignment]  # holds dicts
 
@@ -238,6 +240,7 @@ class Plan:
             "predictions": self.predictions,
             "bounds": self.bounds,
             "residency": self.residency,
+            **({"simulation": self.simulation} if self.simulation else {}),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
             "linears": linears,

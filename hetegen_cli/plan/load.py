@@ -158,6 +158,7 @@ class PlanDoc(Schema):
     predictions: dict[str, Prediction | None] = Field(default_factory=dict)
     bounds: dict[str, Finite | None] = Field(default_factory=dict)
     residency: dict[str, Any] = Field(default_factory=dict)
+    simulation: dict[str, Any] = Field(default_factory=dict)  # plan --simulate; optional
     warnings: list[Text] = Field(default_factory=list)
     notes: list[Text] = Field(default_factory=list)
     linears: Annotated[list[LinearDoc], Field(min_length=1)]
@@ -249,6 +250,7 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         warnings=tuple(parsed.warnings),
         notes=tuple(parsed.notes),
         created_utc=parsed.created_utc,
+        simulation=dict(parsed.simulation),
     )
 
 

@@ -172,3 +172,87 @@ def test_bad_model_and_bad_profiles(profile_path, tmp_path):
 def test_plan_help():
     result = runner.invoke(app, ["plan", "--help"])
     assert result.exit_code == 0 and "--gpu-memory" in result.stdout
+
+
+# --- plan --simulate (trace replay) -------------------------------------------------------------
+
+SMALL = ["--model", "opt-125m", "--gpu-memory", "200MB", "--reserve", "0", "--prompt-len", "32",
+         "--max-new-tokens", "8"]  # fmt: skip
+
+
+def test_plan_simulate_adds_the_replay_the_host_term_and_the_timeline(profile_path, tmp_path, capsys):
+    base = [*SMALL, "--profile", str(profile_path), "--copy-engines", "2"]
+    plain = plan(*base, "--json")
+    assert plain.exit_code == 0, plain.stderr
+    assert "simulation" not in json.loads(plain.stdout)
+    png = tmp_path / "pictures" / "decode.png"
+    out = tmp_path / "plan.json"
+    result = plan(*base, "--timeline", str(png), "--json", "--output", str(out))  # implies --simulate
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    sim = doc["simulation"]
+    assert sim["copy_engines"] == 2 == doc["runtime"]["copy_engines"] and sim["host_term_added"]
+    rec = sim["recorded"]
+    assert rec["backend"] == "cuda-path-cpu" and rec["proxy"]["hidden_size"] == 64
+    assert rec["proxy"]["num_layers"] == 12 and rec["prompt_len"] == 32 and not rec["prompt_len_capped"]
+    dec = sim["decode"]
+    assert dec["simulated_s"] > dec["ideal_s"] > 0  # the recorded host time costs something
+    assert set(dec["busy_fraction"]) == {"host", "gpu", "d2h", "h2d:copy", "h2d:compute"}
+    assert all(0 <= f <= 1 + 1e-9 for f in dec["busy_fraction"].values())
+    assert dec["critical_path"] and dec["critical_path"][0]["seconds"] > 0
+    assert dec["host"]["per_linear"]["split"]["count"] == sum(
+        1 for lin in doc["linears"] if 0 < lin["cpu_rows_decode"] < lin["shape"][0]
+    )
+    # the prediction gained exactly the trace's host time
+    hetegen, before = doc["predictions"]["hetegen"], json.loads(plain.stdout)["predictions"]["hetegen"]
+    host = hetegen["host"]["decode_s_per_token"]
+    assert host == pytest.approx(dec["host"]["total_s"]) and host > 0
+    assert hetegen["decode_s_per_token"] == pytest.approx(before["decode_s_per_token"] + host)
+    assert dec["predicted_s"] == pytest.approx(hetegen["decode_s_per_token"])
+    assert any("host time from the trace replay" in n for n in doc["notes"])
+    assert any("--copy-engines 2" in n for n in doc["notes"])
+    # the timeline: a PNG, written atomically
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert int.from_bytes(data[16:20], "big") > 500 and int.from_bytes(data[20:24], "big") > 200
+    assert [p.name for p in png.parent.iterdir()] == ["decode.png"]
+    assert "timeline saved to" in result.stderr
+    # the section survives the plan file, and the text summary reads it
+    loaded = load_plan(out)
+    assert loaded.simulation["decode"]["simulated_s"] == dec["simulated_s"]
+    from hetegen_cli.cli.plan import render_simulation
+
+    render_simulation(loaded)
+    text = capsys.readouterr().out
+    assert "Simulation (trace replay, 2 host-to-device copy engine(s))" in text
+    assert "decode: simulated" in text and "host time per split linear" in text
+
+
+@pytest.mark.parametrize(
+    "args, text, code",
+    [
+        (["--timeline", "decode.svg"], "not a .png", 2),
+        (["--timeline", "-"], "not a file name", 2),
+        (["--copy-engines", "3"], "--copy-engines", 2),
+        (["--timeline", "{file}/decode.png"], "is a file, not a folder", 1),
+    ],
+)
+def test_simulate_input_errors_come_before_any_work(profile_path, tmp_path, hetegen_home, args, text, code):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = [a.replace("{file}", str(blocker)) for a in args]
+    result = plan(*SMALL, "--profile", str(profile_path), "--simulate", *args)
+    assert result.exit_code == code, result.stderr
+    assert "Error:" in result.stderr and text in result.stderr and result.stdout == ""
+    assert not (hetegen_home / "proxies").exists()  # nothing was recorded
+
+
+def test_simulate_an_all_cpu_plan_says_there_is_nothing_to_replay(profile_path, tmp_path):
+    png = tmp_path / "t.png"
+    result = plan(
+        *SMALL, "--profile", str(profile_path), "--gpu-memory", "0", "--timeline", str(png), "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "simulation" not in json.loads(result.stdout)
+    assert "nothing to replay" not in result.stdout and "no CPU/GPU pipeline to replay" in result.stderr
+    assert not png.exists()

@@ -67,7 +67,7 @@ def _meta_cache_path(gguf: Path) -> Path | None:
     except OSError:
         return None
     key = hashlib.sha256(f"{Path(gguf).resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()
-    return paths.models_dir() / ".gguf-meta" / f"{key[:16]}.json"
+    return paths.home() / "gguf-meta" / f"{key[:16]}.json"
 
 
 def native_format(gguf: Path) -> str:

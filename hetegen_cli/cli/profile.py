@@ -31,20 +31,27 @@ def register(app: typer.Typer) -> None:
         repeat: int | None = typer.Option(
             None, "--repeat", help="Timed repetitions per measurement (default: 3 with --quick, else 5)."
         ),
+        no_engine_costs: bool = typer.Option(
+            False,
+            "--no-engine-costs",
+            help="Skip the engine's fixed costs (the planner then predicts without them).",
+        ),
     ) -> None:
         """Measure CPU memory bandwidth, CPU GEMV/GEMM rates per dtype and, with a CUDA GPU,
-        GPU matmul, PCIe copies and CPU/PCIe concurrency; save them as a versioned profile."""
+        GPU matmul, PCIe copies, CPU/PCIe concurrency and the copy engines; then the engine's
+        fixed costs. Save them as a versioned profile: first without the engine's costs, then
+        with them (or with why they failed: `engine_error`)."""
         from hetegen_cli.core import paths
         from hetegen_cli.profile.document import save_profile
         from hetegen_cli.profile.measure import run_profile
-        from hetegen_cli.run.engine_costs import measure_for_profile
 
         path = output_arg(output) or check_output_path(paths.default_profile_path())
         with progress(enabled=not json_) as bar:
-            doc = run_profile(
-                quick=quick, threads=threads, repeat=repeat, progress=bar, engine_costs=measure_for_profile
-            )
-        saved = save_profile(doc, path)
+            doc = run_profile(quick=quick, threads=threads, repeat=repeat, progress=bar)
+        saved = save_profile(doc, path)  # kept whatever the engine-cost measurement does
+        if not no_engine_costs:
+            doc = _with_engine_costs(doc, quick, saved)
+            saved = save_profile(doc, path)
         if json_:
             emit_json(doc)
         else:
@@ -63,6 +70,28 @@ def register(app: typer.Typer) -> None:
         if doc["gpu_note"]:
             note(doc["gpu_note"])
         note(f"profile saved to {saved}")
+
+
+def _with_engine_costs(doc: dict[str, Any], quick: bool, saved: Path) -> dict[str, Any]:
+    """`doc` with its `engine` section measured; if that fails in any way, `doc` without it
+    and with `engine_error` (type, message, the traceback's last lines), and a warning."""
+    from hetegen_cli.core.console import activity
+    from hetegen_cli.profile.document import validate_profile
+    from hetegen_cli.run import engine_costs
+
+    note(f"profile saved to {saved}; measuring the engine's fixed costs")
+    try:
+        with activity("measuring the engine's fixed costs"):
+            engine = engine_costs.measure_for_document(doc, quick=quick)
+        return validate_profile({**doc, "engine": engine})
+    except Exception as exc:  # recorded: the rest of the profile stands without it
+        error = engine_costs.describe_error(exc)
+        warn(
+            f"the engine's fixed costs could not be measured ({error['type']}: "
+            f"{(error['message'].splitlines() or [''])[0][:200]}); the profile is saved without "
+            "them, with `engine_error`"
+        )
+        return {**doc, "engine": None, "engine_error": error}
 
 
 def _ms(s: dict[str, Any]) -> str:
@@ -181,6 +210,9 @@ def render(doc: dict[str, Any]) -> None:
         _render_gpu(console, gpu)
     if doc.get("engine"):
         _render_engine(console, doc["engine"])
+    elif doc.get("engine_error"):
+        e = doc["engine_error"]
+        console.print(f"Engine fixed costs: not measured ({e['type']}: {e['message']})", highlight=False)
 
 
 def _render_engine(console: Any, engine: dict[str, Any]) -> None:
@@ -265,4 +297,27 @@ def _render_gpu(console: Any, gpu: dict[str, Any]) -> None:
         format_rate(c["cpu_gemv_alone_weight_bytes_per_s"]),
         format_rate(c["cpu_gemv_weight_bytes_per_s"]),
     )
+    console.print(t)
+    if gpu.get("copy_engine_probe"):
+        _render_probe(console, gpu["copy_engine_probe"])
+    elif gpu.get("copy_engine_probe_error"):
+        console.print(f"Copy engines: the probe failed ({gpu['copy_engine_probe_error']})", highlight=False)
+
+
+#: what the copy-engine probe's answer means for the engine
+_ENGINES = {
+    1: "one copy engine for host-to-GPU copies: a small copy waits behind a big one",
+    2: "separate copy engines: a small copy overlaps a big one",
+    None: "undetermined: the big copy had ended before the small one started",
+}
+
+
+def _render_probe(console: Any, probe: dict[str, Any]) -> None:
+    small = format_bytes(probe.get("small_copy_bytes") or 16384)
+    big = format_bytes(probe["big_copy_bytes"]) if probe.get("big_copy_bytes") else "the big copy"
+    t = _table("Copy engines: pinned host-to-GPU copies", "copy", "ms")
+    t.add_row(f"{small} alone", f"{probe['small_copy_alone_s'] * 1e3:.3f}")
+    t.add_row(f"{small} during {big} on another stream", f"{probe['small_copy_during_big_s'] * 1e3:.3f}")
+    t.add_row(f"{big} alone", f"{probe['big_copy_s'] * 1e3:.3f}")
+    t.caption = _ENGINES[probe["h2d_copy_engines"]]
     console.print(t)

@@ -205,6 +205,15 @@ class Concurrent(Schema):
     cpu_gemv_weight_bytes_per_s: Positive
 
 
+class CopyEngineProbe(Schema):
+    """A small H2D copy alone and while a big one runs on another stream (profile.gpu)."""
+
+    small_copy_alone_s: NonNegative
+    small_copy_during_big_s: NonNegative
+    big_copy_s: NonNegative
+    h2d_copy_engines: Literal[1, 2] | None  # None: the probe could not tell (no overlap)
+
+
 class Gpu(Schema):
     name: Text
     total_memory_bytes: Count
@@ -214,6 +223,7 @@ class Gpu(Schema):
     gemv: Annotated[list[GpuGemv], Field(min_length=1)]
     transfers: list[Transfer]
     concurrent: Concurrent
+    copy_engine_probe: CopyEngineProbe | None = None  # profiles before issue 18 lack it
 
     @model_validator(mode="after")
     def _has_pinned_h2d(self) -> Gpu:
@@ -269,6 +279,15 @@ class EngineCosts(Schema):
     entries: Annotated[list[EngineEntry], Field(min_length=1)]
 
 
+class EngineError(Schema):
+    """Why the engine's fixed costs are missing: the measurement failed (`hetegen profile`
+    keeps the rest of the profile)."""
+
+    type: Text
+    message: Text
+    traceback: list[Text]  # the last lines
+
+
 class Profile(Schema):
     schema_version: StrictInt
     kind: Literal["hetegen.profile"]
@@ -280,6 +299,7 @@ class Profile(Schema):
     gpu: Gpu | None
     gpu_note: Text | None
     engine: EngineCosts | None = None  # schema 2; version 1 profiles have none
+    engine_error: EngineError | None = None  # set when measuring `engine` failed
 
 
 def validate_profile(doc: dict[str, Any], source: str = "profile") -> dict[str, Any]:

@@ -19,6 +19,7 @@ from hetegen_cli.profile.document import rate
 from hetegen_cli.profile.timing import (
     GPU_DTYPES,
     HostClock,
+    MiB,
     Sizes,
     Steps,
     gemm_fn,
@@ -117,6 +118,14 @@ def measure_gpu(
         concurrent = _concurrent(
             backend, cpu, sizes, pool_bytes, min(sizes.concurrent_bytes, limit), clock, timer
         )
+        # the stand-ins copy synchronously: a small big copy there, the answer is "unknown"
+        probe, probe_error = None, None
+        try:
+            probe = copy_engine_probe(
+                backend, big_bytes=min(PROBE_BIG_BYTES if backend.is_cuda else 4 * MiB, limit)
+            )
+        except Exception as exc:  # an extra: its failure must not cost the rest of the profile
+            probe_error = f"{type(exc).__name__}: {exc}"[:500]
     return {
         "name": props.get("name", "unknown"),
         "total_memory_bytes": int(props.get("total_memory_bytes", total)),
@@ -127,6 +136,8 @@ def measure_gpu(
         "gemv": gemv,
         "transfers": transfers,
         "concurrent": concurrent,
+        "copy_engine_probe": probe,
+        **({"copy_engine_probe_error": probe_error} if probe_error else {}),
     }
 
 
@@ -225,3 +236,86 @@ def concurrent_rates(
     if "error" in result:
         raise result["error"]
     return sec, result["s"]
+
+
+PROBE_SMALL_BYTES = 16 * 1024  # a join's result copy
+PROBE_BIG_BYTES = 256 * MiB  # a prefetch of weight shares
+#: the small copy queued behind the big one when it ends at least this far into what was left
+#: of the big copy when it was issued
+QUEUED_FRACTION = 0.5
+
+
+def copy_engine_probe(
+    backend: devices.Backend,
+    small_bytes: int = PROBE_SMALL_BYTES,
+    big_bytes: int = PROBE_BIG_BYTES,
+    repeat: int = 3,
+) -> dict[str, Any]:
+    """Whether a small host-to-device copy waits behind a big one on another stream.
+
+    Times (device timing events, fastest of `repeat`) a `small_bytes` pinned H2D copy alone,
+    the `big_bytes` pinned H2D copy alone, and the small copy issued on a second stream just
+    after the big one. With one copy engine for that direction (NVIDIA's default for most
+    GPUs), the small copy ends only after the big one: its latency is close to the big copy's
+    remaining time; with two, it ends at about its own time. `h2d_copy_engines` is 1 or 2,
+    or None when the big copy had finished before the small one was issued (the stand-ins,
+    whose copies are synchronous): then nothing can be told.
+    """
+    small_host = backend.empty_pinned((small_bytes,), torch.uint8).fill_(1)
+    big_host = backend.empty_pinned((big_bytes,), torch.uint8).fill_(2)
+    small_dev = torch.empty(small_bytes, dtype=torch.uint8, device=backend.device)
+    big_dev = torch.empty(big_bytes, dtype=torch.uint8, device=backend.device)
+    big_stream, small_stream = backend.new_stream(), backend.new_stream()
+
+    def small_alone() -> float:
+        start = backend.timing_event(small_stream)
+        backend.to_device_async(small_dev, small_host, small_stream)
+        return backend.elapsed_s(start, backend.timing_event(small_stream))
+
+    def big_alone() -> float:
+        start = backend.timing_event(big_stream)
+        backend.to_device_async(big_dev, big_host, big_stream)
+        return backend.elapsed_s(start, backend.timing_event(big_stream))
+
+    def together() -> tuple[float, float, float]:
+        """(small copy's latency, big copy's time, big copy's time left at the small's start)."""
+        big_start = backend.timing_event(big_stream)
+        backend.to_device_async(big_dev, big_host, big_stream)
+        big_end = backend.timing_event(big_stream)
+        small_start = backend.timing_event(small_stream)
+        backend.to_device_async(small_dev, small_host, small_stream)
+        small_end = backend.timing_event(small_stream)
+        return (
+            backend.elapsed_s(small_start, small_end),
+            backend.elapsed_s(big_start, big_end),
+            backend.elapsed_s(small_start, big_end),
+        )
+
+    small_alone(), big_alone()  # warm-up
+    backend.synchronize()
+    alone = min(small_alone() for _ in range(repeat))
+    big = min(big_alone() for _ in range(repeat))
+    runs = []
+    for _ in range(repeat):
+        backend.synchronize()
+        runs.append(together())
+    during, big_s, left = min(runs)  # the least-delayed small copy decides
+    return {
+        "small_copy_bytes": small_bytes,
+        "big_copy_bytes": big_bytes,
+        "small_copy_alone_s": max(alone, 0.0),
+        "small_copy_during_big_s": max(during, 0.0),
+        "big_copy_s": max(big, 0.0),
+        "big_copy_during_s": max(big_s, 0.0),
+        "big_copy_left_s": max(left, 0.0),
+        "h2d_copy_engines": copy_engines(alone, during, left),
+    }
+
+
+def copy_engines(alone_s: float, during_s: float, big_left_s: float) -> int | None:
+    """1 when the small copy (`during_s`) ended about when the big one did (it queued behind
+    it: one copy engine), 2 when it ended about in its own time (`alone_s`), None when the big
+    copy had (about) ended before the small one started: no overlap to learn from."""
+    if big_left_s <= 2 * alone_s:
+        return None
+    return 1 if during_s >= QUEUED_FRACTION * big_left_s else 2

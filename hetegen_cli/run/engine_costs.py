@@ -16,9 +16,9 @@ present) and per activation dtype:
   non-linear time. The 6-layer minus the 1-layer model, over 5, is the time per decoder layer;
   what is left of the 1-layer model is the time per step outside the layers (embedding, final
   norm, masks, the generation loop); sampling's cost per vocabulary entry is timed alone;
-- the engine with every linear whole on the CPU (the inline path), split in halves (worker
-  hand-off, join) and wholly streamed, against the stock model: the engine's cost per linear
-  and mode.
+- the engine with every linear whole on the CPU (the inline path), split in halves (the
+  copies of x and of the CPU result, the join) and wholly streamed, against the stock model:
+  the engine's cost per linear and mode.
 
 Every figure is the fastest of `repeat` samples: on a shared machine noise only adds time. The result is the
 profile's `engine` section (profile.document.EngineCosts); plan.overheads turns it into the
@@ -32,6 +32,7 @@ import json
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hetegen_cli.core.devices import Backend, CpuBackend, torch_dtype
+from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
+from hetegen_cli.core.errors import HetegenError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model
 from hetegen_cli.models.source import ModelRef, resolve_model
@@ -405,6 +407,24 @@ def measure_for_profile(*, threads: int, quick: bool, gpu_backend: Backend | Non
     if os.environ.get(SCALE_ENV):  # tests: shrink as the rest of the profile shrinks
         sizes = SCALED_COSTS
     return measure_engine_costs(backends, threads=threads, sizes=sizes)
+
+
+def measure_for_document(doc: dict[str, Any], *, quick: bool) -> dict[str, Any]:
+    """The `engine` section for a measured profile `doc` (`hetegen profile` measures it after
+    saving the rest): with its CPU threads, and on its GPU when it measured one."""
+    gpu_backend = get_backend("cuda") if doc.get("gpu") else None
+    return measure_for_profile(threads=int(doc["cpu"]["threads"]), quick=quick, gpu_backend=gpu_backend)
+
+
+def describe_error(exc: BaseException, lines: int = 15) -> dict[str, Any]:
+    """The profile's `engine_error`: the exception's type, message and last traceback lines."""
+    message = exc.message if isinstance(exc, HetegenError) else str(exc)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {
+        "type": type(exc).__name__,
+        "message": message[:2000],
+        "traceback": text.strip().splitlines()[-lines:],
+    }
 
 
 def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:

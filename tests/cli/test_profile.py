@@ -35,7 +35,7 @@ def scaled(monkeypatch):
 def test_profile_help(app, runner):
     result = runner.invoke(app, ["profile", "--help"])
     assert result.exit_code == 0
-    for option in ("--quick", "--output", "--json", "--threads", "--repeat"):
+    for option in ("--quick", "--output", "--json", "--threads", "--repeat", "--no-engine-costs"):
         assert option in result.stdout
 
 
@@ -126,6 +126,91 @@ def test_bad_scale_knob_is_a_handled_error(app, runner, monkeypatch, hetegen_hom
     assert result.exit_code == 1
     assert "Error:" in result.stderr
     assert not (hetegen_home / "profile.json").exists()
+
+
+# --- the engine's fixed costs: measured after the profile is saved ------------------------
+
+
+def test_engine_cost_failure_keeps_the_saved_profile_and_records_the_error(
+    app, runner, scaled, tmp_path, monkeypatch
+):
+    """The profile is on disk before the engine's costs are measured; their failure is
+    recorded in it (type, message, traceback tail), with a one-line warning and exit 0."""
+    from hetegen_cli.run import engine_costs
+
+    target = tmp_path / "p.json"
+    seen = {}
+
+    def failing(*, threads, quick, gpu_backend=None):
+        seen["on_disk"] = load_profile(target)  # saved (and valid) before this starts
+        seen["threads"], seen["quick"] = threads, quick
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+    monkeypatch.setattr(engine_costs, "measure_for_profile", failing)
+    result = runner.invoke(app, ["profile", "--quick", "--json", "--threads", "1", "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
+    assert seen["on_disk"]["engine"] is None and "engine_error" not in seen["on_disk"]
+    assert seen["threads"] == 1 and seen["quick"] is True
+    doc = json.loads(result.stdout)
+    assert doc["engine"] is None
+    error = doc["engine_error"]
+    assert error["type"] == "RuntimeError"
+    assert error["message"].startswith("CUDA error: an illegal memory access")
+    assert 1 < len(error["traceback"]) <= 15
+    assert "in failing" in "\n".join(error["traceback"])
+    assert error["traceback"][-2:] == [
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+        "more detail",
+    ]
+    saved = load_profile(target)
+    assert saved == doc
+    warnings = [line for line in result.stderr.splitlines() if "Warning:" in line]
+    assert len(warnings) == 1 and "RuntimeError" in warnings[0] and "more detail" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_engine_costs_rewrite_the_saved_profile(app, runner, scaled, tmp_path, monkeypatch):
+    from hetegen_cli.run import engine_costs
+    from tests.plan.engine_fakes import engine_section
+
+    target = tmp_path / "p.json"
+    monkeypatch.setattr(engine_costs, "measure_for_profile", lambda **_: engine_section(devices=("cpu",)))
+    result = runner.invoke(app, ["profile", "--quick", "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
+    saved = load_profile(target)
+    assert saved["engine"] == engine_section(devices=("cpu",))
+    assert "engine_error" not in saved
+    assert "Engine fixed costs" in result.stdout
+
+
+def test_an_invalid_engine_section_is_an_engine_error_not_a_lost_profile(
+    app, runner, scaled, tmp_path, monkeypatch
+):
+    from hetegen_cli.run import engine_costs
+    from tests.plan.engine_fakes import engine_section
+
+    bad = engine_section(devices=("cpu",))
+    bad["entries"][0]["decode"][0]["layer_s"] = float("nan")
+    monkeypatch.setattr(engine_costs, "measure_for_profile", lambda **_: bad)
+    target = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", "--quick", "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
+    saved = load_profile(target)
+    assert saved["engine"] is None and saved["engine_error"]["type"] == "ProfileError"
+    assert "layer_s" in saved["engine_error"]["message"]
+    assert "not measured (ProfileError" in result.stdout
+
+
+def test_no_engine_costs_skips_them(app, runner, scaled, tmp_path, monkeypatch):
+    from hetegen_cli.run import engine_costs
+
+    monkeypatch.setattr(engine_costs, "measure_for_profile", lambda **_: pytest.fail("measured anyway"))
+    target = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", "--quick", "--json", "--no-engine-costs", "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["engine"] is None and "engine_error" not in doc
+    assert load_profile(target) == doc
 
 
 # --- the schema: load / save / validate ----------------------------------------------------

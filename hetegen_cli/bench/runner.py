@@ -139,7 +139,7 @@ def run_bench(
         threads = (
             case.plan.runtime.cpu_threads if case.plan else (o.threads or int(p.profile["cpu"]["threads"]))
         )
-        for arm in p.arms:
+        for arm in run_order(p):
             ctx = ArmContext(
                 arm,
                 p.ref,
@@ -158,6 +158,14 @@ def run_bench(
                 on_update(report.finish(copy.deepcopy(doc)))
     doc["complete"] = True
     return report.finish(doc)
+
+
+def run_order(p: Prepared) -> list[str]:
+    """The arms in the order they run: as --arms names them (a caller with little time puts
+    the baseline it needs most first), else prepare.RUN_ORDER."""
+    if p.options.arms:
+        return [a for a in p.options.arms if a in p.arms]
+    return list(p.arms)
 
 
 def _skeleton(p: Prepared) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -100,14 +101,8 @@ def test_ratios_bounds_and_predictions_with_fake_measurements(gpu_world):
     assert doc["kind"] == "hetegen.bench" and doc["schema_version"] == 1
     assert len(doc["budgets"]) == 2
     arms = {e["arm"]: e for e in doc["budgets"][0]["arms"]}
-    assert [e["arm"] for e in doc["budgets"][0]["arms"]] == [
-        "cpu",
-        "hetegen",
-        "offload",
-        "accelerate",
-        "layer-split",
-        "gpu",
-    ]
+    # in the order --arms names them
+    assert [e["arm"] for e in doc["budgets"][0]["arms"]] == list(gpu_world.arms)
     het = arms["hetegen"]
     # hetegen 4 tok/s... via decode seconds 3/4 per 3 steps
     assert het["metrics"]["decode_tokens_per_s"]["mean"] == pytest.approx(4.0)
@@ -380,6 +375,16 @@ def test_bench_output_is_rewritten_after_every_arm(tiny_opt_dir, tmp_path, monke
     assert [e["arm"] for e in partial["budgets"][0]["arms"]] == ["reference"]
     assert partial["budgets"][0]["arms"][0]["status"] == "ok"
     assert json.loads(out.read_text()) == partial  # nothing half-written after the interrupt
+
+
+def test_arms_run_in_the_order_given_else_the_default_order(gpu_world):
+    order = ("gpu", "layer-split", "hetegen", "offload", "cpu", "accelerate")
+    doc = _fake_doc(replace(gpu_world, arms=order))
+    assert [e["arm"] for e in doc["budgets"][0]["arms"]] == list(order)
+    doc = _fake_doc(replace(gpu_world, arms=None))
+    assert [e["arm"] for e in doc["budgets"][0]["arms"]] == [
+        a for a in prepare.RUN_ORDER if a in prepare.default_arms(True)
+    ]
 
 
 def test_the_gpu_arm_of_another_budget_is_the_token_baseline(gpu_world):

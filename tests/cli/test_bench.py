@@ -139,7 +139,7 @@ def test_sweep_writes_json_csv_and_plot_with_rows_for_both_budgets(tiny_llama_di
         cpu_profile,
         *TINY,
         "--arms",
-        "hetegen,cpu,offload",
+        "cpu,hetegen,offload",  # the order they run in
         "--gpu-memory",
         "1GiB, 2GiB",
         "--output",

@@ -1,17 +1,24 @@
 """Summarise the work folder of scripts/gpu-check.sh into gpu-check.json (and print it).
 
 Usage: python3 scripts/gpu_check_summary.py WORK_DIR
-Reads each step's exit code and stderr, smoke.json, arms.json and sweep.json (hetegen.bench
-documents, possibly partial: "complete": false), profile.json and the CUDA tests' output;
-writes WORK_DIR/gpu-check.json. Missing pieces are reported as missing; failed arms carry
-their error.
+Reads the budget, the import preflight (preflight.json), each step's limit, exit code,
+duration or skip reason (NAME.limit, NAME.rc, NAME.seconds, NAME.skipped), the profile
+(profile.json: GPU rates, the copy-engine probe, the engine costs or their error), the CUDA
+tests' output, and the bench documents smoke.json, arms.json, quant.json and sweep.json
+(possibly partial: "complete": false). Writes WORK_DIR/gpu-check.json atomically. Missing
+pieces are reported as missing; failed arms carry their error. Standard library only: it runs
+even where the preflight fails.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+STEPS = ("preflight", "cuda-tests", "profile", "smoke", "arms", "simulate", "quant", "sweep")
+BENCH_STEPS = ("smoke", "arms", "quant", "sweep")
 
 
 def _read(path: Path):
@@ -21,10 +28,17 @@ def _read(path: Path):
         return None
 
 
-def _rc(path: Path):
+def _text(path: Path) -> str | None:
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _int(path: Path):
+    try:
+        return int((_text(path) or "").strip())
+    except ValueError:
         return None
 
 
@@ -68,56 +82,146 @@ def arm_rows(doc: dict | None) -> list[dict]:
     return rows
 
 
-def _step(work: Path, name: str) -> dict:
-    """Exit code and the last stderr line of one step of gpu-check.sh."""
-    err = (
-        (work / f"{name}.stderr").read_text(errors="replace").strip().splitlines()
-        if (work / f"{name}.stderr").exists()
-        else []
-    )
-    return {"rc": _rc(work / f"{name}.rc"), "stderr_last_line": err[-1] if err else None}
+def step_row(work: Path, name: str) -> dict:
+    """One step of gpu-check.sh: limit, seconds, exit code and what became of it
+    (ok, failed, timed-out, skipped with its reason, running, or not-run)."""
+    rc = _int(work / f"{name}.rc")
+    skipped = _text(work / f"{name}.skipped")
+    err = (_text(work / f"{name}.stderr") or "").splitlines()
+    if skipped is not None:
+        result = "skipped"
+    elif rc is None:
+        result = "running" if (work / f"{name}.stdout").exists() else "not-run"
+    elif rc == 0:
+        result = "ok"
+    elif rc in (124, 137):
+        result = "timed-out"
+    else:
+        result = "failed"
+    return {
+        "name": name,
+        "result": result,
+        "rc": rc,
+        "limit_s": _int(work / f"{name}.limit"),
+        "seconds": _int(work / f"{name}.seconds"),
+        "skipped_reason": skipped,
+        "stderr_last_line": err[-1] if err else None,
+    }
 
 
-def main(work_dir: str) -> int:
-    work = Path(work_dir)
-    tests = (
-        (work / "cuda-tests.stdout").read_text(errors="replace").strip().splitlines()
-        if (work / "cuda-tests.stdout").exists()
-        else []
-    )
+def preflight_section(work: Path) -> dict:
+    doc = _read(work / "preflight.json")
+    if doc is None:
+        return {"ok": None, "note": "no preflight record (it did not run or did not finish)"}
+    versions = {
+        name: (r.get("version") or "ok") if r.get("ok") else None
+        for group in ("required", "optional")
+        for name, r in (doc.get(group) or {}).items()
+    }
+    errors = {
+        name: r.get("error")
+        for group in ("required", "optional")
+        for name, r in (doc.get(group) or {}).items()
+        if not r.get("ok")
+    }
+    return {
+        "ok": doc.get("ok"),
+        "missing_required": doc.get("missing_required", []),
+        "missing_optional": doc.get("missing_optional", []),
+        "errors": errors,
+        "versions": versions,
+        "python": doc.get("python"),
+        "cuda": doc.get("cuda"),
+        "hetegen_version": (doc.get("hetegen_version") or {}).get("output"),
+        "wheels_installed": {0: True, 1: False}.get(_int(work / "wheels.rc")),
+    }
+
+
+def profile_section(work: Path) -> dict:
     profile = _read(work / "profile.json") or {}
     gpu = profile.get("gpu") or {}
-    summary = {
-        "schema_version": 2,
-        "kind": "hetegen.gpu-check",
-        "cuda_tests": {**_step(work, "cuda-tests"), "last_line": tests[-1] if tests else None},
-        "smoke": {**_step(work, "smoke"), "arms": arm_rows(_read(work / "smoke.json"))},
-        "profile": {**_step(work, "profile"), "gpu": gpu.get("name"), "note": profile.get("gpu_note")},
-        "arms": {
-            **_step(work, "arms"),
-            "complete": (_read(work / "arms.json") or {}).get("complete"),
-            "rows": arm_rows(_read(work / "arms.json")),
-        },
-        "quant": {
-            **_step(work, "quant"),
-            "complete": (_read(work / "quant.json") or {}).get("complete"),
-            "rows": arm_rows(_read(work / "quant.json")),
-        },
-        "sweep": {
-            **_step(work, "sweep"),
-            "complete": (_read(work / "sweep.json") or {}).get("complete"),
-            "rows": arm_rows(_read(work / "sweep.json")),
-            "plot": (work / "sweep.png").exists(),
-        },
+    section = {
+        "saved": bool(profile),
+        "gpu": gpu.get("name"),
+        "note": profile.get("gpu_note"),
+        "copy_engine_probe": gpu.get("copy_engine_probe"),
+        "copy_engine_probe_error": gpu.get("copy_engine_probe_error"),
+        "engine_costs": "measured"
+        if profile.get("engine")
+        else ("failed" if profile.get("engine_error") else ("missing" if profile else None)),
+        "engine_error": profile.get("engine_error"),
     }
     transfers = [
         t for t in gpu.get("transfers", []) if t.get("direction") == "h2d" and t.get("memory") == "pinned"
     ]
     if transfers:
         largest = max(transfers, key=lambda t: t["size_bytes"])
-        summary["profile"]["h2d_pinned_largest_gbps"] = largest["bytes_per_s"] / 1e9
-    (work / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+        section["h2d_pinned_largest_gbps"] = largest["bytes_per_s"] / 1e9
+    return section
+
+
+def simulation_section(work: Path) -> dict:
+    """The trace replay of the plan the arms step's hetegen arm ran, beside what it measured."""
+    plan = _read(work / "simulate-plan.json") or {}
+    decode = (plan.get("simulation") or {}).get("decode") or {}
+    measured = [
+        r["decode_tokens_per_s"]
+        for r in arm_rows(_read(work / "arms.json"))
+        if r["arm"] == "hetegen" and r.get("decode_tokens_per_s")
+    ]
+    section = {
+        "simulated_decode_tokens_per_s": decode.get("simulated_tokens_per_s"),
+        "predicted_decode_tokens_per_s": decode.get("predicted_tokens_per_s"),
+        "ideal_decode_tokens_per_s": decode.get("ideal_tokens_per_s"),
+        "measured_decode_tokens_per_s": measured[0] if measured else None,
+        "copy_engines": (plan.get("simulation") or {}).get("copy_engines"),
+    }
+    if section["measured_decode_tokens_per_s"] and section["simulated_decode_tokens_per_s"]:
+        section["simulated_over_measured"] = (
+            section["simulated_decode_tokens_per_s"] / section["measured_decode_tokens_per_s"]
+        )
+    return section
+
+
+def summarise(work: Path) -> dict:
+    steps = {name: step_row(work, name) for name in STEPS}
+    pre = steps["preflight"]
+    if pre["rc"] is None and (work / "preflight.json").exists():
+        pre["result"] = "ok" if (_read(work / "preflight.json") or {}).get("ok") else "failed"
+    tests = (_text(work / "cuda-tests.stdout") or "").splitlines()
+    summary = {
+        "schema_version": 3,
+        "kind": "hetegen.gpu-check",
+        "budget": _read(work / "budget.json"),
+        "preflight": preflight_section(work),
+        "steps": list(steps.values()),
+        "cuda_tests": {**steps["cuda-tests"], "last_line": tests[-1] if tests else None},
+        "profile": {**steps["profile"], **profile_section(work)},
+    }
+    for name in BENCH_STEPS:
+        doc = _read(work / f"{name}.json")
+        summary[name] = {
+            **steps[name],
+            "complete": (doc or {}).get("complete"),
+            "arms_requested": (doc or {}).get("arms_requested"),
+            "rows": arm_rows(doc),
+        }
+    summary["sweep"]["plot"] = (work / "sweep.png").exists()
+    summary["simulate"] = {**steps["simulate"], **simulation_section(work)}
+    return summary
+
+
+def main(work_dir: str) -> int:
+    work = Path(work_dir)
+    if not work.is_dir():
+        print(f"gpu_check_summary: {work} is not a folder", file=sys.stderr)
+        return 2
+    summary = summarise(work)
+    text = json.dumps(summary, indent=2) + "\n"
+    tmp = work / f".gpu-check.json.{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, work / "gpu-check.json")
+    print(text, end="")
     return 0
 
 

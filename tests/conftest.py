@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -19,10 +20,15 @@ from tests.tiny_models import (
 
 REPO = Path(__file__).resolve().parent.parent
 
-try:  # the property tests need Hypothesis (a dev extra); a bare GPU machine may lack it
-    import hypothesis  # noqa: F401
-except ImportError:
-    collect_ignore_glob = ["*/test_*_properties.py"]
+collect_ignore: list[str] = []
+collect_ignore_glob: list[str] = []
+if importlib.util.find_spec("hypothesis") is None:
+    # the property tests need Hypothesis (a dev extra); a bare GPU machine may lack it
+    collect_ignore_glob.append("*/test_*_properties.py")
+if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "openai", "httpx")):
+    # the server's tests need its packages, which the GPU machine's image lacks
+    # (docs/gpu-check.md): there `pytest -m cuda tests` collects the rest
+    collect_ignore.append("serve")
 #: Converted real models are kept here between test runs (git-ignored), not per test.
 SHARED_MODELS = Path(os.environ.get("HETEGEN_TEST_MODELS", REPO / ".hetegen-test-cache" / "models"))
 

@@ -91,7 +91,9 @@ def made_up_profile(machine: str, copy_engines: int | None = None) -> dict:
     return doc
 
 
-def run_case(name: str, copy_engines: int | None) -> dict:
+def run_case(name: str, copy_engines: int | None, replay_engines: int | None = None) -> dict:
+    """One case; `replay_engines` replays on that many copy engines whatever the plan (and so
+    the engine's copy order) assumed."""
     from hetegen_cli.models.source import resolve_model
     from hetegen_cli.plan.request import PlanRequest
     from hetegen_cli.plan.simulate import with_simulation
@@ -103,7 +105,9 @@ def run_case(name: str, copy_engines: int | None) -> dict:
     req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=budget, model_arg=model)
     plan = make_plan(ref.spec, made_up_profile(machine, copy_engines), req)
     trace, info = record_trace(plan, ref.spec)
-    plan, _ = with_simulation(plan, ref.spec, trace, engine_costs_on_gpu=False, recorded=info)
+    plan, _ = with_simulation(
+        plan, ref.spec, trace, engine_costs_on_gpu=False, copy_engines=replay_engines, recorded=info
+    )
     sim = plan.simulation
     dec = sim["decode"]
     return {
@@ -131,9 +135,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--copy-engines", type=int, choices=(1, 2), default=None)
+    parser.add_argument(
+        "--replay-engines",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="replay on this many copy engines whatever the plan assumed: --copy-engines 2 "
+        "--replay-engines 1 shows the early copy order (the engine before issue 18) on one engine",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = [run_case(c.strip(), args.copy_engines) for c in args.cases.split(",") if c.strip()]
+    rows = [
+        run_case(c.strip(), args.copy_engines, args.replay_engines)
+        for c in args.cases.split(",")
+        if c.strip()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         fixed costs. Save them as a versioned profile: first without the engine's costs, then
         with them (or with why they failed: `engine_error`)."""
         from hetegen_cli.core import paths
-        from hetegen_cli.profile.document import save_profile
+        from hetegen_cli.profile.document import busy_warning, save_profile
         from hetegen_cli.profile.measure import run_profile
 
         path = output_arg(output) or check_output_path(paths.default_profile_path())
@@ -56,13 +56,9 @@ def register(app: typer.Typer) -> None:
             emit_json(doc)
         else:
             render(doc)
-        load = doc["host"].get("load_average_1m")
-        if load is not None and load >= 0.75 * doc["host"]["logical_cores"]:
-            warn(
-                f"the machine was busy (load average {load:.1f} on "
-                f"{doc['host']['logical_cores']} cores): the rates are likely low and noisy; "
-                "re-run `hetegen profile` when it is idle"
-            )
+        warning = busy_warning(doc)
+        if warning:  # recorded in the document too: plan, run and bench repeat it
+            warn(warning)
         if doc["cpu"]["threads"] > doc["host"]["logical_cores"]:
             warn(
                 f"--threads {doc['cpu']['threads']} exceeds the {doc['host']['logical_cores']} logical cores"

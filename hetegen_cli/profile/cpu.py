@@ -78,6 +78,20 @@ def _load_average() -> float | None:
         return None
 
 
+def cpu_pressure() -> float | None:
+    """Linux's CPU pressure: % of the last 10 s in which some runnable task waited for a core
+    (/proc/pressure/cpu, "some avg10"), or None where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("some"):
+                    fields = dict(part.split("=", 1) for part in line.split()[1:])
+                    return float(fields["avg10"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
 def host_info() -> dict[str, Any]:
     """CPU model, cores, RAM, matrix-kernel CPU flags and software versions."""
     model, flags = _cpuinfo()

@@ -288,6 +288,14 @@ class EngineError(Schema):
     traceback: list[Text]  # the last lines
 
 
+class Busy(Schema):
+    busy: Flag
+    reasons: list[Text]
+    load_average_1m: NonNegative | None = None  # when measuring started
+    cpu_pressure_some_avg10: NonNegative | None = None  # /proc/pressure/cpu, %, when it started
+    gemv_median_relative_sd: NonNegative | None = None  # sd / mean of the CPU GEMV repeats
+
+
 class Profile(Schema):
     schema_version: StrictInt
     kind: Literal["hetegen.profile"]
@@ -300,6 +308,47 @@ class Profile(Schema):
     gpu_note: Text | None
     engine: EngineCosts | None = None  # schema 2; version 1 profiles have none
     engine_error: EngineError | None = None  # set when measuring `engine` failed
+    busy: Busy | None = None  # profiles before it lack it
+
+
+#: the signs of a busy machine (profile.measure records them; docs/profile.md)
+BUSY_LOAD_PER_CORE = 0.75  # 1-minute load average per logical core when measuring starts
+BUSY_PRESSURE_PCT = 25.0  # % of the last 10 s some runnable task waited for a CPU
+BUSY_RELATIVE_SD = 0.15  # median sd / mean of the CPU GEMV repeats
+
+
+def assess_busy(
+    load_average: float | None, pressure: float | None, relative_sd: float | None, logical_cores: int
+) -> dict[str, Any]:
+    """The profile's `busy` section from what measure saw: busy when any sign passes its
+    threshold, with a reason for each."""
+    reasons = []
+    if load_average is not None and load_average >= BUSY_LOAD_PER_CORE * logical_cores:
+        reasons.append(f"load average {load_average:.1f} on {logical_cores} cores when it started")
+    if pressure is not None and pressure >= BUSY_PRESSURE_PCT:
+        reasons.append(f"CPU pressure {pressure:.0f}% (tasks waiting for a core) when it started")
+    if relative_sd is not None and relative_sd >= BUSY_RELATIVE_SD:
+        reasons.append(f"CPU GEMV repeats spread {relative_sd:.0%} (median sd / mean)")
+    return {
+        "busy": bool(reasons),
+        "reasons": reasons,
+        "load_average_1m": load_average,
+        "cpu_pressure_some_avg10": pressure,
+        "gemv_median_relative_sd": relative_sd,
+    }
+
+
+def busy_warning(profile: dict[str, Any], path: str | Path | None = None) -> str | None:
+    """The warning for a profile measured on a busy machine, or None."""
+    busy = profile.get("busy") or {}
+    if not busy.get("busy"):
+        return None
+    where = f" {path}" if path is not None else ""
+    return (
+        f"the profile{where} was measured while the machine was busy ({'; '.join(busy['reasons'])}): "
+        f"its rates, and the plans and predictions made from them, may be off; re-run `{PRODUCED_BY}` "
+        "on an idle machine"
+    )
 
 
 def validate_profile(doc: dict[str, Any], source: str = "profile") -> dict[str, Any]:

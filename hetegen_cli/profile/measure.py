@@ -11,12 +11,20 @@ from typing import Any
 import torch
 
 from hetegen_cli.core import devices, paths
-from hetegen_cli.core.console import activity, note
+from hetegen_cli.core.console import activity, note, warn
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.core.paths import check_writable_folder, probe
 from hetegen_cli.core.quant import QUANT_FORMATS
-from hetegen_cli.profile.cpu import default_threads, host_info, measure_cpu, sweep_threads
-from hetegen_cli.profile.document import GPU_SKIPPED_NOTE, build_profile, identity, load_profile, save_profile
+from hetegen_cli.profile.cpu import cpu_pressure, default_threads, host_info, measure_cpu, sweep_threads
+from hetegen_cli.profile.document import (
+    GPU_SKIPPED_NOTE,
+    assess_busy,
+    build_profile,
+    busy_warning,
+    identity,
+    load_profile,
+    save_profile,
+)
 from hetegen_cli.profile.gpu import measure_gpu
 from hetegen_cli.profile.timing import (
     CPU_DTYPES,
@@ -64,6 +72,7 @@ def run_profile(
     elif repeat:
         sizes = replace(sizes, repeat=repeat)
     host = host_info()
+    pressure = cpu_pressure()  # before our own threads start
     has_gpu = gpu_backend is not None or devices.cuda_available()
     threads = threads or default_threads(host["physical_cores"], has_gpu)
     pool = sizes.pool_bytes or max(256 * MiB, 2 * (host["last_level_cache_bytes"] or 0))
@@ -83,7 +92,19 @@ def run_profile(
         with activity("measuring the engine's fixed costs"):
             gpu_side = gpu_backend or (devices.get_backend("cuda") if has_gpu else None)
             engine = engine_costs(threads=threads, quick=quick, gpu_backend=gpu_side)
-    return build_profile(host, cpu, gpu, note, quick, engine=engine)
+    doc = build_profile(host, cpu, gpu, note, quick, engine=engine)
+    doc["busy"] = assess_busy(
+        host.get("load_average_1m"), pressure, gemv_relative_sd(cpu), host["logical_cores"]
+    )
+    return doc
+
+
+def gemv_relative_sd(cpu: dict[str, Any]) -> float | None:
+    """Median sd / mean of the CPU GEMV timings: repeats that disagree mean other work ran."""
+    spreads = sorted(
+        m["seconds"]["sd"] / m["seconds"]["mean"] for m in cpu.get("gemv", []) if m["seconds"]["mean"] > 0
+    )
+    return spreads[len(spreads) // 2] if spreads else None
 
 
 def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
@@ -118,4 +139,7 @@ def load_or_measure(
             save_profile(run_profile(quick=True, progress=progress, engine_costs=engine_costs), path)
             note(f"profile saved to {path}")
     doc = load_profile(path)
+    warning = busy_warning(doc, path)
+    if warning:
+        warn(warning)
     return doc, identity(doc, path)

@@ -164,7 +164,7 @@ def test_engine_cost_failure_keeps_the_saved_profile_and_records_the_error(
     ]
     saved = load_profile(target)
     assert saved == doc
-    warnings = [line for line in result.stderr.splitlines() if "Warning:" in line]
+    warnings = [line for line in result.stderr.splitlines() if "Warning:" in line and "busy" not in line]
     assert len(warnings) == 1 and "RuntimeError" in warnings[0] and "more detail" not in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -214,3 +214,28 @@ def test_no_engine_costs_skips_them(app, runner, scaled, tmp_path, monkeypatch):
 
 
 # --- the schema: load / save / validate ----------------------------------------------------
+
+
+def test_a_profile_measured_on_a_busy_machine_says_so_and_so_do_its_users(tmp_path, monkeypatch):
+    """The busy signs are recorded in the document; loading it for plan, run or bench warns."""
+    from hetegen_cli.profile.document import assess_busy, busy_warning, save_profile
+    from hetegen_cli.profile.measure import gemv_relative_sd, load_or_measure
+    from tests.fakes import make_profile
+
+    idle = assess_busy(0.3, 1.0, 0.02, 8)
+    assert idle == {**idle, "busy": False, "reasons": []}
+    busy = assess_busy(7.5, 40.0, 0.3, 8)
+    assert busy["busy"] and len(busy["reasons"]) == 3
+    assert assess_busy(None, None, 0.2, 2)["reasons"] == ["CPU GEMV repeats spread 20% (median sd / mean)"]
+    cpu = {"gemv": [{"seconds": {"mean": 1.0, "sd": sd}} for sd in (0.01, 0.3, 0.02)]}
+    assert gemv_relative_sd(cpu) == 0.02
+    doc = {**make_profile(), "busy": busy}
+    path = save_profile(doc, tmp_path / "busy.json")
+    said = []
+    monkeypatch.setattr("hetegen_cli.profile.measure.warn", said.append)
+    load_or_measure(path)
+    assert said == [busy_warning(doc, path)] and "load average 7.5" in said[0]
+    save_profile({**doc, "busy": idle}, path)
+    said.clear()
+    load_or_measure(path)
+    assert said == []

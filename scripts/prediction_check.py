@@ -11,7 +11,7 @@ Cases (each a `hetegen bench --json` run; every arm reports `prediction_check`):
             machine's profile with a made-up GPU section, --gpu-memory 1.45GiB), run on the CPU
             stand-in (`hetegen`), prompt 256, 16 new tokens
 
-Round 1 is measured with the profile as it is; then `hetegen plan --calibrate` refits the fixed
+Round 1 is measured with the profile as it is; then `hetegen calibrate` refits the fixed
 terms from round 1's documents; the next rounds are measured with the calibration (new runs,
 not the ones calibrated on). Medians of `--repeat` timed runs per arm (bench's own). The machine
 is shared: compare within a round. Needs a saved profile (`hetegen profile --quick`).
@@ -146,8 +146,8 @@ def main() -> None:
                     flush=True,
                 )
         if r == 0 and a.rounds > 1:  # refit the fixed terms from round 1 (this profile's runs)
-            cal = [x for p in docs if "mixed" not in p.name for x in ("--calibrate", str(p))]
-            subprocess.run([sys.executable, "-m", "hetegen_cli", "plan", *cal], check=True)
+            cal = [str(p) for p in docs if "mixed" not in p.name]
+            subprocess.run([sys.executable, "-m", "hetegen_cli", "calibrate", *cal], check=True)
             mixed = [p for p in docs if "mixed" in p.name]
             if mixed:  # the stand-in case was predicted with the mixed profile: its own calibration
                 subprocess.run(
@@ -155,8 +155,7 @@ def main() -> None:
                         sys.executable,
                         "-m",
                         "hetegen_cli",
-                        "plan",
-                        "--calibrate",
+                        "calibrate",
                         str(mixed[0]),
                         "--profile",
                         str(out / "mixed-profile.json"),

@@ -11,7 +11,7 @@ import os
 import typer
 
 from hetegen_cli import __version__
-from hetegen_cli.cli import bench, eval, models, plan, profile, quantize, run, serve
+from hetegen_cli.cli import bench, calibrate, eval, models, plan, profile, quantize, run, serve
 
 app = typer.Typer(
     name="hetegen",
@@ -41,7 +41,7 @@ def _root(
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-for _module in (profile, plan, run, bench, serve, quantize, eval, models):
+for _module in (profile, plan, calibrate, run, bench, serve, quantize, eval, models):
     _module.register(app)
 
 

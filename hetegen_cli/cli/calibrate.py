@@ -1,13 +1,32 @@
-"""`hetegen plan --calibrate RUN.json ...`: refit the fixed terms from real runs of this machine
-and store the calibration next to the profile (plan.calibration)."""
+"""`hetegen calibrate RUN.json ...`: refit the fixed terms from real runs of this machine and
+store the calibration next to the profile (plan.calibration). `hetegen plan --calibrate` is
+the same, kept for scripts written before the command (deprecated)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import typer
+
+from hetegen_cli.cli.common import JsonOption, ProfileOption, guarded, input_file_arg
 from hetegen_cli.core.console import emit_json, note, stdout_console
 from hetegen_cli.core.errors import InputError, ProfileError
 from hetegen_cli.core.jsonio import read_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("calibrate")
+    @guarded
+    def calibrate_command(
+        runs: list[Path] = typer.Argument(
+            ..., help="`hetegen run --json` or `hetegen bench --json` output made with the profile."
+        ),
+        profile: ProfileOption = None,
+        json_: JsonOption = False,
+    ) -> None:
+        """Refit the profile's fixed costs from real runs of this machine and save the
+        calibration next to the profile: plan, run and bench apply it from then on."""
+        calibrate([input_file_arg(r, "RUN") for r in runs], input_file_arg(profile, "--profile"), json_)
 
 
 def calibrate(runs: list[Path], profile: Path | None, json_: bool) -> None:

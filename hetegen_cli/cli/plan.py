@@ -71,8 +71,7 @@ def register(app: typer.Typer) -> None:
         calibrate_runs: list[Path] | None = typer.Option(
             None,
             "--calibrate",
-            help="Refit the fixed costs from `run --json` / `bench --json` output of this machine "
-            "(repeatable) and save the calibration next to the profile; no plan is made.",
+            help="Deprecated: use `hetegen calibrate RUN.json ...` (the same; no plan is made).",
         ),
         simulate: bool = typer.Option(
             False,
@@ -104,7 +103,9 @@ def register(app: typer.Typer) -> None:
 
         if calibrate_runs:
             from hetegen_cli.cli.calibrate import calibrate
+            from hetegen_cli.core.console import warn
 
+            warn("`hetegen plan --calibrate` is deprecated: use `hetegen calibrate RUN.json ...`")
             runs = [input_file_arg(r, "--calibrate") for r in calibrate_runs]
             return calibrate(runs, input_file_arg(profile, "--profile"), json_)
         req = PlanRequest(

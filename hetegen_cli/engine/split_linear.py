@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetegen_cli.core.devices import Backend, pinned_cost, torch_dtype
+from hetegen_cli.core.phase import PHASES
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.prefetch import PrefetchScheduler
 from hetegen_cli.engine.trace import Tracer
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import rows_bytes
-
-PHASES = ("prefill", "decode")
 
 
 @dataclass

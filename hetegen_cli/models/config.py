@@ -18,7 +18,6 @@ from hetegen_cli.core.jsonio import read_json
 from hetegen_cli.core.validation import Flag, Positive, Schema, check
 
 SUPPORTED_ARCHITECTURES = ("opt", "llama", "mistral", "qwen2")
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
 #: activations transformers' ACT2FN knows that the supported architectures use
 ACTIVATIONS = (
     "silu",

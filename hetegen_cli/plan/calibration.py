@@ -19,6 +19,7 @@ from pydantic import Field
 
 from hetegen_cli.core.errors import InputError, ProfileError
 from hetegen_cli.core.jsonio import read_document, write_document
+from hetegen_cli.core.phase import PHASES
 from hetegen_cli.core.validation import NonNegative, Positive, Schema, Text, check
 from hetegen_cli.plan.overheads import NO_ENGINE_NOTE, Overheads, overheads_from_profile
 
@@ -26,7 +27,6 @@ CALIBRATION_KIND = "hetegen.calibration"
 CALIBRATION_SCHEMA_VERSION = 1
 MIN_FACTOR, MAX_FACTOR = 0.05, 20.0
 DEVICES = ("cpu", "cuda")
-PHASES = ("prefill", "decode")
 
 
 def calibration_path(profile_path: str | Path) -> Path:

@@ -113,7 +113,6 @@ class RuntimeSettings:
 PLAN_KIND = "hetegen.plan"
 PLAN_SCHEMA_VERSION = 2  # 2: the CPU dtype per phase (runtime.cpu_dtype_prefill/_decode)
 SUPPORTED_PLAN_VERSIONS = (1, 2)
-PHASES = ("prefill", "decode")
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hetegen_cli.core.dtypes import itemsize
+from hetegen_cli.core.phase import PHASES
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan.costmodel import PhaseRates
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.predictions import attention_for, figures
 from hetegen_cli.plan.request import PlanRequest
 
-PHASES = ("prefill", "decode")
 MODES = ("inline", "split", "stream")
 NO_ENGINE_NOTE = (
     "the profile has no engine costs (made before profile schema 2): predictions leave out "

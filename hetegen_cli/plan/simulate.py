@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hetegen_cli.core.dtypes import itemsize
+from hetegen_cli.core.phase import PHASES
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.document import LinearPlacement, Plan
@@ -39,7 +40,6 @@ from hetegen_cli.plan.predictions import attention_for, figures, head_time, toke
 from hetegen_cli.plan.replay import Replay, run_ops
 from hetegen_cli.plan.request import PlanRequest
 
-PHASES = ("prefill", "decode")
 #: the kinds a timeline draws, in legend order
 KINDS = (
     "host",

@@ -379,14 +379,6 @@ def save_profile(doc: dict[str, Any], path: str | Path) -> Path:
 # --- helpers for readers (the planner, bench) --------------------------------------------
 
 
-def gemv_entries(doc: dict, dtype: str, side: str = "cpu") -> list[dict]:
-    """GEMV measurements of `dtype` on `side` ("cpu" or "gpu"), smallest weight first."""
-    section = doc.get(side) or {}
-    return sorted(
-        (m for m in section.get("gemv", []) if m["dtype"] == dtype), key=lambda m: m["weight_bytes"]
-    )
-
-
 def identity(profile: dict, path: str | Path | None) -> dict:
     """Who made a plan's numbers: the plan's `profile` section (path, date, machine, sha256
     of the file's bytes when `path` is given)."""

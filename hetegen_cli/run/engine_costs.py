@@ -27,13 +27,12 @@ cost model's fixed terms.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from hetegen_cli.models.synthetic import RandomPool, tensor_shapes, write_safete
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.profile import measure as profile_measure
-from hetegen_cli.profile.timing import SCALE_ENV
+from hetegen_cli.profile.timing import SCALE_ENV, torch_threads
 from hetegen_cli.run.generate import _cache_keyword, new_cache
 
 ENGINE_COSTS_VERSION = 1
@@ -314,16 +313,6 @@ def _linear_overheads(
     return result
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def measure_engine_costs(
     backends: list[Backend] | None = None,
     *,
@@ -344,7 +333,7 @@ def measure_engine_costs(
     default_dtypes = {"cpu": ("float32", "bfloat16")}
     entries = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="hetegen-engine-costs-") as tmp, _threads(threads):
+    with tempfile.TemporaryDirectory(prefix="hetegen-engine-costs-") as tmp, torch_threads(threads):
         refs = {
             arch: {
                 n: write_tiny_model(Path(tmp) / f"{arch}-{n}", arch, sizes.shape, n)

@@ -1,4 +1,4 @@
-"""Calibration of the fixed terms from real runs (plan.calibration, `plan --calibrate`)."""
+"""Calibration of the fixed terms from real runs (plan.calibration, `hetegen calibrate`)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_plan_calibrate_writes_next_to_the_profile_and_refuses_strangers(saved, 
     path, _, who = saved
     run = tmp_path / "run.json"
     run.write_text(json.dumps(_run_doc(who, (1.0, 0.4, 0.3), (0.05, 0.02, 0.01))))
-    result = cli("plan", "--calibrate", str(run), "--profile", str(path), "--json")
+    result = cli("calibrate", str(run), "--profile", str(path), "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["kind"] == "hetegen.calibration" and doc["factors"]["cpu"]["prefill"] == pytest.approx(2.0)
@@ -107,12 +107,12 @@ def test_plan_calibrate_writes_next_to_the_profile_and_refuses_strangers(saved, 
     foreign.write_text(
         json.dumps(_run_doc(dict(who, sha256="1" * 64, cpu_model="Other"), (1, 0.4, 0.3), (1, 1, 1)))
     )
-    assert_error(
-        cli("plan", "--calibrate", str(foreign), "--profile", str(path)), "Other", "calibrate with runs"
-    )
+    assert_error(cli("calibrate", str(foreign), "--profile", str(path)), "Other", "calibrate with runs")
     plan_doc = tmp_path / "plan.json"
     plan_doc.write_text('{"kind": "hetegen.plan", "schema_version": 2}')
-    assert_error(
-        cli("plan", "--calibrate", str(plan_doc), "--profile", str(path)), "not a `hetegen run --json`"
-    )
-    assert_error(cli("plan", "--calibrate", str(tmp_path / "missing.json")), "does not exist")
+    assert_error(cli("calibrate", str(plan_doc), "--profile", str(path)), "not a `hetegen run --json`")
+    assert_error(cli("calibrate", str(tmp_path / "missing.json")), "does not exist")
+    # the old spelling still works, with a deprecation warning
+    old = cli("plan", "--calibrate", str(run), "--profile", str(path), "--json")
+    assert old.exit_code == 0 and json.loads(old.stdout)["factors"] == doc["factors"]
+    assert "deprecated" in old.stderr and "hetegen calibrate" in old.stderr

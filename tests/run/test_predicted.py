@@ -44,12 +44,12 @@ def test_a_plain_cpu_run_reports_predicted_and_measured_per_phase(tiny_llama_dir
 
 
 def test_a_run_calibrates_its_profile(tiny_llama_dir, hetegen_home, tmp_path):
-    """run --json, then plan --calibrate with it: the next run predicts the measured time of the
+    """run --json, then hetegen calibrate with it: the next run predicts the measured time of the
     first for its fixed part (the factor fits that run exactly)."""
     _profile(hetegen_home / "profile.json")
     first = tmp_path / "run.json"
     first.write_text(json.dumps(_run(tiny_llama_dir, "--dtype", "float32")))
-    result = cli("plan", "--calibrate", str(first), "--json")
+    result = cli("calibrate", str(first), "--json")
     assert result.exit_code == 0, result.output
     cal = json.loads(result.stdout)
     assert (hetegen_home / "profile.calibration.json").is_file()

@@ -103,7 +103,6 @@ def register(app: typer.Typer) -> None:
 
         if calibrate_runs:
             from hetegen_cli.cli.calibrate import calibrate
-            from hetegen_cli.core.console import warn
 
             warn("`hetegen plan --calibrate` is deprecated: use `hetegen calibrate RUN.json ...`")
             runs = [input_file_arg(r, "--calibrate") for r in calibrate_runs]

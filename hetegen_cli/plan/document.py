@@ -12,12 +12,18 @@ Prefill and decode each have their own split (docs/method.md §6).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictBool, StrictInt
 
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.jsonio import write_document
+
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+#: a runtime field that plans written before it lack: it loads with its default
+SINCE_LATER = {"optional": True}
 
 ROW_GRANULARITY = 16  # CPU/GPU split points are multiples of this many rows (or 0 / out)
 
@@ -78,22 +84,25 @@ class LinearPlacement:
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """How the engine executes the placements."""
+    """How the engine executes the placements. The one definition of a runtime setting: the
+    plan document's `runtime` section is written from these fields and read back through
+    their types (plan.load validates each against its annotation; a field marked
+    SINCE_LATER may be absent in older plans, every other one is required)."""
 
-    weights_dtype: str = "float16"  # dtype of GPU-side (streamed and resident) weights
-    cpu_dtype_prefill: str = "float32"  # dtype the CPU share is computed in during prefill
-    cpu_dtype_decode: str = "float32"  # ... and during decode
-    cpu_threads: int = 1  # torch intra-op threads for the CPU share
-    staging_buffers: int = 2  # rotating GPU receive buffers for streamed shares
-    prefetch_depth: int = 1  # streamed shares issued ahead of the one computing
-    pin_weights: bool = True  # pin host-held weights once at load
-    lm_head_on_gpu: bool = True  # the LM head stays resident (else planned as a linear)
-    requires_gpu: bool = True  # False for all-CPU plans
+    weights_dtype: WeightDtype = "float16"  # dtype of GPU-side (streamed and resident) weights
+    cpu_dtype_prefill: WeightDtype = "float32"  # dtype the CPU share is computed in during prefill
+    cpu_dtype_decode: WeightDtype = "float32"  # ... and during decode
+    cpu_threads: Annotated[StrictInt, Field(ge=1, le=4096)] = 1  # intra-op threads for the CPU share
+    staging_buffers: Annotated[StrictInt, Field(ge=0, le=64)] = 2  # GPU receive buffers for shares
+    prefetch_depth: Annotated[StrictInt, Field(ge=0, le=64)] = 1  # shares issued ahead of use
+    pin_weights: StrictBool = True  # pin host-held weights once at load
+    lm_head_on_gpu: StrictBool = True  # the LM head stays resident (else planned as a linear)
+    requires_gpu: StrictBool = True  # False for all-CPU plans
     # host-to-device copy engines the plan assumes (the profile's probe; 1 when unknown): with
     # one, the next weight copies are issued after a linear's join, so its small copy goes
     # first; with two or more, as soon as the linear starts (docs/engine.md)
-    copy_engines: int = 1
-    extra: dict = field(default_factory=dict, compare=False)
+    copy_engines: Annotated[StrictInt, Field(ge=1, le=64)] = field(default=1, metadata=SINCE_LATER)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, metadata=SINCE_LATER)
 
     @property
     def cpu_dtypes(self) -> tuple[str, str]:
@@ -247,19 +256,10 @@ class Plan:
 
 
 def runtime_to_dict(runtime: RuntimeSettings) -> dict:
-    return {
-        "weights_dtype": runtime.weights_dtype,
-        "cpu_dtype_prefill": runtime.cpu_dtype_prefill,
-        "cpu_dtype_decode": runtime.cpu_dtype_decode,
-        "cpu_threads": runtime.cpu_threads,
-        "staging_buffers": runtime.staging_buffers,
-        "prefetch_depth": runtime.prefetch_depth,
-        "pin_weights": runtime.pin_weights,
-        "lm_head_on_gpu": runtime.lm_head_on_gpu,
-        "requires_gpu": runtime.requires_gpu,
-        "copy_engines": runtime.copy_engines,
-        "extra": dict(runtime.extra),
-    }
+    """The plan's `runtime` section: every field of RuntimeSettings, in order."""
+    out = {f.name: getattr(runtime, f.name) for f in fields(runtime)}
+    out["extra"] = dict(runtime.extra)
+    return out
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:

@@ -5,10 +5,11 @@ sections included (docs/validation.md); PlanError names the file, the field and 
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import Field, StrictInt, model_validator
+from pydantic import Field, StrictInt, create_model, model_validator
 
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.jsonio import read_document
@@ -31,10 +32,10 @@ from hetegen_cli.plan.document import (
     LinearPlacement,
     Plan,
     RuntimeSettings,
+    WeightDtype,
 )
 
 _HINT = "fix the value by hand or re-run `hetegen plan`"
-WeightDtype = Literal["float32", "bfloat16", "float16"]
 Dim = Annotated[StrictInt, Field(ge=1, le=2**31)]
 
 
@@ -77,18 +78,22 @@ class LinearDoc(Schema):
         return self
 
 
-class RuntimeDoc(Schema):
-    weights_dtype: WeightDtype
-    cpu_dtype_prefill: WeightDtype
-    cpu_dtype_decode: WeightDtype
-    cpu_threads: Annotated[StrictInt, Field(ge=1, le=4096)]
-    staging_buffers: Annotated[StrictInt, Field(ge=0, le=64)]
-    prefetch_depth: Annotated[StrictInt, Field(ge=0, le=64)]
-    pin_weights: Flag
-    lm_head_on_gpu: Flag
-    requires_gpu: Flag
-    copy_engines: Annotated[StrictInt, Field(ge=1, le=64)] = 1  # absent in older plans: 1
-    extra: dict[str, Any] = Field(default_factory=dict)
+def _runtime_doc() -> type[Schema]:
+    """The schema of a plan's `runtime` section, from RuntimeSettings' own fields and types
+    (plan.document): a setting is defined once."""
+    hints = get_type_hints(RuntimeSettings, include_extras=True)
+    specs: dict[str, Any] = {}
+    for f in fields(RuntimeSettings):
+        if not f.metadata.get("optional"):
+            specs[f.name] = (hints[f.name], ...)
+        elif f.default_factory is not MISSING:
+            specs[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            specs[f.name] = (hints[f.name], f.default)
+    return create_model("RuntimeDoc", __base__=Schema, **specs)
+
+
+RuntimeDoc = _runtime_doc()
 
 
 class ModelDoc(Schema):
@@ -220,19 +225,7 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
                 )
             )
     rt = parsed.runtime
-    runtime = RuntimeSettings(
-        weights_dtype=rt.weights_dtype,
-        cpu_dtype_prefill=rt.cpu_dtype_prefill,
-        cpu_dtype_decode=rt.cpu_dtype_decode,
-        cpu_threads=rt.cpu_threads,
-        staging_buffers=rt.staging_buffers,
-        prefetch_depth=rt.prefetch_depth,
-        pin_weights=rt.pin_weights,
-        lm_head_on_gpu=rt.lm_head_on_gpu,
-        requires_gpu=rt.requires_gpu,
-        copy_engines=rt.copy_engines,
-        extra=dict(rt.extra),
-    )
+    runtime = RuntimeSettings(**{f.name: getattr(rt, f.name) for f in fields(RuntimeSettings)})
     return Plan(
         placements=tuple(placements),
         runtime=runtime,

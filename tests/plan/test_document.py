@@ -187,3 +187,38 @@ def test_a_fraction_outside_zero_one_is_refused_even_where_rows_round_to_a_valid
     _edit(path, edit)
     with pytest.raises(PlanError, match="cpu_fraction_decode"):
         load_plan(path)
+
+
+def test_a_runtime_setting_is_defined_once_and_round_trips(saved, tmp_path):
+    """The runtime section is written from RuntimeSettings' fields and read back through their
+    types: a non-default value of every field survives a save and a load, and a field the
+    document lacks is refused unless the field is marked as added later."""
+    from dataclasses import fields, replace
+
+    from hetegen_cli.plan.document import runtime_to_dict
+    from hetegen_cli.plan.load import RuntimeDoc
+
+    _, plan, _ = saved
+    names = [f.name for f in fields(RuntimeSettings)]
+    assert list(RuntimeDoc.model_fields) == names == list(runtime_to_dict(plan.runtime))
+    changed = replace(
+        plan.runtime,
+        cpu_threads=3,
+        staging_buffers=3,
+        prefetch_depth=2,
+        pin_weights=False,
+        copy_engines=2,
+        extra={"note": "x"},
+    )
+    path = save_plan(replace(plan, runtime=changed), tmp_path / "changed.json")
+    assert load_plan(path).runtime == changed and load_plan(path).runtime.extra == {"note": "x"}
+    for name in ("cpu_threads", "copy_engines"):
+        doc = json.loads(path.read_text())
+        del doc["runtime"][name]
+        path.write_text(json.dumps(doc))
+        if name == "copy_engines":  # added later: older plans load with its default
+            assert load_plan(path).runtime.copy_engines == 1
+        else:
+            with pytest.raises(PlanError, match=r"runtime\.cpu_threads"):
+                load_plan(path)
+            path = save_plan(replace(plan, runtime=changed), tmp_path / "changed.json")

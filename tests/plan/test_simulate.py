@@ -10,7 +10,7 @@ import pytest
 
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.replay import critical_path, run_ops
-from hetegen_cli.plan.simulate import carried_copies, segments
+from hetegen_cli.plan.trace_pricing import carried_copies, segments
 
 
 def copy(stream, what, dur, gap=0.0, direction="h2d", linear="L"):

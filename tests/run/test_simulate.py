@@ -15,7 +15,9 @@ from hetegen_cli.models.presets import preset_config
 from hetegen_cli.models.source import resolve_model
 from hetegen_cli.models.spec import spec_from_config
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan import replay as rp
 from hetegen_cli.plan import simulate as sim
+from hetegen_cli.plan import trace_pricing as tp
 from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings
 from hetegen_cli.plan.predictions import step_times
 from hetegen_cli.plan.request import PlanRequest
@@ -69,11 +71,11 @@ RATE_SETS = {
 
 
 def ideal_replay(trace, places, rates, phase, spec, buffers_unused=None, **kw):
-    pricing = sim.Pricing(
+    pricing = tp.Pricing(
         tuple(places), rates, spec, REQ, phase, small_copies=False, bias=False, attention="end"
     )
-    carry = sim.carried_copies(trace["phases"]["decode"])
-    return sim.replay(trace["phases"][phase], pricing, copy_engines=2, carry=carry, **kw)
+    carry = tp.carried_copies(trace["phases"]["decode"])
+    return tp.replay(trace["phases"][phase], pricing, copy_engines=2, carry=carry, **kw)
 
 
 @pytest.mark.parametrize("rate_set", sorted(RATE_SETS))
@@ -85,7 +87,7 @@ def test_a_recorded_trace_replays_to_the_pipeline_model(llama, buffers, rate_set
     places = placements(llama.spec, pipeline_compatible)
     trace = record(llama, places, buffers, engines=2)
     rates = cm.PhaseRates.of(RATE_SETS[rate_set])
-    assert len(sim.carried_copies(trace["phases"]["decode"])) == buffers - 1  # prefetch wraps around
+    assert len(tp.carried_copies(trace["phases"]["decode"])) == buffers - 1  # prefetch wraps around
     for phase in sim.PHASES:
         replayed = ideal_replay(trace, places, rates, phase, llama.spec, host_scale=0.0)
         _, expected = step_times(rates, llama.spec, REQ, places, phase, buffers, True)
@@ -117,8 +119,8 @@ def test_prepare_inserts_residents_attention_and_the_head(llama):
     places = placements(llama.spec, mixed)
     trace = record(llama, places, 2, engines=1)
     rates = cm.PhaseRates.of(replace(DESKTOP_RATES, weights_dtype="float32"))
-    pricing = sim.Pricing(tuple(places), rates, llama.spec, REQ, "decode")
-    ops = sim.prepare(trace["phases"]["decode"], pricing, sim.carried_copies(trace["phases"]["decode"]))
+    pricing = tp.Pricing(tuple(places), rates, llama.spec, REQ, "decode")
+    ops = tp.prepare(trace["phases"]["decode"], pricing, tp.carried_copies(trace["phases"]["decode"]))
     kinds = [op.get("kind") for op in ops if op["op"] == "kernel"]
     assert kinds.count("resident") == sum(p.resident for p in places)
     assert kinds.count("attention") == llama.spec.num_layers
@@ -130,7 +132,7 @@ def test_prepare_inserts_residents_attention_and_the_head(llama):
     assert sorted(after) == sorted(o_proj)
     # every op of the trace priced: copies, kernels and CPU shares carry a duration
     assert all("dur" in op for op in ops if op["op"] in ("copy", "kernel", "cpu"))
-    result = sim.run_ops(ops, copy_engines=1)
+    result = rp.run_ops(ops, copy_engines=1)
     assert result.step_s > 0 and result.busy_s["gpu"] > 0 and result.cpu_s > 0
     host = sim.host_by_mode(trace["phases"]["decode"], tuple(places), "decode")
     counts = {mode: e["count"] for mode, e in host["linears"].items()}
@@ -144,9 +146,9 @@ def test_a_trace_of_another_plan_is_refused(llama):
     trace = record(llama, places, 2, engines=1)
     other = [replace(p, resident=True, cpu_rows_prefill=0, cpu_rows_decode=0) if p.role == "o" else p
              for p in places]  # fmt: skip
-    pricing = sim.Pricing(tuple(other[:-1]), cm.PhaseRates.of(DESKTOP_RATES), llama.spec, REQ, "decode")
+    pricing = tp.Pricing(tuple(other[:-1]), cm.PhaseRates.of(DESKTOP_RATES), llama.spec, REQ, "decode")
     with pytest.raises(ValueError, match="does not place"):
-        sim.prepare(trace["phases"]["decode"], pricing)
+        tp.prepare(trace["phases"]["decode"], pricing)
 
 
 def test_the_proxy_keeps_names_layers_residency_and_modes():

@@ -6,11 +6,12 @@ Used by `bench --synthetic` to benchmark OPT-30B-class shapes without a model hu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,29 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models import presets
 
 _MARKER = ".hetegen-complete"
+
+
+def is_built(folder: Path) -> bool:
+    """True when `folder` was finished by `building`."""
+    return (folder / _MARKER).exists()
+
+
+@contextlib.contextmanager
+def building(folder: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (`tmp`, default beside `folder`) to write `folder`'s files
+    into; when the block succeeds it is marked complete and replaces `folder` in one rename,
+    when it fails it is removed: a reader never sees half a folder."""
+    tmp = tmp or folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        (tmp / _MARKER).write_text("ok\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
@@ -140,7 +164,7 @@ def build_synthetic_model(preset: str, dtype: str, root: Path, seed: int = 0, pr
     if dtype not in WEIGHT_DTYPES:
         raise ModelError(f"unsupported dtype {dtype!r}", "use float16, bfloat16 or float32")
     folder = synthetic_folder(preset, dtype, root)
-    if (folder / _MARKER).exists():
+    if is_built(folder):
         return folder
     config = presets.preset_config(preset)
     config["torch_dtype"] = dtype
@@ -158,25 +182,15 @@ def build_synthetic_model(preset: str, dtype: str, root: Path, seed: int = 0, pr
             f"{free / 1e9:.1f} GB free under {root}",
             "set HETEGEN_HOME to a larger disk",
         )
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     pool = RandomPool(torch.Generator().manual_seed(seed), tdtype)
     task = progress.add_task(f"writing synthetic {preset} ({dtype})", total=total) if progress else None
-    try:
-        with activity(f"writing the synthetic {preset} checkpoint"):
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            write_safetensors_streaming(
-                tmp / "model.safetensors",
-                shapes,
-                tdtype,
-                lambda name, shape: random_tensor(name, shape, pool),
-                (lambda n: progress.advance(task, n)) if progress else None,
-            )
-            (tmp / _MARKER).write_text("ok\n")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with activity(f"writing the synthetic {preset} checkpoint"), building(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors_streaming(
+            tmp / "model.safetensors",
+            shapes,
+            tdtype,
+            lambda name, shape: random_tensor(name, shape, pool),
+            (lambda n: progress.advance(task, n)) if progress else None,
+        )
     return folder

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -29,12 +28,12 @@ from hetegen_cli.core.errors import InputError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.core.paths import home
 from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.synthetic import building, is_built
 from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings
 from hetegen_cli.plan.replay import D2H, GPU, H2D_SHARED, HOST, Replay
 from hetegen_cli.plan.simulate import KINDS, TRACE_PROMPT_CAP
 
 PROXY = {"hidden_size": 64, "ffn": 128, "num_heads": 4, "vocab_size": 512}
-_MARKER = ".hetegen-complete"
 _DROP = ("quantization_config", "torch_dtype", "dtype", "auto_map", "transformers_version", "_name_or_path")
 
 
@@ -81,34 +80,25 @@ def proxy_folder(config: dict[str, Any], seed: int = 0) -> Path:
     key = f"{config['model_type']}-{config['num_hidden_layers']}l-{digest}-{seed}"
     root = home() / "proxies"
     folder = root / key
-    if (folder / _MARKER).exists():
+    if is_built(folder):
         return folder
-    tmp = root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        with building(folder, root / f".{key}.tmp-{os.getpid()}") as tmp:
+            torch.manual_seed(seed)
+            cfg = AutoConfig.for_model(**config)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # "Writing model shards": not the user's business
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
     except OSError as exc:
         raise InputError(
-            f"cannot create the trace proxy under {root}: {exc.strerror or exc}",
+            f"cannot write the trace proxy under {root}: {exc.strerror or exc}",
             "set HETEGEN_HOME to a writable folder",
         ) from exc
-    try:
-        torch.manual_seed(seed)
-        cfg = AutoConfig.for_model(**config)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # "Writing model shards": not the user's business
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        (tmp / _MARKER).write_text("ok\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

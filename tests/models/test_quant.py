@@ -227,3 +227,26 @@ def test_cli_quantize_writes_the_folder_run_uses(tiny_llama_dir, tmp_path):
         app, ["quantize", "--model", str(tiny_llama_dir), "--quant", "int4", "--group-size", "48"]
     )
     assert bad.exit_code == 2 and "--group-size 48" in bad.stderr
+
+
+def test_a_wrong_kernel_is_refused_once_per_shape_not_per_linear(monkeypatch):
+    """The self-check runs once per (format, shape, group) in a process: a broken kernel is
+    still refused, and a second linear of a checked shape is not multiplied again."""
+    from hetegen_cli.models import quant as mq
+
+    monkeypatch.setattr(mq, "_CHECKED", set())
+    calls = []
+    real = QuantLinear.matmul
+
+    def counting(self, x2):
+        calls.append(self.out_features)
+        return real(self, x2)
+
+    monkeypatch.setattr(QuantLinear, "matmul", counting)
+    QuantLinear(quantize(torch.randn(64, 64), "int4"))
+    QuantLinear(quantize(torch.randn(64, 64), "int4"))  # the same shape: checked already
+    QuantLinear(quantize(torch.randn(32, 64), "int4"))
+    assert calls == [64, 32]
+    monkeypatch.setattr(QuantLinear, "matmul", lambda self, x2: -real(self, x2))
+    with pytest.raises(ModelError, match="wrong results"):
+        QuantLinear(quantize(torch.randn(48, 64), "int4"))

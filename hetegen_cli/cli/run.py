@@ -31,11 +31,32 @@ def timing_line(result: Any) -> str:
     """The stderr summary of a run.execute.RunResult."""
     t = result.generation.timings
     return (
-        f"load {result.built.load_s:.2f} s | prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s "
+        f"{wall_line(result)} | prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s "
         f"| first token {t.time_to_first_token_s:.3f} s | decode {t.generated_tokens} tok, "
         f"{t.decode_tokens_per_s:.1f} tok/s | {result.built.engine} on {result.built.device}, "
         f"{result.built.dtype} | stop: {result.generation.stop_reason}" + _plan_comparison(result)
     )
+
+
+def wall_line(result: Any) -> str:
+    """'wall 5.94 s: startup 0.41, resolve 2.70, load 1.30, prefill 0.03, decode 0.51, other
+    0.99': the whole process so far and where it went (startup: Python and the CLI; resolve:
+    the model, its tokenizer, the plan and the checks; other: the rest, e.g. the prediction)."""
+    from hetegen_cli.run.execute import process_age_s
+
+    t = result.generation.timings
+    parts = {
+        "startup": result.wall.get("startup_s"),
+        "resolve": result.wall.get("resolve_s"),
+        "load": result.built.load_s,
+        "prefill": t.prefill_s,
+        "decode": t.decode_s,
+    }
+    known = {name: s for name, s in parts.items() if s is not None}
+    total = process_age_s()
+    other = max(0.0, total - sum(known.values()))
+    shown = ", ".join(f"{name} {s:.2f}" for name, s in known.items())
+    return f"wall {total:.2f} s: {shown}, other {other:.2f}"
 
 
 def _plan_comparison(result: Any) -> str:

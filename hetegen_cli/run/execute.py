@@ -6,9 +6,12 @@ pick device and dtype -> build the model (plain or engine, run.builders) -> gene
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import out_of_memory_as_error
@@ -31,6 +34,10 @@ class RunResult:
     generation: GenerationResult
     engine_stats: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None  # run.predicted: predicted beside measured, per phase
+    #: where the wall time went, in seconds: startup (the process's start to the run's: Python
+    #: and the CLI), resolve (the model, its tokenizer, the plan and the checks), load,
+    #: generate (prefill and decode)
+    wall: dict[str, float] = field(default_factory=dict)
 
     def to_document(self) -> dict[str, Any]:
         ref, gen = self.context.ref, self.generation
@@ -55,7 +62,7 @@ class RunResult:
             "token_ids": gen.token_ids,
             "stop_reason": gen.stop_reason,
             "sampling": sampling_document(self.context.options.sampling),
-            "timings": {"load_s": self.built.load_s, **gen.timings.as_dict()},
+            "timings": {"load_s": self.built.load_s, **gen.timings.as_dict(), "wall": self.wall},
             "engine": self.built.engine,
             "device": self.built.device,
             "dtype": self.built.dtype,
@@ -107,10 +114,15 @@ def execute_run(
     engine when a plan applies, else the plain stock model.
     """
     engine = engine or EngineOptions()
+    wall = {"startup_s": process_age_s()}
+    start = time.perf_counter()
     ctx = prepare_run(options, engine)
     if build is None:
         build = choose_builder(ctx, engine) or build_plain_model
+    wall["resolve_s"] = time.perf_counter() - start
     with build(ctx) as built:
+        wall["load_s"] = time.perf_counter() - start - wall["resolve_s"]
+        generating = time.perf_counter()
         with out_of_memory_as_error("generating"), activity("generating"):
             result = generate(
                 built.model,
@@ -122,6 +134,7 @@ def execute_run(
                 sync=built.sync,
                 device=built.device,
             )
+        wall["generate_s"] = time.perf_counter() - generating
         stats = built.stats()
     t = result.timings
     prediction = predict_run(
@@ -138,7 +151,12 @@ def execute_run(
         decode_steps=t.decode_steps,
         profile_path=engine.profile_path,
     )
-    return RunResult(ctx, built, result, stats, prediction)
+    return RunResult(ctx, built, result, stats, prediction, wall)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the interpreter's start, before any import)."""
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def built_spec(ctx: RunContext) -> Any:

@@ -88,7 +88,7 @@ def test_extra_tensors_are_a_warning_and_transformers_stays_quiet(tiny_copy):
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("Warning:") and "model.extra.weight" in lines[0]
-    assert len(lines) == 2 and lines[1].startswith("load ")  # nothing from transformers between
+    assert len(lines) == 2 and lines[1].startswith("wall ")  # nothing from transformers between
 
 
 # --- malformed config fields and safetensors headers --------------------------------------

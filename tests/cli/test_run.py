@@ -284,6 +284,10 @@ def test_cli_json_matches_transformers_greedy(tiny_dir):
     ):
         assert key in doc["timings"]
     assert doc["timings"]["generated_tokens"] == len(doc["token_ids"])
+    wall = doc["timings"]["wall"]  # where the wall time went
+    assert set(wall) == {"startup_s", "resolve_s", "load_s", "generate_s"}
+    assert all(v >= 0 for v in wall.values())
+    assert wall["generate_s"] >= doc["timings"]["prefill_s"] + doc["timings"]["decode_s"] - 1e-3
 
 
 # ------------------------------------------------------------------------------- sampling

@@ -72,6 +72,7 @@ def _with_engine_costs(doc: dict[str, Any], quick: bool, saved: Path) -> dict[st
     """`doc` with its `engine` section measured; if that fails in any way, `doc` without it
     and with `engine_error` (type, message, the traceback's last lines), and a warning."""
     from hetegen_cli.core.console import activity
+    from hetegen_cli.core.errors import describe_error
     from hetegen_cli.profile.document import validate_profile
     from hetegen_cli.run import engine_costs
 
@@ -81,7 +82,7 @@ def _with_engine_costs(doc: dict[str, Any], quick: bool, saved: Path) -> dict[st
             engine = engine_costs.measure_for_document(doc, quick=quick)
         return validate_profile({**doc, "engine": engine})
     except Exception as exc:  # recorded: the rest of the profile stands without it
-        error = engine_costs.describe_error(exc)
+        error = describe_error(exc)
         warn(
             f"the engine's fixed costs could not be measured ({error['type']}: "
             f"{(error['message'].splitlines() or [''])[0][:200]}); the profile is saved without "

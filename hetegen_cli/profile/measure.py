@@ -12,7 +12,7 @@ import torch
 
 from hetegen_cli.core import devices, paths
 from hetegen_cli.core.console import activity, note, warn
-from hetegen_cli.core.errors import UsageError
+from hetegen_cli.core.errors import UsageError, describe_error
 from hetegen_cli.core.paths import check_writable_folder, probe
 from hetegen_cli.core.quant import QUANT_FORMATS
 from hetegen_cli.profile.cpu import cpu_pressure, default_threads, host_info, measure_cpu, sweep_threads
@@ -87,12 +87,22 @@ def run_profile(
             with devices.out_of_memory_as_error("profiling the GPU"):
                 gpu = measure_gpu(sizes, cpu, host, pool, timer, steps, gpu_backend)
             note = None
-    engine = None
+    engine, engine_error = None, None
     if engine_costs is not None:
-        with activity("measuring the engine's fixed costs"):
-            gpu_side = gpu_backend or (devices.get_backend("cuda") if has_gpu else None)
-            engine = engine_costs(threads=threads, quick=quick, gpu_backend=gpu_side)
+        try:
+            with activity("measuring the engine's fixed costs"):
+                gpu_side = gpu_backend or (devices.get_backend("cuda") if has_gpu else None)
+                engine = engine_costs(threads=threads, quick=quick, gpu_backend=gpu_side)
+        except Exception as exc:  # the rest of the profile stands without them (engine_error)
+            engine_error = describe_error(exc)
+            warn(
+                f"the engine's fixed costs could not be measured ({engine_error['type']}: "
+                f"{(engine_error['message'].splitlines() or [''])[0][:200]}); the profile is kept "
+                "without them, with `engine_error`"
+            )
     doc = build_profile(host, cpu, gpu, note, quick, engine=engine)
+    if engine_error is not None:
+        doc["engine_error"] = engine_error
     doc["busy"] = assess_busy(
         host.get("load_average_1m"), pressure, gemv_relative_sd(cpu), host["logical_cores"]
     )

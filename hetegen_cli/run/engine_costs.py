@@ -31,7 +31,6 @@ import json
 import os
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
-from hetegen_cli.core.errors import HetegenError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model
 from hetegen_cli.models.source import ModelRef, resolve_model
@@ -403,17 +401,6 @@ def measure_for_document(doc: dict[str, Any], *, quick: bool) -> dict[str, Any]:
     saving the rest): with its CPU threads, and on its GPU when it measured one."""
     gpu_backend = get_backend("cuda") if doc.get("gpu") else None
     return measure_for_profile(threads=int(doc["cpu"]["threads"]), quick=quick, gpu_backend=gpu_backend)
-
-
-def describe_error(exc: BaseException, lines: int = 15) -> dict[str, Any]:
-    """The profile's `engine_error`: the exception's type, message and last traceback lines."""
-    message = exc.message if isinstance(exc, HetegenError) else str(exc)
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {
-        "type": type(exc).__name__,
-        "message": message[:2000],
-        "traceback": text.strip().splitlines()[-lines:],
-    }
 
 
 def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -111,3 +111,20 @@ def test_default_threads_leave_a_core_for_the_gpu_launcher():
     assert default_threads(16, has_gpu=False) == 16
     assert default_threads(16, has_gpu=True) == 15
     assert default_threads(2, has_gpu=True) == 2
+
+
+def test_a_failing_engine_cost_measurement_keeps_the_profile(monkeypatch):
+    """plan, run and bench measure a missing profile themselves: an engine-cost failure there
+    (the first real engine run on a new GPU) is recorded, not fatal."""
+    said = []
+    monkeypatch.setattr("hetegen_cli.profile.measure.warn", said.append)
+
+    def failing(**kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    doc = tiny_profile(engine_costs=failing)
+    assert doc["engine"] is None and doc["cpu"]["gemv"]
+    assert doc["engine_error"]["type"] == "RuntimeError"
+    assert doc["engine_error"]["traceback"][-1].endswith("an illegal memory access was encountered")
+    assert len(said) == 1 and "engine_error" in said[0]
+    validate_profile(doc)

@@ -3,8 +3,8 @@
 `Backend` hides whether a GPU is present. `CudaBackend` uses real CUDA streams, events and
 page-locked host memory. `CpuBackend` is the stand-in used without a GPU: the "device" is the
 CPU, streams are None, events are already complete and pinning is a no-op, so the same engine
-code (split, join, ordering, prefetch) runs and is tested everywhere; core.strict's
-StrictBackend keeps CUDA's hazards instead. Every asynchronous copy the engine makes goes
+code (split, join, ordering, prefetch) runs and is tested everywhere; the tests' strict
+stand-in (tests/strict.py) keeps CUDA's hazards instead. Every asynchronous copy the engine makes goes
 through `to_device_async` / `to_host_async`, so a backend decides when it really happens.
 """
 

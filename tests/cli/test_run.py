@@ -392,7 +392,7 @@ def test_runs_on_gpu_and_matches_cpu(tiny_llama_dir):
 
 def _pretend_cuda(monkeypatch, free_bytes: int):
     """CUDA present (the strict stand-in answers for it) with `free_bytes` of GPU memory."""
-    from hetegen_cli.core.strict import StrictBackend
+    from tests.strict import StrictBackend
 
     class SmallGpu(StrictBackend):
         def memory_info(self):

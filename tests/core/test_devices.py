@@ -1,4 +1,5 @@
-"""core.devices and core.strict: pooled events, the host/device flag, CUDA's last error."""
+"""core.devices and the strict stand-in (tests.strict): pooled events, the host/device flag,
+CUDA's last error."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from hetegen_cli.core.devices import CpuBackend, clear_last_cuda_error
-from hetegen_cli.core.strict import StrictBackend, StrictHazard
+from tests.strict import StrictBackend, StrictHazard
 
 
 def test_stand_ins_compute_device_work_on_the_host():

@@ -10,7 +10,6 @@ import torch
 
 from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.core.dtypes import greedy_tolerance
-from hetegen_cli.core.strict import StrictBackend
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight, dequantize
 from hetegen_cli.engine.split_linear import HeteroLinear
@@ -20,6 +19,7 @@ from hetegen_cli.models.source import resolve_model
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
 from tests.engine.conftest import PLANS, PROMPT, placements
+from tests.strict import StrictBackend
 
 NEW_TOKENS = 8
 

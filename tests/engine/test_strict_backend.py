@@ -1,4 +1,4 @@
-"""The engine on the strict stand-in (core.strict.StrictBackend): CUDA's code paths and hazards
+"""The engine on the strict stand-in (tests.strict.StrictBackend): CUDA's code paths and hazards
 on the CPU. Copies happen late and their destinations hold NaN until then, so a missing wait
 or an early buffer reuse changes the greedy tokens; forwards run through run.generate under
 inference mode exactly as `hetegen run` does."""
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.core.strict import StrictBackend
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
 from hetegen_cli.run.generate import generate
 from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements
+from tests.strict import StrictBackend
 
 FP32 = RuntimeSettings(
     weights_dtype="float32",
@@ -137,8 +137,8 @@ def test_a_buffer_refilled_before_its_reader_is_caught(models, reference):
 def test_an_output_slot_rewritten_before_its_copy_is_caught(models, monkeypatch):
     """Drop the wait for the copy that last read a pinned output slot (q, k and v share their
     input, so nothing else orders it): the stand-in refuses the rewrite."""
-    from hetegen_cli.core.strict import StrictHazard
     from hetegen_cli.engine.split_linear import _HostScratch
+    from tests.strict import StrictHazard
 
     ref = models["llama"][0]
     real = _HostScratch.y_slot

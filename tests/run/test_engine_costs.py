@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.devices import CpuBackend
-from hetegen_cli.core.strict import StrictBackend
 from hetegen_cli.plan.overheads import overheads_from_profile
 from hetegen_cli.profile.document import validate_profile
 from hetegen_cli.run import engine_costs as ec
 from tests.fakes import fake_timer, make_profile
+from tests.strict import StrictBackend
 
 SIZES = ec.CostSizes(
     prompts=(4, 8, 16),

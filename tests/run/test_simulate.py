@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import pytest
 
-from hetegen_cli.core.strict import StrictBackend
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.engine.trace import trace_steps
 from hetegen_cli.models.presets import preset_config
@@ -24,6 +23,7 @@ from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.run.simulate import proxy_config, proxy_placements
 from tests.engine.conftest import placements
 from tests.fakes import DESKTOP_RATES
+from tests.strict import StrictBackend
 
 PROMPT = 8
 REQ = PlanRequest(prompt_len=PROMPT, max_new_tokens=8)

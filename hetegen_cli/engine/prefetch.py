@@ -70,7 +70,6 @@ class PrefetchScheduler:
         self.recording: list | None = [] if self.order else None
         self.tracer = None  # the EngineContext's Tracer while one records
         self._copies: dict[tuple, tuple] = {}  # (buffer, linear, k) -> _copy_plan
-        self._after: Any = None  # an event the next issued copy waits for (prefetch_ahead)
         self.inflight: deque[_Slot] = deque()
         self.cur = 0  # sequence number of the next expected linear
         self.issued = 0  # sequence number of the next copy to issue ahead
@@ -158,11 +157,6 @@ class PrefetchScheduler:
         buf = self._next_buf
         self._next_buf = (buf + 1) % len(self.buffers)
         tr = self.tracer
-        if self._after is not None:  # the join's copy first (prefetch_ahead)
-            self.backend.wait_event(self._after, self.copy_stream)
-            if tr is not None:
-                tr.op("wait", stream="copy", event=tr.event_id(self._after))
-            self._after = None
         if self.free_events[buf] is not None:  # the kernel that last read this buffer
             self.backend.wait_event(self.free_events[buf], self.copy_stream)
             if tr is not None:
@@ -200,11 +194,14 @@ class PrefetchScheduler:
     def prefetch_ahead(self, after: Any = None) -> None:
         """Issue copies ahead (cyclic order) until `depth` real copies are in flight. The
         split linear calls it after its join (class docstring); `after`: an event the copy
-        stream waits for before the first of them (the join's own copy, which on one copy
-        engine must go first even if its stream reaches it later)."""
+        stream waits for before any later copy (the join's own copy, which on one copy engine
+        must go first even if its stream reaches it later)."""
+        if after is not None:
+            self.backend.wait_event(after, self.copy_stream)
+            if self.tracer is not None:
+                self.tracer.op("wait", stream="copy", event=self.tracer.event_id(after))
         if self.depth == 0 or self.order is None:
             return
-        self._after = after
         length = len(self.order)
         real = sum(s.buf is not None for s in self.inflight)
         while real < self.depth and self.issued - self.cur <= length:
@@ -215,7 +212,6 @@ class PrefetchScheduler:
             self.inflight.append(slot)
             self.issued += 1
             real += slot.buf is not None
-        self._after = None  # nothing was issued: no later copy waits for this join
 
     def _discard(self) -> None:
         """Forget copies issued ahead. Later copies into their buffers queue behind them on the

@@ -40,7 +40,7 @@ def dequantize(
     """Stored parts of rows of a weight (on any device) -> the weight [rows, in] in `dtype`:
     w = q scale, or q scale + min per group of int4, computed in `dtype` in place (q is exact
     there; peak transient memory 1 + 2 itemsize bytes per parameter, plan.memory counts it).
-    In float32 it equals models.quant.QuantWeight.dequantize bit for bit. int4 takes four
+    In float32 it equals models.quant.QuantWeight.dequantize bit for bit. int4 takes five
     kernels when scale and min are stored in `dtype` (unpack both nibbles with one shift
     against [0, 4], mask, convert, multiply-add in two in-place steps)."""
     if fmt == "int8":

@@ -41,7 +41,6 @@ from hetegen_cli.plan.memory import rows_bytes
 
 
 @dataclass
-@dataclass
 class EngineStats:
     """Counters of one engine since load (or the last reset)."""
 
@@ -140,6 +139,9 @@ class EngineContext:
         self.linears: list[HeteroLinear] = []
         self.scheduler: PrefetchScheduler | None = None  # built by finalize()
         self.tracer: Tracer | None = None  # set to record a trace (engine.trace)
+        # copies of different streams run side by side with two or more host-to-device copy
+        # engines: then the next weight copies are issued as early as possible (HeteroLinear)
+        self.prefetch_early = runtime.copy_engines >= 2
         # intra-op threads are a process setting, restored on close
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(max(1, int(runtime.cpu_threads)))
@@ -366,8 +368,7 @@ class HeteroLinear(nn.Module):
         # every split linear passes through the scheduler (nothing is staged when k == out),
         # so the learned execution order is the same in both phases
         parts, slot = ctx.scheduler.acquire(self, k)  # rows [k, out) as held, on the device
-        early = ctx.runtime.copy_engines >= 2
-        if early:  # copies of different streams run side by side: issue the next ones now
+        if ctx.prefetch_early:
             ctx.scheduler.prefetch_ahead()
         if k < out:
             w_gpu = self.host.device_weight(parts, ctx.weights_dtype)  # [out - k, in]
@@ -382,7 +383,7 @@ class HeteroLinear(nn.Module):
             y.add_(self.bias)
             if tr is not None:
                 tr.op("kernel", stream="compute", what="bias", linear=name, rows=out, tokens=n)
-        if not early:  # one copy engine: after the join's copy, which must not queue behind them
+        if not ctx.prefetch_early:  # one copy engine: after the join's copy, not before it
             ctx.scheduler.prefetch_ahead(after=joined)
         y = y.view(*x.shape[:-1], out)
         return y if y.dtype == x.dtype else y.to(x.dtype)

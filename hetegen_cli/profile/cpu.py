@@ -33,7 +33,7 @@ from hetegen_cli.profile.timing import (
 # --- host ----------------------------------------------------------------------------------
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
+def cpuinfo() -> tuple[str, set[str]]:
     """(model name, flags) from /proc/cpuinfo; ("", empty) where it does not exist."""
     model, flags = "", set()
     try:
@@ -94,7 +94,7 @@ def cpu_pressure() -> float | None:
 
 def host_info() -> dict[str, Any]:
     """CPU model, cores, RAM, matrix-kernel CPU flags and software versions."""
-    model, flags = _cpuinfo()
+    model, flags = cpuinfo()
     vm = psutil.virtual_memory()
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     return {

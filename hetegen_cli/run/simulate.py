@@ -137,16 +137,6 @@ def proxy_placements(plan: Plan, proxy: ModelSpec) -> list[LinearPlacement]:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def record_trace(
     plan: Plan, spec: ModelSpec, *, copy_engines: int | None = None, seed: int = 0
 ) -> tuple[dict, dict]:
@@ -159,6 +149,7 @@ def record_trace(
     from hetegen_cli.engine.hetero_model import load_hetero_model
     from hetegen_cli.engine.trace import trace_steps
     from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.profile.cpu import cpuinfo
 
     if not spec.config:
         raise InputError(
@@ -205,7 +196,7 @@ def record_trace(
         torch.set_num_threads(threads)
     info = {
         "backend": trace["backend"],
-        "machine_cpu": _cpu_model(),
+        "machine_cpu": cpuinfo()[0] or platform.processor() or platform.machine() or "unknown",
         "logical_cores": os.cpu_count(),
         "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "record_s": time.perf_counter() - start,

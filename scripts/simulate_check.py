@@ -106,7 +106,7 @@ def run_case(name: str, copy_engines: int | None, replay_engines: int | None = N
     plan = make_plan(ref.spec, made_up_profile(machine, copy_engines), req)
     trace, info = record_trace(plan, ref.spec)
     plan, _ = with_simulation(
-        plan, ref.spec, trace, engine_costs_on_gpu=False, copy_engines=replay_engines, recorded=info
+        plan, ref.spec, trace, fixed_costs_on_gpu=False, copy_engines=replay_engines, recorded=info
     )
     sim = plan.simulation
     dec = sim["decode"]
@@ -122,7 +122,7 @@ def run_case(name: str, copy_engines: int | None, replay_engines: int | None = N
         "ideal_tok_s": dec["ideal_tokens_per_s"],
         "ratio": dec.get("simulated_fraction_of_predicted"),
         "predicted_without_host_tok_s": 1.0
-        / (plan.predictions["hetegen"]["decode_s_per_token"] - dec["host"]["total_s"]),
+        / (plan.predictions.hetegen.decode_s_per_token - dec["host"]["total_s"]),
         "host_ms_per_step": dec["host"]["total_s"] * 1e3,
         "host_us_per_split_linear": (dec["host"]["per_linear"].get("split") or {}).get("mean_s", 0.0) * 1e6,
         "critical_path": [(c["item"], round(c["share"], 3)) for c in dec["critical_path"][:3]],

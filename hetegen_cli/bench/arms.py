@@ -113,7 +113,7 @@ def skip_reason(ctx: ArmContext) -> str | None:
         return f"no plan for this budget: {ctx.plan_error}"
     if arm in ("offload", "accelerate", "layer-split") and not ctx.plan.runtime.requires_gpu:
         return "the plan for this budget is all-CPU (profile without a GPU, or budget 0)"
-    if arm == "layer-split" and not (ctx.plan.predictions or {}).get("layer_split"):
+    if arm == "layer-split" and ctx.plan.predictions.layer_split is None:
         return "the plan has no layer-split prediction to take the GPU layer count from"
     if arm == "gpu" and ctx.gpu_budget_bytes is not None and gpu_need_bytes(ctx) > ctx.gpu_budget_bytes:
         return (
@@ -256,7 +256,7 @@ def build_offload(ctx: ArmContext) -> LoadedModel:
 
 
 def layer_split_layers(ctx: ArmContext) -> int:
-    return int(ctx.plan.predictions["layer_split"]["gpu_layers"])
+    return int(ctx.plan.predictions.layer_split.gpu_layers)
 
 
 def build_layer_split(ctx: ArmContext) -> LoadedModel:
@@ -318,7 +318,7 @@ def build_llama_cpp(ctx: ArmContext) -> LoadedModel:
 
     gpu_layers = 0
     if ctx.has_cuda and llama_cpp.llama_supports_gpu_offload() and ctx.plan is not None:
-        gpu_layers = layer_split_layers(ctx) if (ctx.plan.predictions or {}).get("layer_split") else 0
+        gpu_layers = layer_split_layers(ctx) if ctx.plan.predictions.layer_split else 0
     config = AutoConfig.from_pretrained(str(ctx.ref.path), local_files_only=True, trust_remote_code=False)
     # llama.cpp pads its context to a multiple of 256 (at least 512 here)
     need = ctx.workload["prompt_len"] + ctx.workload["max_new_tokens"] + 16
@@ -341,7 +341,7 @@ BUILDERS: dict[str, Callable[[ArmContext], LoadedModel]] = {
 def cache_key(ctx: ArmContext) -> str:
     """Arms with equal keys measure the same thing: budgets reuse the measurement."""
     if ctx.arm == "llama.cpp":
-        split = ctx.has_cuda and ctx.plan is not None and (ctx.plan.predictions or {}).get("layer_split")
+        split = ctx.has_cuda and ctx.plan is not None and ctx.plan.predictions.layer_split is not None
         extra: Any = [str(ctx.gguf), layer_split_layers(ctx) if split else 0]
     elif ctx.arm in ("cpu", "reference", "gpu"):
         extra = _cpu_dtypes(ctx) if ctx.arm == "cpu" else None

@@ -269,7 +269,7 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
         )
         try:
             plan = _with_threads(make_plan(ref.spec, profile, req, profile_identity=identity), o.threads)
-            budget = requested if requested is not None else plan.budget.get("gpu_budget_bytes")
+            budget = requested if requested is not None else plan.budget.gpu_budget_bytes
             cases.append(BudgetCase(requested, budget, plan, None))
         except PlanError as exc:
             cases.append(BudgetCase(requested, requested, None, exc.message))

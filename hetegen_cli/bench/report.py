@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from hetegen_cli.bench.tokens import token_baseline, token_check
 from hetegen_cli.core.stats import ratio, summarize
-from hetegen_cli.plan.estimate import prediction_check
+from hetegen_cli.plan.costmodel.predict import prediction_check
+from hetegen_cli.plan.sections import Figures, ProfileIdentity
 
 if TYPE_CHECKING:
     from hetegen_cli.bench.prepare import BudgetCase
@@ -77,7 +78,7 @@ def prediction(
     own prediction as it ran (`predicted`, bench.predicted) when there is one; else the plan's.
     The `cpu` and `reference` arms are predicted by the all-CPU plan (`cpu_plan`, a
     Plan.summary)."""
-    own = (entry.get("predicted") or {}).get("figures")
+    own = entry["predicted"]["figures"] if entry.get("predicted") else None
     if own:
         return own, _errors(entry, own)
     if arm in ("cpu", "reference"):
@@ -88,7 +89,7 @@ def prediction(
     formats = (runtime["cpu_dtype_prefill"], runtime["cpu_dtype_decode"])
     if arm == "reference" and formats != (runtime["weights_dtype"],) * 2:
         return None, None  # the CPU-only prediction is for the CPU formats, not the weights dtype
-    pred = (plan["predictions"] or {}).get(PREDICTION_KEYS[arm])
+    pred = plan["predictions"].get(PREDICTION_KEYS[arm])
     if not pred:
         return None, None
     return pred, _errors(entry, pred)
@@ -103,7 +104,7 @@ def _errors(entry: dict, pred: dict) -> dict:
 
 def check(entry: dict) -> dict | None:
     """Per-phase predicted against measured (medians of the timed runs; decode per step), with
-    the parts `plan --calibrate` refits (plan.estimate.prediction_check)."""
+    the parts `hetegen calibrate` refits (costmodel.predict.prediction_check)."""
     own = entry.get("predicted")
     if not own or entry.get("status") != "ok":
         return None
@@ -111,12 +112,12 @@ def check(entry: dict) -> dict | None:
     prefill = median([s["prefill_s"] for s in samples])
     steps = [s["decode_s"] / s["decode_steps"] for s in samples if s.get("decode_steps")]
     return prediction_check(
-        own["figures"],
+        Figures.model_validate(own["figures"]),
         prefill,
         median(steps) if steps else None,
         device=own["device"],
         strategy=own["strategy"],
-        profile=own.get("profile"),
+        profile=ProfileIdentity.model_validate(own["profile"]) if own.get("profile") else None,
     )
 
 
@@ -157,7 +158,7 @@ def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = No
     the all-CPU plan's summary, which predicts the `cpu` and `reference` arms."""
     entries = {e["arm"]: e for e in section["arms"]}
     plan = section.get("plan")
-    bounds = (plan or {}).get("bounds") or {}
+    bounds = plan["bounds"] if plan else {}
     for e in entries.values():
         if e.get("status") == "ok" and "metrics" not in e:
             e["metrics"] = metrics(e["samples"])
@@ -182,7 +183,7 @@ def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = No
         e["token_check"] = token_check(e, candidates.get(base), base)
         e["ratios"] = {}
         for other in ("reference", "offload", "layer-split", "llama.cpp"):
-            o = entries.get(other) or (shared or {}).get(other) or {}
+            o = entries.get(other) or (shared.get(other) if shared else None) or {}
             e["ratios"][f"vs_{other.replace('-', '_').replace('.', '_')}"] = {
                 m: ratio(_mean(e, m), _mean(o, m)) if o else None
                 for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s")
@@ -226,9 +227,8 @@ def finish(doc: dict) -> dict:
                 else:
                     notes.append(f"{where} (no logits recorded to judge it)")
     for section in doc["budgets"]:
-        for text in (section.get("plan") or {}).get("warnings", []) + (
-            (section.get("plan") or {}).get("notes", [])
-        ):
+        plan = section.get("plan")
+        for text in (plan["warnings"] + plan["notes"]) if plan else []:
             if f"plan: {text}" not in notes:
                 notes.append(f"plan: {text}")
     gpu_skips = sorted({s["arm"] for s in skipped if "no CUDA GPU" in (s["reason"] or "")})

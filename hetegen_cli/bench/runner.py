@@ -32,6 +32,7 @@ from hetegen_cli.bench.timing import RSS_INTERVAL_S, RssSampler, timed_runs
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error
 from hetegen_cli.core.errors import HetegenError
+from hetegen_cli.profile.document import profile_sections
 
 BENCH_KIND = "hetegen.bench"
 BENCH_SCHEMA_VERSION = 1
@@ -200,8 +201,8 @@ def _skeleton(p: Prepared) -> dict:
         "provenance": {
             "profile": p.profile_identity,
             "has_cuda": p.has_cuda,
-            "cpu_model": (p.profile.get("host") or {}).get("cpu_model"),
-            "profile_threads": p.profile["cpu"]["threads"],
+            "cpu_model": profile_sections(p.profile).host.cpu_model,
+            "profile_threads": profile_sections(p.profile).cpu.threads,
             "versions": versions(),
             "platform": platform.platform(),
         },
@@ -243,7 +244,8 @@ def _one_arm(
     finally:
         gc.collect()
     entry = {"arm": ctx.arm, "status": "ok", "reason": None, **_run_doc(run)}
-    entry["predicted"] = predicted_for_arm(ctx.arm, ctx.plan, ctx.cpu_plan, ctx.spec, p)
+    predicted = predicted_for_arm(ctx.arm, ctx.plan, ctx.cpu_plan, ctx.spec, p)
+    entry["predicted"] = predicted.to_dict() if predicted is not None else None
     done[key] = (index, entry)
     return entry
 

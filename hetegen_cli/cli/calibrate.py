@@ -1,5 +1,5 @@
-"""`hetegen calibrate RUN.json ...`: refit the fixed terms from real runs of this machine and
-store the calibration next to the profile (plan.calibration). `hetegen plan --calibrate` is
+"""`hetegen calibrate RUN.json ...`: refit the fixed costs from real runs of this machine and
+store the calibration next to the profile (plan.costmodel.calibration). `hetegen plan --calibrate` is
 the same, kept for scripts written before the command (deprecated)."""
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ def register(app: typer.Typer) -> None:
 def calibrate(runs: list[Path], profile: Path | None, json_: bool) -> None:
     """Read the run / bench documents, fit, write `<profile>.calibration.json` atomically."""
     from hetegen_cli.core import paths
-    from hetegen_cli.plan.calibration import build_calibration, calibration_path, records_of, save_calibration
+    from hetegen_cli.plan.costmodel.calibration import (
+        build_calibration,
+        calibration_path,
+        records_of,
+        save_calibration,
+    )
     from hetegen_cli.profile.document import identity, load_profile, utc_now
 
     path = profile or paths.default_profile_path()
@@ -55,7 +60,7 @@ def calibrate(runs: list[Path], profile: Path | None, json_: bool) -> None:
     cal = build_calibration(records, who, utc_now())
     if not cal["factors"]:
         raise InputError(
-            "the runs hold no fixed terms to refit (no phase with a measured time and a fixed part)",
+            "the runs hold no fixed costs to refit (no phase with a measured time and a fixed part)",
             "calibrate with `run --json` or `bench --json` output made with this profile",
         )
     saved = save_calibration(cal, calibration_path(path))
@@ -87,7 +92,7 @@ def _render(cal: dict) -> None:
             f"{after * 1e3:.2f}",
             f"{r['measured_s'] / after:.2f}",
         )
-    t.caption = "factors on the fixed terms: " + ", ".join(
+    t.caption = "factors on the fixed costs: " + ", ".join(
         f"{dev} {ph} x{k:.2f}" for dev, by in factors.items() for ph, k in by.items()
     )
     stdout_console().print(t)

@@ -191,7 +191,7 @@ def _with_copy_engines(doc: dict, copy_engines: int | None) -> tuple[dict, str |
 
 def _simulate(plan: Any, spec: Any, profile: dict, timeline: Path | None) -> tuple[Any, Path | None]:
     """The plan with its trace replay (plan.simulate.with_simulation), and the timeline drawn."""
-    from hetegen_cli.plan.overheads import overheads_from_profile
+    from hetegen_cli.plan.costmodel.fixed import fixed_costs_from_profile
     from hetegen_cli.plan.simulate import with_simulation
     from hetegen_cli.run.simulate import draw_timeline, record_trace
 
@@ -203,14 +203,14 @@ def _simulate(plan: Any, spec: Any, profile: dict, timeline: Path | None) -> tup
         return plan, None
     with activity("recording the engine's operations on a proxy of the model"):
         trace, info = record_trace(plan, spec)
-    overheads = overheads_from_profile(profile)
-    on_gpu = overheads is not None and overheads.has("cuda")
-    plan, sims = with_simulation(plan, spec, trace, engine_costs_on_gpu=on_gpu, recorded=info)
+    fixed = fixed_costs_from_profile(profile)
+    on_gpu = fixed is not None and fixed.has("cuda")
+    plan, sims = with_simulation(plan, spec, trace, fixed_costs_on_gpu=on_gpu, recorded=info)
     if timeline is None:
         return plan, None
     dec = plan.simulation["decode"]
     title = (
-        f"{plan.model.get('name')}: one decode step replayed, {dec['simulated_s'] * 1e3:.2f} ms "
+        f"{plan.model.name}: one decode step replayed, {dec['simulated_s'] * 1e3:.2f} ms "
         f"(predicted {dec['predicted_s'] * 1e3:.2f} ms, without host time {dec['ideal_s'] * 1e3:.2f} ms)\n"
         f"{plan.simulation['copy_engines']} host-to-device copy engine(s); speeds from the profile, "
         f"operations from the engine on the {info['backend']} stand-in"
@@ -259,7 +259,7 @@ def render_simulation(plan: Any) -> None:
     console.print(f"  busy in decode: {busy}", highlight=False)
     path = ", ".join(f"{c['item']} {c['share']:.0%}" for c in dec["critical_path"][:4])
     console.print(f"  decode waited on: {path}", highlight=False)
-    per = (dec.get("host") or {}).get("per_linear") or {}
+    per = dec["host"]["per_linear"]
     if "split" in per:
         split = per["split"]
         console.print(
@@ -289,19 +289,21 @@ def render(plan: Any, explain: bool) -> None:
     """The summary tables on stdout; --explain adds one row per linear."""
     from rich.table import Table
 
+    from hetegen_cli.plan.sections import HostMemory, ProfileIdentity
+
     console = stdout_console()
     m, w, b = plan.model, plan.workload, plan.budget
     rt = plan.runtime
     console.print(
-        f"Plan for {m['name']} ({m['architecture']}, {m['dtype']}, "
-        f"{format_bytes(m['weight_bytes'])} of weights): prompt {w['prompt_len']}, "
-        f"{w['max_new_tokens']} new tokens, batch {w['batch_size']}",
+        f"Plan for {m.name} ({m.architecture}, {m.dtype}, "
+        f"{format_bytes(m.weight_bytes or 0)} of weights): prompt {w.prompt_len}, "
+        f"{w.max_new_tokens} new tokens, batch {w.batch_size}",
         highlight=False,
     )
-    prof = plan.profile or {}
+    prof = plan.profile or ProfileIdentity()
     console.print(
-        f"Profile: {prof.get('path')} ({prof.get('cpu_model')}; GPU "
-        f"{prof.get('gpu_name') or 'none'}); CPU share in "
+        f"Profile: {prof.path} ({prof.cpu_model}; GPU "
+        f"{prof.gpu_name or 'none'}); CPU share in "
         + (
             rt.cpu_dtype_prefill
             if rt.cpu_dtype_prefill == rt.cpu_dtype_decode
@@ -312,19 +314,19 @@ def render(plan: Any, explain: bool) -> None:
         highlight=False,
     )
     t = Table(
-        title=f"GPU memory: budget {format_bytes(b['gpu_budget_bytes'])} ({b['gpu_budget_source']})",
+        title=f"GPU memory: budget {format_bytes(b.gpu_budget_bytes or 0)} ({b.gpu_budget_source})",
         title_justify="left",
     )
     t.add_column("item")
     t.add_column("bytes", justify="right")
-    for key, value in plan.memory["gpu"].items():
+    gpu = plan.memory.gpu.to_dict() if plan.memory.gpu else {}
+    for key, value in gpu.items():
         t.add_row(key.removesuffix("_bytes").replace("_", " "), format_bytes(value))
-    host = plan.memory["host"]
-    cpu_budget = b.get("cpu_budget_bytes")
+    host = plan.memory.host or HostMemory()
+    cpu_budget = b.cpu_budget_bytes
     t.add_row(
         "host memory (weights + CPU copy + other)",
-        f"{format_bytes(host['total_bytes'])} of "
-        f"{format_bytes(cpu_budget) if cpu_budget is not None else '?'}",
+        f"{format_bytes(host.total_bytes)} of {format_bytes(cpu_budget) if cpu_budget is not None else '?'}",
     )
     console.print(t)
     split = [p for p in plan.placements if not p.resident]
@@ -342,7 +344,7 @@ def render(plan: Any, explain: bool) -> None:
     for col in ("strategy", "prefill s", "decode tok/s", "e2e tok/s", "hetegen x", "GPU mem"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     for key, label in _STRATEGIES:
-        fig = plan.predictions.get(key)
+        fig = plan.predictions.to_dict().get(key)
         speed = "1.00x" if key == "hetegen" else _rate(fig, "hetegen_decode_speedup", "{:.2f}x")
         t.add_row(
             label,
@@ -354,12 +356,12 @@ def render(plan: Any, explain: bool) -> None:
         )
     console.print(t)
     bd = plan.bounds
-    bound_s = bd.get("bound_s_per_token")
+    bound_s = bd.bound_s_per_token if bd else None
     if bound_s:
-        frac = bd.get("plan_fraction_of_bound") or 0.0
+        frac = bd.plan_fraction_of_bound or 0.0
         console.print(
             f"Decode bound (docs/method.md §11): {bound_s:.4g} s/token = {1 / bound_s:.3g} "
-            f"tok/s with {format_bytes(bd['w_host_bytes'])} of weights on the host; "
+            f"tok/s with {format_bytes(bd.w_host_bytes)} of weights on the host; "
             f"the plan predicts {frac:.0%} of it",
             highlight=False,
         )
@@ -390,10 +392,8 @@ def _render_linears(console: Any, plan: Any) -> None:
         t.add_column(col, justify="left" if col == "linear" else "right", no_wrap=col == "linear")
     for i, p in enumerate(plan.placements):
         est = plan.estimates[i] if plan.estimates else None
-        pre = (
-            "/".join(f"{est.prefill[k] * 1e3:.3f}" for k in ("cpu_s", "transfer_s", "gpu_s")) if est else "-"
-        )
-        dec = "/".join(f"{est.decode[k] * 1e3:.3f}" for k in ("cpu_s", "transfer_s", "gpu_s")) if est else "-"
+        pre = "/".join(f"{t * 1e3:.3f}" for t in _shares(est.prefill)) if est else "-"
+        dec = "/".join(f"{t * 1e3:.3f}" for t in _shares(est.decode)) if est else "-"
         t.add_row(
             p.name,
             f"{p.out_features}x{p.in_features}",
@@ -401,6 +401,11 @@ def _render_linears(console: Any, plan: Any) -> None:
             f"{p.cpu_fraction_prefill:.3f}/{p.cpu_fraction_decode:.3f}",
             pre,
             dec,
-            f"{est.decode['layer_s'] * 1e3:.3f}" if est else "-",
+            f"{est.decode.layer_s * 1e3:.3f}" if est else "-",
         )
     console.print(t)
+
+
+def _shares(times: Any) -> tuple[float, float, float]:
+    """(cpu, transfer, gpu) seconds of a plan.sections.LinearTimes."""
+    return times.cpu_s, times.transfer_s, times.gpu_s

@@ -219,7 +219,7 @@ def _check_ram(
     quant: dict[str, tuple[str, int]],
 ) -> None:
     """Refuse before loading when the host-held weights would not fit in available RAM."""
-    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes, quant=quant)["total_bytes"]
+    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes, quant=quant).total_bytes
     if not backend.is_cuda:  # the stand-in "device" is host memory too
         split_names = {p.name for p in split}
         rest = {id(t): t.numel() for n, t in named_tensors(model) if n.rpartition(".")[0] not in split_names}

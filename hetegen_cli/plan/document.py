@@ -14,14 +14,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, StrictBool, StrictInt
 
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.jsonio import write_document
+from hetegen_cli.plan.sections import (
+    Bounds,
+    Budget,
+    FormatChoice,
+    LinearTimes,
+    MemoryUse,
+    ModelIdentity,
+    Predictions,
+    ProfileIdentity,
+    RatesRecord,
+    Residency,
+    WeightDtype,
+    Workload,
+)
 
-WeightDtype = Literal["float32", "bfloat16", "float16"]
 #: a runtime field that plans written before it lack: it loads with its default
 SINCE_LATER = {"optional": True}
 
@@ -50,6 +63,23 @@ class LinearPlacement:
     resident: bool  # whole weight on the GPU; no split
     cpu_rows_prefill: int  # CPU computes rows [0, cpu_rows_prefill) in prefill
     cpu_rows_decode: int  # ... and rows [0, cpu_rows_decode) in decode
+
+    @classmethod
+    def of(
+        cls, linear: Any, resident: bool = False, rows_prefill: int = 0, rows_decode: int = 0
+    ) -> LinearPlacement:
+        """The placement of `linear` (a models.spec.LinearSpec, or another placement: anything
+        with its name, layer_index, role, out_features and in_features)."""
+        return cls(
+            linear.name,
+            linear.layer_index,
+            linear.role,
+            linear.out_features,
+            linear.in_features,
+            resident,
+            rows_prefill,
+            rows_decode,
+        )
 
     def __post_init__(self) -> None:
         for rows in (self.cpu_rows_prefill, self.cpu_rows_decode):
@@ -128,14 +158,14 @@ SUPPORTED_PLAN_VERSIONS = (1, 2)
 class LinearEstimate:
     """Planner figures for one linear, parallel to Plan.placements (empty for manual plans).
 
-    prefill/decode: predicted seconds {cpu_s, transfer_s, gpu_s, layer_s} at the plan's split.
-    priority_g: decode T_cpu at the balanced split per byte of GPU memory (s/B), docs/method.md §7.
+    prefill/decode: predicted seconds at the plan's split. priority_g: decode T_cpu at the
+    balanced split per byte of GPU memory (s/B), docs/method.md §7.
     """
 
     weight_bytes: int
     priority_g: float
-    prefill: dict
-    decode: dict
+    prefill: LinearTimes
+    decode: LinearTimes
 
 
 @dataclass(frozen=True)
@@ -143,29 +173,30 @@ class Plan:
     """A complete plan: what `plan` writes and `run`/`bench` execute.
 
     placements are in execution order (block linears, then the LM head when it is planned as
-    a linear, i.e. not resident with lm_head_on_gpu). Sizes in bytes, times in seconds.
+    a linear, i.e. not resident with lm_head_on_gpu). Every section is typed (plan.sections);
+    plans made from fractions (plan.manual) leave the planner's sections empty or None.
     """
 
     placements: tuple[LinearPlacement, ...]
     runtime: RuntimeSettings
-    model: dict  # arg, name, architecture, dtype, config_hash, ...
-    workload: dict  # prompt_len, max_new_tokens, batch_size
-    budget: dict = field(default_factory=dict)  # gpu_budget_bytes, cpu_budget_bytes, ...
-    memory: dict = field(default_factory=dict)  # {"gpu": {item_bytes}, "host": {item_bytes}}
-    profile: dict | None = None  # path, created_utc, cpu_model, gpu_name, sha256
+    model: ModelIdentity
+    workload: Workload
+    budget: Budget = field(default_factory=Budget)
+    memory: MemoryUse = field(default_factory=MemoryUse)
+    profile: ProfileIdentity | None = None
     estimates: tuple[LinearEstimate, ...] = ()
-    predictions: dict = field(default_factory=dict)  # strategy -> figures
-    bounds: dict = field(default_factory=dict)
-    residency: dict = field(default_factory=dict)  # how the resident set was chosen
-    rates: dict = field(default_factory=dict)  # costmodel.PhaseRates used ({prefill, decode})
-    cpu_formats: dict = field(default_factory=dict)  # how the CPU dtype per phase was chosen
+    predictions: Predictions = field(default_factory=Predictions)
+    bounds: Bounds | None = None
+    residency: Residency | None = None
+    rates: RatesRecord | None = None
+    cpu_formats: FormatChoice | None = None
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     created_utc: str = ""
-    #: `hetegen plan --simulate`: the trace replay of this plan (plan.simulate); optional
+    #: `hetegen plan --simulate`: the trace replay of this plan (plan.simulate), a report
     simulation: dict = field(default_factory=dict)
 
-    __hash__ = None  # type: ignore[assignment]  # holds dicts
+    __hash__ = None  # type: ignore[assignment]  # holds a dict
 
     def placement(self, name: str) -> LinearPlacement:
         for p in self.placements:
@@ -188,23 +219,26 @@ class Plan:
         def mean(values: list[float]) -> float | None:
             return sum(values) / len(values) if values else None
 
+        memory, layer_split = self.memory, self.predictions.layer_split
         return {
-            "model": self.model.get("name"),
+            "model": self.model.name,
             "created_utc": self.created_utc,
-            "budget": dict(self.budget),
-            "gpu_memory_bytes": (self.memory.get("gpu") or {}).get("total_bytes"),
-            "host_memory_bytes": (self.memory.get("host") or {}).get("total_bytes"),
+            "budget": self.budget.to_dict(),
+            "gpu_memory_bytes": memory.gpu.total_bytes if memory.gpu else None,
+            "host_memory_bytes": memory.host.total_bytes if memory.host else None,
             "runtime": runtime_to_dict(self.runtime),
             "resident_count": self.resident_count,
             "split_count": len(split),
             "mean_cpu_fraction_prefill": mean([p.cpu_fraction_prefill for p in split]),
             "mean_cpu_fraction_decode": mean([p.cpu_fraction_decode for p in split]),
-            "cpu_formats": {
-                k: self.cpu_formats[k] for k in ("prefill", "decode", "reason") if k in self.cpu_formats
-            },
-            "layer_split_gpu_layers": ((self.predictions or {}).get("layer_split") or {}).get("gpu_layers"),
-            "predictions": self.predictions,
-            "bounds": self.bounds,
+            "cpu_formats": (
+                {k: v for k, v in self.cpu_formats.to_dict().items() if k in ("prefill", "decode", "reason")}
+                if self.cpu_formats
+                else {}
+            ),
+            "layer_split_gpu_layers": layer_split.gpu_layers if layer_split else None,
+            "predictions": self.predictions.to_dict(),
+            "bounds": self.bounds.to_dict() if self.bounds else {},
             "warnings": list(self.warnings),
             "notes": list(self.notes),
         }
@@ -229,25 +263,26 @@ class Plan:
                 entry.update(
                     weight_bytes=est.weight_bytes,
                     priority_g_s_per_byte=est.priority_g,
-                    prefill=dict(est.prefill),
-                    decode=dict(est.decode),
+                    prefill=est.prefill.to_dict(),
+                    decode=est.decode.to_dict(),
                 )
             linears.append(entry)
+        optional = lambda section: section.to_dict() if section is not None else {}  # noqa: E731
         return {
             "schema_version": PLAN_SCHEMA_VERSION,
             "kind": PLAN_KIND,
             "created_utc": self.created_utc,
-            "model": self.model,
-            "profile": self.profile,
-            "workload": self.workload,
-            "budget": self.budget,
-            "memory": self.memory,
+            "model": self.model.to_dict(),
+            "profile": self.profile.to_dict() if self.profile is not None else None,
+            "workload": self.workload.to_dict(),
+            "budget": self.budget.to_dict(),
+            "memory": self.memory.to_dict(),
             "runtime": runtime_to_dict(self.runtime),
-            "rates": self.rates,
-            "cpu_formats": self.cpu_formats,
-            "predictions": self.predictions,
-            "bounds": self.bounds,
-            "residency": self.residency,
+            "rates": optional(self.rates),
+            "cpu_formats": optional(self.cpu_formats),
+            "predictions": self.predictions.to_dict(),
+            "bounds": optional(self.bounds),
+            "residency": optional(self.residency),
             **({"simulation": self.simulation} if self.simulation else {}),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
@@ -270,31 +305,31 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 # --- plans and model specs -----------------------------------------------------------------
 
 
-def model_identity(spec: Any, arg: str = "") -> dict:
-    """The plan's `model` section for a model_spec.ModelSpec."""
-    return {
-        "arg": arg,
-        "name": spec.name,
-        "architecture": spec.architecture,
-        "dtype": spec.dtype,
-        "config_hash": spec.config_hash,
-        "num_layers": spec.num_layers,
-        "hidden_size": spec.hidden_size,
-        "linear_count": len(spec.linears),
-        "tie_word_embeddings": spec.tie_word_embeddings,
-        "weight_bytes": spec.total_weight_bytes,
-        "quant": spec.quant_label,
-    }
+def model_identity(spec: Any, arg: str = "") -> ModelIdentity:
+    """The plan's `model` section for a models.spec.ModelSpec."""
+    return ModelIdentity(
+        arg=arg,
+        name=spec.name,
+        architecture=spec.architecture,
+        dtype=spec.dtype,
+        config_hash=spec.config_hash,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        linear_count=len(spec.linears),
+        tie_word_embeddings=spec.tie_word_embeddings,
+        weight_bytes=spec.total_weight_bytes,
+        quant=spec.quant_label,
+    )
 
 
 def check_plan_matches(plan: Plan, spec: Any) -> None:
     """PlanError unless `plan` was made for this model's shapes and dtype."""
-    made_for = plan.model.get("name") or plan.model.get("arg") or "another model"
+    made_for = plan.model.name or plan.model.arg or "another model"
     hint = f"re-run `hetegen plan --model {spec.name}`"
-    if plan.model.get("config_hash") != spec.config_hash:
+    if plan.model.config_hash != spec.config_hash:
         raise PlanError(
             f"plan was made for model {made_for} (config hash "
-            f"{plan.model.get('config_hash')}), not {spec.name} ({spec.config_hash})",
+            f"{plan.model.config_hash}), not {spec.name} ({spec.config_hash})",
             hint,
         )
     expected = {lin.name: (lin.out_features, lin.in_features) for lin in spec.linears}
@@ -316,10 +351,10 @@ def check_plan_matches(plan: Plan, spec: Any) -> None:
         )
     if spec.lm_head.name not in {p.name for p in plan.placements} and not plan.runtime.lm_head_on_gpu:
         raise PlanError("plan neither keeps the LM head on the GPU nor places it", hint)
-    if plan.model.get("quant") != spec.quant_label:
+    if plan.model.quant != spec.quant_label:
         stored = lambda label: f"quantized ({label})" if label else "in floating point"  # noqa: E731
         raise PlanError(
-            f"plan was made for {made_for} stored {stored(plan.model.get('quant'))}, but the model "
+            f"plan was made for {made_for} stored {stored(plan.model.quant)}, but the model "
             f"is {stored(spec.quant_label)}",
             f"{hint} --quant {(spec.quant_label or 'none').split('-')[0]}",
         )

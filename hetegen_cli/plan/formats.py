@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.plan.sections import FormatChoice
 
 #: a pair that holds more host memory must be this much faster (fraction of the total time)
 FORMAT_TOLERANCE = 0.02
@@ -50,21 +51,21 @@ def candidate_pairs(measured: list[str], forced: tuple[str, str] | None) -> list
     return [(p, d) for p in measured for d in measured]
 
 
-def pick(tried: list[Tried], forced: bool) -> tuple[Tried, dict]:
+def pick(tried: list[Tried], forced: bool) -> tuple[Tried, FormatChoice]:
     """The chosen pair among those with a plan, and the record the plan keeps of the choice.
     `tried` must hold at least one pair with a plan."""
     ok = [t for t in tried if t.error is None]
     fastest = min(ok, key=lambda t: t.total_s)
     near = [t for t in ok if t.total_s <= fastest.total_s * (1 + FORMAT_TOLERANCE)]
     chosen = min(near, key=lambda t: (t.host_bytes, len(set(t.pair)), t.total_s))
-    record = {
-        "prefill": chosen.pair[0],
-        "decode": chosen.pair[1],
-        "forced": forced,
-        "tolerance": FORMAT_TOLERANCE,
-        "reason": _reason(chosen, fastest, tried, forced),
-        "considered": [t.to_dict() for t in tried],
-    }
+    record = FormatChoice(
+        prefill=chosen.pair[0],
+        decode=chosen.pair[1],
+        forced=forced,
+        tolerance=FORMAT_TOLERANCE,
+        reason=_reason(chosen, fastest, tried, forced),
+        considered=[t.to_dict() for t in tried],
+    )
     return chosen, record
 
 

@@ -13,18 +13,8 @@ from pydantic import Field, StrictInt, create_model, model_validator
 
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.jsonio import read_document
-from hetegen_cli.core.validation import (
-    Count,
-    Finite,
-    Flag,
-    Fraction,
-    Index,
-    NonNegative,
-    Positive,
-    Schema,
-    Text,
-    check,
-)
+from hetegen_cli.core.validation import Flag, Fraction, Index, NonNegative, Schema, Text, check
+from hetegen_cli.plan import sections as sec
 from hetegen_cli.plan.document import (
     PLAN_KIND,
     SUPPORTED_PLAN_VERSIONS,
@@ -32,18 +22,10 @@ from hetegen_cli.plan.document import (
     LinearPlacement,
     Plan,
     RuntimeSettings,
-    WeightDtype,
 )
 
 _HINT = "fix the value by hand or re-run `hetegen plan`"
 Dim = Annotated[StrictInt, Field(ge=1, le=2**31)]
-
-
-class PhaseTimes(Schema):
-    cpu_s: NonNegative
-    transfer_s: NonNegative
-    gpu_s: NonNegative
-    layer_s: NonNegative
 
 
 class LinearDoc(Schema):
@@ -58,8 +40,8 @@ class LinearDoc(Schema):
     cpu_rows_decode: Index
     weight_bytes: Index | None = None
     priority_g_s_per_byte: NonNegative | None = None
-    prefill: PhaseTimes | None = None
-    decode: PhaseTimes | None = None
+    prefill: sec.LinearTimes | None = None
+    decode: sec.LinearTimes | None = None
 
     @model_validator(mode="after")
     def _rows_agree(self) -> LinearDoc:
@@ -96,73 +78,21 @@ def _runtime_doc() -> type[Schema]:
 RuntimeDoc = _runtime_doc()
 
 
-class ModelDoc(Schema):
-    name: Text
-    architecture: Text
-    dtype: WeightDtype
-    config_hash: Text
-    arg: Text = ""
-    weight_bytes: Index | None = None
-    quant: Literal["int8", "int4-g32", "int4-g64", "int4-g128"] | None = None  # schema 2 from issue 11
-
-
-class WorkloadDoc(Schema):
-    prompt_len: Index
-    max_new_tokens: Index
-    batch_size: Count
-
-
-class BudgetDoc(Schema):
-    gpu_budget_bytes: Index | None = None
-    cpu_budget_bytes: Index | None = None
-    gpu_budget_source: Text | None = None
-    cpu_budget_source: Text | None = None
-    gpu_minimum_bytes: Index | None = None
-    gpu_unused_bytes: Index | None = None
-
-
-class MemoryDoc(Schema):
-    gpu: dict[str, Index] = Field(default_factory=dict)
-    host: dict[str, Index] = Field(default_factory=dict)
-
-
-class Prediction(Schema):
-    prefill_s: NonNegative
-    decode_s_per_token: NonNegative
-    decode_tokens_per_s: Positive | None
-    end_to_end_tokens_per_s: Positive | None
-    total_s: NonNegative
-    gpu_memory_bytes: Index
-    hetegen_decode_speedup: Positive | None = None
-    hetegen_end_to_end_speedup: Positive | None = None
-    gpu_layers: Index | None = None
-    lm_head_on_gpu: Flag | None = None
-
-
-class ProfileIdentity(Schema):
-    path: Text | None = None
-    created_utc: Text | None = None
-    cpu_model: Text | None = None
-    gpu_name: Text | None = None
-    quick: Flag | None = None
-    sha256: Text | None = None
-
-
 class PlanDoc(Schema):
     schema_version: StrictInt
     kind: Literal["hetegen.plan"]
     created_utc: Text = ""
-    model: ModelDoc
-    profile: ProfileIdentity | None = None
-    workload: WorkloadDoc
-    budget: BudgetDoc = BudgetDoc()
-    memory: MemoryDoc = MemoryDoc()
+    model: sec.ModelIdentity
+    profile: sec.ProfileIdentity | None = None
+    workload: sec.Workload
+    budget: sec.Budget = sec.Budget()
+    memory: sec.MemoryUse = sec.MemoryUse()
     runtime: RuntimeDoc
-    rates: dict[str, Any] = Field(default_factory=dict)
-    cpu_formats: dict[str, Any] = Field(default_factory=dict)
-    predictions: dict[str, Prediction | None] = Field(default_factory=dict)
-    bounds: dict[str, Finite | None] = Field(default_factory=dict)
-    residency: dict[str, Any] = Field(default_factory=dict)
+    rates: sec.RatesRecord | None = None
+    cpu_formats: sec.FormatChoice | None = None
+    predictions: sec.Predictions = sec.Predictions()
+    bounds: sec.Bounds | None = None
+    residency: sec.Residency | None = None
     simulation: dict[str, Any] = Field(default_factory=dict)  # plan --simulate; optional
     warnings: list[Text] = Field(default_factory=list)
     notes: list[Text] = Field(default_factory=list)
@@ -217,29 +147,24 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         )
         if lin.prefill is not None and lin.decode is not None and lin.weight_bytes is not None:
             estimates.append(
-                LinearEstimate(
-                    lin.weight_bytes,
-                    lin.priority_g_s_per_byte or 0.0,
-                    lin.prefill.model_dump(),
-                    lin.decode.model_dump(),
-                )
+                LinearEstimate(lin.weight_bytes, lin.priority_g_s_per_byte or 0.0, lin.prefill, lin.decode)
             )
     rt = parsed.runtime
     runtime = RuntimeSettings(**{f.name: getattr(rt, f.name) for f in fields(RuntimeSettings)})
     return Plan(
         placements=tuple(placements),
         runtime=runtime,
-        model=dict(doc["model"]),
-        workload=dict(doc["workload"]),
-        budget=dict(doc.get("budget") or {}),
-        memory=dict(doc.get("memory") or {}),
-        profile=doc.get("profile"),
+        model=parsed.model,
+        workload=parsed.workload,
+        budget=parsed.budget,
+        memory=parsed.memory,
+        profile=parsed.profile,
         estimates=tuple(estimates) if len(estimates) == len(placements) else (),
-        predictions=dict(doc.get("predictions") or {}),
-        bounds=dict(doc.get("bounds") or {}),
-        residency=dict(doc.get("residency") or {}),
-        rates=dict(doc.get("rates") or {}),
-        cpu_formats=dict(parsed.cpu_formats),
+        predictions=parsed.predictions,
+        bounds=parsed.bounds,
+        residency=parsed.residency,
+        rates=parsed.rates,
+        cpu_formats=parsed.cpu_formats,
         warnings=tuple(parsed.warnings),
         notes=tuple(parsed.notes),
         created_utc=parsed.created_utc,
@@ -247,9 +172,15 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
     )
 
 
+#: sections a plan made from fractions writes as {} (no planner figures): read as absent
+_EMPTY_IS_ABSENT = ("rates", "cpu_formats", "bounds", "residency")
+
+
 def _upgrade(doc: dict) -> dict:
-    """A schema-1 plan in the current schema: its one `runtime.cpu_dtype` serves both phases.
-    (A copy; a runtime that is not an object is left for the schema to reject.)"""
+    """An older plan in the current schema (a copy): empty planner sections are absent, and a
+    schema-1 plan's one `runtime.cpu_dtype` serves both phases (a runtime that is not an
+    object is left for the schema to reject)."""
+    doc = {k: v for k, v in doc.items() if not (k in _EMPTY_IS_ABSENT and v == {})}
     runtime = doc.get("runtime")
     if doc.get("schema_version") != 1 or not isinstance(runtime, dict) or "cpu_dtype" not in runtime:
         return doc

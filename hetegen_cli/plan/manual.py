@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings, model_identity, round_rows
+from hetegen_cli.plan.sections import Workload
 
 
 def manual_plan(
@@ -14,7 +15,7 @@ def manual_plan(
     cpu_fraction_decode: float | dict,
     resident: tuple | list | set = (),
     runtime: RuntimeSettings | None = None,
-    workload: dict | None = None,
+    workload: Workload | None = None,
 ) -> Plan:
     """A plan from given fractions (tests, engine, bench arms); no predictions.
 
@@ -43,23 +44,11 @@ def manual_plan(
             ph: 0 if is_res else round_rows(frac(f, lin.name), lin.out_features)
             for ph, f in (("prefill", cpu_fraction_prefill), ("decode", cpu_fraction_decode))
         }
-        placements.append(
-            LinearPlacement(
-                lin.name,
-                lin.layer_index,
-                lin.role,
-                lin.out_features,
-                lin.in_features,
-                is_res,
-                rows["prefill"],
-                rows["decode"],
-            )
-        )
-    workload = workload or {"prompt_len": 0, "max_new_tokens": 0, "batch_size": 1}
+        placements.append(LinearPlacement.of(lin, is_res, rows["prefill"], rows["decode"]))
     return Plan(
         placements=tuple(placements),
         runtime=runtime,
         model=model_identity(spec),
-        workload=dict(workload),
+        workload=workload or Workload(prompt_len=0, max_new_tokens=0, batch_size=1),
         notes=("manual plan: fractions given, not solved",),
     )

@@ -14,6 +14,7 @@ from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.models.spec import LinearSpec, ModelSpec
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.sections import HostMemory
 
 #: Without --gpu-memory the budget is the profiled free memory less this share of the total.
 FREE_MEMORY_MARGIN = 0.05
@@ -125,7 +126,7 @@ def host_memory(
     cpu_dtypes: tuple[str, str],
     other_bytes: int = 0,
     quant: Mapping[str, tuple[str, int]] | None = None,
-) -> dict[str, int]:
+) -> HostMemory:
     """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`: exactly what
     the engine allocates. `weights_bytes` is the arena (pinned on a GPU machine), aligned per
     weight; `cpu_copy_bytes` the copies in other CPU dtypes (pageable). `quant` maps the
@@ -135,7 +136,7 @@ def host_memory(
     for p in placements:
         if p.resident:
             continue
-        q = (quant or {}).get(p.name)
+        q = quant.get(p.name) if quant else None
         if q is not None:
             row0, kernels = held_quant_rows((p.cpu_rows_prefill, p.cpu_rows_decode))
             weights += rows_bytes(p.out_features - row0, p.in_features, weights_dtype, q)
@@ -146,9 +147,9 @@ def host_memory(
         )
         weights += arena_bytes((p.out_features - row0) * p.in_features * wbytes)
         copy += sum(rows * p.in_features * itemsize(d) for d, rows in copies.items())
-    return {
-        "weights_bytes": weights,
-        "cpu_copy_bytes": copy,
-        "other_bytes": other_bytes,
-        "total_bytes": weights + copy + other_bytes,
-    }
+    return HostMemory(
+        weights_bytes=weights,
+        cpu_copy_bytes=copy,
+        other_bytes=other_bytes,
+        total_bytes=weights + copy + other_bytes,
+    )

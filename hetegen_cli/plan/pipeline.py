@@ -17,6 +17,7 @@ sized.
 from __future__ import annotations
 
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.costmodel.strategies import tokens_for
 from hetegen_cli.plan.document import LinearPlacement, round_rows
 
 #: the GPU-path scale factors tried first, then refined around the best
@@ -126,8 +127,6 @@ def refine_placements(
 ) -> tuple[LinearPlacement, ...]:
     """`placements` with each phase's CPU rows chosen for the whole pipeline (refine_rows);
     shares stay within `stage_bytes`, the staging buffer the memory plan sized."""
-    from hetegen_cli.plan.predictions import tokens_for  # predictions imports nothing of this
-
     quant = spec.quant_map()
     by_name = {lin.name: lin for lin in (*spec.linears, spec.lm_head)}
     row_bytes = [max(1, by_name[p.name].weight_bytes // max(1, p.out_features)) for p in placements]
@@ -141,17 +140,6 @@ def refine_placements(
         tokens_of = [tokens_for(p.role, req, phase) for p in placements]
         rows[phase], _, _ = refine_rows(placements, rates_of, tokens_of, buffers, phase, min_rows)
     return tuple(
-        p
-        if p.resident
-        else LinearPlacement(
-            p.name,
-            p.layer_index,
-            p.role,
-            p.out_features,
-            p.in_features,
-            False,
-            rows["prefill"][i],
-            rows["decode"][i],
-        )
+        p if p.resident else LinearPlacement.of(p, False, rows["prefill"][i], rows["decode"][i])
         for i, p in enumerate(placements)
     )

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from hetegen_cli.models.spec import LinearSpec
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.costmodel.strategies import tokens_for
 from hetegen_cli.plan.document import round_rows
 from hetegen_cli.plan.memory import linear_rows_bytes
-from hetegen_cli.plan.predictions import tokens_for
 from hetegen_cli.plan.request import PlanRequest
 
 

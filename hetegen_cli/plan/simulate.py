@@ -17,14 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.phase import PHASES
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.costmodel.fixed import linear_mode
+from hetegen_cli.plan.costmodel.strategies import figures, with_speedups
 from hetegen_cli.plan.document import LinearPlacement, Plan
-from hetegen_cli.plan.overheads import linear_mode
-from hetegen_cli.plan.predictions import figures
 from hetegen_cli.plan.replay import Replay
 from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.sections import HostPart
 from hetegen_cli.plan.trace_pricing import Pricing, carried_copies, replay, segments
 
 #: the kinds a timeline draws, in legend order
@@ -89,17 +91,15 @@ def trace_phases(trace: dict) -> dict[str, list[dict]]:
 def phase_rates_of(plan: Plan) -> cm.PhaseRates:
     """The PhaseRates a plan was priced with (its `rates` section)."""
     r = plan.rates
-    quant = {fmt: cm.Rates.from_dict(v) for fmt, v in (r.get("quant") or {}).items()}
-    return cm.PhaseRates(cm.Rates.from_dict(r["prefill"]), cm.Rates.from_dict(r["decode"]), quant)
+    if r is None:
+        raise PlanError("the plan has no `rates` section to price its trace with", "re-run `hetegen plan`")
+    quant = {fmt: cm.Rates.from_dict(v) for fmt, v in (r.quant or {}).items()}
+    return cm.PhaseRates(cm.Rates.from_dict(r.prefill), cm.Rates.from_dict(r.decode), quant)
 
 
 def request_of(plan: Plan) -> PlanRequest:
     w = plan.workload
-    return PlanRequest(
-        prompt_len=int(w["prompt_len"]),
-        max_new_tokens=int(w["max_new_tokens"]),
-        batch_size=int(w["batch_size"]),
-    )
+    return PlanRequest(prompt_len=w.prompt_len, max_new_tokens=w.max_new_tokens, batch_size=w.batch_size)
 
 
 @dataclass
@@ -145,43 +145,43 @@ def with_simulation(
     spec: ModelSpec,
     trace: dict,
     *,
-    engine_costs_on_gpu: bool,
+    fixed_costs_on_gpu: bool,
     copy_engines: int | None = None,
     recorded: dict | None = None,
 ) -> tuple[Plan, dict[str, PhaseSimulation]]:
     """`plan` with a `simulation` section (docs/plan.md, "Trace replay") and, unless the
-    profile measured the engine's costs on the GPU (`engine_costs_on_gpu`: they are in the
+    profile measured the engine's costs on the GPU (`fixed_costs_on_gpu`: they are in the
     prediction already), the trace's host time added to its hetegen prediction."""
     sims = simulate_plan(plan, spec, trace, copy_engines=copy_engines)
     engines = copy_engines or plan.runtime.copy_engines
     req = request_of(plan)
     notes = list(plan.notes)
-    predictions = {k: (dict(v) if isinstance(v, dict) else v) for k, v in plan.predictions.items()}
-    bounds = dict(plan.bounds)
+    predictions, bounds = plan.predictions, plan.bounds
     host_term = {ph: sims[ph].host["total_s"] for ph in PHASES}
-    hetegen = predictions.get("hetegen")
+    hetegen = predictions.hetegen
     added = False
-    if hetegen and not engine_costs_on_gpu:
+    if hetegen and not fixed_costs_on_gpu:
         new = figures(
             req,
-            hetegen["prefill_s"] + host_term["prefill"],
-            hetegen["decode_s_per_token"] + host_term["decode"],
-            hetegen["gpu_memory_bytes"],
+            hetegen.prefill_s + host_term["prefill"],
+            hetegen.decode_s_per_token + host_term["decode"],
+            hetegen.gpu_memory_bytes,
         )
-        extras = {k: v for k, v in hetegen.items() if k not in new}
-        new.update(extras)
-        new["host"] = {
-            "prefill_s": host_term["prefill"],
-            "decode_s_per_token": host_term["decode"],
-            "source": "trace replay (the engine's host time on the CPU stand-in)",
-        }
-        predictions["hetegen"] = new
-        for key, other in predictions.items():
-            if key != "hetegen" and other and other.get("decode_tokens_per_s"):
-                other["hetegen_decode_speedup"] = other["decode_s_per_token"] / new["decode_s_per_token"]
-                other["hetegen_end_to_end_speedup"] = other["total_s"] / new["total_s"]
-        if bounds.get("bound_s_per_token") and new["decode_s_per_token"] > 0:
-            bounds["plan_fraction_of_bound"] = bounds["bound_s_per_token"] / new["decode_s_per_token"]
+        carried = {k: getattr(hetegen, k) for k in hetegen.model_fields_set if k not in new.model_fields_set}
+        hetegen = new.model_copy(
+            update={
+                **carried,
+                "host": HostPart(
+                    prefill_s=host_term["prefill"],
+                    decode_s_per_token=host_term["decode"],
+                    source="trace replay (the engine's host time on the CPU stand-in)",
+                ),
+            }
+        )
+        predictions = with_speedups(predictions.model_copy(update={"hetegen": hetegen}))
+        if bounds is not None and bounds.bound_s_per_token and hetegen.decode_s_per_token > 0:
+            fraction = bounds.bound_s_per_token / hetegen.decode_s_per_token
+            bounds = bounds.model_copy(update={"plan_fraction_of_bound": fraction})
         added = True
         notes.append(
             f"the hetegen prediction includes the engine's host time from the trace replay "
@@ -194,7 +194,6 @@ def with_simulation(
             "the trace's host time is not added to the prediction: the profile's engine costs, "
             "measured on the GPU, are in it already"
         )
-    pred = predictions.get("hetegen") or {}
     section: dict[str, Any] = {
         "copy_engines": engines,
         "host_scale": 1.0,
@@ -203,7 +202,7 @@ def with_simulation(
     }
     for phase in PHASES:
         sim = sims[phase]
-        predicted = pred.get("prefill_s" if phase == "prefill" else "decode_s_per_token")
+        predicted = hetegen.seconds(phase) if hetegen else None
         entry = {
             "simulated_s": sim.simulated.step_s,
             "ideal_s": sim.ideal.step_s,
@@ -217,7 +216,7 @@ def with_simulation(
             b = req.batch_size
             entry["simulated_tokens_per_s"] = b / sim.simulated.step_s if sim.simulated.step_s > 0 else None
             entry["ideal_tokens_per_s"] = b / sim.ideal.step_s if sim.ideal.step_s > 0 else None
-            entry["predicted_tokens_per_s"] = pred.get("decode_tokens_per_s")
+            entry["predicted_tokens_per_s"] = hetegen.decode_tokens_per_s if hetegen else None
             if entry["predicted_tokens_per_s"] and entry["simulated_tokens_per_s"]:
                 entry["simulated_fraction_of_predicted"] = (
                     entry["simulated_tokens_per_s"] / entry["predicted_tokens_per_s"]

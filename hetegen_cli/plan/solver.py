@@ -10,54 +10,55 @@ document; `solve(spec, rates, request)` does the rest (tests give it made-up Rat
    (plan.residency);
 3. host memory against the CPU budget;
 4. predictions for hetegen, pure offload, a static layer split and CPU-only, and the bounds
-   (plan.predictions).
+   (costmodel.strategies).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 from hetegen_cli.core.errors import PlanError, ProfileError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
-from hetegen_cli.plan.calibration import profile_overheads
-from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings, model_identity
-from hetegen_cli.plan.formats import Tried, candidate_pairs, pick
-from hetegen_cli.plan.memory import default_gpu_budget, dequant_bytes, host_memory, workspace_bytes
-from hetegen_cli.plan.overheads import Overheads, with_fixed_terms
-from hetegen_cli.plan.pipeline import refine_placements
-from hetegen_cli.plan.predictions import (
+from hetegen_cli.plan.all_cpu import all_cpu_plan
+from hetegen_cli.plan.assemble import assemble, check_host
+from hetegen_cli.plan.costmodel.fit import cpu_formats
+from hetegen_cli.plan.costmodel.fixed import FixedCosts
+from hetegen_cli.plan.costmodel.predict import CostInputs
+from hetegen_cli.plan.costmodel.strategies import (
     bounds,
     cpu_only_prediction,
-    figures,
+    hetegen_prediction,
     layer_split_prediction,
     offload_prediction,
     step_times,
-    tokens_for,
 )
-from hetegen_cli.plan.rates import cpu_formats, phase_rates_from_profile
+from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings
+from hetegen_cli.plan.formats import Tried, candidate_pairs, pick
+from hetegen_cli.plan.memory import default_gpu_budget, dequant_bytes, host_memory, workspace_bytes
+from hetegen_cli.plan.pipeline import refine_placements
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.residency import candidate, choose_resident, staging_bytes
-from hetegen_cli.profile.document import available_ram, gpu_memory
+from hetegen_cli.plan.sections import Budget, GpuMemory, LinearTimes, MemoryUse, Predictions
+from hetegen_cli.profile.document import Profile, available_ram, gpu_memory, profile_sections
 
 
-def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity: dict | None = None) -> Plan:
+def make_plan(
+    spec: ModelSpec, profile: dict | Profile, req: PlanRequest, profile_identity: dict | None = None
+) -> Plan:
     """Fit the cost model from a (validated) profile document and solve the plan, once per
     (prefill, decode) pair of CPU formats; keep the pair plan.formats.pick chooses."""
+    profile = profile_sections(profile)
     free, total = gpu_memory(profile)
     forced = req.cpu_dtypes
     measured = check_forced_formats(profile, forced)
     plans: dict[tuple[str, str], Plan] = {}
     tried: list[Tried] = []
     errors: dict[tuple[str, str], PlanError] = {}
-    overheads, fixed_notes = profile_overheads(profile, profile_identity)
+    inputs = CostInputs.of(profile, profile_identity)
     for pair in candidate_pairs(measured, forced):
-        quant = next(iter(spec.quant_map().values()), None)
-        rates, notes = phase_rates_from_profile(
-            profile, spec.dtype, pair, req.batch_size * req.prompt_len, quant
-        )
+        rates, notes = inputs.rates(spec, pair, req.batch_size * req.prompt_len, "cuda")
         try:
             plan = solve(
                 spec,
@@ -67,32 +68,32 @@ def make_plan(spec: ModelSpec, profile: dict, req: PlanRequest, profile_identity
                 gpu_total_bytes=total,
                 cpu_available_bytes=available_ram(profile),
                 profile_identity=profile_identity,
-                notes=notes + fixed_notes,
-                overheads=overheads,
+                notes=notes + list(inputs.notes),
+                fixed=inputs.fixed,
             )
         except PlanError as exc:
             errors[pair] = exc
             tried.append(Tried(pair, error=exc.message))
             continue
         plans[pair] = plan
-        hetegen = plan.predictions["hetegen"]
+        hetegen = plan.predictions.hetegen
         tried.append(
             Tried(
                 pair,
-                hetegen["total_s"],
-                hetegen["prefill_s"],
-                hetegen["decode_s_per_token"],
-                plan.memory["host"]["total_bytes"],
+                hetegen.total_s,
+                hetegen.prefill_s,
+                hetegen.decode_s_per_token,
+                plan.memory.host.total_bytes,
             )
         )
     if not plans:
         raise _least_memory_error(errors, spec.dtype)
     chosen, record = pick(tried, forced is not None)
     plan = plans[chosen.pair]
-    return replace(plan, cpu_formats=record, notes=(*plan.notes, f"CPU share format: {record['reason']}"))
+    return replace(plan, cpu_formats=record, notes=(*plan.notes, f"CPU share format: {record.reason}"))
 
 
-def check_forced_formats(profile: dict, forced: tuple[str, str] | None) -> list[str]:
+def check_forced_formats(profile: dict | Profile, forced: tuple[str, str] | None) -> list[str]:
     """The CPU formats the profile measured; ProfileError when a forced one is not among them."""
     measured = cpu_formats(profile)
     missing = [d for d in dict.fromkeys(forced or ()) if d not in measured]
@@ -115,16 +116,9 @@ def _layout(spec, rates, req, items, room: int, buffers: int) -> dict:
     resident = choose_resident(items, room, buffers)
     head = spec.lm_head.name
     placements = tuple(
-        LinearPlacement(
-            i.spec.name,
-            i.spec.layer_index,
-            i.spec.role,
-            i.spec.out_features,
-            i.spec.in_features,
-            i.spec.name in resident,
-            0 if i.spec.name in resident else i.rows_prefill,
-            0 if i.spec.name in resident else i.rows_decode,
-        )
+        LinearPlacement.of(i.spec, True)
+        if i.spec.name in resident
+        else LinearPlacement.of(i.spec, False, i.rows_prefill, i.rows_decode)
         for i in items
         if not (i.spec.name == head and i.spec.name in resident)
     )
@@ -148,20 +142,6 @@ def _layout(spec, rates, req, items, room: int, buffers: int) -> dict:
 # --- the solver ----------------------------------------------------------------------------
 
 
-def _check_host(host: dict, budget: int | None, source: str, rates: cm.PhaseRates) -> None:
-    if budget is not None and host["total_bytes"] > budget:
-        hint = "free RAM or raise --cpu-memory, or give more --gpu-memory"
-        if host["cpu_copy_bytes"]:
-            hint += f"; --cpu-dtype {rates.weights_dtype} drops the CPU-dtype copy"
-        raise PlanError(
-            f"the plan needs {format_bytes(host['total_bytes'])} of host memory (weights "
-            f"{format_bytes(host['weights_bytes'])} + CPU-dtype copy {format_bytes(host['cpu_copy_bytes'])}"
-            f" + other {format_bytes(host['other_bytes'])}) but the CPU budget ({source}) is "
-            f"{format_bytes(budget)}",
-            hint,
-        )
-
-
 def solve(
     spec: ModelSpec,
     rates: cm.Rates | cm.PhaseRates,
@@ -172,10 +152,10 @@ def solve(
     cpu_available_bytes: int | None = None,
     profile_identity: dict | None = None,
     notes: list[str] | tuple = (),
-    overheads: Overheads | None = None,
+    fixed: FixedCosts | None = None,
 ) -> Plan:
     """Solve the plan for `spec` on hardware `rates` (see module docstring); one Rates is
-    used for both phases. `overheads`: the engine's fixed costs (plan.overheads), added to
+    used for both phases. `fixed`: the engine's fixed costs (costmodel.fixed), added to
     every strategy's prediction."""
     rates = cm.PhaseRates.of(rates)
     spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
@@ -195,16 +175,16 @@ def solve(
         profile_identity=profile_identity,
         cpu_budget=cpu_budget,
         cpu_source=cpu_source,
-        overheads=overheads,
+        fixed=fixed,
     )
     if not rates.has_gpu:
         if req.gpu_budget_bytes:
             notes.append("--gpu-memory ignored: the profile has no GPU")
         notes.append("the profile has no GPU: all-CPU plan (every cpu_fraction = 1)")
-        return _all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
+        return all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
     if budget == 0:
         notes.append(f"GPU budget 0 ({source}): all-CPU plan (every cpu_fraction = 1)")
-        return _all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
+        return all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
 
     lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
     items = [candidate(rates, lin, req) for lin in lins]
@@ -253,7 +233,7 @@ def solve(
     assert gpu_mem["total_bytes"] <= budget, (gpu_mem, budget)
 
     host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, quant=spec.quant_map())
-    _check_host(host, cpu_budget, cpu_source, rates)
+    check_host(host, cpu_budget, cpu_source, rates)
     split = [p for p in placements if not p.resident]
     if not split:
         warnings.append(
@@ -266,36 +246,38 @@ def solve(
             warnings.append(
                 f"the whole model would fit in this GPU's free memory ({format_bytes(whole)} "
                 f"needed) but --gpu-memory {format_bytes(budget)} puts "
-                f"{format_bytes(host['weights_bytes'])} of weights on the host; raise "
+                f"{format_bytes(host.weights_bytes)} of weights on the host; raise "
                 f"--gpu-memory for plain GPU inference"
             )
 
-    phase_times, totals = best["times"], best["totals"]
+    phase_times = best["times"]
     by_name = {i.spec.name: i for i in items}
     estimates = tuple(
         LinearEstimate(
             by_name[p.name].spec.weight_bytes,
             by_name[p.name].priority_g,
-            phase_times["prefill"][k].to_dict(),
-            phase_times["decode"][k].to_dict(),
+            LinearTimes(**phase_times["prefill"][k].to_dict()),
+            LinearTimes(**phase_times["decode"][k].to_dict()),
         )
         for k, p in enumerate(placements)
     )
     w_gpu = gpu_mem["resident_linear_bytes"] + (spec.lm_head.weight_bytes if head_on_gpu else 0)
     held = {lin.name: lin.weight_bytes for lin in lins}
     w_host = sum(held[p.name] for p in split)
-    predictions = {
-        "hetegen": figures(req, totals["prefill"], totals["decode"], gpu_mem["total_bytes"]),
-        "offload": offload_prediction(
-            rates, spec, req, placements, head_on_gpu, buffers, gpu_mem["total_bytes"]
+    used = gpu_mem["total_bytes"]
+    if fixed is not None and not fixed.has("cuda"):
+        notes.append(
+            "the profile has no engine costs measured on the GPU: GPU-side predictions leave out "
+            "the non-linear work and the engine's cost per linear; re-run `hetegen profile` on this machine"
+        )
+    predictions = Predictions(
+        hetegen=hetegen_prediction(rates, spec, req, placements, buffers, head_on_gpu, used, fixed),
+        offload=offload_prediction(rates, spec, req, placements, head_on_gpu, buffers, used, fixed),
+        layer_split=layer_split_prediction(
+            rates, spec, req, budget, req.reserve_bytes + spec.fixed_bytes + gpu_mem["workspace_bytes"], fixed
         ),
-        "layer_split": layer_split_prediction(
-            rates, spec, req, budget, req.reserve_bytes + spec.fixed_bytes + gpu_mem["workspace_bytes"]
-        ),
-        "cpu_only": cpu_only_prediction(rates, spec, req),
-    }
-    predictions, more = with_fixed_terms(predictions, overheads, spec, req, placements, rates, all_cpu=False)
-    notes += more
+        cpu_only=cpu_only_prediction(rates, spec, req, fixed),
+    )
     runtime = RuntimeSettings(
         weights_dtype=spec.dtype,
         cpu_dtype_prefill=rates.prefill.cpu_dtype,
@@ -308,167 +290,23 @@ def solve(
         requires_gpu=True,
         copy_engines=rates.decode.h2d_copy_engines,
     )
-    return _assemble(
+    return assemble(
         spec,
         req,
         placements,
         runtime,
         estimates,
         predictions,
-        bounds(rates, w_gpu, w_host, predictions["hetegen"]["decode_s_per_token"], quant=spec.quant),
-        budget={
-            "gpu_budget_bytes": budget,
-            "gpu_budget_source": source,
-            "gpu_minimum_bytes": minimum,
-            "gpu_unused_bytes": budget - gpu_mem["total_bytes"],
-            "cpu_budget_bytes": cpu_budget,
-            "cpu_budget_source": cpu_source,
-        },
-        memory={"gpu": gpu_mem, "host": host},
-        rates=rates,
-        profile_identity=profile_identity,
-        warnings=warnings,
-        notes=notes,
-    )
-
-
-def _assemble(
-    spec,
-    req,
-    placements,
-    runtime,
-    estimates,
-    predictions,
-    bnds,
-    *,
-    budget,
-    memory,
-    rates,
-    profile_identity,
-    warnings,
-    notes,
-) -> Plan:
-    hetegen = predictions["hetegen"]
-    for key, other in predictions.items():
-        if other is not None and key != "hetegen" and other.get("decode_tokens_per_s"):
-            other["hetegen_decode_speedup"] = other["decode_s_per_token"] / hetegen["decode_s_per_token"]
-            other["hetegen_end_to_end_speedup"] = other["total_s"] / hetegen["total_s"]
-    return Plan(
-        placements=placements,
-        runtime=runtime,
-        model=model_identity(spec, req.model_arg),
-        workload={
-            "prompt_len": req.prompt_len,
-            "max_new_tokens": req.max_new_tokens,
-            "batch_size": req.batch_size,
-            "prefill_tokens": req.batch_size * req.prompt_len,
-            "decode_tokens": req.batch_size,
-            "context_tokens": req.prompt_len + req.max_new_tokens,
-        },
-        budget=budget,
-        memory=memory,
-        profile=profile_identity,
-        estimates=estimates,
-        predictions=predictions,
-        bounds=bnds,
-        residency={
-            "priority": "g = T_cpu / M_gpu (decode, balanced split)",
-            "phase": "decode",
-            "order": "g descending, then layer index, then name; LM head first",
-            "resident_count": sum(p.resident for p in placements),
-            "split_count": sum(not p.resident for p in placements),
-        },
-        rates=rates.to_dict(),
-        warnings=tuple(warnings),
-        notes=tuple(notes),
-        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-
-
-def _all_cpu_plan(
-    *, spec, rates, req, profile_identity, cpu_budget, cpu_source, notes, warnings, gpu_budget, overheads
-) -> Plan:
-    """Every linear (and an untied LM head) computed whole on the CPU; no GPU needed."""
-    lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
-    placements = tuple(
-        LinearPlacement(
-            lin.name,
-            lin.layer_index,
-            lin.role,
-            lin.out_features,
-            lin.in_features,
-            False,
-            lin.out_features,
-            lin.out_features,
-        )
-        for lin in lins
-    )
-    ctx = req.prompt_len + req.max_new_tokens
-    other = spec.fixed_bytes + spec.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(spec, req)
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, other, quant=spec.quant_map())
-    _check_host(host, cpu_budget, cpu_source, rates)
-    estimates, cpu_pred = [], cpu_only_prediction(rates, spec, req)
-    for lin in lins:
-        times = [
-            cm.split_times(
-                rates.of_linear(ph, lin.quant),
-                lin.out_features,
-                lin.in_features,
-                lin.out_features,
-                tokens_for(lin.role, req, ph),
-                concurrent=False,
-            ).to_dict()
-            for ph in ("prefill", "decode")
-        ]
-        g = times[1]["cpu_s"] / lin.weight_bytes
-        estimates.append(LinearEstimate(lin.weight_bytes, g, times[0], times[1]))
-    gpu_mem = {
-        k: 0
-        for k in (
-            "reserve_bytes",
-            "fixed_bytes",
-            "kv_cache_bytes",
-            "workspace_bytes",
-            "lm_head_bytes",
-            "staging_bytes",
-            "resident_linear_bytes",
-            "total_bytes",
-        )
-    }
-    runtime = RuntimeSettings(
-        weights_dtype=spec.dtype,
-        cpu_dtype_prefill=rates.prefill.cpu_dtype,
-        cpu_dtype_decode=rates.decode.cpu_dtype,
-        cpu_threads=rates.decode.cpu_threads,
-        staging_buffers=0,
-        prefetch_depth=0,
-        pin_weights=False,
-        lm_head_on_gpu=spec.tie_word_embeddings,
-        requires_gpu=False,
-    )
-    w_host = sum(lin.weight_bytes for lin in lins) + (
-        spec.lm_head.weight_bytes if spec.tie_word_embeddings else 0
-    )
-    predictions = {"hetegen": dict(cpu_pred), "offload": None, "layer_split": None, "cpu_only": cpu_pred}
-    predictions, more = with_fixed_terms(predictions, overheads, spec, req, placements, rates, all_cpu=True)
-    notes = [*notes, *more]
-    return _assemble(
-        spec,
-        req,
-        placements,
-        runtime,
-        tuple(estimates),
-        predictions,
-        bounds(rates, 0, w_host, predictions["cpu_only"]["decode_s_per_token"], True, spec.quant),
-        budget={
-            "gpu_budget_bytes": gpu_budget,
-            "gpu_budget_source": "none",
-            "gpu_minimum_bytes": 0,
-            "gpu_unused_bytes": 0,
-            "cpu_budget_bytes": cpu_budget,
-            "cpu_budget_source": cpu_source,
-        },
-        memory={"gpu": gpu_mem, "host": host},
+        bounds(rates, w_gpu, w_host, predictions.hetegen.decode_s_per_token, quant=spec.quant),
+        budget=Budget(
+            gpu_budget_bytes=budget,
+            gpu_budget_source=source,
+            gpu_minimum_bytes=minimum,
+            gpu_unused_bytes=budget - used,
+            cpu_budget_bytes=cpu_budget,
+            cpu_budget_source=cpu_source,
+        ),
+        memory=MemoryUse(gpu=GpuMemory(**gpu_mem), host=host),
         rates=rates,
         profile_identity=profile_identity,
         warnings=warnings,

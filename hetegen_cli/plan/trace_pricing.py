@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.costmodel.strategies import attention_for, head_time, tokens_for
 from hetegen_cli.plan.document import LinearPlacement
-from hetegen_cli.plan.predictions import attention_for, head_time, tokens_for
 from hetegen_cli.plan.replay import Replay, run_ops
 from hetegen_cli.plan.request import PlanRequest
 

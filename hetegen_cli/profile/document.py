@@ -272,7 +272,7 @@ class EngineModel(Schema):
 
 
 class EngineCosts(Schema):
-    """The engine's fixed costs (run.engine_costs measures them; plan.overheads fits them)."""
+    """The engine's fixed costs (run.engine_costs measures them; plan.costmodel.fixed fits them)."""
 
     version: Literal[1]
     model: EngineModel
@@ -338,14 +338,14 @@ def assess_busy(
     }
 
 
-def busy_warning(profile: dict[str, Any], path: str | Path | None = None) -> str | None:
+def busy_warning(profile: dict[str, Any] | Profile, path: str | Path | None = None) -> str | None:
     """The warning for a profile measured on a busy machine, or None."""
-    busy = profile.get("busy") or {}
-    if not busy.get("busy"):
+    busy = profile_sections(profile).busy
+    if busy is None or not busy.busy:
         return None
     where = f" {path}" if path is not None else ""
     return (
-        f"the profile{where} was measured while the machine was busy ({'; '.join(busy['reasons'])}): "
+        f"the profile{where} was measured while the machine was busy ({'; '.join(busy.reasons)}): "
         f"its rates, and the plans and predictions made from them, may be off; re-run `{PRODUCED_BY}` "
         "on an idle machine"
     )
@@ -364,6 +364,20 @@ def validate_profile(doc: dict[str, Any], source: str = "profile") -> dict[str, 
     return doc
 
 
+def profile_sections(doc: dict[str, Any] | Profile, source: str = "profile") -> Profile:
+    """The typed sections of a profile document, validated as validate_profile does (a Profile
+    is returned as it is). Readers use these; the document stays a dict on disk."""
+    if isinstance(doc, Profile):
+        return doc
+    return check(
+        Profile,
+        doc,
+        source=f"{source} is not a valid hardware profile",
+        error=ProfileError,
+        hint=f"re-run `{PRODUCED_BY}`",
+    )
+
+
 def load_profile(path: str | Path) -> dict[str, Any]:
     """Read and validate a saved profile; ProfileError (hint: re-run) on any problem."""
     doc = read_document(path, PROFILE_KIND, SUPPORTED_PROFILE_VERSIONS, ProfileError, PRODUCED_BY)
@@ -379,30 +393,29 @@ def save_profile(doc: dict[str, Any], path: str | Path) -> Path:
 # --- helpers for readers (the planner, bench) --------------------------------------------
 
 
-def identity(profile: dict, path: str | Path | None) -> dict:
+def identity(profile: dict | Profile, path: str | Path | None) -> dict:
     """Who made a plan's numbers: the plan's `profile` section (path, date, machine, sha256
     of the file's bytes when `path` is given)."""
     sha = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest() if path else None
-    gpu = profile.get("gpu") or {}
+    p = profile_sections(profile)
     return {
         "path": str(path) if path else None,
-        "created_utc": profile.get("created_utc"),
-        "cpu_model": (profile.get("host") or {}).get("cpu_model"),
-        "gpu_name": gpu.get("name"),
-        "quick": profile.get("quick"),
+        "created_utc": p.created_utc,
+        "cpu_model": p.host.cpu_model,
+        "gpu_name": p.gpu.name if p.gpu else None,
+        "quick": p.quick,
         "sha256": sha,
     }
 
 
-def available_ram(profile: dict) -> int | None:
+def available_ram(profile: dict | Profile) -> int | None:
     """Host RAM available when the profile was taken, in bytes."""
-    value = (profile.get("host") or {}).get("ram_available_bytes")
-    return int(value) if value else None
+    return profile_sections(profile).host.ram_available_bytes or None
 
 
-def gpu_memory(profile: dict) -> tuple[int | None, int | None]:
+def gpu_memory(profile: dict | Profile) -> tuple[int | None, int | None]:
     """(free, total) GPU memory in bytes when the profile was taken; (None, None) without a GPU."""
-    gpu = profile.get("gpu")
-    if not gpu:
+    gpu = profile_sections(profile).gpu
+    if gpu is None:
         return None, None
-    return int(gpu["free_memory_bytes"]), int(gpu["total_memory_bytes"])
+    return gpu.free_memory_bytes, gpu.total_memory_bytes

@@ -100,7 +100,8 @@ def _plan_on_the_fly(ctx: RunContext, engine: EngineOptions) -> Plan:
     )
     doc, identity = load_or_measure(engine.profile_path)
     plan = make_plan(ctx.ref.spec, doc, req, profile_identity=identity)
-    predicted = (plan.predictions.get("hetegen") or {}).get("decode_tokens_per_s") or 0.0
+    hetegen = plan.predictions.hetegen
+    predicted = hetegen.decode_tokens_per_s or 0.0 if hetegen else 0.0
     note(
         f"no --plan given: planned on the fly for this machine ({plan.split_count} split, "
         f"{plan.resident_count} resident linears; predicted {predicted:.2f} decode tok/s). "

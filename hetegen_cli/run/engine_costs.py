@@ -21,7 +21,7 @@ present) and per activation dtype:
   the engine's cost per linear and mode.
 
 Every figure is the fastest of `repeat` samples: on a shared machine noise only adds time. The result is the
-profile's `engine` section (profile.document.EngineCosts); plan.overheads turns it into the
+profile's `engine` section (profile.document.EngineCosts); plan.costmodel.fixed turns it into the
 cost model's fixed terms.
 """
 

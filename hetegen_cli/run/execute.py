@@ -141,7 +141,7 @@ def execute_run(
         built_spec(ctx),
         engine=built.engine,
         device=built.device,
-        dtype=built.dtype,
+        dtype=ctx.dtype,
         plan=getattr(build, "plan", None) or ctx.plan,
         backend_name=(built.info.get("plan") or {}).get("backend"),
         prompt_tokens=t.prompt_tokens,
@@ -160,7 +160,7 @@ def process_age_s() -> float:
 
 
 def built_spec(ctx: RunContext) -> Any:
-    """The model's shapes in the dtype the run computes in (plan.estimate re-derives a plan's)."""
+    """The model's shapes in the dtype the run computes in (costmodel.predict re-derives a plan's)."""
     spec = ctx.ref.spec
     if spec.quant is None and spec.dtype != ctx.dtype and spec.config:
         from hetegen_cli.models.spec import spec_from_config

@@ -155,7 +155,7 @@ def record_trace(
         raise InputError(
             f"{spec.name} has no config to build a trace proxy from", "plan from a preset or folder"
         )
-    prompt = min(int(plan.workload["prompt_len"]), TRACE_PROMPT_CAP)
+    prompt = min(int(plan.workload.prompt_len), TRACE_PROMPT_CAP)
     config = proxy_config(spec.config, prompt)
     folder = proxy_folder(config, seed)
     ref = resolve_model(str(folder), need_weights=True, dtype="float32")
@@ -201,7 +201,7 @@ def record_trace(
         "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "record_s": time.perf_counter() - start,
         "prompt_len": prompt,
-        "prompt_len_capped": prompt < int(plan.workload["prompt_len"]),
+        "prompt_len_capped": prompt < int(plan.workload.prompt_len),
         "proxy": {
             "num_layers": ref.spec.num_layers,
             "hidden_size": ref.spec.hidden_size,

@@ -151,7 +151,7 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
     limit = ref.spec.max_positions or DEFAULT_CONTEXT
     planned = None
     if plan is not None:  # its KV cache and workspace were budgeted for this many tokens
-        planned = int(plan.workload["prompt_len"]) + int(plan.workload["max_new_tokens"])
+        planned = plan.workload.prompt_len + plan.workload.max_new_tokens
         limit = min(limit, planned)
     context = options.context or min(limit, DEFAULT_CONTEXT)
     if context > limit:

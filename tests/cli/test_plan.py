@@ -75,7 +75,7 @@ def test_plan_output_is_written_atomically(profile_path, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "plan saved to" in result.stderr
     loaded = load_plan(out)
-    assert loaded.model["name"] == "opt-1.3b"
+    assert loaded.model.name == "opt-1.3b"
     assert [p.name for p in out.parent.iterdir()] == ["opt.json"]  # no temporary left behind
 
 

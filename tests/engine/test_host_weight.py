@@ -42,8 +42,8 @@ def test_allocations_equal_the_memory_model(cpu_dtypes):
         for p in placements
     ]
     want = host_memory(placements, "float16", tuple(dtype_name(d) for d in cpu_dtypes))
-    assert arena.nbytes == arena.offset == want["weights_bytes"]  # aligned, exactly planned
-    assert sum(h.cpu_copy_bytes for h in hosts) == want["cpu_copy_bytes"]
+    assert arena.nbytes == arena.offset == want.weights_bytes  # aligned, exactly planned
+    assert sum(h.cpu_copy_bytes for h in hosts) == want.cpu_copy_bytes
 
 
 def test_views_of_both_phases_read_the_right_rows():

@@ -147,7 +147,7 @@ def test_host_memory_counts_what_the_engine_holds(quantized):
             split = [m.placement for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
             cpu_dtypes = RuntimeSettings(weights_dtype=ref.spec.dtype).cpu_dtypes
             want = host_memory(split, ref.spec.dtype, cpu_dtypes, quant=ref.spec.quant_map())
-            assert loaded.memory["host_weight_bytes"] == want["weights_bytes"] + want["cpu_copy_bytes"]
+            assert loaded.memory["host_weight_bytes"] == want.weights_bytes + want.cpu_copy_bytes
         finally:
             loaded.close()
 

@@ -90,7 +90,7 @@ def test_pinned_memory_is_counted_exactly_and_released_on_close(models):
     backend = StrictBackend()
     plan = placements(ref.spec, PLANS["random"])
     loaded = load_hetero_model(ref, plan, FP32, backend, progress=False)
-    want = host_memory(plan, "float32", ("float32", "float32"))["weights_bytes"]
+    want = host_memory(plan, "float32", ("float32", "float32")).weights_bytes
     assert loaded.stats()["pinned_bytes"] == want  # one arena: no power-of-two rounding
     _generate(loaded)
     scratch = loaded.stats()["pinned_scratch_bytes"]

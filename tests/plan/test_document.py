@@ -34,7 +34,7 @@ def request(**over) -> PlanRequest:
 
 
 def gpu_sum(plan: Plan) -> int:
-    return sum(v for k, v in plan.memory["gpu"].items() if k != "total_bytes")
+    return sum(v or 0 for k, v in plan.memory.gpu.to_dict().items() if k != "total_bytes")
 
 
 def minimum(sp, req) -> int:
@@ -104,6 +104,12 @@ def _edit(path, fn):
         (lambda d: d["memory"]["gpu"].update(kv_cache_bytes=-1), "kv_cache_bytes"),
         (lambda d: d["linears"][0].pop("shape"), "shape"),
         (lambda d: d["runtime"].update(cpu_dtype_decode="int4"), "cpu_dtype_decode"),
+        # the typed sections (plan.sections) validate what the planner wrote with them
+        (lambda d: d["predictions"]["hetegen"].update(decode_tokens_per_s="fast"), "decode_tokens_per_s"),
+        (lambda d: d["predictions"]["offload"].update(gpu_memory_bytes=1.5), "gpu_memory_bytes"),
+        (lambda d: d["budget"].update(gpu_budget_bytes=-5), "gpu_budget_bytes"),
+        (lambda d: d["bounds"].pop("bound_s_per_token"), "bound_s_per_token"),
+        (lambda d: d["cpu_formats"].update(decode="int3"), "decode"),
     ],
 )
 def test_load_plan_rejects_hand_broken_values(saved, edit, match):

@@ -48,9 +48,9 @@ AGREE = cpu({F32: 32 * GB, BF16: 24 * GB}, {F32: 300e9, BF16: 1.9e12})
 def test_each_phase_takes_its_own_fastest_format(profile, want):
     plan = make_plan(spec(), profile, request())
     assert plan.runtime.cpu_dtypes == want
-    assert (plan.cpu_formats["prefill"], plan.cpu_formats["decode"]) == want
-    assert not plan.cpu_formats["forced"] and len(plan.cpu_formats["considered"]) == 4
-    chosen = min(plan.cpu_formats["considered"], key=lambda t: t["total_s"])
+    assert (plan.cpu_formats.prefill, plan.cpu_formats.decode) == want
+    assert not plan.cpu_formats.forced and len(plan.cpu_formats.considered) == 4
+    chosen = min(plan.cpu_formats.considered, key=lambda t: t["total_s"])
     assert (chosen["prefill"], chosen["decode"]) == want  # the fastest pair here
     assert any("CPU share format" in n for n in plan.notes)
 
@@ -78,13 +78,13 @@ def test_short_ram_keeps_one_format():
     sp = spec()
     roomy = make_plan(sp, AMX, request())
     assert roomy.runtime.cpu_dtypes == (BF16, F32)
-    single_f32 = roomy.memory["host"]["total_bytes"] - roomy.memory["host"]["cpu_copy_bytes"]
+    single_f32 = roomy.memory.host.total_bytes - roomy.memory.host.cpu_copy_bytes
     tight = make_plan(sp, AMX, request(cpu_budget_bytes=single_f32 + 2**20))
     assert tight.runtime.cpu_dtypes[0] == tight.runtime.cpu_dtypes[1]
-    assert tight.memory["host"]["total_bytes"] <= single_f32 + 2**20
-    refused = [t for t in tight.cpu_formats["considered"] if t["error"]]
+    assert tight.memory.host.total_bytes <= single_f32 + 2**20
+    refused = [t for t in tight.cpu_formats.considered if t["error"]]
     assert {(t["prefill"], t["decode"]) for t in refused} >= {(BF16, F32)}
-    assert "did not fit" in tight.cpu_formats["reason"]
+    assert "did not fit" in tight.cpu_formats.reason
 
 
 def test_a_second_copy_must_save_more_than_the_tolerance():
@@ -93,15 +93,15 @@ def test_a_second_copy_must_save_more_than_the_tolerance():
     profile = cpu({F32: 40 * GB, BF16: 10 * GB}, {F32: 300e9, BF16: 306e9})
     plan = make_plan(spec(), profile, request())
     assert plan.runtime.cpu_dtypes == (F32, F32)
-    fastest = min(plan.cpu_formats["considered"], key=lambda t: t["total_s"])
+    fastest = min(plan.cpu_formats.considered, key=lambda t: t["total_s"])
     assert (fastest["prefill"], fastest["decode"]) == (BF16, F32)
-    assert "under 2%" in plan.cpu_formats["reason"]
+    assert "under 2%" in plan.cpu_formats.reason
 
 
 def test_forced_formats_are_used_as_given():
     plan = make_plan(spec(), AMX, request(cpu_dtype="float32,bfloat16"))
-    assert plan.runtime.cpu_dtypes == (F32, BF16) and plan.cpu_formats["forced"]
-    assert len(plan.cpu_formats["considered"]) == 1
+    assert plan.runtime.cpu_dtypes == (F32, BF16) and plan.cpu_formats.forced
+    assert len(plan.cpu_formats.considered) == 1
     one = make_plan(spec(), AMX, request(cpu_dtype="float32"))
     assert one.runtime.cpu_dtypes == (F32, F32)
     with pytest.raises(ProfileError, match="no CPU GEMV and GEMM measurements for float16"):
@@ -121,6 +121,6 @@ def test_pick_prefers_less_memory_within_the_tolerance_and_speed_beyond_it():
     far = 1 + FORMAT_TOLERANCE * 2
     tried = [Tried((F32, F32), far, 0.1, 0.01, 100), Tried((BF16, F32), 1.0, 0.05, 0.01, 150)]
     chosen, record = pick(tried, forced=False)
-    assert chosen.pair == (BF16, F32) and "more host memory" in record["reason"]
+    assert chosen.pair == (BF16, F32) and "more host memory" in record.reason
     assert candidate_pairs([F32, BF16], None) == [(F32, F32), (F32, BF16), (BF16, F32), (BF16, BF16)]
     assert candidate_pairs([F32, BF16], (BF16, F32)) == [(BF16, F32)]

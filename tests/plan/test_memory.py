@@ -41,18 +41,18 @@ def test_host_memory_sums_held_rows_and_skips_resident_linears():
     ]
     same = host_memory(p, "float16", ("float16", "float16"), other_bytes=7)
     weights = arena_bytes(100 * 10 * 2) + arena_bytes(40 * 10 * 2)  # each aligned in the arena
-    assert same == {
+    assert same.to_dict() == {
         "weights_bytes": weights,
         "cpu_copy_bytes": 0,
         "other_bytes": 7,
         "total_bytes": weights + 7,
     }
     mixed = host_memory(p, "float16", ("float32", "float32"))
-    assert mixed["weights_bytes"] == arena_bytes(80 * 10 * 2)  # rows [20, 100); c: none streamed
-    assert mixed["cpu_copy_bytes"] == (60 + 40) * 10 * 4
+    assert mixed.weights_bytes == arena_bytes(80 * 10 * 2)  # rows [20, 100); c: none streamed
+    assert mixed.cpu_copy_bytes == (60 + 40) * 10 * 4
     per_phase = host_memory(p, "float16", ("bfloat16", "float32"))
-    assert per_phase["weights_bytes"] == mixed["weights_bytes"]
-    assert per_phase["cpu_copy_bytes"] == (20 + 40) * 10 * 2 + (60 + 40) * 10 * 4
+    assert per_phase.weights_bytes == mixed.weights_bytes
+    assert per_phase.cpu_copy_bytes == (20 + 40) * 10 * 2 + (60 + 40) * 10 * 4
 
 
 def test_arena_alignment():

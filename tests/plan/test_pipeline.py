@@ -54,9 +54,9 @@ def _both(model: str, budget: int, rates: cm.Rates):
 @pytest.mark.parametrize(("model", "budget", "rates"), CASES)
 def test_the_whole_pipeline_is_never_predicted_slower_than_per_linear(model, budget, rates):
     plans = _both(model, budget, RATES[rates])
-    per, whole = (plans[k].predictions["hetegen"] for k in ("per-linear", "pipeline"))
-    assert whole["total_s"] <= per["total_s"] * (1 + 1e-9)
-    assert plans["pipeline"].memory["gpu"]["total_bytes"] <= budget
+    per, whole = (plans[k].predictions.hetegen for k in ("per-linear", "pipeline"))
+    assert whole.total_s <= per.total_s * (1 + 1e-9)
+    assert plans["pipeline"].memory.gpu.total_bytes <= budget
 
 
 def test_the_whole_pipeline_values_prefetch():
@@ -66,10 +66,7 @@ def test_the_whole_pipeline_values_prefetch():
     plans = _both("llama-2-7b", 6 * GiB, dataclasses.replace(RATES["slow-gpu"], h2d_copy_engines=2))
     per, whole = plans["per-linear"], plans["pipeline"]
     assert whole.runtime.staging_buffers == 2
-    assert (
-        whole.predictions["hetegen"]["decode_s_per_token"]
-        < 0.99 * per.predictions["hetegen"]["decode_s_per_token"]
-    )
+    assert whole.predictions.hetegen.decode_s_per_token < 0.99 * per.predictions.hetegen.decode_s_per_token
     # the fractions moved: the CPU takes less when the GPU path is partly hidden
     moved = [
         (a.cpu_rows_decode, b.cpu_rows_decode)
@@ -95,7 +92,7 @@ def test_with_one_copy_engine_prefetch_after_the_join_is_the_per_linear_balance(
 def test_streamed_shares_stay_within_the_planned_staging_buffer():
     plans = _both("opt-30b", 8 * GiB, RATES["slow-gpu"])
     plan = plans["pipeline"]
-    per_buffer = plan.memory["gpu"]["staging_bytes"] // plan.runtime.staging_buffers
+    per_buffer = plan.memory.gpu.staging_bytes // plan.runtime.staging_buffers
     streamed = max(
         (p.out_features - min(p.cpu_rows_prefill, p.cpu_rows_decode)) * p.in_features * 2
         for p in plan.placements

@@ -56,19 +56,17 @@ def plans():
 
 def test_quantized_plans_hold_and_stream_fewer_bytes_and_predict_faster_decode(plans):
     f, i8, i4 = plans[None], plans["int8"], plans["int4"]
-    assert i4.model["quant"] == "int4-g32" and i8.model["quant"] == "int8" and f.model["quant"] is None
-    host = {
-        k: p.memory["host"]["weights_bytes"] + p.memory["host"]["cpu_copy_bytes"] for k, p in plans.items()
-    }
+    assert i4.model.quant == "int4-g32" and i8.model.quant == "int8" and f.model.quant is None
+    host = {k: p.memory.host.weights_bytes + p.memory.host.cpu_copy_bytes for k, p in plans.items()}
     assert host["int4"] < host["int8"] < host[None]
-    resident = {k: p.residency["resident_count"] for k, p in plans.items()}
+    resident = {k: p.residency.resident_count for k, p in plans.items()}
     assert resident["int4"] > resident["int8"] > resident[None]  # the same budget holds more
-    decode = {k: p.predictions["hetegen"]["decode_tokens_per_s"] for k, p in plans.items()}
+    decode = {k: p.predictions.hetegen.decode_tokens_per_s for k, p in plans.items()}
     assert decode["int4"] > decode["int8"] > decode[None]
-    assert i4.memory["gpu"]["dequant_bytes"] == dequant_bytes(_spec("int4")) > 0
-    assert "dequant_bytes" not in f.memory["gpu"]
+    assert i4.memory.gpu.dequant_bytes == dequant_bytes(_spec("int4")) > 0
+    assert f.memory.gpu.dequant_bytes is None
     for p in plans.values():
-        assert p.memory["gpu"]["total_bytes"] <= 4 * GiB
+        assert p.memory.gpu.total_bytes <= 4 * GiB
 
 
 def test_quantized_linears_balance_on_their_own_rates(plans):
@@ -76,11 +74,11 @@ def test_quantized_linears_balance_on_their_own_rates(plans):
     at the int4 kernel's stored-bytes rate with its streamed share at 0.625 bytes per
     parameter over PCIe plus the GPU's dequantization traffic."""
     plan = plans["int4"]
-    q = cm.Rates.from_dict(plan.rates["quant"]["int4"])
-    decode = cm.Rates.from_dict(plan.rates["decode"])
+    q = cm.Rates.from_dict(plan.rates.quant["int4"])
+    decode = cm.Rates.from_dict(plan.rates.decode)
     assert q.weight_bytes == pytest.approx(0.625) and q.cpu_dtype == "int4"
     assert q.gpu_dequant_bytes_per_param == 4.0  # writes and reads the bfloat16 share
-    rates = cm.PhaseRates(cm.Rates.from_dict(plan.rates["prefill"]), decode, {"int4": q})
+    rates = cm.PhaseRates(cm.Rates.from_dict(plan.rates.prefill), decode, {"int4": q})
     req = _req()
     for lin in _spec("int4").linears[:7]:
         c = residency.candidate(rates, lin, req)
@@ -97,17 +95,17 @@ def test_all_cpu_quantized_plan_uses_the_kernel_rate():
     profile = _profile(gpu=False)
     f = make_plan(_spec(None), profile, _req(0))
     i4 = make_plan(_spec("int4"), profile, _req(0))
-    ratio = f.predictions["cpu_only"]["decode_s_per_token"] / i4.predictions["cpu_only"]["decode_s_per_token"]
+    ratio = f.predictions.cpu_only.decode_s_per_token / i4.predictions.cpu_only.decode_s_per_token
     # bytes per parameter 2 -> 0.625 at 20 -> 16 GB/s: 2.56x on the linears; the float head
     # and attention keep the ratio below that
     assert 1.8 < ratio < 2.56
-    assert i4.bounds["w_host_bytes"] < f.bounds["w_host_bytes"] / 2.5
+    assert i4.bounds.w_host_bytes < f.bounds.w_host_bytes / 2.5
 
 
 def test_a_profile_without_quantized_gemv_plans_at_the_float_byte_rate_with_a_note():
     plan = make_plan(_spec("int4"), _profile(quant_bw=None), _req())
-    q = plan.rates["quant"]["int4"]
-    assert q["cpu_bytes_per_s"] == pytest.approx(plan.rates["decode"]["cpu_bytes_per_s"])
+    q = plan.rates.quant["int4"]
+    assert q["cpu_bytes_per_s"] == pytest.approx(plan.rates.decode["cpu_bytes_per_s"])
     assert any("no int4 CPU GEMV" in n and "hetegen profile" in n for n in plan.notes)
 
 
@@ -124,8 +122,8 @@ def test_a_float_plan_does_not_run_a_quantized_model(plans):
 def test_a_quantized_plan_is_predicted_from_a_profile_without_quantized_rates(backend):
     """A profile from before quantized GEMVs: `run --plan` and bench predictions on the
     stand-in once ended in `KeyError: 'int4'` (the stand-in's rates lacked the format)."""
-    from hetegen_cli.plan.estimate import predict_execution, standin_rates
-    from hetegen_cli.plan.rates import phase_rates_from_profile
+    from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile, standin_rates
+    from hetegen_cli.plan.costmodel.predict import CostInputs, Execution, predict
 
     spec = _spec("int4")
     profile = _profile(quant_bw={})
@@ -133,7 +131,7 @@ def test_a_quantized_plan_is_predicted_from_a_profile_without_quantized_rates(ba
     plan = make_plan(spec, profile, _req())
     fmt = next(iter(spec.quant_map().values()))
     build = standin_rates if backend == "standin" else phase_rates_from_profile
-    rates, notes = build(profile, spec.dtype, plan.runtime.cpu_dtypes, 128, fmt)
+    _, notes = build(profile, spec.dtype, plan.runtime.cpu_dtypes, 128, fmt)
     assert any("no int4 CPU GEMV measurements" in n for n in notes)
-    fig = predict_execution(spec, plan.placements, plan.runtime, rates, None, _req(), backend)
-    assert fig["decode_tokens_per_s"] > 0
+    fig = predict(spec, Execution(plan, backend), _req(), CostInputs(profile))
+    assert fig.decode_tokens_per_s > 0

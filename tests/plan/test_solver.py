@@ -33,7 +33,7 @@ def request(**over) -> PlanRequest:
 
 
 def gpu_sum(plan: Plan) -> int:
-    return sum(v for k, v in plan.memory["gpu"].items() if k != "total_bytes")
+    return sum(v or 0 for k, v in plan.memory.gpu.to_dict().items() if k != "total_bytes")
 
 
 def minimum(sp, req) -> int:
@@ -85,7 +85,7 @@ def test_every_split_linear_is_balanced_within_the_rounding():
                         + cm.gpu_row_s(rates, p.in_features, n)
                     )
                 )
-                assert abs(t["cpu_s"] - (t["transfer_s"] + t["gpu_s"])) <= 1.0001 * slack
+                assert abs(t.cpu_s - (t.transfer_s + t.gpu_s)) <= 1.0001 * slack
                 checked += 1
     assert checked > 100
 
@@ -110,14 +110,14 @@ def test_budget_is_respected_and_more_memory_is_never_slower(name):
     for k in range(31):
         budget = low + (top - low) * k // 30
         plan = solver.solve(sp, rates, request(gpu_budget_bytes=budget))
-        assert plan.memory["gpu"]["total_bytes"] == gpu_sum(plan) <= budget
-        assert plan.budget["gpu_unused_bytes"] == budget - gpu_sum(plan)
+        assert plan.memory.gpu.total_bytes == gpu_sum(plan) <= budget
+        assert plan.budget.gpu_unused_bytes == budget - gpu_sum(plan)
         for p in plan.placements:
             assert 0 <= p.cpu_rows_prefill <= p.out_features
             assert not (p.resident and p.max_cpu_rows)
         streamed = [p.max_gpu_stream_rows * p.in_features * 2 for p in plan.placements]
-        assert plan.memory["gpu"]["staging_bytes"] == plan.runtime.staging_buffers * max(streamed)
-        total = plan.predictions["hetegen"]["total_s"]
+        assert plan.memory.gpu.staging_bytes == plan.runtime.staging_buffers * max(streamed)
+        total = plan.predictions.hetegen.total_s
         if previous is not None:
             assert total <= previous * (1 + 1e-12)
         previous = total
@@ -128,7 +128,7 @@ def test_budget_below_minimum_names_the_minimum():
     sp = spec()
     req = request(gpu_budget_bytes=minimum(sp, request()))
     plan = solver.solve(sp, simple_rates(), req)
-    need = plan.budget["gpu_minimum_bytes"]
+    need = plan.budget.gpu_minimum_bytes
     one_buffer = max(
         p.max_gpu_stream_rows * p.in_features * 2
         for p in solver.solve(sp, simple_rates(), request(gpu_budget_bytes=need)).placements
@@ -170,7 +170,7 @@ def test_untied_lm_head_resident_when_it_fits_else_split():
     roomy = solver.solve(sp, rates, request(gpu_budget_bytes=low + 2 * sp.lm_head.weight_bytes))
     assert roomy.runtime.lm_head_on_gpu
     assert "lm_head" not in [p.name for p in roomy.placements]
-    assert roomy.memory["gpu"]["lm_head_bytes"] == sp.lm_head.weight_bytes
+    assert roomy.memory.gpu.lm_head_bytes == sp.lm_head.weight_bytes
 
 
 def test_host_memory_over_budget_is_an_error_with_numbers():
@@ -181,13 +181,13 @@ def test_host_memory_over_budget_is_an_error_with_numbers():
     # a float32 CPU copy of the CPU rows is counted on top of the fp16 rows some phase streams
     # (rows [k_min, out)): exactly what the engine allocates (plan.memory.held_rows)
     plan = solver.solve(sp, simple_rates(cpu_dtype="float32"), request(gpu_budget_bytes=req.gpu_budget_bytes))
-    host = plan.memory["host"]
+    host = plan.memory.host
     split = [p for p in plan.placements if not p.resident]
     assert any(min(p.cpu_rows_prefill, p.cpu_rows_decode) > 0 for p in split)
-    assert host["weights_bytes"] == sum(
+    assert host.weights_bytes == sum(
         (p.out_features - min(p.cpu_rows_prefill, p.cpu_rows_decode)) * p.in_features * 2 for p in split
     )
-    assert host["cpu_copy_bytes"] == sum(p.max_cpu_rows * p.in_features * 4 for p in split)
+    assert host.cpu_copy_bytes == sum(p.max_cpu_rows * p.in_features * 4 for p in split)
 
 
 def test_warns_when_the_whole_model_would_fit_but_the_budget_forces_offload():
@@ -210,12 +210,9 @@ def test_cpu_only_profile_gives_an_all_cpu_plan_with_a_note():
     assert all(p.cpu_fraction_decode == 1.0 and not p.resident for p in plan.placements)
     assert plan.placements[-1].name == "lm_head"
     assert any("no GPU" in n for n in plan.notes)
-    assert plan.memory["gpu"]["total_bytes"] == 0
-    assert plan.predictions["offload"] is None and plan.predictions["layer_split"] is None
-    assert (
-        plan.predictions["hetegen"]["decode_s_per_token"]
-        == plan.predictions["cpu_only"]["decode_s_per_token"]
-    )
+    assert plan.memory.gpu.total_bytes == 0
+    assert plan.predictions.offload is None and plan.predictions.layer_split is None
+    assert plan.predictions.hetegen.decode_s_per_token == plan.predictions.cpu_only.decode_s_per_token
 
 
 @pytest.mark.parametrize(
@@ -255,37 +252,37 @@ def test_alternative_predictions_match_their_formulas():
     host = [p for p in plan.placements if not p.resident]
     w_host = sum(p.out_features * p.in_features * 2 for p in host)
     # pure offload: every host byte crosses PCIe, the GPU math is free
-    assert pred["offload"]["decode_s_per_token"] == pytest.approx(w_host / (25 * GB), rel=1e-9)
+    assert pred.offload.decode_s_per_token == pytest.approx(w_host / (25 * GB), rel=1e-9)
     # hetegen: CPU and PCIe add up, up to the row rounding
-    assert pred["hetegen"]["decode_s_per_token"] == pytest.approx(w_host / (75 * GB), rel=0.01)
+    assert pred.hetegen.decode_s_per_token == pytest.approx(w_host / (75 * GB), rel=0.01)
     # CPU-only: every linear at 50 GB/s + the tied head + attention on the CPU
     w_all = sum(lin.weight_bytes for lin in sp.linears) + sp.lm_head.weight_bytes
     cpu_dec = w_all / (50 * GB) + _attention_cpu(sp, req, "decode", sp.num_layers, rates)
-    assert pred["cpu_only"]["decode_s_per_token"] == pytest.approx(cpu_dec, rel=1e-9)
+    assert pred.cpu_only.decode_s_per_token == pytest.approx(cpu_dec, rel=1e-9)
     cpu_pre = (
         sum(2 * 512 * lin.out_features * lin.in_features for lin in sp.linears) / 1e12
         + sp.lm_head.weight_bytes / (50 * GB)
         + _attention_cpu(sp, req, "prefill", sp.num_layers, rates)
     )
-    assert pred["cpu_only"]["prefill_s"] == pytest.approx(cpu_pre, rel=1e-9)
+    assert pred.cpu_only.prefill_s == pytest.approx(cpu_pre, rel=1e-9)
     # static layer split: whole layers (weights + their KV) on the GPU while they fit
     layer_bytes = sum(lin.weight_bytes for lin in sp.linears if lin.layer_index == 0)
     kv_layer = sp.kv_cache_bytes(576, 1) // sp.num_layers
     room = req.gpu_budget_bytes - req.reserve_bytes - sp.fixed_bytes - workspace_bytes(sp, req)
     k = min(sp.num_layers, room // (layer_bytes + kv_layer))
     cpu_layers = sp.num_layers - k
-    ls = pred["layer_split"]
-    assert ls["gpu_layers"] == k
-    assert ls["decode_s_per_token"] == pytest.approx(
+    ls = pred.layer_split
+    assert ls.gpu_layers == k
+    assert ls.decode_s_per_token == pytest.approx(
         cpu_layers * layer_bytes / (50 * GB) + _attention_cpu(sp, req, "decode", cpu_layers, rates), rel=1e-9
     )
     # end-to-end = generated tokens / (prefill + 63 decode steps)
-    for fig in pred.values():
-        total = fig["prefill_s"] + 63 * fig["decode_s_per_token"]
-        assert fig["end_to_end_tokens_per_s"] == pytest.approx(64 / total)
+    for _, fig in pred.items():
+        total = fig.prefill_s + 63 * fig.decode_s_per_token
+        assert fig.end_to_end_tokens_per_s == pytest.approx(64 / total)
     # bounds: W_gpu / B_hbm + W_host / X
     b = plan.bounds
-    assert b["w_host_bytes"] == w_host
-    assert b["offload_s_per_token"] == pytest.approx(w_host / (25 * GB), rel=1e-9)
-    assert b["layer_split_s_per_token"] == pytest.approx(w_host / (50 * GB), rel=1e-9)
-    assert b["hybrid_s_per_token"] == pytest.approx(w_host / (70 * GB), rel=1e-9)  # min(75, 70)
+    assert b.w_host_bytes == w_host
+    assert b.offload_s_per_token == pytest.approx(w_host / (25 * GB), rel=1e-9)
+    assert b.layer_split_s_per_token == pytest.approx(w_host / (50 * GB), rel=1e-9)
+    assert b.hybrid_s_per_token == pytest.approx(w_host / (70 * GB), rel=1e-9)  # min(75, 70)

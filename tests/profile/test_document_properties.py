@@ -15,7 +15,7 @@ from hetegen_cli.cli.profile import render
 from hetegen_cli.core.errors import HetegenError, PlanError, ProfileError
 from hetegen_cli.models.presets import preset_config
 from hetegen_cli.models.spec import spec_from_config
-from hetegen_cli.plan.rates import rates_from_profile
+from hetegen_cli.plan.costmodel.fit import rates_from_profile
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
 from hetegen_cli.profile.document import validate_profile
@@ -40,7 +40,7 @@ def _use(doc: object) -> None:
     except (ProfileError, PlanError):
         return
     json.dumps(plan.to_dict(), allow_nan=False)
-    assert all(v is None or v >= 0 for v in plan.bounds.values())
+    assert all(v is None or v >= 0 for v in plan.bounds.to_dict().values())
     with contextlib.redirect_stdout(io.StringIO()):
         render(doc)  # type: ignore[arg-type]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.devices import CpuBackend
-from hetegen_cli.plan.overheads import overheads_from_profile
+from hetegen_cli.plan.costmodel.fixed import fixed_costs_from_profile
 from hetegen_cli.profile.document import validate_profile
 from hetegen_cli.run import engine_costs as ec
 from tests.fakes import fake_timer, make_profile
@@ -43,7 +43,7 @@ def test_every_backend_dtype_and_family_is_measured_and_the_document_validates(m
     assert set(first["cuda"]["linear_s"]) == {"split", "stream"}  # whole-CPU linears pipeline on a GPU
     profile = dict(make_profile(gpu=False), schema_version=2, engine=measured)
     validate_profile(profile)
-    o = overheads_from_profile(profile)
+    o = fixed_costs_from_profile(profile)
     assert o.has("cpu") and o.has("cuda")
 
 

@@ -17,8 +17,9 @@ from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import replay as rp
 from hetegen_cli.plan import simulate as sim
 from hetegen_cli.plan import trace_pricing as tp
-from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings
-from hetegen_cli.plan.predictions import step_times
+from hetegen_cli.plan.costmodel.strategies import step_times
+from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
+from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.run.simulate import proxy_config, proxy_placements
 from tests.engine.conftest import placements
@@ -168,7 +169,8 @@ def test_the_proxy_keeps_names_layers_residency_and_modes():
         )
         for i, lin in enumerate(spec.linears)
     )
-    plan = Plan(placements=places, runtime=RuntimeSettings(), model={}, workload={})
+    plan = manual_plan(spec, cpu_fraction_prefill=0.0, cpu_fraction_decode=0.0)
+    plan = replace(plan, placements=places)
     mapped = proxy_placements(plan, proxy)
     for p, q in zip(places, mapped, strict=True):
         assert p.name == q.name and p.resident == q.resident

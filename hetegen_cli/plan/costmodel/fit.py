@@ -1,41 +1,44 @@
 """Hardware constants for the cost model, fitted from a profile document (pure, no torch).
 
 `rates_from_profile(profile, weights_dtype)` reads a validated profile (profile.document.SCHEMA)
-and returns `costmodel.Rates` plus notes on fallbacks (docs/plan.md, "The cost model").
+and returns `hardware.Rates` plus notes on fallbacks (docs/plan.md, "The cost model");
+`phase_rates_from_profile` the rates of both phases, `standin_rates` those of the CPU stand-in.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.errors import ProfileError
-from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.costmodel import hardware as cm
+from hetegen_cli.profile.document import Profile, profile_sections
 
 
-def _mean_s(entry: dict) -> float:
-    return float(entry["seconds"]["mean"])
+def _mean_s(entry: Any) -> float:
+    return float(entry.seconds.mean)
 
 
-def _nearest_flops(entries: list[dict], tokens: int) -> float | None:
+def _nearest_flops(entries: list[Any], tokens: int) -> float | None:
     """FLOP/s of the GEMM measurement with the token count nearest `tokens` (log scale),
     the fastest shape among equals."""
     if not entries:
         return None
-    key = lambda m: (abs(math.log(m["tokens"] / max(tokens, 1))), -m["flops_per_s"])  # noqa: E731
-    return float(min(entries, key=key)["flops_per_s"])
+    key = lambda m: (abs(math.log(m.tokens / max(tokens, 1))), -m.flops_per_s)  # noqa: E731
+    return float(min(entries, key=key).flops_per_s)
 
 
-def _of_dtype(entries: list[dict], dtype: str, notes: list[str], what: str) -> list[dict]:
+def _of_dtype(entries: list[Any], dtype: str, notes: list[str], what: str) -> list[Any]:
     """Entries of `dtype`, else of the first measured dtype (with a note)."""
-    chosen = [m for m in entries if m["dtype"] == dtype]
+    chosen = [m for m in entries if m.dtype == dtype]
     if chosen or not entries:
         return chosen
-    other = entries[0]["dtype"]
+    other = entries[0].dtype
     notes.append(f"{what} not measured for {dtype}; used the {other} measurements")
-    return [m for m in entries if m["dtype"] == other]
+    return [m for m in entries if m.dtype == other]
 
 
 def _profile_error(message: str, hint: str = "re-run `hetegen profile`") -> ProfileError:
@@ -43,7 +46,7 @@ def _profile_error(message: str, hint: str = "re-run `hetegen profile`") -> Prof
 
 
 def rates_from_profile(
-    profile: dict, weights_dtype: str, cpu_dtype: str | None = None, prefill_tokens: int = 512
+    profile: dict | Profile, weights_dtype: str, cpu_dtype: str | None = None, prefill_tokens: int = 512
 ) -> tuple[cm.Rates, list[str]]:
     """Fit `Rates` from a validated profile document; returns them with notes on fallbacks.
 
@@ -55,22 +58,23 @@ def rates_from_profile(
     ones by gpu.concurrent's together/alone ratios.
     """
     notes: list[str] = []
-    cpu = profile["cpu"]
-    measured = sorted({m["dtype"] for m in cpu["gemv"]})
-    cpu_dtype = cpu_dtype or cpu["best_gemv_dtype"]
-    gemv = [m for m in cpu["gemv"] if m["dtype"] == cpu_dtype]
+    profile = profile_sections(profile)
+    cpu = profile.cpu
+    measured = sorted({m.dtype for m in cpu.gemv})
+    cpu_dtype = cpu_dtype or cpu.best_gemv_dtype
+    gemv = [m for m in cpu.gemv if m.dtype == cpu_dtype]
     if not gemv:
         raise _profile_error(
             f"the profile has no CPU GEMV measurements for {cpu_dtype}",
             f"pass --cpu-dtype {' or '.join(measured)}, or re-run `hetegen profile`",
         )
-    threads = int(cpu["threads"])
-    gemv = [m for m in gemv if m["threads"] == threads] or gemv
-    cpu_call_s, cpu_bw = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in gemv])
-    cpu_flops = _nearest_flops(_of_dtype(cpu["gemm"], cpu_dtype, notes, "CPU GEMM"), prefill_tokens)
+    threads = int(cpu.threads)
+    gemv = [m for m in gemv if m.threads == threads] or gemv
+    cpu_call_s, cpu_bw = cm.fit_affine([(m.weight_bytes, _mean_s(m)) for m in gemv])
+    cpu_flops = _nearest_flops(_of_dtype(cpu.gemm, cpu_dtype, notes, "CPU GEMM"), prefill_tokens)
     if cpu_flops is None:
         raise _profile_error("the profile has no CPU GEMM measurements")
-    dram = float(cpu["memory_read_bytes_per_s"]["mean"])
+    dram = float(cpu.memory_read_bytes_per_s.mean)
     base = dict(
         weights_dtype=weights_dtype,
         cpu_dtype=cpu_dtype,
@@ -80,25 +84,25 @@ def rates_from_profile(
         cpu_flops_per_s=cpu_flops,
         dram_bytes_per_s=dram,
     )
-    gpu = profile.get("gpu")
+    gpu = profile.gpu
     if not gpu:
         return cm.Rates(has_gpu=False, cpu_bytes_per_s_concurrent=cpu_bw, **base), notes
     h2d = sorted(
-        (t for t in gpu["transfers"] if t["direction"] == "h2d" and t["memory"] == "pinned"),
-        key=lambda t: t["size_bytes"],
+        (t for t in gpu.transfers if t.direction == "h2d" and t.memory == "pinned"),
+        key=lambda t: t.size_bytes,
     )
     if not h2d:
         raise _profile_error("the profile has no pinned host-to-GPU copy timings")
-    pcie_bw = h2d[-1]["size_bytes"] / _mean_s(h2d[-1])
-    pcie_copy_s = max(0.0, _mean_s(h2d[0]) - h2d[0]["size_bytes"] / pcie_bw) if len(h2d) > 1 else 0.0
-    gpu_flops = _nearest_flops(_of_dtype(gpu["gemm"], weights_dtype, notes, "GPU GEMM"), prefill_tokens)
-    ggemv = _of_dtype(gpu["gemv"], weights_dtype, notes, "GPU GEMV")
+    pcie_bw = h2d[-1].size_bytes / _mean_s(h2d[-1])
+    pcie_copy_s = max(0.0, _mean_s(h2d[0]) - h2d[0].size_bytes / pcie_bw) if len(h2d) > 1 else 0.0
+    gpu_flops = _nearest_flops(_of_dtype(gpu.gemm, weights_dtype, notes, "GPU GEMM"), prefill_tokens)
+    ggemv = _of_dtype(gpu.gemv, weights_dtype, notes, "GPU GEMV")
     if gpu_flops is None or not ggemv:
         raise _profile_error("the profile lacks GPU GEMM or GEMV measurements")
-    gpu_call_s, hbm = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in ggemv])
-    conc = gpu["concurrent"]
-    cpu_ratio = min(1.0, conc["cpu_gemv_weight_bytes_per_s"] / conc["cpu_gemv_alone_weight_bytes_per_s"])
-    pcie_ratio = min(1.0, conc["h2d_bytes_per_s"] / conc["h2d_alone_bytes_per_s"])
+    gpu_call_s, hbm = cm.fit_affine([(m.weight_bytes, _mean_s(m)) for m in ggemv])
+    conc = gpu.concurrent
+    cpu_ratio = min(1.0, conc.cpu_gemv_weight_bytes_per_s / conc.cpu_gemv_alone_weight_bytes_per_s)
+    pcie_ratio = min(1.0, conc.h2d_bytes_per_s / conc.h2d_alone_bytes_per_s)
     both = cpu_bw * cpu_ratio + pcie_bw * pcie_ratio
     if both > dram:  # CPU loads and DMA reads share DRAM: never more than B_dram together
         notes.append(
@@ -106,10 +110,10 @@ def rates_from_profile(
             f"memory bandwidth ({dram / 1e9:.1f} GB/s); both scaled down to fit"
         )
         cpu_ratio, pcie_ratio = cpu_ratio * dram / both, pcie_ratio * dram / both
-    probe = gpu.get("copy_engine_probe") or {}  # without it: one engine, the safe assumption
+    probe = gpu.copy_engine_probe  # without it: one engine, the safe assumption
     return cm.Rates(
         has_gpu=True,
-        h2d_copy_engines=int(probe.get("h2d_copy_engines") or 1),
+        h2d_copy_engines=int(probe.h2d_copy_engines) if probe and probe.h2d_copy_engines else 1,
         cpu_bytes_per_s_concurrent=cpu_bw * cpu_ratio,
         pcie_bytes_per_s=pcie_bw,
         pcie_bytes_per_s_concurrent=pcie_bw * pcie_ratio,
@@ -121,27 +125,30 @@ def rates_from_profile(
     ), notes
 
 
-def cpu_formats(profile: dict) -> list[str]:
+def cpu_formats(profile: dict | Profile) -> list[str]:
     """CPU dtypes the profile measured both GEMV and GEMM for (the planner's candidates for
     the CPU share's format), in the order they were measured."""
-    cpu = profile["cpu"]
-    gemm = {m["dtype"] for m in cpu["gemm"]}
-    return list(dict.fromkeys(m["dtype"] for m in cpu["gemv"] if m["dtype"] in gemm))
+    cpu = profile_sections(profile).cpu
+    gemm = {m.dtype for m in cpu.gemm}
+    return list(dict.fromkeys(m.dtype for m in cpu.gemv if m.dtype in gemm))
 
 
-def quant_rates(profile: dict, base: cm.Rates, fmt: str, group_size: int) -> tuple[cm.Rates, list[str]]:
+def quant_rates(
+    profile: dict | Profile, base: cm.Rates, fmt: str, group_size: int
+) -> tuple[cm.Rates, list[str]]:
     """The rates of linears stored as `fmt` (core.quant): `base` (a float format's) with the
     CPU GEMV fitted on the profile's quantized GEMVs (t = call + stored bytes / B, stored bytes
     = q + scales), the stored bytes per parameter on the host and over PCIe, and the GPU's
     dequantization traffic (it writes the share in the weights dtype and reads it again).
     The kernels' prefill FLOP rate is not measured: the base format's GEMM rate stands in."""
     notes = []
-    entries = [m for m in profile["cpu"].get("quant_gemv") or [] if m["format"] == fmt]
+    profile = profile_sections(profile)
+    entries = [m for m in profile.cpu.quant_gemv if m.format == fmt]
     per_param = quant.weight_bytes(fmt, 1, 4096, group_size) / 4096  # int8: 1 + 2/in at in=4096
-    threads = int(profile["cpu"]["threads"])
-    entries = [m for m in entries if m["threads"] == threads] or entries
+    threads = int(profile.cpu.threads)
+    entries = [m for m in entries if m.threads == threads] or entries
     if entries:
-        call_s, bw = cm.fit_affine([(m["weight_bytes"], _mean_s(m)) for m in entries])
+        call_s, bw = cm.fit_affine([(m.weight_bytes, _mean_s(m)) for m in entries])
     else:  # a profile from before quantized weights
         call_s, bw = base.cpu_call_s, base.cpu_bytes_per_s
         notes.append(
@@ -166,7 +173,7 @@ def quant_rates(profile: dict, base: cm.Rates, fmt: str, group_size: int) -> tup
 
 
 def phase_rates_from_profile(
-    profile: dict,
+    profile: dict | Profile,
     weights_dtype: str,
     cpu_dtypes: tuple[str, str],
     prefill_tokens: int,
@@ -185,3 +192,41 @@ def phase_rates_from_profile(
             by_format[fmt], more = quant_rates(profile, fitted[cpu_dtypes[1]], fmt, quant_format[1])
             notes += [n for n in more if n not in notes]
     return cm.PhaseRates(fitted[cpu_dtypes[0]], fitted[cpu_dtypes[1]], by_format), notes
+
+
+#: On the stand-in, the CPU share and the "GPU" share (and its "copy") run one after the other
+#: on the same thread and cores. Modelled as both sides at half the CPU at once: for a balanced
+#: split the pipeline's max(cpu, copy + gpu) then equals their sum at the full rate.
+STANDIN_SHARE = 0.5
+
+
+def standin_rates(
+    profile: dict | Profile,
+    weights_dtype: str,
+    cpu_dtypes: tuple[str, str],
+    prefill_tokens: int,
+    quant_format: tuple[str, int] | None = None,
+) -> tuple[cm.PhaseRates, list[str]]:
+    """(PhaseRates, notes) of the CPU stand-in: the CPU share at the CPU's rates in its formats
+    (a quantized model's: `quant_format`, as phase_rates_from_profile), the "GPU" share at the
+    CPU's rates in the weights dtype, the "copy" a memory copy (read and write: half the memory
+    read rate); both sides at STANDIN_SHARE while they run together."""
+    rates, notes = phase_rates_from_profile(profile, weights_dtype, cpu_dtypes, prefill_tokens, quant_format)
+    gpu_side, more = rates_from_profile(profile, weights_dtype, weights_dtype, prefill_tokens)
+    notes += more
+
+    def standin(r: cm.Rates) -> cm.Rates:
+        copy = r.dram_bytes_per_s / 2
+        return replace(
+            r,
+            has_gpu=True,
+            cpu_bytes_per_s_concurrent=r.cpu_bytes_per_s * STANDIN_SHARE,
+            pcie_bytes_per_s=copy,
+            pcie_bytes_per_s_concurrent=copy * STANDIN_SHARE,
+            pcie_copy_s=0.0,
+            gpu_call_s=gpu_side.cpu_call_s,
+            gpu_bytes_per_s=gpu_side.cpu_bytes_per_s * STANDIN_SHARE,
+            gpu_flops_per_s=gpu_side.cpu_flops_per_s * STANDIN_SHARE,
+        )
+
+    return cm.PhaseRates(standin(rates.prefill), standin(rates.decode), rates.quant), notes

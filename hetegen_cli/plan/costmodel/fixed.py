@@ -1,7 +1,10 @@
-"""The engine's fixed costs in the cost model: what a step pays besides its linears (pure Python).
+"""The engine's fixed costs: what a step pays besides its linears (pure Python).
+
+One name for them everywhere: *fixed costs* (the profile's `engine` section holds their
+measurements).
 
 `hetegen profile` measures them through the real model and engine on tiny synthetic models
-(run.engine_costs; the profile's `engine` section). Here they are fitted into per-phase terms
+(the profile's `engine` section). Here they are fitted into per-phase terms
 and scaled to a model's shapes (docs/plan.md §1d):
 
     per decoder layer  = a + c * n * d + e * n * ctx * q + b * ctx * kv     (seconds)
@@ -14,24 +17,21 @@ attends to (the prompt in prefill, the mean decode context in decode), V = vocab
 prefill `c` and `e` carry the elementwise work and the attention; in decode `b` carries the
 KV-cache append (transformers' DynamicCache copies the whole cache every step) and the
 attention's reads. These terms replace the attention term of the bandwidth model on the same
-device, so nothing is counted twice. A calibration (plan.calibration) scales them per device
-and phase from real runs.
+device, so nothing is counted twice (costmodel.strategies adds each term once). A calibration
+(costmodel.calibration) scales them per device and phase from real runs.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hetegen_cli.core.dtypes import itemsize
-from hetegen_cli.core.phase import PHASES
 from hetegen_cli.models.spec import ModelSpec
-from hetegen_cli.plan.costmodel import PhaseRates
 from hetegen_cli.plan.document import LinearPlacement
-from hetegen_cli.plan.predictions import attention_for, figures
-from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.profile.document import EngineEntry, EngineModel, Profile, profile_sections
 
 MODES = ("inline", "split", "stream")
 NO_ENGINE_NOTE = (
@@ -105,37 +105,35 @@ class DeviceCosts:
         return self.prefill if phase == "prefill" else self.decode
 
 
-def fit_entry(entry: dict, model: dict) -> DeviceCosts:
+def fit_entry(entry: EngineEntry, model: EngineModel) -> DeviceCosts:
     """DeviceCosts from one measured entry of the profile's `engine` section."""
-    d, q = model["hidden_size"], model["num_heads"] * model["head_dim"]
-    kv = 2 * model["kv_width"] * itemsize(entry["dtype"])  # K and V bytes per token per layer
-    vocab = model["vocab_size"]
-    pre = entry["prefill"]
-    a, c, e = nonnegative_fit(
-        [[1.0, p["tokens"] * d, p["tokens"] ** 2 * q] for p in pre], [p["layer_s"] for p in pre]
-    )
-    s0, s1 = nonnegative_fit([[1.0, p["tokens"]] for p in pre], [p["token_s"] for p in pre])
-    dec = entry["decode"]
-    da, db = nonnegative_fit([[1.0, p["context"] * kv] for p in dec], [p["layer_s"] for p in dec])
-    sample = float(entry.get("sample_s_per_vocab") or 0.0)
-    steps = sorted(p["token_s"] for p in dec)
+    d, q = model.hidden_size, model.num_heads * model.head_dim
+    kv = 2 * model.kv_width * itemsize(entry.dtype)  # K and V bytes per token per layer
+    vocab = model.vocab_size
+    pre = entry.prefill
+    a, c, e = nonnegative_fit([[1.0, p.tokens * d, p.tokens**2 * q] for p in pre], [p.layer_s for p in pre])
+    s0, s1 = nonnegative_fit([[1.0, p.tokens] for p in pre], [p.token_s for p in pre])
+    dec = entry.decode
+    da, db = nonnegative_fit([[1.0, p.context * kv] for p in dec], [p.layer_s for p in dec])
+    sample = float(entry.sample_s_per_vocab)
+    steps = sorted(p.token_s for p in dec)
     ds0 = max(0.0, steps[len(steps) // 2] - sample * vocab)
     return DeviceCosts(
-        device=entry["device"],
-        dtype=entry["dtype"],
-        architecture=entry["architecture"],
+        device=entry.device,
+        dtype=entry.dtype,
+        architecture=entry.architecture,
         prefill=PhaseTerms(a, c, e, 0.0, max(0.0, s0 - sample * vocab), s1),
         decode=PhaseTerms(da, 0.0, 0.0, db, ds0, 0.0),
         sample_s_per_vocab=sample,
-        linear_s={m: dict(v) for m, v in (entry.get("linear_s") or {}).items()},
+        linear_s={m: dict(v) for m, v in entry.linear_s.items()},
     )
 
 
-# --- the overheads of a profile --------------------------------------------------------------
+# --- the fixed costs of a profile --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Overheads:
+class FixedCosts:
     """Every device's fitted fixed costs, and the calibration's factors (device -> phase ->
     factor on every fixed term; 1 without a calibration)."""
 
@@ -144,7 +142,7 @@ class Overheads:
     calibration: dict | None = None  # who calibrated it: path, created_utc, runs
 
     def factor(self, device: str, phase: str) -> float:
-        return float((self.scale.get(device) or {}).get(phase, 1.0))
+        return float(self.scale.get(device, {}).get(phase, 1.0))
 
     def has(self, device: str) -> bool:
         return any(e.device == device for e in self.entries)
@@ -166,13 +164,13 @@ class Overheads:
         return None
 
     def linear_s(self, device: str, dtype: str, phase: str, mode: str) -> float:
-        """The engine's seconds per linear in `mode` (entries without it: 0)."""
+        """The engine's seconds per linear in `mode` (entries without it: 0), uncalibrated."""
         with_linear = [e for e in self.entries if e.device == device and e.linear_s]
         entry = next((e for e in with_linear if e.dtype == dtype), with_linear[0] if with_linear else None)
         if entry is None:
             return 0.0
         per_mode = entry.linear_s.get(mode) or entry.linear_s.get("split" if mode == "inline" else "") or {}
-        return float(per_mode.get(phase, 0.0)) * self.factor(device, phase)
+        return float(per_mode.get(phase, 0.0))
 
     def to_dict(self) -> dict:
         return {
@@ -182,20 +180,17 @@ class Overheads:
         }
 
 
-def overheads_from_profile(profile: dict, calibration: dict | None = None) -> Overheads | None:
+def fixed_costs_from_profile(
+    profile: dict | Profile, factors: dict | None = None, calibration: dict | None = None
+) -> FixedCosts | None:
     """The fitted fixed costs of a validated profile (None when it has no `engine` section),
-    scaled by a calibration document's factors (plan.calibration) when given."""
-    engine = profile.get("engine")
-    if not engine:
+    scaled by a calibration's `factors` (device -> phase -> factor; costmodel.calibration);
+    `calibration` records who made them (path, created_utc, runs)."""
+    engine = profile_sections(profile).engine
+    if engine is None:
         return None
-    entries = tuple(fit_entry(e, engine["model"]) for e in engine["entries"])
-    scale = (calibration or {}).get("factors") or {}
-    who = None
-    if calibration:
-        who = {k: calibration.get(k) for k in ("path", "created_utc")} | {
-            "runs": len({r.get("source") for r in calibration.get("runs", [])})
-        }
-    return Overheads(entries, scale, who)
+    entries = tuple(fit_entry(e, engine.model) for e in engine.entries)
+    return FixedCosts(entries, dict(factors or {}), calibration)
 
 
 # --- applying them ---------------------------------------------------------------------------
@@ -227,7 +222,7 @@ def outside_s(costs: DeviceCosts, spec: ModelSpec, phase: str, tokens: int, batc
 
 
 def fixed_s(
-    overheads: Overheads,
+    fixed: FixedCosts,
     device: str,
     dtype: str,
     spec: ModelSpec,
@@ -240,8 +235,9 @@ def fixed_s(
     outside: bool = True,
 ) -> float | None:
     """Non-linear seconds of `layers` decoder layers (+ the step's work outside them when
-    `outside`) on `device`, calibrated; None when the profile measured no such device."""
-    costs = overheads.pick(device, dtype, spec.architecture)
+    `outside`) on `device`, before any calibration; None when the profile measured no such
+    device."""
+    costs = fixed.pick(device, dtype, spec.architecture)
     if costs is None:
         return None
     tokens = batch * (prompt_len if phase == "prefill" else 1)
@@ -249,7 +245,7 @@ def fixed_s(
     t = layers * layer_s(costs, spec, phase, tokens, ctx)
     if outside:
         t += outside_s(costs, spec, phase, tokens, batch)
-    return t * overheads.factor(device, phase)
+    return t
 
 
 def linear_mode(p: LinearPlacement, phase: str) -> str | None:
@@ -262,117 +258,13 @@ def linear_mode(p: LinearPlacement, phase: str) -> str | None:
 
 
 def linears_s(
-    overheads: Overheads, device: str, dtype: str, placements: list[LinearPlacement] | tuple, phase: str
+    fixed: FixedCosts, device: str, dtype: str, placements: list[LinearPlacement] | tuple, phase: str
 ) -> float:
-    """The engine's own seconds for `placements` in `phase` (its cost per linear and mode)."""
+    """The engine's own seconds for `placements` in `phase` (its cost per linear and mode),
+    before any calibration."""
     counts: dict[str, int] = {}
     for p in placements:
         mode = linear_mode(p, phase)
         if mode is not None:
             counts[mode] = counts.get(mode, 0) + 1
-    return sum(n * overheads.linear_s(device, dtype, phase, mode) for mode, n in counts.items())
-
-
-# --- every strategy's prediction, with the fixed terms ----------------------------------------
-
-
-def with_fixed_terms(
-    predictions: dict,
-    overheads: Overheads | None,
-    spec: ModelSpec,
-    req: PlanRequest,
-    placements: tuple[LinearPlacement, ...],
-    rates: PhaseRates,
-    *,
-    all_cpu: bool,
-    gpu_device: str = "cuda",
-) -> tuple[dict, list[str]]:
-    """`predictions` (strategy -> figures) with the fixed terms added to every strategy, so the
-    comparison stays fair; each gains `fixed` (seconds per phase, what they hold) and
-    `linear` (the bandwidth model's part). The attention term of the bandwidth model is
-    replaced by the measured non-linear work on the same device. `gpu_device`: where the
-    "GPU" side runs ("cpu" on the CPU stand-in). Returns (predictions, notes)."""
-    if overheads is None:
-        return predictions, []
-    notes: list[str] = []
-    # the activations are in the model's dtype on either side (norms, attention, KV cache)
-    gpu_dtype = cpu_dtype = spec.dtype
-    if not all_cpu and not overheads.has(gpu_device):
-        notes.append(
-            "the profile has no engine costs measured on the GPU: GPU-side predictions leave out "
-            "the non-linear work and the engine's cost per linear; re-run `hetegen profile` on this machine"
-        )
-    args = dict(prompt_len=req.prompt_len, max_new_tokens=req.max_new_tokens, batch=req.batch_size)
-    L = spec.num_layers
-    out = dict(predictions)
-    for key, fig in predictions.items():
-        if not fig:
-            continue
-        added, linear = {}, {}
-        for phase in PHASES:
-            base = fig["prefill_s"] if phase == "prefill" else fig["decode_s_per_token"]
-            r = rates[phase]
-            if key in ("cpu_only",) or all_cpu:
-                parts = [("cpu", cpu_dtype, L, False)]
-                lins = linears_s(overheads, "cpu", cpu_dtype, placements, phase) if key == "hetegen" else 0.0
-            elif key == "layer_split":
-                g = fig.get("gpu_layers") or 0
-                parts = [(gpu_device, gpu_dtype, g, True), ("cpu", cpu_dtype, L - g, False)]
-                lins = 0.0
-            else:
-                stream = key == "offload"
-                parts = [(gpu_device, gpu_dtype, L, True)]
-                lins = linears_s(
-                    overheads,
-                    gpu_device,
-                    gpu_dtype,
-                    [_streamed(p) for p in placements] if stream else placements,
-                    phase,
-                )
-            extra, replaced = lins, 0.0
-            for i, (device, dtype, layers, on_gpu) in enumerate(parts):
-                t = fixed_s(overheads, device, dtype, spec, phase, layers=layers, outside=i == 0, **args)
-                if t is None:
-                    continue
-                extra += t
-                replaced += attention_for(r, spec, req, phase, layers, on_gpu)
-            added[phase] = extra - replaced
-            linear[phase] = base - replaced
-        new = figures(
-            req,
-            fig["prefill_s"] + added["prefill"],
-            fig["decode_s_per_token"] + added["decode"],
-            fig["gpu_memory_bytes"],
-        )
-        extras = {k: v for k, v in fig.items() if k not in new}
-        new.update(extras)
-        new["linear"] = {"prefill_s": linear["prefill"], "decode_s_per_token": linear["decode"]}
-        new["fixed"] = {
-            "prefill_s": new["prefill_s"] - linear["prefill"],
-            "decode_s_per_token": new["decode_s_per_token"] - linear["decode"],
-            "calibrated": bool(overheads.scale),
-        }
-        out[key] = new
-    if overheads.scale:  # what plan --calibrate refits: the fixed parts before any calibration
-        raw, _ = with_fixed_terms(
-            predictions,
-            replace(overheads, scale={}),
-            spec,
-            req,
-            placements,
-            rates,
-            all_cpu=all_cpu,
-            gpu_device=gpu_device,
-        )
-        for key, fig in out.items():
-            if fig and raw.get(key):
-                fig["fixed"]["uncalibrated"] = {
-                    k: raw[key]["fixed"][k] for k in ("prefill_s", "decode_s_per_token")
-                }
-    return out, notes
-
-
-def _streamed(p: LinearPlacement) -> LinearPlacement:
-    if p.resident:
-        return p
-    return LinearPlacement(p.name, p.layer_index, p.role, p.out_features, p.in_features, False, 0, 0)
+    return sum(n * fixed.linear_s(device, dtype, phase, mode) for mode, n in counts.items())

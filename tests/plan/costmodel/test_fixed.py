@@ -1,4 +1,4 @@
-"""The engine's fixed costs in the cost model (plan.overheads): the fit, and every strategy."""
+"""The engine's fixed costs in the cost model (plan.costmodel.fixed): the fit, and every strategy."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 
 from hetegen_cli.models.presets import preset_config
 from hetegen_cli.models.spec import spec_from_config
-from hetegen_cli.plan import overheads as oh
+from hetegen_cli.plan.costmodel import fixed as oh
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
-from hetegen_cli.profile.document import validate_profile
+from hetegen_cli.profile.document import EngineEntry, EngineModel, validate_profile
 from tests.fakes import GB, make_profile
 from tests.plan.engine_fakes import MODEL, TERMS, engine_section, with_engine
 
@@ -27,7 +27,7 @@ def test_nonnegative_fit_recovers_known_terms_and_never_goes_negative():
 
 def test_fit_entry_recovers_the_terms_it_was_made_from():
     entry = engine_section(devices=("cpu",), dtypes=("float32",))["entries"][0]
-    costs = oh.fit_entry(entry, MODEL)
+    costs = oh.fit_entry(EngineEntry.model_validate(entry), EngineModel.model_validate(MODEL))
     (pa, pc, pe, s0, s1), (da, db, ds0), sample, _ = TERMS["cpu"]
     assert costs.prefill.layer_s == pytest.approx(pa, rel=1e-6)
     assert costs.prefill.layer_token_s == pytest.approx(pc, rel=1e-6)  # per token x hidden unit
@@ -41,7 +41,8 @@ def test_fit_entry_recovers_the_terms_it_was_made_from():
 
 
 def test_fixed_terms_scale_with_the_models_layers_and_context():
-    o = oh.overheads_from_profile({"engine": engine_section(devices=("cpu",))})
+    profile = dict(make_profile(gpu=False), schema_version=2, engine=engine_section(devices=("cpu",)))
+    o = oh.fixed_costs_from_profile(profile)
     small = spec_from_config(preset_config("opt-1.3b"), "opt-1.3b", dtype="float32")
     args = dict(prompt_len=128, max_new_tokens=32, batch=1)
     one = oh.fixed_s(o, "cpu", "float32", small, "decode", layers=1, outside=False, **args)
@@ -72,14 +73,14 @@ def test_every_strategy_gets_the_fixed_terms():
     bare, full = _plans(False), _plans(True)
     assert oh.NO_ENGINE_NOTE in bare.notes and oh.NO_ENGINE_NOTE not in full.notes
     for key in ("hetegen", "offload", "layer_split", "cpu_only"):
-        b, f = bare.predictions[key], full.predictions[key]
-        for phase, field in (("prefill", "prefill_s"), ("decode", "decode_s_per_token")):
-            fixed = f["fixed"][field]
+        b, f = getattr(bare.predictions, key), getattr(full.predictions, key)
+        for phase in ("prefill", "decode"):
+            fixed = f.fixed.seconds(phase)
             assert fixed > 0, (key, phase)
-            assert f[field] == pytest.approx(f["linear"][field] + fixed)
-        assert f["decode_tokens_per_s"] < b["decode_tokens_per_s"], key
+            assert f.seconds(phase) == pytest.approx(f.linear.seconds(phase) + fixed)
+        assert f.decode_tokens_per_s < b.decode_tokens_per_s, key
     # the CPU pays more per layer than the GPU here: the all-CPU strategy gains the most time
-    gained = {k: full.predictions[k]["fixed"]["decode_s_per_token"] for k in ("hetegen", "cpu_only")}
+    gained = {k: getattr(full.predictions, k).fixed.decode_s_per_token for k in ("hetegen", "cpu_only")}
     assert gained["cpu_only"] > gained["hetegen"]
 
 
@@ -89,15 +90,15 @@ def test_a_profile_without_gpu_engine_costs_says_so():
     spec = spec_from_config(preset_config("llama-2-7b"), "llama-2-7b")
     plan = make_plan(spec, profile, PlanRequest(prompt_len=64, max_new_tokens=8, gpu_budget_bytes=6 * GiB))
     assert any("no engine costs measured on the GPU" in n for n in plan.notes)
-    assert plan.predictions["cpu_only"]["fixed"]["decode_s_per_token"] > 0
+    assert plan.predictions.cpu_only.fixed.decode_s_per_token > 0
 
 
 def test_all_cpu_plans_count_the_inline_cost_per_linear():
     profile = with_engine(make_profile(gpu=False, cpu_dtypes={"float32": 20 * GB}, best="float32"))
     spec = spec_from_config(preset_config("opt-1.3b"), "opt-1.3b", dtype="float32")
     plan = make_plan(spec, profile, PlanRequest(prompt_len=64, max_new_tokens=8))
-    h, c = plan.predictions["hetegen"], plan.predictions["cpu_only"]
+    h, c = plan.predictions.hetegen, plan.predictions.cpu_only
     per_linear = TERMS["cpu"][3]
-    assert h["fixed"]["decode_s_per_token"] - c["fixed"]["decode_s_per_token"] == pytest.approx(
+    assert h.fixed.decode_s_per_token - c.fixed.decode_s_per_token == pytest.approx(
         len(plan.placements) * per_linear
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.errors import ProfileError
-from hetegen_cli.plan.rates import rates_from_profile
+from hetegen_cli.plan.costmodel.fit import rates_from_profile
 from hetegen_cli.profile.document import validate_profile
 from tests.fakes import GB, make_profile
 
@@ -44,7 +44,12 @@ def test_rates_from_profile_reads_the_measured_numbers():
     assert rates.dram_bytes_per_s == 70 * GB and rates.has_gpu
     assert notes == []
     assert rates.h2d_copy_engines == 1  # no copy-engine probe: the safe assumption
-    doc["gpu"]["copy_engine_probe"] = {"h2d_copy_engines": 2}
+    doc["gpu"]["copy_engine_probe"] = {
+        "small_copy_alone_s": 1e-5,
+        "small_copy_during_big_s": 1.1e-5,
+        "big_copy_s": 0.01,
+        "h2d_copy_engines": 2,
+    }
     assert rates_from_profile(doc, "float16")[0].h2d_copy_engines == 2
     del doc["gpu"]["copy_engine_probe"]
     # an explicit CPU dtype: float32 reads 4 bytes a parameter

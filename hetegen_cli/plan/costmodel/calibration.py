@@ -1,4 +1,4 @@
-"""Calibration: the fixed terms refitted from real runs of this machine (pure Python).
+"""Calibration: the fixed costs refitted from real runs of this machine (pure Python).
 
 `hetegen plan --calibrate RUN.json` reads `run --json` or `bench --json` documents. Each
 carries, per phase, the measured time, the bandwidth model's part (`linear_s`) and the fixed
@@ -21,7 +21,8 @@ from hetegen_cli.core.errors import InputError, ProfileError
 from hetegen_cli.core.jsonio import read_document, write_document
 from hetegen_cli.core.phase import PHASES
 from hetegen_cli.core.validation import NonNegative, Positive, Schema, Text, check
-from hetegen_cli.plan.overheads import NO_ENGINE_NOTE, Overheads, overheads_from_profile
+from hetegen_cli.plan.costmodel.fixed import NO_ENGINE_NOTE, FixedCosts, fixed_costs_from_profile
+from hetegen_cli.profile.document import Profile, profile_sections
 
 CALIBRATION_KIND = "hetegen.calibration"
 CALIBRATION_SCHEMA_VERSION = 1
@@ -69,13 +70,15 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def profile_overheads(profile: dict, identity: dict | None) -> tuple[Overheads | None, list[str]]:
+def profile_fixed_costs(
+    profile: dict | Profile, identity: dict | None
+) -> tuple[FixedCosts | None, list[str]]:
     """The profile's fixed costs, calibrated when a calibration of this very profile lies next
     to it; notes say what was used (or why not)."""
     notes: list[str] = []
-    path = (identity or {}).get("path")
+    path = identity.get("path") if identity else None
     calibration = None
-    if path and profile.get("engine"):
+    if path and profile_sections(profile).engine is not None:
         cal_path = calibration_path(path)
         if cal_path.is_file():
             try:
@@ -98,10 +101,20 @@ def profile_overheads(profile: dict, identity: dict | None) -> tuple[Overheads |
                     )
                     runs = len({r["source"] for r in calibration["runs"]})
                     notes.append(f"fixed costs calibrated from {runs} run(s): {factors}")
-    overheads = overheads_from_profile(profile, calibration)
-    if overheads is None:
+    fixed = fixed_costs_from_profile(
+        profile,
+        calibration["factors"] if calibration else None,
+        {
+            "path": calibration["path"],
+            "created_utc": calibration["created_utc"],
+            "runs": len({r["source"] for r in calibration["runs"]}),
+        }
+        if calibration
+        else None,
+    )
+    if fixed is None:
         notes.append(NO_ENGINE_NOTE)
-    return overheads, notes
+    return fixed, notes
 
 
 # --- fitting from run and bench documents -----------------------------------------------------

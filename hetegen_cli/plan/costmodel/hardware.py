@@ -8,7 +8,7 @@ Every cost is affine in the rows of a share (docs/method.md §4-6):
 
 (each 0 when r == 0), n = tokens in the step. The balanced split solves
 T_cpu(f out) = T_transfer((1-f) out) + T_gpu((1-f) out) in closed form (`balanced_fraction`).
-`Rates` holds the fitted constants; `plan.rates.rates_from_profile` fits them from a profile.
+`Rates` holds the fitted constants; `costmodel.fit.rates_from_profile` fits them from a profile.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Rates:
     gpu_bytes_per_s: float = 1e12  # B_hbm: GEMV weight-read rate
     gpu_flops_per_s: float = 100e12  # F_gpu at prefill shapes
     h2d_copy_engines: int = 1  # host-to-device copies served at once (the profile's probe)
-    # quantized linears (plan.rates.quant_rates): bytes per parameter held, streamed and read
+    # quantized linears (costmodel.fit.quant_rates): bytes per parameter held, streamed and read
     # by the CPU kernel (0: the dtype's itemsize), and the bytes per parameter the GPU writes
     # and reads again dequantizing a share into the weights dtype before its matmul
     weight_bytes_per_param: float = 0.0
@@ -79,7 +79,7 @@ class PhaseRates:
     prefill: Rates
     decode: Rates
     #: the rates of quantized linears by format (both phases: the CPU share runs the format's
-    #: packed kernel whatever the float formats are); plan.rates.quant_rates fits them
+    #: packed kernel whatever the float formats are); costmodel.fit.quant_rates fits them
     quant: dict[str, Rates] = field(default_factory=dict)
 
     @classmethod
@@ -292,7 +292,7 @@ def attention_time(
     return max(flops / rates.cpu_flops_per_s, kv_bytes / rates.dram_bytes_per_s)
 
 
-# --- fitting helper used by plan.rates -----------------------------------------------
+# --- fitting helper used by costmodel.fit -----------------------------------------------
 
 
 def fit_affine(points: list[tuple[float, float]]) -> tuple[float, float]:

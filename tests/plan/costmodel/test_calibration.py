@@ -1,4 +1,4 @@
-"""Calibration of the fixed terms from real runs (plan.calibration, `hetegen calibrate`)."""
+"""Calibration of the fixed terms from real runs (plan.costmodel.calibration, `hetegen calibrate`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hetegen_cli.core.errors import InputError
 from hetegen_cli.models.presets import preset_config
 from hetegen_cli.models.spec import spec_from_config
-from hetegen_cli.plan import calibration as cal
+from hetegen_cli.plan.costmodel import calibration as cal
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
 from hetegen_cli.profile.document import identity, save_profile
@@ -78,19 +78,19 @@ def test_make_plan_applies_a_calibration_of_its_own_profile_only(saved):
     path, doc, who = saved
     spec = spec_from_config(preset_config("opt-1.3b"), "opt-1.3b", dtype="float32")
     req = PlanRequest(prompt_len=64, max_new_tokens=8)
-    before = make_plan(spec, doc, req, who).predictions["cpu_only"]
+    before = make_plan(spec, doc, req, who).predictions.cpu_only
     records = cal.records_of(_run_doc(who, (1.0, 0.4, 0.3), (0.05, 0.02, 0.01)), "a.json", who)
     cal.save_calibration(
         cal.build_calibration(records, who, "2026-12-01T00:00:00Z"), cal.calibration_path(path)
     )
     plan = make_plan(spec, doc, req, who)
-    after = plan.predictions["cpu_only"]
-    assert after["fixed"]["calibrated"] and any("calibrated from 1 run" in n for n in plan.notes)
-    assert after["fixed"]["prefill_s"] == pytest.approx(2.0 * before["fixed"]["prefill_s"])
-    assert after["fixed"]["decode_s_per_token"] == pytest.approx(3.0 * before["fixed"]["decode_s_per_token"])
-    assert after["fixed"]["uncalibrated"]["prefill_s"] == pytest.approx(before["fixed"]["prefill_s"])
+    after = plan.predictions.cpu_only
+    assert after.fixed.calibrated and any("calibrated from 1 run" in n for n in plan.notes)
+    assert after.fixed.prefill_s == pytest.approx(2.0 * before.fixed.prefill_s)
+    assert after.fixed.decode_s_per_token == pytest.approx(3.0 * before.fixed.decode_s_per_token)
+    assert after.fixed.uncalibrated.prefill_s == pytest.approx(before.fixed.prefill_s)
     stale = make_plan(spec, doc, req, dict(who, sha256="f" * 64))  # the profile file changed
-    assert not stale.predictions["cpu_only"]["fixed"]["calibrated"]
+    assert not stale.predictions.cpu_only.fixed.calibrated
     assert any("made for another version of the profile" in n for n in stale.notes)
 
 

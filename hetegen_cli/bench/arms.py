@@ -38,8 +38,8 @@ from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loader import LoadedModel, load_model
 from hetegen_cli.models.quantized import load_quantized
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.models.source import ModelRef
-from hetegen_cli.models.spec import ModelSpec
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes

@@ -17,13 +17,13 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.quant import check_quant
-from hetegen_cli.models import presets
 from hetegen_cli.models.gguf_write import (
     GGUF_FORMATS,
     build_synthetic_gguf,
     gguf_preset_error,
     synthetic_gguf_path,
 )
+from hetegen_cli.models.shapes import presets
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import build_synthetic_model
 from hetegen_cli.plan.document import Plan

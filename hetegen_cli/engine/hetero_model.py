@@ -6,7 +6,7 @@ safetensors files straight into its final home:
 
 - split linears: rows into host buffers (weights dtype, pinned on CUDA when asked), plus a
   copy of the CPU rows in each phase's CPU dtype that differs from it; a quantized model's
-  quantized linears (models.quantfile) keep their stored parts there instead, with a packed
+  quantized linears (models.shapes.quantfile) keep their stored parts there instead, with a packed
   CPU kernel per CPU share (engine.quant_host);
 - resident quantized linears: their parts on the device, dequantized per forward;
 - everything else (embeddings, norms, biases, resident linears, the LM head unless a placement

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from hetegen_cli.core.dtypes import DTYPES
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.headers import folder_tensor_index
+from hetegen_cli.models.shapes.headers import folder_tensor_index
 
 CHUNK_BYTES = 32 * 1024 * 1024  # rows are read and converted this many source bytes at a time
 

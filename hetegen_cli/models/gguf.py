@@ -130,7 +130,7 @@ def _ensure_quantized_gguf(gguf: Path, float_target: Path, fmt: str) -> Path:
     """The quantized folder of `gguf` beside where its fp32 conversion would go, made once."""
     from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
     from hetegen_cli.models.gguf_quant import write_gguf_quantized
-    from hetegen_cli.models.quantfile import quantized_folder_name, read_quantization
+    from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
     target = float_target.parent / quantized_folder_name(float_target.name, fmt, DEFAULT_GROUP_SIZE)
     if read_quantization(target) is not None and (target / "model.safetensors").is_file():

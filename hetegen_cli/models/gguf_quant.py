@@ -1,4 +1,4 @@
-"""GGUF files straight into hetegen's quantized layout (models.quantfile), without an fp32 copy.
+"""GGUF files straight into hetegen's quantized layout (models.shapes.quantfile), without an fp32 copy.
 
 Q4_0 and Q4_1 linears map exactly onto int4 with groups of 32 (the same values, scales and
 mins); Q8_0 linears are re-quantized per output channel from their exact values (torch's int8
@@ -29,8 +29,8 @@ from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.models.compat import patch_for_both_versions
 from hetegen_cli.models.loader import quiet_transformers
 from hetegen_cli.models.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
-from hetegen_cli.models.quantfile import quantization_doc
-from hetegen_cli.models.spec import spec_from_config
+from hetegen_cli.models.shapes.quantfile import quantization_doc
+from hetegen_cli.models.shapes.spec import spec_from_config
 
 #: GGUF tensor types whose blocks map onto a hetegen format
 DIRECT = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}

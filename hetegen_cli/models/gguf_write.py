@@ -35,7 +35,7 @@ import torch
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models import presets
+from hetegen_cli.models.shapes import presets
 from hetegen_cli.models.synthetic import RandomPool, random_tensor, tensor_shapes
 
 #: --synthetic-format values that write a GGUF -> the GGUF type of the linears

@@ -43,7 +43,7 @@ from hetegen_cli.models.meta import (
     tied_head,
 )
 from hetegen_cli.models.quant import QuantLinear, QuantWeight, quantize
-from hetegen_cli.models.quantfile import (
+from hetegen_cli.models.shapes.quantfile import (
     QUANT_FILE,
     REST_DTYPE,
     quantization_doc,

@@ -17,11 +17,11 @@ from pathlib import Path
 from hetegen_cli.core.errors import ModelError, UsageError
 from hetegen_cli.core.paths import is_dir, probe
 from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, check_quant
-from hetegen_cli.models import presets
-from hetegen_cli.models.folder import spec_from_folder
 from hetegen_cli.models.gguf import ensure_converted_gguf, ensure_default_model
-from hetegen_cli.models.quantfile import REST_DTYPE
-from hetegen_cli.models.spec import ModelSpec, spec_from_config
+from hetegen_cli.models.shapes import presets
+from hetegen_cli.models.shapes.folder import spec_from_folder
+from hetegen_cli.models.shapes.quantfile import REST_DTYPE
+from hetegen_cli.models.shapes.spec import ModelSpec, spec_from_config
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def resolve_model(
 ) -> ModelRef:
     """Resolve --model (None: the default model). `need_weights=False` accepts shapes-only
     presets (plan, synthetic bench). A local folder's safetensors headers are checked against
-    its config (models.folder) before anything else reads it.
+    its config (models.shapes.folder) before anything else reads it.
 
     `quant` (--quant): "none" (floating point), "int8" or "int4" (a quantized copy, made once:
     models.quantized, straight from the blocks for a GGUF), or "auto": the model as stored (a

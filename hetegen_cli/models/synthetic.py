@@ -21,7 +21,7 @@ from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import dtype_name, torch_dtype
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES, to_safetensors
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models import presets
+from hetegen_cli.models.shapes import presets
 
 _MARKER = ".hetegen-complete"
 

@@ -68,7 +68,7 @@ class LinearPlacement:
     def of(
         cls, linear: Any, resident: bool = False, rows_prefill: int = 0, rows_decode: int = 0
     ) -> LinearPlacement:
-        """The placement of `linear` (a models.spec.LinearSpec, or another placement: anything
+        """The placement of `linear` (a models.shapes.spec.LinearSpec, or another placement: anything
         with its name, layer_index, role, out_features and in_features)."""
         return cls(
             linear.name,
@@ -306,7 +306,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 
 
 def model_identity(spec: Any, arg: str = "") -> ModelIdentity:
-    """The plan's `model` section for a models.spec.ModelSpec."""
+    """The plan's `model` section for a models.shapes.spec.ModelSpec."""
     return ModelIdentity(
         arg=arg,
         name=spec.name,

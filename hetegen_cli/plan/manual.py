@@ -3,7 +3,7 @@ cpu_fraction 0). No predictions. Pure Python."""
 
 from __future__ import annotations
 
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings, model_identity, round_rows
 from hetegen_cli.plan.sections import Workload
 

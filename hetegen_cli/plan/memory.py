@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from hetegen_cli.core import quant as qfmt
 from hetegen_cli.core.dtypes import itemsize
-from hetegen_cli.models.spec import LinearSpec, ModelSpec
+from hetegen_cli.models.shapes.spec import LinearSpec, ModelSpec
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.sections import HostMemory

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hetegen_cli.models.spec import LinearSpec
+from hetegen_cli.models.shapes.spec import LinearSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.costmodel.strategies import tokens_for
 from hetegen_cli.plan.document import round_rows

@@ -19,7 +19,7 @@ from typing import Any
 
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.phase import PHASES
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.costmodel.fixed import linear_mode
 from hetegen_cli.plan.costmodel.strategies import figures, with_speedups

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from hetegen_cli.core.errors import PlanError, ProfileError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.all_cpu import all_cpu_plan
 from hetegen_cli.plan.assemble import assemble, check_host

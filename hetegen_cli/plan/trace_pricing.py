@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hetegen_cli.core.dtypes import itemsize
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.costmodel.strategies import attention_for, head_time, tokens_for
 from hetegen_cli.plan.document import LinearPlacement

@@ -163,7 +163,7 @@ def built_spec(ctx: RunContext) -> Any:
     """The model's shapes in the dtype the run computes in (costmodel.predict re-derives a plan's)."""
     spec = ctx.ref.spec
     if spec.quant is None and spec.dtype != ctx.dtype and spec.config:
-        from hetegen_cli.models.spec import spec_from_config
+        from hetegen_cli.models.shapes.spec import spec_from_config
 
         return spec_from_config(spec.config, spec.name, dtype=ctx.dtype)
     return spec

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
-from hetegen_cli.models.spec import check_context
+from hetegen_cli.models.shapes.spec import check_context
 
 TextCallback = Callable[[str], None]
 StopCheck = Callable[[], str | None]  # a reason to stop now (e.g. "cancelled"), or None

@@ -15,7 +15,7 @@ from typing import Any
 from hetegen_cli.core import paths
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import HetegenError
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel.predict import CostInputs, Execution, predict, prediction_check, spec_in
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.request import PlanRequest

@@ -12,7 +12,7 @@ import torch
 from hetegen_cli.bench import runner
 from hetegen_cli.bench.prepare import BenchOptions
 from hetegen_cli.core.errors import UsageError
-from hetegen_cli.models import presets
+from hetegen_cli.models.shapes import presets
 from tests.fakes import make_profile
 from tests.tiny_models import TINY_GGUF_CONFIG, llama_from_values
 

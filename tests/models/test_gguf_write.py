@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models import presets
 from hetegen_cli.models.gguf_write import llama_gguf_rows, synthetic_weights, tensor_plan, write_llama_gguf
+from hetegen_cli.models.shapes import presets
 from tests.tiny_models import TINY_GGUF_CONFIG as TINY
 from tests.tiny_models import TINY_GGUF_SEED, TINY_GGUF_STD, llama_from_values
 
@@ -43,8 +43,8 @@ def test_the_file_holds_llama_cpp_layout_and_metadata(tiny_gguf):
 
 def test_hetegen_reads_the_file_into_int4_exactly(tiny_gguf):
     from hetegen_cli.models.checkpoint import CheckpointReader
-    from hetegen_cli.models.quantfile import read_quantization
     from hetegen_cli.models.quantized import read_quant_weight
+    from hetegen_cli.models.shapes.quantfile import read_quantization
 
     _, ref, values = tiny_gguf
     doc = read_quantization(ref.path)

@@ -37,7 +37,7 @@ def test_streaming_writer_round_trips_through_safetensors(tmp_path):
 
 
 def test_tensor_shapes_follow_transformers_and_skip_tied_head():
-    from hetegen_cli.models.presets import preset_config
+    from hetegen_cli.models.shapes.presets import preset_config
 
     names = dict(tensor_shapes(preset_config("opt-125m")))
     assert names["model.decoder.layers.0.fc1.weight"] == (3072, 768)
@@ -47,7 +47,7 @@ def test_tensor_shapes_follow_transformers_and_skip_tied_head():
 def test_build_synthetic_model_is_loadable_and_cached(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hetegen_cli.models.folder import spec_from_folder
+    from hetegen_cli.models.shapes.folder import spec_from_folder
     from hetegen_cli.models.synthetic import build_synthetic_model
 
     folder = build_synthetic_model("opt-125m", "float16", tmp_path)

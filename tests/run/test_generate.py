@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from hetegen_cli.core.errors import InputError
 from hetegen_cli.models.loader import load_model, load_tokenizer
-from hetegen_cli.models.spec import check_context
+from hetegen_cli.models.shapes.spec import check_context
 from hetegen_cli.run.generate import (
     IncrementalDecoder,
     SamplingOptions,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetegen_cli.core.dtypes import itemsize
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.profile.document import EngineEntry, EngineModel, Profile, profile_sections
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from hetegen_cli.models.spec import ModelSpec, spec_from_config
+from hetegen_cli.models.shapes.spec import ModelSpec, spec_from_config
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.costmodel.calibration import profile_fixed_costs
 from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile, standin_rates

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hetegen_cli.core.phase import PHASES
 from hetegen_cli.core.quant import HEAD_FORMAT, kernel_takes
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.costmodel.fixed import FixedCosts, fixed_s, linears_s
 from hetegen_cli.plan.document import LinearPlacement

@@ -1,7 +1,7 @@
 """Model shapes without weights: every linear in execution order, plus the GPU-fixed items.
 
 Pure Python (no torch): built from a validated config dict (config.json or a preset); for a
-local folder, models.folder checks its safetensors headers against `ModelSpec.tensors`.
+local folder, models.shapes.folder checks its safetensors headers against `ModelSpec.tensors`.
 Linear names are the module names of the stock transformers model, so a plan maps onto it.
 """
 
@@ -17,7 +17,7 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES, itemsize
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
 from hetegen_cli.core.quant import kernel_takes
 from hetegen_cli.core.quant import weight_bytes as quant_weight_bytes
-from hetegen_cli.models.config import validate_config
+from hetegen_cli.models.shapes.config import validate_config
 
 
 @dataclass(frozen=True)

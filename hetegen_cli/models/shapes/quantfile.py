@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 
 QUANT_FILE = "quantization.json"
 QUANT_KIND = "hetegen.quantization"
@@ -58,7 +58,7 @@ def spec_with_quantization(spec: ModelSpec, doc: dict) -> ModelSpec:
 
 def virtual_index(index: dict, doc: dict) -> dict:
     """A tensor index in which each quantized linear's parts appear as one `X.weight` of its
-    float shape (so models.folder checks the folder like any other). ModelError when a part
+    float shape (so models.shapes.folder checks the folder like any other). ModelError when a part
     is missing or its shape does not belong to the others."""
     out = dict(index)
     g = doc.get("group_size")

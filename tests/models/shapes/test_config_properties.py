@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.meta import meta_model
-from hetegen_cli.models.spec import spec_from_config
+from hetegen_cli.models.shapes.spec import spec_from_config
 from tests.mutations import mutated, property_settings
 
 LLAMA = {

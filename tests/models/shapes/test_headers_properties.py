@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.headers import folder_tensor_index, read_safetensors_header
+from hetegen_cli.models.shapes.headers import folder_tensor_index, read_safetensors_header
 from tests.mutations import mutated, property_settings
 
 RAW = save(

@@ -13,10 +13,15 @@ from pathlib import Path
 
 from hetegen_cli.core.dtypes import DTYPES
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.config import read_config
-from hetegen_cli.models.headers import TensorIndex, folder_tensor_index
-from hetegen_cli.models.quantfile import REST_DTYPE, read_quantization, spec_with_quantization, virtual_index
-from hetegen_cli.models.spec import ModelSpec, spec_from_config
+from hetegen_cli.models.shapes.config import read_config
+from hetegen_cli.models.shapes.headers import TensorIndex, folder_tensor_index
+from hetegen_cli.models.shapes.quantfile import (
+    REST_DTYPE,
+    read_quantization,
+    spec_with_quantization,
+    virtual_index,
+)
+from hetegen_cli.models.shapes.spec import ModelSpec, spec_from_config
 
 #: stored tensors transformers ignores on load (old rotary tables, attention masks)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
@@ -96,7 +101,7 @@ def spec_from_folder(
             "with transformers' save_pretrained(safe_serialization=True)",
         )
     quantization = read_quantization(folder)
-    if quantization is not None:  # a quantized folder (models.quantfile): its own dtypes
+    if quantization is not None:  # a quantized folder (models.shapes.quantfile): its own dtypes
         index = virtual_index(index, quantization)
         spec = spec_from_config(config, name or str(folder), REST_DTYPE)
         warnings = check_tensors(spec, index, folder)

@@ -10,8 +10,8 @@ import torch
 
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.meta import meta_model
-from hetegen_cli.models.presets import preset_config, preset_names
-from hetegen_cli.models.spec import spec_from_config
+from hetegen_cli.models.shapes.presets import preset_config, preset_names
+from hetegen_cli.models.shapes.spec import spec_from_config
 
 
 @pytest.mark.parametrize("name", preset_names())

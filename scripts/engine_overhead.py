@@ -20,8 +20,8 @@ import torch
 
 from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.models.loader import load_model
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.loader import load_model
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.run.generate import generate

@@ -94,7 +94,7 @@ def made_up_profile(machine: str, copy_engines: int | None = None) -> dict:
 def run_case(name: str, copy_engines: int | None, replay_engines: int | None = None) -> dict:
     """One case; `replay_engines` replays on that many copy engines whatever the plan (and so
     the engine's copy order) assumed."""
-    from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.models.loading.source import resolve_model
     from hetegen_cli.plan.request import PlanRequest
     from hetegen_cli.plan.simulate import with_simulation
     from hetegen_cli.plan.solver import make_plan

@@ -95,7 +95,7 @@ def tiny_gguf(tmp_path_factory):
     from hetegen_cli.core.errors import ModelError
     from hetegen_cli.models.gguf import default_gguf_path
     from hetegen_cli.models.gguf_write import write_llama_gguf
-    from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.models.loading.source import resolve_model
 
     try:
         tokenizer = default_gguf_path()

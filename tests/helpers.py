@@ -37,7 +37,7 @@ def transformers_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int
     """transformers' own greedy generation: the tokens hetegen must reproduce."""
     import torch
 
-    from hetegen_cli.models.loader import load_model
+    from hetegen_cli.models.loading.loader import load_model
 
     model = load_model(folder).model
     out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)

@@ -1,6 +1,6 @@
 """The arms of `hetegen bench`: why an arm cannot run here, and how each one is loaded.
 
-Every builder returns a `models.loader.LoadedModel` (a model that answers `model(input_ids,
+Every builder returns a `models.loading.loader.LoadedModel` (a model that answers `model(input_ids,
 cache=..., use_cache=True)` like a stock transformers causal LM, the device its inputs go to,
 a sync and a close), with `info` describing the arm. bench.runner times all of them with the
 same generation loop.
@@ -36,10 +36,10 @@ from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dty
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.models.loader import LoadedModel, load_model
+from hetegen_cli.models.loading.loader import LoadedModel, load_model
+from hetegen_cli.models.loading.source import ModelRef
 from hetegen_cli.models.quantized import load_quantized
 from hetegen_cli.models.shapes.spec import ModelSpec
-from hetegen_cli.models.source import ModelRef
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.loading.loader import LoadedModel
 
 LLAMA_MISSING = (
     "llama-cpp-python is not installed (pip install 'hetegen[llama]'; it builds llama.cpp, ~15 min)"

@@ -23,8 +23,8 @@ from hetegen_cli.models.gguf_write import (
     gguf_preset_error,
     synthetic_gguf_path,
 )
+from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import build_synthetic_model
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair

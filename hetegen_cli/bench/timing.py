@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from hetegen_cli.core.devices import out_of_memory_as_error
-from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.run.generate import generate
 
 RSS_INTERVAL_S = 0.01

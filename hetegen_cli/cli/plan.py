@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
         layer split and CPU-only."""
-        from hetegen_cli.models.source import resolve_model
+        from hetegen_cli.models.loading.source import resolve_model
         from hetegen_cli.plan.document import save_plan
         from hetegen_cli.plan.request import PlanRequest
         from hetegen_cli.plan.solver import make_plan

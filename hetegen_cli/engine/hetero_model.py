@@ -12,7 +12,7 @@ safetensors files straight into its final home:
 - everything else (embeddings, norms, biases, resident linears, the LM head unless a placement
   names "lm_head"): the backend's device, in the weights dtype.
 
-The result is a `models.loader.LoadedModel` whose `.model` is still a normal transformers
+The result is a `models.loading.loader.LoadedModel` whose `.model` is still a normal transformers
 model (`model(input_ids, cache=..., use_cache=True)`, `model.generate(...)`); a forward pre-hook
 tells the engine whether each forward is a prefill (more than one new token) or a decode step.
 `engine_context(model)` gives the engine state behind it (`model.hetegen_engine`).
@@ -37,8 +37,8 @@ from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.models.checkpoint import CheckpointReader
-from hetegen_cli.models.loader import LoadedModel
-from hetegen_cli.models.meta import (
+from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.models.loading.meta import (
     check_no_meta,
     embedding_key,
     load_generation_config,
@@ -49,8 +49,8 @@ from hetegen_cli.models.meta import (
     set_module,
     tied_head,
 )
+from hetegen_cli.models.loading.source import ModelRef
 from hetegen_cli.models.quantized import quantize_head
-from hetegen_cli.models.source import ModelRef
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
 

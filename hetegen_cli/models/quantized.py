@@ -31,8 +31,8 @@ from hetegen_cli.core.console import activity, note, progress
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.checkpoint import CheckpointReader
-from hetegen_cli.models.loader import LoadedModel
-from hetegen_cli.models.meta import (
+from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.models.loading.meta import (
     check_no_meta,
     load_generation_config,
     load_rest,

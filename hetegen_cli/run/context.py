@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core.devices import Backend
-from hetegen_cli.models.loader import LoadedModel
-from hetegen_cli.models.source import ModelRef
+from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.models.loading.source import ModelRef
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.run.generate import SamplingOptions
 

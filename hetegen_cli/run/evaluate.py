@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core.errors import InputError, UsageError
-from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
 

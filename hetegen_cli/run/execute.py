@@ -16,7 +16,7 @@ import psutil
 from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import out_of_memory_as_error
 from hetegen_cli.core.errors import UsageError
-from hetegen_cli.models.loader import LoadedModel
+from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt

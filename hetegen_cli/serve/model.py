@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core.errors import UsageError
-from hetegen_cli.models.loader import LoadedModel
-from hetegen_cli.models.source import ModelRef
+from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.models.loading.source import ModelRef
 from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
 from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, StopCheck, eos_token_ids, generate

@@ -174,7 +174,7 @@ def _ctx(arm, ref, plan, has_cuda=False, budget=None, error=None):
 
 @pytest.fixture
 def tiny_plan(tiny_llama_dir):
-    from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.models.loading.source import resolve_model
     from hetegen_cli.plan.request import PlanRequest
     from hetegen_cli.plan.solver import make_plan
 

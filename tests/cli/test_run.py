@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hetegen_cli.cli.app import app
-from hetegen_cli.models.loader import load_tokenizer
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.loader import load_tokenizer
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.plan.document import RuntimeSettings, save_plan
 from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.manual import manual_plan

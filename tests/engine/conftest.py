@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.plan.document import LinearPlacement, round_rows
 
 PROMPT = [[5, 17, 42, 99, 7, 250]]

@@ -17,8 +17,8 @@ from hetegen_cli.core.devices import CpuBackend, get_backend
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.engine.split_linear import HeteroLinear
-from hetegen_cli.models.loader import LoadedModel
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements, random_rows
 
@@ -241,8 +241,8 @@ _RSS_SCRIPT = r"""
 import gc, json, sys, threading, time, psutil, torch
 from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.models.meta import meta_model
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.meta import meta_model
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings, round_rows
 from tests.engine.conftest import NEW_TOKENS, PLANS, PROMPT, placements, random_rows
 ref = resolve_model(sys.argv[1], need_weights=True)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from hetegen_cli.cli.app import app
 from hetegen_cli.models import gguf as gguf_convert
-from hetegen_cli.models.loader import load_model, load_tokenizer
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.loader import load_model, load_tokenizer
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.run.generate import generate, prepare_prompt
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from hetegen_cli.core import paths
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models import gguf as gguf_convert
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.source import resolve_model
 from tests.helpers import assert_error, run_quick
 
 

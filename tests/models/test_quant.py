@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.models.quant import QuantLinear, from_gguf_blocks, pack_nibbles, quantize
 from hetegen_cli.models.quantized import ensure_quantized, load_quantized
 from hetegen_cli.models.shapes.quantfile import read_quantization
-from hetegen_cli.models.source import resolve_model
 
 
 def test_int8_is_per_row_symmetric_within_half_a_step():

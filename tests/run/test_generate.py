@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from hetegen_cli.core.errors import InputError
-from hetegen_cli.models.loader import load_model, load_tokenizer
+from hetegen_cli.models.loading.loader import load_model, load_tokenizer
 from hetegen_cli.models.shapes.spec import check_context
 from hetegen_cli.run.generate import (
     IncrementalDecoder,

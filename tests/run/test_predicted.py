@@ -70,7 +70,7 @@ def test_without_a_profile_the_run_says_why_there_is_no_prediction(tiny_llama_di
 def test_a_gpu_plan_on_the_stand_in_is_predicted_as_the_stand_in_runs_it(
     tiny_llama_dir, hetegen_home, tmp_path
 ):
-    from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.models.loading.source import resolve_model
     from hetegen_cli.plan.document import RuntimeSettings, save_plan
     from hetegen_cli.plan.manual import manual_plan
 

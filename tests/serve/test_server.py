@@ -309,7 +309,7 @@ def test_sigterm_stops_in_flight_generation_and_exits_0(chat_model, server_home)
 def test_default_model_chat_equals_hetegen_run(server_home):
     """SmolLM2-135M-Instruct (the default model, with its own chat template)."""
     from hetegen_cli.core.errors import ModelError
-    from hetegen_cli.models.source import resolve_model
+    from hetegen_cli.models.loading.source import resolve_model
 
     try:
         resolve_model(None, need_weights=True)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.meta import meta_model
+from hetegen_cli.models.loading.meta import meta_model
 from hetegen_cli.models.shapes.spec import spec_from_config
 from tests.mutations import mutated, property_settings
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models import source as model_source
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading import source as model_source
+from hetegen_cli.models.loading.source import resolve_model
 from tests.helpers import assert_error, run_quick
 
 # ------------------------------------------------------------------------------- good paths

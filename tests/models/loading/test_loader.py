@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.loader import load_model, load_tokenizer, resolve_dtype
-from hetegen_cli.models.source import resolve_model
+from hetegen_cli.models.loading.loader import load_model, load_tokenizer, resolve_dtype
+from hetegen_cli.models.loading.source import resolve_model
 
 
 def test_folder_resolves_and_loads(tiny_llama_dir):

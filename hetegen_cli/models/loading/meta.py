@@ -16,7 +16,7 @@ from torch import nn
 from hetegen_cli.core.console import printable
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.checkpoint import CheckpointReader
-from hetegen_cli.models.loader import quiet_transformers
+from hetegen_cli.models.loading.loader import quiet_transformers
 
 
 def meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:

@@ -37,8 +37,8 @@ from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loading.loader import LoadedModel, load_model
+from hetegen_cli.models.loading.quantized_loader import load_quantized
 from hetegen_cli.models.loading.source import ModelRef
-from hetegen_cli.models.quantized import load_quantized
 from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.manual import manual_plan

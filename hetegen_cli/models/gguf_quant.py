@@ -26,8 +26,7 @@ from hetegen_cli.core import paths, quant
 from hetegen_cli.core.console import progress
 from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
-from hetegen_cli.models.compat import patch_for_both_versions
-from hetegen_cli.models.loading.loader import quiet_transformers
+from hetegen_cli.models.compat import patch_for_both_versions, quiet_transformers
 from hetegen_cli.models.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
 from hetegen_cli.models.shapes.quantfile import quantization_doc
 from hetegen_cli.models.shapes.spec import spec_from_config

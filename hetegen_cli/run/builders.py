@@ -80,8 +80,8 @@ def resolve_checked(options: RunOptions, engine: EngineOptions) -> tuple[Plan | 
 
 
 def build_quantized_model(ctx: RunContext) -> LoadedModel:
-    """The quantized model on the CPU (models.quantized: packed int8/int4 kernels)."""
-    from hetegen_cli.models.quantized import load_quantized
+    """The quantized model on the CPU (models.loading.quantized_loader: packed int8/int4 kernels)."""
+    from hetegen_cli.models.loading.quantized_loader import load_quantized
 
     return load_quantized(ctx.ref)
 

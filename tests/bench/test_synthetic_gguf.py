@@ -72,7 +72,7 @@ def test_llama_cpp_computes_the_model_the_writer_meant(tiny_gguf, tmp_path, monk
     rows not permuted: 66 % off."""
     pytest.importorskip("llama_cpp")
     from hetegen_cli.models import gguf_write
-    from hetegen_cli.models.quantized import load_quantized
+    from hetegen_cli.models.loading.quantized_loader import load_quantized
 
     path, ref, values = tiny_gguf
     llama = _llama_cpp_logits(path, PROMPT)

@@ -74,7 +74,7 @@ def test_hetegen_on_the_file_computes_the_model_the_writer_meant(tiny_gguf):
     may pick the runner-up."""
     import random
 
-    from hetegen_cli.models.quantized import load_quantized
+    from hetegen_cli.models.loading.quantized_loader import load_quantized
 
     _, ref, values = tiny_gguf
     reference = llama_from_values(TINY, values)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.loading.quantized_loader import load_quantized
 from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.models.quant import QuantLinear, from_gguf_blocks, pack_nibbles, quantize
-from hetegen_cli.models.quantized import ensure_quantized, load_quantized
+from hetegen_cli.models.quantized import ensure_quantized
 from hetegen_cli.models.shapes.quantfile import read_quantization
 
 

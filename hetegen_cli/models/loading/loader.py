@@ -8,10 +8,8 @@ loaded separately so the engine, which places weights itself, can reuse `load_to
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error, torch_dtype
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.compat import quiet_transformers
 
 DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -69,24 +68,6 @@ class LoadedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Keep transformers' own log lines (load reports, tables, advice) off stderr while it
-    works for hetegen, which reports what matters itself; HETEGEN_DEBUG=1 lets them through."""
-    from transformers.utils import logging as hf_logging
-
-    if os.environ.get("HETEGEN_DEBUG"):
-        yield
-        return
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
 
 
 def folder_of(ref_or_folder: Any) -> Path:

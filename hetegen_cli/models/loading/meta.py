@@ -1,6 +1,6 @@
 """A stock transformers causal LM built on the meta device (no weight memory) and filled tensor
 by tensor from a checkpoint into each tensor's final home. Shared by the engine (split
-linears into host buffers) and the quantized loader (models.quantized).
+linears into host buffers) and the quantized loader (models.loading.quantized_loader).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from hetegen_cli.core.console import printable
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.checkpoint import CheckpointReader
-from hetegen_cli.models.loading.loader import quiet_transformers
+from hetegen_cli.models.compat import quiet_transformers
 
 
 def meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:

@@ -93,8 +93,8 @@ def tiny_gguf(tmp_path_factory):
     (the conversion under `path.parent / "home"`). Skips without the default model's GGUF,
     whose tokenizer it copies."""
     from hetegen_cli.core.errors import ModelError
-    from hetegen_cli.models.gguf import default_gguf_path
-    from hetegen_cli.models.gguf_write import write_llama_gguf
+    from hetegen_cli.models.formats.gguf import default_gguf_path
+    from hetegen_cli.models.formats.gguf_write import write_llama_gguf
     from hetegen_cli.models.loading.source import resolve_model
 
     try:

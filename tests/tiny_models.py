@@ -94,7 +94,7 @@ def build_tiny_llama(
     return folder
 
 
-# --- a tiny synthetic GGUF (models.gguf_write) --------------------------------------------
+# --- a tiny synthetic GGUF (models.formats.gguf_write) ------------------------------------
 
 #: hidden 64, 2 layers, 4 heads / 2 KV heads (GQA: k rows are permuted by the KV heads),
 #: intermediate 128, tied head, SmolLM2's vocabulary: the tokenizer is copied from the
@@ -131,7 +131,7 @@ def gguf_stored_values(config: dict, qtype: str, seed: int, std: float) -> dict[
     (embedding and a separate head Q8_0, the other matrices `qtype`, norms as they are)."""
     from gguf import GGMLQuantizationType, quants
 
-    from hetegen_cli.models.gguf_write import synthetic_weights
+    from hetegen_cli.models.formats.gguf_write import synthetic_weights
 
     out = {}
     for name, w in synthetic_weights(config, seed, std):

@@ -17,15 +17,15 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.quant import check_quant
-from hetegen_cli.models.gguf_write import (
+from hetegen_cli.models.formats.gguf_write import (
     GGUF_FORMATS,
     build_synthetic_gguf,
     gguf_preset_error,
     synthetic_gguf_path,
 )
+from hetegen_cli.models.formats.synthetic import build_synthetic_model
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.synthetic import build_synthetic_model
 from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair
 from hetegen_cli.plan.solver import check_forced_formats, make_plan
@@ -242,7 +242,7 @@ def source_gguf(o: BenchOptions) -> Path | None:
         qtype = o.synthetic_gguf_type()
         return synthetic_gguf_path(o.synthetic.lower(), qtype, o.seed, _synthetic_root()) if qtype else None
     if o.model is None or o.model.lower() == presets.DEFAULT_MODEL:
-        from hetegen_cli.models.gguf import default_gguf_path
+        from hetegen_cli.models.formats.gguf import default_gguf_path
 
         return default_gguf_path()
     path = Path(o.model).expanduser()

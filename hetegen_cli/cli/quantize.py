@@ -33,9 +33,9 @@ def register(app: typer.Typer) -> None:
         """Quantize a model once (a folder, a .gguf file or the default model). Without --output
         the copy goes to $HETEGEN_HOME/models, where `run --quant` finds it."""
         from hetegen_cli.core.quant import check_group_size
-        from hetegen_cli.models.gguf_quant import write_gguf_quantized
+        from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized
+        from hetegen_cli.models.formats.quantized import ensure_quantized
         from hetegen_cli.models.loading.source import resolve_model
-        from hetegen_cli.models.quantized import ensure_quantized
         from hetegen_cli.models.shapes.quantfile import read_quantization
 
         fmt = quant.value

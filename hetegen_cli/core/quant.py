@@ -1,5 +1,5 @@
 """Weight-only quantization formats: names, sizes, and which shapes their CPU kernels take
-(pure Python; the tensors and kernels are in models.quant).
+(pure Python; the tensors and kernels are in models.formats.quant).
 
 - `int8`: per output channel, symmetric: w = q * scale[row], q in [-127, 127]; scale float16.
 - `int4`: per group of `group_size` inputs of a row, asymmetric: w = q * scale + min, q in
@@ -69,7 +69,7 @@ def kernel_takes(fmt: str, out_features: int, in_features: int, group_size: int 
     """Whether torch's CPU kernel for `fmt` computes [out, in] correctly. Measured on torch
     2.13: the int8 kernel needs in % 16 == 0 (24 or 40 inputs gave wrong results, 5 crashed
     the process); the int4 kernel needs out % 16 == 0 and in % group == 0. Other linears stay
-    in floating point (models.quant also checks every kernel numerically at load)."""
+    in floating point (models.formats.quant also checks every kernel numerically at load)."""
     if fmt == "int8":
         return in_features >= 16 and in_features % 16 == 0
     if fmt == "int4":

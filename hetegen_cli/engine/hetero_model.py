@@ -36,7 +36,7 @@ from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
-from hetegen_cli.models.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.models.loading.meta import (
     check_no_meta,

@@ -7,7 +7,7 @@ and the prefetch scheduler):
   in the model's HostArena, pinned on CUDA: the GPU share of either phase, rows `[k, out)`,
   crosses PCIe as these quantized bytes and is dequantized on the device into the weights dtype
   just before its matmul (`device_weight`);
-- for each distinct CPU share k of the phases, a `models.quant.QuantLinear` of rows `[0, k)`
+- for each distinct CPU share k of the phases, a `models.formats.quant.QuantLinear` of rows `[0, k)`
   (torch's packed CPU kernel; its int4 packing interleaves rows in blocks of 64, so a share is
   packed on its own rather than sliced). Row counts: plan.memory.held_quant_rows, which the
   planner's and the engine's RAM checks use too.
@@ -22,8 +22,8 @@ from torch import nn
 
 from hetegen_cli.core import quant as qfmt
 from hetegen_cli.engine.host_weight import HostArena
-from hetegen_cli.models.checkpoint import CheckpointReader
-from hetegen_cli.models.quant import QuantLinear, QuantWeight
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.quant import QuantLinear, QuantWeight
 from hetegen_cli.plan.memory import held_quant_rows, rows_bytes
 
 
@@ -40,7 +40,7 @@ def dequantize(
     """Stored parts of rows of a weight (on any device) -> the weight [rows, in] in `dtype`:
     w = q scale, or q scale + min per group of int4, computed in `dtype` in place (q is exact
     there; peak transient memory 1 + 2 itemsize bytes per parameter, plan.memory counts it).
-    In float32 it equals models.quant.QuantWeight.dequantize bit for bit. int4 takes five
+    In float32 it equals models.formats.quant.QuantWeight.dequantize bit for bit. int4 takes five
     kernels when scale and min are stored in `dtype` (unpack both nibbles with one shift
     against [0, 4], mask, convert, multiply-add in two in-place steps)."""
     if fmt == "int8":

@@ -276,7 +276,7 @@ def _matmul_into(x: torch.Tensor, w: Any, y: torch.Tensor) -> None:
             torch.mm(xc, w.t(), out=y)
         else:
             y.copy_(F.linear(xc, w))
-    else:  # models.quant.QuantLinear
+    else:  # models.formats.quant.QuantLinear
         y.copy_(w(x))
 
 

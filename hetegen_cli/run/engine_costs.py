@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.formats.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
 from hetegen_cli.models.loading.loader import LoadedModel, load_model
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
-from hetegen_cli.models.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.profile import measure as profile_measure

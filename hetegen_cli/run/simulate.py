@@ -27,8 +27,8 @@ from typing import Any
 from hetegen_cli.core.errors import InputError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.core.paths import home
+from hetegen_cli.models.formats.synthetic import building, is_built
 from hetegen_cli.models.shapes.spec import ModelSpec
-from hetegen_cli.models.synthetic import building, is_built
 from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings
 from hetegen_cli.plan.replay import D2H, GPU, H2D_SHARED, HOST, Replay
 from hetegen_cli.plan.simulate import KINDS, TRACE_PROMPT_CAP

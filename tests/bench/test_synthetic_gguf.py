@@ -71,7 +71,7 @@ def test_llama_cpp_computes_the_model_the_writer_meant(tiny_gguf, tmp_path, monk
     hetegen with bfloat16), with the same argmax at every position. The same file with q/k
     rows not permuted: 66 % off."""
     pytest.importorskip("llama_cpp")
-    from hetegen_cli.models import gguf_write
+    from hetegen_cli.models.formats import gguf_write
     from hetegen_cli.models.loading.quantized_loader import load_quantized
 
     path, ref, values = tiny_gguf
@@ -87,7 +87,7 @@ def test_llama_cpp_computes_the_model_the_writer_meant(tiny_gguf, tmp_path, monk
 
     # the check can fail: rows left in transformers' order are a different model to llama.cpp
     monkeypatch.setattr(gguf_write, "llama_gguf_rows", lambda out, heads: torch.arange(out))
-    from hetegen_cli.models.gguf import default_gguf_path
+    from hetegen_cli.models.formats.gguf import default_gguf_path
     from tests.tiny_models import TINY_GGUF_SEED, TINY_GGUF_STD
 
     wrong = gguf_write.write_llama_gguf(

@@ -325,7 +325,7 @@ def test_host_peak_memory_close_to_weight_bytes(tmp_path):
 @pytest.mark.slow
 def test_default_model_random_split():
     try:
-        from hetegen_cli.models.gguf import ensure_default_model  # noqa: F401
+        from hetegen_cli.models.formats.gguf import ensure_default_model  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"gguf_convert is not available yet ({exc})")
     from transformers import AutoModelForCausalLM

@@ -13,10 +13,10 @@ from hetegen_cli.core.dtypes import greedy_tolerance
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight, dequantize
 from hetegen_cli.engine.split_linear import HeteroLinear
+from hetegen_cli.models.formats.quant import quantize
+from hetegen_cli.models.formats.quantized import ensure_quantized
 from hetegen_cli.models.loading.quantized_loader import load_quantized
 from hetegen_cli.models.loading.source import resolve_model
-from hetegen_cli.models.quant import quantize
-from hetegen_cli.models.quantized import ensure_quantized
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.memory import host_memory
 from tests.engine.conftest import PLANS, PROMPT, placements

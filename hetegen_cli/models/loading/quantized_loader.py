@@ -1,4 +1,4 @@
-"""Quantized model folders (models.quantized's layout) loaded onto the CPU.
+"""Quantized model folders (models.formats.quantized's layout) loaded onto the CPU.
 
 `load_quantized(ref)` builds the stock transformers model on meta and fills it: QuantLinear
 modules for the quantized linears, bfloat16 tensors for the rest (CPU), and the LM head
@@ -17,7 +17,9 @@ import torch
 from hetegen_cli.core import quant
 from hetegen_cli.core.console import activity, progress
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.quant import QuantLinear, quantize
+from hetegen_cli.models.formats.quantized import read_quant_weight
 from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.models.loading.meta import (
     check_no_meta,
@@ -29,8 +31,6 @@ from hetegen_cli.models.loading.meta import (
     set_module,
     tied_head,
 )
-from hetegen_cli.models.quant import QuantLinear, quantize
-from hetegen_cli.models.quantized import read_quant_weight
 from hetegen_cli.models.shapes.quantfile import REST_DTYPE, read_quantization
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from hetegen_cli.core.errors import ModelError, UsageError
 from hetegen_cli.core.paths import is_dir, probe
 from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, check_quant
-from hetegen_cli.models.gguf import ensure_converted_gguf, ensure_default_model
+from hetegen_cli.models.formats.gguf import ensure_converted_gguf, ensure_default_model
 from hetegen_cli.models.shapes import presets
 from hetegen_cli.models.shapes.folder import spec_from_folder
 from hetegen_cli.models.shapes.quantfile import REST_DTYPE
@@ -110,7 +110,7 @@ def resolve_model(
     its config (models.shapes.folder) before anything else reads it.
 
     `quant` (--quant): "none" (floating point), "int8" or "int4" (a quantized copy, made once:
-    models.quantized, straight from the blocks for a GGUF), or "auto": the model as stored (a
+    models.formats.quantized, straight from the blocks for a GGUF), or "auto": the model as stored (a
     Q4 GGUF such as the default model gives int4, a float folder stays float).
     """
     check_quant(quant)
@@ -130,7 +130,7 @@ def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
     if ref.path is None:  # shapes only: the plan of a quantized copy
         spec = replace(ref.spec, dtype=REST_DTYPE).quantized(quant, DEFAULT_GROUP_SIZE)
         return replace(ref, spec=spec)
-    from hetegen_cli.models.quantized import ensure_quantized  # torch: only when quantizing
+    from hetegen_cli.models.formats.quantized import ensure_quantized  # torch: only when quantizing
 
     folder = ensure_quantized(ref, quant, DEFAULT_GROUP_SIZE)
     spec, warnings = spec_from_folder(folder, name=ref.name)

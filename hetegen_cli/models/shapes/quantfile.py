@@ -1,5 +1,5 @@
 """The quantization document of a quantized model folder (`quantization.json`) and the check
-of the folder's quantized tensors (pure Python, no torch; models.quantized writes the
+of the folder's quantized tensors (pure Python, no torch; models.formats.quantized writes the
 tensors, models.loading.quantized_loader loads them).
 
 Each quantized linear `X` is stored as `X.weight.q` (int8 [out, in] or uint8 [out, in / 2]),

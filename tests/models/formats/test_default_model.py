@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from hetegen_cli.cli.app import app
-from hetegen_cli.models import gguf as gguf_convert
+from hetegen_cli.models.formats import gguf as gguf_convert
 from hetegen_cli.models.loading.loader import load_model, load_tokenizer
 from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.run.generate import generate, prepare_prompt

@@ -1,4 +1,4 @@
-"""Synthetic GGUF files (models.gguf_write): what is written, that hetegen reads it back into
+"""Synthetic GGUF files (models.formats.gguf_write): what is written, that hetegen reads it back into
 int4 exactly, and that hetegen on it computes the model the writer meant (a plain
 transformers model built from the same dequantized weights). llama.cpp on the same file:
 tests/bench/test_synthetic_gguf.py. The file is the session fixture `tiny_gguf`."""
@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.gguf_write import llama_gguf_rows, synthetic_weights, tensor_plan, write_llama_gguf
+from hetegen_cli.models.formats.gguf_write import (
+    llama_gguf_rows,
+    synthetic_weights,
+    tensor_plan,
+    write_llama_gguf,
+)
 from hetegen_cli.models.shapes import presets
 from tests.tiny_models import TINY_GGUF_CONFIG as TINY
 from tests.tiny_models import TINY_GGUF_SEED, TINY_GGUF_STD, llama_from_values
@@ -42,8 +47,8 @@ def test_the_file_holds_llama_cpp_layout_and_metadata(tiny_gguf):
 
 
 def test_hetegen_reads_the_file_into_int4_exactly(tiny_gguf):
-    from hetegen_cli.models.checkpoint import CheckpointReader
-    from hetegen_cli.models.quantized import read_quant_weight
+    from hetegen_cli.models.formats.checkpoint import CheckpointReader
+    from hetegen_cli.models.formats.quantized import read_quant_weight
     from hetegen_cli.models.shapes.quantfile import read_quantization
 
     _, ref, values = tiny_gguf
@@ -112,7 +117,7 @@ def test_untied_heads_and_what_cannot_be_written():
 
 
 def _tokenizer():
-    from hetegen_cli.models.gguf import default_gguf_path
+    from hetegen_cli.models.formats.gguf import default_gguf_path
 
     try:
         return default_gguf_path()
@@ -128,7 +133,7 @@ def test_a_vocabulary_the_tokenizer_does_not_match_is_refused(tmp_path):
 
 
 def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
-    import hetegen_cli.models.gguf_write as gw
+    import hetegen_cli.models.formats.gguf_write as gw
 
     def interrupted(*args, **kwargs):
         yield "model.embed_tokens.weight", torch.zeros(49152, 64)

@@ -13,7 +13,7 @@ import pytest
 
 from hetegen_cli.core import paths
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models import gguf as gguf_convert
+from hetegen_cli.models.formats import gguf as gguf_convert
 from hetegen_cli.models.loading.source import resolve_model
 from tests.helpers import assert_error, run_quick
 
@@ -115,7 +115,7 @@ def test_the_linear_types_of_a_gguf_are_read_once_per_version_of_the_file(tiny_g
     """Parsing a GGUF's metadata took 4 s of every `hetegen run` on the default model."""
     import gguf
 
-    from hetegen_cli.models.gguf_quant import gguf_linear_types
+    from hetegen_cli.models.formats.gguf_quant import gguf_linear_types
 
     path = Path(shutil.copy(tiny_gguf[0], tmp_path / "copy.gguf"))
     first = gguf_linear_types(path)

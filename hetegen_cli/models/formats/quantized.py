@@ -3,12 +3,12 @@ models.loading.quantized_loader).
 
 A quantized folder is a Hugging Face folder (config.json, tokenizer files) whose
 `model.safetensors` stores every quantized linear `X` as `X.weight.q`, `X.weight.scale` and,
-for int4, `X.weight.min` (models.quant's layout), and every other tensor in bfloat16 (the
+for int4, `X.weight.min` (models.formats.quant's layout), and every other tensor in bfloat16 (the
 activations the packed kernels take). `quantization.json` says which format and which
 linears. Linears a kernel cannot take (core.quant.kernel_takes) and the LM head stay bfloat16.
 
 `ensure_quantized(ref, format)` makes (once) and returns the quantized copy of a float model
-under $HETEGEN_HOME/models; models.gguf writes the same layout straight from Q4_0/Q4_1/Q8_0
+under $HETEGEN_HOME/models; models.formats.gguf writes the same layout straight from Q4_0/Q4_1/Q8_0
 GGUF blocks. `read_quant_weight` reads one quantized linear back from a folder.
 """
 
@@ -29,8 +29,8 @@ from hetegen_cli.core import paths, quant
 from hetegen_cli.core.console import activity, note, progress
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.checkpoint import CheckpointReader
-from hetegen_cli.models.quant import QuantWeight, quantize
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.quant import QuantWeight, quantize
 from hetegen_cli.models.shapes.quantfile import (
     QUANT_FILE,
     REST_DTYPE,

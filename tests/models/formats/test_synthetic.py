@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
+from hetegen_cli.models.formats.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
 
 
 def test_streaming_writer_round_trips_through_safetensors(tmp_path):
@@ -47,8 +47,8 @@ def test_tensor_shapes_follow_transformers_and_skip_tied_head():
 def test_build_synthetic_model_is_loadable_and_cached(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from hetegen_cli.models.formats.synthetic import build_synthetic_model
     from hetegen_cli.models.shapes.folder import spec_from_folder
-    from hetegen_cli.models.synthetic import build_synthetic_model
 
     folder = build_synthetic_model("opt-125m", "float16", tmp_path)
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"

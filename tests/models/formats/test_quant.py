@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.formats.quant import QuantLinear, from_gguf_blocks, pack_nibbles, quantize
+from hetegen_cli.models.formats.quantized import ensure_quantized
 from hetegen_cli.models.loading.quantized_loader import load_quantized
 from hetegen_cli.models.loading.source import resolve_model
-from hetegen_cli.models.quant import QuantLinear, from_gguf_blocks, pack_nibbles, quantize
-from hetegen_cli.models.quantized import ensure_quantized
 from hetegen_cli.models.shapes.quantfile import read_quantization
 
 
@@ -86,7 +86,7 @@ def test_kernel_shape_rules():
 
 
 def test_a_wrong_kernel_result_is_refused(monkeypatch):
-    from hetegen_cli.models import quant as mq
+    from hetegen_cli.models.formats import quant as mq
 
     monkeypatch.setattr(mq, "_CHECKED", set())  # a shape checked by an earlier test is not rechecked
     monkeypatch.setattr(QuantLinear, "matmul", lambda self, x: torch.zeros(x.shape[0], self.out_features))
@@ -126,8 +126,8 @@ def test_quantized_model_generates_like_its_dequantized_weights(tiny_int4):
         assert isinstance(head, QuantLinear) and head.format == "int8" and lm.info["lm_head"] == "int8"
         got = lm.model(ids).logits.float()
         # the same model with each QuantLinear replaced by its dequantized weight (float32)
-        from hetegen_cli.models.checkpoint import CheckpointReader
-        from hetegen_cli.models.quantized import read_quant_weight
+        from hetegen_cli.models.formats.checkpoint import CheckpointReader
+        from hetegen_cli.models.formats.quantized import read_quant_weight
 
         doc = read_quantization(folder)
         with CheckpointReader(folder) as reader:
@@ -191,8 +191,8 @@ def test_presets_quantize_as_shapes(tmp_path):
 def test_the_default_gguf_converts_to_int4_exactly():
     """The default model's Q4_1 linears, straight from the GGUF, hold exactly the values
     transformers' own GGUF loader dequantizes (q/k rows un-permuted alike)."""
-    from hetegen_cli.models.checkpoint import CheckpointReader
-    from hetegen_cli.models.quantized import read_quant_weight
+    from hetegen_cli.models.formats.checkpoint import CheckpointReader
+    from hetegen_cli.models.formats.quantized import read_quant_weight
 
     try:
         dense = resolve_model(None, need_weights=True)
@@ -236,7 +236,7 @@ def test_cli_quantize_writes_the_folder_run_uses(tiny_llama_dir, tmp_path):
 def test_a_wrong_kernel_is_refused_once_per_shape_not_per_linear(monkeypatch):
     """The self-check runs once per (format, shape, group) in a process: a broken kernel is
     still refused, and a second linear of a checked shape is not multiplied again."""
-    from hetegen_cli.models import quant as mq
+    from hetegen_cli.models.formats import quant as mq
 
     monkeypatch.setattr(mq, "_CHECKED", set())
     calls = []

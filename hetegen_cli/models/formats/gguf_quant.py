@@ -28,6 +28,7 @@ from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
 from hetegen_cli.models.formats.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
+from hetegen_cli.models.formats.quantized import write_folder
 from hetegen_cli.models.shapes.quantfile import quantization_doc
 from hetegen_cli.models.shapes.spec import spec_from_config
 
@@ -183,8 +184,6 @@ def convert_gguf_quantized(gguf: Path, out: Path, fmt: str, group: int = quant.D
 
 def write_gguf_quantized(gguf: Path, target: Path, fmt: str, group: int = quant.DEFAULT_GROUP_SIZE) -> Path:
     """Convert `gguf` into the quantized folder `target`, atomically (models.formats.quantized)."""
-    from hetegen_cli.models.formats.quantized import write_folder
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-tokenizer-", dir=target.parent) as scratch:
         config, tensors, doc = convert_gguf_quantized(gguf, Path(scratch), fmt, group)

@@ -35,6 +35,7 @@ import torch
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.formats.gguf import default_gguf_path
 from hetegen_cli.models.formats.synthetic import RandomPool, random_tensor, tensor_shapes
 from hetegen_cli.models.shapes import presets
 
@@ -197,8 +198,6 @@ def write_llama_gguf(
     import gguf
     import numpy as np
     from gguf import GGMLQuantizationType, quants
-
-    from hetegen_cli.models.formats.gguf import default_gguf_path
 
     plan = tensor_plan(config, qtype)
     fields = tokenizer_fields(tokenizer_gguf or default_gguf_path())

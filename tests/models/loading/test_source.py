@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,13 @@ def test_missing_relative_path_under_an_existing_folder_is_a_path_error(tmp_path
         resolve_model("models/opt", need_weights=True)
     with pytest.raises(ModelError, match="not in the local cache"):
         resolve_model("someorg/somemodel", need_weights=True)
+
+
+# ---------------------------------------------------------------------------------- imports
+
+
+def test_importing_source_imports_no_torch():
+    """--model resolution needs torch only to convert or quantize (docs/architecture.md)."""
+    code = "import sys, hetegen_cli.models.loading.source; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

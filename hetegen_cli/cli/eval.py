@@ -18,7 +18,6 @@ from hetegen_cli.cli.common import (
     RunDtypeOption,
     guarded,
     input_file_arg,
-    model_arg,
 )
 from hetegen_cli.core.console import emit_json, note, progress
 
@@ -42,20 +41,18 @@ def register(app: typer.Typer) -> None:
         json_: JsonOption = False,
     ) -> None:
         """Perplexity of the model (as `run` runs it) on a text: lower is better."""
-        from hetegen_cli.run.context import EngineOptions, RunOptions
         from hetegen_cli.run.evaluate import evaluate
+        from hetegen_cli.run.setup import ModelSetup
 
-        options = RunOptions(
-            prompt="(eval)",
-            model=model_arg(model),
-            max_new_tokens=1,
+        setup = ModelSetup(
+            model=model,
+            quant=quant.value,
             dtype=dtype.value,
             device=device.value,
-            quant=quant.value,
+            profile_path=input_file_arg(profile, "--profile"),
         )
-        engine = EngineOptions(profile_path=input_file_arg(profile, "--profile"))
         with progress(not json_) as bar:
-            result, built = evaluate(options, engine, input_file_arg(text, "--text"), context, stride, bar)
+            result, built = evaluate(setup, input_file_arg(text, "--text"), context, stride, bar)
         built.close()
         if json_:
             emit_json(

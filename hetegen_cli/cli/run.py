@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,9 @@ from hetegen_cli.cli.common import (
     RunDtypeOption,
     guarded,
     input_file_arg,
-    model_arg,
     size_bytes,
 )
 from hetegen_cli.core.console import emit_json, note, warn
-from hetegen_cli.core.errors import UsageError
 
 
 def timing_line(result: Any) -> str:
@@ -61,7 +60,7 @@ def wall_line(result: Any) -> str:
 
 def _plan_comparison(result: Any) -> str:
     """' | plan predicted X tok/s (achieved Y% of it)' when the engine ran a plan."""
-    plan = result.built.info.get("plan") or {}
+    plan = result.run.record.plan_section() or {}
     predicted = ((plan.get("predictions") or {}).get("hetegen") or {}).get("decode_tokens_per_s")
     achieved = result.generation.timings.decode_tokens_per_s
     if not predicted or not achieved:
@@ -106,40 +105,27 @@ def register(app: typer.Typer) -> None:
         json_: JsonOption = False,
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
-        from hetegen_cli.run.context import EngineOptions, RunOptions
         from hetegen_cli.run.execute import execute_run
         from hetegen_cli.run.generate import SamplingOptions
+        from hetegen_cli.run.setup import GenerationRequest, ModelSetup
 
         sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         if sampling.greedy and (top_p != 1.0 or top_k != 0 or seed is not None):
             warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
-        options = RunOptions(
-            prompt=prompt,
-            model=model_arg(model),
-            chat=chat,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
+        setup = ModelSetup(
+            model=model,
+            quant=quant.value,
             dtype=dtype.value,
             device=device.value,
-            quant=quant.value,
+            plan_path=plan,
+            gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
+            profile_path=profile,
         )
-        budget = size_bytes(gpu_memory, "--gpu-memory")
-        if plan is not None and budget is not None:
-            raise UsageError(
-                "--plan and --gpu-memory cannot be combined",
-                "the plan already fixes the GPU budget; re-plan to change it",
-            )
-        if device == DeviceChoice.cpu and budget is not None:
-            raise UsageError(
-                "--gpu-memory has no effect with --device cpu",
-                "drop one of them: --device cpu runs without a GPU budget",
-            )
-        engine = EngineOptions(
-            plan_path=input_file_arg(plan, "--plan"),
-            profile_path=input_file_arg(profile, "--profile"),
-            gpu_budget_bytes=budget,
+        setup = replace(
+            setup, plan_path=input_file_arg(plan, "--plan"), profile_path=input_file_arg(profile, "--profile")
         )
-        result = execute_run(options, on_text=None if json_ else _write, engine=engine)
+        request = GenerationRequest(prompt, chat, max_new_tokens, sampling)
+        result = execute_run(setup, request, on_text=None if json_ else _write)
         if json_:
             emit_json(result.to_document())
             return

@@ -17,7 +17,6 @@ from hetegen_cli.cli.common import (
     RunDtypeOption,
     guarded,
     input_file_arg,
-    model_arg,
     size_bytes,
 )
 
@@ -62,17 +61,21 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, ...)."""
+        from hetegen_cli.run.setup import ModelSetup
         from hetegen_cli.serve.model import ServeOptions
         from hetegen_cli.serve.server import serve
 
-        options = ServeOptions(
-            model=model_arg(model),
+        setup = ModelSetup(
+            model=model,
+            quant=quant.value,
+            dtype=dtype.value,
+            device=device.value,
             plan_path=input_file_arg(plan, "--plan"),
             gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
             profile_path=input_file_arg(profile, "--profile"),
-            dtype=dtype.value,
-            device=device.value,
-            quant=quant.value,
+        )
+        options = ServeOptions(
+            setup=setup,
             host=host,
             port=port,
             api_key=api_key,

@@ -18,10 +18,9 @@ from typing import Any
 
 from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error, torch_dtype
-from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from hetegen_cli.core.dtypes import DTYPE_CHOICES
 from hetegen_cli.core.errors import ModelError
 
-DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
                 {
                     "schema_version": 1,
                     "kind": "hetegen.eval",
-                    "model": built.info.get("folder"),
+                    "model": built.folder,
                     "engine": built.engine,
                     "dtype": built.dtype,
                     **result.as_dict(),

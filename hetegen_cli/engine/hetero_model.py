@@ -152,23 +152,14 @@ def load_hetero_model(
     model.register_forward_pre_hook(_phase_hook(context), with_kwargs=True)
     model.hetegen_engine = context
     load_generation_config(model, folder)
-    cpu_rows = any(p.max_cpu_rows for p in split)
-    compute = runtime.compute_label if cpu_rows else runtime.weights_dtype
-    if quant:  # e.g. int4+bfloat16: the quantized linears' format first
-        compute = f"{ref.spec.quant}+{compute}"
     return LoadedModel(
         model=model,
         device=str(backend.device),
-        dtype=compute,
+        formats=engine_formats(placements, runtime, ref.spec.quant if quant else None),
         load_s=time.perf_counter() - start,
         engine="hetegen",
         sync=backend.synchronize,
-        info={
-            "folder": str(folder),
-            "backend": backend.name,
-            "cpu_threads": runtime.cpu_threads,
-            "quant": ref.spec.quant_label,
-        },
+        folder=str(folder),
         memory=_memory_report(model, context),
         counters=context.stats,
         on_close=context.close,

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from hetegen_cli.cli.common import (
-    DeviceChoice,
-    DeviceOption,
-    DtypeChoice,
-    JsonOption,
-    ModelOption,
-    ProfileOption,
-    QuantChoice,
-    QuantOption,
-    RunDtypeOption,
-    guarded,
-    input_file_arg,
-    size_bytes,
-)
+from hetegen_cli.cli.common import JsonOption, guarded, model_setup_options
 from hetegen_cli.core.console import emit_json, note, warn
+
+if TYPE_CHECKING:
+    from hetegen_cli.run.setup import ModelSetup
 
 
 def timing_line(result: Any) -> str:
@@ -76,11 +64,13 @@ def _write(piece: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @guarded
+    @model_setup_options()
     def run_command(
+        *,
         prompt: str = typer.Option(
             ..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."
         ),
-        model: ModelOption = None,
+        setup: ModelSetup,  # --model, --quant, --dtype, --device, --plan, --gpu-memory, --profile
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
@@ -89,41 +79,16 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(
             None, "--seed", help="Random seed for sampling (reproducible output)."
         ),
-        dtype: RunDtypeOption = DtypeChoice.auto,
-        device: DeviceOption = DeviceChoice.auto,
-        plan: Path | None = typer.Option(
-            None,
-            "--plan",
-            help="Execute this plan (from `hetegen plan --output`). Default: plan on the fly "
-            "when the model does not fit the GPU.",
-        ),
-        gpu_memory: str | None = typer.Option(
-            None, "--gpu-memory", help="GPU budget for planning on the fly, e.g. 6GiB (needs a CUDA GPU)."
-        ),
-        profile: ProfileOption = None,
-        quant: QuantOption = QuantChoice.auto,
         json_: JsonOption = False,
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
         from hetegen_cli.run.execute import execute_run
         from hetegen_cli.run.generate import SamplingOptions
-        from hetegen_cli.run.setup import GenerationRequest, ModelSetup
+        from hetegen_cli.run.setup import GenerationRequest
 
         sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         if sampling.greedy and (top_p != 1.0 or top_k != 0 or seed is not None):
             warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
-        setup = ModelSetup(
-            model=model,
-            quant=quant.value,
-            dtype=dtype.value,
-            device=device.value,
-            plan_path=plan,
-            gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
-            profile_path=profile,
-        )
-        setup = replace(
-            setup, plan_path=input_file_arg(plan, "--plan"), profile_path=input_file_arg(profile, "--profile")
-        )
         request = GenerationRequest(prompt, chat, max_new_tokens, sampling)
         result = execute_run(setup, request, on_text=None if json_ else _write)
         if json_:

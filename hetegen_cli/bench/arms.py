@@ -1,9 +1,9 @@
 """The arms of `hetegen bench`: why an arm cannot run here, and how each one is loaded.
 
-Every builder returns a `models.loading.loader.LoadedModel` (a model that answers `model(input_ids,
-cache=..., use_cache=True)` like a stock transformers causal LM, the device its inputs go to,
-a sync and a close), with `info` describing the arm. bench.runner times all of them with the
-same generation loop.
+Every builder returns an `ArmModel`: a `models.loading.loader.LoadedModel` (a model that answers
+`model(input_ids, cache=..., use_cache=True)` like a stock transformers causal LM, the device
+its inputs go to, a sync and a close) and what the document's `info` says of the arm.
+bench.runner times all of them with the same generation loop.
 
 | arm | what runs |
 |---|---|
@@ -23,7 +23,7 @@ import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,9 @@ import psutil
 import torch
 
 from hetegen_cli.bench.layer_split import apply_layer_split
-from hetegen_cli.bench.llama_cpp import LLAMA_MISSING, llama_cpp_available, load_llama_cpp
+from hetegen_cli.bench.llama_cpp import LLAMA_MISSING, llama_cpp_available, llama_cpp_build, load_llama_cpp
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
-from hetegen_cli.core.dtypes import itemsize
+from hetegen_cli.core.dtypes import ComputeFormats, itemsize
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.loading.loader import LoadedModel, load_model
@@ -71,6 +71,29 @@ class ArmContext:
     @property
     def spec(self) -> ModelSpec:
         return self.ref.spec
+
+
+@dataclass(frozen=True)
+class ArmModel:
+    """A loaded arm, and what the bench document's `info` says of it."""
+
+    loaded: LoadedModel
+    weights_dtype: str  # as the document shows it (a quantized model: its formats)
+    device: str  # as the document shows it, e.g. "cuda:0", "cpu (CPU stand-in backend)"
+    threads: int
+    load_s: float
+    config: dict | None = None  # the arm's own configuration (engine figures, split, ...)
+
+    def info(self) -> dict:
+        """The arm's `info` section (bench.runner adds the loading peak)."""
+        doc = {
+            "weights_dtype": self.weights_dtype,
+            "compute_dtype": self.loaded.dtype,
+            "device": self.device,
+            "threads": self.threads,
+            "load_s": self.load_s,
+        }
+        return doc if self.config is None else {**doc, "config": self.config}
 
 
 def accelerate_available() -> bool:
@@ -153,61 +176,46 @@ class _Threads:
         torch.set_num_threads(self.before)
 
 
-def _plain(ctx: ArmContext, dtype: str, device: str, compute_dtype: str) -> LoadedModel:
+def _plain(ctx: ArmContext, dtype: str, device: str) -> ArmModel:
     threads = _Threads(ctx.threads)
     try:
         if ctx.spec.quant is not None:  # the plain model of a quantized copy: its CPU kernels
             loaded = load_quantized(ctx.ref)
-            dtype = compute_dtype = loaded.dtype
+            dtype = loaded.dtype
         else:
             loaded = load_model(ctx.ref, dtype=dtype, device=device)
     except BaseException:
         threads.restore()
         raise
-    loaded.dtype = compute_dtype
     loaded.on_close = threads.restore
-    loaded.info = {
-        "weights_dtype": dtype,
-        "compute_dtype": compute_dtype,
-        "device": loaded.device,
-        "threads": ctx.threads,
-        "load_s": loaded.load_s,
-    }
-    return loaded
+    return ArmModel(loaded, dtype, loaded.device, ctx.threads, loaded.load_s)
 
 
-def build_reference(ctx: ArmContext) -> LoadedModel:
-    return _plain(ctx, ctx.spec.dtype, "cpu", ctx.spec.dtype)
+def build_reference(ctx: ArmContext) -> ArmModel:
+    return _plain(ctx, ctx.spec.dtype, "cpu")
 
 
-def build_cpu(ctx: ArmContext) -> LoadedModel:
+def build_cpu(ctx: ArmContext) -> ArmModel:
     prefill, decode = _cpu_dtypes(ctx)
     if prefill == decode:
-        return _plain(ctx, prefill, "cpu", prefill)
+        return _plain(ctx, prefill, "cpu")
     plan = ctx.cpu_plan
     return _engine(ctx, plan, plan_config(plan), CpuBackend(), ctx.cpu_ref)
 
 
-def build_gpu(ctx: ArmContext) -> LoadedModel:
-    return _plain(ctx, ctx.spec.dtype, "cuda:0", ctx.spec.dtype)
+def build_gpu(ctx: ArmContext) -> ArmModel:
+    return _plain(ctx, ctx.spec.dtype, "cuda:0")
 
 
 def _engine(
     ctx: ArmContext, plan: Plan, config: dict, backend: Backend | None = None, ref: ModelRef | None = None
-) -> LoadedModel:
+) -> ArmModel:
     backend = backend or (get_backend("cuda") if ctx.has_cuda else CpuBackend())
     start = time.perf_counter()
     loaded = load_hetero_model(ref or ctx.ref, plan.placements, plan.runtime, backend, progress=False)
     rt = plan.runtime
-    loaded.info = {
-        "weights_dtype": rt.weights_dtype,
-        "compute_dtype": loaded.dtype,
-        "device": loaded.device + ("" if backend.is_cuda else " (CPU stand-in backend)"),
-        "threads": rt.cpu_threads,
-        "load_s": time.perf_counter() - start,
-        "config": config,
-    }
-    return loaded
+    device = loaded.device + ("" if backend.is_cuda else " (CPU stand-in backend)")
+    return ArmModel(loaded, rt.weights_dtype, device, rt.cpu_threads, time.perf_counter() - start, config)
 
 
 def plan_config(plan: Plan, rows: bool = False) -> dict:
@@ -246,11 +254,11 @@ def offload_plan(plan: Plan, spec: ModelSpec) -> Plan:
     )
 
 
-def build_hetegen(ctx: ArmContext) -> LoadedModel:
+def build_hetegen(ctx: ArmContext) -> ArmModel:
     return _engine(ctx, ctx.plan, plan_config(ctx.plan))
 
 
-def build_offload(ctx: ArmContext) -> LoadedModel:
+def build_offload(ctx: ArmContext) -> ArmModel:
     plan = offload_plan(ctx.plan, ctx.spec)
     return _engine(ctx, plan, plan_config(plan))
 
@@ -259,20 +267,18 @@ def layer_split_layers(ctx: ArmContext) -> int:
     return int(ctx.plan.predictions.layer_split.gpu_layers)
 
 
-def build_layer_split(ctx: ArmContext) -> LoadedModel:
+def build_layer_split(ctx: ArmContext) -> ArmModel:
     rt, k = ctx.plan.runtime, layer_split_layers(ctx)
     cpu_dtype = rt.cpu_dtype_decode  # one format for both phases, as llama.cpp's split runs
-    built = _plain(ctx, rt.weights_dtype, "cpu", f"{rt.weights_dtype}+{cpu_dtype}")
-    backend = get_backend("cuda")
-    model = apply_layer_split(
+    arm = _plain(ctx, rt.weights_dtype, "cpu")
+    built, backend = arm.loaded, get_backend("cuda")
+    built.model = apply_layer_split(
         built.model, k, backend.device, torch_dtype(rt.weights_dtype), torch_dtype(cpu_dtype)
     )
-    built.model, built.device, built.sync = model, str(backend.device), backend.synchronize
-    built.info.update(
-        device=str(backend.device),
-        config={"gpu_layers": k, "cpu_layers": ctx.spec.num_layers - k, "cpu_dtype": cpu_dtype},
-    )
-    return built
+    built.device, built.sync = str(backend.device), backend.synchronize
+    built.formats = ComputeFormats(rt.weights_dtype, (cpu_dtype, cpu_dtype))
+    config = {"gpu_layers": k, "cpu_layers": ctx.spec.num_layers - k, "cpu_dtype": cpu_dtype}
+    return replace(arm, device=built.device, config=config)
 
 
 def accelerate_device_map(module_names: list[str], resident: set[str], offloaded: set[str]) -> dict:
@@ -291,28 +297,26 @@ def _tensor_modules(model: Any) -> list[str]:
     return names
 
 
-def build_accelerate(ctx: ArmContext) -> LoadedModel:
+def build_accelerate(ctx: ArmContext) -> ArmModel:
     from accelerate import dispatch_model
 
     plan = ctx.plan
-    built = _plain(ctx, plan.runtime.weights_dtype, "cpu", plan.runtime.weights_dtype)
+    arm = _plain(ctx, plan.runtime.weights_dtype, "cpu")
+    built = arm.loaded
     resident = {p.name for p in plan.placements if p.resident}
     offloaded = {p.name for p in plan.placements if not p.resident}
     device_map = accelerate_device_map(_tensor_modules(built.model), resident, offloaded)
     backend = get_backend("cuda")
     built.model = dispatch_model(built.model, device_map=device_map, main_device=backend.index)
     built.device, built.sync = str(backend.device), backend.synchronize
-    built.info.update(
-        device=str(backend.device),
-        config={
-            "offloaded_modules": sum(v == "cpu" for v in device_map.values()),
-            "gpu_modules": sum(v == 0 for v in device_map.values()),
-        },
-    )
-    return built
+    config = {
+        "offloaded_modules": sum(v == "cpu" for v in device_map.values()),
+        "gpu_modules": sum(v == 0 for v in device_map.values()),
+    }
+    return replace(arm, device=built.device, config=config)
 
 
-def build_llama_cpp(ctx: ArmContext) -> LoadedModel:
+def build_llama_cpp(ctx: ArmContext) -> ArmModel:
     import llama_cpp
     from transformers import AutoConfig
 
@@ -323,10 +327,25 @@ def build_llama_cpp(ctx: ArmContext) -> LoadedModel:
     # llama.cpp pads its context to a multiple of 256 (at least 512 here)
     need = ctx.workload["prompt_len"] + ctx.workload["max_new_tokens"] + 16
     n_ctx = max(512, -(-need // 256) * 256)
-    return load_llama_cpp(ctx.gguf, config, ctx.threads, n_ctx, gpu_layers)
+    loaded = load_llama_cpp(ctx.gguf, config, ctx.threads, n_ctx, gpu_layers)
+    system_info, extra_bufts = llama_cpp_build()
+    return ArmModel(
+        loaded,
+        "gguf",
+        "cpu" if not gpu_layers else f"cpu + {gpu_layers} layers on the GPU",
+        ctx.threads,
+        loaded.load_s,
+        {
+            "gguf": str(ctx.gguf),
+            "llama_cpp_version": getattr(llama_cpp, "__version__", None),
+            "n_gpu_layers": gpu_layers,
+            "extra_buffer_types": extra_bufts,
+            "system_info": system_info,
+        },
+    )
 
 
-BUILDERS: dict[str, Callable[[ArmContext], LoadedModel]] = {
+BUILDERS: dict[str, Callable[[ArmContext], ArmModel]] = {
     "hetegen": build_hetegen,
     "offload": build_offload,
     "accelerate": build_accelerate,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.models.loading.loader import LoadedModel
 
 LLAMA_MISSING = (
@@ -86,13 +87,21 @@ def last_logits(llm: Any) -> torch.Tensor:
     return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy())
 
 
+def llama_cpp_build() -> tuple[str, bool]:
+    """(llama.cpp's system info, whether its extra buffer types stay on: off when both the
+    build and the CPU have AMX, see the module docstring)."""
+    import llama_cpp
+
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return system_info, not (cpu_has_amx() and build_has_amx(system_info))
+
+
 def load_llama_cpp(gguf: Path, config: Any, threads: int, n_ctx: int, gpu_layers: int = 0) -> LoadedModel:
     """llama.cpp on `gguf` as a LoadedModel (device "cpu": ids stay on the host)."""
     import llama_cpp
     import llama_cpp.llama as llama_module
 
-    system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-    extra_bufts = not (cpu_has_amx() and build_has_amx(system_info))
+    _, extra_bufts = llama_cpp_build()
     defaults = llama_module.llama_cpp.llama_model_default_params
 
     def params() -> Any:
@@ -115,26 +124,12 @@ def load_llama_cpp(gguf: Path, config: Any, threads: int, n_ctx: int, gpu_layers
         )
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
-    loaded = LoadedModel(
+    return LoadedModel(
         model=LlamaCppModel(llm, config),
         device="cpu",
-        dtype="gguf",
+        formats=ComputeFormats("gguf"),  # llama.cpp's own formats, as the file stores them
         load_s=time.perf_counter() - start,
         engine="llama.cpp",
+        folder=str(gguf),
         on_close=llm.close if hasattr(llm, "close") else None,
     )
-    loaded.info = {
-        "weights_dtype": "gguf",
-        "compute_dtype": "gguf",
-        "device": "cpu" if not gpu_layers else f"cpu + {gpu_layers} layers on the GPU",
-        "threads": threads,
-        "load_s": loaded.load_s,
-        "config": {
-            "gguf": str(gguf),
-            "llama_cpp_version": getattr(llama_cpp, "__version__", None),
-            "n_gpu_layers": gpu_layers,
-            "extra_buffer_types": extra_bufts,
-            "system_info": system_info,
-        },
-    }
-    return loaded

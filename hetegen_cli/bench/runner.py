@@ -69,7 +69,8 @@ def run_arm(ctx: ArmContext, prepared: Prepared, on_run: Callable[[], None] | No
         backend.reset_peak_memory()
     with RssSampler() as rss:
         with out_of_memory_as_error(f"loading the {ctx.arm} arm"):
-            built = bench_arms.BUILDERS[ctx.arm](ctx)
+            arm = bench_arms.BUILDERS[ctx.arm](ctx)
+        built = arm.loaded
         load_peak = backend.peak_memory_bytes() if backend else None
         if backend:
             backend.reset_peak_memory()  # from here: the running peak (weights + KV + work)
@@ -89,7 +90,7 @@ def run_arm(ctx: ArmContext, prepared: Prepared, on_run: Callable[[], None] | No
         backend.peak_memory_bytes() if backend else None,
         rss.peak,
         rss.before,
-        {**built.info, "gpu_load_peak_memory_bytes": load_peak},
+        {**arm.info(), "gpu_load_peak_memory_bytes": load_peak},
         stats,
         check,
     )

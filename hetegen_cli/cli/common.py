@@ -1,15 +1,19 @@
 """Shared CLI plumbing: the error guard (exit codes) and the option declarations several
-commands share, defined once with their help text."""
+commands share, defined once with their help text; the model-setup options of run, serve and
+eval (`model_setup_options`) are declared once as a group."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import functools
+import inspect
 import os
 import stat
 import sys
+import typing
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -23,6 +27,7 @@ from hetegen_cli.core.jsonio import check_output_path
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.units import parse_size
 from hetegen_cli.plan.request import cpu_dtype_pair
+from hetegen_cli.run.setup import ModelSetup
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,6 +114,88 @@ CpuDtypeOption = Annotated[
     ),
 ]
 PromptLenOption = Annotated[int, typer.Option("--prompt-len", help="Prompt tokens (prefill).")]
+PlanOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plan",
+        help="Execute this plan (from `hetegen plan --output`). Default: plan on the fly "
+        "when the model does not fit the GPU.",
+    ),
+]
+GpuBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-memory",
+        help="GPU memory budget to plan for, e.g. 6GiB; 0 = an all-CPU plan. Default: the profiled "
+        "free GPU memory less 5% of the total. run and serve plan on the fly with it (needs a CUDA GPU).",
+    ),
+]
+
+#: the options of a ModelSetup: (annotation, default) by parameter name, in --help's order
+_SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "model": (ModelOption, None),
+    "quant": (QuantOption, QuantChoice.auto),
+    "dtype": (RunDtypeOption, DtypeChoice.auto),
+    "device": (DeviceOption, DeviceChoice.auto),
+    "plan": (PlanOption, None),
+    "gpu_memory": (GpuBudgetOption, None),
+    "profile": (ProfileOption, None),
+}
+_PLAN_OPTIONS = ("plan", "gpu_memory")
+
+
+def model_setup_options(*, plans: bool = True) -> Callable[[F], F]:
+    """Declare the model-setup options once for a command: --model, --quant, --dtype, --device,
+    --profile and, with `plans`, --plan and --gpu-memory. They take the place of the command's
+    `setup` parameter (in --help too); the command receives them as one checked ModelSetup."""
+    names = [n for n in _SETUP_OPTIONS if plans or n not in _PLAN_OPTIONS]
+
+    def decorate(fn: F) -> F:
+        hints = typing.get_type_hints(fn, localns={"ModelSetup": ModelSetup}, include_extras=True)
+        params: list[inspect.Parameter] = []
+        for p in inspect.signature(fn).parameters.values():
+            if p.name != "setup":
+                params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints[p.name]))
+                continue
+            for name in names:
+                annotation, default = _SETUP_OPTIONS[name]
+                params.append(inspect.Parameter(name, p.KEYWORD_ONLY, default=default, annotation=annotation))
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            return fn(setup=model_setup(**given), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def model_setup(
+    model: str | None,
+    quant: QuantChoice,
+    dtype: DtypeChoice,
+    device: DeviceChoice,
+    profile: Path | None,
+    plan: Path | None = None,
+    gpu_memory: str | None = None,
+) -> ModelSetup:
+    """The ModelSetup of the command line: the size parsed, the values and their combinations
+    checked (ModelSetup), then the files named (they must exist)."""
+    setup = ModelSetup(
+        model=model,
+        quant=quant.value,
+        dtype=dtype.value,
+        device=device.value,
+        plan_path=plan,
+        gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
+        profile_path=profile,
+    )
+    return replace(
+        setup, plan_path=input_file_arg(plan, "--plan"), profile_path=input_file_arg(profile, "--profile")
+    )
 
 
 def size_bytes(text: str | None, flag: str) -> int | None:

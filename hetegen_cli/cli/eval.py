@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from hetegen_cli.cli.common import (
-    DeviceChoice,
-    DeviceOption,
-    DtypeChoice,
-    JsonOption,
-    ModelOption,
-    ProfileOption,
-    QuantChoice,
-    QuantOption,
-    RunDtypeOption,
-    guarded,
-    input_file_arg,
-    model_arg,
-)
+from hetegen_cli.cli.common import JsonOption, guarded, input_file_arg, model_setup_options
 from hetegen_cli.core.console import emit_json, note, progress
+
+if TYPE_CHECKING:
+    from hetegen_cli.run.setup import ModelSetup
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     @guarded
+    @model_setup_options(plans=False)
     def eval_command(
-        model: ModelOption = None,
-        quant: QuantOption = QuantChoice.auto,
-        dtype: RunDtypeOption = DtypeChoice.auto,
-        device: DeviceOption = DeviceChoice.auto,
+        *,
+        setup: ModelSetup,  # --model, --quant, --dtype, --device, --profile
         text: Path | None = typer.Option(
             None, "--text", help="UTF-8 text to score. Default: hetegen's own text (1,277 words)."
         ),
@@ -38,31 +28,20 @@ def register(app: typer.Typer) -> None:
         stride: int | None = typer.Option(
             None, "--stride", help="Tokens between window starts (default: half the context)."
         ),
-        profile: ProfileOption = None,
         json_: JsonOption = False,
     ) -> None:
         """Perplexity of the model (as `run` runs it) on a text: lower is better."""
-        from hetegen_cli.run.context import EngineOptions, RunOptions
         from hetegen_cli.run.evaluate import evaluate
 
-        options = RunOptions(
-            prompt="(eval)",
-            model=model_arg(model),
-            max_new_tokens=1,
-            dtype=dtype.value,
-            device=device.value,
-            quant=quant.value,
-        )
-        engine = EngineOptions(profile_path=input_file_arg(profile, "--profile"))
         with progress(not json_) as bar:
-            result, built = evaluate(options, engine, input_file_arg(text, "--text"), context, stride, bar)
+            result, built = evaluate(setup, input_file_arg(text, "--text"), context, stride, bar)
         built.close()
         if json_:
             emit_json(
                 {
                     "schema_version": 1,
                     "kind": "hetegen.eval",
-                    "model": built.info.get("folder"),
+                    "model": built.folder,
                     "engine": built.engine,
                     "dtype": built.dtype,
                     **result.as_dict(),

@@ -10,6 +10,7 @@ import typer
 
 from hetegen_cli.cli.common import (
     CpuDtypeOption,
+    GpuBudgetOption,
     JsonOption,
     ModelOption,
     ProfileOption,
@@ -43,12 +44,7 @@ def register(app: typer.Typer) -> None:
     def plan_command(
         model: ModelOption = None,
         profile: ProfileOption = None,
-        gpu_memory: str | None = typer.Option(
-            None,
-            "--gpu-memory",
-            help="GPU memory budget, e.g. 6GiB. Default: the profiled "
-            "free GPU memory less 5% of the total; 0 = all-CPU plan.",
-        ),
+        gpu_memory: GpuBudgetOption = None,
         cpu_memory: str | None = typer.Option(
             None, "--cpu-memory", help="Host memory budget, e.g. 48GiB. Default: the profiled available RAM."
         ),

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from hetegen_cli.cli.common import (
-    DeviceChoice,
-    DeviceOption,
-    DtypeChoice,
-    JsonOption,
-    ModelOption,
-    ProfileOption,
-    QuantChoice,
-    QuantOption,
-    RunDtypeOption,
-    guarded,
-    input_file_arg,
-    model_arg,
-    size_bytes,
-)
+from hetegen_cli.cli.common import JsonOption, guarded, model_setup_options
 from hetegen_cli.core.console import emit_json, note, warn
-from hetegen_cli.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from hetegen_cli.run.setup import ModelSetup
 
 
 def timing_line(result: Any) -> str:
@@ -61,8 +48,9 @@ def wall_line(result: Any) -> str:
 
 def _plan_comparison(result: Any) -> str:
     """' | plan predicted X tok/s (achieved Y% of it)' when the engine ran a plan."""
-    plan = result.built.info.get("plan") or {}
-    predicted = ((plan.get("predictions") or {}).get("hetegen") or {}).get("decode_tokens_per_s")
+    plan = result.run.record.plan
+    hetegen = plan.predictions.hetegen if plan is not None else None
+    predicted = hetegen.decode_tokens_per_s if hetegen is not None else None
     achieved = result.generation.timings.decode_tokens_per_s
     if not predicted or not achieved:
         return ""
@@ -77,11 +65,13 @@ def _write(piece: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @guarded
+    @model_setup_options()
     def run_command(
+        *,
         prompt: str = typer.Option(
             ..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."
         ),
-        model: ModelOption = None,
+        setup: ModelSetup,  # --model, --quant, --dtype, --device, --plan, --gpu-memory, --profile
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
@@ -90,56 +80,18 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(
             None, "--seed", help="Random seed for sampling (reproducible output)."
         ),
-        dtype: RunDtypeOption = DtypeChoice.auto,
-        device: DeviceOption = DeviceChoice.auto,
-        plan: Path | None = typer.Option(
-            None,
-            "--plan",
-            help="Execute this plan (from `hetegen plan --output`). Default: plan on the fly "
-            "when the model does not fit the GPU.",
-        ),
-        gpu_memory: str | None = typer.Option(
-            None, "--gpu-memory", help="GPU budget for planning on the fly, e.g. 6GiB (needs a CUDA GPU)."
-        ),
-        profile: ProfileOption = None,
-        quant: QuantOption = QuantChoice.auto,
         json_: JsonOption = False,
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
-        from hetegen_cli.run.context import EngineOptions, RunOptions
         from hetegen_cli.run.execute import execute_run
         from hetegen_cli.run.generate import SamplingOptions
+        from hetegen_cli.run.setup import GenerationRequest
 
         sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         if sampling.greedy and (top_p != 1.0 or top_k != 0 or seed is not None):
             warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
-        options = RunOptions(
-            prompt=prompt,
-            model=model_arg(model),
-            chat=chat,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            dtype=dtype.value,
-            device=device.value,
-            quant=quant.value,
-        )
-        budget = size_bytes(gpu_memory, "--gpu-memory")
-        if plan is not None and budget is not None:
-            raise UsageError(
-                "--plan and --gpu-memory cannot be combined",
-                "the plan already fixes the GPU budget; re-plan to change it",
-            )
-        if device == DeviceChoice.cpu and budget is not None:
-            raise UsageError(
-                "--gpu-memory has no effect with --device cpu",
-                "drop one of them: --device cpu runs without a GPU budget",
-            )
-        engine = EngineOptions(
-            plan_path=input_file_arg(plan, "--plan"),
-            profile_path=input_file_arg(profile, "--profile"),
-            gpu_budget_bytes=budget,
-        )
-        result = execute_run(options, on_text=None if json_ else _write, engine=engine)
+        request = GenerationRequest(prompt, chat, max_new_tokens, sampling)
+        result = execute_run(setup, request, on_text=None if json_ else _write)
         if json_:
             emit_json(result.to_document())
             return

@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from hetegen_cli.cli.common import (
-    DeviceChoice,
-    DeviceOption,
-    DtypeChoice,
-    ModelOption,
-    ProfileOption,
-    QuantChoice,
-    QuantOption,
-    RunDtypeOption,
-    guarded,
-    input_file_arg,
-    model_arg,
-    size_bytes,
-)
+from hetegen_cli.cli.common import guarded, model_setup_options
+
+if TYPE_CHECKING:
+    from hetegen_cli.run.setup import ModelSetup
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     @guarded
+    @model_setup_options()
     def serve_command(
-        model: ModelOption = None,
-        plan: Path | None = typer.Option(
-            None, "--plan", help="Execute this plan (from `hetegen plan --output`) for every request."
-        ),
-        gpu_memory: str | None = typer.Option(
-            None, "--gpu-memory", help="GPU budget to plan on the fly, e.g. 6GiB (needs a CUDA GPU)."
-        ),
-        profile: ProfileOption = None,
-        dtype: RunDtypeOption = DtypeChoice.auto,
-        device: DeviceOption = DeviceChoice.auto,
-        quant: QuantOption = QuantChoice.auto,
+        *,
+        setup: ModelSetup,  # --model, --quant, --dtype, --device, --plan, --gpu-memory, --profile
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
         port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
         api_key: str | None = typer.Option(
@@ -65,20 +47,4 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.serve.model import ServeOptions
         from hetegen_cli.serve.server import serve
 
-        options = ServeOptions(
-            model=model_arg(model),
-            plan_path=input_file_arg(plan, "--plan"),
-            gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
-            profile_path=input_file_arg(profile, "--profile"),
-            dtype=dtype.value,
-            device=device.value,
-            quant=quant.value,
-            host=host,
-            port=port,
-            api_key=api_key,
-            max_queue=max_queue,
-            context=context,
-            default_max_tokens=max_tokens,
-            grace_s=grace,
-        )
-        serve(options)
+        serve(ServeOptions(setup, host, port, api_key, max_queue, context, max_tokens, grace))

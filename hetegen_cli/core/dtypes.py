@@ -40,6 +40,8 @@ DTYPES: dict[str, DType] = {
 
 #: dtypes weights can be run in (the CPU share, the streamed and resident weights)
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+#: --dtype of run, serve and eval: a weight dtype, or auto (chosen by device and profile)
+DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
 
 _BY_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values()}
 
@@ -57,6 +59,26 @@ def from_safetensors(code: str) -> str | None:
 def to_safetensors(name: str) -> str:
     """The safetensors header code of dtype `name` ("bfloat16" -> "BF16")."""
     return DTYPES[name].safetensors
+
+
+@dataclass(frozen=True)
+class ComputeFormats:
+    """The formats a model computes in: its float weights' dtype; the CPU share's format per
+    phase (prefill, decode) when the CPU computes rows of split linears; the quantized
+    linears' format, if any. `label` renders them for people ("float16+float32",
+    "int4+bfloat16"); nothing parses it back."""
+
+    weights: str
+    cpu: tuple[str, str] | None = None
+    quant: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The quantized format first, then the weights dtype, then the CPU formats not named yet."""
+        names = [self.quant] if self.quant else []
+        names.append(self.weights)
+        names += [d for d in dict.fromkeys(self.cpu or ()) if d not in names]
+        return "+".join(names)
 
 
 def greedy_tolerance(*labels: str | None) -> float:

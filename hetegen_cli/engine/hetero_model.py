@@ -31,6 +31,7 @@ from torch import nn
 
 from hetegen_cli.core import console
 from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtype
+from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
@@ -60,6 +61,15 @@ RAM_MARGIN_BYTES = 512 * 1024 * 1024  # keep this much RAM free beyond the host-
 def engine_context(model: nn.Module) -> EngineContext | None:
     """The engine state of a model loaded by load_hetero_model (None for other models)."""
     return getattr(model, "hetegen_engine", None)
+
+
+def engine_formats(
+    placements: Sequence[LinearPlacement], runtime: RuntimeSettings, quant: str | None
+) -> ComputeFormats:
+    """What the engine computes in with these placements: the weights dtype, the CPU formats
+    per phase when some split linear has rows on the CPU, the quantized linears' format."""
+    cpu_rows = any(p.max_cpu_rows for p in placements if not p.resident)
+    return ComputeFormats(runtime.weights_dtype, runtime.cpu_dtypes if cpu_rows else None, quant)
 
 
 def load_hetero_model(
@@ -142,23 +152,14 @@ def load_hetero_model(
     model.register_forward_pre_hook(_phase_hook(context), with_kwargs=True)
     model.hetegen_engine = context
     load_generation_config(model, folder)
-    cpu_rows = any(p.max_cpu_rows for p in split)
-    compute = runtime.compute_label if cpu_rows else runtime.weights_dtype
-    if quant:  # e.g. int4+bfloat16: the quantized linears' format first
-        compute = f"{ref.spec.quant}+{compute}"
     return LoadedModel(
         model=model,
         device=str(backend.device),
-        dtype=compute,
+        formats=engine_formats(placements, runtime, ref.spec.quant if quant else None),
         load_s=time.perf_counter() - start,
         engine="hetegen",
         sync=backend.synchronize,
-        info={
-            "folder": str(folder),
-            "backend": backend.name,
-            "cpu_threads": runtime.cpu_threads,
-            "quant": ref.spec.quant_label,
-        },
+        folder=str(folder),
         memory=_memory_report(model, context),
         counters=context.stats,
         on_close=context.close,

@@ -1,4 +1,6 @@
-"""How `run` builds its model: plainly, or through the heterogeneous engine.
+"""How run, serve and eval build their model: a ModelSetup is resolved (every check that needs
+no weights: `resolve_setup`), its build decided for a workload (`decide_build`: a frozen
+BuildRecord), then loaded (`load_build`).
 
 Rules, in order:
 - `--plan PATH`: the plan is checked against the model; one that needs a GPU is refused on a
@@ -20,30 +22,107 @@ Rules, in order:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import note, warn
 from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_backend
+from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import DeviceError, HetegenError
-from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.engine.hetero_model import engine_formats, load_hetero_model
 from hetegen_cli.models.loading.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
+from hetegen_cli.models.shapes.spec import ModelSpec
+from hetegen_cli.plan.costmodel.predict import spec_in
 from hetegen_cli.plan.document import Plan, check_plan_matches
 from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
-from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
 from hetegen_cli.run.engine_costs import load_or_measure
+from hetegen_cli.run.setup import ModelSetup, Workload
 
 
-def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple[Backend, str, bool]:
+@dataclass(frozen=True)
+class Resolved:
+    """A setup after every check that needs no weights: its plan file (loaded, checked against
+    this machine and the model), the model's files and headers, the tokenizer."""
+
+    setup: ModelSetup
+    ref: ModelRef
+    tokenizer: Any
+    plan: Plan | None  # the --plan file; None without one
+
+
+class Origin(str, Enum):
+    """How a build was chosen (the rules of this module, in their order)."""
+
+    PLAN_FILE = "plan file"
+    PLAIN_GPU = "plain GPU"  # the whole model fits in free GPU memory
+    PLANNED = "planned on the fly"  # the engine with a plan made for this machine and workload
+    PLANNED_PLAIN = "planned on the fly, no GPU share"  # ... which left nothing to the GPU
+    CPU_FORMATS = "all-CPU, formats from the profile"
+    PLAIN_CPU = "plain CPU"  # the run's --dtype (float32 for auto)
+    QUANTIZED_CPU = "quantized, CPU kernels"
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """How a setup is built, decided before any weight is read (and what `run --json` reports).
+
+    `ref` is the model as it is loaded (in the prefill format when the CPU formats need it);
+    `spec` its shapes in the dtype it computes in (the reference for predictions); `plan` the
+    plan the engine runs, None for the plain (or quantized) model.
+    """
+
+    ref: ModelRef
+    spec: ModelSpec
+    backend: Backend
+    formats: ComputeFormats
+    plan: Plan | None
+    origin: Origin
+    plan_path: Path | None = None  # Origin.PLAN_FILE: the file
+
+    @property
+    def origin_text(self) -> str:
+        """How the plan came about, as the run document says it ("from plan.json", ...)."""
+        return f"from {self.plan_path}" if self.origin is Origin.PLAN_FILE else self.origin.value
+
+    def plan_section(self) -> dict[str, Any] | None:
+        """The run document's `plan`: the plan's summary, where it came from, its backend."""
+        if self.plan is None:
+            return None
+        return {**self.plan.summary(), "origin": self.origin_text, "backend": self.backend.name}
+
+
+ModelLoader = Callable[[BuildRecord], LoadedModel]
+"""How a decided build is loaded: `load_build`, or another loader (run.execute takes one)."""
+
+
+def resolve_setup(setup: ModelSetup) -> Resolved:
+    """Every check that needs no weights, cheapest first: the plan file, the plan against this
+    machine, the model's files and headers, the plan against the model (its shapes, dtype and
+    quantization); then the tokenizer. Shared by run, serve, eval."""
+    plan = load_plan(setup.plan_path) if setup.plan_path is not None else None
+    if plan is not None:
+        check_plan_device(plan, setup.device, str(setup.plan_path))
+    ref = resolve_model(setup.model, need_weights=True, quant=setup.quant)
+    for message in ref.warnings:
+        warn(message)
+    if plan is not None:
+        check_plan_matches(plan, ref.spec)
+    return Resolved(setup, ref, load_tokenizer(ref.path), plan)
+
+
+def pick_device(setup: ModelSetup, ref: ModelRef, workload: Workload) -> tuple[Backend, str, bool]:
     """(backend, dtype, fits): --device auto uses the GPU plainly only when the whole model fits
-    in free memory; otherwise the heterogeneous engine runs it (choose_builder). A quantized
+    in free memory; otherwise the heterogeneous engine runs it (decide_build). A quantized
     model on a GPU always goes through the engine (its resident linears stay quantized there)."""
-    kind = options.device
+    kind = setup.device
     if kind == "auto" and not cuda_available():
         kind = "cpu"
     try:
@@ -52,54 +131,100 @@ def pick_device(options: RunOptions, ref: ModelRef, prompt_tokens: int) -> tuple
         raise DeviceError(exc.message, "run without --device cuda (or with --device cpu)") from exc
     if ref.spec.quant is not None:  # stored quantized: its float parts in the stored dtype
         return backend, ref.spec.dtype, False
-    dtype = resolve_dtype(options.dtype, ref.spec.dtype, "cuda" if backend.is_cuda else "cpu")
+    dtype = resolve_dtype(setup.dtype, ref.spec.dtype, "cuda" if backend.is_cuda else "cpu")
     if not backend.is_cuda:
         return backend, dtype, False
-    req = PlanRequest(prompt_len=prompt_tokens, max_new_tokens=options.max_new_tokens)
+    req = PlanRequest(prompt_len=workload.prompt_tokens, max_new_tokens=workload.max_new_tokens)
     free, _ = backend.memory_info()
     if whole_model_gpu_bytes(ref.spec, req, dtype) <= free:
         return backend, dtype, True
     if kind == "cuda":
         return backend, dtype, False
-    return CpuBackend(), resolve_dtype(options.dtype, ref.spec.dtype, "cpu"), False
+    return CpuBackend(), resolve_dtype(setup.dtype, ref.spec.dtype, "cpu"), False
 
 
-def resolve_checked(options: RunOptions, engine: EngineOptions) -> tuple[Plan | None, ModelRef, Any]:
-    """(plan, model, tokenizer) after every check that needs no weights, cheapest first: the
-    plan file, the plan against this machine, the model's files and headers, the plan against
-    the model (its shapes, dtype and quantization). Shared by run, serve, eval."""
-    plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
-    if plan is not None:
-        check_plan_device(plan, options.device, str(engine.plan_path))
-    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
-    for message in ref.warnings:
-        warn(message)
-    if plan is not None:
-        check_plan_matches(plan, ref.spec)
-    return plan, ref, load_tokenizer(ref.path)
+def check_plan_device(plan: Plan, device: str, origin: str) -> None:
+    """DeviceError when a plan that needs a GPU meets a machine without one (and no --device
+    cpu asked for the stand-in): checked before anything slow."""
+    if plan.runtime.requires_gpu and device != "cpu" and not cuda_available():
+        raise DeviceError(
+            f"plan {origin} needs a GPU and this machine has no CUDA GPU",
+            "re-plan here with `hetegen plan` (a CPU-only profile gives an all-CPU "
+            "plan), or pass --device cpu to run it on the CPU stand-in (slow)",
+        )
 
 
-def build_quantized_model(ctx: RunContext) -> LoadedModel:
-    """The quantized model on the CPU (models.loading.quantized_loader: packed int8/int4 kernels)."""
-    from hetegen_cli.models.loading.quantized_loader import load_quantized
+def decide_build(resolved: Resolved, workload: Workload) -> BuildRecord:
+    """The build of `resolved` for `workload`, by the rules of this module. Validates the plan
+    first; plans on the fly (and notes it) where the rules say so; reads no weights."""
+    setup, ref = resolved.setup, resolved.ref
+    backend, dtype, fits = pick_device(setup, ref, workload)
+    plain = _plain_record(ref, backend, dtype)
+    if resolved.plan is not None:
+        plan = resolved.plan
+        check_plan_device(plan, setup.device, str(setup.plan_path))
+        if plan.runtime.requires_gpu and setup.device == "cpu":
+            warn(
+                "running a GPU plan on the CPU stand-in backend: the GPU share is computed on the "
+                "CPU (for testing; not fast)"
+            )
+        cpu = setup.device == "cpu" or not plan.runtime.requires_gpu
+        engine = CpuBackend() if cpu else get_backend("cuda")
+        return replace(_engine_record(ref, plan, engine, Origin.PLAN_FILE), plan_path=setup.plan_path)
+    if not cuda_available() or setup.device == "cpu":
+        if setup.gpu_budget_bytes is not None and setup.device != "cpu":
+            raise DeviceError(
+                "--gpu-memory needs a CUDA GPU and this machine has none",
+                "drop --gpu-memory (the model then runs on the CPU)",
+            )
+        if ref.spec.quant is not None:  # packed CPU kernels for every quantized linear
+            formats = ComputeFormats(ref.spec.dtype, quant=ref.spec.quant)
+            return replace(plain, formats=formats, origin=Origin.QUANTIZED_CPU)
+        return _cpu_formats_record(resolved, workload, dtype) or plain
+    if setup.gpu_budget_bytes is None and fits:
+        return replace(plain, origin=Origin.PLAIN_GPU)  # the whole model fits
+    plan = _plan_on_the_fly(resolved, workload)
+    if not plan.runtime.requires_gpu:
+        return replace(plain, origin=Origin.PLANNED_PLAIN)
+    return _engine_record(ref, plan, get_backend("cuda"), Origin.PLANNED)
 
-    return load_quantized(ctx.ref)
+
+def load_build(record: BuildRecord) -> LoadedModel:
+    """Read the weights as `record` says: through the engine with its plan, the quantized CPU
+    kernels, or the stock model in its dtype on its device."""
+    if record.plan is not None:
+        plan = record.plan
+        return load_hetero_model(record.ref, plan.placements, plan.runtime, record.backend, progress=True)
+    if record.origin is Origin.QUANTIZED_CPU:
+        from hetegen_cli.models.loading.quantized_loader import load_quantized
+
+        return load_quantized(record.ref)
+    return load_model(record.ref, dtype=record.formats.weights, device=str(record.backend.device))
 
 
-def build_plain_model(ctx: RunContext) -> LoadedModel:
-    """The stock transformers model, whole, on the chosen device."""
-    return load_model(ctx.ref, dtype=ctx.dtype, device=str(ctx.backend.device))
+def _plain_record(ref: ModelRef, backend: Backend, dtype: str) -> BuildRecord:
+    """The stock model, whole, in `dtype` on `backend`."""
+    formats = ComputeFormats(dtype)
+    return BuildRecord(ref, spec_in(ref.spec, dtype), backend, formats, None, Origin.PLAIN_CPU)
 
 
-def _plan_on_the_fly(ctx: RunContext, engine: EngineOptions) -> Plan:
+def _engine_record(ref: ModelRef, plan: Plan, backend: Backend, origin: Origin) -> BuildRecord:
+    """The engine running `plan` on `backend`, the model being `ref`."""
+    formats = engine_formats(plan.placements, plan.runtime, ref.spec.quant)
+    spec = spec_in(ref.spec, plan.runtime.weights_dtype)
+    return BuildRecord(ref, spec, backend, formats, plan, origin)
+
+
+def _plan_on_the_fly(resolved: Resolved, workload: Workload) -> Plan:
+    setup = resolved.setup
     req = PlanRequest(
-        prompt_len=ctx.planned_prompt_tokens,
-        max_new_tokens=ctx.options.max_new_tokens,
-        gpu_budget_bytes=engine.gpu_budget_bytes,
-        model_arg=ctx.options.model or "",
+        prompt_len=workload.prompt_tokens,
+        max_new_tokens=workload.max_new_tokens,
+        gpu_budget_bytes=setup.gpu_budget_bytes,
+        model_arg=setup.model or "",
     )
-    doc, identity = load_or_measure(engine.profile_path)
-    plan = make_plan(ctx.ref.spec, doc, req, profile_identity=identity)
+    doc, identity = load_or_measure(setup.profile_path)
+    plan = make_plan(resolved.ref.spec, doc, req, profile_identity=identity)
     hetegen = plan.predictions.hetegen
     predicted = hetegen.decode_tokens_per_s or 0.0 if hetegen else 0.0
     note(
@@ -130,92 +255,40 @@ def all_cpu_formats_plan(
     return replace(plan, cpu_formats=first.cpu_formats, notes=(*first.notes, note)), ref_p
 
 
-def _cpu_formats_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
+def _cpu_formats_record(resolved: Resolved, workload: Workload, dtype: str) -> BuildRecord | None:
     """The CPU model in the profile's best format per phase (docs/plan.md, section 1b) when
     --dtype is auto and a profile exists: plain in D when both phases use one dtype D, else the
     engine with all_cpu_formats_plan. None (the plain model in the run's dtype) when the
     profile's choice is the run's dtype in both phases or there is no profile. A profile that
     cannot be used is a warning here, not an error."""
-    if ctx.options.dtype != "auto":
+    setup = resolved.setup
+    if setup.dtype != "auto":
         return None
-    if engine.profile_path is None and paths.probe(paths.default_profile_path(), "the saved profile") is None:
+    if setup.profile_path is None and paths.probe(paths.default_profile_path(), "the saved profile") is None:
         return None  # no profile: do not spend a minute measuring one for a plain CPU run
     try:
-        doc, identity = load_or_measure(engine.profile_path)
-        ref = ctx.ref
-        if ref.spec.dtype != ctx.dtype:
-            ref = replace(ref, spec=resolve_model(str(ref.path), need_weights=True, dtype=ctx.dtype).spec)
+        doc, identity = load_or_measure(setup.profile_path)
+        ref = resolved.ref
+        if ref.spec.dtype != dtype:
+            ref = replace(ref, spec=resolve_model(str(ref.path), need_weights=True, dtype=dtype).spec)
         req = PlanRequest(
-            prompt_len=ctx.planned_prompt_tokens,
-            max_new_tokens=ctx.options.max_new_tokens,
-            model_arg=ctx.options.model or "",
+            prompt_len=workload.prompt_tokens,
+            max_new_tokens=workload.max_new_tokens,
+            model_arg=setup.model or "",
         )
         plan, ref = all_cpu_formats_plan(ref, doc, identity, req)
     except HetegenError as exc:
-        warn(f"the profile's CPU formats are not used ({exc.message}); running in {ctx.dtype}")
+        warn(f"the profile's CPU formats are not used ({exc.message}); running in {dtype}")
         return None
     prefill, decode = plan.runtime.cpu_dtypes
-    if (prefill, decode) == (ctx.dtype, ctx.dtype):
+    if (prefill, decode) == (dtype, dtype):
         return None
     if prefill == decode:
         note(f"running in {prefill}, the profile's fastest CPU format for this run; --dtype forces another")
-        return lambda c: load_model(c.ref, dtype=prefill, device="cpu")
+        plain = _plain_record(resolved.ref, CpuBackend(), prefill)
+        return replace(plain, origin=Origin.CPU_FORMATS)
     note(
         f"running in {prefill} with decode's linears in {decode}: the CPU formats chosen from the "
         "profile for this run; --dtype forces one format"
     )
-    return engine_builder(plan, CpuBackend(), "all-CPU, formats from the profile", ref)
-
-
-def check_plan_device(plan: Plan, device: str, origin: str) -> None:
-    """DeviceError when a plan that needs a GPU meets a machine without one (and no --device
-    cpu asked for the stand-in): checked before anything slow."""
-    if plan.runtime.requires_gpu and device != "cpu" and not cuda_available():
-        raise DeviceError(
-            f"plan {origin} needs a GPU and this machine has no CUDA GPU",
-            "re-plan here with `hetegen plan` (a CPU-only profile gives an all-CPU "
-            "plan), or pass --device cpu to run it on the CPU stand-in (slow)",
-        )
-
-
-def choose_builder(ctx: RunContext, engine: EngineOptions) -> ModelBuilder | None:
-    """The engine's ModelBuilder, or None for the plain model. Validates the plan first."""
-    device = ctx.options.device
-    if ctx.plan is not None:
-        plan = ctx.plan
-        check_plan_device(plan, device, str(engine.plan_path))
-        if plan.runtime.requires_gpu and device == "cpu":
-            warn(
-                "running a GPU plan on the CPU stand-in backend: the GPU share is computed on the "
-                "CPU (for testing; not fast)"
-            )
-        backend = CpuBackend() if device == "cpu" or not plan.runtime.requires_gpu else get_backend("cuda")
-        return engine_builder(plan, backend, "from " + str(engine.plan_path))
-    if not cuda_available() or device == "cpu":
-        if engine.gpu_budget_bytes is not None and device != "cpu":
-            raise DeviceError(
-                "--gpu-memory needs a CUDA GPU and this machine has none",
-                "drop --gpu-memory (the model then runs on the CPU)",
-            )
-        if ctx.ref.spec.quant is not None:  # packed CPU kernels for every quantized linear
-            return build_quantized_model
-        return _cpu_formats_builder(ctx, engine)
-    if engine.gpu_budget_bytes is None and ctx.fits_on_gpu:
-        return None  # the whole model fits: plain GPU inference
-    plan = _plan_on_the_fly(ctx, engine)
-    if not plan.runtime.requires_gpu:
-        return None
-    return engine_builder(plan, get_backend("cuda"), "planned on the fly")
-
-
-def engine_builder(plan: Plan, backend: Backend, origin: str, ref: ModelRef | None = None) -> ModelBuilder:
-    """A ModelBuilder that loads the model (`ref`, default the run's) through the engine with
-    `plan` on `backend`."""
-
-    def build(ctx: RunContext) -> LoadedModel:
-        loaded = load_hetero_model(ref or ctx.ref, plan.placements, plan.runtime, backend, progress=True)
-        loaded.info["plan"] = {**plan.summary(), "origin": origin, "backend": backend.name}
-        return loaded
-
-    build.plan = plan  # type: ignore[attr-defined]  # run.execute predicts the run from it
-    return build
+    return _engine_record(ref, plan, CpuBackend(), Origin.CPU_FORMATS)

@@ -23,8 +23,8 @@ from typing import Any
 
 from hetegen_cli.core.errors import InputError, UsageError
 from hetegen_cli.models.loading.loader import LoadedModel
-from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
-from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
+from hetegen_cli.run.builders import decide_build, load_build, resolve_setup
+from hetegen_cli.run.setup import ModelSetup, Workload
 
 #: the text shipped with hetegen: 1,277 words of plain English prose (written for hetegen)
 DEFAULT_TEXT = "eval.txt"
@@ -97,8 +97,7 @@ def perplexity(
 
 
 def evaluate(
-    options: RunOptions,
-    engine: EngineOptions,
+    setup: ModelSetup,
     text_path: Path | None = None,
     context: int = 512,
     stride: int | None = None,
@@ -114,17 +113,14 @@ def evaluate(
             "use e.g. --stride 256 with --context 512, or leave it out",
         )
     text, source = read_text(text_path)
-    plan, ref, tokenizer = resolve_checked(options, engine)
-    ids = [int(i) for i in tokenizer(text)["input_ids"]]
+    resolved = resolve_setup(setup)
+    ids = [int(i) for i in resolved.tokenizer(text)["input_ids"]]
     if len(ids) < 2:
         raise InputError(f"the text ({source}) has fewer than 2 tokens", "pass a longer text")
-    limit = ref.spec.max_positions
-    context = min(context, limit)
+    context = min(context, resolved.ref.spec.max_positions)
     stride = min(stride, context)
-    backend, dtype, fits = pick_device(options, ref, context)
-    ctx = RunContext(options, ref, tokenizer, ids[:context], backend, dtype, fits, plan)
-    build = choose_builder(ctx, engine) or build_plain_model
-    built = build(ctx)
+    # a plan made here is made for one window scored at once: its tokens, nothing generated
+    built = load_build(decide_build(resolved, Workload(min(context, len(ids)), 1)))
     try:
         task = (
             progress.add_task("perplexity", total=len(windows(len(ids), context, stride)))

@@ -1,7 +1,8 @@
 """`run` as a library call: validate -> resolve the model -> tokenize -> check the context ->
-pick device and dtype -> build the model (plain or engine, run.builders) -> generate.
+decide the build (device, dtype, plan: run.builders) -> load it -> generate.
 
-`execute_run(options)` is the entry point; its "build" step is replaceable (`ModelBuilder`).
+`execute_run(setup, request)` is the entry point: what to load (ModelSetup) and what to
+generate (GenerationRequest); its "load" step is replaceable (`ModelLoader`).
 """
 
 from __future__ import annotations
@@ -15,21 +16,36 @@ import psutil
 
 from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import out_of_memory_as_error
-from hetegen_cli.core.errors import UsageError
 from hetegen_cli.models.loading.loader import LoadedModel
-from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
-from hetegen_cli.run.context import EngineOptions, ModelBuilder, RunContext, RunOptions
+from hetegen_cli.run.builders import (
+    BuildRecord,
+    ModelLoader,
+    Resolved,
+    decide_build,
+    load_build,
+    resolve_setup,
+)
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
 from hetegen_cli.run.predicted import predict_run
+from hetegen_cli.run.setup import GenerationRequest, ModelSetup, Workload
 
 RUN_KIND = "hetegen.run"
-MAX_TOKENS = 2**24  # beyond any model's context
 RUN_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A run before any weight is read: the checked setup, the prompt's tokens, the build."""
+
+    request: GenerationRequest
+    resolved: Resolved
+    prompt_ids: list[int]
+    record: BuildRecord
 
 
 @dataclass
 class RunResult:
-    context: RunContext
+    run: PreparedRun
     built: LoadedModel
     generation: GenerationResult
     engine_stats: dict[str, Any] | None = None
@@ -40,7 +56,7 @@ class RunResult:
     wall: dict[str, float] = field(default_factory=dict)
 
     def to_document(self) -> dict[str, Any]:
-        ref, gen = self.context.ref, self.generation
+        ref, gen, request = self.run.resolved.ref, self.generation, self.run.request
         return {
             "schema_version": RUN_SCHEMA_VERSION,
             "kind": RUN_KIND,
@@ -55,19 +71,19 @@ class RunResult:
                 "parameters": ref.spec.parameter_count,
                 "max_positions": ref.spec.max_positions,
             },
-            "prompt": self.context.options.prompt,
-            "chat": self.context.options.chat,
+            "prompt": request.prompt,
+            "chat": request.chat,
             "prompt_token_ids": gen.prompt_token_ids,
             "text": gen.text,
             "token_ids": gen.token_ids,
             "stop_reason": gen.stop_reason,
-            "sampling": sampling_document(self.context.options.sampling),
+            "sampling": sampling_document(request.sampling),
             "timings": {"load_s": self.built.load_s, **gen.timings.as_dict(), "wall": self.wall},
             "engine": self.built.engine,
             "device": self.built.device,
             "dtype": self.built.dtype,
-            "quant": self.context.ref.spec.quant or "none",
-            "plan": self.built.info.get("plan"),
+            "quant": ref.spec.quant or "none",
+            "plan": self.run.record.plan_section(),
             "engine_stats": self.engine_stats,
             "prediction": self.prediction,
         }
@@ -83,87 +99,64 @@ def sampling_document(s: SamplingOptions) -> dict[str, Any]:
     }
 
 
-def prepare_run(options: RunOptions, engine: EngineOptions | None = None) -> RunContext:
-    """Every check that needs no weights, cheapest first: the options, the plan file, the
-    model's path and headers, the plan against the model, the prompt's tokens and context."""
-    engine = engine or EngineOptions()
-    if not options.prompt or not options.prompt.strip():
-        raise UsageError("the prompt is empty", 'pass some text, e.g. --prompt "The capital of France is"')
-    if not 1 <= options.max_new_tokens <= MAX_TOKENS:
-        raise UsageError(
-            f"--max-new-tokens {options.max_new_tokens} is outside [1, {MAX_TOKENS}]",
-            "ask for at least 1 token",
-        )
-    options.sampling.validate()
-    plan, ref, tokenizer = resolve_checked(options, engine)
-    prompt_ids = prepare_prompt(tokenizer, options.prompt, chat=options.chat)
-    ref.spec.check_context(len(prompt_ids), options.max_new_tokens)
-    backend, dtype, fits = pick_device(options, ref, len(prompt_ids))
-    return RunContext(options, ref, tokenizer, prompt_ids, backend, dtype, fits, plan)
+def prepare_run(setup: ModelSetup, request: GenerationRequest) -> PreparedRun:
+    """Every check that needs no weights, cheapest first: the request, the plan file, the
+    model's path and headers, the plan against the model, the prompt's tokens and context;
+    then the build for this prompt (run.builders.decide_build)."""
+    request.validate()
+    resolved = resolve_setup(setup)
+    prompt_ids = prepare_prompt(resolved.tokenizer, request.prompt, chat=request.chat)
+    resolved.ref.spec.check_context(len(prompt_ids), request.max_new_tokens)
+    record = decide_build(resolved, Workload(len(prompt_ids), request.max_new_tokens))
+    return PreparedRun(request, resolved, prompt_ids, record)
 
 
 def execute_run(
-    options: RunOptions,
+    setup: ModelSetup,
+    request: GenerationRequest,
     on_text: Callable[[str], None] | None = None,
-    build: ModelBuilder | None = None,
-    engine: EngineOptions | None = None,
+    load: ModelLoader = load_build,
 ) -> RunResult:
-    """Validate, build the model, generate. `on_text` receives streamed pieces.
-
-    `build` defaults to run.builders.choose_builder's choice for `engine`: the heterogeneous
-    engine when a plan applies, else the plain stock model.
-    """
-    engine = engine or EngineOptions()
+    """Validate, build the model, generate. `on_text` receives streamed pieces; `load` reads
+    the weights as the decided BuildRecord says (run.builders.load_build)."""
     wall = {"startup_s": process_age_s()}
     start = time.perf_counter()
-    ctx = prepare_run(options, engine)
-    if build is None:
-        build = choose_builder(ctx, engine) or build_plain_model
+    run = prepare_run(setup, request)
     wall["resolve_s"] = time.perf_counter() - start
-    with build(ctx) as built:
+    with load(run.record) as built:
         wall["load_s"] = time.perf_counter() - start - wall["resolve_s"]
         generating = time.perf_counter()
         with out_of_memory_as_error("generating"), activity("generating"):
             result = generate(
                 built.model,
-                ctx.tokenizer,
-                ctx.prompt_ids,
-                max_new_tokens=options.max_new_tokens,
-                sampling=options.sampling,
+                run.resolved.tokenizer,
+                run.prompt_ids,
+                max_new_tokens=request.max_new_tokens,
+                sampling=request.sampling,
                 on_text=on_text,
                 sync=built.sync,
                 device=built.device,
             )
         wall["generate_s"] = time.perf_counter() - generating
         stats = built.stats()
-    t = result.timings
+    t, record = result.timings, run.record
     prediction = predict_run(
-        built_spec(ctx),
+        record.spec,
         engine=built.engine,
         device=built.device,
-        dtype=ctx.dtype,
-        plan=getattr(build, "plan", None) or ctx.plan,
-        backend_name=(built.info.get("plan") or {}).get("backend"),
+        dtype=record.formats.weights,
+        plan=record.plan,
+        backend_name=record.backend.name if record.plan is not None else None,
         prompt_tokens=t.prompt_tokens,
         generated_tokens=t.generated_tokens,
         prefill_s=t.prefill_s,
         decode_s=t.decode_s,
         decode_steps=t.decode_steps,
-        profile_path=engine.profile_path,
+        profile_path=setup.profile_path,
     )
-    return RunResult(ctx, built, result, stats, prediction, wall)
+    return RunResult(run, built, result, stats, prediction, wall)
 
 
 def process_age_s() -> float:
     """Seconds since this process started (the interpreter's start, before any import)."""
     return max(0.0, time.time() - psutil.Process().create_time())
-
-
-def built_spec(ctx: RunContext) -> Any:
-    """The model's shapes in the dtype the run computes in (costmodel.predict re-derives a plan's)."""
-    spec = ctx.ref.spec
-    if spec.quant is None and spec.dtype != ctx.dtype and spec.config:
-        from hetegen_cli.models.shapes.spec import spec_from_config
-
-        return spec_from_config(spec.config, spec.name, dtype=ctx.dtype)
-    return spec

@@ -8,16 +8,15 @@ files and headers, the plan against the model, the context.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.models.loading.source import ModelRef
-from hetegen_cli.run.builders import build_plain_model, choose_builder, pick_device, resolve_checked
-from hetegen_cli.run.context import EngineOptions, RunContext, RunOptions
+from hetegen_cli.run.builders import BuildRecord, Resolved, decide_build, load_build, resolve_setup
 from hetegen_cli.run.generate import GenerationResult, SamplingOptions, StopCheck, eos_token_ids, generate
+from hetegen_cli.run.setup import ModelSetup, Workload
 
 #: the context a server plans for when the model's own is longer (or unknown)
 DEFAULT_CONTEXT = 4096
@@ -25,15 +24,10 @@ DEFAULT_CONTEXT = 4096
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """What `hetegen serve` was asked. Sizes in bytes; checked on construction (UsageError)."""
+    """What `hetegen serve` was asked: the model to load (`setup`, checked as run's) and how
+    to serve it. Checked on construction (UsageError)."""
 
-    model: str | None = None
-    plan_path: Path | None = None
-    gpu_budget_bytes: int | None = None
-    profile_path: Path | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    quant: str = "auto"  # auto | none | int8 | int4 (core.quant)
+    setup: ModelSetup = field(default_factory=ModelSetup)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -56,10 +50,6 @@ class ServeOptions:
         if not 0 <= self.grace_s <= 3600:
             raise UsageError(
                 f"--grace is {self.grace_s}; it must be in [0, 3600] seconds", "pass e.g. --grace 10"
-            )
-        if self.plan_path is not None and self.gpu_budget_bytes is not None:
-            raise UsageError(
-                "--plan and --gpu-memory cannot be combined", "the plan already fixes the GPU budget"
             )
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("--api-key is empty", "pass a non-empty key, or drop --api-key")
@@ -110,44 +100,35 @@ class ServedModel:
         self.built.close()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeSetup:
     """Everything known before weights are read: the model, its tokenizer, the context and
-    how to build it. `load()` reads the weights (on the calling thread)."""
+    the build. `load()` reads the weights (on the calling thread)."""
 
-    ref: ModelRef
-    tokenizer: Any
+    resolved: Resolved
     context: int
     default_max_tokens: int
-    run: RunContext
-    build: Callable[[RunContext], LoadedModel]
+    record: BuildRecord
 
     def load(self) -> ServedModel:
-        built = self.build(self.run)
+        built = load_build(self.record)
+        ref, tokenizer = self.resolved.ref, self.resolved.tokenizer
         return ServedModel(
-            model_id=self.ref.name,
-            ref=self.ref,
-            tokenizer=self.tokenizer,
+            model_id=ref.name,
+            ref=ref,
+            tokenizer=tokenizer,
             built=built,
             context=self.context,
             default_max_tokens=self.default_max_tokens,
-            eos_ids=eos_token_ids(built.model, self.tokenizer),
+            eos_ids=eos_token_ids(built.model, tokenizer),
         )
 
 
 def prepare_serving(options: ServeOptions) -> ServeSetup:
     """Every check that needs no weights, cheapest first: the plan file, the model's files and
     headers, the plan against the model, the context; then how the model will be built."""
-    engine = EngineOptions(options.plan_path, options.gpu_budget_bytes, options.profile_path)
-    run = RunOptions(
-        prompt="(hetegen serve)",
-        model=options.model,
-        max_new_tokens=options.default_max_tokens,
-        dtype=options.dtype,
-        device=options.device,
-        quant=options.quant,
-    )
-    plan, ref, tokenizer = resolve_checked(run, engine)
+    resolved = resolve_setup(options.setup)
+    ref, plan = resolved.ref, resolved.plan
     limit = ref.spec.max_positions or DEFAULT_CONTEXT
     planned = None
     if plan is not None:  # its KV cache and workspace were budgeted for this many tokens
@@ -163,11 +144,6 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
             + (", or re-plan with a larger --prompt-len / --max-new-tokens" if by_plan else ""),
         )
     default_max = min(options.default_max_tokens, max(1, context // 2))
-    run = replace(run, max_new_tokens=default_max)
-    workload_prompt = max(1, context - default_max)  # a plan made here reserves the whole context
-    backend, dtype, fits = pick_device(run, ref, workload_prompt)
-    ctx = RunContext(
-        run, ref, tokenizer, [], backend, dtype, fits, plan, workload_prompt_tokens=workload_prompt
-    )
-    build = choose_builder(ctx, engine) or build_plain_model
-    return ServeSetup(ref, tokenizer, context, default_max, ctx, build)
+    # a plan made here reserves the whole context: the prompt a request may bring, and its tokens
+    workload = Workload(max(1, context - default_max), default_max)
+    return ServeSetup(resolved, context, default_max, decide_build(resolved, workload))

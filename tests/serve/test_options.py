@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from hetegen_cli.cli.app import app
 from hetegen_cli.core.errors import UsageError
+from hetegen_cli.run.setup import ModelSetup
 from hetegen_cli.serve import protocol as p
 from hetegen_cli.serve.model import ServeOptions
 from hetegen_cli.serve.server import bind, is_loopback
@@ -20,13 +21,14 @@ from hetegen_cli.serve.server import bind, is_loopback
         ({"default_max_tokens": 0}, "--max-tokens"),
         ({"context": 0}, "--context"),
         ({"grace_s": -1}, "--grace"),
-        ({"plan_path": "p.json", "gpu_budget_bytes": 1}, "--plan and --gpu-memory"),
+        ({"setup": {"plan_path": "p.json", "gpu_budget_bytes": 1}}, "--plan and --gpu-memory"),
+        ({"setup": {"device": "cpu", "gpu_budget_bytes": 1}}, "no effect with --device cpu"),
         ({"api_key": " "}, "--api-key"),
     ],
 )
 def test_bad_options_are_usage_errors(kw, text):
     with pytest.raises(UsageError, match=text):
-        ServeOptions(**kw)
+        ServeOptions(**{k: ModelSetup(**v) if k == "setup" else v for k, v in kw.items()})
 
 
 def test_cli_errors_are_one_line(tiny_llama_dir):

@@ -16,11 +16,10 @@ from typing import Any
 
 from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error, torch_dtype
-from hetegen_cli.core.dtypes import WEIGHT_DTYPES
+from hetegen_cli.core.dtypes import DTYPE_CHOICES, ComputeFormats
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats.compat import quiet_transformers
 
-DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -39,14 +38,19 @@ class LoadedModel:
 
     model: Any  # transformers PreTrainedModel (…ForCausalLM)
     device: str  # "cpu" or "cuda:0"
-    dtype: str  # compute dtype: "float32", or "float16+float32" (GPU+CPU share)
+    formats: ComputeFormats  # what it computes in: weights dtype, CPU formats per phase, quant
     load_s: float  # wall seconds to read the weights and place them
     engine: str = "plain"  # "plain" or "hetegen"
     sync: Callable[[], None] = _no_sync
-    info: dict[str, Any] = field(default_factory=dict)  # what was loaded, how (for reports)
+    folder: str | None = None  # where the weights were read from
     memory: dict[str, int] = field(default_factory=dict)  # bytes by home (engine)
     counters: Any = None  # engine counters with as_dict() and reset(), or None
     on_close: Callable[[], None] | None = None
+
+    @property
+    def dtype(self) -> str:
+        """The formats as people read them: "float32", "float16+float32" (GPU + CPU share)."""
+        return self.formats.label
 
     def stats(self) -> dict[str, Any] | None:
         """Engine counters and memory by home; None for a plain model."""
@@ -155,10 +159,10 @@ def load_model(ref_or_folder: Any, dtype: str = "float32", device: str = "cpu") 
     return LoadedModel(
         model=model,
         device=str(device),
-        dtype=dtype,
+        formats=ComputeFormats(dtype),
         load_s=time.perf_counter() - start,
         sync=sync,
-        info={"folder": str(folder)},
+        folder=str(folder),
     )
 
 

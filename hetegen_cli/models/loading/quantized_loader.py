@@ -16,6 +16,7 @@ import torch
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.console import activity, progress
+from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
@@ -78,21 +79,13 @@ def load_quantized(ref: Any) -> LoadedModel:
         load_rest(model, reader, cpu, torch.bfloat16, tied, bar, task)  # the rest, as the engine does
     recreate_rotary(model, torch.device("cpu"))
     check_no_meta(model)
-    head = quantize_head(model)  # the LM head read as int8 every token
+    quantize_head(model)  # the LM head read as int8 every token
     model.eval()
     load_generation_config(model, folder)
-    stored = sum(m.stored_bytes for m in model.modules() if isinstance(m, QuantLinear))
     return LoadedModel(
         model=model,
         device="cpu",
-        dtype=f"{doc['format']}+{REST_DTYPE}",
+        formats=ComputeFormats(REST_DTYPE, quant=doc["format"]),
         load_s=time.perf_counter() - start,
-        info={
-            "folder": str(folder),
-            "quant": doc["format"],
-            "group_size": doc.get("group_size"),
-            "quantized_linears": len(quantized),
-            "quantized_weight_bytes": stored,
-            "lm_head": quant.HEAD_FORMAT if head is not None else REST_DTYPE,
-        },
+        folder=str(folder),
     )

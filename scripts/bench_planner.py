@@ -15,8 +15,8 @@ import time
 from dataclasses import replace
 
 from hetegen_cli.core.units import parse_size
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import solve

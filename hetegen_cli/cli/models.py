@@ -7,8 +7,8 @@ import typer
 from hetegen_cli.cli.common import JsonOption, guarded
 from hetegen_cli.core.console import emit_json, stdout_console
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.shapes.spec import spec_from_config
 
 
 def register(app: typer.Typer) -> None:

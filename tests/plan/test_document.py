@@ -8,8 +8,8 @@ import json
 import pytest
 
 from hetegen_cli.core.errors import PlanError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan import solver
 from hetegen_cli.plan.document import Plan, RuntimeSettings, check_plan_matches, round_rows, save_plan
 from hetegen_cli.plan.load import load_plan, plan_from_dict

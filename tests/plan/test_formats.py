@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.errors import PlanError, ProfileError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.formats import FORMAT_TOLERANCE, Tried, candidate_pairs, pick
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetegen_cli.core.errors import PlanError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.document import check_plan_matches
 from hetegen_cli.plan.load import plan_from_dict
 from hetegen_cli.plan.memory import host_memory

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.memory import (
     ARENA_ALIGN,

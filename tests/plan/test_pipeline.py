@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import solver
 from hetegen_cli.plan.pipeline import min_cpu_rows

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from hetegen_cli.core.errors import PlanError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import residency
 from hetegen_cli.plan.document import check_plan_matches

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.errors import InputError, PlanError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import residency, solver
 from hetegen_cli.plan.document import ROW_GRANULARITY, Plan, round_rows

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from hetegen_cli.cli.profile import render
 from hetegen_cli.core.errors import HetegenError, PlanError, ProfileError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.costmodel.fit import rates_from_profile
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan

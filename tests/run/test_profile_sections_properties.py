@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetegen_cli.core.errors import HetegenError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
 from hetegen_cli.run.predicted import predict_run

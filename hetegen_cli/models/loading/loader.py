@@ -18,7 +18,7 @@ from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import get_backend, out_of_memory_as_error, torch_dtype
 from hetegen_cli.core.dtypes import DTYPE_CHOICES, ComputeFormats
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.formats.compat import quiet_transformers
+from hetegen_cli.models.architecture.build import quiet_transformers
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 

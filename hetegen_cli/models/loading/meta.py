@@ -15,8 +15,8 @@ from torch import nn
 
 from hetegen_cli.core.console import printable
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.architecture.build import quiet_transformers
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
-from hetegen_cli.models.formats.compat import quiet_transformers
 
 
 def meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:

@@ -17,11 +17,12 @@ from pathlib import Path
 from hetegen_cli.core.errors import ModelError, UsageError
 from hetegen_cli.core.paths import is_dir, probe
 from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, check_quant
+from hetegen_cli.models.architecture.folder import spec_from_folder
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.formats.gguf import ensure_converted_gguf, ensure_default_model
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.shapes.folder import spec_from_folder
 from hetegen_cli.models.shapes.quantfile import REST_DTYPE
-from hetegen_cli.models.shapes.spec import ModelSpec, spec_from_config
+from hetegen_cli.models.shapes.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES, itemsize
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
 from hetegen_cli.core.quant import kernel_takes
 from hetegen_cli.core.quant import weight_bytes as quant_weight_bytes
-from hetegen_cli.models.shapes.config import validate_config
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,10 @@ class ModelSpec:
     config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     #: every tensor a checkpoint of this model holds, name -> shape (a tied head omitted)
     tensors: dict[str, tuple[int, ...]] = field(repr=False, compare=False, default_factory=dict)
+    #: per decoder layer "sliding_attention" or "full_attention" (None: all full), and the
+    #: window of the sliding ones: their KV cache holds at most this many tokens
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -82,9 +85,27 @@ class ModelSpec:
         return self.fixed_bytes + self.linear_weight_bytes + head
 
     def kv_cache_bytes(self, tokens: int, batch_size: int = 1) -> int:
-        """K and V for every layer: 2 * layers * kv_heads * head_dim * tokens * batch * bytes."""
-        return (
-            2 * self.num_layers * self.num_kv_heads * self.head_dim * tokens * batch_size * self.dtype_bytes
+        """K and V of every layer for `tokens` tokens: 2 * kv_heads * head_dim * batch * bytes per
+        token and layer; a sliding-window layer holds at most `sliding_window` tokens."""
+        per_token = 2 * self.num_kv_heads * self.head_dim * batch_size * self.dtype_bytes
+        if self.layer_types is None or self.sliding_window is None:
+            return per_token * self.num_layers * tokens
+        window = self.sliding_window
+        held = [min(tokens, window) if t == "sliding_attention" else tokens for t in self.layer_types]
+        return per_token * sum(held)
+
+    def in_dtype(self, dtype: str) -> ModelSpec:
+        """This spec with its floating-point weights in `dtype` (a quantized linear keeps its
+        format); every other tensor changes dtype too."""
+        if dtype == self.dtype:
+            return self
+        nbytes = itemsize(dtype)
+        return replace(
+            self,
+            dtype=dtype,
+            linears=tuple(replace(lin, dtype_bytes=nbytes) for lin in self.linears),
+            lm_head=replace(self.lm_head, dtype_bytes=nbytes),
+            fixed_bytes=self.fixed_bytes // self.dtype_bytes * nbytes,
         )
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, prompt_what: str = "prompt") -> None:
@@ -149,105 +170,51 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _dtype_of(config: dict[str, Any], override: str | None) -> str:
+def dtype_of(config: dict[str, Any], override: str | None) -> str:
+    """The dtype weights run in: `override`, else the config's, else float32."""
     dtype = override or config.get("torch_dtype") or config.get("dtype") or "float32"
     if dtype not in WEIGHT_DTYPES:
         raise ModelError(f"unsupported weight dtype {dtype!r}", "use float16, bfloat16 or float32 (--dtype)")
     return dtype
 
 
-def spec_from_config(config: dict[str, Any], name: str, dtype: str | None = None) -> ModelSpec:
-    """Build the spec of a decoder-only LM from its config dict (validated first: ModelError
-    names the bad field). `dtype` overrides the config's dtype (the dtype weights run in)."""
-    validate_config(config, f"the config of {name}")
-    arch = config["model_type"]
-    dt = _dtype_of(config, dtype)
+def spec_from_layout(
+    layout: dict[str, Any], config: dict[str, Any], name: str, dtype: str | None = None
+) -> ModelSpec:
+    """The spec of a model from its layout (models.architecture.derive) and config; `dtype`
+    overrides the config's (the dtype weights run in)."""
+    dt = dtype_of(config, dtype)
     nbytes = itemsize(dt)
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    heads, vocab = config["num_attention_heads"], config["vocab_size"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    max_pos = config.get("max_position_embeddings") or 2048
-    tie = bool(config.get("tie_word_embeddings", arch == "opt"))
-    linears: list[LinearSpec] = []
-    tensors: dict[str, tuple[int, ...]] = {}  # every tensor a checkpoint must hold
-
-    def add(name: str, layer: int, role: str, out: int, inp: int, bias: bool) -> None:
-        linears.append(LinearSpec(name, layer, role, out, inp, bias, nbytes))
-        tensors[f"{name}.weight"] = (out, inp)
-        if bias:
-            tensors[f"{name}.bias"] = (out,)
-
-    def norm(prefix: str, bias: bool) -> None:
-        tensors[f"{prefix}.weight"] = (hidden,)
-        if bias:
-            tensors[f"{prefix}.bias"] = (hidden,)
-
-    if arch == "opt":
-        ffn = config["ffn_dim"]
-        bias = bool(config.get("enable_bias", True))
-        affine = bool(config.get("layer_norm_elementwise_affine", True))
-        proj = config.get("word_embed_proj_dim") or hidden
-        tensors["model.decoder.embed_tokens.weight"] = (vocab, proj)
-        tensors["model.decoder.embed_positions.weight"] = (max_pos + 2, hidden)
-        if proj != hidden:
-            tensors["model.decoder.project_out.weight"] = (proj, hidden)
-            tensors["model.decoder.project_in.weight"] = (hidden, proj)
-        for i in range(layers):
-            p = f"model.decoder.layers.{i}"
-            for role, mod in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
-                add(f"{p}.self_attn.{mod}", i, role, hidden, hidden, bias)
-            if affine:
-                norm(f"{p}.self_attn_layer_norm", True)
-            add(f"{p}.fc1", i, "fc1", ffn, hidden, bias)
-            add(f"{p}.fc2", i, "fc2", hidden, ffn, bias)
-            if affine:
-                norm(f"{p}.final_layer_norm", True)
-        final = config.get("do_layer_norm_before", True) and not config.get("_remove_final_layer_norm")
-        if final and affine:
-            norm("model.decoder.final_layer_norm", True)
-        head = LinearSpec("lm_head", -1, "lm_head", vocab, proj, False, nbytes)
-    else:
-        inter = config["intermediate_size"]
-        # Qwen2 always has q/k/v biases and no o bias, whatever attention_bias says
-        attn_bias = arch == "qwen2" or bool(config.get("attention_bias", False))
-        mlp_bias = bool(config.get("mlp_bias", False))
-        tensors["model.embed_tokens.weight"] = (vocab, hidden)
-        for i in range(layers):
-            p = f"model.layers.{i}"
-            add(f"{p}.self_attn.q_proj", i, "q", heads * head_dim, hidden, attn_bias)
-            add(f"{p}.self_attn.k_proj", i, "k", kv_heads * head_dim, hidden, attn_bias)
-            add(f"{p}.self_attn.v_proj", i, "v", kv_heads * head_dim, hidden, attn_bias)
-            add(f"{p}.self_attn.o_proj", i, "o", hidden, heads * head_dim, arch != "qwen2" and attn_bias)
-            add(f"{p}.mlp.gate_proj", i, "gate", inter, hidden, mlp_bias)
-            add(f"{p}.mlp.up_proj", i, "up", inter, hidden, mlp_bias)
-            add(f"{p}.mlp.down_proj", i, "down", hidden, inter, mlp_bias)
-            norm(f"{p}.input_layernorm", False)
-            norm(f"{p}.post_attention_layernorm", False)
-        norm("model.norm", False)
-        head = LinearSpec("lm_head", -1, "lm_head", vocab, hidden, False, nbytes)
-    if not tie:
-        tensors["lm_head.weight"] = (vocab, head.in_features)
-    linear_weights = {f"{lin.name}.weight" for lin in linears} | {"lm_head.weight"}
+    linears = tuple(
+        LinearSpec(lin_name, layer, role, out, inp, bool(bias), nbytes)
+        for lin_name, layer, role, out, inp, bias in layout["linears"]
+    )
+    head_name, head_out, head_in, head_bias = layout["head"]
+    head = LinearSpec(head_name, -1, "lm_head", head_out, head_in, bool(head_bias), nbytes)
+    tensors = {k: tuple(v) for k, v in layout["tensors"].items()}
+    linear_weights = {f"{lin.name}.weight" for lin in linears} | {f"{head_name}.weight"}
     fixed = sum(math.prod(shape) for key, shape in tensors.items() if key not in linear_weights)
+    types = layout.get("layer_types")
     return ModelSpec(
         name=name,
-        architecture=arch,
+        architecture=layout["architecture"],
         dtype=dt,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=vocab,
-        max_positions=max_pos,
-        tie_word_embeddings=tie,
-        linears=tuple(linears),
+        hidden_size=layout["hidden_size"],
+        num_layers=layout["num_layers"],
+        num_heads=layout["num_heads"],
+        num_kv_heads=layout["num_kv_heads"],
+        head_dim=layout["head_dim"],
+        vocab_size=layout["vocab_size"],
+        max_positions=layout["max_positions"],
+        tie_word_embeddings=layout["tie_word_embeddings"],
+        linears=linears,
         lm_head=head,
         fixed_bytes=fixed * nbytes,
         config_hash=config_hash(config),
         config=dict(config),
         tensors=tensors,
+        layer_types=tuple(types) if types is not None else None,
+        sliding_window=layout.get("sliding_window"),
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from hetegen_cli.models.shapes.spec import ModelSpec, spec_from_config
+from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.costmodel.calibration import profile_fixed_costs
 from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile, standin_rates
@@ -88,9 +88,7 @@ class Execution:
 
 def spec_in(spec: ModelSpec, dtype: str) -> ModelSpec:
     """`spec` with its floating-point weights in `dtype` (a quantized spec stays as it is)."""
-    if spec.dtype == dtype or spec.quant is not None or not spec.config:
-        return spec
-    return spec_from_config(spec.config, spec.name, dtype=dtype)
+    return spec if spec.quant is not None else spec.in_dtype(dtype)
 
 
 def predict(spec: ModelSpec, execution: Execution, req: PlanRequest, inputs: CostInputs) -> Figures:

@@ -47,8 +47,8 @@ def test_tensor_shapes_follow_transformers_and_skip_tied_head():
 def test_build_synthetic_model_is_loadable_and_cached(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from hetegen_cli.models.architecture.folder import spec_from_folder
     from hetegen_cli.models.formats.synthetic import build_synthetic_model
-    from hetegen_cli.models.shapes.folder import spec_from_folder
 
     folder = build_synthetic_model("opt-125m", "float16", tmp_path)
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"

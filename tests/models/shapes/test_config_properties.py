@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.loading.meta import meta_model
-from hetegen_cli.models.shapes.spec import spec_from_config
 from tests.mutations import mutated, property_settings
 
 LLAMA = {

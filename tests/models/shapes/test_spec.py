@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.loading.meta import meta_model
 from hetegen_cli.models.shapes.presets import preset_config, preset_names
-from hetegen_cli.models.shapes.spec import spec_from_config
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from hetegen_cli.core.errors import InputError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.costmodel import calibration as cal
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan

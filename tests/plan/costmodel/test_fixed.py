@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.presets import preset_config
-from hetegen_cli.models.shapes.spec import spec_from_config
 from hetegen_cli.plan.costmodel import fixed as oh
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan

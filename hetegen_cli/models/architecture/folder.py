@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hetegen_cli.core.dtypes import DTYPES
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.config import read_config
 from hetegen_cli.models.shapes.headers import TensorIndex, folder_tensor_index
 from hetegen_cli.models.shapes.quantfile import (
@@ -21,7 +22,7 @@ from hetegen_cli.models.shapes.quantfile import (
     spec_with_quantization,
     virtual_index,
 )
-from hetegen_cli.models.shapes.spec import ModelSpec, spec_from_config
+from hetegen_cli.models.shapes.spec import ModelSpec
 
 #: stored tensors transformers ignores on load (old rotary tables, attention masks)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.cache import cache_keyword, new_cache
 from hetegen_cli.models.loader import LoadedModel, load_model
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
@@ -48,7 +49,6 @@ from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.profile import measure as profile_measure
 from hetegen_cli.profile.timing import SCALE_ENV, torch_threads
-from hetegen_cli.run.generate import _cache_keyword, new_cache
 
 ENGINE_COSTS_VERSION = 1
 ARCHITECTURES = ("llama", "opt")
@@ -167,7 +167,7 @@ class _Clock:
 def _generation(model: Any, device: Any, clock: _Clock, prompt: int, steps: int) -> tuple[float, float]:
     """(prefill seconds, fastest decode-step seconds) of one generation: a forward over
     `prompt` random tokens, then `steps` one-token forwards, each with argmax sampling."""
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(prompt)
     ids = torch.randint(3, vocab, (1, prompt), generator=gen).to(device)

@@ -95,11 +95,11 @@ def register(app: typer.Typer) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
         layer split and CPU-only."""
+        from hetegen_cli.measure.profile import load_or_measure
         from hetegen_cli.models.source import resolve_model
         from hetegen_cli.plan.document import save_plan
         from hetegen_cli.plan.request import PlanRequest
         from hetegen_cli.plan.solver import make_plan
-        from hetegen_cli.profile.measure import load_or_measure
 
         if calibrate_runs:
             from hetegen_cli.cli.calibrate import calibrate
@@ -274,7 +274,7 @@ def render_simulation(plan: Any) -> None:
 def _measure_engine_costs(**kwargs: Any) -> dict:
     """run.engine_costs.measure_for_profile, imported only when a profile must be measured
     (it imports torch; planning from a saved profile does not)."""
-    from hetegen_cli.run.engine_costs import measure_for_profile
+    from hetegen_cli.measure.engine_costs import measure_for_profile
 
     return measure_for_profile(**kwargs)
 

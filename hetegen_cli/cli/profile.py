@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
         fixed costs. Save them as a versioned profile: first without the engine's costs, then
         with them (or with why they failed: `engine_error`)."""
         from hetegen_cli.core import paths
+        from hetegen_cli.measure.profile import run_profile
         from hetegen_cli.profile.document import busy_warning, save_profile
-        from hetegen_cli.profile.measure import run_profile
 
         path = output_arg(output) or check_output_path(paths.default_profile_path())
         with progress(enabled=not json_) as bar:
@@ -73,8 +73,8 @@ def _with_engine_costs(doc: dict[str, Any], quick: bool, saved: Path) -> dict[st
     and with `engine_error` (type, message, the traceback's last lines), and a warning."""
     from hetegen_cli.core.console import activity
     from hetegen_cli.core.errors import describe_error
+    from hetegen_cli.measure import engine_costs
     from hetegen_cli.profile.document import validate_profile
-    from hetegen_cli.run import engine_costs
 
     note(f"profile saved to {saved}; measuring the engine's fixed costs")
     try:

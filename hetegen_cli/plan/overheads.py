@@ -1,7 +1,7 @@
 """The engine's fixed costs in the cost model: what a step pays besides its linears (pure Python).
 
 `hetegen profile` measures them through the real model and engine on tiny synthetic models
-(run.engine_costs; the profile's `engine` section). Here they are fitted into per-phase terms
+(measure.engine_costs; the profile's `engine` section). Here they are fitted into per-phase terms
 and scaled to a model's shapes (docs/plan.md §1d):
 
     per decoder layer  = a + c * n * d + e * n * ctx * q + b * ctx * kv     (seconds)

@@ -1,5 +1,5 @@
 """Running a model: what the user asked (context), how the model is built (plain or through
 the engine, from a plan or planned on the fly), executing a run, and the generation loop.
 
-May import: `core`, `models`, `profile`, `plan`, `engine`.
+May import: `core`, `models`, `profile`, `plan`, `engine`, `measure`.
 """

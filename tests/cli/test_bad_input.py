@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from hetegen_cli.measure import profile as profile_measure
 from hetegen_cli.models import headers
-from hetegen_cli.profile import measure as profile_measure
 from hetegen_cli.run import builders
 from tests.fakes import make_profile
 from tests.helpers import assert_error, cli, run_quick

@@ -1,4 +1,4 @@
-"""The engine's fixed costs measured through the real model and engine (run.engine_costs), on
+"""The engine's fixed costs measured through the real model and engine (measure.engine_costs), on
 the CPU backend and on the strict CUDA-like stand-in, with a made-up clock."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.measure import engine_costs as ec
 from hetegen_cli.plan.overheads import overheads_from_profile
 from hetegen_cli.profile.document import validate_profile
-from hetegen_cli.run import engine_costs as ec
 from tests.fakes import fake_timer, make_profile
 from tests.strict import StrictBackend
 

@@ -41,14 +41,14 @@ import torch.nn.functional as F
 
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.measure import profile as profile_measure
+from hetegen_cli.measure.timing import SCALE_ENV, torch_threads
 from hetegen_cli.models.cache import cache_keyword, new_cache
 from hetegen_cli.models.loader import LoadedModel, load_model
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.models.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
-from hetegen_cli.profile import measure as profile_measure
-from hetegen_cli.profile.timing import SCALE_ENV, torch_threads
 
 ENGINE_COSTS_VERSION = 1
 ARCHITECTURES = ("llama", "opt")

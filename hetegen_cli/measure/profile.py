@@ -15,18 +15,9 @@ from hetegen_cli.core.console import activity, note, warn
 from hetegen_cli.core.errors import UsageError, describe_error
 from hetegen_cli.core.paths import check_writable_folder, probe
 from hetegen_cli.core.quant import QUANT_FORMATS
-from hetegen_cli.profile.cpu import cpu_pressure, default_threads, host_info, measure_cpu, sweep_threads
-from hetegen_cli.profile.document import (
-    GPU_SKIPPED_NOTE,
-    assess_busy,
-    build_profile,
-    busy_warning,
-    identity,
-    load_profile,
-    save_profile,
-)
-from hetegen_cli.profile.gpu import measure_gpu
-from hetegen_cli.profile.timing import (
+from hetegen_cli.measure.cpu import cpu_pressure, default_threads, host_info, measure_cpu, sweep_threads
+from hetegen_cli.measure.gpu import measure_gpu
+from hetegen_cli.measure.timing import (
     CPU_DTYPES,
     GPU_DTYPES,
     HostClock,
@@ -35,6 +26,15 @@ from hetegen_cli.profile.timing import (
     Steps,
     sizes_for,
     torch_threads,
+)
+from hetegen_cli.profile.document import (
+    GPU_SKIPPED_NOTE,
+    assess_busy,
+    build_profile,
+    busy_warning,
+    identity,
+    load_profile,
+    save_profile,
 )
 
 #: measures the engine's fixed costs: (threads=, quick=, gpu_backend=) -> the `engine` section

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 
 from hetegen_cli.core import devices, quant
-from hetegen_cli.profile import cpu as profile_cpu
-from hetegen_cli.profile import timing
+from hetegen_cli.measure import cpu as profile_cpu
+from hetegen_cli.measure import timing
+from hetegen_cli.measure.profile import run_profile
 from hetegen_cli.profile.document import validate_profile
-from hetegen_cli.profile.measure import run_profile
 from tests.fakes import TICK, TINY, fake_timer, tiny_profile
 
 
@@ -105,7 +105,7 @@ def test_real_gpu_profile_tiny():
 
 
 def test_default_threads_leave_a_core_for_the_gpu_launcher():
-    from hetegen_cli.profile.cpu import default_threads
+    from hetegen_cli.measure.cpu import default_threads
 
     assert default_threads(2, has_gpu=False) == 2
     assert default_threads(16, has_gpu=False) == 16
@@ -117,7 +117,7 @@ def test_a_failing_engine_cost_measurement_keeps_the_profile(monkeypatch):
     """plan, run and bench measure a missing profile themselves: an engine-cost failure there
     (the first real engine run on a new GPU) is recorded, not fatal."""
     said = []
-    monkeypatch.setattr("hetegen_cli.profile.measure.warn", said.append)
+    monkeypatch.setattr("hetegen_cli.measure.profile.warn", said.append)
 
     def failing(**kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -17,7 +17,7 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.quant import check_quant
-from hetegen_cli.measure.engine_costs import load_or_measure
+from hetegen_cli.measure.profile import load_or_measure
 from hetegen_cli.models import presets
 from hetegen_cli.models.gguf_write import (
     GGUF_FORMATS,

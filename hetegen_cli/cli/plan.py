@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
             warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
         with progress(enabled=not json_) as bar:
-            doc, identity = load_or_measure(profile, bar, engine_costs=_measure_engine_costs)
+            doc, identity = load_or_measure(profile, bar)
         doc, engines_note = _with_copy_engines(doc, copy_engines)
         plan = make_plan(ref.spec, doc, req, profile_identity=identity)
         if engines_note:
@@ -269,14 +269,6 @@ def render_simulation(plan: Any) -> None:
             + (" (added to the prediction)" if sim.get("host_term_added") else ""),
             highlight=False,
         )
-
-
-def _measure_engine_costs(**kwargs: Any) -> dict:
-    """run.engine_costs.measure_for_profile, imported only when a profile must be measured
-    (it imports torch; planning from a saved profile does not)."""
-    from hetegen_cli.measure.engine_costs import measure_for_profile
-
-    return measure_for_profile(**kwargs)
 
 
 def _rate(fig: dict | None, key: str, fmt: str = "{:.3g}") -> str:

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.measure import profile as profile_measure
 from hetegen_cli.measure.timing import SCALE_ENV, torch_threads
 from hetegen_cli.models.cache import cache_keyword, new_cache
 from hetegen_cli.models.loader import LoadedModel, load_model
@@ -397,13 +396,7 @@ def measure_for_profile(*, threads: int, quick: bool, gpu_backend: Backend | Non
 
 
 def measure_for_document(doc: dict[str, Any], *, quick: bool) -> dict[str, Any]:
-    """The `engine` section for a measured profile `doc` (`hetegen profile` measures it after
-    saving the rest): with its CPU threads, and on its GPU when it measured one."""
+    """The `engine` section for a measured profile `doc` (measure.profile.with_engine_costs):
+    with its CPU threads, and on its GPU when it measured one."""
     gpu_backend = get_backend("cuda") if doc.get("gpu") else None
     return measure_for_profile(threads=int(doc["cpu"]["threads"]), quick=quick, gpu_backend=gpu_backend)
-
-
-def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """profile.measure.load_or_measure, measuring the engine's fixed costs too when it has to
-    measure a profile (plan, run and bench use this one)."""
-    return profile_measure.load_or_measure(path, progress, engine_costs=measure_for_profile)

@@ -28,7 +28,7 @@ from hetegen_cli.core.console import note, warn
 from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_backend
 from hetegen_cli.core.errors import DeviceError, HetegenError
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.measure.engine_costs import load_or_measure
+from hetegen_cli.measure.profile import load_or_measure
 from hetegen_cli.models.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from hetegen_cli.models.source import ModelRef, resolve_model
 from hetegen_cli.plan.document import Plan, check_plan_matches

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hetegen_cli.core import devices
-from hetegen_cli.measure import profile as profile_measure
+from hetegen_cli.measure import profile as measure_profile
 from hetegen_cli.measure import timing
 from hetegen_cli.profile.document import PROFILE_KIND, PROFILE_SCHEMA_VERSION, load_profile, validate_profile
 from tests.fakes import TOP_FIELDS
@@ -95,7 +95,7 @@ def test_counts_below_one_are_usage_errors(app, runner, option):
 
 
 def test_output_under_a_regular_file_fails_before_measuring(app, runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(profile_measure, "run_profile", lambda **_: pytest.fail("measured anyway"))
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **_: pytest.fail("measured anyway"))
     tmp_path = tmp_path / "work"
     tmp_path.mkdir()
     blocker = tmp_path / "a-file"
@@ -109,7 +109,7 @@ def test_output_under_a_regular_file_fails_before_measuring(app, runner, tmp_pat
 
 
 def test_output_that_is_a_directory_fails(app, runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(profile_measure, "run_profile", lambda **_: pytest.fail("measured anyway"))
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **_: pytest.fail("measured anyway"))
     tmp_path = tmp_path / "work"
     folder = tmp_path / "out"
     folder.mkdir(parents=True)

@@ -196,7 +196,7 @@ timeout 120 "$PY" - "$WORK/preflight.json" > "$WORK/preflight.stdout" 2> "$WORK/
 import importlib, importlib.metadata, json, os, subprocess, sys, time, traceback
 
 REQUIRED = ["torch", "transformers", "safetensors", "typer", "rich", "psutil", "pydantic", "numpy",
-            "hetegen_cli.cli.app", "hetegen_cli.profile.document", "hetegen_cli.run.engine_costs",
+            "hetegen_cli.cli.app", "hetegen_cli.profile.document", "hetegen_cli.measure.engine_costs",
             "hetegen_cli.bench.runner"]
 OPTIONAL = {"accelerate": "the accelerate arm", "gguf": "GGUF models (not used by the check)",
             "matplotlib": "the sweep's plot", "hypothesis": "the property tests",

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 
 from hetegen_cli.core import quant
+from hetegen_cli.measure import timing
+from hetegen_cli.measure.profile import run_profile
 from hetegen_cli.plan import costmodel as cm
-from hetegen_cli.profile import timing
-from hetegen_cli.profile.measure import run_profile
 
 GB = 1e9
 HUGE = 1e30  # a rate so high its term vanishes

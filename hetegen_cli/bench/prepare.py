@@ -17,6 +17,7 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
 from hetegen_cli.core.quant import check_quant
+from hetegen_cli.measure.profile import load_or_measure
 from hetegen_cli.models.formats.gguf_write import (
     GGUF_FORMATS,
     build_synthetic_gguf,
@@ -30,7 +31,6 @@ from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair
 from hetegen_cli.plan.solver import check_forced_formats, make_plan
 from hetegen_cli.run.builders import all_cpu_formats_plan
-from hetegen_cli.run.engine_costs import load_or_measure
 
 ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference", "llama.cpp")
 RUN_ORDER = ("reference", "cpu", "hetegen", "llama.cpp", "offload", "accelerate", "layer-split", "gpu")

@@ -91,11 +91,11 @@ def register(app: typer.Typer) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
         layer split and CPU-only."""
+        from hetegen_cli.measure.profile import load_or_measure
         from hetegen_cli.models.loading.source import resolve_model
         from hetegen_cli.plan.document import save_plan
         from hetegen_cli.plan.request import PlanRequest
         from hetegen_cli.plan.solver import make_plan
-        from hetegen_cli.profile.measure import load_or_measure
 
         if calibrate_runs:
             from hetegen_cli.cli.calibrate import calibrate
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
             warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
         with progress(enabled=not json_) as bar:
-            doc, identity = load_or_measure(profile, bar, engine_costs=_measure_engine_costs)
+            doc, identity = load_or_measure(profile, bar)
         doc, engines_note = _with_copy_engines(doc, copy_engines)
         plan = make_plan(ref.spec, doc, req, profile_identity=identity)
         if engines_note:
@@ -265,14 +265,6 @@ def render_simulation(plan: Any) -> None:
             + (" (added to the prediction)" if sim.get("host_term_added") else ""),
             highlight=False,
         )
-
-
-def _measure_engine_costs(**kwargs: Any) -> dict:
-    """run.engine_costs.measure_for_profile, imported only when a profile must be measured
-    (it imports torch; planning from a saved profile does not)."""
-    from hetegen_cli.run.engine_costs import measure_for_profile
-
-    return measure_for_profile(**kwargs)
 
 
 def _rate(fig: dict | None, key: str, fmt: str = "{:.3g}") -> str:

@@ -42,15 +42,16 @@ def register(app: typer.Typer) -> None:
         fixed costs. Save them as a versioned profile: first without the engine's costs, then
         with them (or with why they failed: `engine_error`)."""
         from hetegen_cli.core import paths
+        from hetegen_cli.measure.profile import run_profile, with_engine_costs
         from hetegen_cli.profile.document import busy_warning, save_profile
-        from hetegen_cli.profile.measure import run_profile
 
         path = output_arg(output) or check_output_path(paths.default_profile_path())
         with progress(enabled=not json_) as bar:
             doc = run_profile(quick=quick, threads=threads, repeat=repeat, progress=bar)
         saved = save_profile(doc, path)  # kept whatever the engine-cost measurement does
         if not no_engine_costs:
-            doc = _with_engine_costs(doc, quick, saved)
+            note(f"profile saved to {saved}; measuring the engine's fixed costs")
+            doc = with_engine_costs(doc, quick)
             saved = save_profile(doc, path)
         if json_:
             emit_json(doc)
@@ -66,29 +67,6 @@ def register(app: typer.Typer) -> None:
         if doc["gpu_note"]:
             note(doc["gpu_note"])
         note(f"profile saved to {saved}")
-
-
-def _with_engine_costs(doc: dict[str, Any], quick: bool, saved: Path) -> dict[str, Any]:
-    """`doc` with its `engine` section measured; if that fails in any way, `doc` without it
-    and with `engine_error` (type, message, the traceback's last lines), and a warning."""
-    from hetegen_cli.core.console import activity
-    from hetegen_cli.core.errors import describe_error
-    from hetegen_cli.profile.document import validate_profile
-    from hetegen_cli.run import engine_costs
-
-    note(f"profile saved to {saved}; measuring the engine's fixed costs")
-    try:
-        with activity("measuring the engine's fixed costs"):
-            engine = engine_costs.measure_for_document(doc, quick=quick)
-        return validate_profile({**doc, "engine": engine})
-    except Exception as exc:  # recorded: the rest of the profile stands without it
-        error = describe_error(exc)
-        warn(
-            f"the engine's fixed costs could not be measured ({error['type']}: "
-            f"{(error['message'].splitlines() or [''])[0][:200]}); the profile is saved without "
-            "them, with `engine_error`"
-        )
-        return {**doc, "engine": None, "engine_error": error}
 
 
 def _ms(s: dict[str, Any]) -> str:

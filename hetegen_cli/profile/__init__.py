@@ -1,5 +1,5 @@
-"""The hardware profile: its document (schema, load, save), the measuring toolbox, the CPU
-and GPU measurements, and load-or-measure for plan, run and bench.
+"""The hardware profile document: schema, load, save, identity (the measuring is in
+`measure`).
 
-May import: `core` only (never `models`); `document` is pure Python (no torch).
+May import: `core` only (never `models`); pure Python (no torch).
 """

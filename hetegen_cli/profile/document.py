@@ -66,7 +66,7 @@ def build_profile(
     engine: dict | None = None,
 ) -> dict[str, Any]:
     """The profile document, leading with schema_version and kind. `engine`: the engine's
-    fixed costs (run.engine_costs), or None when they were not measured."""
+    fixed costs (measure.engine_costs), or None when they were not measured."""
     return {
         "schema_version": PROFILE_SCHEMA_VERSION,
         "kind": PROFILE_KIND,
@@ -206,7 +206,7 @@ class Concurrent(Schema):
 
 
 class CopyEngineProbe(Schema):
-    """A small H2D copy alone and while a big one runs on another stream (profile.gpu)."""
+    """A small H2D copy alone and while a big one runs on another stream (measure.gpu)."""
 
     small_copy_alone_s: NonNegative
     small_copy_during_big_s: NonNegative
@@ -272,7 +272,7 @@ class EngineModel(Schema):
 
 
 class EngineCosts(Schema):
-    """The engine's fixed costs (run.engine_costs measures them; plan.costmodel.fixed fits them)."""
+    """The engine's fixed costs (measure.engine_costs measures them; plan.costmodel.fixed fits them)."""
 
     version: Literal[1]
     model: EngineModel
@@ -311,7 +311,7 @@ class Profile(Schema):
     busy: Busy | None = None  # profiles before it lack it
 
 
-#: the signs of a busy machine (profile.measure records them; docs/profile.md)
+#: the signs of a busy machine (measure.profile records them; docs/profile.md)
 BUSY_LOAD_PER_CORE = 0.75  # 1-minute load average per logical core when measuring starts
 BUSY_PRESSURE_PCT = 25.0  # % of the last 10 s some runnable task waited for a CPU
 BUSY_RELATIVE_SD = 0.15  # median sd / mean of the CPU GEMV repeats

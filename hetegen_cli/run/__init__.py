@@ -2,5 +2,5 @@
 model is built (builders: plain or through the engine, from a plan or planned on the fly),
 executing a run, and the generation loop.
 
-May import: `core`, `models`, `profile`, `plan`, `engine`.
+May import: `core`, `models`, `profile`, `plan`, `engine`, `measure`.
 """

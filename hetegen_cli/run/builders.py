@@ -34,6 +34,7 @@ from hetegen_cli.core.devices import Backend, CpuBackend, cuda_available, get_ba
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import DeviceError, HetegenError
 from hetegen_cli.engine.hetero_model import engine_formats, load_hetero_model
+from hetegen_cli.measure.profile import load_or_measure
 from hetegen_cli.models.loading.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.models.shapes.spec import ModelSpec
@@ -43,7 +44,6 @@ from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
-from hetegen_cli.run.engine_costs import load_or_measure
 from hetegen_cli.run.setup import ModelSetup, Workload
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
+from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.shapes.spec import check_context
 
 TextCallback = Callable[[str], None]
@@ -187,30 +188,11 @@ class IncrementalDecoder:
 # ---------------------------------------------------------------------------- the decode loop
 
 
-def _cache_keyword(model: Any) -> str:
-    """transformers >= 5.x names the KV-cache argument `cache`; 4.x `past_key_values`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _supports_logits_to_keep(model: Any) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def new_cache(model: Any) -> Any:
-    """An empty transformers DynamicCache for `model`."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
 
 
 def _non_finite() -> ModelError:
@@ -285,7 +267,7 @@ def generate(
     if device is None:
         device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer) if eos_ids is None else set(eos_ids)
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
     generator = None
     if not sampling.greedy:

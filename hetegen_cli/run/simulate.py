@@ -148,8 +148,8 @@ def record_trace(
     from hetegen_cli.core.devices import CudaPathBackend
     from hetegen_cli.engine.hetero_model import load_hetero_model
     from hetegen_cli.engine.trace import trace_steps
+    from hetegen_cli.measure.cpu import cpuinfo
     from hetegen_cli.models.loading.source import resolve_model
-    from hetegen_cli.profile.cpu import cpuinfo
 
     if not spec.config:
         raise InputError(

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from hetegen_cli.measure import profile as measure_profile
 from hetegen_cli.models.shapes import headers
-from hetegen_cli.profile import measure as profile_measure
 from hetegen_cli.run import builders
 from tests.fakes import make_profile
 from tests.helpers import assert_error, cli, run_quick
@@ -305,7 +305,7 @@ def test_ctrl_c_says_what_stopped(monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(profile_measure, "measure_cpu", interrupted)
+    monkeypatch.setattr(measure_profile, "measure_cpu", interrupted)
     result = cli("profile", "--quick", "--output", str(tmp_path / "p.json"))
     assert result.exit_code == 130
     assert result.stderr.strip() == (
@@ -340,7 +340,7 @@ def test_plan_in_a_read_only_home_fails_before_measuring(monkeypatch, tmp_path):
     home.mkdir()
     monkeypatch.setenv("HETEGEN_HOME", str(home))
     monkeypatch.setattr("hetegen_cli.core.paths.os.access", lambda *a: False)
-    monkeypatch.setattr(profile_measure, "run_profile", lambda **k: pytest.fail("measured anyway"))
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **k: pytest.fail("measured anyway"))
     assert_error(cli("plan", "-m", "opt-125m"), "HETEGEN_HOME", "not writable", "--profile")
 
 

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hetegen_cli.core import devices
-from hetegen_cli.profile import measure as profile_measure
-from hetegen_cli.profile import timing
+from hetegen_cli.measure import profile as measure_profile
+from hetegen_cli.measure import timing
 from hetegen_cli.profile.document import PROFILE_KIND, PROFILE_SCHEMA_VERSION, load_profile, validate_profile
 from tests.fakes import TOP_FIELDS
 
@@ -95,7 +95,7 @@ def test_counts_below_one_are_usage_errors(app, runner, option):
 
 
 def test_output_under_a_regular_file_fails_before_measuring(app, runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(profile_measure, "run_profile", lambda **_: pytest.fail("measured anyway"))
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **_: pytest.fail("measured anyway"))
     tmp_path = tmp_path / "work"
     tmp_path.mkdir()
     blocker = tmp_path / "a-file"
@@ -109,7 +109,7 @@ def test_output_under_a_regular_file_fails_before_measuring(app, runner, tmp_pat
 
 
 def test_output_that_is_a_directory_fails(app, runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(profile_measure, "run_profile", lambda **_: pytest.fail("measured anyway"))
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **_: pytest.fail("measured anyway"))
     tmp_path = tmp_path / "work"
     folder = tmp_path / "out"
     folder.mkdir(parents=True)
@@ -136,7 +136,7 @@ def test_engine_cost_failure_keeps_the_saved_profile_and_records_the_error(
 ):
     """The profile is on disk before the engine's costs are measured; their failure is
     recorded in it (type, message, traceback tail), with a one-line warning and exit 0."""
-    from hetegen_cli.run import engine_costs
+    from hetegen_cli.measure import engine_costs
 
     target = tmp_path / "p.json"
     seen = {}
@@ -170,7 +170,7 @@ def test_engine_cost_failure_keeps_the_saved_profile_and_records_the_error(
 
 
 def test_engine_costs_rewrite_the_saved_profile(app, runner, scaled, tmp_path, monkeypatch):
-    from hetegen_cli.run import engine_costs
+    from hetegen_cli.measure import engine_costs
     from tests.plan.engine_fakes import engine_section
 
     target = tmp_path / "p.json"
@@ -186,7 +186,7 @@ def test_engine_costs_rewrite_the_saved_profile(app, runner, scaled, tmp_path, m
 def test_an_invalid_engine_section_is_an_engine_error_not_a_lost_profile(
     app, runner, scaled, tmp_path, monkeypatch
 ):
-    from hetegen_cli.run import engine_costs
+    from hetegen_cli.measure import engine_costs
     from tests.plan.engine_fakes import engine_section
 
     bad = engine_section(devices=("cpu",))
@@ -202,7 +202,7 @@ def test_an_invalid_engine_section_is_an_engine_error_not_a_lost_profile(
 
 
 def test_no_engine_costs_skips_them(app, runner, scaled, tmp_path, monkeypatch):
-    from hetegen_cli.run import engine_costs
+    from hetegen_cli.measure import engine_costs
 
     monkeypatch.setattr(engine_costs, "measure_for_profile", lambda **_: pytest.fail("measured anyway"))
     target = tmp_path / "p.json"
@@ -218,8 +218,8 @@ def test_no_engine_costs_skips_them(app, runner, scaled, tmp_path, monkeypatch):
 
 def test_a_profile_measured_on_a_busy_machine_says_so_and_so_do_its_users(tmp_path, monkeypatch):
     """The busy signs are recorded in the document; loading it for plan, run or bench warns."""
+    from hetegen_cli.measure.profile import gemv_relative_sd, load_or_measure
     from hetegen_cli.profile.document import assess_busy, busy_warning, save_profile
-    from hetegen_cli.profile.measure import gemv_relative_sd, load_or_measure
     from tests.fakes import make_profile
 
     idle = assess_busy(0.3, 1.0, 0.02, 8)
@@ -232,7 +232,7 @@ def test_a_profile_measured_on_a_busy_machine_says_so_and_so_do_its_users(tmp_pa
     doc = {**make_profile(), "busy": busy}
     path = save_profile(doc, tmp_path / "busy.json")
     said = []
-    monkeypatch.setattr("hetegen_cli.profile.measure.warn", said.append)
+    monkeypatch.setattr("hetegen_cli.measure.profile.warn", said.append)
     load_or_measure(path)
     assert said == [busy_warning(doc, path)] and "load average 7.5" in said[0]
     save_profile({**doc, "busy": idle}, path)

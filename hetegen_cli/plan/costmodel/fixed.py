@@ -4,7 +4,7 @@ One name for them everywhere: *fixed costs* (the profile's `engine` section hold
 measurements).
 
 `hetegen profile` measures them through the real model and engine on tiny synthetic models
-(the profile's `engine` section). Here they are fitted into per-phase terms
+(measure.engine_costs; the profile's `engine` section). Here they are fitted into per-phase terms
 and scaled to a model's shapes (docs/plan.md §1d):
 
     per decoder layer  = a + c * n * d + e * n * ctx * q + b * ctx * kv     (seconds)

@@ -1,4 +1,4 @@
-"""The engine's fixed costs measured through the real model and engine (run.engine_costs), on
+"""The engine's fixed costs measured through the real model and engine (measure.engine_costs), on
 the CPU backend and on the strict CUDA-like stand-in, with a made-up clock."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.measure import engine_costs as ec
+from hetegen_cli.measure.tiny_models import TinyShape
 from hetegen_cli.plan.costmodel.fixed import fixed_costs_from_profile
 from hetegen_cli.profile.document import validate_profile
-from hetegen_cli.run import engine_costs as ec
 from tests.fakes import fake_timer, make_profile
 from tests.strict import StrictBackend
 
@@ -16,7 +17,7 @@ SIZES = ec.CostSizes(
     prompts=(4, 8, 16),
     decode_steps=2,
     repeat=1,
-    shape=ec.TinyShape(hidden=32, heads=2, intermediate=64, vocab=64, layers=(1, 2), max_positions=64),
+    shape=TinyShape(hidden=32, heads=2, intermediate=64, vocab=64, layers=(1, 2), max_positions=64),
 )
 
 
@@ -45,10 +46,3 @@ def test_every_backend_dtype_and_family_is_measured_and_the_document_validates(m
     validate_profile(profile)
     o = fixed_costs_from_profile(profile)
     assert o.has("cpu") and o.has("cuda")
-
-
-def test_write_tiny_model_gives_a_loadable_model_of_each_family(tmp_path):
-    for arch in ec.ARCHITECTURES:
-        ref = ec.write_tiny_model(tmp_path / arch, arch, SIZES.shape, 2)
-        assert ref.spec.num_layers == 2 and ref.spec.hidden_size == 32
-        assert not ref.spec.tie_word_embeddings  # the LM head is a linear the engine can place

@@ -1,5 +1,5 @@
 """The host and CPU part of `hetegen profile`: host facts, DRAM read bandwidth, GEMV per dtype
-(and per thread count), GEMM at prefill shapes. Timing rules: profile.timing."""
+(and per thread count), GEMM at prefill shapes. Timing rules: measure.timing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 from hetegen_cli.core.devices import dtype_name, torch_dtype
 from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, QUANT_FORMATS
 from hetegen_cli.core.stats import summarize
-from hetegen_cli.profile.document import CPU_FEATURES, rate
-from hetegen_cli.profile.timing import (
+from hetegen_cli.measure.timing import (
     CPU_DTYPES,
     HostClock,
     MiB,
@@ -29,6 +28,7 @@ from hetegen_cli.profile.timing import (
     torch_threads,
     weight_pool,
 )
+from hetegen_cli.profile.document import CPU_FEATURES, rate
 
 # --- host ----------------------------------------------------------------------------------
 

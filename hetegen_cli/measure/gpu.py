@@ -1,7 +1,7 @@
 """The GPU part of `hetegen profile`: matmul, GEMV bandwidth, H2D/D2H copies, concurrency.
 
 Touches CUDA only through `devices` (backend, pinned memory, CUDA-event clock). Timing rules
-are profile.timing.measure's; GPU work is timed with CUDA events unless a timer is injected (then
+are measure.timing.measure's; GPU work is timed with CUDA events unless a timer is injected (then
 with that timer after a device synchronize).
 """
 
@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from hetegen_cli.core import devices
-from hetegen_cli.profile.document import rate
-from hetegen_cli.profile.timing import (
+from hetegen_cli.measure.timing import (
     GPU_DTYPES,
     HostClock,
     MiB,
@@ -28,6 +27,7 @@ from hetegen_cli.profile.timing import (
     random_tensor,
     weight_pool,
 )
+from hetegen_cli.profile.document import rate
 
 
 def measure_gpu(

@@ -1,4 +1,4 @@
-"""The copy-engine probe (profile.gpu.copy_engine_probe): a small host-to-device copy timed
+"""The copy-engine probe (measure.gpu.copy_engine_probe): a small host-to-device copy timed
 alone and while a big one runs on another stream, on a simulated GPU with one or two copy
 engines, on the CPU stand-in, in the profile document and its tables, and on a real GPU."""
 
@@ -11,8 +11,8 @@ import torch
 
 from hetegen_cli.core import devices
 from hetegen_cli.core.errors import ProfileError
+from hetegen_cli.measure.gpu import copy_engine_probe, copy_engines
 from hetegen_cli.profile.document import validate_profile
-from hetegen_cli.profile.gpu import copy_engine_probe, copy_engines
 from tests.fakes import tiny_profile
 
 BYTES_PER_S = 25e9  # PCIe 4 x16
@@ -127,7 +127,7 @@ def test_profile_document_carries_the_probe_and_the_tables_show_it(capsys):
 
 def test_a_failing_probe_costs_only_itself(monkeypatch, capsys):
     from hetegen_cli.cli.profile import render
-    from hetegen_cli.profile import gpu as profile_gpu
+    from hetegen_cli.measure import gpu as profile_gpu
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: invalid argument")

@@ -1,5 +1,7 @@
-"""`hetegen profile` as a whole: `run_profile` measures this machine into a profile document;
-`load_or_measure` gives plan, run and bench the saved profile (measured first when missing)."""
+"""`hetegen profile` as a whole: `run_profile` measures this machine into a profile document,
+`with_engine_costs` adds the engine's fixed costs (measure.engine_costs), and
+`load_or_measure` gives plan, run and bench the saved profile (measured first when missing,
+engine costs included)."""
 
 from __future__ import annotations
 
@@ -15,18 +17,10 @@ from hetegen_cli.core.console import activity, note, warn
 from hetegen_cli.core.errors import UsageError, describe_error
 from hetegen_cli.core.paths import check_writable_folder, probe
 from hetegen_cli.core.quant import QUANT_FORMATS
-from hetegen_cli.profile.cpu import cpu_pressure, default_threads, host_info, measure_cpu, sweep_threads
-from hetegen_cli.profile.document import (
-    GPU_SKIPPED_NOTE,
-    assess_busy,
-    build_profile,
-    busy_warning,
-    identity,
-    load_profile,
-    save_profile,
-)
-from hetegen_cli.profile.gpu import measure_gpu
-from hetegen_cli.profile.timing import (
+from hetegen_cli.measure import engine_costs
+from hetegen_cli.measure.cpu import cpu_pressure, default_threads, host_info, measure_cpu, sweep_threads
+from hetegen_cli.measure.gpu import measure_gpu
+from hetegen_cli.measure.timing import (
     CPU_DTYPES,
     GPU_DTYPES,
     HostClock,
@@ -36,9 +30,16 @@ from hetegen_cli.profile.timing import (
     sizes_for,
     torch_threads,
 )
-
-#: measures the engine's fixed costs: (threads=, quick=, gpu_backend=) -> the `engine` section
-EngineCostsHook = Callable[..., dict[str, Any]]
+from hetegen_cli.profile.document import (
+    GPU_SKIPPED_NOTE,
+    assess_busy,
+    build_profile,
+    busy_warning,
+    identity,
+    load_profile,
+    save_profile,
+    validate_profile,
+)
 
 # --- the whole profile -------------------------------------------------------------------
 
@@ -51,17 +52,15 @@ def run_profile(
     timer: Callable[[], float] | None = None,
     sizes: Sizes | None = None,
     gpu_backend: Any = None,
-    engine_costs: EngineCostsHook | None = None,
 ) -> dict[str, Any]:
-    """Measure this machine and return the profile document (see profile.document.SCHEMA).
+    """Measure this machine and return the profile document (see profile.document.SCHEMA),
+    without the engine's fixed costs (with_engine_costs adds them).
 
     `threads`: CPU intra-op threads (default: default_threads()). `repeat`: samples per
     measurement. `progress`: a Rich Progress-like object. `timer`: seconds clock for every
     measurement (default time.perf_counter; injecting one also replaces CUDA events).
     `sizes`: what to measure (default QUICK or FULL, see sizes_for). `gpu_backend`: measure
     the GPU part on this devices.Backend (tests: the CPU stand-in); default CUDA if present.
-    `engine_costs`: measures the engine's fixed costs (run.engine_costs.measure_for_profile;
-    it lives above this package because it runs the engine); None leaves them out.
     """
     if threads is not None and not 1 <= threads <= 4096:
         raise UsageError(f"--threads must be in [1, 4096], got {threads}", "e.g. --threads 4")
@@ -87,22 +86,7 @@ def run_profile(
             with devices.out_of_memory_as_error("profiling the GPU"):
                 gpu = measure_gpu(sizes, cpu, host, pool, timer, steps, gpu_backend)
             note = None
-    engine, engine_error = None, None
-    if engine_costs is not None:
-        try:
-            with activity("measuring the engine's fixed costs"):
-                gpu_side = gpu_backend or (devices.get_backend("cuda") if has_gpu else None)
-                engine = engine_costs(threads=threads, quick=quick, gpu_backend=gpu_side)
-        except Exception as exc:  # the rest of the profile stands without them (engine_error)
-            engine_error = describe_error(exc)
-            warn(
-                f"the engine's fixed costs could not be measured ({engine_error['type']}: "
-                f"{(engine_error['message'].splitlines() or [''])[0][:200]}); the profile is kept "
-                "without them, with `engine_error`"
-            )
-    doc = build_profile(host, cpu, gpu, note, quick, engine=engine)
-    if engine_error is not None:
-        doc["engine_error"] = engine_error
+    doc = build_profile(host, cpu, gpu, note, quick)
     doc["busy"] = assess_busy(
         host.get("load_average_1m"), pressure, gemv_relative_sd(cpu), host["logical_cores"]
     )
@@ -130,13 +114,29 @@ def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
     return n
 
 
-def load_or_measure(
-    path: str | Path | None, progress: Any = None, engine_costs: EngineCostsHook | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def with_engine_costs(doc: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """`doc` with its `engine` section measured (measure.engine_costs.measure_for_document);
+    if that fails in any way, `doc` without it and with `engine_error` (type, message, the
+    traceback's last lines), and a one-line warning: the rest of the profile stands."""
+    try:
+        with activity("measuring the engine's fixed costs"):
+            engine = engine_costs.measure_for_document(doc, quick=quick)
+        return validate_profile({**doc, "engine": engine})
+    except Exception as exc:  # recorded: the rest of the profile stands without it
+        error = describe_error(exc)
+        warn(
+            f"the engine's fixed costs could not be measured ({error['type']}: "
+            f"{(error['message'].splitlines() or [''])[0][:200]}); the profile is saved without "
+            "them, with `engine_error`"
+        )
+        return {**doc, "engine": None, "engine_error": error}
+
+
+def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(profile document, identity) of `path`, or of this machine's saved profile, which is
-    measured (`hetegen profile --quick`) and saved first when missing. Used by plan, run and
-    bench; `progress` (a Rich Progress-like object, or None) shows the measurement;
-    `engine_costs` as in run_profile."""
+    measured (`hetegen profile --quick`, the engine's fixed costs included) and saved first
+    when missing. Used by plan, run and bench; `progress` (a Rich Progress-like object, or
+    None) shows the measurement."""
     if path is None:
         path = paths.default_profile_path()
         if probe(path, "the saved profile") is None:
@@ -146,7 +146,8 @@ def load_or_measure(
                 f"set {paths.HOME_ENV} to a writable folder, or pass --profile PATH",
             )
             note(f"no hardware profile at {path}: measuring a quick one (`hetegen profile --quick`)")
-            save_profile(run_profile(quick=True, progress=progress, engine_costs=engine_costs), path)
+            doc = with_engine_costs(run_profile(quick=True, progress=progress), quick=True)
+            save_profile(doc, path)
             note(f"profile saved to {path}")
     doc = load_profile(path)
     warning = busy_warning(doc, path)

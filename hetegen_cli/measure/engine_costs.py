@@ -6,10 +6,10 @@ launches) and for the engine itself (the hand-off to the CPU worker, the activat
 the join). These costs are a few percent of a 30B model's step and most of a small model's, so
 the planner needs them measured (docs/profile.md, "Engine costs").
 
-How: tiny synthetic models (hidden 256, 4 heads of 64, FFN 512, vocabulary 2048; one and six
-decoder layers; untied LM head) of each architecture family (llama, opt) are written to a
-temporary folder and loaded as `run` loads them. Per backend (the CPU, and the GPU when
-present) and per activation dtype:
+How: tiny synthetic models (measure.tiny_models: hidden 256, 4 heads of 64, FFN 512,
+vocabulary 2048; one and six decoder layers; untied LM head) of each architecture family
+(llama, opt) are written to a temporary folder and loaded as `run` loads them. Per backend
+(the CPU, and the GPU when present) and per activation dtype:
 
 - the stock model's prefill at several prompt lengths and its decode step at two context
   lengths, minus the same linears called alone (`F.linear`, same shapes, same device): the
@@ -27,12 +27,11 @@ cost model's fixed terms.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,34 +40,16 @@ import torch.nn.functional as F
 
 from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
-from hetegen_cli.models.formats.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
+from hetegen_cli.measure.timing import SCALE_ENV, torch_threads
+from hetegen_cli.measure.tiny_models import ARCHITECTURES, TinyShape, write_tiny_model
+from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.loading.loader import LoadedModel, load_model
-from hetegen_cli.models.loading.source import ModelRef, resolve_model
+from hetegen_cli.models.loading.source import ModelRef
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
-from hetegen_cli.profile import measure as profile_measure
-from hetegen_cli.profile.timing import SCALE_ENV, torch_threads
-from hetegen_cli.run.generate import _cache_keyword, new_cache
 
 ENGINE_COSTS_VERSION = 1
-ARCHITECTURES = ("llama", "opt")
 MODES = ("inline", "split", "stream")  # the CPU computes the whole linear / half / none of it
-
-
-@dataclass(frozen=True)
-class TinyShape:
-    """The measuring models' shapes (small enough that linears cost little)."""
-
-    hidden: int = 256
-    heads: int = 4
-    intermediate: int = 512
-    vocab: int = 2048
-    layers: tuple[int, int] = (1, 6)
-    max_positions: int = 2048
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
 
 @dataclass(frozen=True)
@@ -79,7 +60,7 @@ class CostSizes:
     prompts: tuple[int, ...] = (16, 128, 512)  # prefill lengths, and decode contexts
     decode_steps: int = 6
     repeat: int = 3
-    shape: TinyShape = TinyShape()
+    shape: TinyShape = field(default_factory=TinyShape)
 
 
 QUICK_COSTS = CostSizes()
@@ -91,63 +72,6 @@ SCALED_COSTS = CostSizes(
     repeat=1,
     shape=TinyShape(hidden=32, heads=2, intermediate=64, vocab=64, layers=(1, 2), max_positions=64),
 )
-
-
-def tiny_config(arch: str, shape: TinyShape, layers: int) -> dict[str, Any]:
-    """A transformers config dict of the measuring model (untied LM head)."""
-    common = {
-        "hidden_size": shape.hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": shape.heads,
-        "vocab_size": shape.vocab,
-        "max_position_embeddings": shape.max_positions,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float32",
-    }
-    if arch == "opt":
-        return {
-            "model_type": "opt",
-            "architectures": ["OPTForCausalLM"],
-            "ffn_dim": shape.intermediate,
-            "word_embed_proj_dim": shape.hidden,
-            "do_layer_norm_before": True,
-            "activation_function": "relu",
-            "enable_bias": True,
-            "pad_token_id": 1,
-            **common,
-        }
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "intermediate_size": shape.intermediate,
-        "num_key_value_heads": shape.heads,
-        "head_dim": shape.head_dim,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        **common,
-    }
-
-
-def write_tiny_model(folder: Path, arch: str, shape: TinyShape, layers: int) -> ModelRef:
-    """Write a tiny random checkpoint of `arch` into `folder`; its ModelRef (float32)."""
-    config = tiny_config(arch, shape, layers)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    pool = RandomPool(torch.Generator().manual_seed(layers), torch.float32)
-    write_safetensors_streaming(
-        folder / "model.safetensors",
-        tensor_shapes(config),
-        torch.float32,
-        lambda name, s: pool.sample(
-            "norm" if "norm" in name else "bias" if name.endswith("bias") else "weight", s
-        ),
-    )
-    return resolve_model(str(folder), need_weights=True)
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -167,7 +91,7 @@ class _Clock:
 def _generation(model: Any, device: Any, clock: _Clock, prompt: int, steps: int) -> tuple[float, float]:
     """(prefill seconds, fastest decode-step seconds) of one generation: a forward over
     `prompt` random tokens, then `steps` one-token forwards, each with argmax sampling."""
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(prompt)
     ids = torch.randint(3, vocab, (1, prompt), generator=gen).to(device)
@@ -397,13 +321,7 @@ def measure_for_profile(*, threads: int, quick: bool, gpu_backend: Backend | Non
 
 
 def measure_for_document(doc: dict[str, Any], *, quick: bool) -> dict[str, Any]:
-    """The `engine` section for a measured profile `doc` (`hetegen profile` measures it after
-    saving the rest): with its CPU threads, and on its GPU when it measured one."""
+    """The `engine` section for a measured profile `doc` (measure.profile.with_engine_costs):
+    with its CPU threads, and on its GPU when it measured one."""
     gpu_backend = get_backend("cuda") if doc.get("gpu") else None
     return measure_for_profile(threads=int(doc["cpu"]["threads"]), quick=quick, gpu_backend=gpu_backend)
-
-
-def load_or_measure(path: str | Path | None, progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """profile.measure.load_or_measure, measuring the engine's fixed costs too when it has to
-    measure a profile (plan, run and bench use this one)."""
-    return profile_measure.load_or_measure(path, progress, engine_costs=measure_for_profile)

@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 
 from hetegen_cli.core import devices, quant
-from hetegen_cli.profile import cpu as profile_cpu
-from hetegen_cli.profile import timing
-from hetegen_cli.profile.document import validate_profile
-from hetegen_cli.profile.measure import run_profile
+from hetegen_cli.measure import cpu as profile_cpu
+from hetegen_cli.measure import engine_costs, timing
+from hetegen_cli.measure import profile as measure_profile
+from hetegen_cli.measure.profile import run_profile
+from hetegen_cli.profile.document import load_profile, validate_profile
 from tests.fakes import TICK, TINY, fake_timer, tiny_profile
 
 
@@ -105,7 +106,7 @@ def test_real_gpu_profile_tiny():
 
 
 def test_default_threads_leave_a_core_for_the_gpu_launcher():
-    from hetegen_cli.profile.cpu import default_threads
+    from hetegen_cli.measure.cpu import default_threads
 
     assert default_threads(2, has_gpu=False) == 2
     assert default_threads(16, has_gpu=False) == 16
@@ -113,18 +114,43 @@ def test_default_threads_leave_a_core_for_the_gpu_launcher():
     assert default_threads(2, has_gpu=True) == 2
 
 
-def test_a_failing_engine_cost_measurement_keeps_the_profile(monkeypatch):
-    """plan, run and bench measure a missing profile themselves: an engine-cost failure there
-    (the first real engine run on a new GPU) is recorded, not fatal."""
+def test_a_failing_engine_cost_measurement_keeps_the_profile(monkeypatch, hetegen_home):
+    """plan, run and bench measure a missing profile themselves (load_or_measure, engine
+    costs included): an engine-cost failure there (the first real engine run on a new GPU) is
+    recorded, not fatal."""
     said = []
-    monkeypatch.setattr("hetegen_cli.profile.measure.warn", said.append)
+    monkeypatch.setattr("hetegen_cli.measure.profile.warn", said.append)
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **_: tiny_profile())
 
     def failing(**kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    doc = tiny_profile(engine_costs=failing)
+    monkeypatch.setattr(engine_costs, "measure_for_profile", failing)
+    doc, identity = measure_profile.load_or_measure(None)
     assert doc["engine"] is None and doc["cpu"]["gemv"]
     assert doc["engine_error"]["type"] == "RuntimeError"
     assert doc["engine_error"]["traceback"][-1].endswith("an illegal memory access was encountered")
-    assert len(said) == 1 and "engine_error" in said[0]
-    validate_profile(doc)
+    engine_warnings = [w for w in said if "fixed costs" in w]  # not the busy machine's
+    assert len(engine_warnings) == 1 and "engine_error" in engine_warnings[0]
+    assert load_profile(hetegen_home / "profile.json") == doc
+    assert identity["path"] == str(hetegen_home / "profile.json")
+
+
+def test_a_profile_measured_on_the_fly_has_the_engine_costs(monkeypatch, hetegen_home):
+    """load_or_measure measures the engine's fixed costs with the profile it measures, with
+    the profile's CPU threads; a saved profile is read as it is, never measured again."""
+    from tests.plan.engine_fakes import engine_section
+
+    seen = []
+    monkeypatch.setattr(measure_profile, "run_profile", lambda **_: tiny_profile(threads=1))
+
+    def measured(**kwargs):
+        seen.append(kwargs)
+        return engine_section(devices=("cpu",))
+
+    monkeypatch.setattr(engine_costs, "measure_for_profile", measured)
+    doc, _ = measure_profile.load_or_measure(None)
+    assert doc["engine"] == engine_section(devices=("cpu",)) and "engine_error" not in doc
+    assert seen == [{"threads": 1, "quick": True, "gpu_backend": None}]
+    assert load_profile(hetegen_home / "profile.json") == doc
+    assert measure_profile.load_or_measure(None)[0] == doc and len(seen) == 1

@@ -44,9 +44,9 @@ from hetegen_cli.models.loading.meta import (
     embedding_key,
     load_generation_config,
     load_rest,
+    make_buffers,
     meta_model,
     named_tensors,
-    recreate_rotary,
     set_module,
     tied_head,
 )
@@ -140,7 +140,7 @@ def load_hetero_model(
                     set_module(model, p.name, resident)
                     bar.advance(task)
             load_rest(model, reader, backend.device, wdt, tied, bar, task)
-        recreate_rotary(model, backend.device)
+        make_buffers(model, backend.device)
         check_no_meta(model)
         if quant and not backend.is_cuda and ref.spec.lm_head.name not in {p.name for p in placements}:
             quantize_head(model)  # on the CPU, as the plain quantized model holds it

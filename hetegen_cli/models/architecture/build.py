@@ -18,6 +18,10 @@ REFUSED = {
 }
 
 
+#: widths a config must state when its architecture has them (no default may stand in)
+STATED_WIDTHS = ("intermediate_size", "ffn_dim")
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Keep transformers' own log lines (load reports, tables, advice) off stderr while it
@@ -45,7 +49,7 @@ def hf_config(config: dict[str, Any], source: str) -> Any:
     arch = config.get("model_type")
     hint = "hetegen runs decoder-only causal LMs that transformers implements (no remote code)"
     if arch in REFUSED:
-        raise ModelError(f"{source}: model type {arch!r} is not supported: {REFUSED[arch]}", hint)
+        raise ModelError(f"{source}: hetegen does not support model type {arch!r}: {REFUSED[arch]}", hint)
     if not isinstance(arch, str) or arch not in CONFIG_MAPPING:
         raise ModelError(f"{source} has model_type {arch!r}, which transformers does not know", hint)
     if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -55,7 +59,7 @@ def hf_config(config: dict[str, Any], source: str) -> Any:
     args = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     try:
         with quiet_transformers():
-            return AutoConfig.for_model(arch, **args)
+            hf = AutoConfig.for_model(arch, **args)
     except MemoryError:
         raise
     except Exception as exc:  # transformers raises many types for values it cannot use
@@ -63,6 +67,13 @@ def hf_config(config: dict[str, Any], source: str) -> Any:
             f"{source} is not a usable {arch} config ({type(exc).__name__}: {printable(str(exc))[:200]})",
             "fix config.json or fetch it again",
         ) from exc
+    for key in STATED_WIDTHS:  # transformers' default would build another model silently
+        if hasattr(hf, key) and key not in config:
+            raise ModelError(
+                f"{source} is not a usable {arch} config: field {key} is missing",
+                "fix config.json or fetch it again",
+            )
+    return hf
 
 
 def meta_causal_lm(hf: Any, source: str, dtype: Any = None) -> Any:

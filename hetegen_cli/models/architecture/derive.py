@@ -19,7 +19,7 @@ from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.models.architecture.build import hf_config, meta_causal_lm, quiet_transformers
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 4  # 2: the forward traced with its cache; 3: layer types only when sliding; 4: stated widths
 
 #: roles by the linear's attribute name (cosmetic, except "o": the attention's output, after
 #: which the cost model places the attention, and "lm_head")
@@ -102,7 +102,7 @@ def _derive(config: dict[str, Any], source: str) -> dict[str, Any]:
         "vocab_size": int(hf.vocab_size),
         "max_positions": int(getattr(hf, "max_position_embeddings", None) or 2048),
         "tie_word_embeddings": bool(tied),
-        "layer_types": list(layer_types) if layer_types is not None else None,
+        "layer_types": list(layer_types) if sliding else None,  # None: every layer global
         "sliding_window": int(window) if sliding and window else None,
         "linears": linears,
         "head": [head_name, head.out_features, head.in_features, head.bias is not None],
@@ -167,7 +167,7 @@ def _forward_order(model: Any, head_name: str) -> list[str] | None:
     ]
     try:
         with torch.no_grad(), quiet_transformers():
-            model(torch.zeros(1, 2, dtype=torch.long, device="meta"), use_cache=False)
+            model(torch.zeros(1, 2, dtype=torch.long, device="meta"))
     except Exception:  # meta kernels are missing for some ops: registration order
         return None
     finally:

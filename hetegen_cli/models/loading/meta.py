@@ -108,7 +108,33 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(owner_name), attr, module)
 
 
-def recreate_rotary(model: nn.Module, device: torch.device) -> None:
+def make_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers born on meta, made on `device` as transformers makes them: rotary
+    tables by building the rotary module again, any other (Gemma's embedding scale, ...) empty,
+    then filled by the model's own `_init_weights`, with every loaded tensor marked initialized
+    so that nothing else changes (transformers' `init` functions skip marked tensors)."""
+    _recreate_rotary(model, device)
+    fresh: list[torch.Tensor] = []
+    owners: dict[str, nn.Module] = {}
+    for owner_name, owner in model.named_modules():
+        for attr in owner._non_persistent_buffers_set:
+            buf = owner._buffers.get(attr)
+            if buf is not None and buf.is_meta:
+                owner._buffers[attr] = torch.empty_like(buf, device=device)
+                fresh.append(owner._buffers[attr])
+                owners[owner_name] = owner
+    if not owners:
+        return
+    fresh_ids = {id(t) for t in fresh}
+    for _, tensor in named_tensors(model):
+        if id(tensor) not in fresh_ids:
+            tensor._is_hf_initialized = True
+    with torch.no_grad():
+        for owner in owners.values():
+            model._init_weights(owner)
+
+
+def _recreate_rotary(model: nn.Module, device: torch.device) -> None:
     """Rotary embeddings keep non-persistent tables that were born on meta: build them again."""
     for name, module in list(model.named_modules()):
         if not type(module).__name__.endswith("RotaryEmbedding"):

@@ -26,9 +26,9 @@ from hetegen_cli.models.loading.meta import (
     check_no_meta,
     load_generation_config,
     load_rest,
+    make_buffers,
     meta_model,
     named_tensors,
-    recreate_rotary,
     set_module,
     tied_head,
 )
@@ -77,7 +77,7 @@ def load_quantized(ref: Any) -> LoadedModel:
                 bias = reader.read(reader.key_for(f"{name}.bias"), torch.bfloat16, cpu)
             set_module(model, name, QuantLinear(read_quant_weight(reader, name, doc), bias))
         load_rest(model, reader, cpu, torch.bfloat16, tied, bar, task)  # the rest, as the engine does
-    recreate_rotary(model, torch.device("cpu"))
+    make_buffers(model, torch.device("cpu"))
     check_no_meta(model)
     quantize_head(model)  # the LM head read as int8 every token
     model.eval()

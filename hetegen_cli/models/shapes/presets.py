@@ -76,6 +76,75 @@ def _llama(
     return cfg
 
 
+def _decoder(
+    model_type: str,
+    architecture: str,
+    hidden: int,
+    inter: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    max_pos: int,
+    rope_theta: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A Llama-shaped decoder of another family (its own model_type's modeling code in
+    transformers decides the rest: q/k norms, fused projections, sliding layers, ...)."""
+    cfg = {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_pos,
+        "rope_theta": rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+_LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def _qwen25(hidden: int, inter: int, layers: int, heads: int, kv: int) -> dict[str, Any]:
+    return _decoder(
+        "qwen2", "Qwen2ForCausalLM", hidden, inter, layers, heads, kv, 152064, 32768, 1000000.0,
+        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+
+
+def _qwen3(hidden: int, inter: int, layers: int, heads: int) -> dict[str, Any]:
+    return _decoder(
+        "qwen3", "Qwen3ForCausalLM", hidden, inter, layers, heads, 8, 151936, 40960, 1000000.0,
+        head_dim=128, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+
+
+def _gemma3(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int) -> dict[str, Any]:
+    """Gemma 3's text decoder (the multimodal checkpoints hold it under language_model): five
+    sliding-window layers (1024 tokens) for every global one."""
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    return _decoder(
+        "gemma3_text", "Gemma3ForCausalLM", hidden, inter, layers, heads, kv, 262208, 131072, 1000000.0,
+        head_dim=head_dim, sliding_window=1024, layer_types=types, tie_word_embeddings=True,
+        rope_local_base_freq=10000.0, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )  # fmt: skip
+
+
 #: short name -> (hub id, config dict)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "opt-125m": ("facebook/opt-125m", _opt(768, 12, 12, 3072)),
@@ -173,6 +242,89 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=2,
+        ),
+    ),
+    # --- the models people run in 2026 (shapes from their published config.json files) ---
+    "llama-3.1-8b": (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        _llama(
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            128256,
+            131072,
+            500000.0,
+            dtype="bfloat16",
+            rope_scaling=_LLAMA31_ROPE,
+            bos_token_id=128000,
+            eos_token_id=128009,
+        ),
+    ),
+    "llama-3.1-70b": (
+        "meta-llama/Llama-3.1-70B-Instruct",
+        _llama(
+            8192,
+            28672,
+            80,
+            64,
+            8,
+            128256,
+            131072,
+            500000.0,
+            dtype="bfloat16",
+            rope_scaling=_LLAMA31_ROPE,
+            bos_token_id=128000,
+            eos_token_id=128009,
+        ),
+    ),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", _qwen25(3584, 18944, 28, 28, 4)),
+    "qwen2.5-14b": ("Qwen/Qwen2.5-14B-Instruct", _qwen25(5120, 13824, 48, 40, 8)),
+    "qwen2.5-32b": ("Qwen/Qwen2.5-32B-Instruct", _qwen25(5120, 27648, 64, 40, 8)),
+    "qwen2.5-72b": ("Qwen/Qwen2.5-72B-Instruct", _qwen25(8192, 29568, 80, 64, 8)),
+    "qwen3-8b": ("Qwen/Qwen3-8B", _qwen3(4096, 12288, 36, 32)),
+    "qwen3-14b": ("Qwen/Qwen3-14B", _qwen3(5120, 17408, 40, 40)),
+    "qwen3-32b": ("Qwen/Qwen3-32B", _qwen3(5120, 25600, 64, 64)),
+    "gemma-3-12b": ("google/gemma-3-12b-it", _gemma3(3840, 15360, 48, 16, 8, 256)),
+    "gemma-3-27b": ("google/gemma-3-27b-it", _gemma3(5376, 21504, 62, 32, 16, 128)),
+    "phi-4": (
+        "microsoft/phi-4",
+        _decoder(
+            "phi3",
+            "Phi3ForCausalLM",
+            5120,
+            17920,
+            40,
+            40,
+            10,
+            100352,
+            16384,
+            250000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=100257,
+            eos_token_id=100265,
+            pad_token_id=100349,
+        ),
+    ),
+    "mistral-small-24b": (
+        "mistralai/Mistral-Small-24B-Instruct-2501",
+        _decoder(
+            "mistral",
+            "MistralForCausalLM",
+            5120,
+            32768,
+            40,
+            32,
+            8,
+            131072,
+            32768,
+            100000000.0,
+            head_dim=128,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
     ),
 }

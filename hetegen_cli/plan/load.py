@@ -78,6 +78,21 @@ def _runtime_doc() -> type[Schema]:
 RuntimeDoc = _runtime_doc()
 
 
+#: the plan's typed sections (plan.sections), read into Plan as they are
+SECTIONS = (
+    "model",
+    "profile",
+    "workload",
+    "budget",
+    "memory",
+    "rates",
+    "cpu_formats",
+    "predictions",
+    "bounds",
+    "residency",
+)
+
+
 class PlanDoc(Schema):
     schema_version: StrictInt
     kind: Literal["hetegen.plan"]
@@ -154,17 +169,8 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
     return Plan(
         placements=tuple(placements),
         runtime=runtime,
-        model=parsed.model,
-        workload=parsed.workload,
-        budget=parsed.budget,
-        memory=parsed.memory,
-        profile=parsed.profile,
         estimates=tuple(estimates) if len(estimates) == len(placements) else (),
-        predictions=parsed.predictions,
-        bounds=parsed.bounds,
-        residency=parsed.residency,
-        rates=parsed.rates,
-        cpu_formats=parsed.cpu_formats,
+        **{name: getattr(parsed, name) for name in SECTIONS},
         warnings=tuple(parsed.warnings),
         notes=tuple(parsed.notes),
         created_utc=parsed.created_utc,

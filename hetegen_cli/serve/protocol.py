@@ -11,7 +11,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
 
 #: at most this many stop strings (OpenAI's limit), each at most this many characters
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
@@ -133,18 +142,11 @@ class CompletionRequest(_Request):
     suffix: StrictStr | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _no_echo(cls, value: bool) -> bool:
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
-            raise ValueError("echo is not supported by hetegen")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix is not supported by hetegen")
+            raise ValueError(f"{info.field_name} is not supported by hetegen")
         return value
 
     @property

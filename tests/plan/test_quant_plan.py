@@ -122,16 +122,13 @@ def test_a_float_plan_does_not_run_a_quantized_model(plans):
 def test_a_quantized_plan_is_predicted_from_a_profile_without_quantized_rates(backend):
     """A profile from before quantized GEMVs: `run --plan` and bench predictions on the
     stand-in once ended in `KeyError: 'int4'` (the stand-in's rates lacked the format)."""
-    from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile, standin_rates
     from hetegen_cli.plan.costmodel.predict import CostInputs, Execution, predict
 
     spec = _spec("int4")
     profile = _profile(quant_bw={})
     assert not profile["cpu"].get("quant_gemv")
     plan = make_plan(spec, profile, _req())
-    fmt = next(iter(spec.quant_map().values()))
-    build = standin_rates if backend == "standin" else phase_rates_from_profile
-    _, notes = build(profile, spec.dtype, plan.runtime.cpu_dtypes, 128, fmt)
+    _, notes = CostInputs(profile).rates(spec, plan.runtime.cpu_dtypes, 128, backend)
     assert any("no int4 CPU GEMV measurements" in n for n in notes)
     fig = predict(spec, Execution(plan, backend), _req(), CostInputs(profile))
     assert fig.decode_tokens_per_s > 0

@@ -21,17 +21,8 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
 from hetegen_cli.models.formats.quantized import read_quant_weight
+from hetegen_cli.models.loading import meta
 from hetegen_cli.models.loading.loader import LoadedModel
-from hetegen_cli.models.loading.meta import (
-    check_no_meta,
-    load_generation_config,
-    load_rest,
-    make_buffers,
-    meta_model,
-    named_tensors,
-    set_module,
-    tied_head,
-)
 from hetegen_cli.models.shapes.quantfile import REST_DTYPE, read_quantization
 
 
@@ -60,28 +51,28 @@ def load_quantized(ref: Any) -> LoadedModel:
     if doc is None:
         raise ModelError(f"{folder} is not a quantized model folder", "run `hetegen quantize` first")
     start = time.perf_counter()
-    model = meta_model(folder, torch.bfloat16)
+    model = meta.meta_model(folder, torch.bfloat16)
     quantized = set(doc["linears"])
-    tied = tied_head(model)
+    tied = meta.tied_head(model)
     cpu = torch.device("cpu")
     with (
         CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
         activity(f"loading {ref.name} ({doc['format']})"),
         progress(True) as bar,
     ):
-        task = bar.add_task(f"Loading {ref.name}", total=len(list(named_tensors(model))))
+        task = bar.add_task(f"Loading {ref.name}", total=len(list(meta.named_tensors(model))))
         for name in quantized:
             linear = model.get_submodule(name)
             bias = None
             if linear.bias is not None:
                 bias = reader.read(reader.key_for(f"{name}.bias"), torch.bfloat16, cpu)
-            set_module(model, name, QuantLinear(read_quant_weight(reader, name, doc), bias))
-        load_rest(model, reader, cpu, torch.bfloat16, tied, bar, task)  # the rest, as the engine does
-    make_buffers(model, torch.device("cpu"))
-    check_no_meta(model)
+            meta.set_module(model, name, QuantLinear(read_quant_weight(reader, name, doc), bias))
+        meta.load_rest(model, reader, cpu, torch.bfloat16, tied, bar, task)  # the rest, as the engine does
+    meta.make_buffers(model, torch.device("cpu"))
+    meta.check_no_meta(model)
     quantize_head(model)  # the LM head read as int8 every token
     model.eval()
-    load_generation_config(model, folder)
+    meta.load_generation_config(model, folder)
     return LoadedModel(
         model=model,
         device="cpu",

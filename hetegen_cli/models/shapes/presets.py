@@ -39,58 +39,19 @@ def _opt(
     }
 
 
-def _llama(
-    hidden: int,
-    inter: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    vocab: int,
-    max_pos: int,
-    rope_theta: float,
-    tie: bool = False,
-    dtype: str = "float16",
-    **extra: Any,
-) -> dict[str, Any]:
-    cfg = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "vocab_size": vocab,
-        "max_position_embeddings": max_pos,
-        "rope_theta": rope_theta,
-        "rms_norm_eps": 1e-5,
-        "hidden_act": "silu",
-        "tie_word_embeddings": tie,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": dtype,
-    }
-    cfg.update(extra)
-    return cfg
+def _llama(*dims: float, tie: bool = False, dtype: str = "float16", **extra: Any) -> dict[str, Any]:
+    """A Llama config; `dims` as _decoder's."""
+    base = {"rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    base |= {"bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": tie, "torch_dtype": dtype}
+    return _decoder("llama", "LlamaForCausalLM", *dims, **(base | extra))
 
 
-def _decoder(
-    model_type: str,
-    architecture: str,
-    hidden: int,
-    inter: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    vocab: int,
-    max_pos: int,
-    rope_theta: float,
-    **extra: Any,
-) -> dict[str, Any]:
+def _decoder(model_type: str, architecture: str, *dims: float, **extra: Any) -> dict[str, Any]:
     """A Llama-shaped decoder of another family (its own model_type's modeling code in
-    transformers decides the rest: q/k norms, fused projections, sliding layers, ...)."""
+    transformers decides the rest: q/k norms, fused projections, sliding layers, ...).
+    `dims` = hidden size, intermediate size, layers, heads, KV heads, vocabulary, context,
+    rope theta."""
+    hidden, inter, layers, heads, kv_heads, vocab, max_pos, rope_theta = dims
     cfg = {
         "model_type": model_type,
         "architectures": [architecture],

@@ -200,20 +200,11 @@ def phase_rates_from_profile(
 STANDIN_SHARE = 0.5
 
 
-def standin_rates(
-    profile: dict | Profile,
-    weights_dtype: str,
-    cpu_dtypes: tuple[str, str],
-    prefill_tokens: int,
-    quant_format: tuple[str, int] | None = None,
-) -> tuple[cm.PhaseRates, list[str]]:
-    """(PhaseRates, notes) of the CPU stand-in: the CPU share at the CPU's rates in its formats
-    (a quantized model's: `quant_format`, as phase_rates_from_profile), the "GPU" share at the
-    CPU's rates in the weights dtype, the "copy" a memory copy (read and write: half the memory
-    read rate); both sides at STANDIN_SHARE while they run together."""
-    rates, notes = phase_rates_from_profile(profile, weights_dtype, cpu_dtypes, prefill_tokens, quant_format)
-    gpu_side, more = rates_from_profile(profile, weights_dtype, weights_dtype, prefill_tokens)
-    notes += more
+def standin_rates(rates: cm.PhaseRates, gpu_side: cm.Rates) -> cm.PhaseRates:
+    """The rates of the CPU stand-in: the CPU share at `rates` (phase_rates_from_profile's), the
+    "GPU" share at `gpu_side` (the CPU's rates in the weights dtype), the "copy" a memory copy
+    (read and write: half the memory read rate); both sides at STANDIN_SHARE while they run
+    together."""
 
     def standin(r: cm.Rates) -> cm.Rates:
         copy = r.dram_bytes_per_s / 2
@@ -229,4 +220,4 @@ def standin_rates(
             gpu_flops_per_s=gpu_side.cpu_flops_per_s * STANDIN_SHARE,
         )
 
-    return cm.PhaseRates(standin(rates.prefill), standin(rates.decode), rates.quant), notes
+    return cm.PhaseRates(standin(rates.prefill), standin(rates.decode), rates.quant)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.costmodel.calibration import profile_fixed_costs
-from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile, standin_rates
+from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile, rates_from_profile, standin_rates
 from hetegen_cli.plan.costmodel.fixed import FixedCosts
 from hetegen_cli.plan.costmodel.strategies import Engine, cpu_only_prediction, hetegen_prediction
 from hetegen_cli.plan.document import Plan
@@ -53,8 +53,11 @@ class CostInputs:
     ) -> tuple[cm.PhaseRates, list[str]]:
         """The rates `spec` runs at on `backend` with its CPU share in `cpu_dtypes`."""
         quant = next(iter(spec.quant_map().values()), None)
-        fit = standin_rates if backend == "standin" else phase_rates_from_profile
-        return fit(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, quant)
+        rates, notes = phase_rates_from_profile(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, quant)
+        if backend != "standin":
+            return rates, notes
+        gpu_side, more = rates_from_profile(self.profile, spec.dtype, spec.dtype, prefill_tokens)
+        return standin_rates(rates, gpu_side), notes + more
 
     def brief(self) -> ProfileIdentity:
         """What a prediction records of its profile (`hetegen calibrate` checks it)."""

@@ -46,6 +46,26 @@ def _llama(*dims: float, tie: bool = False, dtype: str = "float16", **extra: Any
     return _decoder("llama", "LlamaForCausalLM", *dims, **(base | extra))
 
 
+def _llama3(
+    hidden: int, inter: int, layers: int, heads: int, context: int, eos: int, **extra: Any
+) -> dict[str, Any]:
+    """Llama 3 and 3.1: 8 KV heads, a 128256-token vocabulary, rope theta 500000, bfloat16."""
+    return _llama(
+        hidden, inter, layers, heads, 8, 128256, context, 500000.0,
+        dtype="bfloat16", bos_token_id=128000, eos_token_id=eos, **extra,
+    )  # fmt: skip
+
+
+def _smollm2(
+    hidden: int, inter: int, layers: int, heads: int, kv_heads: int, rope_theta: float
+) -> dict[str, Any]:
+    """SmolLM2: a small Llama with a tied head, vocabulary 49152 and an 8192-token context."""
+    return _llama(
+        hidden, inter, layers, heads, kv_heads, 49152, 8192, rope_theta,
+        tie=True, dtype="bfloat16", bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+
+
 def _decoder(model_type: str, architecture: str, *dims: float, **extra: Any) -> dict[str, Any]:
     """A Llama-shaped decoder of another family (its own model_type's modeling code in
     transformers decides the rest: q/k norms, fused projections, sliding layers, ...).
@@ -119,126 +139,19 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-2-7b": ("meta-llama/Llama-2-7b-hf", _llama(4096, 11008, 32, 32, 32, 32000, 4096, 10000.0)),
     "llama-2-13b": ("meta-llama/Llama-2-13b-hf", _llama(5120, 13824, 40, 40, 40, 32000, 4096, 10000.0)),
     "llama-2-70b": ("meta-llama/Llama-2-70b-hf", _llama(8192, 28672, 80, 64, 8, 32000, 4096, 10000.0)),
-    "llama-3-8b": (
-        "meta-llama/Meta-Llama-3-8B",
-        _llama(
-            4096,
-            14336,
-            32,
-            32,
-            8,
-            128256,
-            8192,
-            500000.0,
-            dtype="bfloat16",
-            bos_token_id=128000,
-            eos_token_id=128001,
-        ),
-    ),
-    "llama-3-70b": (
-        "meta-llama/Meta-Llama-3-70B",
-        _llama(
-            8192,
-            28672,
-            80,
-            64,
-            8,
-            128256,
-            8192,
-            500000.0,
-            dtype="bfloat16",
-            bos_token_id=128000,
-            eos_token_id=128001,
-        ),
-    ),
-    "smollm2-135m": (
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        _llama(
-            576,
-            1536,
-            30,
-            9,
-            3,
-            49152,
-            8192,
-            100000.0,
-            tie=True,
-            dtype="bfloat16",
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        ),
-    ),
-    "smollm2-360m": (
-        "HuggingFaceTB/SmolLM2-360M-Instruct",
-        _llama(
-            960,
-            2560,
-            32,
-            15,
-            5,
-            49152,
-            8192,
-            100000.0,
-            tie=True,
-            dtype="bfloat16",
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        ),
-    ),
-    "smollm2-1.7b": (
-        "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-        _llama(
-            2048,
-            8192,
-            24,
-            32,
-            32,
-            49152,
-            8192,
-            130000.0,
-            tie=True,
-            dtype="bfloat16",
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        ),
-    ),
+    "llama-3-8b": ("meta-llama/Meta-Llama-3-8B", _llama3(4096, 14336, 32, 32, 8192, eos=128001)),
+    "llama-3-70b": ("meta-llama/Meta-Llama-3-70B", _llama3(8192, 28672, 80, 64, 8192, eos=128001)),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", _smollm2(576, 1536, 30, 9, 3, 100000.0)),
+    "smollm2-360m": ("HuggingFaceTB/SmolLM2-360M-Instruct", _smollm2(960, 2560, 32, 15, 5, 100000.0)),
+    "smollm2-1.7b": ("HuggingFaceTB/SmolLM2-1.7B-Instruct", _smollm2(2048, 8192, 24, 32, 32, 130000.0)),
     # --- the models people run in 2026 (shapes from their published config.json files) ---
     "llama-3.1-8b": (
         "meta-llama/Llama-3.1-8B-Instruct",
-        _llama(
-            4096,
-            14336,
-            32,
-            32,
-            8,
-            128256,
-            131072,
-            500000.0,
-            dtype="bfloat16",
-            rope_scaling=_LLAMA31_ROPE,
-            bos_token_id=128000,
-            eos_token_id=128009,
-        ),
+        _llama3(4096, 14336, 32, 32, 131072, eos=128009, rope_scaling=_LLAMA31_ROPE),
     ),
     "llama-3.1-70b": (
         "meta-llama/Llama-3.1-70B-Instruct",
-        _llama(
-            8192,
-            28672,
-            80,
-            64,
-            8,
-            128256,
-            131072,
-            500000.0,
-            dtype="bfloat16",
-            rope_scaling=_LLAMA31_ROPE,
-            bos_token_id=128000,
-            eos_token_id=128009,
-        ),
+        _llama3(8192, 28672, 80, 64, 131072, eos=128009, rope_scaling=_LLAMA31_ROPE),
     ),
     "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", _qwen25(3584, 18944, 28, 28, 4)),
     "qwen2.5-14b": ("Qwen/Qwen2.5-14B-Instruct", _qwen25(5120, 13824, 48, 40, 8)),

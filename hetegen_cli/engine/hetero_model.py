@@ -144,8 +144,8 @@ def load_hetero_model(
     load_generation_config(model, folder)
     cpu_rows = any(p.max_cpu_rows for p in split)
     compute = runtime.compute_label if cpu_rows else runtime.weights_dtype
-    if quant:  # e.g. int4+bfloat16: the quantized linears' format first
-        compute = f"{ref.spec.quant}+{compute}"
+    if quant:  # e.g. int4+bfloat16: the quantized linears' formats first (int4+int8+... if mixed)
+        compute = "+".join([*ref.spec.quant_formats, compute])
     return LoadedModel(
         model=model,
         device=str(backend.device),

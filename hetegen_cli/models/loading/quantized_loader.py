@@ -31,7 +31,7 @@ from hetegen_cli.models.loading.meta import (
     set_module,
     tied_head,
 )
-from hetegen_cli.models.shapes.quantfile import REST_DTYPE, read_quantization
+from hetegen_cli.models.shapes.quantfile import REST_DTYPE, linear_formats, quant_label, read_quantization
 
 
 def quantize_head(model: Any, group: int = quant.DEFAULT_GROUP_SIZE) -> QuantLinear | None:
@@ -65,7 +65,7 @@ def load_quantized(ref: Any) -> LoadedModel:
     cpu = torch.device("cpu")
     with (
         CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
-        activity(f"loading {ref.name} ({doc['format']})"),
+        activity(f"loading {ref.name} ({quant_label(doc)})"),
         progress(True) as bar,
     ):
         task = bar.add_task(f"Loading {ref.name}", total=len(list(named_tensors(model))))
@@ -82,14 +82,16 @@ def load_quantized(ref: Any) -> LoadedModel:
     model.eval()
     load_generation_config(model, folder)
     stored = sum(m.stored_bytes for m in model.modules() if isinstance(m, QuantLinear))
+    formats = sorted({fmt for fmt, _ in linear_formats(doc).values()})  # a mixed folder: int4+int8
     return LoadedModel(
         model=model,
         device="cpu",
-        dtype=f"{doc['format']}+{REST_DTYPE}",
+        dtype="+".join([*formats, REST_DTYPE]),
         load_s=time.perf_counter() - start,
         info={
             "folder": str(folder),
             "quant": doc["format"],
+            "quant_label": quant_label(doc),
             "group_size": doc.get("group_size"),
             "quantized_linears": len(quantized),
             "quantized_weight_bytes": stored,

@@ -51,10 +51,11 @@ class CostInputs:
     def rates(
         self, spec: ModelSpec, cpu_dtypes: tuple[str, str], prefill_tokens: int, backend: Backend
     ) -> tuple[cm.PhaseRates, list[str]]:
-        """The rates `spec` runs at on `backend` with its CPU share in `cpu_dtypes`."""
-        quant = next(iter(spec.quant_map().values()), None)
+        """The rates `spec` runs at on `backend` with its CPU share in `cpu_dtypes`, and those
+        of each quantized format its linears are in (a mixed model has several)."""
+        formats = sorted(set(spec.quant_map().values()))
         fit = standin_rates if backend == "standin" else phase_rates_from_profile
-        return fit(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, quant)
+        return fit(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, formats)
 
     def brief(self) -> ProfileIdentity:
         """What a prediction records of its profile (`hetegen calibrate` checks it)."""

@@ -80,6 +80,17 @@ QuantOption = Annotated[
 ]
 
 
+AllowFloatCopyOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-float-copy",
+        help="Load a GGUF whose linears are in types no hetegen format takes (IQ*, Q2_K, Q3_K, ...) "
+        "by dequantizing those linears to bfloat16 (the memory cost is printed first). Without it "
+        "such a file is refused (docs/models.md, 'GGUF types').",
+    ),
+]
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"

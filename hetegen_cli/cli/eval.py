@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from hetegen_cli.cli.common import (
+    AllowFloatCopyOption,
     DeviceChoice,
     DeviceOption,
     DtypeChoice,
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
     def eval_command(
         model: ModelOption = None,
         quant: QuantOption = QuantChoice.auto,
+        allow_float_copy: AllowFloatCopyOption = False,
         dtype: RunDtypeOption = DtypeChoice.auto,
         device: DeviceOption = DeviceChoice.auto,
         text: Path | None = typer.Option(
@@ -52,6 +54,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype.value,
             device=device.value,
             quant=quant.value,
+            allow_float_copy=allow_float_copy,
         )
         engine = EngineOptions(profile_path=input_file_arg(profile, "--profile"))
         with progress(not json_) as bar:

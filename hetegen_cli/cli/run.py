@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from hetegen_cli.cli.common import (
+    AllowFloatCopyOption,
     DeviceChoice,
     DeviceOption,
     DtypeChoice,
@@ -103,6 +104,7 @@ def register(app: typer.Typer) -> None:
         ),
         profile: ProfileOption = None,
         quant: QuantOption = QuantChoice.auto,
+        allow_float_copy: AllowFloatCopyOption = False,
         json_: JsonOption = False,
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
@@ -122,6 +124,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype.value,
             device=device.value,
             quant=quant.value,
+            allow_float_copy=allow_float_copy,
         )
         budget = size_bytes(gpu_memory, "--gpu-memory")
         if plan is not None and budget is not None:

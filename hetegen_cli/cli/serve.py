@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from hetegen_cli.cli.common import (
+    AllowFloatCopyOption,
     DeviceChoice,
     DeviceOption,
     DtypeChoice,
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
         dtype: RunDtypeOption = DtypeChoice.auto,
         device: DeviceOption = DeviceChoice.auto,
         quant: QuantOption = QuantChoice.auto,
+        allow_float_copy: AllowFloatCopyOption = False,
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
         port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
         api_key: str | None = typer.Option(
@@ -73,6 +75,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype.value,
             device=device.value,
             quant=quant.value,
+            allow_float_copy=allow_float_copy,
             host=host,
             port=port,
             api_key=api_key,

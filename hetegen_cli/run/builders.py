@@ -71,7 +71,9 @@ def resolve_checked(options: RunOptions, engine: EngineOptions) -> tuple[Plan | 
     plan = load_plan(engine.plan_path) if engine.plan_path is not None else None
     if plan is not None:
         check_plan_device(plan, options.device, str(engine.plan_path))
-    ref = resolve_model(options.model, need_weights=True, quant=options.quant)
+    ref = resolve_model(
+        options.model, need_weights=True, quant=options.quant, allow_float_copy=options.allow_float_copy
+    )
     for message in ref.warnings:
         warn(message)
     if plan is not None:

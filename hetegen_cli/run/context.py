@@ -25,6 +25,7 @@ class RunOptions:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
+    allow_float_copy: bool = False  # --allow-float-copy: GGUF linears of unmapped types in bfloat16
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class ServeOptions:
     dtype: str = "auto"
     device: str = "auto"
     quant: str = "auto"  # auto | none | int8 | int4 (core.quant)
+    allow_float_copy: bool = False  # --allow-float-copy (RunOptions)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -146,6 +147,7 @@ def prepare_serving(options: ServeOptions) -> ServeSetup:
         dtype=options.dtype,
         device=options.device,
         quant=options.quant,
+        allow_float_copy=options.allow_float_copy,
     )
     plan, ref, tokenizer = resolve_checked(run, engine)
     limit = ref.spec.max_positions or DEFAULT_CONTEXT

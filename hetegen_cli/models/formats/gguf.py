@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,17 @@ def default_gguf_path() -> Path:
     return path
 
 
-def ensure_default_model(quant: str = "none") -> Path:
+def ensure_default_model(quant: str = "none", *, allow_float_copy: bool = False) -> Path:
     """The converted default model folder, converting it on first use (about 30 s for fp32;
     `quant` int8/int4 writes hetegen's quantized layout straight from the GGUF, "auto" the
     GGUF's own format: int4 for its Q4_1 linears)."""
     gguf = None
     if quant != "none":
         gguf = default_gguf_path()
-        quant = _resolve_quant(gguf, quant)
-    if quant != "none":
-        return _ensure_quantized_gguf(gguf, paths.models_dir() / DEFAULT_FOLDER_NAME, quant)
+        label = _resolve_quant(gguf, quant, allow_float_copy)
+        if label != "none":
+            target = paths.models_dir() / DEFAULT_FOLDER_NAME
+            return _ensure_quantized_gguf(gguf, target, label, quant, allow_float_copy)
     target = paths.models_dir() / DEFAULT_FOLDER_NAME
     if is_complete(target):
         return target
@@ -93,9 +95,11 @@ def ensure_default_model(quant: str = "none") -> Path:
     return _convert_into(gguf, target, "the default model SmolLM2-135M-Instruct", "about 30 s")
 
 
-def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
+def ensure_converted_gguf(path: Path, quant: str = "none", *, allow_float_copy: bool = False) -> Path:
     """A converted folder for a user's GGUF file, cached by file name + size + mtime: fp32
-    (`quant` none), or hetegen's quantized layout (int8, int4, or "auto": the file's own)."""
+    (`quant` none), or hetegen's quantized layout (int8, int4, or "auto": each linear in its
+    own format, models.formats.gguf_quant). `allow_float_copy` lets "auto" dequantize linears
+    of types no hetegen format takes to bfloat16; without it such a file is refused."""
     path = Path(path).expanduser()
     try:
         stat = path.stat()
@@ -104,13 +108,13 @@ def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
             f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
         ) from exc
     if _is_default_gguf(path):
-        return ensure_default_model(quant)  # the same file: share its conversion
+        return ensure_default_model(quant, allow_float_copy=allow_float_copy)  # share its conversion
     key = hashlib.sha256(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = paths.models_dir() / f"gguf-{_safe(path.stem)}-{key}"
     gguf_architecture(path)  # fail fast on corrupt files and unsupported architectures
-    quant = _resolve_quant(path, quant)
-    if quant != "none":
-        return _ensure_quantized_gguf(path, target, quant)
+    label = _resolve_quant(path, quant, allow_float_copy)
+    if label != "none":
+        return _ensure_quantized_gguf(path, target, label, quant, allow_float_copy)
     if is_complete(target):
         return target
     return _convert_into(
@@ -118,27 +122,33 @@ def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
     )
 
 
-def _resolve_quant(gguf: Path, quant: str) -> str:
-    """ "auto" -> the GGUF's own format (models.formats.gguf_quant.native_format)."""
+def _resolve_quant(gguf: Path, quant: str, allow_float_copy: bool = False) -> str:
+    """ "auto" -> the GGUF's own format (models.formats.gguf_quant.native_format: int4, int8,
+    mixed, bfloat16 or none); other values unchanged."""
     if quant != "auto":
         return quant
     from hetegen_cli.models.formats.gguf_quant import native_format  # imports torch: only for "auto"
 
-    return native_format(gguf)
+    return native_format(gguf, allow_float_copy)
 
 
-def _ensure_quantized_gguf(gguf: Path, float_target: Path, fmt: str) -> Path:
-    """The quantized folder of `gguf` beside where its fp32 conversion would go, made once."""
+def _ensure_quantized_gguf(
+    gguf: Path, float_target: Path, label: str, request: str, allow_float_copy: bool = False
+) -> Path:
+    """The folder of `gguf` in `label` (int4, int8, mixed; bfloat16 when every quantized
+    linear is a float copy) beside where its fp32 conversion would go, made once; `request`
+    is what --quant asked (auto: each linear in its own format)."""
     from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized  # imports torch: only to convert
 
-    target = float_target.parent / quantized_folder_name(float_target.name, fmt, DEFAULT_GROUP_SIZE)
-    if read_quantization(target) is not None and (target / "model.safetensors").is_file():
+    target = float_target.parent / quantized_folder_name(float_target.name, label, DEFAULT_GROUP_SIZE)
+    made = read_quantization(target) is not None or label == "bfloat16"
+    if made and (target / "model.safetensors").is_file():
         return target
-    note(f"Converting {gguf.name} to hetegen's {fmt} layout, once, into {target}")
+    note(f"Converting {gguf.name} to hetegen's {label} layout, once, into {target}")
     start = time.perf_counter()
     try:
         with activity(f"converting {gguf.name}"):
-            write_gguf_quantized(gguf, target, fmt, DEFAULT_GROUP_SIZE)
+            write_gguf_quantized(gguf, target, request, DEFAULT_GROUP_SIZE, allow_float_copy=allow_float_copy)
     except OSError as exc:
         raise ModelError(
             f"converting {gguf.name} into {target} failed: {exc.strerror or exc}",
@@ -200,6 +210,7 @@ _SCALAR = {
     12: "<d",
 }
 _MAX_KV = 100_000
+_MAX_TENSORS = 10_000_000
 
 
 def _read_gguf_architecture(handle: Any) -> str:
@@ -220,6 +231,91 @@ def _read_gguf_architecture(handle: Any) -> str:
             return _read_str(handle)
         _skip_value(handle, vtype)
     raise ValueError("no general.architecture key")
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    """One tensor of a GGUF file: its shape in transformers' order ([rows, cols]; GGUF lists
+    the dimensions the other way round), its ggml type id and where its bytes start."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_id: int
+    offset: int  # absolute, in bytes from the start of the file
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """What a GGUF file holds, read without its tensor data or its metadata arrays (a
+    tokenizer's 262,144 tokens are skipped, not parsed): the architecture, the scalar and
+    string metadata, and every tensor's place."""
+
+    architecture: str
+    metadata: dict[str, Any]
+    tensors: dict[str, GgufTensorInfo]
+
+
+def read_gguf_layout(path: Path) -> GgufLayout:
+    """The layout of a GGUF file (GgufLayout); ModelError when it is corrupt or cut short."""
+    try:
+        with open(path, "rb") as handle:
+            layout = _read_layout(handle)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise ModelError(
+            f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from exc
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not a valid GGUF file ({exc})",
+            "the file may be truncated or of another format; download it again",
+        ) from exc
+    beyond = [t.name for t in layout.tensors.values() if t.offset > size]
+    if beyond:
+        raise ModelError(
+            f"{path} is truncated: tensor {beyond[0]} starts past its end ({size} bytes)",
+            "download the file again",
+        )
+    return layout
+
+
+def _read_layout(handle: Any) -> GgufLayout:
+    if handle.read(4) != b"GGUF":
+        raise ValueError("no GGUF magic number")
+    (version,) = struct.unpack("<I", _exact(handle, 4))
+    if version < 2:
+        raise ValueError(f"unsupported GGUF version {version}")
+    tensor_count, kv_count = struct.unpack("<QQ", _exact(handle, 16))
+    if kv_count > _MAX_KV or tensor_count > _MAX_TENSORS:
+        raise ValueError(f"implausible counts: {kv_count} metadata keys, {tensor_count} tensors")
+    metadata: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = _read_str(handle)
+        (vtype,) = struct.unpack("<I", _exact(handle, 4))
+        if vtype in _SCALAR:
+            (metadata[key],) = struct.unpack(_SCALAR[vtype], _exact(handle, struct.calcsize(_SCALAR[vtype])))
+        elif vtype == 8:
+            metadata[key] = _read_str(handle)
+        else:
+            _skip_value(handle, vtype)
+    infos = []
+    for _ in range(tensor_count):
+        name = _read_str(handle)
+        (dims,) = struct.unpack("<I", _exact(handle, 4))
+        if dims > 8:
+            raise ValueError(f"tensor {name} has {dims} dimensions")
+        shape = struct.unpack(f"<{dims}Q", _exact(handle, 8 * dims))
+        type_id, offset = struct.unpack("<IQ", _exact(handle, 12))
+        infos.append((name, tuple(int(d) for d in reversed(shape)), type_id, offset))
+    alignment = int(metadata.get("general.alignment", 32))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment} is not a power of two")
+    start = -(-handle.tell() // alignment) * alignment
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError("no general.architecture key")
+    tensors = {n: GgufTensorInfo(n, shape, t, start + off) for n, shape, t, off in infos}
+    return GgufLayout(arch, metadata, tensors)
 
 
 def _exact(handle: Any, n: int) -> bytes:

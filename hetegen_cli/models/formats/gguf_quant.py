@@ -181,17 +181,15 @@ def _config_and_tokenizer(gguf: Path, layout: GgufLayout, out: Path) -> dict:
 
 def save_gguf_tokenizer(gguf: Path, out: Path, layout: GgufLayout | None = None) -> None:
     """The tokenizer and chat template a GGUF carries, saved into `out` (tokenizer.json,
-    tokenizer_config.json, chat_template.jinja when the file has one), for any architecture
-    transformers' GGUF tokenizer reader handles. Whether to add BOS is what the file says
-    (`tokenizer.ggml.add_bos_token`; transformers 4.x would add one anyway unless told)."""
-    from transformers import AutoTokenizer
-
+    tokenizer_config.json, chat_template.jinja when the file has one), for any architecture:
+    transformers 5's GGUF tokenizer reader builds it from the `tokenizer.*` metadata alone
+    (no config, so an architecture whose config transformers cannot rebuild from a GGUF still
+    gets its tokenizer); transformers 4 goes through AutoTokenizer. Whether to add BOS is what
+    the file says (`tokenizer.ggml.add_bos_token`; transformers 4.x would add one anyway)."""
     layout = layout or read_gguf_layout(gguf)
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
-            )
+            tokenizer = _gguf_tokenizer(gguf)
     except Exception as exc:
         raise ModelError(
             f"cannot read the tokenizer of GGUF file {gguf.name}: {exc.__class__.__name__}: {str(exc)[:200]}",
@@ -204,6 +202,20 @@ def save_gguf_tokenizer(gguf: Path, out: Path, layout: GgufLayout | None = None)
     if isinstance(template, str) and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out)
+
+
+def _gguf_tokenizer(gguf: Path):
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # transformers 4.x
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    from transformers import PreTrainedTokenizerFast
+
+    arch, tokens, config = get_gguf_tokenizer(str(gguf))
+    backend, extra = convert_gguf_tokenizer(arch, tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def _row_order(out: int, heads: int) -> torch.Tensor:
@@ -302,6 +314,7 @@ def plan_conversion(
         raise ModelError(
             f"GGUF architecture {arch!r} has no tensor names in the gguf package", "upgrade gguf"
         )
+    _check_tensor_layout(arch)
     names = gguf_pkg.get_tensor_name_map(arch_id, spec.num_layers)
     linears = {f"{lin.name}.weight": lin for lin in spec.linears}
     formats: dict[str, tuple[str, int]] = {}
@@ -334,6 +347,22 @@ def plan_conversion(
         minus_one = arch in NORM_PLUS_ONE and len(shape) == 1 and "norm" in base
         jobs.append(_Job(name, info, kind, chosen, order, minus_one))
     return GgufConversion(gguf, config, spec.with_quant_map(formats), jobs, group, fmt, tuple(copied))
+
+
+def _check_tensor_layout(arch: str) -> None:
+    """ModelError when transformers' GGUF loader changes this architecture's tensors in a way
+    the converter does not repeat (it repeats LLaMA's q/k row order and Gemma's and
+    Nemotron's norm offset; others, such as merged experts or transposed GPT-2 weights, would
+    load wrong)."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS
+    except ImportError:
+        return
+    if arch in TENSOR_PROCESSORS and arch not in ("llama", *NORM_PLUS_ONE):
+        raise ModelError(
+            f"GGUF architecture {arch!r} stores tensors in a layout hetegen's converter does not handle",
+            "pass a Hugging Face folder with safetensors weights",
+        )
 
 
 def _linear_format(kind: str, lin, fmt: str, group: int, allow_float_copy: bool) -> str | None:

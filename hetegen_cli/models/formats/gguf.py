@@ -237,6 +237,7 @@ _SCALAR = {
 }
 _MAX_KV = 100_000
 _MAX_TENSORS = 10_000_000
+_SMALL_ARRAY = 4096  # numeric metadata arrays kept (per-layer head counts, ...)
 
 
 def _read_gguf_architecture(handle: Any) -> str:
@@ -277,8 +278,9 @@ class GgufLayout:
     string metadata, and every tensor's place."""
 
     architecture: str
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # scalars, strings, and numeric arrays of up to 4,096 items
     tensors: dict[str, GgufTensorInfo]
+    array_lengths: dict[str, int]  # every array's item count (the tokens: the vocabulary)
 
 
 def read_gguf_layout(path: Path) -> GgufLayout:
@@ -315,6 +317,7 @@ def _read_layout(handle: Any) -> GgufLayout:
     if kv_count > _MAX_KV or tensor_count > _MAX_TENSORS:
         raise ValueError(f"implausible counts: {kv_count} metadata keys, {tensor_count} tensors")
     metadata: dict[str, Any] = {}
+    lengths: dict[str, int] = {}
     for _ in range(kv_count):
         key = _read_str(handle)
         (vtype,) = struct.unpack("<I", _exact(handle, 4))
@@ -322,6 +325,19 @@ def _read_layout(handle: Any) -> GgufLayout:
             (metadata[key],) = struct.unpack(_SCALAR[vtype], _exact(handle, struct.calcsize(_SCALAR[vtype])))
         elif vtype == 8:
             metadata[key] = _read_str(handle)
+        elif vtype == 9:
+            item, count = struct.unpack("<IQ", _exact(handle, 12))
+            lengths[key] = count
+            if item in _SCALAR and count <= _SMALL_ARRAY:
+                fmt = _SCALAR[item]
+                metadata[key] = list(
+                    struct.unpack(f"<{count}{fmt[1:]}", _exact(handle, count * struct.calcsize(fmt)))
+                )
+            elif item in _SCALAR:
+                handle.seek(count * struct.calcsize(_SCALAR[item]), os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    _skip_value(handle, item)
         else:
             _skip_value(handle, vtype)
     infos = []
@@ -341,7 +357,7 @@ def _read_layout(handle: Any) -> GgufLayout:
     if not isinstance(arch, str):
         raise ValueError("no general.architecture key")
     tensors = {n: GgufTensorInfo(n, shape, t, start + off) for n, shape, t, off in infos}
-    return GgufLayout(arch, metadata, tensors)
+    return GgufLayout(arch, metadata, tensors, lengths)
 
 
 def _exact(handle: Any, n: int) -> bytes:

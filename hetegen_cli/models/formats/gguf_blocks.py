@@ -44,8 +44,9 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPER_BLOCK = 256  # weights per K-quant super-block (QK_K)
 Q4_K_BYTES = 144  # d, dmin (2 + 2), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 Q6_K_BYTES = 210  # 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d
-#: float32 values dequantized at once when re-quantizing a tensor per row (32 MiB)
-CHUNK_VALUES = 8 * 1024 * 1024
+#: values dequantized at once (a tensor re-quantized per row, a float copy): 4 MiB of
+#: float32; gguf's numpy decoders hold a few arrays of that size while they work
+CHUNK_VALUES = 1024 * 1024
 
 
 def supported_types() -> tuple[str, ...]:

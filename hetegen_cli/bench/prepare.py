@@ -48,6 +48,7 @@ class BenchOptions:
     dtype: str | None = None  # weights dtype (default: the model's)
     cpu_dtype: str | None = None  # CPU share dtype(s): "D" or "P,D" (default: chosen per phase)
     quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
+    allow_float_copy: bool = False  # --allow-float-copy (models.loading.source.resolve_model)
     profile: str | Path | None = None  # default: the saved profile, measured quick if missing
     prompt_len: int = 512
     max_new_tokens: int = 64
@@ -213,7 +214,9 @@ def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef
         ref = resolve_model(str(folder), need_weights=True, dtype=dtype, quant=o.quant)
         source = {"kind": "synthetic", "preset": preset, "seed": o.seed, "format": "safetensors"}
     else:
-        ref = resolve_model(o.model, need_weights=True, dtype=o.dtype, quant=o.quant)
+        ref = resolve_model(
+            o.model, need_weights=True, dtype=o.dtype, quant=o.quant, allow_float_copy=o.allow_float_copy
+        )
         source = {"kind": ref.kind}
     s = ref.spec
     return ref, {

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from hetegen_cli.cli.common import (
+    AllowFloatCopyOption,
     CpuDtypeOption,
     JsonOption,
     ModelOption,
@@ -61,13 +62,15 @@ def register(app: typer.Typer) -> None:
             None,
             "--synthetic-format",
             help="How --synthetic is written: safetensors (random float weights), or "
-            "gguf-q4_0, gguf-q4_1, gguf-q8_0 (one GGUF file that hetegen and llama.cpp both run; "
-            "smollm2-* presets). Default: gguf when --arms names llama.cpp (Q8_0 for --quant "
+            "gguf-q4_0, gguf-q4_1, gguf-q8_0, gguf-q4_k_m (one GGUF file that hetegen and llama.cpp "
+            "both run; smollm2-* presets; q4_k_m is llama-quantize's Q4_K/Q6_K mix). "
+            "Default: gguf when --arms names llama.cpp (Q8_0 for --quant "
             "int8, else Q4_0), else safetensors.",
         ),
         dtype: WeightsDtypeOption = None,
         cpu_dtype: CpuDtypeOption = None,
         quant: QuantOption = QuantChoice.auto,
+        allow_float_copy: AllowFloatCopyOption = False,
         profile: ProfileOption = None,
         prompt_len: int = typer.Option(
             512,
@@ -120,6 +123,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
             cpu_dtype=cpu_dtype_arg(cpu_dtype),
             quant=quant.value,
+            allow_float_copy=allow_float_copy,
             profile=input_file_arg(profile, "--profile"),
             prompt_len=prompt_len,
             max_new_tokens=max_new_tokens,

@@ -85,6 +85,17 @@ QuantOption = Annotated[
 ]
 
 
+AllowFloatCopyOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-float-copy",
+        help="Load a GGUF whose linears are in types no hetegen format takes (IQ*, Q2_K, Q3_K, ...) "
+        "by dequantizing those linears to bfloat16 (the memory cost is printed first). Without it "
+        "such a file is refused (docs/models.md, 'GGUF types').",
+    ),
+]
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -135,6 +146,7 @@ GpuBudgetOption = Annotated[
 _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "model": (ModelOption, None),
     "quant": (QuantOption, QuantChoice.auto),
+    "allow_float_copy": (AllowFloatCopyOption, False),
     "dtype": (RunDtypeOption, DtypeChoice.auto),
     "device": (DeviceOption, DeviceChoice.auto),
     "plan": (PlanOption, None),
@@ -145,9 +157,10 @@ _PLAN_OPTIONS = ("plan", "gpu_memory")
 
 
 def model_setup_options(*, plans: bool = True) -> Callable[[F], F]:
-    """Declare the model-setup options once for a command: --model, --quant, --dtype, --device,
-    --profile and, with `plans`, --plan and --gpu-memory. They take the place of the command's
-    `setup` parameter (in --help too); the command receives them as one checked ModelSetup."""
+    """Declare the model-setup options once for a command: --model, --quant, --allow-float-copy,
+    --dtype, --device, --profile and, with `plans`, --plan and --gpu-memory. They take the place
+    of the command's `setup` parameter (in --help too); the command receives them as one checked
+    ModelSetup."""
     names = [n for n in _SETUP_OPTIONS if plans or n not in _PLAN_OPTIONS]
 
     def decorate(fn: F) -> F:
@@ -181,12 +194,14 @@ def model_setup(
     profile: Path | None,
     plan: Path | None = None,
     gpu_memory: str | None = None,
+    allow_float_copy: bool = False,
 ) -> ModelSetup:
     """The ModelSetup of the command line: the size parsed, the values and their combinations
     checked (ModelSetup), then the files named (they must exist)."""
     setup = ModelSetup(
         model=model,
         quant=quant.value,
+        allow_float_copy=allow_float_copy,
         dtype=dtype.value,
         device=device.value,
         plan_path=plan,

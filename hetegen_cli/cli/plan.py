@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from hetegen_cli.cli.common import (
+    AllowFloatCopyOption,
     CpuDtypeOption,
     GpuBudgetOption,
     JsonOption,
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         dtype: WeightsDtypeOption = None,
         cpu_dtype: CpuDtypeOption = None,
         quant: QuantOption = QuantChoice.auto,
+        allow_float_copy: AllowFloatCopyOption = False,
         reserve: str = typer.Option(
             "1GiB",
             "--reserve",
@@ -122,7 +124,11 @@ def register(app: typer.Typer) -> None:
             )
         profile = input_file_arg(profile, "--profile")
         ref = resolve_model(
-            model_arg(model), need_weights=False, dtype=dtype_arg(dtype, "--dtype"), quant=quant.value
+            model_arg(model),
+            need_weights=False,
+            dtype=dtype_arg(dtype, "--dtype"),
+            quant=quant.value,
+            allow_float_copy=allow_float_copy,
         )
         for message in ref.warnings:
             warn(message)

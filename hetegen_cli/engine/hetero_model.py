@@ -155,7 +155,7 @@ def load_hetero_model(
     return LoadedModel(
         model=model,
         device=str(backend.device),
-        formats=engine_formats(placements, runtime, ref.spec.quant if quant else None),
+        formats=engine_formats(placements, runtime, "+".join(ref.spec.quant_formats) if quant else None),
         load_s=time.perf_counter() - start,
         engine="hetegen",
         sync=backend.synchronize,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.assemble import assemble, check_host
-from hetegen_cli.plan.costmodel.strategies import Engine, bounds, cpu_only_prediction, tokens_for
+from hetegen_cli.plan.costmodel.strategies import Engine, bounds, cpu_only_prediction, quant_bytes, tokens_for
 from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings
 from hetegen_cli.plan.memory import host_memory, workspace_bytes
 from hetegen_cli.plan.sections import Budget, GpuMemory, LinearTimes, MemoryUse, Predictions
@@ -64,7 +64,7 @@ def all_cpu_plan(
         runtime,
         tuple(estimates),
         predictions,
-        bounds(rates, 0, w_host, predictions.cpu_only.decode_s_per_token, True, spec.quant),
+        bounds(rates, 0, w_host, predictions.cpu_only.decode_s_per_token, True, quant_bytes(spec)),
         budget=Budget(
             gpu_budget_bytes=gpu_budget,
             gpu_budget_source="none",

@@ -322,6 +322,14 @@ def model_identity(spec: Any, arg: str = "") -> ModelIdentity:
     )
 
 
+def _quant_choice(label: str | None) -> str:
+    """The --quant that gives a model stored as `label`: none, int8, int4; auto for a mixed
+    model (int4-g32+int8: each linear as its GGUF stores it)."""
+    if label is None:
+        return "none"
+    return "auto" if "+" in label else label.split("-")[0]
+
+
 def check_plan_matches(plan: Plan, spec: Any) -> None:
     """PlanError unless `plan` was made for this model's shapes and dtype."""
     made_for = plan.model.name or plan.model.arg or "another model"
@@ -356,7 +364,7 @@ def check_plan_matches(plan: Plan, spec: Any) -> None:
         raise PlanError(
             f"plan was made for {made_for} stored {stored(plan.model.quant)}, but the model "
             f"is {stored(spec.quant_label)}",
-            f"{hint} --quant {(spec.quant_label or 'none').split('-')[0]}",
+            f"{hint} --quant {_quant_choice(spec.quant_label)}",
         )
     if plan.runtime.weights_dtype != spec.dtype:
         raise PlanError(

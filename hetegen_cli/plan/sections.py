@@ -16,7 +16,10 @@ from pydantic import Field
 from hetegen_cli.core.validation import Count, Finite, Flag, Index, NonNegative, Positive, Schema, Text
 
 WeightDtype = Literal["float32", "bfloat16", "float16"]
-QuantLabel = Literal["int8", "int4-g32", "int4-g64", "int4-g128"]
+#: ModelSpec.quant_label: one format, or a mixed model's (a GGUF Q4_K_M: int4 and int8 linears)
+QuantLabel = Literal[
+    "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32+int8", "int4-g64+int8", "int4-g128+int8"
+]
 
 
 class Section(Schema):

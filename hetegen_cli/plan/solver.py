@@ -32,6 +32,7 @@ from hetegen_cli.plan.costmodel.strategies import (
     hetegen_prediction,
     layer_split_prediction,
     offload_prediction,
+    quant_bytes,
     step_times,
 )
 from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings
@@ -297,7 +298,7 @@ def solve(
         runtime,
         estimates,
         predictions,
-        bounds(rates, w_gpu, w_host, predictions.hetegen.decode_s_per_token, quant=spec.quant),
+        bounds(rates, w_gpu, w_host, predictions.hetegen.decode_s_per_token, quant=quant_bytes(spec)),
         budget=Budget(
             gpu_budget_bytes=budget,
             gpu_budget_source=source,

@@ -110,7 +110,9 @@ def resolve_setup(setup: ModelSetup) -> Resolved:
     plan = load_plan(setup.plan_path) if setup.plan_path is not None else None
     if plan is not None:
         check_plan_device(plan, setup.device, str(setup.plan_path))
-    ref = resolve_model(setup.model, need_weights=True, quant=setup.quant)
+    ref = resolve_model(
+        setup.model, need_weights=True, quant=setup.quant, allow_float_copy=setup.allow_float_copy
+    )
     for message in ref.warnings:
         warn(message)
     if plan is not None:
@@ -178,7 +180,7 @@ def decide_build(resolved: Resolved, workload: Workload) -> BuildRecord:
                 "drop --gpu-memory (the model then runs on the CPU)",
             )
         if ref.spec.quant is not None:  # packed CPU kernels for every quantized linear
-            formats = ComputeFormats(ref.spec.dtype, quant=ref.spec.quant)
+            formats = ComputeFormats(ref.spec.dtype, quant="+".join(ref.spec.quant_formats))
             return replace(plain, formats=formats, origin=Origin.QUANTIZED_CPU)
         return _cpu_formats_record(resolved, workload, dtype) or plain
     if setup.gpu_budget_bytes is None and fits:
@@ -210,7 +212,7 @@ def _plain_record(ref: ModelRef, backend: Backend, dtype: str) -> BuildRecord:
 
 def _engine_record(ref: ModelRef, plan: Plan, backend: Backend, origin: Origin) -> BuildRecord:
     """The engine running `plan` on `backend`, the model being `ref`."""
-    formats = engine_formats(plan.placements, plan.runtime, ref.spec.quant)
+    formats = engine_formats(plan.placements, plan.runtime, "+".join(ref.spec.quant_formats) or None)
     spec = spec_in(ref.spec, plan.runtime.weights_dtype)
     return BuildRecord(ref, spec, backend, formats, plan, origin)
 

@@ -40,6 +40,7 @@ class ModelSetup:
 
     model: str | None = None  # --model as typed; None = the default model
     quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
+    allow_float_copy: bool = False  # GGUF types no hetegen format takes: bfloat16, not refused
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     plan_path: Path | None = None

@@ -26,6 +26,7 @@ def test_when_the_synthetic_model_is_a_gguf():
     assert gguf(arms=("llama.cpp",)) == "Q4_0"  # --quant auto: the GGUF's own int4
     assert gguf(arms=("llama.cpp",), quant="int8") == "Q8_0"
     assert gguf(synthetic_format="gguf-q4_1") == "Q4_1"  # every arm, llama.cpp included
+    assert gguf(synthetic_format="gguf-q4_k_m") == "Q4_K_M"  # llama-quantize's K-quant mix
     assert gguf(arms=("llama.cpp",), synthetic_format="safetensors") is None
     assert BenchOptions(model="x.gguf", arms=("llama.cpp",)).synthetic_gguf_type() is None
 
@@ -145,6 +146,47 @@ def test_bench_runs_hetegen_and_llama_cpp_on_one_gguf(tiny_gguf, tmp_path, monke
     assert max(abs(v) for v in llama["logits"]["top1_logits"]) > 0  # real logits, not zeros
     assert llama["token_check"]["compared_with"] == "reference" and llama["token_check"]["verified"]
     assert ref["ratios"]["vs_llama_cpp"]["decode_tokens_per_s"] > 0
+
+
+def test_bench_on_a_synthetic_q4_k_m_file(tmp_path, monkeypatch):
+    """`--synthetic-format gguf-q4_k_m`: one Q4_K_M-layout file (Q4_K, Q6_K for layer 1's
+    attn_v and ffn_down), written once; hetegen's arm runs its mixed int4/int8 conversion,
+    llama.cpp the file (skipped where it is not installed; then the file's blocks are checked
+    against gguf's decoder in tests/models/formats/test_gguf_kquants.py)."""
+    from hetegen_cli.bench import prepare
+    from hetegen_cli.bench.llama_cpp import llama_cpp_available
+    from hetegen_cli.models.formats.gguf import default_gguf_path
+    from tests.models.formats.test_gguf_kquants import KQ_CONFIG
+
+    try:
+        default_gguf_path()
+    except Exception as exc:
+        pytest.skip(f"the tokenizer comes from the default model's GGUF: {exc}")
+    monkeypatch.setitem(presets.PRESETS, "tiny-kq", ("none/tiny-kq", dict(KQ_CONFIG)))
+    monkeypatch.setattr(prepare, "_synthetic_root", lambda: tmp_path / "synthetic")
+    monkeypatch.setenv("HETEGEN_HOME", str(tmp_path / "home"))  # not the shared cache of conversions
+    profile = tmp_path / "profile.json"
+    profile.write_text(
+        json.dumps(make_profile(gpu=False, threads=2, best="float32", cpu_dtypes={"float32": 50e9}))
+    )
+    options = BenchOptions(
+        synthetic="tiny-kq",
+        synthetic_format="gguf-q4_k_m",
+        profile=profile,
+        prompt_len=8,
+        max_new_tokens=4,
+        repeat=1,
+        warmup=0,
+        arms=("reference", "llama.cpp"),
+    )
+    doc = runner.run_bench(options)
+    model = doc["model"]
+    assert model["format"] == "gguf-q4_k_m" and model["gguf"].endswith("synthetic-tiny-kq-q4_k_m-seed0.gguf")
+    arms = {a["arm"]: a for a in doc["budgets"][0]["arms"]}
+    ref = arms["reference"]
+    assert ref["status"] == "ok" and ref["info"]["compute_dtype"] == "int4+int8+bfloat16"
+    llama = arms["llama.cpp"]
+    assert llama["status"] == ("ok" if llama_cpp_available() else "skipped"), llama.get("reason")
 
 
 def test_extra_buffer_types_are_off_only_for_an_amx_build():

@@ -25,11 +25,51 @@ from tests.strict import StrictBackend
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+def _mixed_folder(src, target):
+    """The tiny LLaMA as a GGUF Q4_K_M loads: v and down in int8, the other linears in int4
+    (those the kernels take), written as a mixed quantized folder (quantization.json schema 2)."""
+    import json
+    from dataclasses import replace
+
+    from hetegen_cli.core.quant import kernel_takes
+    from hetegen_cli.models.formats.checkpoint import CheckpointReader
+    from hetegen_cli.models.formats.quantized import write_folder
+    from hetegen_cli.models.shapes.quantfile import quantization_doc
+
+    spec = replace(src.spec, dtype="bfloat16")
+    formats = {}
+    for lin in spec.linears:
+        fmt = "int8" if lin.role in ("v", "down") else "int4"
+        if kernel_takes(fmt, lin.out_features, lin.in_features, 32):
+            formats[lin.name] = (fmt, 32)
+    spec = spec.with_quant_map(formats)
+    assert spec.quant == "mixed"
+    tensors = {}
+    with CheckpointReader(src.path) as reader:
+        for name in spec.tensors:
+            w = reader.read(reader.key_for(name), torch.float32, torch.device("cpu"))
+            fmt = formats.get(name.removesuffix(".weight"), (None,))[0] if name.endswith(".weight") else None
+            if fmt is None:
+                tensors[name] = w.to(torch.bfloat16)
+                continue
+            q = quantize(w, fmt, 32)
+            tensors[f"{name}.q"], tensors[f"{name}.scale"] = q.q, q.scale
+            if q.min is not None:
+                tensors[f"{name}.min"] = q.min
+    config = json.loads((src.path / "config.json").read_text())
+    doc = quantization_doc("int4", 32, spec, {"folder": str(src.path)}, 0.0)
+    return write_folder(target, src.path, config, tensors, doc, "mixed")
+
+
+@pytest.fixture(scope="module", params=["int4", "int8", "mixed"])
 def quantized(request, tiny_llama_dir, tmp_path_factory):
     """(ref of the quantized tiny LLaMA, plain model, its greedy tokens, its prompt logits)."""
     src = resolve_model(str(tiny_llama_dir), need_weights=True)
-    folder = ensure_quantized(src, request.param, 32, tmp_path_factory.mktemp("q") / request.param)
+    target = tmp_path_factory.mktemp("q") / request.param
+    if request.param == "mixed":
+        folder = _mixed_folder(src, target)
+    else:
+        folder = ensure_quantized(src, request.param, 32, target)
     ref = resolve_model(str(folder), need_weights=True, quant="auto")
     plain = load_quantized(ref)
     ids = torch.tensor(PROMPT)

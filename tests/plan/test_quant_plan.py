@@ -132,3 +132,108 @@ def test_a_quantized_plan_is_predicted_from_a_profile_without_quantized_rates(ba
     assert any("no int4 CPU GEMV measurements" in n for n in notes)
     fig = predict(spec, Execution(plan, backend), _req(), CostInputs(profile))
     assert fig.decode_tokens_per_s > 0
+
+
+# --- mixed models (a GGUF Q4_K_M: Q4_K linears in int4, Q6_K ones in int8) ----------------
+
+
+def _mixed(name: str = "llama-2-7b"):
+    """llama-quantize's Q4_K_M layout on a preset: v and down in int8 in the layers its
+    use_more_bits picks, every other linear int4 (groups of 32)."""
+    from hetegen_cli.models.formats.gguf_write import use_more_bits
+
+    sp = replace(spec_from_config(preset_config(name), name, "float16"), dtype="bfloat16")
+    formats = {}
+    for lin in sp.linears:
+        int8 = lin.role in ("v", "down") and use_more_bits(lin.layer_index, sp.num_layers)
+        formats[lin.name] = ("int8", 32) if int8 else ("int4", 32)
+    return sp.with_quant_map(formats)
+
+
+def test_a_mixed_model_is_labelled_and_priced_per_linear_at_its_own_format(plans):
+    from hetegen_cli.plan.memory import host_memory
+
+    spec = _mixed()
+    assert spec.quant == "mixed" and spec.quant_label == "int4-g32+int8"
+    assert spec.quant_formats == ("int4", "int8")
+    int8 = [lin for lin in spec.linears if lin.quant == "int8"]
+    assert len(int8) == 2 * 16  # v and down in 16 of llama-2-7b's 32 layers
+    plan = make_plan(spec, _profile(), _req())
+    assert plan.model.quant == "int4-g32+int8"
+    assert set(plan.rates.quant) == {"int4", "int8"}
+    rates = cm.PhaseRates(
+        cm.Rates.from_dict(plan.rates.prefill),
+        cm.Rates.from_dict(plan.rates.decode),
+        {f: cm.Rates.from_dict(r) for f, r in plan.rates.quant.items()},
+    )
+    assert rates.quant["int4"].weight_bytes == pytest.approx(0.625)
+    assert rates.quant["int8"].weight_bytes == pytest.approx(1 + 2 / 4096)
+    for lin in (int8[0], next(lin for lin in spec.linears if lin.role == "v" and lin.quant == "int4")):
+        c = residency.candidate(rates, lin, _req())
+        q = rates.quant[lin.quant]
+        t = cm.split_times(q, lin.out_features, lin.in_features, c.rows_decode, 1)
+        rows = lin.out_features - c.rows_decode
+        per_param = q.weight_bytes
+        assert t.transfer_s == pytest.approx(
+            rows * lin.in_features * per_param / q.pcie_bytes_per_s_concurrent
+        )
+    split = [p for p in plan.placements if not p.resident]
+    held = host_memory(split, plan.runtime.weights_dtype, plan.runtime.cpu_dtypes, quant=spec.quant_map())
+    assert plan.memory.host.weights_bytes == held.weights_bytes
+    # between the all-int4 and all-int8 models, in host bytes and in predicted decode
+    host = {k: p.memory.host.weights_bytes + p.memory.host.cpu_copy_bytes for k, p in plans.items()}
+    mixed_host = plan.memory.host.weights_bytes + plan.memory.host.cpu_copy_bytes
+    assert host["int4"] < mixed_host < host["int8"]
+    decode = plan.predictions.hetegen.decode_tokens_per_s
+    assert plans["int8"].predictions.hetegen.decode_tokens_per_s < decode
+    assert decode < plans["int4"].predictions.hetegen.decode_tokens_per_s
+    assert plan.bounds.bound_s_per_token > 0
+
+
+def test_the_bound_of_a_mixed_model_weighs_each_format_by_its_bytes():
+    from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile
+    from hetegen_cli.plan.costmodel.strategies import bounds, quant_bytes
+
+    spec = _mixed()
+    profile = _profile(quant_bw={"int8": 16 * GB, "int4": 8 * GB}, gpu=False)
+    rates, _ = phase_rates_from_profile(
+        profile, "bfloat16", ("bfloat16", "bfloat16"), 128, [("int4", 32), ("int8", 32)]
+    )
+    shares = quant_bytes(spec)
+    assert set(shares) == {"int4", "int8"} and sum(shares.values()) == spec.linear_weight_bytes
+    w = int(10 * GB)
+    got = bounds(rates, 0, w, 1.0, True, shares).b_cpu_bytes_per_s
+    b = {f: rates.quant[f].cpu_params_per_s * rates.quant[f].weight_bytes for f in ("int4", "int8")}
+    want = sum(shares.values()) / sum(n / b[f] for f, n in shares.items())
+    assert got == pytest.approx(want) and b["int4"] < got < b["int8"]
+    assert bounds(rates, 0, w, 1.0, True, "int4").b_cpu_bytes_per_s == pytest.approx(b["int4"])
+
+
+def test_rates_for_every_format_present_and_one_group_per_format():
+    from hetegen_cli.plan.costmodel.fit import phase_rates_from_profile
+
+    profile = _profile()
+    rates, _ = phase_rates_from_profile(
+        profile, "bfloat16", ("bfloat16", "bfloat16"), 128, [("int4", 32), ("int8", 32)]
+    )
+    assert set(rates.quant) == {"int4", "int8"}
+    one, _ = phase_rates_from_profile(profile, "bfloat16", ("bfloat16", "bfloat16"), 128, ("int4", 32))
+    assert set(one.quant) == {"int4", "int8"}  # the LM head's int8 as well
+    assert one.quant["int4"] == rates.quant["int4"]
+    assert phase_rates_from_profile(profile, "bfloat16", ("bfloat16", "bfloat16"), 128)[0].quant == {}
+    with pytest.raises(ValueError, match="one group size per format"):
+        phase_rates_from_profile(profile, "bfloat16", ("bfloat16",) * 2, 128, [("int4", 32), ("int4", 64)])
+
+
+@pytest.mark.parametrize("backend", ["standin", "cuda"])
+def test_a_mixed_plan_is_predicted_and_checked_against_its_model(backend):
+    from hetegen_cli.plan.costmodel.predict import CostInputs, Execution, predict
+
+    spec = _mixed()
+    plan = make_plan(spec, _profile(), _req())
+    fig = predict(spec, Execution(plan, backend), _req(), CostInputs(_profile()))
+    assert fig.decode_tokens_per_s > 0
+    check_plan_matches(plan, spec)
+    with pytest.raises(PlanError, match=r"stored quantized \(int4-g32\).*int4-g32\+int8") as err:
+        check_plan_matches(make_plan(_spec("int4"), _profile(), _req()), spec)
+    assert err.value.hint.endswith("--quant auto")

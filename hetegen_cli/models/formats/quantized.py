@@ -31,9 +31,11 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
+from hetegen_cli.models.formats.stream_write import TensorStream, write_safetensors
 from hetegen_cli.models.shapes.quantfile import (
     QUANT_FILE,
     REST_DTYPE,
+    linear_formats,
     quantization_doc,
     quantized_folder_name,
     read_quantization,
@@ -52,14 +54,15 @@ _COPIED = (
 
 
 def read_quant_weight(reader: CheckpointReader, name: str, doc: dict) -> QuantWeight:
-    """Quantized linear `name` from a quantized folder."""
-    fmt = doc["format"]
+    """Quantized linear `name` from a quantized folder, in its own format (a mixed folder's
+    linears differ: models.shapes.quantfile.linear_formats)."""
+    fmt, group = linear_formats(doc)[name]
     get = lambda part: reader.raw(f"{name}.weight.{part}")  # noqa: E731
     q, scale = get("q"), get("scale")
     out, cols = q.shape
     if fmt == "int8":
         return QuantWeight("int8", out, cols, q, scale)
-    return QuantWeight("int4", out, cols * 2, q, scale, get("min"), int(doc["group_size"]))
+    return QuantWeight("int4", out, cols * 2, q, scale, get("min"), int(group))
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -69,16 +72,16 @@ def write_folder(
     target: Path,
     source: Path | None,
     config: dict,
-    tensors: dict[str, torch.Tensor],
-    doc: dict,
+    tensors: dict[str, torch.Tensor] | TensorStream,
+    doc: dict | Callable[[], dict | None],
     label: str,
     after: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a quantized folder into `target` atomically (a temporary sibling, then a rename):
     config.json (dtype bfloat16), model.safetensors, quantization.json, and the tokenizer and
-    generation files of `source` (or what `after(tmp)` writes there)."""
-    from safetensors.torch import save_file
-
+    generation files of `source` (or what `after(tmp)` writes there). `tensors` is a dict or a
+    TensorStream written tensor by tensor as it is produced (models.formats.stream_write);
+    `doc` may be a function called once the tensors are written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
@@ -91,9 +94,12 @@ def write_folder(
                     shutil.copy2(source / name, tmp / name)
         if after is not None:
             after(tmp)
+        stream = tensors if isinstance(tensors, TensorStream) else TensorStream.of(tensors)
         with activity(f"writing {label}"):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
-        (tmp / QUANT_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            write_safetensors(tmp / "model.safetensors", stream.entries, stream.produce())
+        document = doc() if callable(doc) else doc
+        if document is not None:  # None: a floating-point folder after all
+            (tmp / QUANT_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)

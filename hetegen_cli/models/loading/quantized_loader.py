@@ -23,7 +23,7 @@ from hetegen_cli.models.formats.quant import QuantLinear, quantize
 from hetegen_cli.models.formats.quantized import read_quant_weight
 from hetegen_cli.models.loading import meta
 from hetegen_cli.models.loading.loader import LoadedModel
-from hetegen_cli.models.shapes.quantfile import REST_DTYPE, read_quantization
+from hetegen_cli.models.shapes.quantfile import REST_DTYPE, linear_formats, quant_label, read_quantization
 
 
 def quantize_head(model: Any, group: int = quant.DEFAULT_GROUP_SIZE) -> QuantLinear | None:
@@ -57,7 +57,7 @@ def load_quantized(ref: Any) -> LoadedModel:
     cpu = torch.device("cpu")
     with (
         CheckpointReader(folder, getattr(model, "base_model_prefix", "model")) as reader,
-        activity(f"loading {ref.name} ({doc['format']})"),
+        activity(f"loading {ref.name} ({quant_label(doc)})"),
         progress(True) as bar,
     ):
         task = bar.add_task(f"Loading {ref.name}", total=len(list(meta.named_tensors(model))))
@@ -73,10 +73,11 @@ def load_quantized(ref: Any) -> LoadedModel:
     quantize_head(model)  # the LM head read as int8 every token
     model.eval()
     meta.load_generation_config(model, folder)
+    quant_formats = sorted({fmt for fmt, _ in linear_formats(doc).values()})  # mixed: int4, int8
     return LoadedModel(
         model=model,
         device="cpu",
-        formats=ComputeFormats(REST_DTYPE, quant=doc["format"]),
+        formats=ComputeFormats(REST_DTYPE, quant="+".join(quant_formats)),
         load_s=time.perf_counter() - start,
         folder=str(folder),
     )

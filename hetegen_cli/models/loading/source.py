@@ -22,7 +22,7 @@ from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.formats.gguf import ensure_converted_gguf, ensure_default_model
 from hetegen_cli.models.shapes import presets
 from hetegen_cli.models.shapes.quantfile import REST_DTYPE
-from hetegen_cli.models.shapes.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -104,18 +104,25 @@ def _not_cached(hub_id: str, why: str) -> ModelError:
 
 
 def resolve_model(
-    arg: str | None, *, need_weights: bool, dtype: str | None = None, quant: str = "none"
+    arg: str | None,
+    *,
+    need_weights: bool,
+    dtype: str | None = None,
+    quant: str = "none",
+    allow_float_copy: bool = False,
 ) -> ModelRef:
     """Resolve --model (None: the default model). `need_weights=False` accepts shapes-only
     presets (plan, synthetic bench). A local folder's safetensors headers are checked against
-    its config (models.shapes.folder) before anything else reads it.
+    its config (models.architecture.folder) before anything else reads it.
 
     `quant` (--quant): "none" (floating point), "int8" or "int4" (a quantized copy, made once:
     models.formats.quantized, straight from the blocks for a GGUF), or "auto": the model as stored (a
-    Q4 GGUF such as the default model gives int4, a float folder stays float).
+    Q4 GGUF such as the default model gives int4, a Q4_K_M GGUF int4 and int8 linears, a float
+    folder stays float). `allow_float_copy` (--allow-float-copy) lets "auto" dequantize GGUF
+    linears of types no hetegen format takes (IQ*, Q2_K, ...) to bfloat16 instead of refusing.
     """
     check_quant(quant)
-    return apply_quant(_resolve(arg, need_weights, dtype, quant), quant)
+    return apply_quant(_resolve(arg, need_weights, dtype, quant, allow_float_copy), quant)
 
 
 def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
@@ -124,9 +131,12 @@ def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
     if quant == "auto" or quant == (stored or "none"):
         return ref
     if stored is not None:
+        label = ref.spec.quant_label
         raise ModelError(
-            f"{ref.name} is stored quantized ({stored}); it cannot run as {quant}",
-            f"pass --quant {stored} (or auto), or the original floating-point model",
+            f"{ref.name} is stored quantized ({label}); it cannot run as {quant}",
+            "pass --quant auto, or the original floating-point model"
+            if stored == MIXED
+            else f"pass --quant {stored} (or auto), or the original floating-point model",
         )
     if ref.path is None:  # shapes only: the plan of a quantized copy
         spec = replace(ref.spec, dtype=REST_DTYPE).quantized(quant, DEFAULT_GROUP_SIZE)
@@ -138,10 +148,12 @@ def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
     return ModelRef(ref.arg, ref.kind, ref.name, folder, ref.hub_id, spec, warnings)
 
 
-def _resolve(arg: str | None, need_weights: bool, dtype: str | None, quant: str) -> ModelRef:
+def _resolve(
+    arg: str | None, need_weights: bool, dtype: str | None, quant: str, allow_float_copy: bool = False
+) -> ModelRef:
     gguf_quant = quant if quant in ("auto", "int8", "int4") else "none"
     if arg is None:
-        folder = ensure_default_model(gguf_quant)
+        folder = ensure_default_model(gguf_quant, allow_float_copy=allow_float_copy)
         hub_id = presets.preset_hub_id(presets.DEFAULT_MODEL)
         return _local("", "default", presets.DEFAULT_MODEL, folder, hub_id, dtype)
     if not arg.strip():
@@ -156,7 +168,8 @@ def _resolve(arg: str | None, need_weights: bool, dtype: str | None, quant: str)
                     f"model path {path} is a file but not a .gguf file",
                     "pass a Hugging Face model folder or a .gguf file",
                 )
-            return _local(arg, "gguf", path.name, ensure_converted_gguf(path, gguf_quant), None, dtype)
+            folder = ensure_converted_gguf(path, gguf_quant, allow_float_copy=allow_float_copy)
+            return _local(arg, "gguf", path.name, folder, None, dtype)
         _check_folder(path)
         return _local(arg, "folder", path.name or str(path), path, None, dtype)
 
@@ -164,7 +177,7 @@ def _resolve(arg: str | None, need_weights: bool, dtype: str | None, quant: str)
     if key in presets.PRESETS:
         hub_id = presets.preset_hub_id(key)
         if key == presets.DEFAULT_MODEL and need_weights:
-            return _resolve(None, True, dtype, quant)
+            return _resolve(None, True, dtype, quant, allow_float_copy)
         folder = hub_cached_folder(hub_id)
         if folder is None and need_weights:
             folder = hub_download(hub_id)

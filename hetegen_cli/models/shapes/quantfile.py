@@ -5,6 +5,11 @@ tensors, models.loading.quantized_loader loads them).
 Each quantized linear `X` is stored as `X.weight.q` (int8 [out, in] or uint8 [out, in / 2]),
 `X.weight.scale` (float16 [out] or [out, in / group]) and, for int4, `X.weight.min`
 (core.quant's layout); every other tensor in bfloat16.
+
+Schema 1 has one `format` (int8 or int4, with `group_size`) for every linear in `linears`.
+Schema 2 is a mixed model's (a GGUF Q4_K_M: Q4_K linears in int4, Q6_K ones in int8):
+`format` is "mixed" and `formats` maps each linear to its own; hetegen before it refuses the
+file instead of misreading an int8 linear as int4.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 
 from hetegen_cli.core import quant
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.shapes.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 
 QUANT_FILE = "quantization.json"
 QUANT_KIND = "hetegen.quantization"
@@ -32,46 +37,81 @@ def read_quantization(folder: Path) -> dict | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}", "quantize the model again") from None
-    ok = (
-        isinstance(doc, dict)
-        and doc.get("kind") == QUANT_KIND
-        and doc.get("schema_version") == 1
-        and doc.get("format") in quant.QUANT_FORMATS
-        and isinstance(doc.get("linears"), list)
-        and all(isinstance(n, str) for n in doc["linears"])
-        and (doc["format"] != "int4" or doc.get("group_size") in quant.INT4_GROUP_SIZES)
-    )
-    if not ok:
+    if not _valid(doc):
         raise ModelError(
-            f"{path} is not a hetegen quantization document of schema 1", "quantize the model again"
+            f"{path} is not a hetegen quantization document of schema 1 or 2", "quantize the model again"
         )
     return doc
 
 
+def _valid(doc: object) -> bool:
+    if not (
+        isinstance(doc, dict)
+        and doc.get("kind") == QUANT_KIND
+        and doc.get("schema_version") in (1, 2)
+        and isinstance(doc.get("linears"), list)
+        and all(isinstance(n, str) for n in doc["linears"])
+    ):
+        return False
+    if doc["schema_version"] == 2 and doc.get("format") == MIXED:
+        formats = doc.get("formats")
+        if not (
+            isinstance(formats, dict)
+            and set(formats) == set(doc["linears"])
+            and all(f in quant.QUANT_FORMATS for f in formats.values())
+        ):
+            return False
+        used = set(formats.values())
+    elif doc.get("format") in quant.QUANT_FORMATS:
+        used = {doc["format"]}
+    else:
+        return False
+    return "int4" not in used or doc.get("group_size") in quant.INT4_GROUP_SIZES
+
+
+def linear_formats(doc: dict) -> dict[str, tuple[str, int | None]]:
+    """{linear: (format, group size or None)} of a validated quantization document: each
+    linear's own format in a mixed document (schema 2), the one format otherwise."""
+    per_linear = doc["formats"] if doc["format"] == MIXED else {}
+    out = {}
+    for name in doc["linears"]:
+        fmt = per_linear.get(name, doc["format"])
+        out[name] = (fmt, doc.get("group_size") if fmt == "int4" else None)
+    return out
+
+
+def quant_label(doc: dict) -> str:
+    """'int8', 'int4-g32' or, for a mixed document, 'int4-g32+int8' (ModelSpec.quant_label)."""
+    labels = {fmt if fmt == "int8" else f"{fmt}-g{group}" for fmt, group in linear_formats(doc).values()}
+    return "+".join(sorted(labels)) or doc["format"]
+
+
 def spec_with_quantization(spec: ModelSpec, doc: dict) -> ModelSpec:
-    """`spec` (of the folder's config) with the linears of `doc` quantized, the rest bfloat16."""
+    """`spec` (of the folder's config) with the linears of `doc` quantized, each in its own
+    format, the rest bfloat16."""
     spec = replace(spec, dtype=REST_DTYPE)
-    return spec.quantized(
-        doc["format"], int(doc.get("group_size") or quant.DEFAULT_GROUP_SIZE), set(doc["linears"])
+    formats = linear_formats(doc)
+    return spec.with_quant_map(
+        {name: (fmt, int(group or quant.DEFAULT_GROUP_SIZE)) for name, (fmt, group) in formats.items()}
     )
 
 
 def virtual_index(index: dict, doc: dict) -> dict:
     """A tensor index in which each quantized linear's parts appear as one `X.weight` of its
-    float shape (so models.shapes.folder checks the folder like any other). ModelError when a part
+    float shape (so models.architecture.folder checks the folder like any other). ModelError when a part
     is missing or its shape does not belong to the others."""
     out = dict(index)
-    g = doc.get("group_size")
-    for name in doc["linears"]:
-        keys = [f"{name}.weight.{p}" for p in PARTS[: 3 if doc["format"] == "int4" else 2]]
+    for name, (fmt, g) in linear_formats(doc).items():
+        int4 = fmt == "int4"
+        keys = [f"{name}.weight.{p}" for p in PARTS[: 3 if int4 else 2]]
         missing = [k for k in keys if k not in index]
         if missing:
             raise ModelError(f"the quantized checkpoint lacks {missing[0]}", "quantize the model again")
         file, _, qshape = index[keys[0]]
         rows, cols = qshape
-        inp = cols * 2 if doc["format"] == "int4" else cols
-        want = {keys[1]: (rows, inp // g) if g and doc["format"] == "int4" else (rows,)}
-        if doc["format"] == "int4":
+        inp = cols * 2 if int4 else cols
+        want = {keys[1]: (rows, inp // g) if g and int4 else (rows,)}
+        if int4:
             want[keys[2]] = (rows, inp // g)
         for key, shape in want.items():
             if tuple(index[key][2]) != shape:
@@ -86,21 +126,37 @@ def virtual_index(index: dict, doc: dict) -> dict:
 
 
 def quantized_folder_name(name: str, fmt: str, group: int) -> str:
-    return f"{name}-{fmt}" + (f"-g{group}" if fmt == "int4" else "")
+    return f"{name}-{fmt}" + (f"-g{group}" if fmt in ("int4", MIXED) else "")
 
 
-def quantization_doc(fmt: str, group: int, spec: ModelSpec, source: dict, seconds: float) -> dict:
+def quantization_doc(
+    fmt: str, group: int, spec: ModelSpec, source: dict, seconds: float, kept_reason: str | None = None
+) -> dict:
+    """The quantization document of `spec`'s quantized linears: `fmt` and `group` when they
+    share one format; a mixed document (schema 2: `format` MIXED and `formats`, each linear's
+    own) when they do not. `kept_reason` says why the other linears stayed bfloat16 (default:
+    the kernel cannot take their shape)."""
+    qmap = spec.quant_map()
+    used = sorted({f for f, _ in qmap.values()})
+    mixed = len(used) > 1
     quantized = [lin.name for lin in spec.linears if lin.quant]
     kept = [lin.name for lin in spec.linears if not lin.quant]
-    return {
-        "schema_version": 1,
+    doc = {
+        "schema_version": 2 if mixed else 1,
         "kind": QUANT_KIND,
-        "format": fmt,
-        "group_size": group if fmt == "int4" else None,
+        "format": MIXED if mixed else (used[0] if used else fmt),
+        "group_size": group if "int4" in (used or [fmt]) else None,
         "rest_dtype": REST_DTYPE,
         "linears": quantized,
+    }
+    if mixed:
+        doc["formats"] = {name: f for name, (f, _) in qmap.items()}
+    return {
+        **doc,
         "kept_float": kept,
-        "kept_float_reason": "the CPU kernel cannot take their shape (core.quant.kernel_takes)"
+        "kept_float_reason": (
+            kept_reason or "the CPU kernel cannot take their shape (core.quant.kernel_takes)"
+        )
         if kept
         else None,
         "source": source,

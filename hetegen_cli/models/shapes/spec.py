@@ -1,7 +1,7 @@
 """Model shapes without weights: every linear in execution order, plus the GPU-fixed items.
 
 Pure Python (no torch): built from a validated config dict (config.json or a preset); for a
-local folder, models.shapes.folder checks its safetensors headers against `ModelSpec.tensors`.
+local folder, models.architecture.folder checks its safetensors headers against `ModelSpec.tensors`.
 Linear names are the module names of the stock transformers model, so a plan maps onto it.
 """
 
@@ -17,6 +17,9 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES, itemsize
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
 from hetegen_cli.core.quant import kernel_takes
 from hetegen_cli.core.quant import weight_bytes as quant_weight_bytes
+
+#: ModelSpec.quant of a model whose linears are stored in more than one quantized format
+MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -119,20 +122,43 @@ class ModelSpec:
 
     @property
     def quant(self) -> str | None:
-        """The quantized format of the block linears (None: floating point)."""
-        return next((lin.quant for lin in self.linears if lin.quant), None)
+        """The quantized format of the block linears: int8 or int4, MIXED when they are in
+        several (a GGUF Q4_K_M: int4 and int8 linears), None for floating point."""
+        formats = self.quant_formats
+        if not formats:
+            return None
+        return formats[0] if len(formats) == 1 else MIXED
+
+    @property
+    def quant_formats(self) -> tuple[str, ...]:
+        """The distinct formats of the quantized linears, sorted (() for a float model)."""
+        return tuple(sorted({lin.quant for lin in self.linears if lin.quant}))
 
     @property
     def quant_label(self) -> str | None:
-        """'int8', 'int4-g32' (format and group), or None for a float model."""
-        fmt = next(iter(self.quant_map().values()), None)
-        if fmt is None:
-            return None
-        return fmt[0] if fmt[0] == "int8" else f"{fmt[0]}-g{fmt[1]}"
+        """'int8', 'int4-g32' (format and group), 'int4-g32+int8' for a mixed model (each
+        (format, group) present, sorted), or None for a float model."""
+        labels = sorted(
+            {fmt if fmt == "int8" else f"{fmt}-g{group}" for fmt, group in self.quant_map().values()}
+        )
+        return "+".join(labels) or None
 
     def quant_map(self) -> dict[str, tuple[str, int]]:
         """{linear name: (format, group size)} of the quantized linears ({} for a float model)."""
         return {lin.name: (lin.quant, lin.group_size or 32) for lin in self.linears if lin.quant}
+
+    def with_quant_map(self, formats: dict[str, tuple[str, int]]) -> ModelSpec:
+        """This spec with each block linear named in `formats` stored as its (format, group
+        size) and every other one floating point: the linears of a mixed model each in their
+        own format (models.shapes.quantfile)."""
+
+        def pick(lin: LinearSpec) -> LinearSpec:
+            if lin.name not in formats:
+                return replace(lin, quant=None, group_size=None)
+            fmt, group = formats[lin.name]
+            return replace(lin, quant=fmt, group_size=group if fmt == "int4" else None)
+
+        return replace(self, linears=tuple(pick(lin) for lin in self.linears))
 
     def quantized(self, fmt: str, group_size: int, names: set[str] | None = None) -> ModelSpec:
         """This spec with the block linears in `names` (default: every one the CPU kernel

@@ -8,6 +8,7 @@ and returns `hardware.Rates` plus notes on fallbacks (docs/plan.md, "The cost mo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -172,24 +173,44 @@ def quant_rates(
     ), notes
 
 
+QuantFormats = Iterable[tuple[str, int]] | tuple[str, int] | None
+
+
+def _quant_formats(quant_formats: QuantFormats) -> list[tuple[str, int]]:
+    """The (format, group size) pairs of a model's quantized linears: every one of a mixed
+    model (ModelSpec.quant_map's values), or the one pair callers passed before models mixed."""
+    if quant_formats is None:
+        return []
+    if isinstance(quant_formats, tuple) and len(quant_formats) == 2 and isinstance(quant_formats[0], str):
+        return [quant_formats]  # type: ignore[list-item]
+    return list(dict.fromkeys(quant_formats))  # type: ignore[arg-type]
+
+
 def phase_rates_from_profile(
     profile: dict | Profile,
     weights_dtype: str,
     cpu_dtypes: tuple[str, str],
     prefill_tokens: int,
-    quant_format: tuple[str, int] | None = None,
+    quant_formats: QuantFormats = None,
 ) -> tuple[cm.PhaseRates, list[str]]:
     """PhaseRates with the CPU share in cpu_dtypes = (prefill, decode), and the rates of a
-    quantized model's linears (`quant_format` = (format, group size)); notes on fallbacks."""
+    quantized model's linears: one entry per (format, group size) in `quant_formats` (a mixed
+    GGUF Q4_K_M has int4 and int8 linears, each priced at its own bytes), plus the LM head's
+    format (quant.HEAD_FORMAT); notes on fallbacks. A format has one group size per model."""
     notes: list[str] = []
     fitted: dict[str, cm.Rates] = {}
     for dtype in dict.fromkeys(cpu_dtypes):
         fitted[dtype], more = rates_from_profile(profile, weights_dtype, dtype, prefill_tokens)
         notes += [n for n in more if n not in notes]
-    by_format = {}
-    if quant_format is not None:  # the model's format, and the LM head's (quant.HEAD_FORMAT)
-        for fmt in dict.fromkeys((quant_format[0], quant.HEAD_FORMAT)):
-            by_format[fmt], more = quant_rates(profile, fitted[cpu_dtypes[1]], fmt, quant_format[1])
+    by_format: dict[str, cm.Rates] = {}
+    formats = _quant_formats(quant_formats)
+    groups = {fmt: group for fmt, group in formats}
+    if len(groups) != len(formats):
+        raise ValueError(f"one group size per format, not {formats}")
+    if formats:  # the model's formats, and the LM head's
+        groups.setdefault(quant.HEAD_FORMAT, quant.DEFAULT_GROUP_SIZE)
+        for fmt, group in groups.items():
+            by_format[fmt], more = quant_rates(profile, fitted[cpu_dtypes[1]], fmt, group)
             notes += [n for n in more if n not in notes]
     return cm.PhaseRates(fitted[cpu_dtypes[0]], fitted[cpu_dtypes[1]], by_format), notes
 

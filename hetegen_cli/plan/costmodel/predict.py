@@ -51,9 +51,10 @@ class CostInputs:
     def rates(
         self, spec: ModelSpec, cpu_dtypes: tuple[str, str], prefill_tokens: int, backend: Backend
     ) -> tuple[cm.PhaseRates, list[str]]:
-        """The rates `spec` runs at on `backend` with its CPU share in `cpu_dtypes`."""
-        quant = next(iter(spec.quant_map().values()), None)
-        rates, notes = phase_rates_from_profile(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, quant)
+        """The rates `spec` runs at on `backend` with its CPU share in `cpu_dtypes`, and those
+        of each quantized format its linears are in (a mixed model has several)."""
+        formats = sorted(set(spec.quant_map().values()))
+        rates, notes = phase_rates_from_profile(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, formats)
         if backend != "standin":
             return rates, notes
         gpu_side, more = rates_from_profile(self.profile, spec.dtype, spec.dtype, prefill_tokens)

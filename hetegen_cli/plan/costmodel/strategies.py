@@ -10,11 +10,12 @@ are plan.LinearPlacement in execution order; times are seconds per step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hetegen_cli.core.phase import PHASES
 from hetegen_cli.core.quant import HEAD_FORMAT, kernel_takes
-from hetegen_cli.models.shapes.spec import ModelSpec
+from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.costmodel.fixed import FixedCosts, fixed_s, linears_s
 from hetegen_cli.plan.document import LinearPlacement
@@ -292,19 +293,39 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
     return compose(rates, spec, req, fixed, seconds, parts, engine, 0)
 
 
+def quant_bytes(spec: ModelSpec) -> str | dict[str, int] | None:
+    """What `bounds` takes of a model's storage: None for floating point, its format when
+    every quantized linear shares one, else each format's stored bytes (a mixed model)."""
+    if spec.quant != MIXED:
+        return spec.quant
+    out: dict[str, int] = {}
+    for lin in spec.linears:
+        if lin.quant:
+            out[lin.quant] = out.get(lin.quant, 0) + lin.weight_bytes
+    return out
+
+
 def bounds(
     rates: cm.PhaseRates,
     w_gpu: int,
     w_host: int,
     decode_s: float,
     cpu_plan: bool = False,
-    quant: str | None = None,
+    quant: str | Mapping[str, int] | None = None,
 ) -> Bounds:
     """docs/method.md §11: per-token time >= W_gpu / B_hbm + W_host / X (solo rates, the
-    decode format's CPU rate; a quantized model's: its format's, bytes as stored)."""
-    cpu_rates = rates.of_linear("decode", quant)
+    decode format's CPU rate; a quantized model's: its format's, bytes as stored; a mixed
+    model's (`quant` = bytes per format, quant_bytes): the formats' rates weighted by their
+    bytes, so the host's bytes take the time they would take split in those shares)."""
+    if isinstance(quant, Mapping):
+        total = sum(quant.values())
+        held = {f: rates.of_linear("decode", f) for f in quant}
+        seconds = sum(n / (held[f].cpu_params_per_s * held[f].weight_bytes) for f, n in quant.items())
+        b_cpu = total / seconds if seconds else 0.0
+    else:
+        cpu_rates = rates.of_linear("decode", quant)
+        b_cpu = cpu_rates.cpu_params_per_s * cpu_rates.weight_bytes  # in held bytes
     rates = rates.decode
-    b_cpu = cpu_rates.cpu_params_per_s * cpu_rates.weight_bytes  # in held bytes
     result = {
         "w_gpu_bytes": w_gpu,
         "w_host_bytes": w_host,

@@ -18,6 +18,19 @@ _CORPUS = [
 ] * 20
 
 VOCAB_SIZE = 320
+#: the tiny OPT: hidden 64, 2 layers, 4 heads, ffn 200 (not a multiple of 16)
+TINY_OPT = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    num_hidden_layers=2,
+    ffn_dim=200,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    word_embed_proj_dim=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def build_tokenizer(folder: Path) -> None:
@@ -47,18 +60,7 @@ def build_tiny_opt(
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    config = OPTConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        num_hidden_layers=2,
-        ffn_dim=200,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        word_embed_proj_dim=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = OPTConfig(**TINY_OPT)
     model = OPTForCausalLM(config).to(dtype).eval()
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer:

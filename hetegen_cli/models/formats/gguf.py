@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import activity, note
@@ -180,14 +180,13 @@ def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file; ModelError if corrupt or unsupported.
-
-    Reads only the metadata key/value section, never the tensors.
-    """
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for reading; ModelError (one line, a hint) when it cannot be read or is not
+    a well-formed GGUF file (the parsers raise ValueError, struct.error, UnicodeDecodeError)."""
     try:
         with open(path, "rb") as handle:
-            arch = _read_gguf_architecture(handle)
+            yield handle
     except OSError as exc:
         raise ModelError(
             f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
@@ -197,6 +196,15 @@ def gguf_architecture(path: Path) -> str:
             f"{path} is not a valid GGUF file ({exc})",
             "the file may be truncated or of another format; download it again",
         ) from exc
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file; ModelError if corrupt or unsupported.
+
+    Reads only the metadata key/value section, never the tensors.
+    """
+    with _reading(path) as handle:
+        arch = _read_gguf_architecture(handle)
     supported = supported_gguf_architectures()
     if arch not in supported:
         raise ModelError(
@@ -286,19 +294,9 @@ class GgufLayout:
 
 def read_gguf_layout(path: Path) -> GgufLayout:
     """The layout of a GGUF file (GgufLayout); ModelError when it is corrupt or cut short."""
-    try:
-        with open(path, "rb") as handle:
-            layout = _read_layout(handle)
-            size = os.fstat(handle.fileno()).st_size
-    except OSError as exc:
-        raise ModelError(
-            f"cannot read GGUF file {path}: {exc.strerror or exc}", "check the path and its permissions"
-        ) from exc
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
-        raise ModelError(
-            f"{path} is not a valid GGUF file ({exc})",
-            "the file may be truncated or of another format; download it again",
-        ) from exc
+    with _reading(path) as handle:
+        layout = _read_layout(handle)
+        size = os.fstat(handle.fileno()).st_size
     beyond = [t.name for t in layout.tensors.values() if t.offset > size]
     if beyond:
         raise ModelError(

@@ -21,7 +21,7 @@ from tests.engine.conftest import PLANS, placements
 from tests.engine.test_strict_backend import FP32
 from tests.models.architecture.legacy_spec import legacy_spec
 from tests.strict import StrictBackend
-from tests.tiny_models import VOCAB_SIZE, build_tokenizer
+from tests.tiny_models import TINY_OPT, VOCAB_SIZE, build_tokenizer
 
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 12]  # longer than the sliding windows below
 NEW_TOKENS = 8
@@ -39,18 +39,7 @@ _COMMON = dict(
 )
 #: tiny configs; what is not the common shape is what the architecture needs to be itself
 TINY = {
-    "opt": dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        ffn_dim=200,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        word_embed_proj_dim=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "opt": TINY_OPT,
     "llama": dict(_COMMON, rope_scaling=None),
     "mistral": dict(_COMMON, sliding_window=4),
     "qwen2": dict(_COMMON),

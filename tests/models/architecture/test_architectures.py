@@ -133,7 +133,13 @@ def _generate_prompt(loaded) -> list[int]:
 @pytest.mark.parametrize("arch", [*TESTED_ARCHITECTURES, "llama-3.1-rope"])
 @pytest.mark.parametrize(
     "plan_name, backend",
-    [("all_cpu", "cpu"), ("mixed", "cpu"), ("all_streamed", "strict"), ("mixed", "strict")],
+    [
+        ("all_cpu", "cpu"),
+        ("all_streamed", "cpu"),
+        ("mixed", "cpu"),
+        ("all_streamed", "strict"),
+        ("mixed", "strict"),
+    ],
 )
 def test_greedy_tokens_equal_transformers_generate(tiny, arch, plan_name, backend):
     ref, want = tiny[arch]

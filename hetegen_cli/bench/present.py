@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from hetegen_cli.core.console import table
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.core.units import format_bytes
 
@@ -67,23 +68,23 @@ def render(doc: dict, console: Any) -> None:
 
 
 def _tables(doc: dict, console: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title="Measured", title_justify="left")
-    for col in (
-        "GPU budget",
-        "arm",
-        "dtype",
-        "prefill s",
-        "prefill tok/s",
-        "decode tok/s",
-        "e2e tok/s",
-        "TTFT s",
-        "GPU peak",
-        "host peak RSS",
-        "tokens",
-    ):
-        t.add_column(col, justify="left" if col in ("arm", "dtype", "tokens") else "right")
+    t = table(
+        "Measured",
+        (
+            "GPU budget",
+            "arm",
+            "dtype",
+            "prefill s",
+            "prefill tok/s",
+            "decode tok/s",
+            "e2e tok/s",
+            "TTFT s",
+            "GPU peak",
+            "host peak RSS",
+            "tokens",
+        ),
+        left=("arm", "dtype", "tokens"),
+    )
     for s in doc["budgets"]:
         for e in s["arms"]:
             if e["status"] != "ok":
@@ -104,26 +105,28 @@ def _tables(doc: dict, console: Any) -> None:
                 _tokens_cell(e),
             )
     console.print(t)
-    t = Table(title="Compared (x = this arm's tok/s over the other's)", title_justify="left")
-    for col in (
-        "GPU budget",
-        "arm",
-        "pred decode tok/s",
-        "err",
-        "own bound",
-        "of own",
-        "of hybrid",
-        "prefill x ref",
-        "decode x ref",
-        "e2e x ref",
-        "decode x offload",
-        "e2e x offload",
-        "decode x layer-split",
-        "e2e x layer-split",
-        "decode x llama.cpp",
-        "e2e x llama.cpp",
-    ):
-        t.add_column(col, justify="left" if col in ("arm", "own bound") else "right")
+    t = table(
+        "Compared (x = this arm's tok/s over the other's)",
+        (
+            "GPU budget",
+            "arm",
+            "pred decode tok/s",
+            "err",
+            "own bound",
+            "of own",
+            "of hybrid",
+            "prefill x ref",
+            "decode x ref",
+            "e2e x ref",
+            "decode x offload",
+            "e2e x offload",
+            "decode x layer-split",
+            "e2e x layer-split",
+            "decode x llama.cpp",
+            "e2e x llama.cpp",
+        ),
+        left=("arm", "own bound"),
+    )
     for s in doc["budgets"]:
         for e in s["arms"]:
             if e["status"] != "ok":

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from hetegen_cli.cli.common import JsonOption, ProfileOption, guarded, input_file_arg
-from hetegen_cli.core.console import emit_json, note, stdout_console
+from hetegen_cli.core.console import emit_json, note, stdout_console, table
 from hetegen_cli.core.errors import InputError, ProfileError
 from hetegen_cli.core.jsonio import read_json
 
@@ -72,12 +72,13 @@ def calibrate(runs: list[Path], profile: Path | None, json_: bool) -> None:
 
 
 def _render(cal: dict) -> None:
-    from rich.table import Table
 
     factors = cal["factors"]
-    t = Table(title="Calibration: measured against predicted, per run and phase", title_justify="left")
-    for col in ("run", "device", "phase", "measured ms", "before ms", "ratio", "after ms", "ratio"):
-        t.add_column(col, justify="left" if col in ("run", "device", "phase") else "right")
+    t = table(
+        "Calibration: measured against predicted, per run and phase",
+        ("run", "device", "phase", "measured ms", "before ms", "ratio", "after ms", "ratio"),
+        left=("run", "device", "phase"),
+    )
     for r in cal["runs"]:
         k = factors.get(r["device"], {}).get(r["phase"], 1.0)
         before = r["linear_s"] + r["fixed_uncalibrated_s"]

@@ -27,7 +27,7 @@ from hetegen_cli.cli.common import (
     output_arg,
     size_bytes,
 )
-from hetegen_cli.core.console import activity, emit_json, note, progress, stdout_console, warn
+from hetegen_cli.core.console import activity, emit_json, note, progress, stdout_console, table, warn
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.core.units import format_bytes
 
@@ -281,7 +281,6 @@ def _rate(fig: dict | None, key: str, fmt: str = "{:.3g}") -> str:
 
 def render(plan: Any, explain: bool) -> None:
     """The summary tables on stdout; --explain adds one row per linear."""
-    from rich.table import Table
 
     from hetegen_cli.plan.sections import HostMemory, ProfileIdentity
 
@@ -307,12 +306,10 @@ def render(plan: Any, explain: bool) -> None:
         f"{rt.cpu_threads} threads",
         highlight=False,
     )
-    t = Table(
-        title=f"GPU memory: budget {format_bytes(b.gpu_budget_bytes or 0)} ({b.gpu_budget_source})",
-        title_justify="left",
+    t = table(
+        f"GPU memory: budget {format_bytes(b.gpu_budget_bytes or 0)} ({b.gpu_budget_source})",
+        ("item", "bytes"),
     )
-    t.add_column("item")
-    t.add_column("bytes", justify="right")
     gpu = plan.memory.gpu.to_dict() if plan.memory.gpu else {}
     for key, value in gpu.items():
         t.add_row(key.removesuffix("_bytes").replace("_", " "), format_bytes(value))
@@ -333,10 +330,11 @@ def render(plan: Any, explain: bool) -> None:
         f"{rt.staging_buffers} staging buffer(s)",
         highlight=False,
     )
-    t = Table(title="Predictions (from the profile)", title_justify="left")
-    t.caption = "hetegen x = decode speed of this plan / that strategy's"
-    for col in ("strategy", "prefill s", "decode tok/s", "e2e tok/s", "hetegen x", "GPU mem"):
-        t.add_column(col, justify="left" if col == "strategy" else "right")
+    t = table(
+        "Predictions (from the profile)",
+        ("strategy", "prefill s", "decode tok/s", "e2e tok/s", "hetegen x", "GPU mem"),
+        caption="hetegen x = decode speed of this plan / that strategy's",
+    )
     for key, label in _STRATEGIES:
         fig = plan.predictions.to_dict().get(key)
         speed = "1.00x" if key == "hetegen" else _rate(fig, "hetegen_decode_speedup", "{:.2f}x")
@@ -371,19 +369,13 @@ def _mean(values: Any) -> str:
 
 
 def _render_linears(console: Any, plan: Any) -> None:
-    from rich.table import Table
 
-    t = Table(title="Per linear (times in ms; layer = max(cpu, transfer + gpu))", title_justify="left")
-    for col in (
-        "linear",
-        "out x in",
-        "resident",
-        "cpu_fraction pre/dec",
-        "prefill cpu/xfer/gpu",
-        "decode cpu/xfer/gpu",
-        "decode layer",
-    ):
-        t.add_column(col, justify="left" if col == "linear" else "right", no_wrap=col == "linear")
+    columns = ("linear", "out x in", "resident", "cpu_fraction pre/dec", "prefill cpu/xfer/gpu")
+    t = table(
+        "Per linear (times in ms; layer = max(cpu, transfer + gpu))",
+        (*columns, "decode cpu/xfer/gpu", "decode layer"),
+    )
+    t.columns[0].no_wrap = True
     for i, p in enumerate(plan.placements):
         est = plan.estimates[i] if plan.estimates else None
         pre = "/".join(f"{t * 1e3:.3f}" for t in _shares(est.prefill)) if est else "-"

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from hetegen_cli.cli.common import JsonOption, guarded, output_arg
-from hetegen_cli.core.console import emit_json, note, progress, stdout_console, warn
+from hetegen_cli.core.console import emit_json, note, progress, stdout_console, table, warn
 from hetegen_cli.core.jsonio import check_output_path
 from hetegen_cli.core.units import format_bytes, format_flops, format_rate
 
@@ -87,12 +87,7 @@ def _shape(m: dict[str, Any]) -> str:
 
 
 def _table(title: str, *columns: str) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    return table
+    return table(title, columns)
 
 
 def render(doc: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -123,3 +123,17 @@ def report_interrupt(command: str, exc: BaseException | None = None) -> None:
         "stopped; no partial file was left.",
         highlight=False,
     )
+
+
+def table(
+    title: str, columns: Sequence[str], left: Sequence[str] | None = None, caption: str | None = None
+) -> Any:
+    """A rich Table for stdout, its title on the left: the columns in `left` (default: the
+    first) left-justified, the others (numbers) right-justified."""
+    from rich.table import Table
+
+    left = columns[:1] if left is None else left
+    t = Table(title=title, title_justify="left", caption=caption)
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right")
+    return t

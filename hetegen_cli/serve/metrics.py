@@ -5,6 +5,9 @@ Each server has its own registry, so several in one process (tests) do not colli
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -17,39 +20,30 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "hetegen_requests",
-            "HTTP requests answered, by route and status code",
-            ["route", "status"],
-            registry=r,
+        self.registry = CollectorRegistry()
+        counter, gauge, histogram = self._kind(Counter), self._kind(Gauge), self._kind(Histogram)
+        self.requests = counter(
+            "requests", "HTTP requests answered, by route and status code", ["route", "status"]
         )
-        self.prompt_tokens = Counter("hetegen_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.completion_tokens = Counter("hetegen_completion_tokens", "Tokens generated", registry=r)
-        self.rejected = Counter(
-            "hetegen_rejected", "Requests refused with 429: the queue was full", registry=r
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled")
+        self.completion_tokens = counter("completion_tokens", "Tokens generated")
+        self.rejected = counter("rejected", "Requests refused with 429: the queue was full")
+        self.cancelled = counter(
+            "cancelled", "Generations stopped because the client went away or the server stopped"
         )
-        self.cancelled = Counter(
-            "hetegen_cancelled",
-            "Generations stopped because the client went away or the server stopped",
-            registry=r,
+        self.queue_length = gauge("queue_length", "Requests waiting for the model")
+        self.running = gauge("running", "Requests generating now (0 or 1)")
+        self.decode_rate = gauge("decode_tokens_per_second", "Decode speed of the last finished generation")
+        arrival = "Time from a generation request's arrival to its {} token (queue included)"
+        self.latency = histogram("request_seconds", arrival.format("last"), buckets=LATENCY_BUCKETS)
+        self.first_token = histogram(
+            "time_to_first_token_seconds", arrival.format("first"), buckets=LATENCY_BUCKETS
         )
-        self.queue_length = Gauge("hetegen_queue_length", "Requests waiting for the model", registry=r)
-        self.running = Gauge("hetegen_running", "Requests generating now (0 or 1)", registry=r)
-        self.decode_rate = Gauge(
-            "hetegen_decode_tokens_per_second", "Decode speed of the last finished generation", registry=r
-        )
-        self.latency = Histogram(
-            "hetegen_request_seconds",
-            "Time from a generation request's arrival to its last token (queue included)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.first_token = Histogram(
-            "hetegen_time_to_first_token_seconds",
-            "Time from a generation request's arrival to its first token (queue included)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+
+    def _kind(self, kind: type) -> Callable[..., Any]:
+        """A maker of `kind` metrics named hetegen_<name> in this server's registry."""
+        return lambda name, text, *labels, **kw: kind(
+            f"hetegen_{name}", text, *labels, registry=self.registry, **kw
         )
 
     def render(self) -> bytes:

@@ -74,11 +74,13 @@ class _Request(BaseModel):
             raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
         return stops
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "tools", "echo", "suffix", check_fields=False)
     @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        """Fields of the OpenAI API hetegen does not implement (each request type has some)."""
         if value:
-            raise ValueError("logprobs are not supported by hetegen")
+            verb = "are" if info.field_name in ("logprobs", "tools") else "is"
+            raise ValueError(f"{info.field_name} {verb} not supported by hetegen")
         return value
 
     @property
@@ -116,13 +118,6 @@ class ChatRequest(_Request):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("tools are not supported by hetegen")
-        return value
-
     @field_validator("response_format")
     @classmethod
     def _text_only(cls, value: Any) -> Any:
@@ -141,13 +136,6 @@ class CompletionRequest(_Request):
     echo: StrictBool = False
     suffix: StrictStr | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by hetegen")
-        return value
 
     @property
     def text(self) -> str:

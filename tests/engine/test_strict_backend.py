@@ -43,12 +43,12 @@ def _differs(loaded, want: list[int]) -> bool:
         return True
 
 
-def _generate(loaded) -> list[int]:
+def _generate(loaded, prompt: list[int] = PROMPT[0], new_tokens: int = NEW_TOKENS) -> list[int]:
     result = generate(
         loaded.model,
         _Ids(),
-        PROMPT[0],
-        max_new_tokens=NEW_TOKENS,
+        prompt,
+        max_new_tokens=new_tokens,
         eos_ids=set(),
         sync=loaded.sync,
         device=loaded.device,

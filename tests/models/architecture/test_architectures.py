@@ -18,7 +18,7 @@ from hetegen_cli.models.shapes import presets
 from hetegen_cli.models.shapes.config import TESTED_ARCHITECTURES
 from hetegen_cli.plan.document import RuntimeSettings
 from tests.engine.conftest import PLANS, placements
-from tests.engine.test_strict_backend import FP32
+from tests.engine.test_strict_backend import FP32, _generate
 from tests.models.architecture.legacy_spec import legacy_spec
 from tests.strict import StrictBackend
 from tests.tiny_models import TINY_OPT, VOCAB_SIZE, build_tokenizer
@@ -108,26 +108,7 @@ def _engine_tokens(ref, plan_name: str, backend) -> list[int]:
     plan = placements(ref.spec, PLANS[plan_name])
     runtime = RuntimeSettings(**{**FP32.__dict__, "requires_gpu": plan_name != "all_cpu"})
     with load_hetero_model(ref, plan, runtime, backend, progress=False) as loaded:
-        return _generate_prompt(loaded)
-
-
-def _generate_prompt(loaded) -> list[int]:
-    from hetegen_cli.run.generate import generate
-
-    class _Ids:
-        def decode(self, ids, skip_special_tokens=True) -> str:
-            return ""
-
-    result = generate(
-        loaded.model,
-        _Ids(),
-        PROMPT,
-        max_new_tokens=NEW_TOKENS,
-        eos_ids=set(),
-        sync=loaded.sync,
-        device=loaded.device,
-    )
-    return result.token_ids
+        return _generate(loaded, PROMPT, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("arch", [*TESTED_ARCHITECTURES, "llama-3.1-rope"])

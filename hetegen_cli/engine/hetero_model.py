@@ -34,7 +34,7 @@ from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtyp
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.engine.host_weight import HostArena, HostWeight
+from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
@@ -110,7 +110,7 @@ def load_hetero_model(
         need = sum(
             QuantHostWeight.arena_need(p.out_features, p.in_features, _rows(p), quant[p.name])
             if p.name in quant
-            else HostWeight.arena_need(p.out_features, p.in_features, _rows(p), wdt, cdt)
+            else HostLayout(p.out_features, p.in_features, _rows(p), wdt, cdt).arena_need
             for p in split
         )
         context.arena = HostArena(need, backend, runtime.pin_weights)
@@ -258,9 +258,8 @@ def _install_split(
         key = embed_key
     if key is None:
         raise ModelError(f"the checkpoint lacks {p.name}.weight", "re-download or convert the model")
-    host = HostWeight.allocate(
-        p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), wdt, cdt, context.arena
-    )
+    layout = HostLayout(p.out_features, p.in_features, _rows(p), wdt, cdt)
+    host = HostWeight.allocate(layout, context.arena)
     reader.copy_rows(key, host.gpu_home, start=host.row0)
     for copy in host.copies.values():
         reader.copy_rows(key, copy, start=0)

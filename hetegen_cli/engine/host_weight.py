@@ -59,6 +59,35 @@ class HostArena:
         self.block = None
 
 
+@dataclass(frozen=True)
+class HostLayout:
+    """What one split linear [out, in] holds in host memory: its CPU share `cpu_rows` =
+    (prefill, decode) rows computed in `cpu_dtypes` = (prefill, decode), the rest streamed in
+    `weights_dtype`."""
+
+    out_features: int
+    in_features: int
+    cpu_rows: tuple[int, int]
+    weights_dtype: torch.dtype
+    cpu_dtypes: tuple[torch.dtype, torch.dtype]
+
+    def held(self) -> tuple[int, dict[torch.dtype, int]]:
+        """plan.memory.held_rows in torch dtypes: (row0, {dtype: rows})."""
+        row0, copies = held_rows(
+            self.out_features,
+            self.cpu_rows,
+            tuple(dtype_name(d) for d in self.cpu_dtypes),
+            dtype_name(self.weights_dtype),
+        )
+        return row0, {torch_dtype(d): rows for d, rows in copies.items()}
+
+    @property
+    def arena_need(self) -> int:
+        """Arena bytes `HostWeight.allocate` takes for this linear (plan.memory counts the same)."""
+        row0, _ = self.held()
+        return arena_bytes((self.out_features - row0) * self.in_features * self.weights_dtype.itemsize)
+
+
 @dataclass
 class HostWeight:
     """Host-held weight of one split linear. Shapes: gpu_home [out - row0, in], each copy
@@ -71,50 +100,15 @@ class HostWeight:
     copies: dict[torch.dtype, torch.Tensor]  # CPU-share rows [0, rows) in other dtypes
     pinned: bool
 
-    @staticmethod
-    def held(
-        out_features: int,
-        cpu_rows: tuple[int, int],
-        weights_dtype: torch.dtype,
-        cpu_dtypes: tuple[torch.dtype, torch.dtype],
-    ) -> tuple[int, dict[torch.dtype, int]]:
-        """plan.memory.held_rows in torch dtypes: (row0, {dtype: rows})."""
-        row0, copies = held_rows(
-            out_features, cpu_rows, tuple(dtype_name(d) for d in cpu_dtypes), dtype_name(weights_dtype)
-        )
-        return row0, {torch_dtype(d): rows for d, rows in copies.items()}
-
     @classmethod
-    def arena_need(
-        cls,
-        out_features: int,
-        in_features: int,
-        cpu_rows: tuple[int, int],
-        weights_dtype: torch.dtype,
-        cpu_dtypes: tuple[torch.dtype, torch.dtype],
-    ) -> int:
-        """Arena bytes `allocate` will take for this linear (plan.memory counts the same)."""
-        row0, _ = cls.held(out_features, cpu_rows, weights_dtype, cpu_dtypes)
-        return arena_bytes((out_features - row0) * in_features * weights_dtype.itemsize)
-
-    @classmethod
-    def allocate(
-        cls,
-        out_features: int,
-        in_features: int,
-        cpu_rows: tuple[int, int],
-        weights_dtype: torch.dtype,
-        cpu_dtypes: tuple[torch.dtype, torch.dtype],
-        arena: HostArena,
-    ) -> HostWeight:
-        """Empty buffers for a linear whose CPU share is `cpu_rows` = (prefill, decode) rows
-        computed in `cpu_dtypes` = (prefill, decode): the weights-dtype rows from `arena`, a
-        pageable copy per other CPU dtype."""
-        row0, rows = cls.held(out_features, cpu_rows, weights_dtype, cpu_dtypes)
-        gpu_home = arena.take((out_features - row0, in_features), weights_dtype)
+    def allocate(cls, layout: HostLayout, arena: HostArena) -> HostWeight:
+        """Empty buffers for `layout`: the weights-dtype rows from `arena`, a pageable copy per
+        other CPU dtype."""
+        row0, rows = layout.held()
+        gpu_home = arena.take((layout.out_features - row0, layout.in_features), layout.weights_dtype)
         with torch.inference_mode(False):
-            copies = {d: torch.empty((n, in_features), dtype=d) for d, n in rows.items()}
-        return cls(out_features, in_features, row0, gpu_home, copies, arena.pinned)
+            copies = {d: torch.empty((n, layout.in_features), dtype=d) for d, n in rows.items()}
+        return cls(layout.out_features, layout.in_features, row0, gpu_home, copies, arena.pinned)
 
     @classmethod
     def from_tensor(
@@ -128,9 +122,8 @@ class HostWeight:
     ) -> HostWeight:
         """A HostWeight filled from an in-memory weight [out, in] (tests, small models), in an
         arena of its own."""
-        out, inp = weight.shape
-        arena = HostArena(cls.arena_need(out, inp, cpu_rows, weights_dtype, cpu_dtypes), backend, pin)
-        host = cls.allocate(out, inp, cpu_rows, weights_dtype, cpu_dtypes, arena)
+        layout = HostLayout(*weight.shape, cpu_rows, weights_dtype, cpu_dtypes)
+        host = cls.allocate(layout, HostArena(layout.arena_need, backend, pin))
         with torch.no_grad():
             host.gpu_home.copy_(weight[host.row0 :])
             for copy in host.copies.values():

@@ -15,6 +15,7 @@ and the prefetch scheduler):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,23 +102,24 @@ class QuantHostWeight:
         fmt, group = quant
         out, inp = shape
         row0, ks = held_quant_rows(cpu_rows)
-        shapes = qfmt.part_shapes(fmt, out - row0, inp, group)
-        parts = []
-        for part, (part_shape, _) in shapes.items():
-            view = arena.take(part_shape, _part_dtype(fmt, part))
-            reader.copy_rows(f"{name}.weight.{part}", view, start=row0)
-            parts.append(view)
+        parts = _read_parts(reader, name, quant, (row0, out), inp, arena.take)
         kernels = {}
         for k in ks:
-            rows = {}
-            for part, (part_shape, _) in qfmt.part_shapes(fmt, k, inp, group).items():
-                rows[part] = torch.empty(part_shape, dtype=_part_dtype(fmt, part))
-                reader.copy_rows(f"{name}.weight.{part}", rows[part], start=0)
+            rows = _read_parts(reader, name, quant, (0, k), inp, lambda s, d: torch.empty(s, dtype=d))
             weight = QuantWeight(
                 fmt, k, inp, rows["q"], rows["scale"], rows.get("min"), group if fmt == "int4" else None
             )
             kernels[k] = QuantLinear(weight)
-        return cls(fmt, group if fmt == "int4" else None, out, inp, row0, tuple(parts), kernels, arena.pinned)
+        return cls(
+            fmt,
+            group if fmt == "int4" else None,
+            out,
+            inp,
+            row0,
+            tuple(parts.values()),
+            kernels,
+            arena.pinned,
+        )
 
     def cpu_operand(self, k: int, dtype: torch.dtype) -> nn.Module:
         """The packed kernel of rows [0, k) (it computes in bfloat16 whatever `dtype` is)."""
@@ -183,12 +185,10 @@ class DequantLinear(nn.Module):
     ) -> DequantLinear:
         fmt, group = quant
         out, inp = shape
-        parts = []
-        for part, (part_shape, _) in qfmt.part_shapes(fmt, out, inp, group).items():
-            tensor = torch.empty(part_shape, dtype=_part_dtype(fmt, part), device=device)
-            reader.copy_rows(f"{name}.weight.{part}", tensor)
-            parts.append(tensor)
-        return cls(fmt, group if fmt == "int4" else None, tuple(parts), out, inp, bias)
+        parts = _read_parts(
+            reader, name, quant, (0, out), inp, lambda s, d: torch.empty(s, dtype=d, device=device)
+        )
+        return cls(fmt, group if fmt == "int4" else None, tuple(parts.values()), out, inp, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
@@ -201,3 +201,22 @@ class DequantLinear(nn.Module):
     @property
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _read_parts(
+    reader: CheckpointReader,
+    name: str,
+    quant: tuple[str, int],
+    rows: tuple[int, int],
+    in_features: int,
+    alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Rows [start, end) of each stored part of quantized linear `name` ([out, in] as `quant` =
+    (format, group)), each read into a tensor from `alloc(shape, dtype)`."""
+    fmt, group = quant
+    start, end = rows
+    parts = {}
+    for part, (shape, _) in qfmt.part_shapes(fmt, end - start, in_features, group).items():
+        parts[part] = alloc(shape, _part_dtype(fmt, part))
+        reader.copy_rows(f"{name}.weight.{part}", parts[part], start=start)
+    return parts

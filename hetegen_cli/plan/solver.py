@@ -291,6 +291,7 @@ def solve(
         requires_gpu=True,
         copy_engines=rates.decode.h2d_copy_engines,
     )
+    bnds = bounds(rates, w_gpu, w_host, predictions.hetegen.decode_s_per_token, quant=quant_bytes(spec))
     return assemble(
         spec,
         req,
@@ -298,7 +299,7 @@ def solve(
         runtime,
         estimates,
         predictions,
-        bounds(rates, w_gpu, w_host, predictions.hetegen.decode_s_per_token, quant=quant_bytes(spec)),
+        bnds,
         budget=Budget(
             gpu_budget_bytes=budget,
             gpu_budget_source=source,

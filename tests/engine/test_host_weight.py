@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hetegen_cli.core.devices import CpuBackend, dtype_name
-from hetegen_cli.engine.host_weight import HostArena, HostWeight
+from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
 from hetegen_cli.plan.document import LinearPlacement, round_rows
 from hetegen_cli.plan.memory import host_memory
 
@@ -28,19 +28,12 @@ def test_allocations_equal_the_memory_model(cpu_dtypes):
         if i % 7 == 0:
             rows = [out, out]  # and some in both
         placements.append(LinearPlacement(f"l{i}", 0, "q", out, inp, False, *rows))
-    need = sum(
-        HostWeight.arena_need(
-            p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), F16, cpu_dtypes
-        )
-        for p in placements
-    )
-    arena = HostArena(need, CpuBackend(), pin=True)
-    hosts = [
-        HostWeight.allocate(
-            p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), F16, cpu_dtypes, arena
-        )
+    layouts = [
+        HostLayout(p.out_features, p.in_features, (p.cpu_rows_prefill, p.cpu_rows_decode), F16, cpu_dtypes)
         for p in placements
     ]
+    arena = HostArena(sum(layout.arena_need for layout in layouts), CpuBackend(), pin=True)
+    hosts = [HostWeight.allocate(layout, arena) for layout in layouts]
     want = host_memory(placements, "float16", tuple(dtype_name(d) for d in cpu_dtypes))
     assert arena.nbytes == arena.offset == want.weights_bytes  # aligned, exactly planned
     assert sum(h.cpu_copy_bytes for h in hosts) == want.cpu_copy_bytes

@@ -42,3 +42,16 @@ def transformers_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int
     model = load_model(folder).model
     out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)
     return out[0, len(prompt_ids) :].tolist()
+
+
+def bench_options(**kw: Any) -> Any:
+    """bench.prepare.BenchOptions with the model setup's fields (model, quant, dtype, profile,
+    allow_float_copy) given flat, as the command line gives them."""
+    from hetegen_cli.bench.prepare import BenchOptions
+    from hetegen_cli.run.setup import ModelSetup
+
+    names = ("model", "quant", "dtype", "allow_float_copy")
+    setup = {k: kw.pop(k) for k in names if k in kw}
+    if "profile" in kw:
+        setup["profile_path"] = kw.pop("profile")
+    return BenchOptions(setup=ModelSetup(**setup), **kw)

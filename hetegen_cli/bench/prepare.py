@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import random
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import warn
 from hetegen_cli.core.devices import cuda_available
-from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import InputError, PlanError, UsageError
 from hetegen_cli.core.paths import probe
-from hetegen_cli.core.quant import check_quant
 from hetegen_cli.measure.profile import load_or_measure
 from hetegen_cli.models.formats.gguf_write import (
     GGUF_FORMATS,
@@ -31,6 +29,7 @@ from hetegen_cli.plan.document import Plan
 from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair
 from hetegen_cli.plan.solver import check_forced_formats, make_plan
 from hetegen_cli.run.builders import all_cpu_formats_plan
+from hetegen_cli.run.setup import ModelSetup
 
 ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference", "llama.cpp")
 RUN_ORDER = ("reference", "cpu", "hetegen", "llama.cpp", "offload", "accelerate", "layer-split", "gpu")
@@ -42,14 +41,10 @@ SYNTHETIC_FORMATS = ("safetensors", *GGUF_FORMATS)
 class BenchOptions:
     """What to benchmark. Sizes in bytes; `gpu_budget_bytes` () = the profile's default budget."""
 
-    model: str | None = None
+    setup: ModelSetup = field(default_factory=ModelSetup)  # what to load: model, quant, dtype, profile
     synthetic: str | None = None  # preset name: random weights of that shape
     synthetic_format: str | None = None  # SYNTHETIC_FORMATS; None: see synthetic_gguf_type
-    dtype: str | None = None  # weights dtype (default: the model's)
     cpu_dtype: str | None = None  # CPU share dtype(s): "D" or "P,D" (default: chosen per phase)
-    quant: str = "auto"  # auto (as stored) | none | int8 | int4 (core.quant)
-    allow_float_copy: bool = False  # --allow-float-copy (models.loading.source.resolve_model)
-    profile: str | Path | None = None  # default: the saved profile, measured quick if missing
     prompt_len: int = 512
     max_new_tokens: int = 64
     repeat: int = 5
@@ -84,11 +79,14 @@ class BenchOptions:
                 raise UsageError(
                     f"{flag} is {value}; it must be at least {low}", f"pass {flag} {max(low, 1)} or more"
                 )
-        if self.dtype is not None and self.dtype not in WEIGHT_DTYPES:
-            raise UsageError(f"unknown --dtype {self.dtype!r}", "use one of " + ", ".join(WEIGHT_DTYPES))
+        s = self.setup
+        if s.device != "auto" or s.plan_path is not None or s.gpu_budget_bytes is not None:
+            raise UsageError(
+                "bench chooses each arm's device and plans every budget itself",
+                "drop --device, --plan and --gpu-memory from the model setup; sweep with --gpu-memory A,B",
+            )
         cpu_dtype_pair(self.cpu_dtype)
-        check_quant(self.quant)
-        if self.model and self.synthetic:
+        if s.model and self.synthetic:
             raise UsageError(
                 "--model and --synthetic are mutually exclusive",
                 "pass one: a real model, or a preset to build with random weights",
@@ -103,11 +101,11 @@ class BenchOptions:
         self._check_synthetic_format()
         if any(b < 0 for b in self.gpu_budget_bytes):
             raise UsageError("--gpu-memory has a negative size", "give sizes of zero or more")
-        if self.profile is not None and not stat.S_ISREG(
-            (probe(Path(self.profile).expanduser(), "--profile") or os.stat_result((0,) * 10)).st_mode
+        if s.profile_path is not None and not stat.S_ISREG(
+            (probe(Path(s.profile_path).expanduser(), "--profile") or os.stat_result((0,) * 10)).st_mode
         ):
             raise InputError(
-                f"profile file {self.profile} does not exist",
+                f"profile file {s.profile_path} does not exist",
                 "create it with `hetegen profile --output PATH`, or drop --profile",
             )
 
@@ -144,8 +142,18 @@ class BenchOptions:
         if self.synthetic_format is not None:
             return GGUF_FORMATS.get(self.synthetic_format)
         if self.arms is not None and "llama.cpp" in self.arms:
-            return "Q8_0" if self.quant == "int8" else "Q4_0"
+            return "Q8_0" if self.setup.quant == "int8" else "Q4_0"
         return None
+
+    @property
+    def weights_dtype(self) -> str | None:
+        """The weights dtype of every arm; None: the checkpoint's (--dtype auto)."""
+        return None if self.setup.dtype == "auto" else self.setup.dtype
+
+    @property
+    def model_arg(self) -> str:
+        """The model as the user named it (--model, else --synthetic; "" for the default)."""
+        return self.setup.model or self.synthetic or ""
 
 
 @dataclass
@@ -199,7 +207,7 @@ def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef
     if o.synthetic and qtype:
         preset = o.synthetic.lower()
         gguf = build_synthetic_gguf(preset, qtype, _synthetic_root(), seed=o.seed, progress=progress)
-        ref = resolve_model(str(gguf), need_weights=True, dtype=o.dtype, quant=o.quant)
+        ref = resolve_model(str(gguf), need_weights=True, dtype=o.weights_dtype, quant=o.setup.quant)
         source = {
             "kind": "synthetic",
             "preset": preset,
@@ -209,18 +217,23 @@ def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef
         }
     elif o.synthetic:
         preset = o.synthetic.lower()
-        dtype = o.dtype or presets.preset_config(preset).get("torch_dtype", "float16")
+        dtype = o.weights_dtype or presets.preset_config(preset).get("torch_dtype", "float16")
         folder = build_synthetic_model(preset, dtype, _synthetic_root(), seed=o.seed, progress=progress)
-        ref = resolve_model(str(folder), need_weights=True, dtype=dtype, quant=o.quant)
+        ref = resolve_model(str(folder), need_weights=True, dtype=dtype, quant=o.setup.quant)
         source = {"kind": "synthetic", "preset": preset, "seed": o.seed, "format": "safetensors"}
     else:
+        s = o.setup
         ref = resolve_model(
-            o.model, need_weights=True, dtype=o.dtype, quant=o.quant, allow_float_copy=o.allow_float_copy
+            s.model,
+            need_weights=True,
+            dtype=o.weights_dtype,
+            quant=s.quant,
+            allow_float_copy=s.allow_float_copy,
         )
         source = {"kind": ref.kind}
     s = ref.spec
     return ref, {
-        "arg": o.model or "",
+        "arg": o.setup.model or "",
         "name": ref.name,
         "path": str(ref.path) if ref.path else None,
         **source,
@@ -244,11 +257,12 @@ def source_gguf(o: BenchOptions) -> Path | None:
     if o.synthetic:
         qtype = o.synthetic_gguf_type()
         return synthetic_gguf_path(o.synthetic.lower(), qtype, o.seed, _synthetic_root()) if qtype else None
-    if o.model is None or o.model.lower() == presets.DEFAULT_MODEL:
+    model = o.setup.model
+    if model is None or model.lower() == presets.DEFAULT_MODEL:
         from hetegen_cli.models.formats.gguf import default_gguf_path
 
         return default_gguf_path()
-    path = Path(o.model).expanduser()
+    path = Path(model).expanduser()
     return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
@@ -268,7 +282,7 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
             max_new_tokens=o.max_new_tokens,
             gpu_budget_bytes=requested,
             cpu_dtype=o.cpu_dtype,
-            model_arg=o.model or o.synthetic or "",
+            model_arg=o.model_arg,
         )
         try:
             plan = _with_threads(make_plan(ref.spec, profile, req, profile_identity=identity), o.threads)
@@ -300,10 +314,7 @@ def make_cpu_case(
     """(all-CPU plan, the model in its run dtype, error) of the `cpu` arm
     (run.builders.all_cpu_formats_plan: the profile's CPU formats per phase)."""
     req = PlanRequest(
-        prompt_len=o.prompt_len,
-        max_new_tokens=o.max_new_tokens,
-        cpu_dtype=o.cpu_dtype,
-        model_arg=o.model or o.synthetic or "",
+        prompt_len=o.prompt_len, max_new_tokens=o.max_new_tokens, cpu_dtype=o.cpu_dtype, model_arg=o.model_arg
     )
     try:
         plan, cpu_ref = all_cpu_formats_plan(ref, profile, identity, req)
@@ -316,7 +327,7 @@ def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
     """Load the profile, resolve the model and plan every budget (no weights read;
     --synthetic writes its random checkpoint once)."""
     has_cuda = cuda_available()
-    profile, identity = load_or_measure(o.profile, progress)
+    profile, identity = load_or_measure(o.setup.profile_path, progress)
     check_forced_formats(profile, cpu_dtype_pair(o.cpu_dtype))
     ref, model_doc = resolve_bench_model(o, progress)
     for message in ref.warnings:

@@ -6,27 +6,25 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from hetegen_cli.cli.common import (
-    AllowFloatCopyOption,
+    BenchDtypeOption,
     CpuDtypeOption,
     JsonOption,
-    ModelOption,
-    ProfileOption,
-    QuantChoice,
-    QuantOption,
-    WeightsDtypeOption,
     cpu_dtype_arg,
     guarded,
-    input_file_arg,
-    model_arg,
+    model_setup_options,
     output_arg,
     sizes_bytes,
 )
 from hetegen_cli.core.console import emit_json, note, progress, stdout_console
 from hetegen_cli.core.errors import InputError
+
+if TYPE_CHECKING:
+    from hetegen_cli.run.setup import ModelSetup
 
 
 def check_outputs(output: Path | None, csv_path: Path | None, plot: Path | None) -> None:
@@ -50,8 +48,9 @@ def check_outputs(output: Path | None, csv_path: Path | None, plot: Path | None)
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     @guarded
+    @model_setup_options(plans=False, device=False, dtype_option=BenchDtypeOption)
     def bench_command(
-        model: ModelOption = None,
+        setup: ModelSetup,  # --model, --quant, --allow-float-copy, --dtype, --profile
         synthetic: str | None = typer.Option(
             None,
             "--synthetic",
@@ -67,11 +66,7 @@ def register(app: typer.Typer) -> None:
             "Default: gguf when --arms names llama.cpp (Q8_0 for --quant "
             "int8, else Q4_0), else safetensors.",
         ),
-        dtype: WeightsDtypeOption = None,
         cpu_dtype: CpuDtypeOption = None,
-        quant: QuantOption = QuantChoice.auto,
-        allow_float_copy: AllowFloatCopyOption = False,
-        profile: ProfileOption = None,
         prompt_len: int = typer.Option(
             512,
             "--prompt-len",
@@ -117,14 +112,10 @@ def register(app: typer.Typer) -> None:
         from hetegen_cli.core.jsonio import atomic_write, write_document
 
         options = BenchOptions(
-            model=model_arg(model),
+            setup=setup,
             synthetic=synthetic,
             synthetic_format=synthetic_format.lower() if synthetic_format else None,
-            dtype=dtype,
             cpu_dtype=cpu_dtype_arg(cpu_dtype),
-            quant=quant.value,
-            allow_float_copy=allow_float_copy,
-            profile=input_file_arg(profile, "--profile"),
             prompt_len=prompt_len,
             max_new_tokens=max_new_tokens,
             repeat=repeat,

@@ -110,6 +110,13 @@ RunDtypeOption = Annotated[
         "format per phase (docs/run.md), else float32. Quantized weights keep their own.",
     ),
 ]
+BenchDtypeOption = Annotated[
+    DtypeChoice,
+    typer.Option(
+        "--dtype",
+        help="Weights dtype of every arm. auto = the checkpoint's. Quantized weights keep their own.",
+    ),
+]
 DeviceOption = Annotated[
     DeviceChoice,
     typer.Option(
@@ -156,12 +163,15 @@ _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
 _PLAN_OPTIONS = ("plan", "gpu_memory")
 
 
-def model_setup_options(*, plans: bool = True) -> Callable[[F], F]:
+def model_setup_options(
+    *, plans: bool = True, device: bool = True, dtype_option: Any = None
+) -> Callable[[F], F]:
     """Declare the model-setup options once for a command: --model, --quant, --allow-float-copy,
-    --dtype, --device, --profile and, with `plans`, --plan and --gpu-memory. They take the place
-    of the command's `setup` parameter (in --help too); the command receives them as one checked
-    ModelSetup."""
-    names = [n for n in _SETUP_OPTIONS if plans or n not in _PLAN_OPTIONS]
+    --dtype (`dtype_option`: its help; default run's), --device (with `device`), --profile and,
+    with `plans`, --plan and --gpu-memory. They take the place of the command's `setup`
+    parameter (in --help too); the command receives them as one checked ModelSetup."""
+    left_out = (() if plans else _PLAN_OPTIONS) + (() if device else ("device",))
+    names = [n for n in _SETUP_OPTIONS if n not in left_out]
 
     def decorate(fn: F) -> F:
         hints = typing.get_type_hints(fn, localns={"ModelSetup": ModelSetup}, include_extras=True)
@@ -172,6 +182,8 @@ def model_setup_options(*, plans: bool = True) -> Callable[[F], F]:
                 continue
             for name in names:
                 annotation, default = _SETUP_OPTIONS[name]
+                if name == "dtype" and dtype_option is not None:
+                    annotation = dtype_option
                 params.append(inspect.Parameter(name, p.KEYWORD_ONLY, default=default, annotation=annotation))
 
         @functools.wraps(fn)
@@ -190,8 +202,8 @@ def model_setup(
     model: str | None,
     quant: QuantChoice,
     dtype: DtypeChoice,
-    device: DeviceChoice,
     profile: Path | None,
+    device: DeviceChoice = DeviceChoice.auto,
     plan: Path | None = None,
     gpu_memory: str | None = None,
     allow_float_copy: bool = False,

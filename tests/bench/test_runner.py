@@ -13,11 +13,11 @@ import pytest
 from hetegen_cli.bench import arms as bench_arms
 from hetegen_cli.bench import prepare, runner
 from hetegen_cli.bench import present as bench_present
-from hetegen_cli.bench.prepare import BenchOptions
 from hetegen_cli.bench.runner import ArmRun
 from hetegen_cli.cli.common import sizes_bytes
 from hetegen_cli.core.errors import InputError
 from tests.fakes import make_profile
+from tests.helpers import bench_options
 
 
 def sample(prefill_s: float, decode_s: float, steps: int = 3, prompt: int = 8) -> dict:
@@ -80,7 +80,7 @@ def gpu_world(monkeypatch, tmp_path, tiny_llama_dir):
     monkeypatch.setattr(bench_arms, "accelerate_available", lambda: True)
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(make_profile(threads=1)))
-    return BenchOptions(
+    return bench_options(
         model=str(tiny_llama_dir),
         profile=path,
         prompt_len=8,
@@ -243,7 +243,18 @@ def test_accelerate_device_map_covers_every_tensor(tiny_llama_dir):
 )
 def test_bench_options_are_validated_on_construction(over, text):
     with pytest.raises(InputError, match=text):
-        BenchOptions(**over)
+        bench_options(**over)
+
+
+@pytest.mark.parametrize(
+    "setup", [{"device": "cpu"}, {"plan_path": "plan.json"}, {"gpu_budget_bytes": 2**30}]
+)
+def test_bench_plans_and_places_itself(setup):
+    """A model setup naming a device, a plan or one budget is refused: bench decides them."""
+    from hetegen_cli.run.setup import ModelSetup
+
+    with pytest.raises(InputError, match="bench chooses each arm's device"):
+        prepare.BenchOptions(setup=ModelSetup(**setup))
 
 
 def test_parse_arms_and_budgets():
@@ -269,7 +280,7 @@ def test_gpu_plan_arms_run_end_to_end_on_the_cpu_stand_in(monkeypatch, tmp_path,
     path.write_text(json.dumps(make_profile(threads=1, best="float32", cpu_dtypes={"float32": 50e9})))
     budgets = (2**30 + 200_000, 2**30 + 400_000)  # a tight and a looser budget
     doc = runner.run_bench(
-        BenchOptions(
+        bench_options(
             model=str(tiny_llama_dir),
             profile=path,
             prompt_len=8,
@@ -417,7 +428,7 @@ def test_cpu_arm_runs_the_all_cpu_plans_formats_per_phase(tmp_path, tiny_llama_d
         )
     )
     doc = runner.run_bench(
-        BenchOptions(
+        bench_options(
             model=str(tiny_llama_dir),
             profile=path,
             prompt_len=8,
@@ -465,7 +476,7 @@ def test_llama_cpp_arm_runs_the_same_gguf(tmp_path):
         json.dumps(make_profile(gpu=False, threads=2, best="float32", cpu_dtypes={"float32": 50e9}))
     )
     doc = runner.run_bench(
-        BenchOptions(
+        bench_options(
             profile=path, prompt_len=16, max_new_tokens=6, repeat=2, warmup=1, arms=("reference", "llama.cpp")
         )
     )

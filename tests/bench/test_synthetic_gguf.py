@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from hetegen_cli.bench import runner
-from hetegen_cli.bench.prepare import BenchOptions
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.models.shapes import presets
 from tests.fakes import make_profile
+from tests.helpers import bench_options
 from tests.tiny_models import TINY_GGUF_CONFIG, llama_from_values
 
 PROMPT = [504, 3575, 282, 4649, 314, 100, 2000, 30000, 7, 9, 11, 13]
 
 
 def test_when_the_synthetic_model_is_a_gguf():
-    gguf = lambda **kw: BenchOptions(synthetic="smollm2-1.7b", **kw).synthetic_gguf_type()  # noqa: E731
+    gguf = lambda **kw: bench_options(synthetic="smollm2-1.7b", **kw).synthetic_gguf_type()  # noqa: E731
     assert gguf() is None and gguf(arms=("reference", "cpu")) is None  # safetensors, as before
     assert gguf(arms=("reference", "llama.cpp"), quant="int4") == "Q4_0"
     assert gguf(arms=("llama.cpp",)) == "Q4_0"  # --quant auto: the GGUF's own int4
@@ -28,7 +28,7 @@ def test_when_the_synthetic_model_is_a_gguf():
     assert gguf(synthetic_format="gguf-q4_1") == "Q4_1"  # every arm, llama.cpp included
     assert gguf(synthetic_format="gguf-q4_k_m") == "Q4_K_M"  # llama-quantize's K-quant mix
     assert gguf(arms=("llama.cpp",), synthetic_format="safetensors") is None
-    assert BenchOptions(model="x.gguf", arms=("llama.cpp",)).synthetic_gguf_type() is None
+    assert bench_options(model="x.gguf", arms=("llama.cpp",)).synthetic_gguf_type() is None
 
 
 @pytest.mark.parametrize(
@@ -43,12 +43,12 @@ def test_when_the_synthetic_model_is_a_gguf():
 )
 def test_combinations_that_cannot_work_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=message) as info:
-        BenchOptions(**kwargs)
+        bench_options(**kwargs)
     assert info.value.hint  # one line and a hint, never a traceback
 
 
 def test_an_opt_preset_without_llama_cpp_stays_safetensors():
-    assert BenchOptions(synthetic="opt-1.3b", quant="int4").synthetic_gguf_type() is None
+    assert bench_options(synthetic="opt-1.3b", quant="int4").synthetic_gguf_type() is None
 
 
 def _llama_cpp_logits(path, ids):
@@ -119,7 +119,7 @@ def test_bench_runs_hetegen_and_llama_cpp_on_one_gguf(tiny_gguf, tmp_path, monke
     profile.write_text(
         json.dumps(make_profile(gpu=False, threads=2, best="float32", cpu_dtypes={"float32": 50e9}))
     )
-    options = BenchOptions(
+    options = bench_options(
         synthetic="tiny-gguf",
         quant="int4",
         profile=profile,
@@ -169,7 +169,7 @@ def test_bench_on_a_synthetic_q4_k_m_file(tmp_path, monkeypatch):
     profile.write_text(
         json.dumps(make_profile(gpu=False, threads=2, best="float32", cpu_dtypes={"float32": 50e9}))
     )
-    options = BenchOptions(
+    options = bench_options(
         synthetic="tiny-kq",
         synthetic_format="gguf-q4_k_m",
         profile=profile,

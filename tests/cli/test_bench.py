@@ -228,7 +228,6 @@ def test_uses_the_saved_profile_by_default(tiny_opt_dir, hetegen_home):
         (["--arms", "hetegen,turbo"], "unknown arm 'turbo'", 2),
         (["--repeat", "0"], "--repeat is 0", 2),
         (["--max-new-tokens", "1"], "--max-new-tokens is 1", 2),
-        (["--dtype", "int4"], "unknown --dtype", 2),
         (["--synthetic", "opt-125m"], "mutually exclusive", 2),
         (["--prompt-len", "200"], "exceeds the context", 1),  # depends on the model: exit 1
     ],
@@ -239,6 +238,13 @@ def test_bad_options_are_one_line_errors(tiny_opt_dir, cpu_profile, args, text, 
     assert result.exit_code == code
     assert result.stdout == ""
     assert text in result.stderr and "Hint:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_dtype_outside_the_choices_is_refused_like_run_does(tiny_opt_dir, cpu_profile):
+    """--dtype is the model setup's option (the same choices as run's): click refuses it."""
+    result = invoke("--model", str(tiny_opt_dir), "--profile", cpu_profile, "--dtype", "int4", "--json")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "Invalid value for '--dtype'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_model_and_unwritable_outputs_fail_before_any_work(

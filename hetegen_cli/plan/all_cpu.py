@@ -11,10 +11,10 @@ from hetegen_cli.plan.memory import host_memory, workspace_bytes
 from hetegen_cli.plan.sections import Budget, GpuMemory, LinearTimes, MemoryUse, Predictions
 
 
-def all_cpu_plan(
-    *, spec, rates, req, profile_identity, cpu_budget, cpu_source, notes, warnings, gpu_budget, fixed
-) -> Plan:
-    """Every linear (and an untied LM head) computed whole on the CPU; no GPU needed."""
+def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings, fixed) -> Plan:
+    """Every linear (and an untied LM head) computed whole on the CPU; no GPU needed.
+    `cpu_budget`: (bytes or None, where the number came from)."""
+    cpu_budget, cpu_source = cpu_budget
     lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
     placements = tuple(LinearPlacement.of(lin, False, lin.out_features, lin.out_features) for lin in lins)
     ctx = req.prompt_len + req.max_new_tokens
@@ -66,7 +66,7 @@ def all_cpu_plan(
         predictions,
         bounds(rates, 0, w_host, predictions.cpu_only.decode_s_per_token, True, quant_bytes(spec)),
         budget=Budget(
-            gpu_budget_bytes=gpu_budget,
+            gpu_budget_bytes=0,
             gpu_budget_source="none",
             gpu_minimum_bytes=0,
             gpu_unused_bytes=0,

@@ -169,23 +169,18 @@ def solve(
     cpu_source = "--cpu-memory" if req.cpu_budget_bytes is not None else "profile available RAM"
     if cpu_budget is None:
         notes.append("no CPU memory budget known; host memory not checked")
-    common = dict(
-        spec=spec,
-        rates=rates,
-        req=req,
-        profile_identity=profile_identity,
-        cpu_budget=cpu_budget,
-        cpu_source=cpu_source,
-        fixed=fixed,
-    )
+    all_cpu_why = None
     if not rates.has_gpu:
         if req.gpu_budget_bytes:
             notes.append("--gpu-memory ignored: the profile has no GPU")
-        notes.append("the profile has no GPU: all-CPU plan (every cpu_fraction = 1)")
-        return all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
-    if budget == 0:
-        notes.append(f"GPU budget 0 ({source}): all-CPU plan (every cpu_fraction = 1)")
-        return all_cpu_plan(notes=notes, warnings=warnings, gpu_budget=0, **common)
+        all_cpu_why = "the profile has no GPU"
+    elif budget == 0:
+        all_cpu_why = f"GPU budget 0 ({source})"
+    if all_cpu_why is not None:
+        notes.append(f"{all_cpu_why}: all-CPU plan (every cpu_fraction = 1)")
+        return all_cpu_plan(
+            spec, rates, req, profile_identity, (cpu_budget, cpu_source), notes, warnings, fixed
+        )
 
     lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
     items = [candidate(rates, lin, req) for lin in lins]

@@ -27,16 +27,9 @@ from hetegen_cli.cli.common import (
     output_arg,
     size_bytes,
 )
-from hetegen_cli.core.console import activity, emit_json, note, progress, stdout_console, table, warn
+from hetegen_cli.cli.plan_view import render, render_export, render_simulation
+from hetegen_cli.core.console import activity, emit_json, note, progress, warn
 from hetegen_cli.core.errors import UsageError
-from hetegen_cli.core.units import format_bytes
-
-_STRATEGIES = (
-    ("hetegen", "hetegen"),
-    ("offload", "offload"),
-    ("layer_split", "layer split"),
-    ("cpu_only", "CPU only"),
-)
 
 
 def register(app: typer.Typer) -> None:
@@ -84,6 +77,12 @@ def register(app: typer.Typer) -> None:
             help="Draw one simulated decode step as lanes (main thread, copy engines, GPU) into "
             "this PNG file (implies --simulate; needs matplotlib).",
         ),
+        export: str | None = typer.Option(
+            None,
+            "--export",
+            help="Print the plan in another tool's terms instead of the plan's tables: llama.cpp "
+            "(the -ngl / -ot flags closest to the plan, each with its predicted decode speed).",
+        ),
         copy_engines: int | None = typer.Option(
             None,
             "--copy-engines",
@@ -116,6 +115,7 @@ def register(app: typer.Typer) -> None:
             model_arg=model or "",
         )
         output = output_arg(output)
+        _export_arg(export)
         timeline = _timeline_arg(timeline)
         simulate = simulate or timeline is not None
         if copy_engines is not None and copy_engines not in (1, 2):
@@ -142,8 +142,11 @@ def register(app: typer.Typer) -> None:
         drawn = None
         if simulate:
             plan, drawn = _simulate(plan, ref.spec, doc, timeline)
+        exported = _export(plan, ref.spec, req, doc, identity) if export else None
         saved = save_plan(plan, output) if output is not None else None
-        if json_:
+        if exported is not None:
+            render_export(exported, json_)
+        elif json_:
             emit_json(plan.to_dict())
         else:
             render(plan, explain)
@@ -157,6 +160,24 @@ def register(app: typer.Typer) -> None:
             note(f"timeline saved to {drawn}")
         if saved is not None:
             note(f"plan saved to {saved}")
+
+
+def _export_arg(value: str | None) -> None:
+    """--export: a tool hetegen can express plans for."""
+    from hetegen_cli.plan.export import EXPORT_TOOLS
+
+    if value is not None and value not in EXPORT_TOOLS:
+        raise UsageError(f"unknown --export {value!r}", f"use one of {', '.join(EXPORT_TOOLS)}")
+
+
+def _export(plan: Any, spec: Any, req: Any, profile: dict, identity: dict) -> Any:
+    """The plan as llama.cpp flags (plan.export), its tensors named from the gguf package."""
+    from hetegen_cli.models.formats.gguf_names import gguf_tensor_names
+    from hetegen_cli.plan.costmodel.predict import CostInputs
+    from hetegen_cli.plan.export import llama_cpp_export
+
+    names = gguf_tensor_names(spec.architecture, spec.num_layers)
+    return llama_cpp_export(plan, spec, req, CostInputs.of(profile, identity), names)
 
 
 def _timeline_arg(value: Path | None) -> Path | None:
@@ -218,180 +239,3 @@ def _simulate(plan: Any, spec: Any, profile: dict, timeline: Path | None) -> tup
         f"operations from the engine on the {info['backend']} stand-in"
     )
     return plan, draw_timeline(sims["decode"].simulated, timeline, title)
-
-
-_LANES = {
-    "host": "main thread",
-    "gpu": "GPU",
-    "h2d": "H2D",
-    "h2d:copy": "H2D (weights)",
-    "h2d:compute": "H2D (CPU results)",
-    "d2h": "D2H",
-}
-
-
-def render_simulation(plan: Any) -> None:
-    """A short summary of the plan's `simulation` section on stdout."""
-    sim = plan.simulation
-    rec = sim.get("recorded") or {}
-    dec, pre = sim["decode"], sim["prefill"]
-    console = stdout_console()
-    proxy = rec.get("proxy") or {}
-    console.print(
-        f"Simulation (trace replay, {sim['copy_engines']} host-to-device copy engine(s)); trace recorded "
-        f"on {rec.get('machine_cpu')} ({rec.get('backend')} stand-in, proxy hidden "
-        f"{proxy.get('hidden_size')}, {proxy.get('num_layers')} layers, prompt {rec.get('prompt_len')}"
-        + (", capped" if rec.get("prompt_len_capped") else "")
-        + ")",
-        highlight=False,
-    )
-    frac = dec.get("simulated_fraction_of_predicted")
-    console.print(
-        f"  decode: simulated {_rate(dec, 'simulated_tokens_per_s')} tok/s, predicted "
-        f"{_rate(dec, 'predicted_tokens_per_s')}, without host time {_rate(dec, 'ideal_tokens_per_s')}"
-        + (f" ({frac:.0%} of predicted)" if frac else ""),
-        highlight=False,
-    )
-    console.print(
-        f"  prefill: simulated {pre['simulated_s']:.3f} s, predicted "
-        f"{_rate(pre, 'predicted_s', '{:.3f}')} s, without host time {pre['ideal_s']:.3f} s",
-        highlight=False,
-    )
-    busy = ", ".join(f"{_LANES.get(k, k)} {v:.0%}" for k, v in dec["busy_fraction"].items())
-    console.print(f"  busy in decode: {busy}", highlight=False)
-    path = ", ".join(f"{c['item']} {c['share']:.0%}" for c in dec["critical_path"][:4])
-    console.print(f"  decode waited on: {path}", highlight=False)
-    per = dec["host"]["per_linear"]
-    if "split" in per:
-        split = per["split"]
-        console.print(
-            f"  host time per split linear in decode: {split['within_forward_mean_s'] * 1e6:.0f} us in "
-            f"its forward, {split['mean_s'] * 1e6:.0f} us with the model's work before it; "
-            f"{dec['host']['total_s'] * 1e3:.2f} ms per decode step"
-            + (" (added to the prediction)" if sim.get("host_term_added") else ""),
-            highlight=False,
-        )
-
-
-def _rate(fig: dict | None, key: str, fmt: str = "{:.3g}") -> str:
-    if not fig or fig.get(key) is None:
-        return "-"
-    return fmt.format(fig[key])
-
-
-def render(plan: Any, explain: bool) -> None:
-    """The summary tables on stdout; --explain adds one row per linear."""
-
-    from hetegen_cli.plan.sections import HostMemory, ProfileIdentity
-
-    console = stdout_console()
-    m, w, b = plan.model, plan.workload, plan.budget
-    rt = plan.runtime
-    console.print(
-        f"Plan for {m.name} ({m.architecture}, {m.dtype}, "
-        f"{format_bytes(m.weight_bytes or 0)} of weights): prompt {w.prompt_len}, "
-        f"{w.max_new_tokens} new tokens, batch {w.batch_size}",
-        highlight=False,
-    )
-    prof = plan.profile or ProfileIdentity()
-    console.print(
-        f"Profile: {prof.path} ({prof.cpu_model}; GPU "
-        f"{prof.gpu_name or 'none'}); CPU share in "
-        + (
-            rt.cpu_dtype_prefill
-            if rt.cpu_dtype_prefill == rt.cpu_dtype_decode
-            else f"{rt.cpu_dtype_prefill} (prefill) and {rt.cpu_dtype_decode} (decode)"
-        )
-        + ", "
-        f"{rt.cpu_threads} threads",
-        highlight=False,
-    )
-    t = table(
-        f"GPU memory: budget {format_bytes(b.gpu_budget_bytes or 0)} ({b.gpu_budget_source})",
-        ("item", "bytes"),
-    )
-    gpu = plan.memory.gpu.to_dict() if plan.memory.gpu else {}
-    for key, value in gpu.items():
-        t.add_row(key.removesuffix("_bytes").replace("_", " "), format_bytes(value))
-    host = plan.memory.host or HostMemory()
-    cpu_budget = b.cpu_budget_bytes
-    t.add_row(
-        "host memory (weights + CPU copy + other)",
-        f"{format_bytes(host.total_bytes)} of {format_bytes(cpu_budget) if cpu_budget is not None else '?'}",
-    )
-    console.print(t)
-    split = [p for p in plan.placements if not p.resident]
-    console.print(
-        f"Linears: {plan.resident_count} resident on the GPU, {len(split)} split "
-        f"(mean cpu_fraction prefill "
-        f"{_mean(p.cpu_fraction_prefill for p in split)}, decode "
-        f"{_mean(p.cpu_fraction_decode for p in split)}); LM head "
-        f"{'on the GPU' if rt.lm_head_on_gpu else 'planned as a linear'}; "
-        f"{rt.staging_buffers} staging buffer(s)",
-        highlight=False,
-    )
-    t = table(
-        "Predictions (from the profile)",
-        ("strategy", "prefill s", "decode tok/s", "e2e tok/s", "hetegen x", "GPU mem"),
-        caption="hetegen x = decode speed of this plan / that strategy's",
-    )
-    for key, label in _STRATEGIES:
-        fig = plan.predictions.to_dict().get(key)
-        speed = "1.00x" if key == "hetegen" else _rate(fig, "hetegen_decode_speedup", "{:.2f}x")
-        t.add_row(
-            label,
-            _rate(fig, "prefill_s", "{:.3f}"),
-            _rate(fig, "decode_tokens_per_s"),
-            _rate(fig, "end_to_end_tokens_per_s"),
-            speed if fig else "n/a (no GPU)",
-            format_bytes(fig["gpu_memory_bytes"]) if fig else "-",
-        )
-    console.print(t)
-    bd = plan.bounds
-    bound_s = bd.bound_s_per_token if bd else None
-    if bound_s:
-        frac = bd.plan_fraction_of_bound or 0.0
-        console.print(
-            f"Decode bound (docs/method.md §11): {bound_s:.4g} s/token = {1 / bound_s:.3g} "
-            f"tok/s with {format_bytes(bd.w_host_bytes)} of weights on the host; "
-            f"the plan predicts {frac:.0%} of it",
-            highlight=False,
-        )
-    if explain:  # one row per linear: wider than a terminal is fine here
-        from rich.console import Console
-
-        _render_linears(Console(file=console.file, width=max(console.width, 150)), plan)
-
-
-def _mean(values: Any) -> str:
-    vals = list(values)
-    return f"{sum(vals) / len(vals):.3f}" if vals else "-"
-
-
-def _render_linears(console: Any, plan: Any) -> None:
-
-    columns = ("linear", "out x in", "resident", "cpu_fraction pre/dec", "prefill cpu/xfer/gpu")
-    t = table(
-        "Per linear (times in ms; layer = max(cpu, transfer + gpu))",
-        (*columns, "decode cpu/xfer/gpu", "decode layer"),
-    )
-    t.columns[0].no_wrap = True
-    for i, p in enumerate(plan.placements):
-        est = plan.estimates[i] if plan.estimates else None
-        pre = "/".join(f"{t * 1e3:.3f}" for t in _shares(est.prefill)) if est else "-"
-        dec = "/".join(f"{t * 1e3:.3f}" for t in _shares(est.decode)) if est else "-"
-        t.add_row(
-            p.name,
-            f"{p.out_features}x{p.in_features}",
-            "yes" if p.resident else "",
-            f"{p.cpu_fraction_prefill:.3f}/{p.cpu_fraction_decode:.3f}",
-            pre,
-            dec,
-            f"{est.decode.layer_s * 1e3:.3f}" if est else "-",
-        )
-    console.print(t)
-
-
-def _shares(times: Any) -> tuple[float, float, float]:
-    """(cpu, transfer, gpu) seconds of a plan.sections.LinearTimes."""
-    return times.cpu_s, times.transfer_s, times.gpu_s

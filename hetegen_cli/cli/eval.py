@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from hetegen_cli.cli.common import JsonOption, guarded, input_file_arg, model_setup_options
+from hetegen_cli.cli.common import JsonOption, guarded, input_file_arg, model_setup_options, output_arg
 from hetegen_cli.core.console import emit_json, note, progress
 
 if TYPE_CHECKING:
@@ -28,13 +28,20 @@ def register(app: typer.Typer) -> None:
         stride: int | None = typer.Option(
             None, "--stride", help="Tokens between window starts (default: half the context)."
         ),
+        expert_use: Path | None = typer.Option(
+            None,
+            "--expert-use",
+            help="Also count how often a mixture-of-experts model's router chooses each expert, "
+            "per layer, into this JSON file (what `plan --expert-use` places experts by).",
+        ),
         json_: JsonOption = False,
     ) -> None:
         """Perplexity of the model (as `run` runs it) on a text: lower is better."""
         from hetegen_cli.run.evaluate import evaluate
 
+        expert_use = output_arg(expert_use, "--expert-use")
         with progress(not json_) as bar:
-            result, built = evaluate(setup, input_file_arg(text, "--text"), context, stride, bar)
+            result, built = evaluate(setup, input_file_arg(text, "--text"), context, stride, bar, expert_use)
         built.close()
         if json_:
             emit_json(
@@ -45,6 +52,7 @@ def register(app: typer.Typer) -> None:
                     "engine": built.engine,
                     "dtype": built.dtype,
                     **result.as_dict(),
+                    "expert_use": str(expert_use) if expert_use is not None else None,
                 }
             )
             return
@@ -54,3 +62,5 @@ def register(app: typer.Typer) -> None:
             f"{result.context} (stride {result.stride}) in {result.seconds:.1f} s | {built.engine} on "
             f"{built.device}, {built.dtype}"
         )
+        if expert_use is not None:
+            note(f"expert use saved to {expert_use}")

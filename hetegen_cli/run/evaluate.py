@@ -12,6 +12,7 @@ describes what `run` would generate with.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from hetegen_cli.core.errors import InputError, UsageError
+from hetegen_cli.measure.expert_use import ExpertCounter
 from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.profile.expert_use import ExpertUse, LayerUse, save_expert_use
 from hetegen_cli.run.builders import decide_build, load_build, resolve_setup
 from hetegen_cli.run.setup import ModelSetup, Workload
 
@@ -75,14 +78,23 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def perplexity(
-    built: LoadedModel, ids: list[int], context: int, stride: int, on_window: Callable[[], None] | None = None
+    built: LoadedModel,
+    ids: list[int],
+    context: int,
+    stride: int,
+    on_window: Callable[[], None] | None = None,
+    experts: ExpertCounter | None = None,
 ) -> tuple[float, int, int]:
-    """(summed negative log-likelihood, tokens scored, windows) of `ids` under `built`."""
+    """(summed negative log-likelihood, tokens scored, windows) of `ids` under `built`;
+    `experts` counts the routers' choices of each token once (measure.expert_use)."""
     import torch
 
     nll, count, spans = 0.0, 0, windows(len(ids), context, stride)
     with torch.inference_mode():
         for start, end, scored in spans:
+            if experts is not None:  # tokens before `scored` were counted by the window before
+                experts.skip = 0 if start == 0 else scored - start
+                experts.counted(end - start - experts.skip)
             chunk = torch.tensor([ids[start:end]], dtype=torch.long, device=built.device)  # [1, T]
             logits = built.model(input_ids=chunk, use_cache=False).logits[0].float()  # [T, V]
             logp = torch.log_softmax(logits[:-1], dim=-1)
@@ -102,8 +114,10 @@ def evaluate(
     context: int = 512,
     stride: int | None = None,
     progress: Any = None,
+    expert_use: Path | None = None,
 ) -> tuple[EvalResult, LoadedModel]:
-    """Build the model as `run` would and measure its perplexity on the text."""
+    """Build the model as `run` would and measure its perplexity on the text; with
+    `expert_use`, also count a MoE model's routing choices into that file (profile.expert_use)."""
     if not 2 <= context <= 2**20:
         raise UsageError(f"--context {context} is outside [2, 2^20]", "use e.g. --context 512")
     stride = context // 2 if stride is None else stride
@@ -127,10 +141,12 @@ def evaluate(
             if progress
             else None
         )
+        counter = _expert_counter(built) if expert_use is not None else None
         start = time.perf_counter()
-        nll, count, n_windows = perplexity(
-            built, ids, context, stride, (lambda: progress.advance(task)) if progress else None
-        )
+        with counter or contextlib.nullcontext():
+            nll, count, n_windows = perplexity(
+                built, ids, context, stride, (lambda: progress.advance(task)) if progress else None, counter
+            )
         seconds = time.perf_counter() - start
     except BaseException:
         built.close()
@@ -148,4 +164,32 @@ def evaluate(
         text=source,
         text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
+    if counter is not None:
+        _save_expert_use(counter, resolved.ref.spec, result, expert_use)
     return result, built
+
+
+def _expert_counter(built: LoadedModel) -> ExpertCounter:
+    try:
+        return ExpertCounter(built.model)
+    except ValueError:
+        raise UsageError(
+            f"{built.folder} is a dense model: it has no experts to count",
+            "drop --expert-use, or give a mixture-of-experts model (docs/models.md)",
+        ) from None
+
+
+def _save_expert_use(counter: ExpertCounter, spec: Any, result: EvalResult, path: Path) -> None:
+    """The counts as a profile.expert_use document, written atomically to `path`."""
+    use = ExpertUse(
+        model=spec.name,
+        architecture=spec.architecture,
+        config_hash=spec.config_hash,
+        num_experts=counter.num_experts,
+        top_k=counter.top_k,
+        tokens=counter.tokens,
+        text=result.text,
+        text_sha256=result.text_sha256,
+        layers=[LayerUse(**layer) for layer in counter.layers()],
+    )
+    save_expert_use(use, path)

@@ -78,6 +78,12 @@ def test_cli_eval_on_a_tiny_model(tiny_llama_dir, tmp_path):
         app, ["eval", "--model", str(tiny_llama_dir), "--text", str(tmp_path / "none.txt")]
     )
     assert missing.exit_code == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    use = tmp_path / "use.json"
+    dense = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--expert-use", str(use)])
+    assert dense.exit_code == 2 and "dense model: it has no experts to count" in dense.stderr
+    assert "Hint:" in dense.stderr and not use.exists()
+    dash = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--expert-use", "-"])
+    assert dash.exit_code == 2 and "--expert-use '-' is not a file name" in dash.stderr
 
 
 @pytest.mark.slow

@@ -173,3 +173,49 @@ def test_a_fused_checkpoint_with_another_expert_count_is_refused(moe_copy):
     _edit_tensors(moe_copy, fuse)
     with pytest.raises(ModelError, match=r"holds 3 experts, but config\.json says 4"):
         spec_from_folder(moe_copy)
+
+
+def test_run_executes_a_moe_plan_and_plans_one_on_the_fly_with_cpu_moe(tiny_moe, tmp_path, monkeypatch):
+    """`run --plan` on the CPU stand-in with half the experts on the GPU side, then `run
+    --gpu-memory --cpu-moe` planned on the fly (CUDA faked by the stand-in): transformers'
+    greedy tokens both times, the experts where the plan put them."""
+    from hetegen_cli.core.devices import CpuBackend
+    from hetegen_cli.models.loading.source import resolve_model
+    from hetegen_cli.plan.document import RuntimeSettings, save_plan
+    from hetegen_cli.plan.manual import manual_plan
+    from hetegen_cli.profile.document import save_profile
+    from hetegen_cli.run import builders
+    from tests.cli.test_run import PROMPT, _reference_tokens, _run
+    from tests.fakes import make_profile
+
+    expected = _reference_tokens(tiny_moe)
+    spec = resolve_model(str(tiny_moe), need_weights=True).spec
+    runtime = RuntimeSettings(
+        weights_dtype=spec.dtype, cpu_dtype_prefill="float32", cpu_dtype_decode="float32"
+    )
+    plan = manual_plan(
+        spec,
+        cpu_fraction_prefill=0.5,
+        cpu_fraction_decode=0.25,
+        runtime=runtime,
+        experts_gpu={x.name: [1, 2] for x in spec.experts},
+    )
+    path = save_plan(plan, tmp_path / "plan.json")
+    args = ("--model", str(tiny_moe), "--prompt", PROMPT, "-n", "6", "--json")
+    result = _run(*args, "--plan", str(path), "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "hetegen" and doc["token_ids"] == expected
+    assert doc["plan"]["experts_on_gpu"] == 4 and doc["plan"]["experts_count"] == 8
+    assert doc["engine_stats"]["experts_cpu"] > 0 and doc["engine_stats"]["experts_gpu"] > 0
+
+    profile = tmp_path / "gpu-profile.json"
+    save_profile(make_profile(gpu=True), profile)
+    monkeypatch.setattr(builders, "cuda_available", lambda: True)
+    monkeypatch.setattr(builders, "get_backend", lambda kind="auto": CpuBackend())
+    result = _run(*args, "--gpu-memory", "3GiB", "--profile", str(profile), "--cpu-moe")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["plan"]["origin"] == "planned on the fly" and doc["token_ids"] == expected
+    assert doc["plan"]["experts_on_gpu"] == 0 and doc["engine_stats"]["experts_gpu"] == 0
+    assert_error(_run(*args, "--plan", str(path), "--cpu-moe"), "--plan and --cpu-moe", exit_code=2)

@@ -103,6 +103,18 @@ def legacy_names(name: str) -> tuple[str, ...]:
     return ()
 
 
+def refuse_quantized_experts(spec: Any, fmt: str) -> None:
+    """ModelError for a mixture-of-experts model asked for in a quantized format: its routed
+    experts have no int8/int4 form in hetegen yet (the linears alone would leave most of the
+    model in float while the plan said int8/int4)."""
+    if spec.experts:
+        raise ModelError(
+            f"{spec.name} is a mixture-of-experts model: hetegen does not quantize routed experts "
+            f"yet, so it cannot run as {fmt}",
+            "pass --quant none (or auto for its floating-point checkpoint)",
+        )
+
+
 def check_config_experts(config: dict[str, Any], source: str) -> None:
     """ModelError when a MoE config's expert fields disagree: two different expert counts,
     top-k below 1 or above the number of experts (a config without them passes)."""

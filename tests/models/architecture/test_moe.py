@@ -219,3 +219,15 @@ def test_run_executes_a_moe_plan_and_plans_one_on_the_fly_with_cpu_moe(tiny_moe,
     assert doc["plan"]["origin"] == "planned on the fly" and doc["token_ids"] == expected
     assert doc["plan"]["experts_on_gpu"] == 0 and doc["engine_stats"]["experts_gpu"] == 0
     assert_error(_run(*args, "--plan", str(path), "--cpu-moe"), "--plan and --cpu-moe", exit_code=2)
+
+
+def test_a_quantized_moe_model_is_refused_with_a_hint(tiny_moe):
+    assert_error(
+        cli("plan", "--model", "qwen3-30b-a3b", "--quant", "int4", "--gpu-memory", "8GiB"),
+        "does not quantize routed experts yet",
+        "--quant none",
+    )
+    assert_error(
+        cli("run", "--model", str(tiny_moe), "--prompt", "hi", "-n", "2", "--quant", "int8"),
+        "mixture-of-experts model",
+    )

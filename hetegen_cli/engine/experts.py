@@ -86,9 +86,9 @@ class HeteroExperts(nn.Module):
         gpu_jobs = [job for job in jobs if self.home[job[0]][0]]
         cpu_jobs = [job for job in jobs if not self.home[job[0]][0]]
         staged = self._to_host(hidden_states, top_k_weights) if cpu_jobs and backend.is_cuda else None
-        for e, pos, tok in gpu_jobs:  # queued on the GPU; they run while the CPU works below
+        for (e, _, _), (pos, tok) in zip(gpu_jobs, self._to_device(gpu_jobs), strict=True):
+            # queued on the GPU; they run while the CPU works below
             j = self.home[e][1]
-            pos, tok = self._to_device(pos), self._to_device(tok)
             y = _expert(hidden_states[tok], self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
             y = y * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
@@ -121,16 +121,20 @@ class HeteroExperts(nn.Module):
         backend.to_host_async(w_h, weights)
         return x_h, w_h, backend.record_event()
 
-    def _to_device(self, index: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, jobs: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(top-k positions, tokens) of each GPU job on the device: one copy for them all, on
+        the compute stream before the kernels that read it."""
         backend = self.context.backend
-        if not backend.is_cuda:
-            return index
+        if not backend.is_cuda or not jobs:
+            return [(pos, tok) for _, pos, tok in jobs]
+        host = torch.cat([torch.stack((pos, tok)) for _, pos, tok in jobs], dim=1)  # [2, sum]
         with torch.inference_mode(False):
-            pinned = backend.empty_pinned(tuple(index.shape), index.dtype)
-        pinned.copy_(index)
-        dev = torch.empty(index.shape, dtype=index.dtype, device=backend.device)
-        backend.to_device_async(dev, pinned)  # compute stream: before the kernels that read it
-        return dev
+            pinned = backend.empty_pinned(tuple(host.shape), host.dtype)
+        pinned.copy_(host)
+        dev = torch.empty(host.shape, dtype=host.dtype, device=backend.device)
+        backend.to_device_async(dev, pinned)  # pinned is fresh for this call: never rewritten
+        sizes = [len(tok) for _, _, tok in jobs]
+        return list(zip(dev[0].split(sizes), dev[1].split(sizes), strict=True))
 
     def _cpu_experts(
         self, x_h: torch.Tensor, w_h: torch.Tensor, jobs: list, out_dtype: torch.dtype

@@ -231,3 +231,37 @@ def test_a_quantized_moe_model_is_refused_with_a_hint(tiny_moe):
         cli("run", "--model", str(tiny_moe), "--prompt", "hi", "-n", "2", "--quant", "int8"),
         "mixture-of-experts model",
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("plan_name", ["all_cpu", "mixed", "all_streamed"])
+def test_cuda_moe_greedy_tokens_equal_transformers_on_the_gpu(tmp_path, arch, plan_name):
+    """On a real GPU: CPU experts computed from host RAM while the GPU computes its own, the
+    tokens transformers' generate gives on the same GPU (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hetegen_cli.core.devices import get_backend
+    from hetegen_cli.engine.hetero_model import load_hetero_model
+    from hetegen_cli.models.loading.source import resolve_model
+    from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
+    from tests.engine.test_strict_backend import FP32
+    from tests.models.architecture.test_architectures import NEW_TOKENS, PROMPT
+
+    backend = get_backend("cuda")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **TINY[arch])).to(torch.float32)
+    model.save_pretrained(tmp_path)
+    build_tokenizer(tmp_path)
+    ids = torch.tensor([PROMPT], device=backend.device)
+    with torch.no_grad():
+        want = model.to(backend.device).eval().generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    del model
+    ref = resolve_model(str(tmp_path), need_weights=True)
+    plan = placements(ref.spec, PLANS[plan_name])
+    experts = expert_placements(ref.spec, EXPERTS[plan_name])
+    with load_hetero_model(ref, plan, FP32, backend, progress=False, experts=experts) as hm, torch.no_grad():
+        got = hm.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        stats = hm.stats()
+    assert got.tolist() == want.tolist()
+    assert (stats["experts_cpu"] > 0) == (plan_name != "all_streamed")

@@ -158,7 +158,9 @@ def test_a_config_with_fewer_experts_than_the_checkpoint_is_refused(moe_copy):
         spec_from_folder(moe_copy)
 
 
-def test_a_fused_checkpoint_with_another_expert_count_is_refused(moe_copy):
+def _fuse(keep: int):
+    """An edit storing each layer's first `keep` experts fused, as transformers holds them."""
+
     def fuse(t):
         for layer in (0, 1):
             base = f"model.layers.{layer}.mlp.experts"
@@ -167,10 +169,35 @@ def test_a_fused_checkpoint_with_another_expert_count_is_refused(moe_copy):
                 for e in range(4)
             ]
             down = [t.pop(f"{base}.{e}.down_proj.weight") for e in range(4)]
-            t[f"{base}.gate_up_proj"] = torch.stack(gate_up[:3]).contiguous()
-            t[f"{base}.down_proj"] = torch.stack(down[:3]).contiguous()
+            t[f"{base}.gate_up_proj"] = torch.stack(gate_up[:keep]).contiguous()
+            t[f"{base}.down_proj"] = torch.stack(down[:keep]).contiguous()
 
-    _edit_tensors(moe_copy, fuse)
+    return fuse
+
+
+def test_a_fused_checkpoint_runs_through_the_engine_with_transformers_tokens(moe_copy):
+    """Experts read from fused tensors (not one tensor per expert), a random half of each
+    layer on the GPU side, on the strict stand-in: transformers' greedy tokens."""
+    from hetegen_cli.engine.hetero_model import load_hetero_model
+    from hetegen_cli.models.loading.source import resolve_model
+    from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
+    from tests.engine.test_strict_backend import FP32, _generate
+    from tests.helpers import transformers_greedy
+    from tests.models.architecture.test_architectures import NEW_TOKENS, PROMPT
+    from tests.strict import StrictBackend
+
+    want = transformers_greedy(moe_copy, PROMPT, NEW_TOKENS)
+    _edit_tensors(moe_copy, _fuse(4))
+    ref = resolve_model(str(moe_copy), need_weights=True)
+    experts = expert_placements(ref.spec, EXPERTS["random"])
+    assert all(len(x.gpu) == 2 for x in experts)
+    plan = placements(ref.spec, PLANS["random"])
+    with load_hetero_model(ref, plan, FP32, StrictBackend(), progress=False, experts=experts) as loaded:
+        assert _generate(loaded, PROMPT, NEW_TOKENS) == want
+
+
+def test_a_fused_checkpoint_with_another_expert_count_is_refused(moe_copy):
+    _edit_tensors(moe_copy, _fuse(3))
     with pytest.raises(ModelError, match=r"holds 3 experts, but config\.json says 4"):
         spec_from_folder(moe_copy)
 

@@ -15,7 +15,6 @@ from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.errors import PlanError, UsageError
 from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.costmodel.experts import expert_s, experts_step_s
 from hetegen_cli.plan.document import ExpertsPlacement, check_plan_matches
 from hetegen_cli.plan.load import plan_from_dict
@@ -170,7 +169,3 @@ def test_plan_on_the_command_line_with_the_moe_flags(tmp_path):
     assert [x["gpu"] for x in doc["experts"]] == [[]] * 16
     assert_error(cli(*args, "--cpu-moe", "--n-cpu-moe", "2"), "--cpu-moe and --n-cpu-moe", exit_code=2)
     assert_error(cli(*args, "--simulate"), "does not replay mixture-of-experts plans")
-
-
-def test_rates_in_use_are_the_fakes():  # the made-up rates above are what the numbers mean
-    assert isinstance(simple_rates(), cm.Rates)

@@ -212,7 +212,9 @@ def _engine(
 ) -> ArmModel:
     backend = backend or (get_backend("cuda") if ctx.has_cuda else CpuBackend())
     start = time.perf_counter()
-    loaded = load_hetero_model(ref or ctx.ref, plan.placements, plan.runtime, backend, progress=False)
+    loaded = load_hetero_model(
+        ref or ctx.ref, plan.placements, plan.runtime, backend, progress=False, experts=plan.experts
+    )
     rt = plan.runtime
     device = loaded.device + ("" if backend.is_cuda else " (CPU stand-in backend)")
     return ArmModel(loaded, rt.weights_dtype, device, rt.cpu_threads, time.perf_counter() - start, config)

@@ -149,6 +149,23 @@ GpuBudgetOption = Annotated[
     ),
 ]
 
+CpuMoeOption = Annotated[
+    bool,
+    typer.Option(
+        "--cpu-moe",
+        help="Mixture-of-experts models: every routed expert on the CPU, the rest planned as usual "
+        "(llama.cpp's --cpu-moe).",
+    ),
+]
+NCpuMoeOption = Annotated[
+    int,
+    typer.Option(
+        "--n-cpu-moe",
+        help="Mixture-of-experts models: the routed experts of the first N decoder layers on the CPU, "
+        "the others placed by time saved per byte (llama.cpp's --n-cpu-moe).",
+    ),
+]
+
 #: the options of a ModelSetup: (annotation, default) by parameter name, in --help's order
 _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "model": (ModelOption, None),
@@ -158,9 +175,11 @@ _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (DeviceOption, DeviceChoice.auto),
     "plan": (PlanOption, None),
     "gpu_memory": (GpuBudgetOption, None),
+    "cpu_moe": (CpuMoeOption, False),
+    "n_cpu_moe": (NCpuMoeOption, 0),
     "profile": (ProfileOption, None),
 }
-_PLAN_OPTIONS = ("plan", "gpu_memory")
+_PLAN_OPTIONS = ("plan", "gpu_memory", "cpu_moe", "n_cpu_moe")
 
 
 def model_setup_options(
@@ -207,6 +226,8 @@ def model_setup(
     plan: Path | None = None,
     gpu_memory: str | None = None,
     allow_float_copy: bool = False,
+    cpu_moe: bool = False,
+    n_cpu_moe: int = 0,
 ) -> ModelSetup:
     """The ModelSetup of the command line: the size parsed, the values and their combinations
     checked (ModelSetup), then the files named (they must exist)."""
@@ -219,6 +240,8 @@ def model_setup(
         plan_path=plan,
         gpu_budget_bytes=size_bytes(gpu_memory, "--gpu-memory"),
         profile_path=profile,
+        cpu_moe=cpu_moe,
+        n_cpu_moe=n_cpu_moe,
     )
     return replace(
         setup, plan_path=input_file_arg(plan, "--plan"), profile_path=input_file_arg(profile, "--profile")

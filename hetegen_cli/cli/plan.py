@@ -11,9 +11,11 @@ import typer
 from hetegen_cli.cli.common import (
     AllowFloatCopyOption,
     CpuDtypeOption,
+    CpuMoeOption,
     GpuBudgetOption,
     JsonOption,
     ModelOption,
+    NCpuMoeOption,
     ProfileOption,
     PromptLenOption,
     QuantChoice,
@@ -29,7 +31,7 @@ from hetegen_cli.cli.common import (
 )
 from hetegen_cli.cli.plan_view import render, render_export, render_simulation
 from hetegen_cli.core.console import activity, emit_json, note, progress, warn
-from hetegen_cli.core.errors import UsageError
+from hetegen_cli.core.errors import PlanError, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -88,6 +90,8 @@ def register(app: typer.Typer) -> None:
             "--copy-engines",
             help="Host-to-device copy engines of the GPU, 1 or 2 (default: the profile's probe, else 1).",
         ),
+        cpu_moe: CpuMoeOption = False,
+        n_cpu_moe: NCpuMoeOption = 0,
     ) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
@@ -113,6 +117,8 @@ def register(app: typer.Typer) -> None:
             cpu_dtype=cpu_dtype_arg(cpu_dtype),
             reserve_bytes=size_bytes(reserve, "--reserve"),
             model_arg=model or "",
+            cpu_moe=cpu_moe,
+            n_cpu_moe=n_cpu_moe,
         )
         output = output_arg(output)
         _export_arg(export)
@@ -133,6 +139,12 @@ def register(app: typer.Typer) -> None:
         for message in ref.warnings:
             warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
+        if simulate and ref.spec.experts:
+            raise PlanError(
+                f"--simulate does not replay mixture-of-experts plans yet "
+                f"({ref.spec.name} has routed experts)",
+                "plan without --simulate and --timeline",
+            )
         with progress(enabled=not json_) as bar:
             doc, identity = load_or_measure(profile, bar)
         doc, engines_note = _with_copy_engines(doc, copy_engines)

@@ -127,8 +127,9 @@ def render(plan: Any, explain: bool) -> None:
         t.add_row(key.removesuffix("_bytes").replace("_", " "), format_bytes(value))
     host = plan.memory.host or HostMemory()
     cpu_budget = b.cpu_budget_bytes
+    parts = "weights + CPU copy + other" + (" + experts" if host.expert_bytes is not None else "")
     t.add_row(
-        "host memory (weights + CPU copy + other)",
+        f"host memory ({parts})",
         f"{format_bytes(host.total_bytes)} of {format_bytes(cpu_budget) if cpu_budget is not None else '?'}",
     )
     console.print(t)

@@ -34,6 +34,7 @@ from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtyp
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
+from hetegen_cli.engine.experts import install_experts
 from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
@@ -52,8 +53,8 @@ from hetegen_cli.models.loading.meta import (
 )
 from hetegen_cli.models.loading.quantized_loader import quantize_head
 from hetegen_cli.models.loading.source import ModelRef
-from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
-from hetegen_cli.plan.memory import host_memory
+from hetegen_cli.plan.document import ExpertsPlacement, LinearPlacement, RuntimeSettings
+from hetegen_cli.plan.memory import experts_bytes, host_memory
 
 RAM_MARGIN_BYTES = 512 * 1024 * 1024  # keep this much RAM free beyond the host-held weights
 
@@ -79,9 +80,11 @@ def load_hetero_model(
     backend: Backend,
     *,
     progress: bool = True,
+    experts: Sequence[ExpertsPlacement] = (),
 ) -> LoadedModel:
-    """Load `ref.path` with the given placements. Raises ModelError / PlanError before reading
-    any weights when the plan does not fit the model or the RAM."""
+    """Load `ref.path` with the given placements (`experts`: one per mixture-of-experts layer,
+    engine.experts). Raises ModelError / PlanError before reading any weights when the plan
+    does not fit the model or the RAM."""
     if ref.path is None:
         raise ModelError(
             f"model {ref.name!r} has no local weights",
@@ -102,7 +105,8 @@ def load_hetero_model(
         )
     tied = tied_head(model)
     quant = ref.spec.quant_map()
-    _check_ram(model, split, runtime, backend, quant)
+    _check_experts(ref, experts, quant)
+    _check_ram(model, split, runtime, backend, quant, ref.spec, experts)
 
     start = time.perf_counter()
     context = EngineContext(backend, runtime)
@@ -124,9 +128,13 @@ def load_hetero_model(
             console.activity(f"loading {ref.name} through the engine"),
             console.progress(progress) as bar,
         ):
-            total = len(split) + sum(1 for t in named_tensors(model) if t[1].is_meta)
+            total = len(split) + len(experts) + sum(1 for t in named_tensors(model) if t[1].is_meta)
             task = bar.add_task(f"Loading {ref.name}", total=total)
             embed_key = embedding_key(model, reader)
+            by_name = {x.name: x for x in ref.spec.experts}
+            for x in experts:
+                context.experts.append(install_experts(model, x, by_name[x.name], reader, context))
+                bar.advance(task)
             for p in split:
                 _install_split(
                     model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key, quant.get(p.name)
@@ -181,6 +189,29 @@ def _check_projections(ref: ModelRef, modules: dict[str, nn.Module]) -> None:
             )
 
 
+def _check_experts(
+    ref: ModelRef, experts: Sequence[ExpertsPlacement], quant: dict[str, tuple[str, int]]
+) -> None:
+    """PlanError unless `experts` places each of the model's MoE layers once, with its count."""
+    want = {x.name: x.num_experts for x in ref.spec.experts}
+    hint = "re-run `hetegen plan` for this model"
+    seen: set[str] = set()
+    for x in experts:
+        if want.get(x.name) != x.num_experts or x.name in seen:
+            why = (
+                "twice" if x.name in seen else f"with {x.num_experts} experts, which this model does not have"
+            )
+            raise PlanError(f"the plan places the experts {x.name} {why}", hint)
+        seen.add(x.name)
+    if set(want) - seen:
+        raise PlanError(f"the plan places no experts for {sorted(set(want) - seen)[0]}", hint)
+    if want and quant:
+        raise ModelError(
+            f"{ref.name}: quantized mixture-of-experts models do not run through the engine yet",
+            "use the float checkpoint (--quant none)",
+        )
+
+
 def _check_placements(
     placements: Sequence[LinearPlacement], modules: dict[str, nn.Module]
 ) -> list[LinearPlacement]:
@@ -218,13 +249,18 @@ def _check_ram(
     runtime: RuntimeSettings,
     backend: Backend,
     quant: dict[str, tuple[str, int]],
+    spec,
+    experts: Sequence[ExpertsPlacement],
 ) -> None:
     """Refuse before loading when the host-held weights would not fit in available RAM."""
-    need = host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes, quant=quant).total_bytes
+    gpu_experts, cpu_experts = experts_bytes(spec, experts, runtime.cpu_dtype_decode)
+    need = (
+        host_memory(split, runtime.weights_dtype, runtime.cpu_dtypes, quant=quant).total_bytes + cpu_experts
+    )
     if not backend.is_cuda:  # the stand-in "device" is host memory too
-        split_names = {p.name for p in split}
-        rest = {id(t): t.numel() for n, t in named_tensors(model) if n.rpartition(".")[0] not in split_names}
-        need += sum(rest.values()) * torch_dtype(runtime.weights_dtype).itemsize
+        skip = {p.name for p in split} | {x.name for x in experts}
+        rest = {id(t): t.numel() for n, t in named_tensors(model) if n.rpartition(".")[0] not in skip}
+        need += sum(rest.values()) * torch_dtype(runtime.weights_dtype).itemsize + gpu_experts
     available = int(psutil.virtual_memory().available)
     if need + RAM_MARGIN_BYTES > available:
         raise ModelError(
@@ -300,9 +336,10 @@ def _memory_report(model: nn.Module, context: EngineContext) -> dict[str, int]:
     )
     arena = context.arena.nbytes if context.arena is not None else 0
     copies = sum(h.cpu_copy_bytes for h in hosts)
+    experts = sum(x.host_bytes for x in context.experts)
     return {
         "split_linears": len(hosts),
-        "host_weight_bytes": arena + copies,
+        "host_weight_bytes": arena + copies + experts,
         "pinned_bytes": arena if context.arena is not None and context.arena.pinned else 0,
         "cpu_copy_bytes": copies,
         "device_weight_bytes": device_bytes,

@@ -57,6 +57,9 @@ class EngineStats:
     cpu_compute_s: float = 0.0  # time inside CPU-share matmuls
     cpu_wait_s: float = 0.0  # time blocked until a layer input reached the host (CUDA)
     pinned_scratch_bytes: int = 0  # pinned x / output slots held now (a level, kept by reset)
+    experts_gpu: int = 0  # routed experts computed on the GPU side (engine.experts), per call
+    experts_cpu: int = 0  # ... and by the CPU
+    experts_cpu_s: float = 0.0  # time in the CPU's experts (waiting for their input included)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +140,7 @@ class EngineContext:
         self.streaming = True
         self.stats = EngineStats()
         self.linears: list[HeteroLinear] = []
+        self.experts: list[Any] = []  # engine.experts.HeteroExperts of a MoE model
         self.scheduler: PrefetchScheduler | None = None  # built by finalize()
         self.tracer: Tracer | None = None  # set to record a trace (engine.trace)
         # copies of different streams run side by side with two or more host-to-device copy
@@ -261,6 +265,8 @@ class EngineContext:
             self.arena.release()
         for linear in self.linears:
             linear.host = None  # its views into the arena must not outlive it
+        for experts in self.experts:
+            experts.release()
         self._scratch = None
         self._staged = None
         self.scheduler = None

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.assemble import assemble, check_host
+from hetegen_cli.plan.costmodel.experts import active_bytes
 from hetegen_cli.plan.costmodel.strategies import Engine, bounds, cpu_only_prediction, quant_bytes, tokens_for
-from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings
-from hetegen_cli.plan.memory import host_memory, workspace_bytes
+from hetegen_cli.plan.document import ExpertsPlacement, LinearEstimate, LinearPlacement, Plan, RuntimeSettings
+from hetegen_cli.plan.memory import experts_bytes, host_memory, workspace_bytes
 from hetegen_cli.plan.sections import Budget, GpuMemory, LinearTimes, MemoryUse, Predictions
 
 
@@ -19,7 +20,16 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
     placements = tuple(LinearPlacement.of(lin, False, lin.out_features, lin.out_features) for lin in lins)
     ctx = req.prompt_len + req.max_new_tokens
     other = spec.fixed_bytes + spec.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(spec, req)
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, other, quant=spec.quant_map())
+    experts = tuple(ExpertsPlacement.of(x) for x in spec.experts)  # every routed expert on the CPU
+    expert_host = experts_bytes(spec, experts, rates.decode.cpu_dtype)[1] if experts else None
+    host = host_memory(
+        placements,
+        rates.weights_dtype,
+        rates.cpu_dtypes,
+        other,
+        quant=spec.quant_map(),
+        expert_bytes=expert_host,
+    )
     check_host(host, cpu_budget, cpu_source, rates)
     estimates = []
     for lin in lins:
@@ -51,6 +61,7 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
     w_host = sum(lin.weight_bytes for lin in lins) + (
         spec.lm_head.weight_bytes if spec.tie_word_embeddings else 0
     )
+    w_host += round(active_bytes(spec.experts, experts, req.batch_size)[1])
     predictions = Predictions(
         hetegen=cpu_only_prediction(rates, spec, req, fixed, Engine("cpu", placements)),
         offload=None,
@@ -78,4 +89,5 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
         profile_identity=profile_identity,
         warnings=warnings,
         notes=notes,
+        experts=experts,
     )

@@ -43,6 +43,7 @@ def assemble(
     profile_identity,
     warnings,
     notes,
+    experts=(),
 ) -> Plan:
     return Plan(
         placements=placements,
@@ -73,4 +74,5 @@ def assemble(
         warnings=tuple(warnings),
         notes=tuple(notes),
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        experts=tuple(experts),
     )

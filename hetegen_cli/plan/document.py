@@ -113,6 +113,48 @@ class LinearPlacement:
 
 
 @dataclass(frozen=True)
+class ExpertsPlacement:
+    """Where the routed experts of one mixture-of-experts layer run (docs/plan.md, "Experts"):
+    the experts numbered in `gpu` are resident on the GPU side, whole; every other one is
+    computed by the CPU from host RAM, only when a token chose it (its activations cross PCIe,
+    its weights never do)."""
+
+    name: str  # the experts module, e.g. model.layers.0.mlp.experts
+    layer_index: int
+    num_experts: int
+    gpu: tuple[int, ...] = ()  # expert numbers on the GPU side, ascending
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"{self.name}: {self.num_experts} experts")
+        if list(self.gpu) != sorted(set(self.gpu)) or any(not 0 <= e < self.num_experts for e in self.gpu):
+            raise ValueError(
+                f"{self.name}: gpu experts {list(self.gpu)} are not distinct ascending numbers "
+                f"in [0, {self.num_experts})"
+            )
+
+    @classmethod
+    def of(cls, experts: Any, gpu: Any = ()) -> ExpertsPlacement:
+        """The placement of `experts` (a models.shapes.experts.ExpertsSpec or another
+        placement) with the experts in `gpu` on the GPU side."""
+        return cls(experts.name, experts.layer_index, experts.num_experts, tuple(sorted(gpu)))
+
+    @property
+    def cpu(self) -> tuple[int, ...]:
+        """Expert numbers the CPU computes."""
+        on_gpu = set(self.gpu)
+        return tuple(e for e in range(self.num_experts) if e not in on_gpu)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "layer_index": self.layer_index,
+            "num_experts": self.num_experts,
+            "gpu": list(self.gpu),
+        }
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     """How the engine executes the placements. The one definition of a runtime setting: the
     plan document's `runtime` section is written from these fields and read back through
@@ -195,6 +237,8 @@ class Plan:
     created_utc: str = ""
     #: `hetegen plan --simulate`: the trace replay of this plan (plan.simulate), a report
     simulation: dict = field(default_factory=dict)
+    #: one per mixture-of-experts layer, in layer order (() for a dense model)
+    experts: tuple[ExpertsPlacement, ...] = ()
 
     __hash__ = None  # type: ignore[assignment]  # holds a dict
 
@@ -237,6 +281,14 @@ class Plan:
                 else {}
             ),
             "layer_split_gpu_layers": layer_split.gpu_layers if layer_split else None,
+            **(
+                {
+                    "experts_count": sum(x.num_experts for x in self.experts),
+                    "experts_on_gpu": sum(len(x.gpu) for x in self.experts),
+                }
+                if self.experts
+                else {}
+            ),
             "predictions": self.predictions.to_dict(),
             "bounds": self.bounds.to_dict() if self.bounds else {},
             "warnings": list(self.warnings),
@@ -286,6 +338,7 @@ class Plan:
             **({"simulation": self.simulation} if self.simulation else {}),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
+            **({"experts": [x.to_dict() for x in self.experts]} if self.experts else {}),
             "linears": linears,
         }
 
@@ -357,6 +410,7 @@ def check_plan_matches(plan: Plan, spec: Any) -> None:
             f"{spec.name}, e.g. {sorted(missing)[0]}",
             hint,
         )
+    _check_experts_match(plan, spec, made_for, hint)
     if spec.lm_head.name not in {p.name for p in plan.placements} and not plan.runtime.lm_head_on_gpu:
         raise PlanError("plan neither keeps the LM head on the GPU nor places it", hint)
     if plan.model.quant != spec.quant_label:
@@ -371,4 +425,22 @@ def check_plan_matches(plan: Plan, spec: Any) -> None:
             f"plan was made for {made_for} in {plan.runtime.weights_dtype}, but the "
             f"model is loaded in {spec.dtype}",
             f"{hint} --dtype {spec.dtype}, or load the model in {plan.runtime.weights_dtype}",
+        )
+
+
+def _check_experts_match(plan: Plan, spec: Any, made_for: str, hint: str) -> None:
+    """PlanError unless the plan places exactly the model's experts modules, each with its
+    number of experts."""
+    want = {x.name: x.num_experts for x in spec.experts}
+    have = {x.name: x.num_experts for x in plan.experts}
+    for name, count in have.items():
+        if want.get(name) != count:
+            what = f"{count} experts at {name}"
+            raise PlanError(f"plan was made for model {made_for}: it places {what}, not in {spec.name}", hint)
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise PlanError(
+            f"plan was made for model {made_for}: it places no experts of {spec.name}'s "
+            f"{len(missing)} mixture-of-experts layers, e.g. {missing[0]}",
+            hint,
         )

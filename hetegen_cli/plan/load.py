@@ -18,6 +18,7 @@ from hetegen_cli.plan import sections as sec
 from hetegen_cli.plan.document import (
     PLAN_KIND,
     SUPPORTED_PLAN_VERSIONS,
+    ExpertsPlacement,
     LinearEstimate,
     LinearPlacement,
     Plan,
@@ -57,6 +58,23 @@ class LinearDoc(Schema):
                 )
             if self.resident and rows:
                 raise ValueError(f"a resident linear has no CPU rows, but cpu_rows_{phase} is {rows}")
+        return self
+
+
+class ExpertsDoc(Schema):
+    """One MoE layer's experts placement (plan.document.ExpertsPlacement)."""
+
+    name: Annotated[Text, Field(min_length=1)]
+    layer_index: Annotated[StrictInt, Field(ge=0, le=2**20)]
+    num_experts: Annotated[StrictInt, Field(ge=1, le=2**20)]
+    gpu: list[Index]
+
+    @model_validator(mode="after")
+    def _experts_in_range(self) -> ExpertsDoc:
+        if self.gpu != sorted(set(self.gpu)):
+            raise ValueError(f"gpu experts {self.gpu} are not distinct and ascending")
+        if self.gpu and self.gpu[-1] >= self.num_experts:
+            raise ValueError(f"gpu expert {self.gpu[-1]} is not below num_experts {self.num_experts}")
         return self
 
 
@@ -111,14 +129,18 @@ class PlanDoc(Schema):
     simulation: dict[str, Any] = Field(default_factory=dict)  # plan --simulate; optional
     warnings: list[Text] = Field(default_factory=list)
     notes: list[Text] = Field(default_factory=list)
+    experts: list[ExpertsDoc] = Field(default_factory=list)  # MoE models; absent in older plans
     linears: Annotated[list[LinearDoc], Field(min_length=1)]
 
     @model_validator(mode="after")
     def _unique_names(self) -> PlanDoc:
-        names = [lin.name for lin in self.linears]
-        if len(set(names)) != len(names):
-            twice = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"the plan lists linear {twice!r} twice")
+        for what, names in (
+            ("linear", [x.name for x in self.linears]),
+            ("experts", [x.name for x in self.experts]),
+        ):
+            if len(set(names)) != len(names):
+                twice = next(n for n in names if names.count(n) > 1)
+                raise ValueError(f"the plan lists {what} {twice!r} twice")
         return self
 
 
@@ -175,6 +197,9 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         notes=tuple(parsed.notes),
         created_utc=parsed.created_utc,
         simulation=dict(parsed.simulation),
+        experts=tuple(
+            ExpertsPlacement(x.name, x.layer_index, x.num_experts, tuple(x.gpu)) for x in parsed.experts
+        ),
     )
 
 

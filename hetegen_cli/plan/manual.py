@@ -4,7 +4,14 @@ cpu_fraction 0). No predictions. Pure Python."""
 from __future__ import annotations
 
 from hetegen_cli.models.shapes.spec import ModelSpec
-from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings, model_identity, round_rows
+from hetegen_cli.plan.document import (
+    ExpertsPlacement,
+    LinearPlacement,
+    Plan,
+    RuntimeSettings,
+    model_identity,
+    round_rows,
+)
 from hetegen_cli.plan.sections import Workload
 
 
@@ -16,12 +23,14 @@ def manual_plan(
     resident: tuple | list | set = (),
     runtime: RuntimeSettings | None = None,
     workload: Workload | None = None,
+    experts_gpu: dict | None = None,
 ) -> Plan:
     """A plan from given fractions (tests, engine, bench arms); no predictions.
 
     Fractions are one float for every linear or a dict name -> float (missing names: 0).
     `resident` names linears kept whole on the GPU. The untied LM head is planned as a
-    linear when runtime.lm_head_on_gpu is False.
+    linear when runtime.lm_head_on_gpu is False. `experts_gpu` maps a MoE layer's experts
+    module to the experts on the GPU side (missing layers: every expert on the CPU).
     """
     runtime = runtime or RuntimeSettings(weights_dtype=spec.dtype)
     linears = list(spec.linears)
@@ -45,7 +54,12 @@ def manual_plan(
             for ph, f in (("prefill", cpu_fraction_prefill), ("decode", cpu_fraction_decode))
         }
         placements.append(LinearPlacement.of(lin, is_res, rows["prefill"], rows["decode"]))
+    experts_gpu = experts_gpu or {}
+    unknown = set(experts_gpu) - {x.name for x in spec.experts}
+    if unknown:
+        raise ValueError(f"unknown experts modules: {sorted(unknown)[:3]}")
     return Plan(
+        experts=tuple(ExpertsPlacement.of(x, experts_gpu.get(x.name, ())) for x in spec.experts),
         placements=tuple(placements),
         runtime=runtime,
         model=model_identity(spec),

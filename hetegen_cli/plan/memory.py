@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from hetegen_cli.core import quant as qfmt
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.models.shapes.spec import LinearSpec, ModelSpec
-from hetegen_cli.plan.document import LinearPlacement
+from hetegen_cli.plan.document import ExpertsPlacement, LinearPlacement
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.sections import HostMemory
 
@@ -126,11 +126,13 @@ def host_memory(
     cpu_dtypes: tuple[str, str],
     other_bytes: int = 0,
     quant: Mapping[str, tuple[str, int]] | None = None,
+    expert_bytes: int | None = None,
 ) -> HostMemory:
     """Host bytes of the split linears' buffers (held_rows) plus `other_bytes`: exactly what
     the engine allocates. `weights_bytes` is the arena (pinned on a GPU machine), aligned per
     weight; `cpu_copy_bytes` the copies in other CPU dtypes (pageable). `quant` maps the
-    quantized linears to (format, group size): their rows as stored (held_quant_rows)."""
+    quantized linears to (format, group size): their rows as stored (held_quant_rows);
+    `expert_bytes` the CPU's routed experts of a MoE model (experts_bytes)."""
     wbytes = itemsize(weights_dtype)
     weights = copy = 0
     for p in placements:
@@ -147,9 +149,24 @@ def host_memory(
         )
         weights += arena_bytes((p.out_features - row0) * p.in_features * wbytes)
         copy += sum(rows * p.in_features * itemsize(d) for d, rows in copies.items())
+    experts = {} if expert_bytes is None else {"expert_bytes": expert_bytes}
     return HostMemory(
         weights_bytes=weights,
         cpu_copy_bytes=copy,
         other_bytes=other_bytes,
-        total_bytes=weights + copy + other_bytes,
+        **experts,
+        total_bytes=weights + copy + other_bytes + (expert_bytes or 0),
     )
+
+
+def experts_bytes(spec: ModelSpec, placements: Iterable[ExpertsPlacement], cpu_dtype: str) -> tuple[int, int]:
+    """(GPU bytes, host bytes) of the routed experts as the engine holds them (engine.experts):
+    the GPU side's whole, in the weights dtype; the CPU's in `cpu_dtype` (the decode CPU
+    format, which serves both phases)."""
+    by_name = {x.name: x for x in spec.experts}
+    gpu = host = 0
+    for p in placements:
+        x = by_name[p.name]
+        gpu += len(p.gpu) * x.expert_bytes
+        host += len(p.cpu) * x.expert_parameters * itemsize(cpu_dtype)
+    return gpu, host

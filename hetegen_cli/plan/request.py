@@ -48,6 +48,10 @@ class PlanRequest:
     #: "pipeline": per-linear fractions chosen for the whole step (plan.pipeline); "per-linear":
     #: each split linear balanced alone (costmodel.balanced_fraction), the fallback
     objective: str = "pipeline"
+    #: mixture-of-experts models (llama.cpp's flags): every routed expert on the CPU, or those
+    #: of the first `n_cpu_moe` decoder layers; the others by time saved per byte
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
 
     def __post_init__(self) -> None:
         for value, flag in (
@@ -61,6 +65,13 @@ class PlanRequest:
             if value > 2**24:
                 raise UsageError(f"{flag} is {value}; it must be at most {2**24}", f"pass a smaller {flag}")
         cpu_dtype_pair(self.cpu_dtype)
+        if not 0 <= self.n_cpu_moe <= 2**20:
+            raise UsageError(f"--n-cpu-moe is {self.n_cpu_moe}; it must be 0 or more", "pass a layer count")
+        if self.cpu_moe and self.n_cpu_moe:
+            raise UsageError(
+                "--cpu-moe and --n-cpu-moe both given",
+                "--cpu-moe puts every layer's experts on the CPU; pass one of them",
+            )
         if self.objective not in OBJECTIVES:
             raise UsageError(
                 f"unknown planner objective {self.objective!r}", f"use one of {', '.join(OBJECTIVES)}"

@@ -89,21 +89,24 @@ class GpuMemory(Section):
     lm_head_bytes: Index = 0
     staging_bytes: Index = 0
     resident_linear_bytes: Index = 0
+    resident_expert_bytes: Index | None = None  # MoE models: the routed experts on the GPU side
     total_bytes: Index = 0
 
     @classmethod
     def nothing(cls) -> GpuMemory:
         """An all-CPU plan's: every item 0 (written out)."""
-        names = [n for n in cls.model_fields if n != "dequant_bytes"]
+        names = [n for n in cls.model_fields if n not in ("dequant_bytes", "resident_expert_bytes")]
         return cls(**dict.fromkeys(names, 0))
 
 
 class HostMemory(Section):
-    """Host bytes: the split linears' arena, copies in other CPU dtypes, everything else."""
+    """Host bytes: the split linears' arena, copies in other CPU dtypes, the routed experts the
+    CPU computes (MoE models), everything else."""
 
     weights_bytes: Index = 0
     cpu_copy_bytes: Index = 0
     other_bytes: Index = 0
+    expert_bytes: Index | None = None
     total_bytes: Index = 0
 
 

@@ -23,6 +23,7 @@ from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.all_cpu import all_cpu_plan
 from hetegen_cli.plan.assemble import assemble, check_host
+from hetegen_cli.plan.costmodel.experts import active_bytes
 from hetegen_cli.plan.costmodel.fit import cpu_formats
 from hetegen_cli.plan.costmodel.fixed import FixedCosts
 from hetegen_cli.plan.costmodel.predict import CostInputs
@@ -36,8 +37,15 @@ from hetegen_cli.plan.costmodel.strategies import (
     step_times,
 )
 from hetegen_cli.plan.document import LinearEstimate, LinearPlacement, Plan, RuntimeSettings
+from hetegen_cli.plan.experts import place_experts
 from hetegen_cli.plan.formats import Tried, candidate_pairs, pick
-from hetegen_cli.plan.memory import default_gpu_budget, dequant_bytes, host_memory, workspace_bytes
+from hetegen_cli.plan.memory import (
+    default_gpu_budget,
+    dequant_bytes,
+    experts_bytes,
+    host_memory,
+    workspace_bytes,
+)
 from hetegen_cli.plan.pipeline import refine_placements
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.residency import candidate, choose_resident, staging_bytes
@@ -225,19 +233,26 @@ def solve(
     gpu_mem["resident_linear_bytes"] = sum(
         i.spec.weight_bytes for i in items if i.spec.name in resident and i.spec.name != head
     )
+    experts, expert_gpu, expert_notes = place_experts(spec, rates, req, budget - sum(gpu_mem.values()))
+    notes += expert_notes
+    if spec.experts:
+        gpu_mem["resident_expert_bytes"] = expert_gpu
     gpu_mem["total_bytes"] = sum(gpu_mem.values())
     assert gpu_mem["total_bytes"] <= budget, (gpu_mem, budget)
 
-    host = host_memory(placements, rates.weights_dtype, rates.cpu_dtypes, quant=spec.quant_map())
+    expert_host = experts_bytes(spec, experts, rates.decode.cpu_dtype)[1] if spec.experts else None
+    host = host_memory(
+        placements, rates.weights_dtype, rates.cpu_dtypes, quant=spec.quant_map(), expert_bytes=expert_host
+    )
     check_host(host, cpu_budget, cpu_source, rates)
     split = [p for p in placements if not p.resident]
-    if not split:
+    if not split and not any(p.cpu for p in experts):
         warnings.append(
             "everything fits in the GPU budget: this plan is plain GPU inference "
             "(no weights on the host, no CPU work)"
         )
     elif gpu_free_bytes and req.gpu_budget_bytes is not None:
-        whole = base + sum(lin.weight_bytes for lin in lins)
+        whole = base + sum(lin.weight_bytes for lin in lins) + spec.expert_weight_bytes
         if whole <= default_gpu_budget(gpu_free_bytes, gpu_total_bytes):
             warnings.append(
                 f"the whole model would fit in this GPU's free memory ({format_bytes(whole)} "
@@ -257,9 +272,11 @@ def solve(
         )
         for k, p in enumerate(placements)
     )
+    active_gpu, active_host = active_bytes(spec.experts, experts, req.batch_size)
     w_gpu = gpu_mem["resident_linear_bytes"] + (spec.lm_head.weight_bytes if head_on_gpu else 0)
+    w_gpu += round(active_gpu)
     held = {lin.name: lin.weight_bytes for lin in lins}
-    w_host = sum(held[p.name] for p in split)
+    w_host = sum(held[p.name] for p in split) + round(active_host)
     used = gpu_mem["total_bytes"]
     if fixed is not None and not fixed.has("cuda"):
         notes.append(
@@ -267,8 +284,12 @@ def solve(
             "the non-linear work and the engine's cost per linear; re-run `hetegen profile` on this machine"
         )
     predictions = Predictions(
-        hetegen=hetegen_prediction(rates, spec, req, placements, buffers, head_on_gpu, used, fixed),
-        offload=offload_prediction(rates, spec, req, placements, head_on_gpu, buffers, used, fixed),
+        hetegen=hetegen_prediction(
+            rates, spec, req, placements, buffers, head_on_gpu, used, fixed, experts=experts
+        ),
+        offload=offload_prediction(
+            rates, spec, req, placements, head_on_gpu, buffers, used, fixed, experts=experts
+        ),
         layer_split=layer_split_prediction(
             rates, spec, req, budget, req.reserve_bytes + spec.fixed_bytes + gpu_mem["workspace_bytes"], fixed
         ),
@@ -308,4 +329,5 @@ def solve(
         profile_identity=profile_identity,
         warnings=warnings,
         notes=notes,
+        experts=experts,
     )

@@ -196,7 +196,9 @@ def load_build(record: BuildRecord) -> LoadedModel:
     kernels, or the stock model in its dtype on its device."""
     if record.plan is not None:
         plan = record.plan
-        return load_hetero_model(record.ref, plan.placements, plan.runtime, record.backend, progress=True)
+        return load_hetero_model(
+            record.ref, plan.placements, plan.runtime, record.backend, progress=True, experts=plan.experts
+        )
     if record.origin is Origin.QUANTIZED_CPU:
         from hetegen_cli.models.loading.quantized_loader import load_quantized
 
@@ -224,6 +226,8 @@ def _plan_on_the_fly(resolved: Resolved, workload: Workload) -> Plan:
         max_new_tokens=workload.max_new_tokens,
         gpu_budget_bytes=setup.gpu_budget_bytes,
         model_arg=setup.model or "",
+        cpu_moe=setup.cpu_moe,
+        n_cpu_moe=setup.n_cpu_moe,
     )
     doc, identity = load_or_measure(setup.profile_path)
     plan = make_plan(resolved.ref.spec, doc, req, profile_identity=identity)

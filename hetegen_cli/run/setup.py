@@ -46,6 +46,8 @@ class ModelSetup:
     plan_path: Path | None = None
     gpu_budget_bytes: int | None = None  # --gpu-memory, parsed at the CLI edge
     profile_path: Path | None = None
+    cpu_moe: bool = False  # MoE models: every routed expert on the CPU (a plan made on the fly)
+    n_cpu_moe: int = 0  # ... or those of the first N decoder layers
 
     def __post_init__(self) -> None:
         if self.model is not None and not self.model.strip():
@@ -61,6 +63,11 @@ class ModelSetup:
             raise UsageError(
                 "--plan and --gpu-memory cannot be combined",
                 "the plan already fixes the GPU budget; re-plan to change it",
+            )
+        if self.plan_path is not None and (self.cpu_moe or self.n_cpu_moe):
+            raise UsageError(
+                f"--plan and {'--cpu-moe' if self.cpu_moe else '--n-cpu-moe'} cannot be combined",
+                "the plan already places the experts; pass the flag to `hetegen plan` instead",
             )
         if self.device == "cpu" and self.gpu_budget_bytes is not None:
             raise UsageError(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hetegen_cli.models.loading.source import resolve_model
-from hetegen_cli.plan.document import LinearPlacement, round_rows
+from hetegen_cli.plan.document import ExpertsPlacement, LinearPlacement, round_rows
 
 PROMPT = [[5, 17, 42, 99, 7, 250]]
 NEW_TOKENS = 8
@@ -50,6 +50,20 @@ PLANS = {
         else (False, round_rows(0.1 * (i % 2), lin.out_features), round_rows(0.6, lin.out_features))
     ),
 }
+
+
+#: which routed experts of a MoE layer a plan of that name puts on the GPU side
+EXPERTS = {
+    "all_cpu": lambda x: (),
+    "all_streamed": lambda x: range(x.num_experts),  # the GPU-heavy plan: every expert
+    "random": lambda x: sorted(random.Random(x.layer_index).sample(range(x.num_experts), x.num_experts // 2)),
+    "mixed": lambda x: range(0, x.num_experts, 2),  # every other expert
+}
+
+
+def expert_placements(spec, choose) -> list[ExpertsPlacement]:
+    """One experts placement per MoE layer of `spec`; choose(experts spec) -> GPU-side experts."""
+    return [ExpertsPlacement.of(x, choose(x)) for x in spec.experts]
 
 
 @pytest.fixture(scope="module")

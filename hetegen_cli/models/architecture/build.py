@@ -15,6 +15,11 @@ from hetegen_cli.core.errors import ModelError
 REFUSED = {
     "gpt2": "its projections are Conv1D modules, not nn.Linear",
     "gpt_bigcode": "its projections are Conv1D-shaped fused c_attn, not supported",
+    "gpt_oss": (
+        "its experts carry biases, a clamped SwiGLU over interleaved gate/up rows and MXFP4 "
+        "weights, and its attention has attention sinks, none of which hetegen's experts "
+        "module computes (docs/models.md, Mixture of experts)"
+    ),
 }
 
 

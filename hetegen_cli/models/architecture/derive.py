@@ -19,7 +19,9 @@ from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.models.architecture.build import hf_config, meta_causal_lm, quiet_transformers
 
-LAYOUT_VERSION = 4  # 2: the forward traced with its cache; 3: layer types only when sliding; 4: stated widths
+# 2: the forward traced with its cache; 3: layer types only when sliding; 4: stated widths;
+# 5: the routed experts of mixture-of-experts layers ("experts", only when there are some)
+LAYOUT_VERSION = 5
 
 #: roles by the linear's attribute name (cosmetic, except "o": the attention's output, after
 #: which the cost model places the attention, and "lm_head")
@@ -67,9 +69,10 @@ def _derive(config: dict[str, Any], source: str) -> dict[str, Any]:
         raise ModelError(f"{source}: the model's output head is not an nn.Linear", _HINT)
     head_name = names[id(head)]
     layers_name, num_layers = _decoder_layers(model, hf, source)
-    _refuse_unsupported(model, layers_name, source)
+    experts = _experts(model, layers_name, hf, source)
+    _refuse_unsupported(model, layers_name, source, {rec[0] for rec in experts})
     linear_mods = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head_name}
-    forward = _forward_order(model, head_name)
+    forward = _forward_order(model, head_name, {rec[0] for rec in experts})
     traced = forward is not None and set(forward) == set(linear_mods)
     order = forward if traced else list(linear_mods)  # registration order if the trace failed
     linears = []
@@ -91,7 +94,7 @@ def _derive(config: dict[str, Any], source: str) -> dict[str, Any]:
     layer_types = getattr(hf, "layer_types", None)
     window = getattr(hf, "sliding_window", None)
     sliding = layer_types is not None and any(t == "sliding_attention" for t in layer_types)
-    return {
+    layout = {
         "version": LAYOUT_VERSION,
         "architecture": config["model_type"],
         "hidden_size": hidden,
@@ -109,6 +112,9 @@ def _derive(config: dict[str, Any], source: str) -> dict[str, Any]:
         "tensors": tensors,
         "order": "forward" if traced else "registration",
     }
+    if experts:  # [name, layer, experts, top_k, hidden, width]; dense layouts stay as they were
+        layout["experts"] = experts
+    return layout
 
 
 _HINT = "hetegen runs decoder-only causal LMs whose projections are nn.Linear (docs/models.md)"
@@ -132,33 +138,74 @@ def _layer_of(name: str, layers_name: str) -> int | None:
     return int(name[len(prefix) :].split(".", 1)[0])
 
 
-def _refuse_unsupported(model: Any, layers_name: str, source: str) -> None:
+#: the fused expert tensors hetegen's experts module (engine.experts) computes
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+_MOE_HINT = (
+    "hetegen runs mixture-of-experts layers whose experts are transformers' fused gate_up_proj "
+    "[E, 2I, H] and down_proj [E, H, I] (Qwen2/3-MoE, Mixtral, OLMoE; docs/models.md)"
+)
+
+
+def _experts(model: Any, layers_name: str, hf: Any, source: str) -> list[list[Any]]:
+    """[name, layer, E, top_k, hidden, width] of every routed-experts module in the layers (a
+    module holding 3-D tensors); ModelError for fused expert tensors of another form (biases,
+    other names: gpt-oss) or a router whose top-k is not in [1, E]."""
+    found = []
+    for name, mod in model.named_modules():
+        if not name.startswith(f"{layers_name}."):
+            continue
+        params = {n: p for n, p in mod.named_parameters(recurse=False)}
+        if not any(p.dim() >= 3 for p in params.values()):
+            continue
+        shapes = {n: list(p.shape) for n, p in params.items()}
+        if set(params) != set(EXPERT_TENSORS) or not hasattr(mod, "act_fn"):
+            raise ModelError(
+                f"{source}: {name} holds fused expert weights {shapes} that hetegen cannot run", _MOE_HINT
+            )
+        (e, two_i, h), (e2, h2, i) = shapes["gate_up_proj"], shapes["down_proj"]
+        if e != e2 or h != h2 or two_i != 2 * i:
+            raise ModelError(
+                f"{source}: {name} has fused expert weights of unexpected shapes {shapes}", _MOE_HINT
+            )
+        top_k = getattr(hf, "num_experts_per_tok", None)
+        if not isinstance(top_k, int) or not 1 <= top_k <= e:
+            raise ModelError(
+                f"{source}: num_experts_per_tok {top_k!r} is not between 1 and the {e} experts of {name}",
+                "fix config.json or fetch it again",
+            )
+        found.append([name, _layer_of(name, layers_name), e, top_k, h, i])
+    return found
+
+
+def _refuse_unsupported(model: Any, layers_name: str, source: str, experts: set[str]) -> None:
     """ModelError for weights the engine cannot place: projections that are not nn.Linear
-    (2-D weights of other modules inside the layers) and fused expert tensors (3-D: MoE)."""
+    (2-D weights of other modules inside the layers; a MoE layer's router `gate` beside its
+    experts is a fixed tensor, resident on the GPU side)."""
     from torch import nn
 
+    routers = {f"{name.rpartition('.')[0]}.gate" for name in experts}
     for name, mod in model.named_modules():
         if not name.startswith(f"{layers_name}.") or isinstance(mod, (nn.Linear, nn.Embedding)):
             continue
+        if name in experts or name in routers:
+            continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() >= 3:
-                raise ModelError(
-                    f"{source}: {name}.{pname} holds fused expert weights {list(p.shape)}: "
-                    "mixture-of-experts models are not supported yet",
-                    "run a dense model",
-                )
             if p.dim() == 2:
                 raise ModelError(
                     f"{source}: {name}.{pname} is a {type(mod).__name__} projection, not nn.Linear", _HINT
                 )
 
 
-def _forward_order(model: Any, head_name: str) -> list[str] | None:
+def _forward_order(model: Any, head_name: str, experts: set[str] = frozenset()) -> list[str] | None:
     """The linears in the order one meta forward of two tokens calls them (head excluded);
-    None when the forward fails on meta tensors."""
+    None when the forward fails on meta tensors. Routed experts answer zeros during the trace
+    (their token grouping needs real values; they hold no nn.Linear)."""
     import torch
     from torch import nn
 
+    modules = dict(model.named_modules())
+    for name in experts:
+        modules[name].forward = lambda hidden, *args, **kwargs: torch.zeros_like(hidden)
     order: list[str] = []
     hooks = [
         m.register_forward_hook(lambda _m, _a, _o, n=n: order.append(n))
@@ -173,6 +220,8 @@ def _forward_order(model: Any, head_name: str) -> list[str] | None:
     finally:
         for h in hooks:
             h.remove()
+        for name in experts:
+            del modules[name].forward
     seen: dict[str, None] = {}
     for n in order:  # a module called twice (shared) counts once, at its first call
         seen.setdefault(n, None)

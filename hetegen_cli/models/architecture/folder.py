@@ -15,6 +15,7 @@ from hetegen_cli.core.dtypes import DTYPES
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes.config import read_config
+from hetegen_cli.models.shapes.experts import check_expert_tensors, legacy_names
 from hetegen_cli.models.shapes.headers import TensorIndex, folder_tensor_index
 from hetegen_cli.models.shapes.quantfile import (
     REST_DTYPE,
@@ -30,7 +31,15 @@ _REFETCH = "the checkpoint is incomplete or does not match its config.json; fetc
 
 
 def stored_key(name: str, index: TensorIndex, prefix: str = "model") -> str | None:
-    """The key under which tensor `name` is stored: as is, or with/without `prefix.`."""
+    """The key under which tensor `name` is stored: as is, or with/without `prefix.`, or under
+    an older name of a MoE router (models.shapes.experts.legacy_names)."""
+    key = _stored_key(name, index, prefix)
+    if key is None:
+        key = next((k for k in (_stored_key(n, index, prefix) for n in legacy_names(name)) if k), None)
+    return key
+
+
+def _stored_key(name: str, index: TensorIndex, prefix: str) -> str | None:
     if name in index:
         return name
     if name.startswith(prefix + "."):
@@ -44,8 +53,15 @@ def check_tensors(spec: ModelSpec, index: TensorIndex, folder: Path) -> tuple[st
     """ModelError unless every tensor of `spec.tensors` is stored with its shape and a
     floating-point dtype; returns warnings about stored tensors the architecture ignores."""
     used: set[str] = set()
+    for experts in spec.experts:  # fused, or one tensor per expert and part
+        used |= check_expert_tensors(
+            experts, lambda name: stored_key(name, index), lambda key: index[key][2], str(folder)
+        )
+    expert_tensors = {name for experts in spec.experts for name in experts.tensors}
     missing = []
     for name, shape in spec.tensors.items():
+        if name in expert_tensors:
+            continue
         key = stored_key(name, index)
         if key is None:
             missing.append(name)

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from hetegen_cli.core.dtypes import DTYPES
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.shapes.experts import legacy_names
 from hetegen_cli.models.shapes.headers import folder_tensor_index
 
 CHUNK_BYTES = 32 * 1024 * 1024  # rows are read and converted this many source bytes at a time
@@ -50,13 +51,18 @@ class CheckpointReader:
         self._stack.close()
 
     def key_for(self, name: str) -> str | None:
-        """The stored key for parameter `name`, trying with and without the base-model prefix."""
-        candidates = [name]
-        if self.prefix and name.startswith(self.prefix + "."):
-            candidates.append(name[len(self.prefix) + 1 :])
-        elif self.prefix:
-            candidates.append(f"{self.prefix}.{name}")
-        return next((c for c in candidates if c in self.index), None)
+        """The stored key for parameter `name`, trying with and without the base-model prefix,
+        then a MoE router's older names (Mixtral's block_sparse_moe)."""
+        for each in (name, *legacy_names(name)):
+            candidates = [each]
+            if self.prefix and each.startswith(self.prefix + "."):
+                candidates.append(each[len(self.prefix) + 1 :])
+            elif self.prefix:
+                candidates.append(f"{self.prefix}.{each}")
+            key = next((c for c in candidates if c in self.index), None)
+            if key is not None:
+                return key
+        return None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.index[key][2]

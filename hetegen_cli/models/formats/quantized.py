@@ -32,6 +32,7 @@ from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
 from hetegen_cli.models.formats.stream_write import TensorStream, write_safetensors
+from hetegen_cli.models.shapes.experts import refuse_quantized_experts
 from hetegen_cli.models.shapes.quantfile import (
     QUANT_FILE,
     REST_DTYPE,
@@ -119,6 +120,7 @@ def write_folder(
 
 def quantize_folder(ref: Any, fmt: str, group: int, target: Path) -> Path:
     """Quantize the float model `ref` (a ModelRef with a local folder) into `target`."""
+    refuse_quantized_experts(ref.spec, fmt)
     spec = ref.spec.quantized(fmt, group)
     start = time.perf_counter()
     tensors: dict[str, torch.Tensor] = {}

@@ -16,6 +16,7 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.jsonio import read_json
 from hetegen_cli.core.validation import Flag, Positive, Schema, check
+from hetegen_cli.models.shapes.experts import check_config_experts
 
 #: architectures tested end to end (greedy tokens equal to transformers' on tiny random models,
 #: tests/models/architecture); any other decoder-only causal LM transformers implements with
@@ -32,6 +33,10 @@ TESTED_ARCHITECTURES = (
     "olmo2",
     "granite",
     "smollm3",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
 )
 
 #: activations transformers' ACT2FN knows
@@ -83,7 +88,8 @@ class _Common(Schema):
     bos_token_id: TokenId | list[TokenId] | None = None
     eos_token_id: TokenId | list[TokenId] | None = None
     pad_token_id: TokenId | None = None
-    sliding_window: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: 0 means no window: transformers writes it so when use_sliding_window is false (qwen2_moe)
+    sliding_window: Annotated[StrictInt, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _heads_fit(self) -> _Common:
@@ -106,6 +112,7 @@ def validate_config(config: Any, source: str) -> dict[str, Any]:
     arch = config.get("model_type")
     what = f"a usable {arch} config" if isinstance(arch, str) else "a usable config"
     check(_Common, config, source=f"{source} is not {what}", error=ModelError, hint=_FIX)
+    check_config_experts(config, source)
     for key in ("torch_dtype", "dtype"):
         value = config.get(key)
         if value is not None and value not in WEIGHT_DTYPES:

@@ -126,6 +126,34 @@ def _gemma3(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim:
     )  # fmt: skip
 
 
+def _qwen3_moe(hidden: int, inter: int, moe_inter: int, layers: int, heads: int) -> dict[str, Any]:
+    """Qwen3's mixture-of-experts models: 128 experts, 8 per token, 4 KV heads of 128."""
+    return _decoder(
+        "qwen3_moe", "Qwen3MoeForCausalLM", hidden, inter, layers, heads, 4, 151936, 40960, 1000000.0,
+        head_dim=128, moe_intermediate_size=moe_inter, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+        bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+
+
+def _mixtral() -> dict[str, Any]:
+    """Mixtral 8x7B: 8 experts of Mistral 7B's MLP, 2 per token."""
+    return _decoder(
+        "mixtral", "MixtralForCausalLM", 4096, 14336, 32, 32, 8, 32000, 32768, 1000000.0,
+        num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=None,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+
+
+def _olmoe() -> dict[str, Any]:
+    """OLMoE-1B-7B (0924): 64 experts of width 1024, 8 per token, q/k norms."""
+    return _decoder(
+        "olmoe", "OlmoeForCausalLM", 2048, 1024, 16, 16, 16, 50304, 4096, 10000.0,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, rms_norm_eps=1e-5,
+        eos_token_id=50279, pad_token_id=1,
+    )  # fmt: skip
+
+
 #: short name -> (hub id, config dict)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "opt-125m": ("facebook/opt-125m", _opt(768, 12, 12, 3072)),
@@ -201,6 +229,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             eos_token_id=2,
         ),
     ),
+    # --- mixture of experts (routed experts computed where they live: docs/models.md) ---
+    "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", _qwen3_moe(2048, 6144, 768, 48, 32)),
+    "qwen3-235b-a22b": ("Qwen/Qwen3-235B-A22B", _qwen3_moe(4096, 12288, 1536, 94, 64)),
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-Instruct-v0.1", _mixtral()),
+    "olmoe-1b-7b": ("allenai/OLMoE-1B-7B-0924", _olmoe()),
 }
 
 #: The model `run` uses when no --model is given (installed from PyPI, see docs/models.md).

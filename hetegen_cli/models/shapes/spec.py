@@ -17,6 +17,7 @@ from hetegen_cli.core.dtypes import WEIGHT_DTYPES, itemsize
 from hetegen_cli.core.errors import InputError, ModelError, UsageError
 from hetegen_cli.core.quant import kernel_takes
 from hetegen_cli.core.quant import weight_bytes as quant_weight_bytes
+from hetegen_cli.models.shapes.experts import ExpertsSpec
 
 #: ModelSpec.quant of a model whose linears are stored in more than one quantized format
 MIXED = "mixed"
@@ -73,6 +74,9 @@ class ModelSpec:
     #: window of the sliding ones: their KV cache holds at most this many tokens
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None
+    #: the routed experts of each mixture-of-experts layer, in layer order (() for a dense
+    #: model); their fused tensors are in `tensors` but not in `fixed_bytes`
+    experts: tuple[ExpertsSpec, ...] = ()
 
     @property
     def dtype_bytes(self) -> int:
@@ -83,9 +87,14 @@ class ModelSpec:
         return sum(lin.weight_bytes for lin in self.linears)
 
     @property
+    def expert_weight_bytes(self) -> int:
+        """Bytes of every routed expert of every MoE layer (0 for a dense model)."""
+        return sum(x.weight_bytes for x in self.experts)
+
+    @property
     def total_weight_bytes(self) -> int:
         head = 0 if self.tie_word_embeddings else self.lm_head.weight_bytes
-        return self.fixed_bytes + self.linear_weight_bytes + head
+        return self.fixed_bytes + self.linear_weight_bytes + head + self.expert_weight_bytes
 
     def kv_cache_bytes(self, tokens: int, batch_size: int = 1) -> int:
         """K and V of every layer for `tokens` tokens: 2 * kv_heads * head_dim * batch * bytes per
@@ -109,6 +118,7 @@ class ModelSpec:
             linears=tuple(replace(lin, dtype_bytes=nbytes) for lin in self.linears),
             lm_head=replace(self.lm_head, dtype_bytes=nbytes),
             fixed_bytes=self.fixed_bytes // self.dtype_bytes * nbytes,
+            experts=tuple(replace(x, dtype_bytes=nbytes) for x in self.experts),
         )
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, prompt_what: str = "prompt") -> None:
@@ -119,6 +129,13 @@ class ModelSpec:
     def parameter_count(self) -> int:
         """Parameters stored (a tied LM head counted once)."""
         return sum(math.prod(shape) for shape in self.tensors.values())
+
+    @property
+    def active_parameter_count(self) -> int:
+        """Parameters one token uses: all of them less the routed experts it does not choose
+        (E - top_k per MoE layer); equal to parameter_count for a dense model."""
+        unused = sum((x.num_experts - x.top_k) * x.expert_parameters for x in self.experts)
+        return self.parameter_count - unused
 
     @property
     def quant(self) -> str | None:
@@ -186,6 +203,11 @@ _HASH_KEYS = (
     "word_embed_proj_dim",
     "tie_word_embeddings",
     "head_dim",
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
 )
 
 
@@ -218,8 +240,13 @@ def spec_from_layout(
     head_name, head_out, head_in, head_bias = layout["head"]
     head = LinearSpec(head_name, -1, "lm_head", head_out, head_in, bool(head_bias), nbytes)
     tensors = {k: tuple(v) for k, v in layout["tensors"].items()}
-    linear_weights = {f"{lin.name}.weight" for lin in linears} | {f"{head_name}.weight"}
-    fixed = sum(math.prod(shape) for key, shape in tensors.items() if key not in linear_weights)
+    experts = tuple(
+        ExpertsSpec(x_name, layer, count, top_k, hidden, width, nbytes)
+        for x_name, layer, count, top_k, hidden, width in layout.get("experts", ())
+    )
+    planned = {f"{lin.name}.weight" for lin in linears} | {f"{head_name}.weight"}
+    planned |= {key for x in experts for key in x.tensors}
+    fixed = sum(math.prod(shape) for key, shape in tensors.items() if key not in planned)
     types = layout.get("layer_types")
     return ModelSpec(
         name=name,
@@ -241,6 +268,7 @@ def spec_from_layout(
         tensors=tensors,
         layer_types=tuple(types) if types is not None else None,
         sliding_window=layout.get("sliding_window"),
+        experts=experts,
     )
 
 

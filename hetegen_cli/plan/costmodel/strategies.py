@@ -17,6 +17,7 @@ from hetegen_cli.core.phase import PHASES
 from hetegen_cli.core.quant import HEAD_FORMAT, kernel_takes
 from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
+from hetegen_cli.plan.costmodel.experts import experts_step_s, step_tokens
 from hetegen_cli.plan.costmodel.fixed import FixedCosts, fixed_s, linears_s
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.request import PlanRequest
@@ -211,25 +212,49 @@ def with_speedups(predictions: Predictions) -> Predictions:
 # --- the strategies ----------------------------------------------------------------------------
 
 
+def with_experts(rates: cm.PhaseRates, spec, req, linear_s: dict, experts=None, **how) -> dict[str, float]:
+    """`linear_s` per phase plus the routed experts of a MoE model placed as `experts`
+    (costmodel.experts.experts_step_s; None: every expert on the CPU)."""
+    if not spec.experts:
+        return linear_s
+    return {
+        ph: linear_s[ph] + experts_step_s(rates[ph], spec.experts, experts, step_tokens(req, ph), **how)
+        for ph in PHASES
+    }
+
+
 def hetegen_prediction(
-    rates: cm.PhaseRates, spec, req, placements, buffers, head_on_gpu, gpu_bytes, fixed, gpu_device="cuda"
+    rates: cm.PhaseRates,
+    spec,
+    req,
+    placements,
+    buffers,
+    head_on_gpu,
+    gpu_bytes,
+    fixed,
+    gpu_device="cuda",
+    experts=(),
 ) -> Figures:
-    """The plan's pipeline on a GPU (`gpu_device`: "cpu" on the CPU stand-in)."""
+    """The plan's pipeline on a GPU (`gpu_device`: "cpu" on the CPU stand-in), its experts
+    placed as `experts`, the CPU's at the contended rate."""
     lin = {ph: linear_step(rates, spec, req, placements, ph, buffers, head_on_gpu)[1] for ph in PHASES}
+    lin = with_experts(rates, spec, req, lin, experts)
     parts = [Part(gpu_device, spec.num_layers, True)]
     return compose(rates, spec, req, fixed, lin, parts, Engine(gpu_device, tuple(placements)), gpu_bytes)
 
 
 def offload_prediction(
-    rates: cm.PhaseRates, spec, req, placements, head_on_gpu, buffers, gpu_bytes, fixed
+    rates: cm.PhaseRates, spec, req, placements, head_on_gpu, buffers, gpu_bytes, fixed, experts=()
 ) -> Figures:
     """Pure offloading (optimised streaming): the same resident set and staging buffers, every
-    other weight streamed whole (cpu_fraction 0) at the solo PCIe rate, same pipeline."""
+    other weight streamed whole (cpu_fraction 0) at the solo PCIe rate, same pipeline; a MoE
+    model's experts placed as the plan's (the comparison is about the linears)."""
     zero = tuple(LinearPlacement.of(p, p.resident) for p in placements)
     lin = {
         ph: linear_step(rates, spec, req, zero, ph, buffers, head_on_gpu, concurrent=False)[1]
         for ph in PHASES
     }
+    lin = with_experts(rates, spec, req, lin, experts)
     parts = [Part("cuda", spec.num_layers, True)]
     return compose(rates, spec, req, fixed, lin, parts, Engine("cuda", zero), gpu_bytes)
 
@@ -248,6 +273,8 @@ def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_by
     per_layer = [kv_layer] * spec.num_layers
     for lin in spec.linears:
         per_layer[lin.layer_index] += lin.weight_bytes
+    for x in spec.experts:  # a layer on the GPU holds all its experts
+        per_layer[x.layer_index] += x.weight_bytes
     gpu_layers = 0
     while gpu_layers < spec.num_layers and per_layer[gpu_layers] <= room:
         room -= per_layer[gpu_layers]
@@ -268,6 +295,7 @@ def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_by
         )
     # attention and fixed costs at the decode format's rates in both phases
     one = cm.PhaseRates(decode, decode, rates.quant)
+    seconds = with_experts(one, spec, req, seconds, None, concurrent=False, gpu_layers=gpu_layers)
     parts = [Part("cuda", gpu_layers, True), Part("cpu", spec.num_layers - gpu_layers, False)]
     out = compose(one, spec, req, fixed, seconds, parts, Engine(), budget - room)
     return out.model_copy(update={"gpu_layers": gpu_layers, "lm_head_on_gpu": head_gpu})
@@ -289,6 +317,7 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
             for lin in spec.linears
         )
         seconds[phase] = t + head_time(cpu_head_rates(rates, phase, spec), spec, req, False)
+    seconds = with_experts(rates, spec, req, seconds, None, concurrent=False)
     parts = [Part("cpu", spec.num_layers, False)]
     return compose(rates, spec, req, fixed, seconds, parts, engine, 0)
 

@@ -31,9 +31,11 @@ def test_expected_tensors_equal_the_transformers_model(name, tmp_path):
     }
     assert built == spec.tensors
     linear_bytes = sum(lin.weight_bytes for lin in spec.linears)
-    assert spec.total_weight_bytes == spec.fixed_bytes + linear_bytes + (
+    experts = sum(x.weight_bytes for x in spec.experts)  # MoE models' routed experts
+    assert spec.total_weight_bytes == spec.fixed_bytes + linear_bytes + experts + (
         0 if spec.tie_word_embeddings else spec.lm_head.weight_bytes
     )
+    assert spec.total_weight_bytes == spec.parameter_count * spec.dtype_bytes
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,197 @@
+"""The routed experts of a mixture-of-experts layer, each computed where the plan put it
+(docs/engine.md, "Experts").
+
+`HeteroExperts` replaces transformers' experts module (`Qwen3MoeExperts`, `MixtralExperts`,
+...: fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], called with the hidden states
+[T, H] and the router's choice, `top_k_index` and `top_k_weights` [T, k]). The router, the
+shared expert and the sum stay transformers' own. Experts on the GPU side are held whole on
+the backend's device; the others in host RAM, in the decode CPU format, and the CPU computes
+only those some token chose: the activations cross PCIe, the weights never do.
+
+One forward, on a GPU: the choice comes to the host (one small copy, the step waits for it,
+as transformers' own loop does), the hidden states and weights are copied to the host on the
+compute stream, the GPU experts' kernels are queued after that copy, and the main thread
+computes the CPU experts while they run; the CPU's sum goes back with one copy and is added.
+Tokens are grouped per expert exactly as transformers groups them, and each side adds its
+experts in ascending order, so with top-2 routing the sum is transformers' bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
+from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, expert_keys
+from hetegen_cli.plan.document import ExpertsPlacement
+
+_REFETCH = "re-download or convert the model"
+
+
+class HeteroExperts(nn.Module):
+    """One MoE layer's routed experts, split by expert between the GPU side and the CPU.
+
+    GPU-side weights are non-persistent buffers (counted as device memory); the CPU's are plain
+    attributes in host RAM (not parameters: they must not follow `.to()`)."""
+
+    def __init__(
+        self, placement: ExpertsPlacement, spec: ExpertsSpec, act_fn: nn.Module, context: Any
+    ) -> None:
+        super().__init__()
+        self.placement = placement
+        self.num_experts = spec.num_experts
+        self.width = spec.intermediate_size
+        self.act_fn = act_fn
+        self.context = context
+        #: expert -> (on the GPU side, its slot in that side's tensors)
+        self.home = {e: (True, j) for j, e in enumerate(placement.gpu)}
+        self.home |= {e: (False, j) for j, e in enumerate(placement.cpu)}
+        h, i = spec.hidden_size, spec.intermediate_size
+        device, wdt = context.backend.device, context.weights_dtype
+        n_gpu, n_cpu = len(placement.gpu), len(placement.cpu)
+        self.register_buffer("gpu_gate_up", torch.empty((n_gpu, 2 * i, h), dtype=wdt, device=device), False)
+        self.register_buffer("gpu_down", torch.empty((n_gpu, h, i), dtype=wdt, device=device), False)
+        cdt = context.cpu_dtypes[1]  # the decode format serves both phases (plan.memory.experts_bytes)
+        self.cpu_gate_up: torch.Tensor | None = torch.empty((n_cpu, 2 * i, h), dtype=cdt)
+        self.cpu_down: torch.Tensor | None = torch.empty((n_cpu, h, i), dtype=cdt)
+
+    @property
+    def host_bytes(self) -> int:
+        tensors = (self.cpu_gate_up, self.cpu_down)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def release(self) -> None:
+        """Drop the host-held experts (the engine closes)."""
+        self.cpu_gate_up = self.cpu_down = None
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, gpu={list(self.placement.gpu)}"
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.cpu_gate_up is None:
+            raise ModelError("the engine of this model was closed", "load the model again")
+        ctx, backend = self.context, self.context.backend
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():  # transformers' grouping: one_hot over E + 1, [E + 1, k, T]
+            mask = F.one_hot(top_k_index.cpu(), num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        jobs = [(e, *torch.where(mask[e])) for e in hit if e < self.num_experts]
+        gpu_jobs = [job for job in jobs if self.home[job[0]][0]]
+        cpu_jobs = [job for job in jobs if not self.home[job[0]][0]]
+        staged = self._to_host(hidden_states, top_k_weights) if cpu_jobs and backend.is_cuda else None
+        for (e, _, _), (pos, tok) in zip(gpu_jobs, self._to_device(gpu_jobs), strict=True):
+            # queued on the GPU; they run while the CPU works below
+            j = self.home[e][1]
+            y = _expert(hidden_states[tok], self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
+            y = y * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        ctx.stats.experts_gpu += len(gpu_jobs)
+        if not cpu_jobs:
+            return out
+        start = time.perf_counter()
+        if staged is None:  # the CPU stand-in: the hidden states live on the host already
+            x_h, w_h = hidden_states, top_k_weights
+        else:
+            x_h, w_h, ready = staged
+            ready.synchronize()  # the copy to the host has landed
+        y_h = self._cpu_experts(x_h, w_h, cpu_jobs, out.dtype)
+        ctx.stats.experts_cpu += len(cpu_jobs)
+        ctx.stats.experts_cpu_s += time.perf_counter() - start
+        if staged is None:
+            return out + y_h
+        y = torch.empty_like(out)
+        backend.to_device_async(y, y_h)  # y_h is fresh for this call: never rewritten
+        return out + y
+
+    def _to_host(self, hidden: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Pinned host copies of the hidden states and routing weights, on the compute stream
+        before the GPU experts' kernels, and the event after them."""
+        backend = self.context.backend
+        with torch.inference_mode(False):
+            x_h = backend.empty_pinned(tuple(hidden.shape), hidden.dtype)
+            w_h = backend.empty_pinned(tuple(weights.shape), weights.dtype)
+        backend.to_host_async(x_h, hidden)
+        backend.to_host_async(w_h, weights)
+        return x_h, w_h, backend.record_event()
+
+    def _to_device(self, jobs: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(top-k positions, tokens) of each GPU job on the device: one copy for them all, on
+        the compute stream before the kernels that read it."""
+        backend = self.context.backend
+        if not backend.is_cuda or not jobs:
+            return [(pos, tok) for _, pos, tok in jobs]
+        host = torch.cat([torch.stack((pos, tok)) for _, pos, tok in jobs], dim=1)  # [2, sum]
+        with torch.inference_mode(False):
+            pinned = backend.empty_pinned(tuple(host.shape), host.dtype)
+        pinned.copy_(host)
+        dev = torch.empty(host.shape, dtype=host.dtype, device=backend.device)
+        backend.to_device_async(dev, pinned)  # pinned is fresh for this call: never rewritten
+        sizes = [len(tok) for _, _, tok in jobs]
+        return list(zip(dev[0].split(sizes), dev[1].split(sizes), strict=True))
+
+    def _cpu_experts(
+        self, x_h: torch.Tensor, w_h: torch.Tensor, jobs: list, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The CPU experts' weighted sum [T, H] on the host (pinned on a GPU machine)."""
+        backend = self.context.backend
+        if backend.is_cuda:
+            with torch.inference_mode(False):
+                y_h = backend.empty_pinned(tuple(x_h.shape), out_dtype)
+            y_h.zero_()
+        else:
+            y_h = torch.zeros(x_h.shape, dtype=out_dtype)
+        cdt = self.cpu_gate_up.dtype
+        for e, pos, tok in jobs:
+            j = self.home[e][1]
+            y = _expert(x_h[tok].to(cdt), self.cpu_gate_up[j], self.cpu_down[j], self.act_fn)
+            y = y * w_h[tok, pos, None]
+            y_h.index_add_(0, tok, y.to(out_dtype))
+        return y_h
+
+
+def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """One expert on its tokens, as transformers computes it."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(act_fn(gate) * up, down)
+
+
+def install_experts(
+    model: nn.Module, placement: ExpertsPlacement, spec: ExpertsSpec, reader: CheckpointReader, context: Any
+) -> HeteroExperts:
+    """Read one layer's experts into their homes and swap the module for a HeteroExperts."""
+    original = model.get_submodule(placement.name)
+    experts = HeteroExperts(placement, spec, original.act_fn, context)
+    for e in range(spec.num_experts):
+        on_gpu, j = experts.home[e]
+        gate_up = experts.gpu_gate_up[j] if on_gpu else experts.cpu_gate_up[j]
+        down = experts.gpu_down[j] if on_gpu else experts.cpu_down[j]
+        _read_expert(reader, spec, e, gate_up, down)
+    owner, _, attr = placement.name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, experts)
+    return experts
+
+
+def _read_expert(
+    reader: CheckpointReader, spec: ExpertsSpec, e: int, gate_up: torch.Tensor, down: torch.Tensor
+) -> None:
+    """Expert e's weights from the fused tensors, or from its own tensors per part."""
+    fused = reader.key_for(spec.gate_up_name), reader.key_for(spec.down_name)
+    if all(fused):
+        reader.copy_rows(fused[0], gate_up.unsqueeze(0), start=e)
+        reader.copy_rows(fused[1], down.unsqueeze(0), start=e)
+        return
+    i = spec.intermediate_size
+    dests = {"gate": gate_up[:i], "up": gate_up[i:], "down": down}
+    for part in PARTS:
+        names = expert_keys(spec.name, e, part)
+        key = next((k for k in map(reader.key_for, names) if k), None)
+        if key is None:
+            raise ModelError(f"the checkpoint lacks {names[0]}", _REFETCH)
+        reader.copy_rows(key, dests[part])

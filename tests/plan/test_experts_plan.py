@@ -1,0 +1,171 @@
+"""Planning mixture-of-experts models: the linears (attention, shared experts, router with the
+fixed tensors) and the KV cache first, then routed experts by decode time saved per byte
+(uniform use), the rest on the CPU; --cpu-moe and --n-cpu-moe; the plan document's experts
+section (written, validated, older plans still loading); predictions from the expected
+number of distinct experts per step."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from hetegen_cli.core.dtypes import itemsize
+from hetegen_cli.core.errors import PlanError, UsageError
+from hetegen_cli.models.architecture.spec import spec_from_config
+from hetegen_cli.models.shapes import presets
+from hetegen_cli.plan.costmodel.experts import expert_s, experts_step_s
+from hetegen_cli.plan.document import ExpertsPlacement, check_plan_matches
+from hetegen_cli.plan.load import plan_from_dict
+from hetegen_cli.plan.manual import manual_plan
+from hetegen_cli.plan.request import PlanRequest
+from hetegen_cli.plan.solver import make_plan
+from tests.fakes import make_profile, simple_rates
+from tests.helpers import assert_error, cli
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return spec_from_config(presets.preset_config("qwen3-30b-a3b"), "qwen3-30b-a3b")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return make_profile(ram_available=512 * GiB)
+
+
+def _plan(spec, profile, gib: float, **kw):
+    req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=int(gib * GiB), **kw)
+    return make_plan(spec, profile, req)
+
+
+def _gpu_experts(plan) -> int:
+    return sum(len(x.gpu) for x in plan.experts)
+
+
+@pytest.mark.parametrize("gib", [6, 8, 12, 24])
+def test_linears_and_kv_come_before_any_expert_and_the_budget_holds(spec, profile, gib):
+    plan = _plan(spec, profile, gib)
+    gpu = plan.memory.gpu
+    assert gpu.total_bytes <= gib * GiB
+    assert len(plan.experts) == len(spec.experts) == 48
+    placed = _gpu_experts(plan)
+    if placed:
+        assert plan.split_count == 0  # every linear resident before the first expert
+    by_name = {x.name: x for x in spec.experts}
+    assert gpu.resident_expert_bytes == sum(len(p.gpu) * by_name[p.name].expert_bytes for p in plan.experts)
+    cpu_params = sum(len(p.cpu) * by_name[p.name].expert_parameters for p in plan.experts)
+    assert plan.memory.host.expert_bytes == cpu_params * 2  # the decode CPU format: bfloat16 here
+    assert any("routed experts on the GPU side" in n for n in plan.notes)
+
+
+def test_more_gpu_memory_holds_more_experts_and_decodes_faster(spec, profile):
+    plans = [_plan(spec, profile, gib) for gib in (8, 12, 24, 80)]
+    placed = [_gpu_experts(p) for p in plans]
+    speed = [p.predictions.hetegen.decode_tokens_per_s for p in plans]
+    assert placed == sorted(placed) and placed[0] > 0 and placed[-1] == 48 * 128
+    assert speed == sorted(speed) and speed[-1] > speed[0]
+    assert plans[-1].memory.host.expert_bytes == 0
+    assert any("plain GPU inference" in w for w in plans[-1].warnings)
+
+
+def test_experts_fill_the_lowest_layers_first_under_uniform_use(spec, profile):
+    plan = _plan(spec, profile, 8)
+    counts = [len(x.gpu) for x in plan.experts]
+    full = counts.index(next(c for c in counts if c < 128))
+    assert all(c == 128 for c in counts[:full]) and sum(counts[full + 1 :]) == 0
+
+
+def test_cpu_moe_keeps_every_routed_expert_on_the_cpu_and_predicts_slower(spec, profile):
+    default, cpu = _plan(spec, profile, 12), _plan(spec, profile, 12, cpu_moe=True)
+    assert _gpu_experts(default) > 0 and _gpu_experts(cpu) == 0
+    assert cpu.memory.gpu.resident_expert_bytes == 0
+    assert cpu.predictions.hetegen.decode_tokens_per_s < default.predictions.hetegen.decode_tokens_per_s
+    assert any("--cpu-moe" in n for n in cpu.notes)
+
+
+def test_n_cpu_moe_keeps_the_first_layers_experts_on_the_cpu(spec, profile):
+    plan = _plan(spec, profile, 24, n_cpu_moe=10)
+    assert all(not x.gpu for x in plan.experts if x.layer_index < 10)
+    assert _gpu_experts(plan) > 0 and len(plan.experts[10].gpu) == 128
+
+
+def test_the_moe_flags_are_checked(spec):
+    with pytest.raises(UsageError, match="--cpu-moe and --n-cpu-moe"):
+        PlanRequest(cpu_moe=True, n_cpu_moe=2)
+    with pytest.raises(UsageError, match="--n-cpu-moe is -1"):
+        PlanRequest(n_cpu_moe=-1)
+
+
+def test_decode_uses_top_k_experts_per_token_and_prefill_the_expected_distinct_ones(spec):
+    rates = simple_rates()
+    x = spec.experts[0]
+    one = expert_s(rates, x, 1, False, concurrent=True)
+    assert experts_step_s(rates, [x], None, 1) == pytest.approx(x.top_k * one)
+    everything_on_gpu = [ExpertsPlacement.of(x, range(x.num_experts))]
+    assert experts_step_s(rates, [x], everything_on_gpu, 1) == pytest.approx(
+        x.top_k * expert_s(rates, x, 1, True)
+    )
+    # 512 tokens choose nearly all 128 experts, each for ~32 tokens
+    assert experts_step_s(rates, [x], None, 512) == pytest.approx(
+        128 * (1 - (1 - 8 / 128) ** 512) * expert_s(rates, x, 32, False), rel=1e-6
+    )
+
+
+def test_the_all_cpu_plan_puts_every_expert_on_the_cpu(spec):
+    plan = make_plan(spec, make_profile(gpu=False, ram_available=512 * GiB), PlanRequest())
+    assert len(plan.experts) == 48 and _gpu_experts(plan) == 0
+    size = itemsize(plan.runtime.cpu_dtype_decode)  # the decode CPU format holds them
+    assert plan.memory.host.expert_bytes == spec.expert_weight_bytes // 2 * size
+    assert plan.predictions.hetegen.decode_tokens_per_s > 0
+
+
+def test_the_experts_section_round_trips_and_is_validated(spec, profile):
+    plan = _plan(spec, profile, 8)
+    doc = json.loads(json.dumps(plan.to_dict()))
+    back = plan_from_dict(doc)
+    assert back.experts == plan.experts
+    check_plan_matches(back, spec)
+    bad = json.loads(json.dumps(doc))
+    bad["experts"][0]["gpu"] = [3, 1]
+    with pytest.raises(PlanError, match="not distinct and ascending"):
+        plan_from_dict(bad)
+    bad["experts"][0]["gpu"] = [0, 128]
+    with pytest.raises(PlanError, match="gpu expert 128 is not below num_experts 128"):
+        plan_from_dict(bad)
+    older = {k: v for k, v in doc.items() if k != "experts"}  # a plan written before experts
+    with pytest.raises(PlanError, match="places no experts"):
+        check_plan_matches(plan_from_dict(older), spec)
+
+
+def test_a_dense_plan_has_no_experts_section():
+    dense = spec_from_config(presets.preset_config("llama-2-7b"), "llama-2-7b")
+    plan = manual_plan(dense, cpu_fraction_prefill=1.0, cpu_fraction_decode=1.0)
+    assert plan.experts == () and "experts" not in plan.to_dict()
+    assert plan_from_dict(json.loads(json.dumps(plan.to_dict()))).experts == ()
+
+
+def test_a_manual_plan_places_experts_and_refuses_unknown_modules(spec):
+    name = spec.experts[3].name
+    plan = manual_plan(spec, cpu_fraction_prefill=1.0, cpu_fraction_decode=1.0, experts_gpu={name: [5, 2]})
+    assert plan.experts[3].gpu == (2, 5) and plan.experts[0].gpu == ()
+    with pytest.raises(ValueError, match="unknown experts"):
+        manual_plan(spec, cpu_fraction_prefill=1.0, cpu_fraction_decode=1.0, experts_gpu={"x": [1]})
+    wrong = replace(plan, experts=(*plan.experts[:-1], replace(plan.experts[-1], num_experts=64)))
+    with pytest.raises(PlanError, match="64 experts"):
+        check_plan_matches(wrong, spec)
+
+
+def test_plan_on_the_command_line_with_the_moe_flags(tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(make_profile(ram_available=512 * GiB)))
+    args = ["plan", "--model", "olmoe-1b-7b", "--profile", str(profile), "--gpu-memory", "4GiB"]
+    made = cli(*args, "--cpu-moe", "--json")
+    assert made.exit_code == 0, made.output
+    doc = json.loads(made.stdout)
+    assert [x["gpu"] for x in doc["experts"]] == [[]] * 16
+    assert_error(cli(*args, "--cpu-moe", "--n-cpu-moe", "2"), "--cpu-moe and --n-cpu-moe", exit_code=2)
+    assert_error(cli(*args, "--simulate"), "does not replay mixture-of-experts plans")

@@ -66,6 +66,29 @@ def one_run(command: list[str]) -> dict:
     return {"wall_s": wall, "split": doc["timings"]["wall"], "text": doc["text"], "tokens": doc["token_ids"]}
 
 
+def cold_start_document(model: str | None, prompt: str, new_tokens: int, repeat: int, warmup: int) -> dict:
+    """Time `warmup` + `repeat` fresh `hetegen run` processes; the document main prints."""
+    command = [sys.executable, "-m", "hetegen_cli", "run", "--json", "--prompt", prompt]
+    command += ["-n", str(new_tokens)] + (["--model", model] if model else [])
+    before = machine()
+    for _ in range(warmup):
+        one_run(command)
+    runs = [one_run(command) for _ in range(repeat)]
+    return {
+        "kind": "hetegen.cold_start",
+        "machine": before,
+        "load_after": load(),
+        "command": command[1:],
+        "repeat": repeat,
+        "warmup": warmup,
+        "same_text": len({json.dumps(r["tokens"]) for r in runs}) == 1,
+        "text": runs[0]["text"],
+        "wall_s": spread([r["wall_s"] for r in runs]),
+        "split": {p: spread([r["split"][p] for r in runs]) for p in PARTS if p in runs[0]["split"]},
+        "runs": [{"wall_s": r["wall_s"], "split": r["split"]} for r in runs],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: hetegen's default model")
@@ -75,25 +98,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--output", type=Path, default=None, help="also write the document here")
     args = ap.parse_args()
-    command = [sys.executable, "-m", "hetegen_cli", "run", "--json", "--prompt", args.prompt]
-    command += ["-n", str(args.max_new_tokens)] + (["--model", args.model] if args.model else [])
-    before = machine()
-    for _ in range(args.warmup):
-        one_run(command)
-    runs = [one_run(command) for _ in range(args.repeat)]
-    doc = {
-        "kind": "hetegen.cold_start",
-        "machine": before,
-        "load_after": load(),
-        "command": command[1:],
-        "repeat": args.repeat,
-        "warmup": args.warmup,
-        "same_text": len({json.dumps(r["tokens"]) for r in runs}) == 1,
-        "text": runs[0]["text"],
-        "wall_s": spread([r["wall_s"] for r in runs]),
-        "split": {p: spread([r["split"][p] for r in runs]) for p in PARTS if p in runs[0]["split"]},
-        "runs": [{"wall_s": r["wall_s"], "split": r["split"]} for r in runs],
-    }
+    doc = cold_start_document(args.model, args.prompt, args.max_new_tokens, args.repeat, args.warmup)
     text = json.dumps(doc, indent=2)
     print(text)
     if args.output is not None:

@@ -26,24 +26,14 @@ def timing_line(result: Any) -> str:
 
 
 def wall_line(result: Any) -> str:
-    """'wall 5.94 s: startup 0.41, resolve 2.70, load 1.30, prefill 0.03, decode 0.51, other
-    0.99': the whole process so far and where it went (startup: Python and the CLI; resolve:
-    the model, its tokenizer, the plan and the checks; other: the rest, e.g. the prediction)."""
-    from hetegen_cli.run.execute import process_age_s
-
-    t = result.generation.timings
-    parts = {
-        "startup": result.wall.get("startup_s"),
-        "resolve": result.wall.get("resolve_s"),
-        "load": result.built.load_s,
-        "prefill": t.prefill_s,
-        "decode": t.decode_s,
-    }
-    known = {name: s for name, s in parts.items() if s is not None}
-    total = process_age_s()
-    other = max(0.0, total - sum(known.values()))
-    shown = ", ".join(f"{name} {s:.2f}" for name, s in known.items())
-    return f"wall {total:.2f} s: {shown}, other {other:.2f}"
+    """'wall 5.94 s: import 2.41, resolve 0.30, load 0.70, prefill 0.03, decode 0.51, other
+    0.99': the whole process so far and where it went (run.execute.RunResult.wall_split:
+    import is Python, the CLI, torch and transformers' model code; resolve the model's files,
+    its tokenizer, the plan and the checks; other the rest, e.g. streaming, the prediction)."""
+    wall = result.wall_split()
+    parts = ("import", "resolve", "load", "prefill", "decode", "other")
+    shown = ", ".join(f"{name} {wall[name + '_s']:.2f}" for name in parts if name + "_s" in wall)
+    return f"wall {wall['total_s']:.2f} s: {shown}"
 
 
 def _plan_comparison(result: Any) -> str:

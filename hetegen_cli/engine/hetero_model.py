@@ -153,6 +153,8 @@ def load_hetero_model(
         if quant and not backend.is_cuda and ref.spec.lm_head.name not in {p.name for p in placements}:
             quantize_head(model)  # on the CPU, as the plain quantized model holds it
         context.finalize()
+        memory = _memory_report(model, context)  # before direct modules bring host views in
+        _call_whole_linears_directly(model, context)
     except BaseException:
         context.close()
         raise
@@ -168,7 +170,7 @@ def load_hetero_model(
         engine="hetegen",
         sync=backend.synchronize,
         folder=str(folder),
-        memory=_memory_report(model, context),
+        memory=memory,
         counters=context.stats,
         on_close=context.close,
     )
@@ -312,6 +314,19 @@ def _read_bias(
     if key is None:
         raise ModelError(f"the checkpoint lacks {name}.bias", "re-download or convert the model")
     return reader.read(key, wdt, device)
+
+
+def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> None:
+    """Without a pipeline (every linear whole on the CPU backend), the model calls each linear's
+    direct module (HeteroLinear.direct_module: its packed kernel, or a CpuLinear) instead of
+    the HeteroLinear, which stays registered with the context for its memory and counters."""
+    if context.streaming:
+        return
+    for name, module in list(model.named_modules()):
+        direct = module.direct_module() if isinstance(module, HeteroLinear) else None
+        if direct is not None:
+            set_module(model, name, direct)
+            context.direct_linears += 1
 
 
 def _phase_hook(context: EngineContext):

@@ -33,6 +33,7 @@ from torch import nn
 
 from hetegen_cli.core.devices import Backend, pinned_cost, torch_dtype
 from hetegen_cli.core.phase import PHASES
+from hetegen_cli.engine.cpu_linear import CpuLinear
 from hetegen_cli.engine.host_weight import HostArena, HostWeight
 from hetegen_cli.engine.prefetch import PrefetchScheduler
 from hetegen_cli.engine.trace import Tracer
@@ -46,7 +47,7 @@ class EngineStats:
 
     passes: int = 0  # model forwards seen (begin_pass calls)
     prefill_passes: int = 0
-    split_calls: int = 0  # HeteroLinear forwards
+    split_calls: int = 0  # split linear forwards (a direct one, CpuLinear: one per pass)
     copies_issued: int = 0  # host -> staging-buffer copies of GPU shares
     bytes_streamed: int = 0  # bytes of those copies
     prefetch_hits: int = 0  # GPU share already issued ahead when its linear ran
@@ -54,7 +55,7 @@ class EngineStats:
     copies_discarded: int = 0  # issued ahead but not used (order or phase changed)
     order_resyncs: int = 0  # a linear ran that was not the expected next one
     inputs_shared: int = 0  # CPU shares that reused the host copy of the same input (q/k/v)
-    cpu_compute_s: float = 0.0  # time inside CPU-share matmuls
+    cpu_compute_s: float = 0.0  # time inside CPU-share matmuls (not of direct linears)
     cpu_wait_s: float = 0.0  # time blocked until a layer input reached the host (CUDA)
     pinned_scratch_bytes: int = 0  # pinned x / output slots held now (a level, kept by reset)
     experts_gpu: int = 0  # routed experts computed on the GPU side (engine.experts), per call
@@ -141,6 +142,9 @@ class EngineContext:
         self.stats = EngineStats()
         self.linears: list[HeteroLinear] = []
         self.experts: list[Any] = []  # engine.experts.HeteroExperts of a MoE model
+        # all-CPU linears the model calls directly (HeteroLinear.direct_module), not through
+        # their HeteroLinear: each counts one split call per pass
+        self.direct_linears = 0
         self.scheduler: PrefetchScheduler | None = None  # built by finalize()
         self.tracer: Tracer | None = None  # set to record a trace (engine.trace)
         # copies of different streams run side by side with two or more host-to-device copy
@@ -185,6 +189,7 @@ class EngineContext:
             raise ValueError(f"unknown phase {phase!r}")
         self.phase = phase
         self.stats.passes += 1
+        self.stats.split_calls += self.direct_linears
         self.stats.prefill_passes += phase == "prefill"
         self._staged = None
         self.finalize()
@@ -271,6 +276,16 @@ class EngineContext:
         self._staged = None
         self.scheduler = None
         torch.set_num_threads(self._threads_before)
+
+
+def _same_operand(a: Any, b: Any) -> bool:
+    """The same kernel module, or views of the same memory alike (HostWeight.cpu_operand makes
+    a new view per call)."""
+    if a is b:
+        return True
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    return (a.dtype, a.shape, a.stride(), a.data_ptr()) == (b.dtype, b.shape, b.stride(), b.data_ptr())
 
 
 def _matmul_into(x: torch.Tensor, w: Any, y: torch.Tensor) -> None:
@@ -393,6 +408,18 @@ class HeteroLinear(nn.Module):
             ctx.scheduler.prefetch_ahead(after=joined)
         y = y.view(*x.shape[:-1], out)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def direct_module(self) -> nn.Module | None:
+        """A module computing exactly what `_whole_forward` does, without its bookkeeping (a
+        second module call, clocks, counters, dtype checks, paid by every linear every token),
+        for the model to call instead of this linear; None unless the pipeline is off
+        (`ctx.streaming`) and both phases multiply with the same operand. The packed kernel
+        itself when there is no bias. Exact for inputs in the weights dtype, the dtype the
+        engine's model computes its activations in."""
+        if self.whole is None or not _same_operand(*self.whole):
+            return None
+        w = self.whole[0]
+        return w if self.bias is None and not isinstance(w, torch.Tensor) else CpuLinear(w, self.bias)
 
     def whole_weights(self) -> tuple:
         """(prefill, decode) operands of the whole layer: views of the weight [out, in] in each

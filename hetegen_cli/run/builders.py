@@ -35,7 +35,13 @@ from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import DeviceError, HetegenError
 from hetegen_cli.engine.hetero_model import engine_formats, load_hetero_model
 from hetegen_cli.measure.profile import load_or_measure
-from hetegen_cli.models.loading.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
+from hetegen_cli.models.loading.loader import (
+    LoadedModel,
+    import_model_code,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel.predict import spec_in
@@ -56,6 +62,7 @@ class Resolved:
     ref: ModelRef
     tokenizer: Any
     plan: Plan | None  # the --plan file; None without one
+    import_s: float = 0.0  # of the time resolving took, importing transformers' model code
 
 
 class Origin(str, Enum):
@@ -117,7 +124,8 @@ def resolve_setup(setup: ModelSetup) -> Resolved:
         warn(message)
     if plan is not None:
         check_plan_matches(plan, ref.spec)
-    return Resolved(setup, ref, load_tokenizer(ref.path), plan)
+    import_s = import_model_code(ref.spec.architecture)
+    return Resolved(setup, ref, load_tokenizer(ref.path), plan, import_s)
 
 
 def pick_device(setup: ModelSetup, ref: ModelRef, workload: Workload) -> tuple[Backend, str, bool]:

@@ -50,9 +50,7 @@ class RunResult:
     generation: GenerationResult
     engine_stats: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None  # run.predicted: predicted beside measured, per phase
-    #: where the wall time went, in seconds: startup (the process's start to the run's: Python
-    #: and the CLI), resolve (the model, its tokenizer, the plan and the checks), load,
-    #: generate (prefill and decode)
+    #: where the wall time went, in seconds (`wall_split`): import, resolve, load, generate
     wall: dict[str, float] = field(default_factory=dict)
 
     def to_document(self) -> dict[str, Any]:
@@ -78,7 +76,7 @@ class RunResult:
             "token_ids": gen.token_ids,
             "stop_reason": gen.stop_reason,
             "sampling": sampling_document(request.sampling),
-            "timings": {"load_s": self.built.load_s, **gen.timings.as_dict(), "wall": self.wall},
+            "timings": {"load_s": self.built.load_s, **gen.timings.as_dict(), "wall": self.wall_split()},
             "engine": self.built.engine,
             "device": self.built.device,
             "dtype": self.built.dtype,
@@ -87,6 +85,20 @@ class RunResult:
             "engine_stats": self.engine_stats,
             "prediction": self.prediction,
         }
+
+    def wall_split(self) -> dict[str, float]:
+        """Where the process's wall time went, so far: `import_s` (Python, the CLI, torch and
+        transformers' model code: the process's start to the run's, plus
+        models.loading.loader.import_model_code), `resolve_s` (the model's files and caches,
+        the tokenizer, the plan and the checks), `load_s` (the weights), `prefill_s`,
+        `decode_s` (the generation's own timings), `generate_s` (both, with streaming and
+        the tokenizer's decoding), `other_s` (the rest: streaming, the prediction, exiting),
+        `total_s`. import, resolve, load, prefill, decode and other add up to the total."""
+        t = self.generation.timings
+        split = {**self.wall, "prefill_s": t.prefill_s, "decode_s": t.decode_s}
+        parts = sum(split.get(k, 0.0) for k in ("import_s", "resolve_s", "load_s", "prefill_s", "decode_s"))
+        total = max(process_age_s(), parts)
+        return {**split, "other_s": total - parts, "total_s": total}
 
 
 def sampling_document(s: SamplingOptions) -> dict[str, Any]:
@@ -119,12 +131,13 @@ def execute_run(
 ) -> RunResult:
     """Validate, build the model, generate. `on_text` receives streamed pieces; `load` reads
     the weights as the decided BuildRecord says (run.builders.load_build)."""
-    wall = {"startup_s": process_age_s()}
+    startup = process_age_s()  # Python, the CLI and its imports (torch among them)
     start = time.perf_counter()
     run = prepare_run(setup, request)
-    wall["resolve_s"] = time.perf_counter() - start
+    resolving = time.perf_counter() - start
+    wall = {"import_s": startup + run.resolved.import_s, "resolve_s": resolving - run.resolved.import_s}
     with load(run.record) as built:
-        wall["load_s"] = time.perf_counter() - start - wall["resolve_s"]
+        wall["load_s"] = time.perf_counter() - start - resolving
         generating = time.perf_counter()
         with out_of_memory_as_error("generating"), activity("generating"):
             result = generate(

@@ -285,9 +285,12 @@ def test_cli_json_matches_transformers_greedy(tiny_dir):
         assert key in doc["timings"]
     assert doc["timings"]["generated_tokens"] == len(doc["token_ids"])
     wall = doc["timings"]["wall"]  # where the wall time went
-    assert set(wall) == {"startup_s", "resolve_s", "load_s", "generate_s"}
+    parts = ("import_s", "resolve_s", "load_s", "prefill_s", "decode_s", "other_s")
+    assert set(wall) == {*parts, "generate_s", "total_s"}
     assert all(v >= 0 for v in wall.values())
     assert wall["generate_s"] >= doc["timings"]["prefill_s"] + doc["timings"]["decode_s"] - 1e-3
+    assert sum(wall[p] for p in parts) == pytest.approx(wall["total_s"])
+    assert wall["prefill_s"] == doc["timings"]["prefill_s"] and wall["decode_s"] == doc["timings"]["decode_s"]
 
 
 # ------------------------------------------------------------------------------- sampling

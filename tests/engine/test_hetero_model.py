@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from hetegen_cli.core.devices import CpuBackend, get_backend
 from hetegen_cli.core.errors import ModelError, PlanError
+from hetegen_cli.engine.cpu_linear import CpuLinear
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.engine.split_linear import HeteroLinear
 from hetegen_cli.models.loading.loader import LoadedModel
@@ -54,6 +55,29 @@ def test_greedy_tokens_equal_transformers(models, model_name, plan_name):
         assert stats["bytes_streamed"] == 0 and stats["staging_bytes"] == 0
     else:
         assert stats["bytes_streamed"] > 0 and stats["prefetch_hits"] > 0
+
+
+@pytest.mark.parametrize("plan_name", ["all_cpu", "random"])
+@pytest.mark.parametrize("model_name", ["opt", "llama"])
+def test_without_a_pipeline_the_model_calls_its_linears_directly(models, model_name, plan_name):
+    """All-CPU on the CPU backend, the model calls a CpuLinear per linear (OPT's with its
+    bias) instead of its HeteroLinear, which stays with the engine for memory and counters;
+    a plan that streams keeps every HeteroLinear. The tokens are transformers' either way."""
+    ref, want, _ = models[model_name]
+    plan = placements(ref.spec, PLANS[plan_name])
+    with _load(ref, plan) as hm:
+        context = engine_context(hm.model)
+        called = [type(m) for m in hm.model.modules() if isinstance(m, (HeteroLinear, CpuLinear))]
+        with torch.no_grad():
+            got = hm.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
+        stats = hm.stats()
+    split = sum(not p.resident for p in plan)
+    assert len(called) == len(context.linears) == split
+    direct = plan_name == "all_cpu"
+    assert set(called) == {CpuLinear if direct else HeteroLinear}
+    assert context.direct_linears == (split if direct else 0)
+    assert stats["split_calls"] == split * NEW_TOKENS
+    assert got.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("model_name", ["opt", "llama"])

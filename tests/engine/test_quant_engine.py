@@ -121,8 +121,13 @@ def test_all_cpu_quantized_plan_is_the_plain_quantized_model(quantized, backend)
         else:
             torch.testing.assert_close(got.float(), logits.float(), atol=2e-2, rtol=0)
             _assert_greedy_within_tolerance(loaded.model, tokens, plain.model)
-        hosts = [m.host for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
-        assert any(isinstance(h, QuantHostWeight) for h in hosts)
+        context = engine_context(loaded.model)
+        assert any(isinstance(lin.host, QuantHostWeight) for lin in context.linears)
+        calls = [m for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
+        if backend is CpuBackend:  # no pipeline: the model calls the packed kernels themselves
+            assert not calls and context.direct_linears == len(context.linears)
+        else:
+            assert len(calls) == len(context.linears) and context.direct_linears == 0
     finally:
         loaded.close()
 
@@ -185,7 +190,7 @@ def test_host_memory_counts_what_the_engine_holds(quantized):
     for plan_name in ("all_cpu", "random", "all_streamed"):
         loaded = _load(ref, plan_name, CpuBackend())
         try:
-            split = [m.placement for m in loaded.model.modules() if isinstance(m, HeteroLinear)]
+            split = [lin.placement for lin in engine_context(loaded.model).linears]
             cpu_dtypes = RuntimeSettings(weights_dtype=ref.spec.dtype).cpu_dtypes
             want = host_memory(split, ref.spec.dtype, cpu_dtypes, quant=ref.spec.quant_map())
             assert loaded.memory["host_weight_bytes"] == want.weights_bytes + want.cpu_copy_bytes

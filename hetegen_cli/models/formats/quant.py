@@ -168,7 +168,8 @@ class QuantLinear(nn.Module):
             sz = torch.stack((weight.scale.to(torch.float32), zero), dim=-1).transpose(0, 1)  # [in/g, out, 2]
             self.register_buffer("q", packed, persistent=False)
             self.register_buffer("scales", sz.contiguous().to(KERNEL_DTYPE), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_parameter("bias", bias)  # registered even when None: forward reads it there
         self._check(weight)
 
     def extra_repr(self) -> str:
@@ -178,18 +179,25 @@ class QuantLinear(nn.Module):
         )
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [n, in] bfloat16 -> [n, out] bfloat16 (no bias)."""
+        """x2 [n, in] bfloat16 -> [n, out] bfloat16 (no bias).
+
+        Called for every linear every token: the buffers are read from `_buffers` (not
+        through nn.Module.__getattr__) and the int4 kernel through its torch function (not
+        the torch.ops packet, whose Python __call__ costs more): the same kernel."""
+        buffers = self._buffers
         if self.format == "int8":
-            return torch._weight_int8pack_mm(x2, self.q, self.scales)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scales)
+            return torch._weight_int8pack_mm(x2, buffers["q"], buffers["scales"])
+        return torch._weight_int4pack_mm_for_cpu(x2, buffers["q"], self.group_size, buffers["scales"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self.matmul(x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE))
-        y = y.to(x.dtype) if y.dtype != x.dtype else y
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        bias = self._parameters["bias"]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _check(self, weight: QuantWeight) -> None:
         """One product against the dequantized weight; ModelError if the kernel is wrong.

@@ -97,6 +97,26 @@ def resolve_dtype(requested: str, stored: str, device_type: str) -> str:
     return stored if stored in ("float16", "bfloat16") else "float16"
 
 
+def import_model_code(model_type: str) -> float:
+    """Import what loading a `model_type` model and its tokenizer takes from transformers (the
+    package, its causal LM and config classes, the tokenizer classes); the seconds it took.
+    `run` calls it before the tokenizer and the weights so that its timing line can tell the
+    imports (most of a cold start: docs/run.md) from resolving and loading. Import errors are
+    left to the loaders, which report them with the model's name."""
+    start = time.perf_counter()
+    try:
+        import transformers
+        from transformers import AutoTokenizer  # noqa: F401  (the import is the point)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        if isinstance(name, str):
+            getattr(transformers, name)  # the lazy module imports the model's code here
+    except Exception:  # reported by the loader that needs the missing part
+        pass
+    return time.perf_counter() - start
+
+
 def load_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer (fast, local files only). ModelError when missing or unreadable."""
     folder = folder_of(folder)

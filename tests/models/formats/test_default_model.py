@@ -96,3 +96,20 @@ def test_gguf_path_of_the_default_model_reuses_its_conversion():
     folder, _, _ = _default()
     ref = resolve_model(str(gguf_convert.default_gguf_path()), need_weights=True)
     assert ref.kind == "gguf" and ref.path == folder
+
+
+def test_the_default_int4_model_says_the_same_with_its_resolve_caches_cold_and_warm(hetegen_home):
+    """`run` reads the GGUF's linear types and the model's layout from caches in HETEGEN_HOME
+    (written by the first run: this test's home starts without them); the cached run must
+    give exactly the tokens of the one that parsed the file and derived the layout."""
+    args = ["run", "--prompt", PROMPT, "-n", "12", "--json"]
+    assert not (hetegen_home / "gguf-meta").exists() and not (hetegen_home / "layouts").exists()
+    cold = runner.invoke(app, args)
+    assert cold.exit_code == 0, cold.output
+    for cache in ("gguf-meta", "layouts"):
+        assert list((hetegen_home / cache).glob("*.json")), cache
+    warm = runner.invoke(app, args)
+    assert warm.exit_code == 0, warm.output
+    first, second = json.loads(cold.stdout), json.loads(warm.stdout)
+    assert first["quant"] == "int4" and "Paris" in first["text"]
+    assert second["token_ids"] == first["token_ids"] and second["text"] == first["text"]

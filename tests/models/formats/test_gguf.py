@@ -129,3 +129,19 @@ def test_the_linear_types_of_a_gguf_are_read_once_per_version_of_the_file(tiny_g
     os.utime(path, ns=(1, 1))  # another version of the file: read again
     with pytest.raises(AssertionError, match="parsed again"):
         gguf_linear_types(path)
+
+
+def test_a_damaged_linear_types_cache_is_ignored_and_written_again(tiny_gguf, tmp_path):
+    """A cache file cut short, or holding another document, is never trusted: the file is read
+    again and the cache rewritten whole (atomic_write), so the next run hits it."""
+    from hetegen_cli.models.formats import gguf_quant
+    from hetegen_cli.models.formats.gguf_quant import gguf_linear_types
+
+    path = Path(shutil.copy(tiny_gguf[0], tmp_path / "copy.gguf"))
+    first = gguf_linear_types(path)
+    cache = gguf_quant._meta_cache_path(path)
+    assert cache is not None and json.loads(cache.read_text())["block_linear_types"] == dict(first)
+    for damage in ('{"block_linear_types": {"Q4_0": ', '{"something": "else"}', "\x00\xff"):
+        cache.write_text(damage)
+        assert gguf_linear_types(path) == first
+        assert json.loads(cache.read_text())["block_linear_types"] == dict(first)  # rewritten

@@ -77,6 +77,17 @@ def test_quant_linear_matches_the_dequantized_weight(fmt, shape):
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
+@pytest.mark.parametrize("fmt", quant.QUANT_FORMATS)
+def test_quant_linear_without_bias_takes_2d_and_3d_inputs_alike(fmt):
+    """forward skips the reshapes for a 2-D input and reads the bias where it is registered
+    (None here): the same numbers either way."""
+    lin = QuantLinear(quantize(torch.randn(64, 64), fmt))
+    x = torch.randn(2, 3, 64)
+    assert lin.bias is None and "bias" not in lin.state_dict()
+    assert torch.equal(lin(x), lin(x.reshape(6, 64)).reshape(2, 3, 64))
+    assert lin(x.reshape(6, 64)).shape == (6, 64)
+
+
 def test_kernel_shape_rules():
     assert quant.kernel_takes("int8", 7, 48) and not quant.kernel_takes("int8", 7, 24)
     assert quant.kernel_takes("int4", 64, 64) and not quant.kernel_takes("int4", 136, 64)

@@ -101,3 +101,20 @@ def test_importing_source_imports_no_torch():
     code = "import sys, hetegen_cli.models.loading.source; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_resolving_a_converted_gguf_imports_no_transformers(tiny_gguf):
+    """A cold `hetegen run` paid ~1 s importing transformers to resolve a model whose
+    conversion, GGUF types and layout are all cached; resolving now reads only those files
+    (transformers' model code is imported once, by run.builders, and timed as import)."""
+    path = tiny_gguf[0]
+    code = (
+        "import sys\n"
+        "from hetegen_cli.models.loading.source import resolve_model\n"
+        f"ref = resolve_model({str(path)!r}, need_weights=True, quant='auto')\n"
+        "print(ref.spec.quant, sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+    )
+    env = {**os.environ, "HETEGEN_HOME": str(path.parent / "home")}  # where tiny_gguf converted it
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["int4", "[]"]

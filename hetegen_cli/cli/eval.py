@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--expert-use",
             help="Also count how often a mixture-of-experts model's router chooses each expert, "
-            "per layer, into this JSON file (what `plan --expert-use` places experts by).",
+            "per layer, into this JSON file (docs/models.md, 'Expert use').",
         ),
         json_: JsonOption = False,
     ) -> None:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from hetegen_cli.core.jsonio import atomic_write
+
 PARTS = ("import_s", "resolve_s", "load_s", "prefill_s", "decode_s", "other_s", "total_s")
 
 
@@ -102,7 +104,7 @@ def main() -> None:
     text = json.dumps(doc, indent=2)
     print(text)
     if args.output is not None:
-        args.output.write_text(text + "\n")
+        atomic_write(args.output, text + "\n")  # never a half-written file
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 from cold_start import cold_start_document, load, machine  # scripts/ is sys.path[0]
 
 from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.formats.gguf import default_gguf_path
 from hetegen_cli.models.loading.loader import load_model
@@ -176,7 +177,7 @@ def main() -> None:
     text = json.dumps(doc, indent=2)
     print(text)
     if args.output is not None:
-        args.output.write_text(text + "\n")
+        atomic_write(args.output, text + "\n")  # never a half-written file
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ def check_linears(path: Path) -> dict:
     import torch
     from gguf import GGMLQuantizationType, quants
 
-    from hetegen_cli.models.formats.gguf import read_gguf_layout
     from hetegen_cli.models.formats.gguf_blocks import NATIVE, to_quant_weight
+    from hetegen_cli.models.formats.gguf_read import read_gguf_layout
 
     layout = read_gguf_layout(path)
     stats: dict = defaultdict(

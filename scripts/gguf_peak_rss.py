@@ -58,11 +58,11 @@ FIXED = """
 import sys, tempfile
 from pathlib import Path
 import torch, gguf, transformers
-from hetegen_cli.models.formats import gguf_quant
-from hetegen_cli.models.formats.gguf import read_gguf_layout
+from hetegen_cli.models.formats.gguf_config import config_and_tokenizer
+from hetegen_cli.models.formats.gguf_read import read_gguf_layout
 path = Path(sys.argv[1])
 with tempfile.TemporaryDirectory() as out:
-    gguf_quant._config_and_tokenizer(path, read_gguf_layout(path), Path(out))
+    config_and_tokenizer(path, read_gguf_layout(path), Path(out))
 """
 
 

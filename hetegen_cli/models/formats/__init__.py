@@ -1,7 +1,7 @@
 """Model files and conversions: safetensors tensors read in chunks (checkpoint), quantized
-weights and their kernels (quant), quantized model folders (quantized), GGUF files converted
-once (gguf, gguf_quant) and written (gguf_write), synthetic checkpoints (synthetic), and
-hetegen's terms with transformers (compat).
+weights and their kernels (quant), quantized model folders (quantized), GGUF files read
+(gguf_read, gguf_types, gguf_config), converted once (gguf, gguf_quant) and written
+(gguf_write), synthetic checkpoints (synthetic), and hetegen's terms with transformers (compat).
 
 May import: `core`, `models.shapes`.
 """

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.formats.gguf import GGUF_MODEL_TYPES
+from hetegen_cli.models.formats.gguf_read import GGUF_MODEL_TYPES
 
 
 def llama_cpp_arch(model_type: str) -> str | None:

@@ -24,9 +24,6 @@ the peak is the process's own size plus about one tensor, not the model.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import tempfile
 import time
 from collections import Counter
@@ -37,15 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetegen_cli.core import paths, quant
-from hetegen_cli.core.console import note, progress
-from hetegen_cli.core.errors import HetegenError, ModelError
-from hetegen_cli.core.jsonio import atomic_write
-from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.architecture.build import quiet_transformers
+from hetegen_cli.core import quant
+from hetegen_cli.core.console import progress
+from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.formats.compat import patch_for_both_versions
-from hetegen_cli.models.formats.gguf import GgufLayout, GgufTensorInfo, read_gguf_layout
 from hetegen_cli.models.formats.gguf_blocks import (
     CHUNK_VALUES,
     EXACT_INT4,
@@ -53,218 +46,19 @@ from hetegen_cli.models.formats.gguf_blocks import (
     NATIVE,
     dequantize_rows,
     row_bytes,
-    supported_types,
     to_quant_weight,
 )
+from hetegen_cli.models.formats.gguf_config import config_and_tokenizer
+from hetegen_cli.models.formats.gguf_read import GgufTensorInfo, read_gguf_layout
+from hetegen_cli.models.formats.gguf_types import FLOAT_COPY_FLAG, check_types, type_name
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
 from hetegen_cli.models.formats.quantized import write_folder
 from hetegen_cli.models.formats.stream_write import TensorEntry, TensorStream
 from hetegen_cli.models.shapes.quantfile import quantization_doc
-from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
+from hetegen_cli.models.shapes.spec import ModelSpec
 
 #: architectures whose norm weights GGUF stores plus one (transformers' Gemma2TensorProcessor)
 NORM_PLUS_ONE = ("gemma2", "gemma3", "nemotron")
-FLOAT_COPY_FLAG = "--allow-float-copy"
-
-
-def _type_name(type_id: int) -> str:
-    from gguf import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(type_id).name
-    except ValueError:
-        return f"type {type_id}"
-
-
-def _is_block_linear(info: GgufTensorInfo) -> bool:
-    return len(info.shape) == 2 and info.name.startswith("blk.") and info.name.endswith(".weight")
-
-
-def gguf_linear_types(gguf: Path) -> Counter:
-    """How many block linears (2-D `blk.*` weights) of each GGUF type the file holds
-    (metadata only), kept in HETEGEN_HOME, keyed by the file's name, size and modification
-    time, and read again only when the file changes."""
-    cache = _meta_cache_path(gguf)
-    if cache is not None:
-        try:
-            return Counter(json.loads(cache.read_text())["block_linear_types"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent, damaged or of an older hetegen: read the file
-    layout = read_gguf_layout(gguf)
-    counts = Counter(_type_name(t.type_id) for t in layout.tensors.values() if _is_block_linear(t))
-    if cache is not None:
-        with contextlib.suppress(HetegenError):  # a read-only home: just not cached
-            atomic_write(cache, json.dumps({"gguf": str(gguf), "block_linear_types": dict(counts)}))
-    return counts
-
-
-def _meta_cache_path(gguf: Path) -> Path | None:
-    """Where gguf_linear_types keeps its answer for this version of the file (None: unknown)."""
-    try:
-        info = Path(gguf).stat()
-    except OSError:
-        return None
-    key = hashlib.sha256(f"{Path(gguf).resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()
-    return paths.home() / "gguf-meta" / f"{key[:16]}.json"
-
-
-def unmapped_types(counts: Counter) -> list[str]:
-    """The GGUF types among `counts` that no hetegen format takes (neither NATIVE nor float)."""
-    return sorted(t for t in counts if t not in NATIVE and t not in FLOAT_TYPES)
-
-
-def check_types(gguf: Path, allow_float_copy: bool = False, announce: bool = True) -> Counter:
-    """The block linear types of `gguf`; ModelError naming the unmapped ones and the supported
-    list, unless `allow_float_copy` (then a note says what their bfloat16 copy costs, unless
-    `announce` is off: it was said already)."""
-    counts = gguf_linear_types(gguf)
-    unmapped = unmapped_types(counts)
-    if not unmapped:
-        return counts
-    if not allow_float_copy:
-        raise ModelError(
-            f"GGUF file {gguf.name} stores linears as {', '.join(unmapped)}, which hetegen cannot load "
-            "without a float copy",
-            f"supported GGUF types: {', '.join(supported_types())}; pass {FLOAT_COPY_FLAG} to dequantize "
-            "those linears to bfloat16 (the cost is printed first), --quant int8 to re-quantize them, or "
-            "use a Q4_K_M / Q4_0 / Q8_0 file",
-        )
-    if not announce:
-        return counts
-    layout = read_gguf_layout(gguf)
-    stored = copied = 0
-    for t in layout.tensors.values():
-        if _is_block_linear(t) and _type_name(t.type_id) in unmapped:
-            stored += _tensor_bytes(t)
-            copied += 2 * t.shape[0] * t.shape[1]
-    count = sum(counts[t] for t in unmapped)
-    note(
-        f"{FLOAT_COPY_FLAG}: {count} linear{'s' if count != 1 else ''} in {', '.join(unmapped)} "
-        f"({format_bytes(stored)} in the file) "
-        f"will be dequantized to bfloat16: {format_bytes(copied)} on disk and in memory, "
-        f"{copied / max(stored, 1):.1f}x their GGUF size"
-    )
-    return counts
-
-
-def native_format(gguf: Path, allow_float_copy: bool = False) -> str:
-    """The hetegen format a GGUF's linears load as: int4 (Q4_0/Q4_1/Q4_K), int8 (Q5_*/Q6_K/
-    Q8_0), MIXED when both occur, "bfloat16" when every quantized linear is a float copy
-    (`allow_float_copy`), "none" for a floating-point file. ModelError for unmapped types
-    without `allow_float_copy` (check_types)."""
-    counts = check_types(gguf, allow_float_copy)
-    formats = sorted({NATIVE[t] for t in counts if t in NATIVE})
-    if len(formats) > 1:
-        return MIXED
-    if formats:
-        return formats[0]
-    return "bfloat16" if unmapped_types(counts) else "none"
-
-
-def _config_and_tokenizer(gguf: Path, layout: GgufLayout, out: Path) -> dict:
-    """The config dict of a GGUF (gguf_config); the tokenizer and its chat template are saved
-    into `out` (save_gguf_tokenizer)."""
-    try:
-        with quiet_transformers():
-            config = gguf_config(gguf, layout)
-    except Exception as exc:
-        raise ModelError(
-            f"cannot read the metadata of GGUF file {gguf.name}: {exc.__class__.__name__}: {str(exc)[:200]}",
-            "check that it is a complete GGUF file of a supported architecture",
-        ) from exc
-    save_gguf_tokenizer(gguf, out, layout)
-    config.pop("quantization_config", None)
-    return config
-
-
-#: architectures whose config transformers' GGUF loader adjusts beyond its key mapping, or
-#: builds another way: read through AutoConfig as they are
-_CONFIG_BY_AUTOCONFIG = ("stablelm", "gpt-oss", "lfm2", "minimax-m2", "gemma4", "t5", "t5encoder")
-
-
-def gguf_config(gguf: Path, layout: GgufLayout) -> dict:
-    """transformers' config dict of a GGUF, built from the metadata hetegen's layout reader
-    keeps, the way transformers' own loader builds it (modeling_gguf_pytorch_utils.
-    load_gguf_checkpoint: its key mapping and defaults, the tied head when there is no
-    output.weight, Gemma 3's text model, the vocabulary from the token count). transformers'
-    AutoConfig parses every metadata array on the way, the tokenizer's too: 137 MB and 3.5 s
-    for a 49,152-token vocabulary. Architectures it treats specially, and transformers
-    without the mapping tables, go through AutoConfig (tested equal on real files)."""
-    try:
-        from transformers import CONFIG_MAPPING
-        from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
-    except ImportError:
-        GGUF_CONFIG_MAPPING = {}
-    arch = layout.architecture
-    if arch in _CONFIG_BY_AUTOCONFIG or arch not in GGUF_CONFIG_MAPPING:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        return config.to_dict()
-    updated = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, arch)
-    if "llama" in arch and layout.metadata.get("general.name") == "mistral":
-        updated = "mistral"
-    config: dict = {
-        "tie_word_embeddings": "output.weight" not in layout.tensors or arch in ("falcon", "bloom")
-    }
-    for key, value in (
-        GGUF_CONFIG_DEFAULTS_MAPPING.get(updated) or GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}
-    ).items():
-        config.setdefault(key, value)
-    for key, value in layout.metadata.items():
-        prefix, _, rest = key.replace(arch, updated).partition(".")
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if isinstance(value, str) and arch in value:
-            value = value.replace(arch, updated)
-        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest, -1)
-        if target not in (-1, None):
-            config[target] = value
-    if config.get("model_type") == "gemma3":  # the GGUF holds the text backbone only
-        config["model_type"] = "gemma3_text"
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in layout.array_lengths:
-        config["vocab_size"] = layout.array_lengths["tokenizer.ggml.tokens"]
-    doc = CONFIG_MAPPING[config["model_type"]].from_dict(config).to_dict()
-    return {**doc, "_name_or_path": str(gguf.parent)}  # as AutoConfig names it
-
-
-def save_gguf_tokenizer(gguf: Path, out: Path, layout: GgufLayout | None = None) -> None:
-    """The tokenizer and chat template a GGUF carries, saved into `out` (tokenizer.json,
-    tokenizer_config.json, chat_template.jinja when the file has one), for any architecture:
-    transformers 5's GGUF tokenizer reader builds it from the `tokenizer.*` metadata alone
-    (no config, so an architecture whose config transformers cannot rebuild from a GGUF still
-    gets its tokenizer); transformers 4 goes through AutoTokenizer. Whether to add BOS is what
-    the file says (`tokenizer.ggml.add_bos_token`; transformers 4.x would add one anyway)."""
-    layout = layout or read_gguf_layout(gguf)
-    try:
-        with quiet_transformers():
-            tokenizer = _gguf_tokenizer(gguf)
-    except Exception as exc:
-        raise ModelError(
-            f"cannot read the tokenizer of GGUF file {gguf.name}: {exc.__class__.__name__}: {str(exc)[:200]}",
-            "the file's tokenizer.* metadata may be missing or of a kind transformers cannot build",
-        ) from exc
-    add_bos = layout.metadata.get("tokenizer.ggml.add_bos_token")
-    if add_bos is not None:
-        tokenizer.add_bos_token = bool(add_bos)
-    template = layout.metadata.get("tokenizer.chat_template")
-    if isinstance(template, str) and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template
-    tokenizer.save_pretrained(out)
-
-
-def _gguf_tokenizer(gguf: Path):
-    try:
-        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
-    except ImportError:  # transformers 4.x
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    from transformers import PreTrainedTokenizerFast
-
-    arch, tokens, config = get_gguf_tokenizer(str(gguf))
-    backend, extra = convert_gguf_tokenizer(arch, tokens)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def _row_order(out: int, heads: int) -> torch.Tensor:
@@ -273,17 +67,10 @@ def _row_order(out: int, heads: int) -> torch.Tensor:
     return torch.arange(out).reshape(heads, dim, 2).transpose(1, 2).reshape(-1)
 
 
-def _tensor_bytes(info: GgufTensorInfo) -> int:
-    rows = 1
-    for d in info.shape[:-1]:
-        rows *= d
-    return rows * row_bytes(_type_name(info.type_id), info.shape[-1])
-
-
 def _read_rows(handle, info: GgufTensorInfo, start: int, count: int) -> np.ndarray:
     """Raw bytes of rows [start, start + count) of `info`: uint8 [count, row bytes], read
     into a fresh buffer (no memory map: what was read is freed with the array)."""
-    per_row = row_bytes(_type_name(info.type_id), info.shape[-1])
+    per_row = row_bytes(type_name(info.type_id), info.shape[-1])
     handle.seek(info.offset + start * per_row)
     data = bytearray(count * per_row)
     if handle.readinto(data) != len(data):
@@ -355,7 +142,7 @@ def plan_conversion(
     layout = read_gguf_layout(gguf)
     if fmt == "auto":
         check_types(gguf, allow_float_copy, announce=False)  # resolving --quant auto said the cost
-    config = _config_and_tokenizer(gguf, layout, out)
+    config = config_and_tokenizer(gguf, layout, out)
     spec = spec_from_config(config, gguf.stem, "bfloat16")
     arch = layout.architecture
     arch_id = {v: k for k, v in gguf_pkg.MODEL_ARCH_NAMES.items()}.get(arch)
@@ -383,7 +170,7 @@ def plan_conversion(
                 f"the config says {list(shape)} for {name}",
                 "the file's metadata and tensors disagree; download it again",
             )
-        kind = _type_name(info.type_id)
+        kind = type_name(info.type_id)
         lin = linears.get(name)
         chosen = _linear_format(kind, lin, fmt, group, allow_float_copy) if lin is not None else None
         if lin is not None and chosen is None and kind not in FLOAT_TYPES and fmt == "auto":

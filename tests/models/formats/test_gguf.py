@@ -14,6 +14,7 @@ import pytest
 from hetegen_cli.core import paths
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats import gguf as gguf_convert
+from hetegen_cli.models.formats import gguf_read
 from hetegen_cli.models.loading.source import resolve_model
 from tests.helpers import assert_error, run_quick
 
@@ -39,7 +40,7 @@ def _gguf_header(arch: str) -> bytes:
 def test_gguf_architecture_reader(tmp_path):
     file = tmp_path / "m.gguf"
     file.write_bytes(_gguf_header("qwen2"))
-    assert gguf_convert.gguf_architecture(file) == "qwen2"
+    assert gguf_read.gguf_architecture(file) == "qwen2"
 
 
 def test_corrupt_gguf(tmp_path):
@@ -114,8 +115,8 @@ def test_default_model_package_missing(monkeypatch):
 def test_the_linear_types_of_a_gguf_are_read_once_per_version_of_the_file(tiny_gguf, tmp_path, monkeypatch):
     """Parsing a GGUF's metadata took 4 s of every `hetegen run` on the default model (gguf's
     reader parses every token); the answer is kept per version of the file."""
-    from hetegen_cli.models.formats import gguf_quant
-    from hetegen_cli.models.formats.gguf_quant import gguf_linear_types
+    from hetegen_cli.models.formats import gguf_types
+    from hetegen_cli.models.formats.gguf_types import gguf_linear_types
 
     path = Path(shutil.copy(tiny_gguf[0], tmp_path / "copy.gguf"))
     first = gguf_linear_types(path)
@@ -124,7 +125,7 @@ def test_the_linear_types_of_a_gguf_are_read_once_per_version_of_the_file(tiny_g
     def no_reader(*args, **kwargs):
         raise AssertionError("the metadata was parsed again")
 
-    monkeypatch.setattr(gguf_quant, "read_gguf_layout", no_reader)
+    monkeypatch.setattr(gguf_types, "read_gguf_layout", no_reader)
     assert gguf_linear_types(path) == first  # from the cache
     os.utime(path, ns=(1, 1))  # another version of the file: read again
     with pytest.raises(AssertionError, match="parsed again"):
@@ -134,12 +135,12 @@ def test_the_linear_types_of_a_gguf_are_read_once_per_version_of_the_file(tiny_g
 def test_a_damaged_linear_types_cache_is_ignored_and_written_again(tiny_gguf, tmp_path):
     """A cache file cut short, or holding another document, is never trusted: the file is read
     again and the cache rewritten whole (atomic_write), so the next run hits it."""
-    from hetegen_cli.models.formats import gguf_quant
-    from hetegen_cli.models.formats.gguf_quant import gguf_linear_types
+    from hetegen_cli.models.formats import gguf_types
+    from hetegen_cli.models.formats.gguf_types import gguf_linear_types
 
     path = Path(shutil.copy(tiny_gguf[0], tmp_path / "copy.gguf"))
     first = gguf_linear_types(path)
-    cache = gguf_quant._meta_cache_path(path)
+    cache = gguf_types._meta_cache_path(path)
     assert cache is not None and json.loads(cache.read_text())["block_linear_types"] == dict(first)
     for damage in ('{"block_linear_types": {"Q4_0": ', '{"something": "else"}', "\x00\xff"):
         cache.write_text(damage)

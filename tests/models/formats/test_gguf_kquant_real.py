@@ -61,8 +61,8 @@ def test_every_linear_loads_as_gguf_dequantizes_it(path):
 def test_config_and_tokenizer_are_transformers_own(path, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from hetegen_cli.models.formats.gguf import read_gguf_layout
-    from hetegen_cli.models.formats.gguf_quant import gguf_config, save_gguf_tokenizer
+    from hetegen_cli.models.formats.gguf_config import gguf_config, save_gguf_tokenizer
+    from hetegen_cli.models.formats.gguf_read import read_gguf_layout
 
     layout = read_gguf_layout(path)
     want = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
@@ -78,7 +78,7 @@ def test_config_and_tokenizer_are_transformers_own(path, tmp_path):
 
 def test_running_it_waits_for_gemma3_shapes(path, tmp_path, monkeypatch):
     from hetegen_cli.core.errors import ModelError
-    from hetegen_cli.models.formats.gguf import supported_gguf_architectures
+    from hetegen_cli.models.formats.gguf_read import supported_gguf_architectures
     from hetegen_cli.models.loading.source import resolve_model
 
     monkeypatch.setenv("HETEGEN_HOME", str(tmp_path / "home"))

@@ -305,8 +305,9 @@ def test_the_config_is_read_as_transformers_reads_it(kq_gguf):
     and the Q4_K_M file (and Gemma 3's, in test_gguf_kquant_real.py)."""
     from transformers import AutoConfig
 
-    from hetegen_cli.models.formats.gguf import default_gguf_path, read_gguf_layout
-    from hetegen_cli.models.formats.gguf_quant import gguf_config
+    from hetegen_cli.models.formats.gguf import default_gguf_path
+    from hetegen_cli.models.formats.gguf_config import gguf_config
+    from hetegen_cli.models.formats.gguf_read import read_gguf_layout
 
     for path in (default_gguf_path(), kq_gguf[0]):
         want = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

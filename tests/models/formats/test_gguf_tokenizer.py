@@ -1,5 +1,5 @@
 """The tokenizer and chat template of a GGUF, for every architecture transformers' GGUF loader
-reads (models.formats.gguf_quant.save_gguf_tokenizer): files written by GGUFWriter with a
+reads (models.formats.gguf_config.save_gguf_tokenizer): files written by GGUFWriter with a
 small byte-level BPE or SentencePiece vocabulary, a chat template naming the architecture and
 the file's own add_bos_token. Which architectures hetegen then converts is a matter of its
 model shapes (models.formats.gguf.supported_gguf_architectures)."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from hetegen_cli.models.formats.gguf import gguf_architecture, supported_gguf_architectures
-from hetegen_cli.models.formats.gguf_quant import save_gguf_tokenizer
+from hetegen_cli.models.formats.gguf_config import save_gguf_tokenizer
+from hetegen_cli.models.formats.gguf_read import gguf_architecture, supported_gguf_architectures
 
 ENCODER_DECODER = ("t5", "umt5")  # hetegen runs decoder-only models
 

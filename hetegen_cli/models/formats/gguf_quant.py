@@ -124,14 +124,7 @@ class GgufConversion:
         return self.spec.quant or "bfloat16"
 
 
-def plan_conversion(
-    gguf: Path,
-    out: Path,
-    fmt: str = "auto",
-    group: int = quant.DEFAULT_GROUP_SIZE,
-    *,
-    allow_float_copy: bool = False,
-) -> GgufConversion:
+def plan_conversion(gguf: Path, out: Path, fmt: str, group: int, allow_float_copy: bool) -> GgufConversion:
     """Read `gguf`'s metadata (the tokenizer goes into `out`) and decide every tensor's
     format: `fmt` "auto" (each linear as NATIVE maps its type, int8 when the int4 kernel
     cannot take its shape, bfloat16 when neither can or it is stored as a float), or int8 /
@@ -287,7 +280,7 @@ def write_gguf_quantized(
     start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-tokenizer-", dir=target.parent) as scratch:
-        conv = plan_conversion(gguf, Path(scratch), fmt, group, allow_float_copy=allow_float_copy)
+        conv = plan_conversion(gguf, Path(scratch), fmt, group, allow_float_copy)
         counts: Counter = Counter()
 
         def doc() -> dict | None:

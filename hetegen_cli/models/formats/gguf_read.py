@@ -179,11 +179,8 @@ def _read_layout(handle: Any) -> GgufLayout:
                 metadata[key] = list(
                     struct.unpack(f"<{count}{fmt[1:]}", _exact(handle, count * struct.calcsize(fmt)))
                 )
-            elif item in _SCALAR:
-                handle.seek(count * struct.calcsize(_SCALAR[item]), os.SEEK_CUR)
             else:
-                for _ in range(count):
-                    _skip_value(handle, item)
+                _skip_array(handle, item, count)
         else:
             _skip_value(handle, vtype)
     infos = []
@@ -227,11 +224,15 @@ def _skip_value(handle: Any, vtype: int) -> None:
         (length,) = struct.unpack("<Q", _exact(handle, 8))
         handle.seek(length, os.SEEK_CUR)
     elif vtype == 9:
-        item_type, count = struct.unpack("<IQ", _exact(handle, 12))
-        if item_type in _SCALAR:
-            handle.seek(count * struct.calcsize(_SCALAR[item_type]), os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_value(handle, item_type)
+        _skip_array(handle, *struct.unpack("<IQ", _exact(handle, 12)))
     else:
         raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def _skip_array(handle: Any, item: int, count: int) -> None:
+    """Past `count` metadata values of type `item` (seeks over numeric ones)."""
+    if item in _SCALAR:
+        handle.seek(count * struct.calcsize(_SCALAR[item]), os.SEEK_CUR)
+    else:
+        for _ in range(count):
+            _skip_value(handle, item)

@@ -11,6 +11,8 @@ bench.runner times all of them with the same generation loop.
 | offload | the same engine, every cpu_fraction 0, the plan's resident set (optimised streaming) |
 | accelerate | stock Accelerate hooks (`dispatch_model`): the plan's resident set on the GPU, the rest "cpu" |
 | layer-split | decoder layers 0..k-1 on the GPU (k from the planner), the CPU the rest (decode format) |
+| experts-on-cpu | a mixture-of-experts model's plan with every routed expert on the CPU and the rest |
+|  | placed by the planner (llama.cpp's `--cpu-moe`), through the engine like `hetegen` |
 | cpu | the CPU alone in an all-CPU plan's formats: plain transformers in D when both phases use D, |
 |  | else the engine (CPU backend), the model in the prefill format, decode's linears in D |
 | gpu | plain transformers model wholly on the GPU (when it fits the budget) |
@@ -67,10 +69,17 @@ class ArmContext:
     cpu_plan: Plan | None = None  # the all-CPU plan of the `cpu` arm (GPU budget 0)
     cpu_ref: ModelRef | None = None  # the model in the `cpu` arm's run dtype (its prefill format)
     gguf: Path | None = None  # the GGUF the model came from (the llama.cpp arm)
+    moe_plan: Plan | None = None  # the experts-on-cpu plan (mixture-of-experts models only)
+    moe_plan_error: str | None = None
 
     @property
     def spec(self) -> ModelSpec:
         return self.ref.spec
+
+    @property
+    def plan_of_arm(self) -> Plan | None:
+        """The plan this arm runs: the experts-on-cpu plan for that arm, else the budget's."""
+        return self.moe_plan if self.arm == "experts-on-cpu" else self.plan
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,12 @@ def skip_reason(ctx: ArmContext) -> str | None:
         return (
             f"the model is quantized ({ctx.spec.quant}); this arm runs floating-point weights (--quant none)"
         )
+    if arm == "experts-on-cpu" and not ctx.spec.experts:
+        return "a dense model: it has no routed experts to keep on the CPU"
+    if arm == "experts-on-cpu" and ctx.moe_plan is None:
+        return f"no experts-on-cpu plan for this budget: {ctx.moe_plan_error}"
+    if arm == "experts-on-cpu" and not ctx.moe_plan.runtime.requires_gpu:
+        return "the experts-on-cpu plan for this budget is all-CPU (profile without a GPU, or budget 0)"
     if arm in PLAN_ARMS and ctx.plan is None:
         return f"no plan for this budget: {ctx.plan_error}"
     if arm in ("offload", "accelerate", "layer-split") and not ctx.plan.runtime.requires_gpu:
@@ -260,6 +275,10 @@ def build_hetegen(ctx: ArmContext) -> ArmModel:
     return _engine(ctx, ctx.plan, plan_config(ctx.plan))
 
 
+def build_experts_on_cpu(ctx: ArmContext) -> ArmModel:
+    return _engine(ctx, ctx.moe_plan, plan_config(ctx.moe_plan))
+
+
 def build_offload(ctx: ArmContext) -> ArmModel:
     plan = offload_plan(ctx.plan, ctx.spec)
     return _engine(ctx, plan, plan_config(plan))
@@ -352,6 +371,7 @@ BUILDERS: dict[str, Callable[[ArmContext], ArmModel]] = {
     "offload": build_offload,
     "accelerate": build_accelerate,
     "layer-split": build_layer_split,
+    "experts-on-cpu": build_experts_on_cpu,
     "cpu": build_cpu,
     "gpu": build_gpu,
     "reference": build_reference,
@@ -366,8 +386,9 @@ def cache_key(ctx: ArmContext) -> str:
         extra: Any = [str(ctx.gguf), layer_split_layers(ctx) if split else 0]
     elif ctx.arm in ("cpu", "reference", "gpu"):
         extra = _cpu_dtypes(ctx) if ctx.arm == "cpu" else None
-    elif ctx.arm == "hetegen":
-        extra = plan_config(ctx.plan, rows=True)
+    elif ctx.arm in ("hetegen", "experts-on-cpu"):
+        plan = ctx.plan if ctx.arm == "hetegen" else ctx.moe_plan
+        extra = [plan_config(plan, rows=True), [e.to_dict() for e in plan.experts]]
     elif ctx.arm == "layer-split":
         extra = [layer_split_layers(ctx), ctx.plan.runtime.cpu_dtype_decode]
     else:  # offload, accelerate: the resident set and the runtime

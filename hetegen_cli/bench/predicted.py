@@ -46,7 +46,7 @@ def predicted_for_arm(arm: str, plan: Any, cpu_plan: Any, spec: Any, prepared: A
             if fig is None:
                 return None
             return ArmPrediction(fig, "cuda" if arm == "offload" else "mixed", key, inputs.brief())
-        if arm == "hetegen" and plan is not None:
+        if arm in ("hetegen", "experts-on-cpu") and plan is not None:
             execution = Execution.of(plan, "cuda" if prepared.has_cuda else "standin")
         elif arm == "cpu" and cpu_plan is not None:
             execution = Execution(cpu_plan, "cpu")

@@ -31,8 +31,28 @@ from hetegen_cli.plan.solver import check_forced_formats, make_plan
 from hetegen_cli.run.builders import all_cpu_formats_plan
 from hetegen_cli.run.setup import ModelSetup
 
-ARMS = ("hetegen", "offload", "accelerate", "layer-split", "cpu", "gpu", "reference", "llama.cpp")
-RUN_ORDER = ("reference", "cpu", "hetegen", "llama.cpp", "offload", "accelerate", "layer-split", "gpu")
+ARMS = (
+    "hetegen",
+    "offload",
+    "accelerate",
+    "layer-split",
+    "experts-on-cpu",
+    "cpu",
+    "gpu",
+    "reference",
+    "llama.cpp",
+)
+RUN_ORDER = (
+    "reference",
+    "cpu",
+    "hetegen",
+    "experts-on-cpu",
+    "llama.cpp",
+    "offload",
+    "accelerate",
+    "layer-split",
+    "gpu",
+)
 #: --synthetic-format values: random float weights, or a GGUF that llama.cpp reads too
 SYNTHETIC_FORMATS = ("safetensors", *GGUF_FORMATS)
 
@@ -164,6 +184,10 @@ class BudgetCase:
     gpu_budget_bytes: int | None
     plan: Plan | None
     plan_error: str | None
+    #: a mixture-of-experts model's `experts-on-cpu` plan for this budget: every routed expert
+    #: on the CPU, the rest placed by the planner (llama.cpp's --cpu-moe); None for dense models
+    moe_plan: Plan | None = None
+    moe_plan_error: str | None = None
 
 
 @dataclass
@@ -197,8 +221,10 @@ def parse_arms(text: str | None) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(names))
 
 
-def default_arms(has_cuda: bool) -> list[str]:
-    return [a for a in ARMS if a != "reference" or not has_cuda]
+def default_arms(has_cuda: bool, moe: bool = False) -> list[str]:
+    """Every arm, but `reference` only without CUDA and `experts-on-cpu` only for a
+    mixture-of-experts model."""
+    return [a for a in ARMS if (a != "reference" or not has_cuda) and (a != "experts-on-cpu" or moe)]
 
 
 def resolve_bench_model(o: BenchOptions, progress: Any = None) -> tuple[ModelRef, dict]:
@@ -284,13 +310,24 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
             cpu_dtype=o.cpu_dtype,
             model_arg=o.model_arg,
         )
-        try:
-            plan = _with_threads(make_plan(ref.spec, profile, req, profile_identity=identity), o.threads)
-            budget = requested if requested is not None else plan.budget.gpu_budget_bytes
-            cases.append(BudgetCase(requested, budget, plan, None))
-        except PlanError as exc:
-            cases.append(BudgetCase(requested, requested, None, exc.message))
+        plan, error = _plan_or_error(ref, o, profile, identity, req)
+        budget = requested if requested is not None or plan is None else plan.budget.gpu_budget_bytes
+        case = BudgetCase(requested, budget, plan, error)
+        if ref.spec.experts:
+            moe = replace(req, cpu_moe=True)
+            case.moe_plan, case.moe_plan_error = _plan_or_error(ref, o, profile, identity, moe)
+        cases.append(case)
     return cases
+
+
+def _plan_or_error(
+    ref: ModelRef, o: BenchOptions, profile: dict, identity: dict, req: PlanRequest
+) -> tuple[Plan | None, str | None]:
+    """(plan, None), or (None, the planner's message): a refused budget is not a failure."""
+    try:
+        return _with_threads(make_plan(ref.spec, profile, req, profile_identity=identity), o.threads), None
+    except PlanError as exc:
+        return None, exc.message
 
 
 def _with_threads(plan: Plan, threads: int | None) -> Plan:
@@ -334,7 +371,7 @@ def prepare(o: BenchOptions, progress: Any = None) -> Prepared:
         warn(message)
     ref.spec.check_context(o.prompt_len, o.max_new_tokens, "--prompt-len")
     cases = make_cases(ref, o, profile, identity)
-    arms = [a for a in RUN_ORDER if a in (o.arms or default_arms(has_cuda))]
+    arms = [a for a in RUN_ORDER if a in (o.arms or default_arms(has_cuda, bool(ref.spec.experts)))]
     ids = prompt_ids(ref.spec.vocab_size, o.prompt_len, o.seed)
     cpu_plan = cpu_ref = cpu_error = None
     if "cpu" in arms and ref.spec.quant is None:  # the planner takes float weights only

@@ -46,6 +46,14 @@ def budget_section(case: BudgetCase, entries: list[dict], spec: Any) -> dict:
         "requested_gpu_budget_bytes": case.requested_gpu_budget_bytes,
         "plan": case.plan.summary() if case.plan else None,
         "plan_error": case.plan_error,
+        **(
+            {
+                "experts_on_cpu_plan": case.moe_plan.summary() if case.moe_plan else None,
+                "experts_on_cpu_plan_error": case.moe_plan_error,
+            }
+            if spec.experts
+            else {}
+        ),
         "model_weight_bytes": spec.total_weight_bytes,
         "arms": entries,
     }
@@ -182,7 +190,7 @@ def derive(section: dict, shared: dict | None = None, cpu_plan: dict | None = No
         base = token_baseline(arm, {**candidates, arm: e})
         e["token_check"] = token_check(e, candidates.get(base), base)
         e["ratios"] = {}
-        for other in ("reference", "offload", "layer-split", "llama.cpp"):
+        for other in ("reference", "offload", "layer-split", "experts-on-cpu", "llama.cpp"):
             o = entries.get(other) or (shared.get(other) if shared else None) or {}
             e["ratios"][f"vs_{other.replace('-', '_').replace('.', '_')}"] = {
                 m: ratio(_mean(e, m), _mean(o, m)) if o else None

@@ -154,6 +154,8 @@ def run_bench(
                 p.cpu_plan,
                 p.cpu_ref,
                 p.gguf,
+                case.moe_plan,
+                case.moe_plan_error,
             )
             entries.append(_one_arm(ctx, p, runners, done, index, progress, task))
             if on_update is not None:
@@ -245,7 +247,7 @@ def _one_arm(
     finally:
         gc.collect()
     entry = {"arm": ctx.arm, "status": "ok", "reason": None, **_run_doc(run)}
-    predicted = predicted_for_arm(ctx.arm, ctx.plan, ctx.cpu_plan, ctx.spec, p)
+    predicted = predicted_for_arm(ctx.arm, ctx.plan_of_arm, ctx.cpu_plan, ctx.spec, p)
     entry["predicted"] = predicted.to_dict() if predicted is not None else None
     done[key] = (index, entry)
     return entry

@@ -1,0 +1,91 @@
+"""bench on a mixture-of-experts model: the `experts-on-cpu` arm (every routed expert on the
+CPU, the rest placed by the planner: llama.cpp's --cpu-moe) runs real plans through the engine
+on the CPU stand-in beside the hetegen arm, and a dense model skips it with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hetegen_cli.bench import arms as bench_arms
+from hetegen_cli.bench import prepare, runner
+from hetegen_cli.bench import present as bench_present
+from tests.fakes import make_profile
+from tests.helpers import bench_options
+from tests.models.architecture.test_architectures import TINY
+from tests.tiny_models import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("bench-moe")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_moe", **{**TINY["qwen3_moe"], "num_experts": 4})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_tokenizer(folder)
+    return folder
+
+
+def _stand_in(monkeypatch, tmp_path):
+    """Pretend CUDA; every arm gets the CPU stand-in backend; a made-up GPU profile."""
+    from hetegen_cli.core.devices import CpuBackend
+
+    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
+    for module in (runner, bench_arms):
+        monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(make_profile(threads=1, best="float32", cpu_dtypes={"float32": 50e9})))
+    return path
+
+
+def test_experts_on_cpu_arm_runs_beside_hetegen_with_the_same_tokens(monkeypatch, tmp_path, tiny_moe_dir):
+    profile = _stand_in(monkeypatch, tmp_path)
+    doc = runner.run_bench(
+        bench_options(
+            model=str(tiny_moe_dir),
+            profile=profile,
+            prompt_len=8,
+            max_new_tokens=4,
+            repeat=1,
+            warmup=0,
+            gpu_budget_bytes=(3 * 2**30,),
+            arms=("hetegen", "experts-on-cpu"),
+        )
+    )
+    (section,) = doc["budgets"]
+    arms = {e["arm"]: e for e in section["arms"]}
+    assert all(e["status"] == "ok" for e in arms.values()), arms
+    # the budget's own plan keeps experts on the GPU side; the arm's plan keeps none there
+    assert section["plan"]["experts_on_gpu"] > 0
+    moe = section["experts_on_cpu_plan"]
+    assert moe["experts_on_gpu"] == 0 and moe["experts_count"] == section["plan"]["experts_count"]
+    assert arms["experts-on-cpu"]["engine_stats"]["experts_gpu"] == 0
+    assert arms["experts-on-cpu"]["engine_stats"]["experts_cpu"] > 0
+    assert arms["hetegen"]["engine_stats"]["experts_gpu"] > 0
+    assert arms["experts-on-cpu"]["tokens"] == arms["hetegen"]["tokens"]
+    assert arms["experts-on-cpu"]["predicted"]["figures"]["decode_tokens_per_s"] > 0
+    assert arms["hetegen"]["ratios"]["vs_experts_on_cpu"]["decode_tokens_per_s"] > 0
+    rows = {r["arm"]: r for r in bench_present.csv_rows(doc)}
+    assert rows["hetegen"]["decode_vs_experts_on_cpu"] > 0
+
+
+def test_a_dense_model_skips_the_experts_on_cpu_arm_with_the_reason(monkeypatch, tmp_path, tiny_llama_dir):
+    profile = _stand_in(monkeypatch, tmp_path)
+    options = bench_options(
+        model=str(tiny_llama_dir),
+        profile=profile,
+        prompt_len=8,
+        max_new_tokens=4,
+        repeat=1,
+        warmup=0,
+        gpu_budget_bytes=(3 * 2**30,),
+        arms=("experts-on-cpu",),
+    )
+    doc = runner.run_bench(options)
+    (entry,) = doc["budgets"][0]["arms"]
+    assert entry["status"] == "skipped" and "dense model" in entry["reason"]
+    assert "experts_on_cpu_plan" not in doc["budgets"][0]

@@ -80,8 +80,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--arms",
             help="Comma-separated subset of: hetegen, offload, accelerate, "
-            "layer-split, cpu, gpu, reference, llama.cpp. Default: all (reference "
-            "only without CUDA).",
+            "layer-split, experts-on-cpu, cpu, gpu, reference, llama.cpp. Default: all "
+            "(reference only without CUDA, experts-on-cpu only for mixture-of-experts models).",
         ),
         gpu_memory: str | None = typer.Option(
             None,

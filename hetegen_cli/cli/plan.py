@@ -92,6 +92,12 @@ def register(app: typer.Typer) -> None:
         ),
         cpu_moe: CpuMoeOption = False,
         n_cpu_moe: NCpuMoeOption = 0,
+        expert_use: Path | None = typer.Option(
+            None,
+            "--expert-use",
+            help="Mixture-of-experts models: place and price the routed experts by how often each "
+            "was chosen, as `hetegen eval --expert-use FILE` counted them (default: uniform use).",
+        ),
     ) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static
@@ -129,6 +135,7 @@ def register(app: typer.Typer) -> None:
                 f"--copy-engines is {copy_engines}; it must be 1 or 2", "pass --copy-engines 1 or 2"
             )
         profile = input_file_arg(profile, "--profile")
+        expert_use = input_file_arg(expert_use, "--expert-use")
         ref = resolve_model(
             model_arg(model),
             need_weights=False,
@@ -139,6 +146,12 @@ def register(app: typer.Typer) -> None:
         for message in ref.warnings:
             warn(message)
         ref.spec.check_context(req.prompt_len, req.max_new_tokens, "--prompt-len")
+        use_warnings: list[str] = []
+        if expert_use is not None:
+            from hetegen_cli.plan.expert_use import load_expert_stats
+
+            stats, use_warnings = load_expert_stats(expert_use, ref.spec)
+            req = replace(req, expert_use=stats)
         if simulate and ref.spec.experts:
             raise PlanError(
                 f"--simulate does not replay mixture-of-experts plans yet "
@@ -151,6 +164,8 @@ def register(app: typer.Typer) -> None:
         plan = make_plan(ref.spec, doc, req, profile_identity=identity)
         if engines_note:
             plan = replace(plan, notes=(*plan.notes, engines_note))
+        if use_warnings:
+            plan = replace(plan, warnings=(*plan.warnings, *use_warnings))
         drawn = None
         if simulate:
             plan, drawn = _simulate(plan, ref.spec, doc, timeline)

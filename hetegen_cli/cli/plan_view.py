@@ -30,6 +30,8 @@ def render_export(exported: Any, json_: bool) -> None:
         console.print(f"\n[bold]{option.kind}[/bold]: {option.what}", highlight=False)
         console.print(f"  {option.command()}", markup=False, highlight=False)
         console.print(f"  {said}", highlight=False)
+        for line in option.notes:
+            console.print(f"  {line}", markup=False, highlight=False)
 
 
 _LANES = {

@@ -61,7 +61,7 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
     w_host = sum(lin.weight_bytes for lin in lins) + (
         spec.lm_head.weight_bytes if spec.tie_word_embeddings else 0
     )
-    w_host += round(active_bytes(spec.experts, experts, req.batch_size)[1])
+    w_host += round(active_bytes(spec.experts, experts, req.batch_size, req.expert_use)[1])
     predictions = Predictions(
         hetegen=cpu_only_prediction(rates, spec, req, fixed, Engine("cpu", placements)),
         offload=None,

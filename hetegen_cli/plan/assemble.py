@@ -10,6 +10,7 @@ from hetegen_cli.core.units import format_bytes
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.costmodel.strategies import with_speedups
 from hetegen_cli.plan.document import Plan, model_identity
+from hetegen_cli.plan.expert_stats import UNIFORM_RECORD
 from hetegen_cli.plan.sections import HostMemory, ProfileIdentity, RatesRecord, Residency, Workload
 
 
@@ -45,6 +46,7 @@ def assemble(
     notes,
     experts=(),
 ) -> Plan:
+    use = req.expert_use.record if req.expert_use is not None else UNIFORM_RECORD
     return Plan(
         placements=placements,
         runtime=runtime,
@@ -75,4 +77,5 @@ def assemble(
         notes=tuple(notes),
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         experts=tuple(experts),
+        expert_use=use if spec.experts else None,
     )

@@ -23,6 +23,7 @@ from hetegen_cli.core.jsonio import write_document
 from hetegen_cli.plan.sections import (
     Bounds,
     Budget,
+    ExpertUseRecord,
     FormatChoice,
     LinearTimes,
     MemoryUse,
@@ -237,8 +238,10 @@ class Plan:
     created_utc: str = ""
     #: `hetegen plan --simulate`: the trace replay of this plan (plan.simulate), a report
     simulation: dict = field(default_factory=dict)
-    #: one per mixture-of-experts layer, in layer order (() for a dense model)
+    #: one per mixture-of-experts layer, in layer order (() for a dense model), and the use
+    #: they were placed and priced by (plan.expert_use; None: a dense model or an older plan)
     experts: tuple[ExpertsPlacement, ...] = ()
+    expert_use: ExpertUseRecord | None = None
 
     __hash__ = None  # type: ignore[assignment]  # holds a dict
 
@@ -338,6 +341,7 @@ class Plan:
             **({"simulation": self.simulation} if self.simulation else {}),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
+            **({"expert_use": self.expert_use.to_dict()} if self.expert_use else {}),
             **({"experts": [x.to_dict() for x in self.experts]} if self.experts else {}),
             "linears": linears,
         }

@@ -108,6 +108,7 @@ SECTIONS = (
     "predictions",
     "bounds",
     "residency",
+    "expert_use",
 )
 
 
@@ -129,6 +130,7 @@ class PlanDoc(Schema):
     simulation: dict[str, Any] = Field(default_factory=dict)  # plan --simulate; optional
     warnings: list[Text] = Field(default_factory=list)
     notes: list[Text] = Field(default_factory=list)
+    expert_use: sec.ExpertUseRecord | None = None  # MoE plans; absent in older plans
     experts: list[ExpertsDoc] = Field(default_factory=list)  # MoE models; absent in older plans
     linears: Annotated[list[LinearDoc], Field(min_length=1)]
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from hetegen_cli.core.dtypes import WEIGHT_DTYPES
 from hetegen_cli.core.errors import UsageError
+from hetegen_cli.plan.expert_stats import ExpertStats
 
 GiB = 1024**3
 #: GPU memory held back for the CUDA context, kernels and allocator fragmentation
@@ -52,6 +53,9 @@ class PlanRequest:
     #: of the first `n_cpu_moe` decoder layers; the others by time saved per byte
     cpu_moe: bool = False
     n_cpu_moe: int = 0
+    #: measured expert use (`plan --expert-use FILE`, plan.expert_use): each expert's own chance
+    #: of being chosen per token, for its place and in every prediction; None: uniform use
+    expert_use: ExpertStats | None = None
 
     def __post_init__(self) -> None:
         for value, flag in (

@@ -238,3 +238,18 @@ class RatesRecord(Section):
     prefill: dict[str, Any]
     decode: dict[str, Any]
     quant: dict[str, dict[str, Any]] | None = None
+
+
+class ExpertUseRecord(Section):
+    """Which expert-use statistics placed a mixture-of-experts plan's experts and priced them
+    (plan.expert_use): `uniform` (top_k / E per token) or `measured` (the counts of `hetegen
+    eval --expert-use FILE`: the file, its sha256 and what it counted). Absent in older plans."""
+
+    source: Literal["uniform", "measured"]
+    path: Text | None = None
+    sha256: Text | None = None  # of the file's bytes
+    model: Text | None = None  # the model it was counted on
+    config_hash: Text | None = None
+    tokens: Count | None = None  # tokens counted
+    text: Text | None = None  # the text they came from
+    text_sha256: Text | None = None

@@ -272,7 +272,7 @@ def solve(
         )
         for k, p in enumerate(placements)
     )
-    active_gpu, active_host = active_bytes(spec.experts, experts, req.batch_size)
+    active_gpu, active_host = active_bytes(spec.experts, experts, req.batch_size, req.expert_use)
     w_gpu = gpu_mem["resident_linear_bytes"] + (spec.lm_head.weight_bytes if head_on_gpu else 0)
     w_gpu += round(active_gpu)
     held = {lin.name: lin.weight_bytes for lin in lins}

@@ -56,6 +56,10 @@ class ExpertUse(Schema):
                 raise ValueError(
                     f"layer {use.layer} has {len(use.counts)} counts for {self.num_experts} experts"
                 )
+            if max(use.counts) > self.tokens:  # a token chooses an expert at most once
+                raise ValueError(
+                    f"layer {use.layer}: an expert counted {max(use.counts)} times in {self.tokens} tokens"
+                )
             if sum(use.counts) != self.tokens * self.top_k:
                 raise ValueError(
                     f"layer {use.layer}: counts sum to {sum(use.counts)}, not tokens x top_k = "

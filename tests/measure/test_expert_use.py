@@ -129,6 +129,7 @@ def test_the_document_round_trips_and_gives_probabilities(tmp_path):
         ({"layers": [{"layer": 0, "counts": [3, 1, 2]}]}, "3 counts for 4 experts"),
         ({"layers": [{"layer": 0, "counts": [3, 1, 2, 1]}]}, "not tokens x top_k"),
         ({"layers": [{"layer": 0, "counts": [3, 1, 2, 0]}] * 2}, "appears twice"),
+        ({"tokens": 1, "layers": [{"layer": 0, "counts": [2, 0, 0, 0]}]}, "counted 2 times in 1 tokens"),
         ({"layers": [{"layer": 0, "counts": [3, -1, 4, 0]}]}, "counts"),
         ({"kind": "hetegen.profile"}, "not a hetegen.expert_use document"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -20,7 +21,8 @@ from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.formats.gguf_names import gguf_tensor_names, llama_cpp_arch
 from hetegen_cli.models.shapes.presets import preset_config
 from hetegen_cli.plan.costmodel.predict import CostInputs
-from hetegen_cli.plan.export import cpu_tensor_patterns, llama_cpp_export
+from hetegen_cli.plan.document import ExpertsPlacement
+from hetegen_cli.plan.export import cpu_tensor_patterns, expert_flags, layer_experts, llama_cpp_export
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.solver import make_plan
 from tests.fakes import make_profile
@@ -59,7 +61,15 @@ def test_patterns_group_layers_and_kinds():
 
 @pytest.mark.parametrize(
     "model_type, arch",
-    [("llama", "llama"), ("qwen3", "qwen3"), ("gemma3_text", "gemma3"), ("phi3", "phi3"), ("opt", None)],
+    [
+        ("llama", "llama"),
+        ("qwen3", "qwen3"),
+        ("gemma3_text", "gemma3"),
+        ("phi3", "phi3"),
+        ("opt", None),
+        ("qwen3_moe", "qwen3moe"),
+        ("mixtral", "llama"),  # llama.cpp converts Mixtral as a llama model
+    ],
 )
 def test_llama_cpp_architecture_names(model_type, arch):
     assert llama_cpp_arch(model_type) == arch
@@ -140,3 +150,114 @@ def test_plan_export_on_the_command_line(tmp_path):
     opt = cli("plan", "--model", "opt-1.3b", "--profile", str(profile), "--export", "llama.cpp")
     assert opt.exit_code == 1 and "llama.cpp has no 'opt' architecture" in opt.stderr
     assert "Traceback" not in opt.stderr and opt.stdout == ""
+
+
+# --- mixture-of-experts plans: experts rounded to whole layers ----------------------------------
+
+MOE_LAYERS = 40
+MOE_NAMES = gguf_tensor_names("qwen3_moe", MOE_LAYERS)
+EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_UNIVERSE = [f"blk.{i}.{k}" for i in range(MOE_LAYERS) for k in (*KINDS[:4], *EXPS, "ffn_gate_inp")]
+
+
+def _layers_of(gpu_layers: set[int], num_experts: int = 4) -> tuple[ExpertsPlacement, ...]:
+    return tuple(
+        ExpertsPlacement(
+            f"model.layers.{i}.mlp.experts",
+            i,
+            num_experts,
+            tuple(range(num_experts)) if i in gpu_layers else (),
+        )
+        for i in range(MOE_LAYERS)
+    )
+
+
+@property_settings(200)
+@given(st.sets(st.integers(0, MOE_LAYERS - 1)))
+def test_moe_flags_keep_exactly_the_cpu_layers_experts_on_the_cpu(gpu_layers):
+    flags, names = expert_flags(_layers_of(gpu_layers), MOE_NAMES)
+    cpu = set(range(MOE_LAYERS)) - gpu_layers
+    want = {f"blk.{i}.{k}" for i in cpu for k in EXPS}
+    if not cpu:
+        assert flags == () and names == []
+    elif not gpu_layers:
+        assert flags == ("--cpu-moe",) and names == []
+    elif cpu == set(range(len(cpu))):
+        assert flags == ("--n-cpu-moe", str(len(cpu))) and names == []
+    else:
+        assert flags == () and _selected(cpu_tensor_patterns(names), MOE_UNIVERSE) == want
+
+
+@pytest.fixture(scope="module")
+def qwen_moe():
+    return spec_from_config(preset_config("qwen3-30b-a3b"), "qwen3-30b-a3b")
+
+
+@property_settings(60)
+@given(st.lists(st.integers(0, 128), min_size=48, max_size=48), st.integers(0, 48 * 128))
+def test_rounding_to_layers_fills_the_experts_memory_with_whole_layers(qwen_moe_plan, counts, room):
+    spec, plan = qwen_moe_plan
+    size = spec.experts[0].expert_bytes
+    experts = tuple(ExpertsPlacement.of(x, range(c)) for x, c in zip(spec.experts, counts, strict=True))
+    gpu = plan.memory.gpu.model_copy(update={"resident_expert_bytes": room * size})
+    memory = plan.memory.model_copy(update={"gpu": gpu})
+    budget = plan.budget.model_copy(update={"gpu_unused_bytes": 0})
+    rounded, to_cpu, to_gpu = layer_experts(
+        replace(plan, experts=experts, memory=memory, budget=budget), spec
+    )
+    whole = [x for x in rounded if x.gpu]
+    assert all(len(x.gpu) == x.num_experts for x in whole)  # whole layers or nothing
+    assert all(counts[x.layer_index] > 0 for x in whole)  # only layers the plan gave experts
+    assert len(whole) * 128 <= room  # within the plan's experts memory
+    left_out = [c for x, c in zip(rounded, counts, strict=True) if not x.gpu and c]
+    assert not left_out or room - len(whole) * 128 < 128  # no other layer would fit
+    assert to_cpu == sum(left_out) and to_gpu == sum(128 - counts[x.layer_index] for x in whole)
+
+
+@pytest.fixture(scope="module")
+def qwen_moe_plan(qwen_moe):
+    req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    return qwen_moe, make_plan(qwen_moe, _desktop(), req)
+
+
+@pytest.mark.parametrize(
+    "gib, over, flags",
+    [
+        (8, {}, ("-ot",)),  # uniform: layers 0-2 whole, a part of layer 3 back to the CPU
+        (8, {"cpu_moe": True}, ("--cpu-moe",)),
+        (24, {"n_cpu_moe": 40}, ("--n-cpu-moe", "40")),
+    ],
+)
+def test_export_of_a_moe_plan(qwen_moe, gib, over, flags):
+    req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=gib * GiB, **over)
+    profile = _desktop()
+    plan = make_plan(qwen_moe, profile, req)
+    names = gguf_tensor_names(qwen_moe.architecture, qwen_moe.num_layers)
+    tensors, layers = llama_cpp_export(plan, qwen_moe, req, CostInputs.of(profile), names).options
+    assert tensors.flags[:2] == ("-ngl", "49") and tensors.flags[2 : 2 + len(flags)] == flags
+    assert layers.kind == "layers"
+    rounded, to_cpu, _ = layer_experts(plan, qwen_moe)
+    if flags == ("-ot",):
+        cpu = {x.layer_index for x in rounded if not x.gpu}
+        assert cpu == set(range(3, 48)) and to_cpu == sum(len(x.gpu) for x in plan.experts) - 3 * 128
+        every = [f"blk.{i}.{k}" for i in range(48) for k in (*KINDS[:4], *EXPS)]
+        patterns = [tensors.flags[i + 1] for i, f in enumerate(tensors.flags) if f == "-ot"]
+        assert _selected(patterns, every) == {f"blk.{i}.{k}" for i in cpu for k in EXPS}
+        (note,) = tensors.notes
+        assert f"{to_cpu} experts moved to the CPU, 0 to the GPU" in note
+        # moving experts to the CPU never predicts faster than the plan
+        assert tensors.decode_tokens_per_s < plan.predictions.hetegen.decode_tokens_per_s
+    else:  # the plan's placement is already whole layers: the same prediction, no note
+        assert tensors.notes == () and to_cpu == 0
+        assert tensors.decode_tokens_per_s == pytest.approx(plan.predictions.hetegen.decode_tokens_per_s)
+
+
+def test_moe_export_on_the_command_line(tmp_path):
+    profile = tmp_path / "desktop.json"
+    profile.write_text(json.dumps(_desktop()))
+    args = ["plan", "--model", "qwen3-30b-a3b", "--profile", str(profile), "--gpu-memory", "8GiB"]
+    doc = json.loads(cli(*args, "--export", "llama.cpp", "--json").stdout)
+    tensors = doc["options"][0]
+    assert "_exps" in tensors["command"] and "rounded to whole layers" in tensors["notes"][0]
+    text = cli(*args, "--cpu-moe", "--export", "llama.cpp")
+    assert text.exit_code == 0 and "-ngl 49 --cpu-moe -t" in text.stdout

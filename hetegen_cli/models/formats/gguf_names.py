@@ -10,6 +10,10 @@ from collections.abc import Callable
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats.gguf_read import GGUF_MODEL_TYPES
 
+#: transformers model types llama.cpp converts as another architecture (convert_hf_to_gguf.py
+#: registers MixtralForCausalLM as a llama model: its experts as blk.N.ffn_*_exps)
+_SAME_AS = {"mixtral": "llama"}
+
 
 def llama_cpp_arch(model_type: str) -> str | None:
     """llama.cpp's architecture name for a transformers `model_type`, or None when llama.cpp
@@ -23,7 +27,7 @@ def llama_cpp_arch(model_type: str) -> str | None:
         ) from None
     by_type = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}
     names = set(MODEL_ARCH_NAMES.values())
-    for arch in (by_type.get(model_type), model_type, model_type.replace("_", "")):
+    for arch in (by_type.get(model_type), _SAME_AS.get(model_type), model_type, model_type.replace("_", "")):
         if arch in names:
             return arch
     return None

@@ -1,21 +1,26 @@
 """The routed experts of mixture-of-experts layers in the cost model (pure Python; docs/plan.md,
 "Experts").
 
-Use is uniform until expert statistics exist: each of a step's n tokens picks top_k of the E
-experts, so a step activates D(n) = E (1 - (1 - k/E)^n) distinct experts per layer
-(models.shapes.experts.expected_distinct), each seeing n k / D(n) tokens on average. An expert
-on the GPU side is computed there; any other one by the CPU from host RAM, whole (its three
-matrices), only when active. The two sides of a layer run at once (engine.experts), so the
-layer takes the longer of the two.
+Uniform use (no statistics): each of a step's n tokens picks top_k of the E experts, so a step
+activates D(n) = E (1 - (1 - k/E)^n) distinct experts per layer
+(models.shapes.experts.expected_distinct), each seeing n k / D(n) tokens on average. Measured
+use (`use`, plan.expert_use.ExpertStats): expert e, chosen per token with probability p_e, is
+active in a step with probability P_e = 1 - (1 - p_e)^n and then sees n p_e / P_e tokens on
+average; a side's expected work is the sum over its experts of P_e times the expert's time.
+With p_e = k/E for every expert both give the same figures. An expert on the GPU side is
+computed there; any other one by the CPU from host RAM, whole (its three matrices), only when
+active. The two sides of a layer run at once (engine.experts), so the layer takes the longer
+of the two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 from hetegen_cli.models.shapes.experts import ExpertsSpec, expected_distinct
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.document import ExpertsPlacement
+from hetegen_cli.plan.expert_stats import ExpertStats
 
 
 def step_tokens(req, phase: str) -> int:
@@ -50,6 +55,36 @@ def layer_s(
     return cpu, gpu
 
 
+def active_probability(per_token: float, tokens: int) -> float:
+    """P(an expert chosen with probability `per_token` by each token is active in a step of
+    `tokens` tokens) = 1 - (1 - p)^n."""
+    return 1.0 - (1.0 - min(1.0, max(0.0, per_token))) ** tokens
+
+
+def measured_layer_s(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    per_token: Sequence[float],
+    gpu: Collection[int],
+    tokens: int,
+    concurrent: bool = True,
+) -> tuple[float, float]:
+    """(CPU side, GPU side) seconds of one layer's experts in a step of `tokens` tokens, expert
+    e chosen per token with probability `per_token[e]` and on the GPU side when in `gpu`."""
+    sides = [0.0, 0.0]
+    seconds: dict[tuple[int, bool], float] = {}  # experts seeing as many tokens cost the same
+    for e, p in enumerate(per_token):
+        active = active_probability(p, tokens)
+        if active <= 0:
+            continue
+        on_gpu = e in gpu
+        key = (max(1, round(tokens * p / active)), on_gpu)
+        if key not in seconds:
+            seconds[key] = expert_s(rates, x, key[0], on_gpu, concurrent)
+        sides[on_gpu] += active * seconds[key]
+    return sides[0], sides[1]
+
+
 def experts_step_s(
     rates: cm.Rates,
     specs: Iterable[ExpertsSpec],
@@ -57,32 +92,48 @@ def experts_step_s(
     tokens: int,
     concurrent: bool = True,
     gpu_layers: int | None = None,
+    use: ExpertStats | None = None,
 ) -> float:
     """Seconds of every MoE layer's experts in one step: each layer the longer of its two
     sides. `placements` None: every expert on the CPU, or with `gpu_layers` every expert of the
-    layers below it on the GPU (a layer split)."""
-    on_gpu = {p.name: len(p.gpu) for p in placements or ()}
+    layers below it on the GPU (a layer split). `use`: measured use (None: uniform)."""
+    on_gpu = {p.name: p.gpu for p in placements or ()}
     total = 0.0
     for x in specs:
         if gpu_layers is not None:
-            n_gpu = x.num_experts if x.layer_index < gpu_layers else 0
+            gpu = range(x.num_experts) if x.layer_index < gpu_layers else ()
         else:
-            n_gpu = on_gpu.get(x.name, 0)
-        total += max(layer_s(rates, x, n_gpu, tokens, concurrent))
+            gpu = on_gpu.get(x.name, ())
+        per_token = use.per_token(x.layer_index) if use is not None else None
+        if per_token is None:
+            total += max(layer_s(rates, x, len(gpu), tokens, concurrent))
+        else:
+            total += max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent))
     return total
 
 
 def active_bytes(
-    specs: Iterable[ExpertsSpec], placements: Iterable[ExpertsPlacement], tokens: int
+    specs: Iterable[ExpertsSpec],
+    placements: Iterable[ExpertsPlacement],
+    tokens: int,
+    use: ExpertStats | None = None,
 ) -> tuple[float, float]:
-    """(GPU, host) bytes of the experts one step of `tokens` tokens reads (uniform use)."""
-    on_gpu = {p.name: len(p.gpu) for p in placements}
+    """(GPU, host) bytes of the experts one step of `tokens` tokens reads (expected)."""
+    on_gpu = {p.name: p.gpu for p in placements}
     gpu = host = 0.0
     for x in specs:
-        active = expected_distinct(x.num_experts, x.top_k, tokens) * x.expert_bytes
-        share = on_gpu.get(x.name, 0) / x.num_experts
-        gpu += active * share
-        host += active * (1 - share)
+        placed = on_gpu.get(x.name, ())
+        per_token = use.per_token(x.layer_index) if use is not None else None
+        if per_token is None:
+            active = expected_distinct(x.num_experts, x.top_k, tokens) * x.expert_bytes
+            share = len(placed) / x.num_experts
+            gpu += active * share
+            host += active * (1 - share)
+            continue
+        chosen = set(placed)
+        for e, p in enumerate(per_token):
+            active = active_probability(p, tokens) * x.expert_bytes
+            gpu, host = (gpu + active, host) if e in chosen else (gpu, host + active)
     return gpu, host
 
 
@@ -94,3 +145,20 @@ def expert_priority(rates: cm.Rates, x: ExpertsSpec, batch: int) -> float:
     p_active = active / x.num_experts
     saved = expert_s(rates, x, tokens, False) - expert_s(rates, x, tokens, True)
     return max(0.0, p_active * saved) / x.expert_bytes
+
+
+def expert_priorities(rates: cm.Rates, x: ExpertsSpec, batch: int, per_token: Sequence[float]) -> list[float]:
+    """expert_priority for each expert of `x` under measured use: the chance expert e is active
+    in a decode step (1 - (1 - p_e)^batch) times its CPU time less its GPU time, per byte."""
+    out = []
+    saved: dict[int, float] = {}
+    for p in per_token:
+        active = active_probability(p, batch)
+        if active <= 0:
+            out.append(0.0)
+            continue
+        n = max(1, round(batch * p / active))
+        if n not in saved:
+            saved[n] = expert_s(rates, x, n, False) - expert_s(rates, x, n, True)
+        out.append(max(0.0, active * saved[n]) / x.expert_bytes)
+    return out

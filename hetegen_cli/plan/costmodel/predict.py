@@ -118,6 +118,7 @@ def predict(spec: ModelSpec, execution: Execution, req: PlanRequest, inputs: Cos
         0,
         inputs.fixed,
         gpu_device=execution.device,
+        experts=plan.experts,
     )
 
 

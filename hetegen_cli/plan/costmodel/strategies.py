@@ -214,11 +214,14 @@ def with_speedups(predictions: Predictions) -> Predictions:
 
 def with_experts(rates: cm.PhaseRates, spec, req, linear_s: dict, experts=None, **how) -> dict[str, float]:
     """`linear_s` per phase plus the routed experts of a MoE model placed as `experts`
-    (costmodel.experts.experts_step_s; None: every expert on the CPU)."""
+    (costmodel.experts.experts_step_s; None: every expert on the CPU), used as `req.expert_use`
+    says (None: uniform use)."""
     if not spec.experts:
         return linear_s
+    use = req.expert_use
     return {
-        ph: linear_s[ph] + experts_step_s(rates[ph], spec.experts, experts, step_tokens(req, ph), **how)
+        ph: linear_s[ph]
+        + experts_step_s(rates[ph], spec.experts, experts, step_tokens(req, ph), use=use, **how)
         for ph in PHASES
     }
 

@@ -26,12 +26,33 @@ bash scripts/device-wheels.sh --python-version "$pyver" --dest "$WHEELS"
 rm -rf "$OUT_DIR"
 home="$(mktemp -d "${TMPDIR:-/tmp}/hetegen-dry-run-home.XXXXXX")"
 trap 'rm -rf "$home"' EXIT
+# the moe step's model: a tiny random Qwen3-MoE folder (a preset's synthetic weights would be GBs)
+"$ENV_DIR/bin/python" - "$home/tiny-moe" <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tests.tiny_models import VOCAB_SIZE, build_tokenizer  # no hetegen import: no pydantic yet
+
+torch.manual_seed(0)
+folder = Path(sys.argv[1])
+config = AutoConfig.for_model(
+    "qwen3_moe", vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=128, num_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+build_tokenizer(folder)
+EOF
 t_check=$(date +%s)
 set +e
 env -u PYTHONPATH HETEGEN_HOME="$home" PYTHON="$ENV_DIR/bin/python" HETEGEN_CHECK_WHEELS="$WHEELS" \
   HETEGEN_CHECK_LIMIT_S="${HETEGEN_CHECK_LIMIT_S:-480}" \
   HETEGEN_CHECK_PRESET=opt-125m HETEGEN_CHECK_BUDGET=1150MiB HETEGEN_CHECK_BUDGETS=1150MiB,1300MiB \
   HETEGEN_CHECK_PROMPT_LEN=16 HETEGEN_CHECK_NEW_TOKENS=4 HETEGEN_CHECK_REPEAT=1 \
+  HETEGEN_CHECK_MOE_MODEL="$home/tiny-moe" HETEGEN_CHECK_MOE_BUDGETS=1GiB \
   bash scripts/gpu-check.sh "$OUT_DIR"
 rc=$?
 set -e
@@ -75,7 +96,7 @@ if not profile.get("saved") or profile.get("engine_costs") != "measured":
     problems.append(f"profile: saved {profile.get('saved')}, engine costs {profile.get('engine_costs')}")
 if profile.get("gpu") and not profile.get("copy_engine_probe"):  # a GPU profile has the probe
     problems.append("profile: no copy-engine probe")
-for name in ("smoke", "arms", "quant", "sweep"):
+for name in ("smoke", "arms", "quant", "moe", "sweep"):
     step = summary[name]
     requested = step.get("arms_requested") or []
     if not step.get("complete") or not requested:

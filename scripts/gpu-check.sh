@@ -31,7 +31,10 @@
 #      OPT-6.7B fp16 (no CPU-only arms: they would load 13-27 GB more) (cap 200 s, min 60 s)
 #   5. quant: the same with the model quantized to int4: hetegen, layer split, offload
 #                                                                   (cap 170 s, min 60 s)
-#   6. sweep: the budget sweep with the time left (hetegen, layer split, offload) (min 45 s)
+#   6. moe: a mixture-of-experts model (synthetic OLMoE-1B-7B fp16, or HETEGEN_CHECK_MOE_MODEL):
+#      the all-GPU arm where it fits, hetegen (experts placed by the planner) and experts-on-cpu
+#      (llama.cpp's --cpu-moe placement) at HETEGEN_CHECK_MOE_BUDGET   (cap 200 s, min 60 s)
+#   7. sweep: the budget sweep with the time left (hetegen, layer split, offload) (min 45 s)
 # Every bench step plans from the profile step's file (--profile). Arms run in the order
 # given: the all-GPU baseline first, Accelerate (slowest) last.
 # Dry run on a CPU machine: scripts/gpu-check-dry-run.sh (the device image's stand-in).
@@ -44,6 +47,10 @@ BUDGETS="${HETEGEN_CHECK_BUDGETS:-4GiB,8GiB,16GiB}"
 PROMPT_LEN="${HETEGEN_CHECK_PROMPT_LEN:-64}"
 NEW_TOKENS="${HETEGEN_CHECK_NEW_TOKENS:-16}"
 REPEAT="${HETEGEN_CHECK_REPEAT:-2}"
+MOE_PRESET="${HETEGEN_CHECK_MOE_PRESET:-olmoe-1b-7b}"  # 13.8 GB in fp16: written once, on the device
+MOE_BUDGETS="${HETEGEN_CHECK_MOE_BUDGETS:-6GiB,32GiB}"  # experts split; the whole model (the gpu arm)
+MOE_SOURCE=(--synthetic "$MOE_PRESET")
+[ -n "${HETEGEN_CHECK_MOE_MODEL:-}" ] && MOE_SOURCE=(--model "$HETEGEN_CHECK_MOE_MODEL")
 LIMIT_S="${HETEGEN_CHECK_LIMIT_S:-480}"
 MARGIN_S="${HETEGEN_CHECK_MARGIN_S:-40}"
 PACK_EVERY_S="${HETEGEN_CHECK_PACK_EVERY_S:-15}"
@@ -313,6 +320,11 @@ step quant 170 60 "$PY" -m hetegen_cli bench --synthetic "$PRESET" --quant int4 
   --max-new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --warmup 1 "${PROFILE_ARGS[@]}" \
   --output "$WORK/quant.json"
 tail -n 25 "$WORK/quant.stdout" >> "$LOG" 2>/dev/null
+
+step moe 200 60 "$PY" -m hetegen_cli bench "${MOE_SOURCE[@]}" --dtype float16 \
+  --gpu-memory "$MOE_BUDGETS" --arms gpu,hetegen,experts-on-cpu --prompt-len "$PROMPT_LEN" \
+  --max-new-tokens "$NEW_TOKENS" --repeat 1 --warmup 1 "${PROFILE_ARGS[@]}" --output "$WORK/moe.json"
+tail -n 25 "$WORK/moe.stdout" >> "$LOG" 2>/dev/null
 
 PLOT_ARGS=()
 has matplotlib && PLOT_ARGS=(--plot "$WORK/sweep.png")

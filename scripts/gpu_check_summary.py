@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-STEPS = ("preflight", "cuda-tests", "profile", "smoke", "arms", "simulate", "quant", "sweep")
-BENCH_STEPS = ("smoke", "arms", "quant", "sweep")
+STEPS = ("preflight", "cuda-tests", "profile", "smoke", "arms", "simulate", "quant", "moe", "sweep")
+BENCH_STEPS = ("smoke", "arms", "quant", "moe", "sweep")
 
 
 def _read(path: Path):

@@ -113,6 +113,7 @@ def test_summary_of_a_run_cut_short(tmp_path, summary_module):
         "arms": "running",
         "simulate": "not-run",
         "quant": "skipped",
+        "moe": "not-run",
         "sweep": "not-run",
     }
     assert doc["quant"]["skipped_reason"].startswith("20s of the budget left")

@@ -62,16 +62,8 @@ def expert_stats(
             f"({spec.config_hash}); its experts match, so the counts are used: count again if the "
             "models differ"
         )
-    record = ExpertUseRecord(
-        source="measured",
-        path=path,
-        sha256=sha256,
-        model=use.model,
-        config_hash=use.config_hash,
-        tokens=use.tokens,
-        text=use.text,
-        text_sha256=use.text_sha256,
-    )
+    counted = use.model_dump(include={"model", "config_hash", "tokens", "text", "text_sha256"})
+    record = ExpertUseRecord(source="measured", path=path, sha256=sha256, **counted)
     layers = tuple((u.layer, tuple(c / use.tokens for c in u.counts)) for u in use.layers)
     return ExpertStats(tuple(sorted(layers)), record), warnings
 

@@ -26,6 +26,7 @@ from hetegen_cli.models.formats.synthetic import build_synthetic_model
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.models.shapes import presets
 from hetegen_cli.plan.document import Plan
+from hetegen_cli.plan.expert_use import load_expert_stats
 from hetegen_cli.plan.request import PlanRequest, cpu_dtype_pair
 from hetegen_cli.plan.solver import check_forced_formats, make_plan
 from hetegen_cli.run.builders import all_cpu_formats_plan
@@ -73,6 +74,7 @@ class BenchOptions:
     gpu_budget_bytes: tuple[int, ...] = ()
     seed: int = 0
     threads: int | None = None  # torch intra-op threads for every arm (default: plan's)
+    expert_use_path: Path | None = None  # MoE models: counts that place the hetegen arm's experts
     command_line: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -301,7 +303,11 @@ def prompt_ids(vocab_size: int, length: int, seed: int) -> list[int]:
 
 def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) -> list[BudgetCase]:
     """One plan per budget (a PlanError becomes the case's plan_error, not a failure)."""
-    cases = []
+    cases, stats = [], None
+    if o.expert_use_path is not None:
+        stats, use_warnings = load_expert_stats(o.expert_use_path, ref.spec)
+        for message in use_warnings:
+            warn(message)
     for requested in o.gpu_budget_bytes or (None,):
         req = PlanRequest(
             prompt_len=o.prompt_len,
@@ -309,6 +315,7 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
             gpu_budget_bytes=requested,
             cpu_dtype=o.cpu_dtype,
             model_arg=o.model_arg,
+            expert_use=stats,
         )
         plan, error = _plan_or_error(ref, o, profile, identity, req)
         budget = requested if requested is not None or plan is None else plan.budget.gpu_budget_bytes

@@ -13,9 +13,11 @@ import typer
 from hetegen_cli.cli.common import (
     BenchDtypeOption,
     CpuDtypeOption,
+    ExpertUseOption,
     JsonOption,
     cpu_dtype_arg,
     guarded,
+    input_file_arg,
     model_setup_options,
     output_arg,
     sizes_bytes,
@@ -95,6 +97,7 @@ def register(app: typer.Typer) -> None:
             "--threads",
             help="torch intra-op threads for every arm. Default: the profile's (the plan's cpu_threads).",
         ),
+        expert_use: ExpertUseOption = None,
         json_: JsonOption = False,
         csv_path: Path | None = typer.Option(None, "--csv", help="Write one CSV row per (budget, arm)."),
         plot: Path | None = typer.Option(
@@ -124,6 +127,7 @@ def register(app: typer.Typer) -> None:
             gpu_budget_bytes=sizes_bytes(gpu_memory, "--gpu-memory"),
             seed=seed,
             threads=threads,
+            expert_use_path=input_file_arg(expert_use, "--expert-use"),
             command_line=tuple(["hetegen", *sys.argv[1:]]),
         )
         check_outputs(output, csv_path, plot)

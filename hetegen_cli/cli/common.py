@@ -166,6 +166,15 @@ NCpuMoeOption = Annotated[
     ),
 ]
 
+ExpertUseOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--expert-use",
+        help="Mixture-of-experts models: place and price the routed experts by how often each was "
+        "chosen, as `hetegen eval --expert-use FILE` counted them (default: uniform use).",
+    ),
+]
+
 #: the options of a ModelSetup: (annotation, default) by parameter name, in --help's order
 _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "model": (ModelOption, None),
@@ -177,9 +186,10 @@ _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "gpu_memory": (GpuBudgetOption, None),
     "cpu_moe": (CpuMoeOption, False),
     "n_cpu_moe": (NCpuMoeOption, 0),
+    "expert_use": (ExpertUseOption, None),
     "profile": (ProfileOption, None),
 }
-_PLAN_OPTIONS = ("plan", "gpu_memory", "cpu_moe", "n_cpu_moe")
+_PLAN_OPTIONS = ("plan", "gpu_memory", "cpu_moe", "n_cpu_moe", "expert_use")
 
 
 def model_setup_options(
@@ -228,6 +238,7 @@ def model_setup(
     allow_float_copy: bool = False,
     cpu_moe: bool = False,
     n_cpu_moe: int = 0,
+    expert_use: Path | None = None,
 ) -> ModelSetup:
     """The ModelSetup of the command line: the size parsed, the values and their combinations
     checked (ModelSetup), then the files named (they must exist)."""
@@ -242,9 +253,13 @@ def model_setup(
         profile_path=profile,
         cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe,
+        expert_use_path=expert_use,
     )
     return replace(
-        setup, plan_path=input_file_arg(plan, "--plan"), profile_path=input_file_arg(profile, "--profile")
+        setup,
+        plan_path=input_file_arg(plan, "--plan"),
+        profile_path=input_file_arg(profile, "--profile"),
+        expert_use_path=input_file_arg(expert_use, "--expert-use"),
     )
 
 

@@ -12,6 +12,7 @@ from hetegen_cli.cli.common import (
     AllowFloatCopyOption,
     CpuDtypeOption,
     CpuMoeOption,
+    ExpertUseOption,
     GpuBudgetOption,
     JsonOption,
     ModelOption,
@@ -92,12 +93,7 @@ def register(app: typer.Typer) -> None:
         ),
         cpu_moe: CpuMoeOption = False,
         n_cpu_moe: NCpuMoeOption = 0,
-        expert_use: Path | None = typer.Option(
-            None,
-            "--expert-use",
-            help="Mixture-of-experts models: place and price the routed experts by how often each "
-            "was chosen, as `hetegen eval --expert-use FILE` counted them (default: uniform use).",
-        ),
+        expert_use: ExpertUseOption = None,
     ) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
         which weights stay on the GPU, and predict the speed against pure offloading, a static

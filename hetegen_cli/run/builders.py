@@ -46,6 +46,7 @@ from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel.predict import spec_in
 from hetegen_cli.plan.document import Plan, check_plan_matches
+from hetegen_cli.plan.expert_use import load_expert_stats
 from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.memory import whole_model_gpu_bytes
 from hetegen_cli.plan.request import PlanRequest
@@ -237,6 +238,11 @@ def _plan_on_the_fly(resolved: Resolved, workload: Workload) -> Plan:
         cpu_moe=setup.cpu_moe,
         n_cpu_moe=setup.n_cpu_moe,
     )
+    if setup.expert_use_path is not None:
+        stats, use_warnings = load_expert_stats(setup.expert_use_path, resolved.ref.spec)
+        req = replace(req, expert_use=stats)
+        for message in use_warnings:
+            warn(message)
     doc, identity = load_or_measure(setup.profile_path)
     plan = make_plan(resolved.ref.spec, doc, req, profile_identity=identity)
     hetegen = plan.predictions.hetegen

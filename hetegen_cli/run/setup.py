@@ -48,6 +48,7 @@ class ModelSetup:
     profile_path: Path | None = None
     cpu_moe: bool = False  # MoE models: every routed expert on the CPU (a plan made on the fly)
     n_cpu_moe: int = 0  # ... or those of the first N decoder layers
+    expert_use_path: Path | None = None  # MoE models: counts that place the experts (eval --expert-use)
 
     def __post_init__(self) -> None:
         if self.model is not None and not self.model.strip():
@@ -64,9 +65,12 @@ class ModelSetup:
                 "--plan and --gpu-memory cannot be combined",
                 "the plan already fixes the GPU budget; re-plan to change it",
             )
-        if self.plan_path is not None and (self.cpu_moe or self.n_cpu_moe):
+        placing = [f for f, on in (("--cpu-moe", self.cpu_moe), ("--n-cpu-moe", self.n_cpu_moe)) if on]
+        if self.expert_use_path is not None:
+            placing.append("--expert-use")
+        if self.plan_path is not None and placing:
             raise UsageError(
-                f"--plan and {'--cpu-moe' if self.cpu_moe else '--n-cpu-moe'} cannot be combined",
+                f"--plan and {placing[0]} cannot be combined",
                 "the plan already places the experts; pass the flag to `hetegen plan` instead",
             )
         if self.device == "cpu" and self.gpu_budget_bytes is not None:

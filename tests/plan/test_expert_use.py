@@ -319,3 +319,66 @@ def test_eval_counts_feed_plan_and_run_executes_the_plan(tiny_moe, tmp_path):
     damaged.write_text(use.read_text()[:-20])
     assert_error(cli(*args, "--expert-use", str(damaged)), str(damaged))
     assert_error(cli(*args, "--expert-use", str(tmp_path / "none.json")), "does not exist")
+
+
+def test_run_and_bench_plan_on_the_fly_with_the_counts(tiny_moe, tmp_path, monkeypatch):
+    """`run --gpu-memory B --expert-use FILE` and `bench --expert-use FILE` place the experts
+    by the counts as `plan --expert-use` does (CUDA faked by the CPU stand-in); with --plan
+    the flag is refused."""
+    from hetegen_cli.bench import arms as bench_arms
+    from hetegen_cli.bench import prepare, runner
+    from hetegen_cli.core.devices import CpuBackend
+    from hetegen_cli.models.architecture.folder import spec_from_folder
+    from hetegen_cli.profile.document import save_profile
+    from hetegen_cli.profile.expert_use import load_expert_use
+    from hetegen_cli.run import builders
+    from tests.cli.test_run import PROMPT, _run
+    from tests.fakes import make_profile
+    from tests.helpers import assert_error, bench_options, cli
+
+    text, use = tmp_path / "text.txt", tmp_path / "use.json"
+    text.write_text("the quick brown fox jumps over the lazy dog and runs far away " * 12)
+    counted = cli(
+        "eval", "--model", str(tiny_moe), "--text", str(text), "--context", "32", "--expert-use", str(use)
+    )
+    assert counted.exit_code == 0, counted.stderr
+    counts = load_expert_use(use)
+    ranked = sorted((-c, u.layer, e) for u in counts.layers for e, c in enumerate(u.counts))
+    hottest = {(layer, e) for _, layer, e in ranked[:3]}
+    profile = tmp_path / "profile.json"
+    save_profile(make_profile(gpu=True), profile)
+    spec, _ = spec_from_folder(tiny_moe)
+    args = ["plan", "--model", str(tiny_moe), "--profile", str(profile), "--prompt-len", "16"]
+    args += ["--max-new-tokens", "8", "--cpu-dtype", "float32", "--gpu-memory", "4GiB", "--cpu-moe", "--json"]
+    base = json.loads(cli(*args).stdout)["memory"]["gpu"]["total_bytes"]
+    three = str(base + 3 * spec.experts[0].expert_bytes)
+
+    monkeypatch.setattr(builders, "cuda_available", lambda: True)
+    monkeypatch.setattr(builders, "get_backend", lambda kind="auto": CpuBackend())
+    run_args = ("--model", str(tiny_moe), "--prompt", PROMPT, "-n", "4", "--json", "--profile", str(profile))
+    ran = _run(*run_args, "--gpu-memory", three, "--expert-use", str(use))
+    assert ran.exit_code == 0, ran.stderr
+    doc = json.loads(ran.stdout)
+    assert doc["plan"]["origin"] == "planned on the fly" and doc["plan"]["experts_on_gpu"] == 3
+    assert any(f"measured use (use.json: {counts.tokens} tokens" in n for n in doc["plan"]["notes"])
+    assert_error(_run(*run_args, "--plan", str(use), "--expert-use", str(use)), "--expert-use", exit_code=2)
+
+    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
+    for module in (runner, bench_arms):
+        monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
+    options = bench_options(
+        model=str(tiny_moe),
+        profile=profile,
+        prompt_len=8,
+        max_new_tokens=4,
+        repeat=1,
+        warmup=0,
+        gpu_budget_bytes=(int(three),),
+        arms=("hetegen",),
+        expert_use_path=use,
+    )
+    case = prepare.make_cases(
+        prepare.resolve_bench_model(options)[0], options, *prepare.load_or_measure(profile)
+    )[0]
+    assert {(x.layer_index, e) for x in case.plan.experts for e in x.gpu} == hottest
+    assert case.plan.expert_use.source == "measured" and case.moe_plan.summary()["experts_on_gpu"] == 0

@@ -270,7 +270,7 @@ def test_plans_splitting_the_linears_too_run_both_sides(moe, backend):
 
 
 @contextlib.contextmanager
-def _routing(model, names, record: dict, force: dict | None = None):
+def routing(model, names, record: dict, force: dict | None = None):
     """Record each experts module's routing (top_k_index, top_k_weights) per call into
     `record`; with `force`, call the experts with `force`'s routing instead of the router's."""
 
@@ -306,9 +306,9 @@ def test_the_plain_quantized_model_computes_its_dequantized_weights(moe):
     chosen: dict = {}
     own: dict = {}
     with torch.no_grad():
-        with _routing(plain.model, names, chosen):
+        with routing(plain.model, names, chosen):
             got = plain.model(tokens).logits[0].float()
-        with _routing(reference, names, own, force=chosen):
+        with routing(reference, names, own, force=chosen):
             want = reference(tokens).logits[0]
     apart = sum(
         int((own[n][0][0].sort(-1).values != chosen[n][0][0].sort(-1).values).any(-1).sum()) for n in names

@@ -79,11 +79,12 @@ def supported_gguf_architectures() -> tuple[str, ...]:
     return tuple(a for a in known if gguf_model_type(a) in shapes_config.TESTED_ARCHITECTURES)
 
 
-def check_expert_tensors(path: Path) -> None:
-    """ModelError when a mixture-of-experts layer of the GGUF at `path` lacks one of its three
-    expert tensors (`blk.N.ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`) or holds another
-    number of experts than `{arch}.expert_count`: said before anything is converted. Reads the
-    metadata and the tensor table only."""
+def check_expert_tensors(path: Path) -> int:
+    """The number of mixture-of-experts layers of the GGUF at `path` (0: a dense model);
+    ModelError when one lacks one of its three expert tensors (`blk.N.ffn_gate_exps`,
+    `ffn_up_exps`, `ffn_down_exps`) or holds another number of experts than
+    `{arch}.expert_count`: said before anything is converted. Reads the metadata and the
+    tensor table only."""
     layout = read_gguf_layout(path)
     count = layout.metadata.get(f"{layout.architecture}.expert_count")
     layers = {n.split(".")[1] for n in layout.tensors if n.startswith("blk.") and "_exps." in n}
@@ -102,6 +103,7 @@ def check_expert_tensors(path: Path) -> None:
                     f"{layout.architecture}.expert_count says {count}",
                     "the file's metadata and tensors disagree; download it again",
                 )
+    return len(layers)
 
 
 _SCALAR = {

@@ -290,3 +290,10 @@ def test_k_quant_experts_load_as_int4(tokenizer, tmp_path, monkeypatch):
     low = got.min.float().repeat_interleave(32, dim=1)
     bound = 2.0**-11 * (15 * scale.abs() + low.abs()) + 1e-7
     assert ((got.dequantize() - down[3]).abs() <= bound).all()
+
+
+def test_a_float32_copy_of_a_moe_file_is_refused_with_a_hint(moe_gguf):
+    """transformers' GGUF loader (the --quant none conversion) fuses Qwen's experts and does
+    not know Mixtral's or OLMoE's: hetegen converts MoE files itself, quantized."""
+    _, path, _ = moe_gguf
+    assert_error(run_quick("--model", str(path), "--quant", "none"), "mixture-of-experts", "--quant auto")

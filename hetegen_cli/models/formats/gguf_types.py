@@ -46,9 +46,9 @@ def is_block_linear(info: GgufTensorInfo) -> bool:
 
 
 def gguf_linear_types(gguf: Path) -> Counter:
-    """How many block linears (2-D `blk.*` weights) of each GGUF type the file holds
-    (metadata only), kept in HETEGEN_HOME, keyed by the file's name, size and modification
-    time, and read again only when the file changes."""
+    """How many block linears (2-D `blk.*` weights, and a MoE layer's 3-D expert tensors) of
+    each GGUF type the file holds (metadata only), kept in HETEGEN_HOME, keyed by the file's
+    name, size and modification time, and read again only when the file changes."""
     cache = _meta_cache_path(gguf)
     if cache is not None:
         try:

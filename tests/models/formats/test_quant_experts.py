@@ -410,3 +410,21 @@ def test_hetegen_quantize_and_run_quant_int4_on_a_moe_folder(floats, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["engine"] == "hetegen" and doc["quant"] == "int4" and len(doc["token_ids"]) == 3
     assert doc["plan"]["experts_on_gpu"] == 4
+
+
+@pytest.mark.parametrize(
+    "experts",
+    [
+        {"model.layers.0.mlp.experts": ["int4", "int4"]},  # two parts, not three
+        {"model.layers.0.mlp.experts": ["int4", "int4", "int3"]},  # no such format
+        {"model.layers.0.mlp.experts": [None, None, None]},  # nothing quantized
+        {},
+    ],
+)
+def test_a_malformed_experts_entry_is_refused(int4_copy, experts):
+    path = int4_copy / "quantization.json"
+    doc = json.loads(path.read_text())
+    doc["experts"] = experts
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="not a hetegen quantization document of schema 1, 2 or 3"):
+        spec_from_folder(int4_copy)

@@ -186,12 +186,12 @@ def _close(got: torch.Tensor, want: torch.Tensor, share: float = 0.02) -> None:
     assert err <= share * float(want.float().abs().max()), err
 
 
-def _near_ties_only(model, sequence, reference, tol):
+def _near_ties_only(model, sequence, reference, tol, device="cpu"):
     """Teacher-forced along the reference's greedy `sequence`: wherever `model`'s argmax
-    differs, the reference's margin between its token and the model's is at most `tol` of
-    its logit range (a near tie that rounding may flip)."""
+    (on `device`) differs, the reference's margin between its token and the model's is at
+    most `tol` of its logit range (a near tie that rounding may flip)."""
     with torch.no_grad():
-        got = model(sequence).logits[0, len(PROMPT[0]) - 1 : -1].float()
+        got = model(sequence.to(device)).logits[0, len(PROMPT[0]) - 1 : -1].float().cpu()
         want = reference(sequence).logits[0, len(PROMPT[0]) - 1 : -1].float()
     for pos in range(got.shape[0]):
         a, b = int(got[pos].argmax()), int(want[pos].argmax())
@@ -341,6 +341,26 @@ def test_the_engine_holds_the_expert_bytes_the_planner_counts(moe, plan_name):
         runtime = RuntimeSettings(weights_dtype=ref.spec.dtype)
         linears = host_memory(split, ref.spec.dtype, runtime.cpu_dtypes, quant=ref.spec.quant_map())
         assert loaded.memory["host_weight_bytes"] == linears.weights_bytes + linears.cpu_copy_bytes + host
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("experts", ["all_cpu", "mixed", "all_streamed"])
+def test_cuda_quantized_experts_give_the_plain_quantized_models_tokens(moe, experts):
+    """On a real GPU: the GPU side's experts dequantized there while the CPU computes its own
+    with the packed kernels (every linear on the CPU): the plain model's logits within
+    bfloat16 rounding (the head stays bfloat16 on the GPU) and its greedy tokens but at near
+    ties."""
+    from hetegen_cli.core.devices import get_backend
+
+    _, ref, plain, tokens, logits = moe
+    backend = get_backend("cuda")
+    with _load(ref, "all_cpu", backend, experts) as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT, device=backend.device)).logits.float().cpu()
+        _close(got, logits)
+        _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"), backend.device)
+        stats = loaded.stats()
+        assert (stats["experts_cpu"] > 0) == (experts != "all_streamed")
+        assert (stats["experts_gpu"] > 0) == (experts != "all_cpu")
 
 
 @pytest.fixture

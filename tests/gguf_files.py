@@ -59,9 +59,12 @@ def write_gguf(
     return path
 
 
-def copy_gguf(src: Path, dst: Path, replace: dict[str, tuple[str, np.ndarray]]) -> Path:
+def copy_gguf(
+    src: Path, dst: Path, replace: dict[str, tuple[str, np.ndarray]], drop: tuple[str, ...] = ()
+) -> Path:
     """`src` rewritten as `dst` with the tensors named in `replace` stored as (type, raw
-    bytes) instead: every metadata key and every other tensor copied as it is."""
+    bytes) instead and those in `drop` left out: every metadata key and every other tensor
+    copied as it is."""
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(str(src))
@@ -75,6 +78,8 @@ def copy_gguf(src: Path, dst: Path, replace: dict[str, tuple[str, np.ndarray]]) 
         fields.append((key, field.contents(), vtype, sub))
     tensors = []
     for t in reader.tensors:
+        if t.name in drop:
+            continue
         if t.name in replace:
             kind, raw = replace[t.name]
             tensors.append((t.name, kind, raw))

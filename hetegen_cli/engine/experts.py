@@ -14,6 +14,12 @@ compute stream, the GPU experts' kernels are queued after that copy, and the mai
 computes the CPU experts while they run; the CPU's sum goes back with one copy and is added.
 Tokens are grouped per expert exactly as transformers groups them, and each side adds its
 experts in ascending order, so with top-2 routing the sum is transformers' bit for bit.
+
+Quantized experts (a quantized folder's, models.shapes.experts.quant_expert_key): the GPU side
+holds each expert's stored parts on the device and dequantizes one part at a time into the
+weights dtype before its matmul (engine.quant_host.DequantLinear); the CPU side computes each
+of its experts with torch's packed int8/int4 kernels (models.formats.quant_experts.CpuExpert,
+the plain quantized model's own), so an all-CPU plan gives that model's numbers.
 """
 
 from __future__ import annotations
@@ -26,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.engine.quant_host import DequantLinear
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
-from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, expert_keys
+from hetegen_cli.models.formats.quant_experts import CpuExpert, copy_float_expert, read_stored_expert
+from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, quant_expert_key
 from hetegen_cli.plan.document import ExpertsPlacement
-
-_REFETCH = "re-download or convert the model"
 
 
 class HeteroExperts(nn.Module):
@@ -51,9 +57,14 @@ class HeteroExperts(nn.Module):
         #: expert -> (on the GPU side, its slot in that side's tensors)
         self.home = {e: (True, j) for j, e in enumerate(placement.gpu)}
         self.home |= {e: (False, j) for j, e in enumerate(placement.cpu)}
+        #: quantized experts: the GPU side's DeviceExperts, the CPU's CpuExperts (install_experts)
+        self.quantized = bool(spec.part_quant)
+        self.gpu_experts = nn.ModuleList()
+        self.cpu_experts: list[CpuExpert] = []
+        self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
         device, wdt = context.backend.device, context.weights_dtype
-        n_gpu, n_cpu = len(placement.gpu), len(placement.cpu)
+        n_gpu, n_cpu = (0, 0) if self.quantized else (len(placement.gpu), len(placement.cpu))
         self.register_buffer("gpu_gate_up", torch.empty((n_gpu, 2 * i, h), dtype=wdt, device=device), False)
         self.register_buffer("gpu_down", torch.empty((n_gpu, h, i), dtype=wdt, device=device), False)
         cdt = context.cpu_dtypes[1]  # the decode format serves both phases (plan.memory.experts_bytes)
@@ -63,19 +74,31 @@ class HeteroExperts(nn.Module):
     @property
     def host_bytes(self) -> int:
         tensors = (self.cpu_gate_up, self.cpu_down)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return held + sum(x.nbytes for x in self.cpu_experts)
 
     def release(self) -> None:
         """Drop the host-held experts (the engine closes)."""
         self.cpu_gate_up = self.cpu_down = None
+        self.cpu_experts = []
+        self.closed = True
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, gpu={list(self.placement.gpu)}"
+        stored = f", quantized={self.placement.name}" if self.quantized else ""
+        return f"experts={self.num_experts}, gpu={list(self.placement.gpu)}{stored}"
+
+    def _compute(self, on_gpu: bool, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert j of one side on its tokens `x`."""
+        if self.quantized:
+            return self.gpu_experts[j](x) if on_gpu else self.cpu_experts[j](x)
+        if on_gpu:
+            return _expert(x, self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
+        return _expert(x.to(self.cpu_gate_up.dtype), self.cpu_gate_up[j], self.cpu_down[j], self.act_fn)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.cpu_gate_up is None:
+        if self.closed:
             raise ModelError("the engine of this model was closed", "load the model again")
         ctx, backend = self.context, self.context.backend
         out = torch.zeros_like(hidden_states)
@@ -88,8 +111,7 @@ class HeteroExperts(nn.Module):
         staged = self._to_host(hidden_states, top_k_weights) if cpu_jobs and backend.is_cuda else None
         for (e, _, _), (pos, tok) in zip(gpu_jobs, self._to_device(gpu_jobs), strict=True):
             # queued on the GPU; they run while the CPU works below
-            j = self.home[e][1]
-            y = _expert(hidden_states[tok], self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
+            y = self._compute(True, self.home[e][1], hidden_states[tok])
             y = y * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         ctx.stats.experts_gpu += len(gpu_jobs)
@@ -147,10 +169,8 @@ class HeteroExperts(nn.Module):
             y_h.zero_()
         else:
             y_h = torch.zeros(x_h.shape, dtype=out_dtype)
-        cdt = self.cpu_gate_up.dtype
         for e, pos, tok in jobs:
-            j = self.home[e][1]
-            y = _expert(x_h[tok].to(cdt), self.cpu_gate_up[j], self.cpu_down[j], self.act_fn)
+            y = self._compute(False, self.home[e][1], x_h[tok])
             y = y * w_h[tok, pos, None]
             y_h.index_add_(0, tok, y.to(out_dtype))
         return y_h
@@ -162,6 +182,35 @@ def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: 
     return F.linear(act_fn(gate) * up, down)
 
 
+class DeviceExpert(nn.Module):
+    """One quantized routed expert on the GPU side: each part as stored, on the device (a
+    DequantLinear; a floating-point part as an nn.Linear in the weights dtype), dequantized one
+    part at a time into the weights dtype before its matmul (plan.memory.dequant_bytes)."""
+
+    def __init__(self, parts: dict[str, nn.Module], act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = parts["gate"], parts["up"], parts["down"]
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act_fn(self.gate(x)) * self.up(x))
+
+
+def _device_expert(reader: CheckpointReader, spec: ExpertsSpec, e: int, context: Any, act_fn) -> DeviceExpert:
+    device, wdt = context.backend.device, context.weights_dtype
+    parts: dict[str, nn.Module] = {}
+    for part in PARTS:
+        key = quant_expert_key(spec.name, e, part)
+        shape, q = spec.part_shape(part), spec.part_format(part)
+        if q is not None:
+            parts[part] = DequantLinear.load(reader, key.removesuffix(".weight"), shape, q, device, None)
+        else:
+            linear = nn.Linear(shape[1], shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(reader.read(key, wdt, device), requires_grad=False)
+            parts[part] = linear
+    return DeviceExpert(parts, act_fn)
+
+
 def install_experts(
     model: nn.Module, placement: ExpertsPlacement, spec: ExpertsSpec, reader: CheckpointReader, context: Any
 ) -> HeteroExperts:
@@ -170,28 +219,16 @@ def install_experts(
     experts = HeteroExperts(placement, spec, original.act_fn, context)
     for e in range(spec.num_experts):
         on_gpu, j = experts.home[e]
+        if experts.quantized:
+            if on_gpu:
+                experts.gpu_experts.append(_device_expert(reader, spec, e, context, original.act_fn))
+            else:
+                parts = read_stored_expert(reader, spec, e, context.cpu_dtypes[1])
+                experts.cpu_experts.append(CpuExpert(parts, original.act_fn))
+            continue
         gate_up = experts.gpu_gate_up[j] if on_gpu else experts.cpu_gate_up[j]
         down = experts.gpu_down[j] if on_gpu else experts.cpu_down[j]
-        _read_expert(reader, spec, e, gate_up, down)
+        copy_float_expert(reader, spec, e, gate_up, down)
     owner, _, attr = placement.name.rpartition(".")
     setattr(model.get_submodule(owner), attr, experts)
     return experts
-
-
-def _read_expert(
-    reader: CheckpointReader, spec: ExpertsSpec, e: int, gate_up: torch.Tensor, down: torch.Tensor
-) -> None:
-    """Expert e's weights from the fused tensors, or from its own tensors per part."""
-    fused = reader.key_for(spec.gate_up_name), reader.key_for(spec.down_name)
-    if all(fused):
-        reader.copy_rows(fused[0], gate_up.unsqueeze(0), start=e)
-        reader.copy_rows(fused[1], down.unsqueeze(0), start=e)
-        return
-    i = spec.intermediate_size
-    dests = {"gate": gate_up[:i], "up": gate_up[i:], "down": down}
-    for part in PARTS:
-        names = expert_keys(spec.name, e, part)
-        key = next((k for k in map(reader.key_for, names) if k), None)
-        if key is None:
-            raise ModelError(f"the checkpoint lacks {names[0]}", _REFETCH)
-        reader.copy_rows(key, dests[part])

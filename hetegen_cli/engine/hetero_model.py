@@ -9,6 +9,8 @@ safetensors files straight into its final home:
   quantized linears (models.shapes.quantfile) keep their stored parts there instead, with a packed
   CPU kernel per CPU share (engine.quant_host);
 - resident quantized linears: their parts on the device, dequantized per forward;
+- routed experts of a MoE model (engine.experts): each where the plan's ExpertsPlacement puts
+  it, quantized ones as stored;
 - everything else (embeddings, norms, biases, resident linears, the LM head unless a placement
   names "lm_head"): the backend's device, in the weights dtype.
 
@@ -105,7 +107,7 @@ def load_hetero_model(
         )
     tied = tied_head(model)
     quant = ref.spec.quant_map()
-    _check_experts(ref, experts, quant)
+    _check_experts(ref, experts)
     _check_ram(model, split, runtime, backend, quant, ref.spec, experts)
 
     start = time.perf_counter()
@@ -150,7 +152,8 @@ def load_hetero_model(
             load_rest(model, reader, backend.device, wdt, tied, bar, task)
         make_buffers(model, backend.device)
         check_no_meta(model)
-        if quant and not backend.is_cuda and ref.spec.lm_head.name not in {p.name for p in placements}:
+        head_placed = ref.spec.lm_head.name in {p.name for p in placements}
+        if ref.spec.quant and not backend.is_cuda and not head_placed:
             quantize_head(model)  # on the CPU, as the plain quantized model holds it
         context.finalize()
         memory = _memory_report(model, context)  # before direct modules bring host views in
@@ -165,7 +168,7 @@ def load_hetero_model(
     return LoadedModel(
         model=model,
         device=str(backend.device),
-        formats=engine_formats(placements, runtime, "+".join(ref.spec.quant_formats) if quant else None),
+        formats=engine_formats(placements, runtime, "+".join(ref.spec.quant_formats) or None),
         load_s=time.perf_counter() - start,
         engine="hetegen",
         sync=backend.synchronize,
@@ -191,9 +194,7 @@ def _check_projections(ref: ModelRef, modules: dict[str, nn.Module]) -> None:
             )
 
 
-def _check_experts(
-    ref: ModelRef, experts: Sequence[ExpertsPlacement], quant: dict[str, tuple[str, int]]
-) -> None:
+def _check_experts(ref: ModelRef, experts: Sequence[ExpertsPlacement]) -> None:
     """PlanError unless `experts` places each of the model's MoE layers once, with its count."""
     want = {x.name: x.num_experts for x in ref.spec.experts}
     hint = "re-run `hetegen plan` for this model"
@@ -207,11 +208,6 @@ def _check_experts(
         seen.add(x.name)
     if set(want) - seen:
         raise PlanError(f"the plan places no experts for {sorted(set(want) - seen)[0]}", hint)
-    if want and quant:
-        raise ModelError(
-            f"{ref.name}: quantized mixture-of-experts models do not run through the engine yet",
-            "use the float checkpoint (--quant none)",
-        )
 
 
 def _check_placements(

@@ -49,10 +49,12 @@ def linear_rows_bytes(lin: LinearSpec, rows: int) -> int:
 
 
 def dequant_bytes(spec: ModelSpec) -> int:
-    """GPU bytes the engine's dequantization of the largest quantized linear holds at once: its
-    uint8 values and the weights-dtype result (engine.quant_host.dequantize); 0 for a float
+    """GPU bytes the engine's dequantization of the largest quantized linear or expert part
+    holds at once: its uint8 values and the weights-dtype result (engine.quant_host.dequantize;
+    a GPU-side expert is dequantized one part at a time, engine.experts); 0 for a float
     model."""
     sizes = [lin.out_features * lin.in_features for lin in spec.linears if lin.quant]
+    sizes += [x.hidden_size * x.intermediate_size for x in spec.experts if x.part_quant]
     return max(sizes, default=0) * (1 + spec.dtype_bytes)
 
 
@@ -161,12 +163,13 @@ def host_memory(
 
 def experts_bytes(spec: ModelSpec, placements: Iterable[ExpertsPlacement], cpu_dtype: str) -> tuple[int, int]:
     """(GPU bytes, host bytes) of the routed experts as the engine holds them (engine.experts):
-    the GPU side's whole, in the weights dtype; the CPU's in `cpu_dtype` (the decode CPU
-    format, which serves both phases)."""
+    the GPU side's whole, as stored (ExpertsSpec.expert_bytes: quantized parts quantized, the
+    others in the weights dtype); the CPU's quantized parts as stored (their packed kernels)
+    and the others in `cpu_dtype` (the decode CPU format, which serves both phases)."""
     by_name = {x.name: x for x in spec.experts}
     gpu = host = 0
     for p in placements:
         x = by_name[p.name]
         gpu += len(p.gpu) * x.expert_bytes
-        host += len(p.cpu) * x.expert_parameters * itemsize(cpu_dtype)
+        host += len(p.cpu) * x.host_expert_bytes(itemsize(cpu_dtype))
     return gpu, host

@@ -237,3 +237,31 @@ def test_a_mixed_plan_is_predicted_and_checked_against_its_model(backend):
     with pytest.raises(PlanError, match=r"stored quantized \(int4-g32\).*int4-g32\+int8") as err:
         check_plan_matches(make_plan(_spec("int4"), _profile(), _req()), spec)
     assert err.value.hint.endswith("--quant auto")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_quantized_moe_model_places_its_experts_at_their_quantized_bytes(fmt):
+    """Qwen3-30B-A3B with its routed experts quantized: the GPU budget holds every expert it
+    places at its stored bytes (ExpertsSpec.expert_bytes: about 0.50 / 0.31 of bfloat16's), so
+    the same budget places about 2.0x / 3.2x the experts of the float model; the host holds the
+    others as stored; the plan records the quantized label."""
+    from hetegen_cli.core.quant import weight_bytes
+
+    name = "qwen3-30b-a3b"
+    budget = 16 * GiB
+    req = PlanRequest(prompt_len=128, max_new_tokens=32, gpu_budget_bytes=budget, cpu_budget_bytes=256 * GiB)
+    profile = _profile(free=80 * GiB, total=80 * GiB, ram_available=512 * GiB)
+    spec = _spec(fmt, name)
+    x = spec.experts[0]
+    assert x.expert_bytes == 2 * weight_bytes(fmt, 768, 2048) + weight_bytes(fmt, 2048, 768)
+    float_spec = replace(_spec(None, name), dtype="bfloat16").in_dtype("bfloat16")
+    plan, float_plan = make_plan(spec, profile, req), make_plan(float_spec, profile, req)
+    gpu = plan.memory.gpu
+    assert gpu.total_bytes <= budget and plan.model.quant == spec.quant_label
+    placed = sum(len(p.gpu) for p in plan.experts)
+    assert gpu.resident_expert_bytes == placed * x.expert_bytes > 0
+    assert plan.memory.host.expert_bytes == sum(len(p.cpu) for p in plan.experts) * x.expert_bytes
+    assert gpu.dequant_bytes >= x.hidden_size * x.intermediate_size * 3  # a part's values and result
+    float_placed = sum(len(p.gpu) for p in float_plan.experts)
+    ratio = x.expert_parameters * 2 / x.expert_bytes
+    assert placed >= 0.9 * float_placed * ratio

@@ -119,8 +119,8 @@ def spec_from_folder(
         )
     quantization = read_quantization(folder)
     if quantization is not None:  # a quantized folder (models.shapes.quantfile): its own dtypes
-        index = virtual_index(index, quantization)
         spec = spec_from_config(config, name or str(folder), REST_DTYPE, str(folder / "config.json"))
+        index = virtual_index(index, quantization, spec)
         warnings = check_tensors(spec, index, folder)
         return spec_with_quantization(spec, quantization), warnings
     stored = {dt for (_, dt, _) in index.values() if dt in ("float32", "bfloat16", "float16")}

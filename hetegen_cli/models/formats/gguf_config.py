@@ -31,30 +31,60 @@ def config_and_tokenizer(gguf: Path, layout: GgufLayout, out: Path) -> dict:
 #: architectures whose config transformers' GGUF loader adjusts beyond its key mapping, or
 #: builds another way: read through AutoConfig as they are
 _CONFIG_BY_AUTOCONFIG = ("stablelm", "gpt-oss", "lfm2", "minimax-m2", "gemma4", "t5", "t5encoder")
+#: GGUF architecture -> transformers model_type where they differ and hetegen reads the keys
+_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+#: mixture-of-experts keys (llama.cpp's, under the architecture's prefix) -> config fields;
+#: transformers' GGUF tables lack most of them (docs/models.md, "GGUF MoE files")
+_MOE_KEYS = {
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    "expert_weights_norm": "norm_topk_prob",
+}
+
+
+def _key_mapping(mapping: dict, model_type: str) -> dict:
+    """transformers' GGUF key mapping of `model_type`, with the MoE keys: a llama GGUF with
+    experts is Mixtral (`num_local_experts`; its expert width is `feed_forward_length`), and
+    OLMoE, which transformers' tables lack, reads llama's keys."""
+    base = mapping.get(model_type) or mapping.get("llama" if model_type in ("mixtral", "olmoe") else "", {})
+    moe = dict(_MOE_KEYS)
+    if model_type == "mixtral":
+        moe["expert_count"] = "num_local_experts"
+        moe.pop("expert_weights_norm")  # Mixtral always renormalizes its top-k weights
+    if model_type not in ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral"):
+        moe = {}
+    return {**base, **moe}
 
 
 def gguf_config(gguf: Path, layout: GgufLayout) -> dict:
     """transformers' config dict of a GGUF, built from the metadata hetegen's layout reader
     keeps, the way transformers' own loader builds it (modeling_gguf_pytorch_utils.
     load_gguf_checkpoint: its key mapping and defaults, the tied head when there is no
-    output.weight, Gemma 3's text model, the vocabulary from the token count). transformers'
-    AutoConfig parses every metadata array on the way, the tokenizer's too: 137 MB and 3.5 s
-    for a 49,152-token vocabulary. Architectures it treats specially, and transformers
-    without the mapping tables, go through AutoConfig (tested equal on real files)."""
+    output.weight, Gemma 3's text model, the vocabulary from the token count), with the
+    mixture-of-experts keys transformers' tables lack (expert widths, Mixtral as a llama GGUF
+    with experts, OLMoE). transformers' AutoConfig parses every metadata array on the way, the
+    tokenizer's too: 137 MB and 3.5 s for a 49,152-token vocabulary. Architectures it treats
+    specially, and transformers without the mapping tables, go through AutoConfig (tested
+    equal on real files)."""
     try:
         from transformers import CONFIG_MAPPING
         from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
     except ImportError:
         GGUF_CONFIG_MAPPING = {}
     arch = layout.architecture
-    if arch in _CONFIG_BY_AUTOCONFIG or arch not in GGUF_CONFIG_MAPPING:
+    updated = _MODEL_TYPES.get(arch, arch)
+    if "llama" in arch and layout.metadata.get("general.name") == "mistral":
+        updated = "mistral"
+    if arch == "llama" and layout.metadata.get("llama.expert_count", 0) > 0:
+        updated = "mixtral"
+    mapping = _key_mapping(GGUF_CONFIG_MAPPING, updated) if GGUF_CONFIG_MAPPING else {}
+    if arch in _CONFIG_BY_AUTOCONFIG or not mapping:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         return config.to_dict()
-    updated = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, arch)
-    if "llama" in arch and layout.metadata.get("general.name") == "mistral":
-        updated = "mistral"
     config: dict = {
         "tie_word_embeddings": "output.weight" not in layout.tensors or arch in ("falcon", "bloom")
     }
@@ -63,12 +93,13 @@ def gguf_config(gguf: Path, layout: GgufLayout) -> dict:
     ).items():
         config.setdefault(key, value)
     for key, value in layout.metadata.items():
-        prefix, _, rest = key.replace(arch, updated).partition(".")
+        prefix, _, rest = key.partition(".")
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         if isinstance(value, str) and arch in value:
             value = value.replace(arch, updated)
-        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest, -1)
+        table = mapping if prefix == arch else GGUF_CONFIG_MAPPING.get(prefix, {})
+        target = table.get(rest, -1)
         if target not in (-1, None):
             config[target] = value
     if config.get("model_type") == "gemma3":  # the GGUF holds the text backbone only

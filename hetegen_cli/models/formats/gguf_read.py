@@ -79,6 +79,33 @@ def supported_gguf_architectures() -> tuple[str, ...]:
     return tuple(a for a in known if gguf_model_type(a) in shapes_config.TESTED_ARCHITECTURES)
 
 
+def check_expert_tensors(path: Path) -> int:
+    """The number of mixture-of-experts layers of the GGUF at `path` (0: a dense model);
+    ModelError when one lacks one of its three expert tensors (`blk.N.ffn_gate_exps`,
+    `ffn_up_exps`, `ffn_down_exps`) or holds another number of experts than
+    `{arch}.expert_count`: said before anything is converted. Reads the metadata and the
+    tensor table only."""
+    layout = read_gguf_layout(path)
+    count = layout.metadata.get(f"{layout.architecture}.expert_count")
+    layers = {n.split(".")[1] for n in layout.tensors if n.startswith("blk.") and "_exps." in n}
+    for layer in sorted(layers, key=int):
+        for part in ("gate", "up", "down"):
+            name = f"blk.{layer}.ffn_{part}_exps.weight"
+            info = layout.tensors.get(name)
+            what = f"the {part} weights of the {count} experts in layer {layer}"
+            if info is None:
+                raise ModelError(
+                    f"GGUF file {path.name} lacks the tensor {name} ({what})", "the file may be incomplete"
+                )
+            if isinstance(count, int) and info.shape[0] != count:
+                raise ModelError(
+                    f"GGUF tensor {name} holds {info.shape[0]} experts, but "
+                    f"{layout.architecture}.expert_count says {count}",
+                    "the file's metadata and tensors disagree; download it again",
+                )
+    return len(layers)
+
+
 _SCALAR = {
     0: "<B",
     1: "<b",

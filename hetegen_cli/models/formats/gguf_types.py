@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -32,25 +33,36 @@ def type_name(type_id: int) -> str:
         return f"type {type_id}"
 
 
+#: the version of gguf_linear_types' cached answer (2: a MoE file's expert tensors counted)
+_CACHE_VERSION = 2
+
+
 def is_block_linear(info: GgufTensorInfo) -> bool:
-    return len(info.shape) == 2 and info.name.startswith("blk.") and info.name.endswith(".weight")
+    """A block's linear weight: 2-D, or a MoE layer's 3-D expert tensor (`ffn_*_exps`, one
+    matrix per expert), each a quantized tensor hetegen loads in a format of its own."""
+    if not (info.name.startswith("blk.") and info.name.endswith(".weight")):
+        return False
+    return len(info.shape) == 2 or (len(info.shape) == 3 and "_exps." in info.name)
 
 
 def gguf_linear_types(gguf: Path) -> Counter:
-    """How many block linears (2-D `blk.*` weights) of each GGUF type the file holds
-    (metadata only), kept in HETEGEN_HOME, keyed by the file's name, size and modification
-    time, and read again only when the file changes."""
+    """How many block linears (2-D `blk.*` weights, and a MoE layer's 3-D expert tensors) of
+    each GGUF type the file holds (metadata only), kept in HETEGEN_HOME, keyed by the file's
+    name, size and modification time, and read again only when the file changes."""
     cache = _meta_cache_path(gguf)
     if cache is not None:
         try:
-            return Counter(json.loads(cache.read_text())["block_linear_types"])
-        except (OSError, ValueError, KeyError, TypeError):
+            cached = json.loads(cache.read_text())
+            if cached.get("version") == _CACHE_VERSION:
+                return Counter(cached["block_linear_types"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # absent, damaged or of an older hetegen: read the file
     layout = read_gguf_layout(gguf)
     counts = Counter(type_name(t.type_id) for t in layout.tensors.values() if is_block_linear(t))
     if cache is not None:
         with contextlib.suppress(HetegenError):  # a read-only home: just not cached
-            atomic_write(cache, json.dumps({"gguf": str(gguf), "block_linear_types": dict(counts)}))
+            doc = {"version": _CACHE_VERSION, "gguf": str(gguf), "block_linear_types": dict(counts)}
+            atomic_write(cache, json.dumps(doc))
     return counts
 
 
@@ -92,7 +104,7 @@ def check_types(gguf: Path, allow_float_copy: bool = False, announce: bool = Tru
     for t in layout.tensors.values():
         if is_block_linear(t) and type_name(t.type_id) in unmapped:
             stored += tensor_bytes(t)
-            copied += 2 * t.shape[0] * t.shape[1]
+            copied += 2 * math.prod(t.shape)
     count = sum(counts[t] for t in unmapped)
     note(
         f"{FLOAT_COPY_FLAG}: {count} linear{'s' if count != 1 else ''} in {', '.join(unmapped)} "

@@ -1,5 +1,7 @@
 """Synthetic LLaMA-family models written as quantized GGUF files that llama.cpp and hetegen
-both read (`bench --synthetic PRESET --synthetic-format gguf-q4_0`).
+both read (`bench --synthetic PRESET --synthetic-format gguf-q4_0`); and tiny
+mixture-of-experts files (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: models.formats.gguf_write_moe)
+for tests, their routed experts one 3-D tensor per part and layer in `expert_qtype`.
 
 One file is the model for both sides: llama.cpp runs it as it is; hetegen converts it once
 into its int4/int8 layout (models.formats.gguf_quant: Q4_0/Q4_1 blocks map onto int4 exactly). What
@@ -43,6 +45,15 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.gguf import default_gguf_path
 from hetegen_cli.models.formats.gguf_blocks import quantize_q4_k, quantize_q6_k
+from hetegen_cli.models.formats.gguf_write_moe import (
+    EXPERT_TYPES,
+    MOE_GGUF_ARCHS,
+    add_moe_metadata,
+    expert_tensors,
+    gguf_arch,
+    is_router,
+    part_values,
+)
 from hetegen_cli.models.formats.synthetic import RandomPool, random_tensor, tensor_shapes
 from hetegen_cli.models.shapes import presets
 
@@ -50,7 +61,7 @@ from hetegen_cli.models.shapes import presets
 GGUF_FORMATS = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q8_0": "Q8_0", "gguf-q4_k_m": "Q4_K_M"}
 #: the GGUF type written for each hetegen format when --quant asks for one
 EMBEDDING_TYPE = "Q8_0"  # token embedding and a separate output head
-GGUF_MODEL_TYPES = ("llama",)  # config model_type values this module writes
+GGUF_MODEL_TYPES = ("llama", *MOE_GGUF_ARCHS)  # config model_type values this module writes
 TOKENIZER_VOCAB = 49152  # tokens of the default model's tokenizer, copied into every file
 _FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15}  # gguf.LlamaFileType.MOSTLY_*
 _BLOCK = 32  # inputs per block of Q4_0, Q4_1, Q5_0 and Q8_0
@@ -70,6 +81,7 @@ class GgufTensor:
     shape: tuple[int, ...]
     qtype: str  # F32, Q4_0, Q4_1, Q8_0; in a Q4_K_M file also Q4_K, Q6_K, Q5_0
     permute_heads: int | None = None
+    part: str | None = None  # the half of transformers' fused gate_up_proj: gate or up
 
     @property
     def nbytes(self) -> int:
@@ -121,33 +133,51 @@ def q4_k_m_type(gguf_name: str, shape: tuple[int, ...], layers: int, tied: bool)
     return K_FALLBACK[kind] if shape[-1] % 256 else kind
 
 
-def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
-    """Every tensor of a LLaMA `config` as written with linears in `qtype` (or the Q4_K_M
-    mix), in module order.
+def tensor_plan(config: dict[str, Any], qtype: str, expert_qtype: str | None = None) -> list[GgufTensor]:
+    """Every tensor of a LLaMA or MoE `config` as written with linears in `qtype` (or the
+    Q4_K_M mix, LLaMA only) and a MoE model's routed experts in `expert_qtype` (default
+    `qtype`), in module order (models.formats.gguf_write_moe: one tensor per part and layer).
 
     ModelError for another architecture, an unwritable type or shapes the blocks cannot take.
     """
     import gguf
 
-    if config.get("model_type") not in GGUF_MODEL_TYPES:
+    model_type = config.get("model_type")
+    if model_type not in GGUF_MODEL_TYPES:
         raise ModelError(
-            f"synthetic GGUF files are written for LLaMA-family models, not {config.get('model_type')!r}",
+            f"synthetic GGUF files are written for LLaMA-family and mixture-of-experts "
+            f"({', '.join(MOE_GGUF_ARCHS)}) models, not {model_type!r}",
             "use a LLaMA-family config",
         )
-    if qtype not in _FILE_TYPES:
-        raise ModelError(f"cannot write GGUF type {qtype!r}", "use Q4_0, Q4_1, Q8_0 or Q4_K_M")
+    moe = model_type in MOE_GGUF_ARCHS
+    if qtype not in _FILE_TYPES or (moe and qtype == "Q4_K_M"):
+        raise ModelError(f"cannot write GGUF type {qtype!r}", "use Q4_0, Q4_1, Q8_0 or Q4_K_M (LLaMA)")
+    expert_qtype = expert_qtype or qtype
+    if moe and expert_qtype not in EXPERT_TYPES:
+        raise ModelError(
+            f"cannot write experts as GGUF type {expert_qtype!r}", f"use {', '.join(EXPERT_TYPES)}"
+        )
+    arch = gguf_arch(model_type)
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     layers = int(config["num_hidden_layers"])
     tied = bool(config.get("tie_word_embeddings", False))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], layers)
     plan = []
     for name, shape in tensor_shapes(config):
+        experts = expert_tensors(name, tuple(shape))
+        if experts is not None:
+            for gguf_name, part_shape, part in experts:
+                _check_blocks(name, part_shape, expert_qtype)
+                plan.append(GgufTensor(name, gguf_name, part_shape, expert_qtype, part=part))
+            continue
         base, _, suffix = name.rpartition(".")
         mapped = names.get_name(base)
-        if mapped is None or suffix != "weight":
-            raise ModelError(f"no GGUF name for {name}", "synthetic GGUF files hold LLaMA weights only")
-        if len(shape) == 1:
+        if mapped is None or suffix not in ("weight", "bias"):
+            raise ModelError(
+                f"no GGUF name for {name}", "synthetic GGUF files hold LLaMA and MoE weights only"
+            )
+        if len(shape) == 1 or is_router(name):
             kind = "F32"
         elif qtype == "Q4_K_M":
             kind = q4_k_m_type(f"{mapped}.{suffix}", tuple(shape), layers, tied)
@@ -155,18 +185,25 @@ def tensor_plan(config: dict[str, Any], qtype: str) -> list[GgufTensor]:
             kind = EMBEDDING_TYPE
         else:
             kind = qtype
-        if kind != "F32" and shape[-1] % _BLOCK:
-            raise ModelError(
-                f"{name} has {shape[-1]} inputs, not a multiple of {_BLOCK} ({kind} blocks)",
-                "choose hidden and intermediate sizes that are multiples of 32",
-            )
+        _check_blocks(name, tuple(shape), kind)
         permute = None
-        if name.endswith("self_attn.q_proj.weight"):
+        if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
             permute = heads
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
             permute = kv_heads
+        if name.endswith(".shared_expert_gate.weight"):
+            shape = shape[1:]  # [1, H] stored [H], as llama.cpp's converter writes it
         plan.append(GgufTensor(name, f"{mapped}.{suffix}", tuple(shape), kind, permute))
     return plan
+
+
+def _check_blocks(name: str, shape: tuple[int, ...], kind: str) -> None:
+    block = 256 if kind.endswith("_K") else _BLOCK
+    if kind != "F32" and shape[-1] % block:
+        raise ModelError(
+            f"{name} has {shape[-1]} inputs, not a multiple of {block} ({kind} blocks)",
+            f"choose hidden and intermediate sizes that are multiples of {block}",
+        )
 
 
 def quantize_blocks(values: np.ndarray, kind: str) -> np.ndarray:
@@ -232,15 +269,17 @@ def write_llama_gguf(
     tokenizer_gguf: Path | None = None,
     name: str = "synthetic",
     progress: Any = None,
+    expert_qtype: str | None = None,
 ) -> Path:
-    """Write a random LLaMA model of `config` as a GGUF file at `path` (see the module
-    docstring), atomically; returns `path`. `std` scales the matrices (tests use larger
-    weights so attention is far from uniform). `tokenizer_gguf` (default: the default model's
-    GGUF) supplies the tokenizer, whose token count must equal `config["vocab_size"]`."""
+    """Write a random LLaMA or mixture-of-experts model of `config` as a GGUF file at `path`
+    (see the module docstring; the experts of a MoE model in `expert_qtype`, default `qtype`),
+    atomically; returns `path`. `std` scales the matrices (tests use larger weights so
+    attention is far from uniform). `tokenizer_gguf` (default: the default model's GGUF)
+    supplies the tokenizer, whose token count must equal `config["vocab_size"]`."""
     import gguf
     from gguf import GGMLQuantizationType, quants
 
-    plan = tensor_plan(config, qtype)
+    plan = tensor_plan(config, qtype, expert_qtype)
     fields = tokenizer_fields(tokenizer_gguf or default_gguf_path())
     vocab = int(config["vocab_size"])
     if _token_count(fields) != vocab:
@@ -254,7 +293,7 @@ def write_llama_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_partials(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, gguf_arch(config["model_type"]))
     writer.add_name(f"hetegen {name}")
     writer.add_description(
         f"hetegen synthetic {name}: random weights (seed {seed}, std {std}), not a trained model"
@@ -269,6 +308,7 @@ def write_llama_gguf(
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     writer.add_vocab_size(vocab)
+    add_moe_metadata(writer, config)
     writer.add_file_type(_FILE_TYPES[qtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value, vtype, sub in fields:
@@ -287,16 +327,24 @@ def write_llama_gguf(
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for t, (hf_name, values) in zip(plan, synthetic_weights(config, seed, std), strict=True):
-                assert hf_name == t.hf_name
-                if t.permute_heads is not None:
-                    values = values[llama_gguf_rows(t.shape[0], t.permute_heads)]
-                array = values.numpy()
-                if t.qtype != "F32":
-                    array = quantize_blocks(array, t.qtype)
-                writer.write_tensor_data(array)
-                if progress:
-                    progress.advance(task, t.nbytes)
+            pending = iter(plan)  # in module order; a fused expert tensor is two in a row
+            t = next(pending, None)
+            for hf_name, weights in synthetic_weights(config, seed, std):
+                while t is not None and t.hf_name == hf_name:
+                    values = part_values(weights, t.part).reshape(t.shape)
+                    if t.permute_heads is not None:
+                        values = values[llama_gguf_rows(t.shape[0], t.permute_heads)]
+                    array = values.contiguous().numpy()
+                    if t.qtype != "F32":
+                        rows = quantize_blocks(array.reshape(-1, t.shape[-1]), t.qtype)
+                        array = rows.reshape(
+                            quants.quant_shape_to_byte_shape(t.shape, GGMLQuantizationType[t.qtype])
+                        )
+                    writer.write_tensor_data(array)
+                    if progress:
+                        progress.advance(task, t.nbytes)
+                    t = next(pending, None)
+            assert t is None, f"{t.hf_name} was not written"
             writer.flush()
             os.fsync(writer.fout[0].fileno())
             writer.close()

@@ -4,8 +4,11 @@ models.loading.quantized_loader).
 A quantized folder is a Hugging Face folder (config.json, tokenizer files) whose
 `model.safetensors` stores every quantized linear `X` as `X.weight.q`, `X.weight.scale` and,
 for int4, `X.weight.min` (models.formats.quant's layout), and every other tensor in bfloat16 (the
-activations the packed kernels take). `quantization.json` says which format and which
-linears. Linears a kernel cannot take (core.quant.kernel_takes) and the LM head stay bfloat16.
+activations the packed kernels take). A MoE model's routed experts are stored one by one, each
+part in that layout under models.shapes.experts.quant_expert_key (`{experts}.{e}.gate_proj.
+weight.q`, ...), so each expert is a unit the planner places. `quantization.json` says which
+format, which linears and which experts' parts. Linears and expert parts a kernel cannot take
+(core.quant.kernel_takes) and the LM head stay bfloat16.
 
 `ensure_quantized(ref, format)` makes (once) and returns the quantized copy of a float model
 under $HETEGEN_HOME/models; models.formats.gguf writes the same layout straight from Q4_0/Q4_1/Q8_0
@@ -31,8 +34,9 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
+from hetegen_cli.models.formats.quant_experts import copy_float_expert
 from hetegen_cli.models.formats.stream_write import TensorStream, write_safetensors
-from hetegen_cli.models.shapes.experts import refuse_quantized_experts
+from hetegen_cli.models.shapes.experts import PARTS, quant_expert_key
 from hetegen_cli.models.shapes.quantfile import (
     QUANT_FILE,
     REST_DTYPE,
@@ -120,14 +124,17 @@ def write_folder(
 
 def quantize_folder(ref: Any, fmt: str, group: int, target: Path) -> Path:
     """Quantize the float model `ref` (a ModelRef with a local folder) into `target`."""
-    refuse_quantized_experts(ref.spec, fmt)
     spec = ref.spec.quantized(fmt, group)
     start = time.perf_counter()
     tensors: dict[str, torch.Tensor] = {}
     qnames = {f"{lin.name}.weight": lin for lin in spec.linears if lin.quant}
+    fused = {name for x in spec.experts for name in x.tensors}
     with CheckpointReader(Path(ref.path)) as reader, progress(True) as bar:
-        task = bar.add_task(f"Quantizing {ref.name} to {fmt}", total=len(spec.tensors))
+        total = len(spec.tensors) - len(fused) + sum(x.num_experts for x in spec.experts)
+        task = bar.add_task(f"Quantizing {ref.name} to {fmt}", total=total)
         for name in spec.tensors:
+            if name in fused:
+                continue  # the routed experts: below, one by one
             key = reader.key_for(name)
             if key is None:
                 raise ModelError(f"the checkpoint lacks {name}", "re-download or convert the model")
@@ -135,16 +142,34 @@ def quantize_folder(ref: Any, fmt: str, group: int, target: Path) -> Path:
             if lin is None:
                 tensors[name] = reader.read(key, torch.bfloat16, torch.device("cpu"))
             else:
-                w = quantize(reader.read(key, torch.float32, torch.device("cpu")), fmt, group)
-                tensors[f"{name}.q"], tensors[f"{name}.scale"] = w.q, w.scale
-                if w.min is not None:
-                    tensors[f"{name}.min"] = w.min
+                w = reader.read(key, torch.float32, torch.device("cpu"))
+                _put(tensors, name, quantize(w, fmt, group))
             bar.advance(task)
+        for x in spec.experts:
+            i = x.intermediate_size
+            for e in range(x.num_experts):
+                gate_up = torch.empty((2 * i, x.hidden_size), dtype=torch.float32)
+                down = torch.empty((x.hidden_size, i), dtype=torch.float32)
+                copy_float_expert(reader, x, e, gate_up, down)
+                for part, w in zip(PARTS, (gate_up[:i], gate_up[i:], down), strict=True):
+                    key, q = quant_expert_key(x.name, e, part), x.part_format(part)
+                    if q is None:
+                        tensors[key] = w.to(torch.bfloat16)
+                    else:
+                        _put(tensors, key, quantize(w, *q))
+                bar.advance(task)
     config = json.loads((Path(ref.path) / "config.json").read_text(encoding="utf-8"))
     doc = quantization_doc(
         fmt, group, spec, {"folder": str(ref.path), "name": ref.name}, time.perf_counter() - start
     )
     return write_folder(target, Path(ref.path), config, tensors, doc, f"{ref.name} ({fmt})")
+
+
+def _put(tensors: dict[str, torch.Tensor], name: str, w: QuantWeight) -> None:
+    """Quantized weight `name` ("X.weight") as its stored parts."""
+    tensors[f"{name}.q"], tensors[f"{name}.scale"] = w.q, w.scale
+    if w.min is not None:
+        tensors[f"{name}.min"] = w.min
 
 
 def ensure_quantized(

@@ -1,7 +1,9 @@
 """Quantized model folders (models.formats.quantized's layout) loaded onto the CPU.
 
 `load_quantized(ref)` builds the stock transformers model on meta and fills it: QuantLinear
-modules for the quantized linears, bfloat16 tensors for the rest (CPU), and the LM head
+modules for the quantized linears, a QuantExperts module for each MoE layer's routed experts
+(models.formats.quant_experts: the packed kernels per expert), bfloat16 tensors for the rest
+(CPU), and the LM head
 quantized to int8 at load (`quantize_head`: it is stored bfloat16, often tied to the
 embedding; the engine holds a quantized model's head the same way).
 """
@@ -20,6 +22,7 @@ from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
+from hetegen_cli.models.formats.quant_experts import load_quant_experts
 from hetegen_cli.models.formats.quantized import read_quant_weight
 from hetegen_cli.models.loading import meta
 from hetegen_cli.models.loading.loader import LoadedModel
@@ -67,6 +70,9 @@ def load_quantized(ref: Any) -> LoadedModel:
             if linear.bias is not None:
                 bias = reader.read(reader.key_for(f"{name}.bias"), torch.bfloat16, cpu)
             meta.set_module(model, name, QuantLinear(read_quant_weight(reader, name, doc), bias))
+        for x in ref.spec.experts:  # stored one by one (quantized or bfloat16), never fused
+            act_fn = model.get_submodule(x.name).act_fn
+            meta.set_module(model, x.name, load_quant_experts(reader, x, act_fn, torch.bfloat16))
         meta.load_rest(model, reader, cpu, torch.bfloat16, tied, bar, task)  # the rest, as the engine does
     meta.make_buffers(model, torch.device("cpu"))
     meta.check_no_meta(model)

@@ -21,7 +21,6 @@ from hetegen_cli.models.architecture.folder import spec_from_folder
 from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.formats.gguf import ensure_converted_gguf, ensure_default_model
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.shapes.experts import refuse_quantized_experts
 from hetegen_cli.models.shapes.quantfile import REST_DTYPE
 from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 
@@ -139,7 +138,6 @@ def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
             if stored == MIXED
             else f"pass --quant {stored} (or auto), or the original floating-point model",
         )
-    refuse_quantized_experts(ref.spec, quant)
     if ref.path is None:  # shapes only: the plan of a quantized copy
         spec = replace(ref.spec, dtype=REST_DTYPE).quantized(quant, DEFAULT_GROUP_SIZE)
         return replace(ref, spec=spec)

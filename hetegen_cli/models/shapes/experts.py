@@ -8,20 +8,28 @@ linears. Checkpoints usually store the experts one by one (`experts.{e}.gate_pro
 Mixtral's `block_sparse_moe.experts.{e}.w1.weight`), which transformers fuses while loading;
 `expert_keys` names both forms so a folder is checked, and the engine reads expert e's
 weights, without transformers' loader.
+
+Quantized (docs/models.md, "Quantized experts"): each part of each expert may be stored in
+hetegen's int8/int4 layout under `quant_expert_key` (`{experts}.{e}.gate_proj.weight.q`, ...);
+`ExpertsSpec.part_quant` says which, and its bytes are the quantized ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.quant import DEFAULT_GROUP_SIZE, kernel_takes
+from hetegen_cli.core.quant import weight_bytes as quant_weight_bytes
 
 #: the parts of one expert: gate and up ([I, H] each, fused as gate_up_proj [2I, H]) and down
 PARTS = ("gate", "up", "down")
 #: per-expert weight names of each part as checkpoints store them (Qwen/OLMoE, Mixtral)
 _PART_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+#: (format, group size) of a quantized part; None for a part kept in floating point
+PartQuant = tuple[str, int] | None
 _REFETCH = "the checkpoint does not match its config.json; fetch or convert it again"
 #: config fields naming the number of routed experts, by architecture family
 COUNT_FIELDS = ("num_experts", "num_local_experts")
@@ -39,6 +47,9 @@ class ExpertsSpec:
     hidden_size: int
     intermediate_size: int  # one expert's width
     dtype_bytes: int
+    #: per part (PARTS order) its stored (format, group size), None for a floating-point part;
+    #: () when every part is floating point (models.shapes.quantfile, "experts")
+    part_quant: tuple[PartQuant, ...] = ()
 
     @property
     def gate_up_name(self) -> str:
@@ -61,7 +72,44 @@ class ExpertsSpec:
 
     @property
     def expert_bytes(self) -> int:
-        return self.expert_parameters * self.dtype_bytes
+        """Bytes of one expert as stored and held on the GPU side: quantized parts at their
+        format's bytes (core.quant.weight_bytes), the others at `dtype_bytes`."""
+        return sum(self.part_bytes(part, self.dtype_bytes) for part in PARTS)
+
+    def host_expert_bytes(self, float_bytes: int) -> int:
+        """Bytes of one expert held by the CPU: quantized parts as stored (their packed
+        kernels hold as many), floating-point parts at `float_bytes` per parameter (the CPU
+        format's)."""
+        return sum(self.part_bytes(part, float_bytes) for part in PARTS)
+
+    def part_format(self, part: str) -> PartQuant:
+        """(format, group size) of `part` when stored quantized, else None."""
+        return self.part_quant[PARTS.index(part)] if self.part_quant else None
+
+    def part_bytes(self, part: str, float_bytes: int) -> int:
+        out, inp = self.part_shape(part)
+        q = self.part_format(part)
+        return quant_weight_bytes(q[0], out, inp, q[1]) if q else out * inp * float_bytes
+
+    @property
+    def quant_formats(self) -> tuple[str, ...]:
+        """The distinct formats of the quantized parts, sorted (() for float experts)."""
+        return tuple(sorted({q[0] for q in self.part_quant if q}))
+
+    @property
+    def quant_label(self) -> str | None:
+        """'int8', 'int4-g32', 'int4-g32+int8' (gate/up and down in two formats) or None: how
+        this layer's experts are stored (ModelSpec.quant_label counts them too)."""
+        stored = [q for q in self.part_quant if q]
+        labels = {fmt if fmt == "int8" else f"{fmt}-g{group}" for fmt, group in stored}
+        return "+".join(sorted(labels)) or None
+
+    def quantized(self, fmt: str, group: int) -> ExpertsSpec:
+        """These experts with every part whose shape the `fmt` kernel takes stored as `fmt`
+        (core.quant.kernel_takes; the others stay floating point, as dense linears do)."""
+        stored = (fmt, group if fmt == "int4" else DEFAULT_GROUP_SIZE)  # int8 has no groups
+        parts = tuple(stored if kernel_takes(fmt, *self.part_shape(p), group) else None for p in PARTS)
+        return replace(self, part_quant=parts if any(parts) else ())
 
     @property
     def weight_bytes(self) -> int:
@@ -103,16 +151,11 @@ def legacy_names(name: str) -> tuple[str, ...]:
     return ()
 
 
-def refuse_quantized_experts(spec: Any, fmt: str) -> None:
-    """ModelError for a mixture-of-experts model asked for in a quantized format: its routed
-    experts have no int8/int4 form in hetegen yet (the linears alone would leave most of the
-    model in float while the plan said int8/int4)."""
-    if spec.experts:
-        raise ModelError(
-            f"{spec.name} is a mixture-of-experts model: hetegen does not quantize routed experts "
-            f"yet, so it cannot run as {fmt}",
-            "pass --quant none (or auto for its floating-point checkpoint)",
-        )
+def quant_expert_key(experts_name: str, expert: int, part: str) -> str:
+    """The stored name of expert `expert`'s `part` in hetegen's own folders (quantized ones:
+    its parts are `{key}.q`, `.scale` and, for int4, `.min`; a float part is `{key}` itself):
+    `{experts}.{e}.gate_proj.weight`, whatever names the source checkpoint used."""
+    return f"{experts_name}.{expert}.{_PART_NAMES[part][0]}.weight"
 
 
 def check_config_experts(config: dict[str, Any], source: str) -> None:

@@ -139,8 +139,9 @@ class ModelSpec:
 
     @property
     def quant(self) -> str | None:
-        """The quantized format of the block linears: int8 or int4, MIXED when they are in
-        several (a GGUF Q4_K_M: int4 and int8 linears), None for floating point."""
+        """The quantized format of the block linears and routed experts: int8 or int4, MIXED
+        when they are in several (a GGUF Q4_K_M: int4 and int8 linears), None for floating
+        point."""
         formats = self.quant_formats
         if not formats:
             return None
@@ -148,21 +149,43 @@ class ModelSpec:
 
     @property
     def quant_formats(self) -> tuple[str, ...]:
-        """The distinct formats of the quantized linears, sorted (() for a float model)."""
-        return tuple(sorted({lin.quant for lin in self.linears if lin.quant}))
+        """The distinct formats of the quantized linears and expert parts, sorted (() for a
+        float model)."""
+        experts = {fmt for x in self.experts for fmt in x.quant_formats}
+        return tuple(sorted({lin.quant for lin in self.linears if lin.quant} | experts))
 
     @property
     def quant_label(self) -> str | None:
         """'int8', 'int4-g32' (format and group), 'int4-g32+int8' for a mixed model (each
-        (format, group) present, sorted), or None for a float model."""
-        labels = sorted(
-            {fmt if fmt == "int8" else f"{fmt}-g{group}" for fmt, group in self.quant_map().values()}
-        )
+        (format, group) present among the linears and the routed experts, sorted), or None
+        for a float model. `experts_quant_label` says how the experts alone are stored."""
+        pairs = set(self.quant_map().values())
+        pairs |= {q for x in self.experts for q in x.part_quant if q}
+        labels = sorted({fmt if fmt == "int8" else f"{fmt}-g{group}" for fmt, group in pairs})
         return "+".join(labels) or None
+
+    @property
+    def experts_quant_label(self) -> str | None:
+        """How the routed experts are stored: 'int4-g32', 'int8', 'int4-g32+int8', or None
+        when they are floating point (or the model has none)."""
+        labels = {x.quant_label for x in self.experts} - {None}
+        return "+".join(sorted({part for label in labels for part in label.split("+")})) or None
 
     def quant_map(self) -> dict[str, tuple[str, int]]:
         """{linear name: (format, group size)} of the quantized linears ({} for a float model)."""
         return {lin.name: (lin.quant, lin.group_size or 32) for lin in self.linears if lin.quant}
+
+    def expert_quant_map(self) -> dict[str, tuple]:
+        """{experts module: each part's (format, group) or None} of the MoE layers whose
+        experts are stored quantized ({} otherwise)."""
+        return {x.name: x.part_quant for x in self.experts if x.part_quant}
+
+    def with_expert_quant(self, formats: dict[str, tuple]) -> ModelSpec:
+        """This spec with the experts of each module named in `formats` stored as its parts'
+        (format, group) or None, and every other MoE layer's experts floating point."""
+        return replace(
+            self, experts=tuple(replace(x, part_quant=tuple(formats.get(x.name, ()))) for x in self.experts)
+        )
 
     def with_quant_map(self, formats: dict[str, tuple[str, int]]) -> ModelSpec:
         """This spec with each block linear named in `formats` stored as its (format, group
@@ -179,7 +202,8 @@ class ModelSpec:
 
     def quantized(self, fmt: str, group_size: int, names: set[str] | None = None) -> ModelSpec:
         """This spec with the block linears in `names` (default: every one the CPU kernel
-        takes, core.quant.kernel_takes) stored as `fmt`; the LM head stays floating point."""
+        takes, core.quant.kernel_takes) stored as `fmt`, and every routed expert's parts the
+        kernel takes (ExpertsSpec.quantized); the LM head stays floating point."""
 
         def pick(lin: LinearSpec) -> LinearSpec:
             takes = kernel_takes(fmt, lin.out_features, lin.in_features, group_size)
@@ -188,7 +212,11 @@ class ModelSpec:
                 replace(lin, quant=fmt, group_size=group_size if fmt == "int4" else None) if chosen else lin
             )
 
-        return replace(self, linears=tuple(pick(lin) for lin in self.linears))
+        return replace(
+            self,
+            linears=tuple(pick(lin) for lin in self.linears),
+            experts=tuple(x.quantized(fmt, group_size) for x in self.experts),
+        )
 
 
 _HASH_KEYS = (

@@ -248,16 +248,28 @@ def test_run_executes_a_moe_plan_and_plans_one_on_the_fly_with_cpu_moe(tiny_moe,
     assert_error(_run(*args, "--plan", str(path), "--cpu-moe"), "--plan and --cpu-moe", exit_code=2)
 
 
-def test_a_quantized_moe_model_is_refused_with_a_hint(tiny_moe):
-    assert_error(
-        cli("plan", "--model", "qwen3-30b-a3b", "--quant", "int4", "--gpu-memory", "8GiB"),
-        "does not quantize routed experts yet",
-        "--quant none",
-    )
-    assert_error(
-        cli("run", "--model", str(tiny_moe), "--prompt", "hi", "-n", "2", "--quant", "int8"),
-        "mixture-of-experts model",
-    )
+def test_a_quantized_moe_preset_prices_its_experts_quantized():
+    """`--quant int4` on a MoE preset (shapes only): every routed expert's three matrices in
+    int4 g32 (the bytes the planner places per expert), the label saying so."""
+    from hetegen_cli.core.quant import weight_bytes
+    from hetegen_cli.models.loading.source import resolve_model
+
+    spec = resolve_model("qwen3-30b-a3b", need_weights=False, quant="int4").spec
+    x = spec.experts[0]
+    assert x.part_quant == (("int4", 32),) * 3 and x.quant_label == "int4-g32"
+    assert x.expert_bytes == 3 * weight_bytes("int4", 768, 2048, 32)  # 0.625 bytes a parameter
+    assert spec.quant == "int4" and spec.quant_label == spec.experts_quant_label == "int4-g32"
+    float_spec = spec_from_config(presets.preset_config("qwen3-30b-a3b"), "q")
+    assert spec.expert_weight_bytes * 3 < float_spec.expert_weight_bytes
+
+
+def test_a_quantized_moe_model_runs_with_parts_the_kernel_refuses_kept_bfloat16(tiny_moe):
+    """The tiny model's experts are 40 wide: int8 takes gate and up ([40, 64]) but not down
+    (40 inputs, not a multiple of 16), which stays bfloat16; it runs plainly all the same."""
+    result = cli("run", "--model", str(tiny_moe), "--prompt", "hi", "-n", "2", "--quant", "int8", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "plain" and doc["quant"] == "int8" and len(doc["token_ids"]) == 2
 
 
 @pytest.mark.cuda

@@ -1,0 +1,177 @@
+"""Routed experts read one by one, and computed on the CPU from hetegen's quantized layout
+(docs/models.md, "Quantized experts").
+
+- `copy_float_expert` reads expert e of a floating-point checkpoint (the fused tensors, or its
+  own `gate_proj`/`up_proj`/`down_proj` tensors, Mixtral's `w1`/`w3`/`w2`);
+- `read_stored_expert` reads expert e of a hetegen folder: each part in its stored format
+  (models.shapes.experts.quant_expert_key; a QuantWeight, or a float tensor);
+- `CpuExpert` computes one expert on the CPU as transformers does (gate and up, activation,
+  down), its quantized parts through torch's packed kernels (models.formats.quant.QuantLinear;
+  gate and up fused into one kernel when they share a format);
+- `QuantExperts` replaces transformers' experts module in a quantized model run plainly on the
+  CPU (models.loading.quantized_loader): tokens grouped per expert exactly as transformers
+  groups them, each expert a CpuExpert. The engine's CPU side (engine.experts) computes its
+  experts with the same CpuExpert, so an all-CPU plan gives the plain model's numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.quant import QuantLinear, QuantWeight
+from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, expert_keys, quant_expert_key
+
+_REFETCH = "re-download or convert the model"
+_REQUANTIZE = "quantize the model again"
+
+
+def copy_float_expert(
+    reader: CheckpointReader, spec: ExpertsSpec, e: int, gate_up: torch.Tensor, down: torch.Tensor
+) -> None:
+    """Expert e's weights of a floating-point checkpoint into `gate_up` [2I, H] and `down`
+    [H, I] (any device and dtype): from the fused tensors, or from its own tensors per part."""
+    fused = reader.key_for(spec.gate_up_name), reader.key_for(spec.down_name)
+    if all(fused):
+        reader.copy_rows(fused[0], gate_up.unsqueeze(0), start=e)
+        reader.copy_rows(fused[1], down.unsqueeze(0), start=e)
+        return
+    i = spec.intermediate_size
+    dests = {"gate": gate_up[:i], "up": gate_up[i:], "down": down}
+    for part in PARTS:
+        names = expert_keys(spec.name, e, part)
+        key = next((k for k in map(reader.key_for, names) if k), None)
+        if key is None:
+            raise ModelError(f"the checkpoint lacks {names[0]}", _REFETCH)
+        reader.copy_rows(key, dests[part])
+
+
+def read_stored_expert(
+    reader: CheckpointReader, spec: ExpertsSpec, e: int, float_dtype: torch.dtype
+) -> dict[str, QuantWeight | torch.Tensor]:
+    """Expert e of a hetegen folder whose experts are stored one by one: each quantized part
+    (ExpertsSpec.part_format) as its QuantWeight, each other part as a tensor in
+    `float_dtype`. ModelError names the missing tensor."""
+    parts: dict[str, QuantWeight | torch.Tensor] = {}
+    for part in PARTS:
+        key = quant_expert_key(spec.name, e, part)
+        q = spec.part_format(part)
+        out, inp = spec.part_shape(part)
+        try:
+            if q is None:
+                parts[part] = reader.read(key, float_dtype, torch.device("cpu"))
+            elif q[0] == "int8":
+                q8, scale = reader.raw(f"{key}.q"), reader.raw(f"{key}.scale")
+                parts[part] = QuantWeight("int8", out, inp, q8, scale)
+            else:
+                q4, scale, low = (reader.raw(f"{key}.{p}") for p in ("q", "scale", "min"))
+                parts[part] = QuantWeight("int4", out, inp, q4, scale, low, q[1])
+        except (KeyError, OSError) as exc:
+            raise ModelError(f"the quantized checkpoint lacks a part of {key} ({exc})", _REQUANTIZE) from exc
+    return parts
+
+
+def _fuse(a: QuantWeight, b: QuantWeight) -> QuantWeight:
+    """Two weights of one format stacked by rows: [a; b]."""
+    low = None if a.min is None else torch.cat((a.min, b.min))
+    return QuantWeight(
+        a.format,
+        a.out_features + b.out_features,
+        a.in_features,
+        torch.cat((a.q, b.q)),
+        torch.cat((a.scale, b.scale)),
+        low,
+        a.group_size,
+    )
+
+
+class _FloatPart:
+    """A floating-point part: x -> x W^T computed in W's dtype, returned in x's."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def _kernel_bytes(kernel: QuantLinear) -> int:
+    buffers = kernel._buffers.values()
+    return sum(int(b.numel() * b.element_size()) for b in buffers if b is not None)
+
+
+class CpuExpert:
+    """One routed expert computed on the CPU (module docstring): x [T, H] -> y [T, H] in x's
+    dtype. Not an nn.Module: its kernels stay in host RAM whatever `.to()` does to a model."""
+
+    def __init__(self, parts: dict[str, QuantWeight | torch.Tensor], act_fn: nn.Module) -> None:
+        self.act_fn = act_fn
+        gate, up = parts["gate"], parts["up"]
+        self.gate_up: QuantLinear | None = None
+        if isinstance(gate, QuantWeight) and isinstance(up, QuantWeight) and gate.format == up.format:
+            self.gate_up = QuantLinear(_fuse(gate, up))
+        else:
+            self.gate, self.up = _operand(gate), _operand(up)
+        self.down = _operand(parts["down"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(self.act_fn(gate) * up)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of its kernels and float weights (ExpertsSpec.host_expert_bytes)."""
+        ops = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
+        return sum(_kernel_bytes(o) if isinstance(o, QuantLinear) else o.nbytes for o in [*ops, self.down])
+
+
+def _operand(part: QuantWeight | torch.Tensor) -> QuantLinear | _FloatPart:
+    return QuantLinear(part) if isinstance(part, QuantWeight) else _FloatPart(part)
+
+
+class QuantExperts(nn.Module):
+    """A MoE layer's routed experts from a quantized folder, all on the CPU (module docstring);
+    called as transformers calls its experts module, with the hidden states [T, H] and the
+    router's `top_k_index` and `top_k_weights` [T, k]."""
+
+    def __init__(self, spec: ExpertsSpec, experts: list[CpuExpert]) -> None:
+        super().__init__()
+        self.num_experts = spec.num_experts
+        self.spec = spec
+        self.experts = experts
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, stored={self.spec.quant_label or 'float'}"
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():  # transformers' grouping: one_hot over E + 1, [E + 1, k, T]
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        for e in hit:
+            if e >= self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            y = self.experts[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+def load_quant_experts(
+    reader: CheckpointReader, spec: ExpertsSpec, act_fn: nn.Module, float_dtype: torch.dtype
+) -> QuantExperts:
+    """Every expert of `spec` from a hetegen folder, as a QuantExperts."""
+    experts = [read_stored_expert(reader, spec, e, float_dtype) for e in range(spec.num_experts)]
+    return QuantExperts(spec, [CpuExpert(parts, act_fn) for parts in experts])

@@ -1,0 +1,450 @@
+"""Routed experts stored quantized (models.formats.quant_experts, engine.experts): a tiny
+random model of each MoE architecture quantized to int8 and int4 (every expert part the
+kernels take; weights on the format's grid, so every side holds the same values) runs
+through the engine with the plain quantized model's greedy tokens, under an all-CPU plan (bit
+for bit: the same packed kernels) and mixed expert placements (every other expert, or a
+random half, on the GPU side, dequantized there) on the CPU and strict stand-ins; the plain
+model computes the dequantized weights' model (transformers in float32); the engine holds
+exactly the bytes the planner counts; a folder missing an expert's part is refused before
+loading."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.core.dtypes import greedy_tolerance
+from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.quant import weight_bytes
+from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
+from hetegen_cli.models.architecture.folder import spec_from_folder
+from hetegen_cli.models.formats.checkpoint import CheckpointReader
+from hetegen_cli.models.formats.quant import QuantWeight, quantize
+from hetegen_cli.models.formats.quant_experts import QuantExperts, read_stored_expert
+from hetegen_cli.models.formats.quantized import ensure_quantized, read_quant_weight
+from hetegen_cli.models.loading.quantized_loader import load_quantized
+from hetegen_cli.models.loading.source import resolve_model
+from hetegen_cli.models.shapes.quantfile import read_quantization
+from hetegen_cli.plan.document import RuntimeSettings
+from hetegen_cli.plan.memory import experts_bytes, host_memory
+from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
+from tests.helpers import assert_error, cli
+from tests.strict import StrictBackend
+from tests.tiny_models import VOCAB_SIZE, build_tokenizer
+
+PROMPT = [[5, 17, 42, 99, 7, 250, 31, 64, 12]]
+NEW_TOKENS = 8
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+#: tiny MoE configs whose expert widths both kernels take (64: int4 groups of 32, int8 16s)
+TINY_MOE = {
+    "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64),
+    "qwen2_moe": dict(
+        _COMMON,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+    ),
+    "mixtral": dict(_COMMON, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(_COMMON, intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+}
+CASES = [(arch, fmt) for arch in TINY_MOE for fmt in ("int8", "int4")]
+
+
+def grid_weight(shape: tuple[int, ...], fmt: str, gen: torch.Generator) -> torch.Tensor:
+    """Random weights [..., out, in] that `fmt` stores exactly and whose scales torch's packed
+    kernels hold exactly (they keep them in bfloat16): int8 rows s q, q in [-127, 127] with a
+    +-127 in every row; int4 groups of 32 s (q - 8), q in [0, 15] with a 0 and a 15 in every
+    group; s a power of two (2^-10 .. 2^-8 for int8, 2^-7 .. 2^-5 for int4: standard
+    deviations 0.04-0.3). The plain
+    quantized model, the engine and the dequantized reference then hold the same weights, and
+    only their activations' rounding tells them apart."""
+    *lead, out, inp = shape
+    if fmt == "int8":
+        q = torch.randint(-127, 128, shape, generator=gen).float()
+        q[..., 0] = 127.0 * torch.where(torch.rand((*lead, out), generator=gen) < 0.5, -1.0, 1.0)
+        s = 2.0 ** -torch.randint(8, 11, (*lead, out, 1), generator=gen).float()
+        return q * s
+    q = torch.randint(0, 16, (*lead, out, inp // 32, 32), generator=gen).float()
+    q[..., 0], q[..., 1] = 0.0, 15.0
+    s = 2.0 ** -torch.randint(5, 8, (*lead, out, inp // 32, 1), generator=gen).float()
+    return ((q - 8.0) * s).reshape(shape)
+
+
+def build_tiny_moe(arch: str, folder, fmt: str | None = None, std: float = 0.1) -> None:
+    """A tiny random `arch` model saved as transformers saves it, with the tests' tokenizer:
+    matrices ~ N(0, std) (far from uniform routing), or with `fmt` the linears and experts on
+    `fmt`'s grid (grid_weight); the router, embeddings and LM head stay normal."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **TINY_MOE[arch]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2:
+                continue
+            routed = name.endswith(("proj", ".weight")) and ".gate." not in name and "embed" not in name
+            if fmt is not None and routed and "lm_head" not in name and p.shape[-1] % 32 == 0:
+                p.copy_(grid_weight(tuple(p.shape), fmt, gen))
+            else:
+                p.normal_(0.0, std)
+    model.to(torch.float32).save_pretrained(folder)
+    build_tokenizer(folder)
+
+
+def dequantized_reference(ref):
+    """transformers' model in float32 holding the quantized folder's stored values dequantized
+    (its LM head int8-quantized as the plain quantized model holds it): the model the plain
+    quantized model and the engine compute, with exact weights and float32 activations."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    doc = read_quantization(ref.path)
+    cpu = torch.device("cpu")
+    values = {}
+    with CheckpointReader(ref.path) as reader:
+        for name in doc["linears"]:
+            values[f"{name}.weight"] = read_quant_weight(reader, name, doc).dequantize()
+        for x in ref.spec.experts:
+            gate_up, down = [], []
+            for e in range(x.num_experts):
+                parts = read_stored_expert(reader, x, e, torch.float32)
+                w = {k: v.dequantize() if isinstance(v, QuantWeight) else v for k, v in parts.items()}
+                gate_up.append(torch.cat((w["gate"], w["up"])))
+                down.append(w["down"])
+            values[x.gate_up_name], values[x.down_name] = torch.stack(gate_up), torch.stack(down)
+        for key in reader.index:
+            base = key.split(".weight.")[0]
+            if ".experts." not in key and base not in doc["linears"]:
+                values[key] = reader.read(key, torch.float32, cpu)
+    values["lm_head.weight"] = quantize(values["lm_head.weight"], "int8").dequantize()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ref.path)).to(torch.float32).eval()
+    missing, unexpected = model.load_state_dict(values, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+@pytest.fixture(scope="module")
+def floats(tmp_path_factory):
+    """(arch, format) -> its tiny float folder on that format's grid, built once."""
+    out = {}
+    for arch, fmt in CASES:
+        out[arch, fmt] = tmp_path_factory.mktemp(f"{arch}-{fmt}-float")
+        build_tiny_moe(arch, out[arch, fmt], fmt)
+    return out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{f}" for a, f in CASES])
+def moe(request, floats, tmp_path_factory):
+    """(format, ref of the quantized folder, plain model, its greedy tokens, its prompt logits)."""
+    arch, fmt = request.param
+    src = resolve_model(str(floats[arch, fmt]), need_weights=True)
+    folder = ensure_quantized(src, fmt, 32, tmp_path_factory.mktemp("q") / f"{arch}-{fmt}")
+    ref = resolve_model(str(folder), need_weights=True, quant="auto")
+    plain = load_quantized(ref)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        tokens = plain.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        logits = plain.model(ids).logits
+    return fmt, ref, plain, tokens, logits
+
+
+def _load(ref, plan_name, backend, experts=None):
+    """The engine with `plan_name`'s linears and `experts` (default: the same plan's) experts."""
+    runtime = RuntimeSettings(weights_dtype=ref.spec.dtype, staging_buffers=2, prefetch_depth=1)
+    return load_hetero_model(
+        ref,
+        placements(ref.spec, PLANS[plan_name]),
+        runtime,
+        backend,
+        progress=False,
+        experts=expert_placements(ref.spec, EXPERTS[experts or plan_name]),
+    )
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, share: float = 0.02) -> None:
+    """Logits within `share` of the largest (bfloat16 rounding of a few products apart)."""
+    err = float((got.float() - want.float()).abs().max())
+    assert err <= share * float(want.float().abs().max()), err
+
+
+def _near_ties_only(model, sequence, reference, tol, device="cpu"):
+    """Teacher-forced along the reference's greedy `sequence`: wherever `model`'s argmax
+    (on `device`) differs, the reference's margin between its token and the model's is at
+    most `tol` of its logit range (a near tie that rounding may flip)."""
+    with torch.no_grad():
+        got = model(sequence.to(device)).logits[0, len(PROMPT[0]) - 1 : -1].float().cpu()
+        want = reference(sequence).logits[0, len(PROMPT[0]) - 1 : -1].float()
+    for pos in range(got.shape[0]):
+        a, b = int(got[pos].argmax()), int(want[pos].argmax())
+        if a != b:
+            margin = float(want[pos, b] - want[pos, a]) / float(want[pos].max() - want[pos].min())
+            assert margin <= tol, f"position {pos}: {a} against the reference's {b}, margin {margin:.3g}"
+
+
+def test_every_expert_part_is_stored_in_the_format_asked_and_counted_so(moe):
+    fmt, ref, *_ = moe
+    doc = read_quantization(ref.path)
+    assert doc["schema_version"] == 3 and doc["format"] == fmt
+    assert doc["experts"] == {x.name: [fmt] * 3 for x in ref.spec.experts}
+    label = "int8" if fmt == "int8" else "int4-g32"
+    assert ref.spec.quant_label == ref.spec.experts_quant_label == label
+    for x in ref.spec.experts:
+        h, i = x.hidden_size, x.intermediate_size
+        assert x.expert_bytes == 2 * weight_bytes(fmt, i, h) + weight_bytes(fmt, h, i)
+        assert x.expert_bytes < x.expert_parameters * 2 * (0.6 if fmt == "int8" else 0.35)
+    with CheckpointReader(ref.path) as reader:
+        assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in reader.index)
+        stored = sum(
+            reader.raw(k).numel() * reader.raw(k).element_size() for k in reader.index if ".experts." in k
+        )
+    assert stored == ref.spec.expert_weight_bytes
+
+
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_an_all_cpu_plan_is_the_plain_quantized_model(moe, backend):
+    """Every expert on the CPU: the plain model's CpuExperts, its tokens; on the CPU stand-in
+    its logits bit for bit (the LM head int8 as the plain model's); the strict stand-in keeps
+    the head bfloat16 on its "device", as a GPU does."""
+    _, ref, plain, tokens, logits = moe
+    with _load(ref, "all_cpu", backend()) as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT)).logits
+        out = loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
+        if backend is CpuBackend:
+            assert torch.equal(got, logits) and out.tolist() == tokens.tolist()
+        else:
+            _close(got, logits)
+            _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"))
+        stats = loaded.stats()
+        assert stats["experts_cpu"] > 0 and stats["experts_gpu"] == 0
+
+
+@pytest.mark.parametrize("experts", ["mixed", "random"])
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_mixed_expert_placements_give_the_plain_quantized_models_tokens(moe, experts, backend):
+    """Half the experts on the GPU side (their stored parts there, dequantized per part into
+    bfloat16), the others on the CPU, every linear whole on the CPU: the plain model's logits
+    within bfloat16 rounding (the int4 kernel holds scales in bfloat16: 1-2 % of an expert's
+    output apart from the dequantized weights) and its greedy tokens but at near ties."""
+    _, ref, plain, tokens, logits = moe
+    with _load(ref, "all_cpu", backend(), experts) as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT)).logits
+        _close(got, logits)
+        _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"))
+        stats = loaded.stats()
+        assert stats["experts_cpu"] > 0 and stats["experts_gpu"] > 0
+
+
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_plans_splitting_the_linears_too_run_both_sides(moe, backend):
+    """The mixed plan: linears split (their CPU rows through the packed kernels, the others
+    dequantized) or resident, every other expert on the GPU side. The int4 kernel's bfloat16
+    scales put its rows 1-2 % apart from the dequantized ones, enough to tip a random tiny
+    router's near ties, so this checks the run and the first position, not every token."""
+    _, ref, _, _, logits = moe
+    with _load(ref, "mixed", backend()) as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT)).logits
+        _close(got[:, 0], logits[:, 0], 0.05)
+        out = loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert out.shape[1] == len(PROMPT[0]) + NEW_TOKENS
+        stats = loaded.stats()
+        assert stats["experts_cpu"] > 0 and stats["experts_gpu"] > 0 and stats["copies_issued"] > 0
+
+
+@contextlib.contextmanager
+def routing(model, names, record: dict, force: dict | None = None):
+    """Record each experts module's routing (top_k_index, top_k_weights) per call into
+    `record`; with `force`, call the experts with `force`'s routing instead of the router's."""
+
+    def hook(name):
+        def pre(module, args):
+            record.setdefault(name, []).append((args[1], args[2]))
+            if force is None:
+                return None
+            index, weights = force[name][len(record[name]) - 1]
+            return (args[0], index, weights.to(args[2].dtype))
+
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_the_plain_quantized_model_computes_its_dequantized_weights(moe):
+    """Against transformers in float32 on the stored values dequantized, along the plain
+    model's greedy sequence: its routers choose the plain model's experts but at near ties
+    (a tiny random router has some: measured 0-2 of 34 choices per model apart, each moving
+    that position's logits 15-50 %); given the plain model's choices, the logits are within
+    5 % of the largest (bfloat16 activations against float32; measured 0.7-2.8 %) and pick the
+    plain model's greedy tokens but at near ties."""
+    _, ref, plain, tokens, _ = moe
+    reference = dequantized_reference(ref)
+    assert any(isinstance(m, QuantExperts) for m in plain.model.modules())
+    names = [x.name for x in ref.spec.experts]
+    chosen: dict = {}
+    own: dict = {}
+    with torch.no_grad():
+        with routing(plain.model, names, chosen):
+            got = plain.model(tokens).logits[0].float()
+        with routing(reference, names, own, force=chosen):
+            want = reference(tokens).logits[0]
+    apart = sum(
+        int((own[n][0][0].sort(-1).values != chosen[n][0][0].sort(-1).values).any(-1).sum()) for n in names
+    )
+    assert apart <= 0.1 * tokens.shape[1] * len(names), apart
+    _close(got, want, 0.05)
+    tol = greedy_tolerance("bfloat16")
+    for pos in range(len(PROMPT[0]) - 1, tokens.shape[1] - 1):  # the positions that chose new tokens
+        token, best = int(tokens[0, pos + 1]), int(want[pos].argmax())
+        if best != token:
+            margin = float(want[pos, best] - want[pos, token]) / float(want[pos].max() - want[pos].min())
+            assert margin <= tol, (
+                f"position {pos}: the reference's {best} against {token}, margin {margin:.3g}"
+            )
+
+
+@pytest.mark.parametrize("plan_name", ["all_cpu", "mixed"])
+def test_the_engine_holds_the_expert_bytes_the_planner_counts(moe, plan_name):
+    """plan.memory (the planner's and the RAM check's count) equals what the engine holds:
+    the CPU's experts as their packed kernels, the GPU side's as stored."""
+    _, ref, *_ = moe
+    with _load(ref, plan_name, CpuBackend()) as loaded:
+        context = engine_context(loaded.model)
+        placed = [x.placement for x in context.experts]
+        gpu, host = experts_bytes(ref.spec, placed, RuntimeSettings().cpu_dtype_decode)
+        assert sum(x.host_bytes for x in context.experts) == host
+        on_gpu = sum(b.numel() * b.element_size() for x in context.experts for b in x.gpu_experts.buffers())
+        assert on_gpu == gpu
+        split = [lin.placement for lin in context.linears]
+        runtime = RuntimeSettings(weights_dtype=ref.spec.dtype)
+        linears = host_memory(split, ref.spec.dtype, runtime.cpu_dtypes, quant=ref.spec.quant_map())
+        assert loaded.memory["host_weight_bytes"] == linears.weights_bytes + linears.cpu_copy_bytes + host
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("experts", ["all_cpu", "mixed", "all_streamed"])
+def test_cuda_quantized_experts_give_the_plain_quantized_models_tokens(moe, experts):
+    """On a real GPU: the GPU side's experts dequantized there while the CPU computes its own
+    with the packed kernels (every linear on the CPU): the plain model's logits within
+    bfloat16 rounding (the head stays bfloat16 on the GPU) and its greedy tokens but at near
+    ties."""
+    from hetegen_cli.core.devices import get_backend
+
+    _, ref, plain, tokens, logits = moe
+    backend = get_backend("cuda")
+    with _load(ref, "all_cpu", backend, experts) as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT, device=backend.device)).logits.float().cpu()
+        _close(got, logits)
+        _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"), backend.device)
+        stats = loaded.stats()
+        assert (stats["experts_cpu"] > 0) == (experts != "all_streamed")
+        assert (stats["experts_gpu"] > 0) == (experts != "all_cpu")
+
+
+@pytest.fixture
+def int4_copy(floats, tmp_path):
+    src = resolve_model(str(floats["qwen3_moe", "int4"]), need_weights=True)
+    folder = ensure_quantized(src, "int4", 32, tmp_path / "built")
+    shutil.copytree(folder, tmp_path / "q")
+    return tmp_path / "q"
+
+
+def _drop(folder, *keys):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for key in keys:
+        tensors.pop(key)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_a_quantized_folder_missing_an_expert_is_refused_before_loading(int4_copy):
+    base = "model.layers.1.mlp.experts.2.up_proj.weight"
+    _drop(int4_copy, f"{base}.q", f"{base}.scale", f"{base}.min")
+    with pytest.raises(ModelError, match=r"lacks model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight\.q"):
+        spec_from_folder(int4_copy)
+    assert_error(cli("plan", "--model", str(int4_copy)), "the up weight of expert 2 of 8 in layer 1")
+
+
+def test_a_quantized_folder_missing_one_part_of_an_expert_is_refused(int4_copy):
+    _drop(int4_copy, "model.layers.0.mlp.experts.7.down_proj.weight.min")
+    with pytest.raises(
+        ModelError, match=r"lacks .*experts\.7\.down_proj\.weight\.min \(the down weight of expert 7"
+    ):
+        spec_from_folder(int4_copy)
+
+
+def test_a_document_naming_experts_the_model_lacks_is_refused(int4_copy):
+    path = int4_copy / "quantization.json"
+    doc = json.loads(path.read_text())
+    doc["experts"]["model.layers.5.mlp.experts"] = ["int4", "int4", "int4"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=r"names routed experts model\.layers\.5\.mlp\.experts"):
+        spec_from_folder(int4_copy)
+
+
+def test_hetegen_quantize_and_run_quant_int4_on_a_moe_folder(floats, tmp_path):
+    """The command line end to end: `hetegen quantize` writes the experts quantized, and `run
+    --quant int4 --plan` (half the experts on the GPU side, on the CPU stand-in) generates."""
+    from hetegen_cli.plan.document import save_plan
+    from hetegen_cli.plan.manual import manual_plan
+
+    out = tmp_path / "q"
+    result = cli(
+        "quantize", "--model", str(floats["mixtral", "int4"]), "--quant", "int4", "--output", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    assert read_quantization(out)["experts"]
+    spec = resolve_model(str(out), need_weights=True, quant="auto").spec
+    rng = random.Random(0)
+    gpu = {x.name: sorted(rng.sample(range(x.num_experts), 2)) for x in spec.experts}
+    runtime = RuntimeSettings(weights_dtype=spec.dtype)
+    plan = manual_plan(
+        spec, cpu_fraction_prefill=0.5, cpu_fraction_decode=0.25, runtime=runtime, experts_gpu=gpu
+    )
+    path = save_plan(plan, tmp_path / "plan.json")
+    args = ("run", "--model", str(out), "--prompt", "hi", "-n", "3", "--json", "--device", "cpu")
+    result = cli(*args, "--plan", str(path))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["engine"] == "hetegen" and doc["quant"] == "int4" and len(doc["token_ids"]) == 3
+    assert doc["plan"]["experts_on_gpu"] == 4
+
+
+@pytest.mark.parametrize(
+    "experts",
+    [
+        {"model.layers.0.mlp.experts": ["int4", "int4"]},  # two parts, not three
+        {"model.layers.0.mlp.experts": ["int4", "int4", "int3"]},  # no such format
+        {"model.layers.0.mlp.experts": [None, None, None]},  # nothing quantized
+        {},
+    ],
+)
+def test_a_malformed_experts_entry_is_refused(int4_copy, experts):
+    path = int4_copy / "quantization.json"
+    doc = json.loads(path.read_text())
+    doc["experts"] = experts
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="not a hetegen quantization document of schema 1, 2 or 3"):
+        spec_from_folder(int4_copy)

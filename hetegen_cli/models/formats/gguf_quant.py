@@ -55,7 +55,7 @@ from hetegen_cli.models.formats.gguf_blocks import (
     to_quant_weight,
 )
 from hetegen_cli.models.formats.gguf_config import config_and_tokenizer
-from hetegen_cli.models.formats.gguf_read import GgufTensorInfo, read_gguf_layout
+from hetegen_cli.models.formats.gguf_read import GgufTensorInfo, expert_tensor, read_gguf_layout
 from hetegen_cli.models.formats.gguf_types import FLOAT_COPY_FLAG, check_types, type_name
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
 from hetegen_cli.models.formats.quantized import write_folder
@@ -216,13 +216,8 @@ def plan_conversion(gguf: Path, out: Path, fmt: str, group: int, allow_float_cop
 def _expert_info(gguf: Path, layout, x: ExpertsSpec, part: str) -> GgufTensorInfo:
     """The 3-D GGUF tensor holding `part` of every expert of `x` (`blk.N.ffn_gate_exps`, ...);
     ModelError when it is missing or of another shape than [E, rows, inputs]."""
-    name = f"blk.{x.layer_index}.ffn_{part}_exps.weight"
-    info = layout.tensors.get(name)
-    what = f"the {part} weights of the {x.num_experts} experts in layer {x.layer_index}"
-    if info is None:
-        raise ModelError(
-            f"GGUF file {gguf.name} lacks the tensor {name} ({what})", "the file may be incomplete"
-        )
+    info = expert_tensor(gguf, layout, x.layer_index, part, x.num_experts)
+    name, what = info.name, f"the {part} weights of the {x.num_experts} experts in layer {x.layer_index}"
     want = (x.num_experts, *x.part_shape(part))
     if tuple(info.shape) != want:
         raise ModelError(

@@ -90,13 +90,8 @@ def check_expert_tensors(path: Path) -> int:
     layers = {n.split(".")[1] for n in layout.tensors if n.startswith("blk.") and "_exps." in n}
     for layer in sorted(layers, key=int):
         for part in ("gate", "up", "down"):
-            name = f"blk.{layer}.ffn_{part}_exps.weight"
-            info = layout.tensors.get(name)
-            what = f"the {part} weights of the {count} experts in layer {layer}"
-            if info is None:
-                raise ModelError(
-                    f"GGUF file {path.name} lacks the tensor {name} ({what})", "the file may be incomplete"
-                )
+            info = expert_tensor(path, layout, int(layer), part, count)
+            name = info.name
             if isinstance(count, int) and info.shape[0] != count:
                 raise ModelError(
                     f"GGUF tensor {name} holds {info.shape[0]} experts, but "
@@ -104,6 +99,20 @@ def check_expert_tensors(path: Path) -> int:
                     "the file's metadata and tensors disagree; download it again",
                 )
     return len(layers)
+
+
+def expert_tensor(path: Path, layout: GgufLayout, layer: int, part: str, count: Any) -> GgufTensorInfo:
+    """The 3-D tensor holding `part` (gate, up, down) of every expert of MoE layer `layer`
+    (`blk.N.ffn_gate_exps`, ...); ModelError when the file lacks it."""
+    name = f"blk.{layer}.ffn_{part}_exps.weight"
+    info = layout.tensors.get(name)
+    if info is None:
+        raise ModelError(
+            f"GGUF file {path.name} lacks the tensor {name} (the {part} weights of the {count} "
+            f"experts in layer {layer})",
+            "the file may be incomplete",
+        )
+    return info
 
 
 _SCALAR = {

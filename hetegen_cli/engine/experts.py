@@ -20,6 +20,13 @@ holds each expert's stored parts on the device and dequantizes one part at a tim
 weights dtype before its matmul (engine.quant_host.DequantLinear); the CPU side computes each
 of its experts with torch's packed int8/int4 kernels (models.formats.quant_experts.CpuExpert,
 the plain quantized model's own), so an all-CPU plan gives that model's numbers.
+
+Prefill streaming (a layer placed with `stream_prefill`; floating-point experts): in prefill
+the layer's CPU-side experts are computed on the GPU instead. Their weights, held pinned in
+the CPU format, cross PCIe one expert at a time into one of two staging slots shared by every
+layer (`ExpertStream`) on a side stream: the next expert's copy runs while the GPU computes
+the current one, each copy waits until the computation that last read its slot is done, and
+each computation waits for its copy. Decode is unchanged.
 """
 
 from __future__ import annotations
@@ -68,8 +75,16 @@ class HeteroExperts(nn.Module):
         self.register_buffer("gpu_gate_up", torch.empty((n_gpu, 2 * i, h), dtype=wdt, device=device), False)
         self.register_buffer("gpu_down", torch.empty((n_gpu, h, i), dtype=wdt, device=device), False)
         cdt = context.cpu_dtypes[1]  # the decode format serves both phases (plan.memory.experts_bytes)
-        self.cpu_gate_up: torch.Tensor | None = torch.empty((n_cpu, 2 * i, h), dtype=cdt)
-        self.cpu_down: torch.Tensor | None = torch.empty((n_cpu, h, i), dtype=cdt)
+        #: in prefill the CPU side's experts go to the GPU (pinned, for asynchronous copies)
+        self.streams = placement.stream_prefill and not self.quantized and bool(n_cpu)
+        backend = context.backend
+        if self.streams and backend.is_cuda:
+            with torch.inference_mode(False):
+                self.cpu_gate_up = backend.empty_pinned((n_cpu, 2 * i, h), cdt)
+                self.cpu_down = backend.empty_pinned((n_cpu, h, i), cdt)
+        else:
+            self.cpu_gate_up: torch.Tensor | None = torch.empty((n_cpu, 2 * i, h), dtype=cdt)
+            self.cpu_down: torch.Tensor | None = torch.empty((n_cpu, h, i), dtype=cdt)
 
     @property
     def host_bytes(self) -> int:
@@ -106,6 +121,8 @@ class HeteroExperts(nn.Module):
             mask = F.one_hot(top_k_index.cpu(), num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
         jobs = [(e, *torch.where(mask[e])) for e in hit if e < self.num_experts]
+        if self.streams and ctx.phase == "prefill":
+            return self._streamed(hidden_states, top_k_weights, jobs, out)
         gpu_jobs = [job for job in jobs if self.home[job[0]][0]]
         cpu_jobs = [job for job in jobs if not self.home[job[0]][0]]
         staged = self._to_host(hidden_states, top_k_weights) if cpu_jobs and backend.is_cuda else None
@@ -131,6 +148,34 @@ class HeteroExperts(nn.Module):
         y = torch.empty_like(out)
         backend.to_device_async(y, y_h)  # y_h is fresh for this call: never rewritten
         return out + y
+
+    def _streamed(
+        self, hidden: torch.Tensor, weights: torch.Tensor, jobs: list, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Every chosen expert on the GPU: the GPU side's from its own buffers, the CPU side's
+        through the context's ExpertStream, each next copy issued before the current matmul."""
+        stream: ExpertStream = self.context.expert_stream
+        wdt = self.context.weights_dtype
+        homes = [self.home[e] for e, _, _ in jobs]
+        cpu_slots = [j for on_gpu, j in homes if not on_gpu]
+        if cpu_slots:
+            stream.load(self.cpu_gate_up[cpu_slots[0]], self.cpu_down[cpu_slots[0]])
+        k = 0  # CPU-side experts done
+        for (on_gpu, j), (pos, tok) in zip(homes, self._to_device(jobs), strict=True):
+            x = hidden[tok]
+            if on_gpu:
+                y = _expert(x, self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
+            else:
+                if k + 1 < len(cpu_slots):  # the next one's copy runs while this one computes
+                    stream.load(self.cpu_gate_up[cpu_slots[k + 1]], self.cpu_down[cpu_slots[k + 1]])
+                gate_up, down = stream.take()
+                y = _expert(x, gate_up.to(wdt), down.to(wdt), self.act_fn)
+                stream.release()
+                k += 1
+            out.index_add_(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
+        self.context.stats.experts_gpu += len(jobs) - len(cpu_slots)
+        self.context.stats.experts_streamed += len(cpu_slots)
+        return out
 
     def _to_host(self, hidden: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Pinned host copies of the hidden states and routing weights, on the compute stream
@@ -174,6 +219,58 @@ class HeteroExperts(nn.Module):
             y = y * w_h[tok, pos, None]
             y_h.index_add_(0, tok, y.to(out_dtype))
         return y_h
+
+
+class ExpertStream:
+    """Two staging slots on the device that prefill streaming copies CPU-side experts into, on
+    a side stream (plan.memory: the plan's `expert_staging_bytes`). Copies and computations
+    alternate between the slots in order: `load` issues the next copy, `take` waits for the
+    oldest one, `release` marks its slot free once the computation reading it is queued."""
+
+    def __init__(self, backend: Any, spec: ExpertsSpec, dtype: torch.dtype) -> None:
+        self.backend = backend
+        self.copy_stream = backend.new_stream()
+        h, i = spec.hidden_size, spec.intermediate_size
+        device = backend.device
+        self.slots = [
+            (
+                torch.empty((2 * i, h), dtype=dtype, device=device),
+                torch.empty((h, i), dtype=dtype, device=device),
+            )
+            for _ in range(2)
+        ]
+        self.ready: list[Any] = [None, None]
+        self.free: list[Any] = [None, None]
+        self.loaded = self.taken = 0  # copies issued, copies taken (slot = count % 2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
+
+    def load(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Issue the copy of one expert's weights (pinned host tensors) into the next slot."""
+        if self.loaded - self.taken >= 2:
+            raise RuntimeError("both staging slots are loaded: take one first")
+        s = self.loaded % 2
+        if self.free[s] is not None:  # the last computation that read this slot
+            self.backend.wait_event(self.free[s], self.copy_stream)
+        dst_gate_up, dst_down = self.slots[s]
+        self.backend.to_device_async(dst_gate_up, gate_up, self.copy_stream)
+        self.backend.to_device_async(dst_down, down, self.copy_stream)
+        self.ready[s] = self.backend.record_event(self.copy_stream, self.ready[s])
+        self.loaded += 1
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The oldest loaded slot, once its copy has landed (the compute stream waits)."""
+        s = self.taken % 2
+        self.backend.wait_event(self.ready[s])
+        return self.slots[s]
+
+    def release(self) -> None:
+        """The computation reading the taken slot is queued: the slot is free after it."""
+        s = self.taken % 2
+        self.free[s] = self.backend.record_event(None, self.free[s])
+        self.taken += 1
 
 
 def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:

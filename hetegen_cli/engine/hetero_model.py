@@ -36,7 +36,7 @@ from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtyp
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.engine.experts import install_experts
+from hetegen_cli.engine.experts import ExpertStream, install_experts
 from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
@@ -137,6 +137,9 @@ def load_hetero_model(
             for x in experts:
                 context.experts.append(install_experts(model, x, by_name[x.name], reader, context))
                 bar.advance(task)
+            streaming = [by_name[m.placement.name] for m in context.experts if m.streams]
+            if streaming:  # one pair of staging slots for every layer (plan: expert_staging_bytes)
+                context.expert_stream = ExpertStream(backend, streaming[0], context.cpu_dtypes[1])
             for p in split:
                 _install_split(
                     model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key, quant.get(p.name)
@@ -355,4 +358,5 @@ def _memory_report(model: nn.Module, context: EngineContext) -> dict[str, int]:
         "cpu_copy_bytes": copies,
         "device_weight_bytes": device_bytes,
         "staging_bytes": context.scheduler.staging_bytes if context.scheduler else 0,
+        "expert_staging_bytes": context.expert_stream.nbytes if context.expert_stream else 0,
     }

@@ -61,6 +61,7 @@ class EngineStats:
     experts_gpu: int = 0  # routed experts computed on the GPU side (engine.experts), per call
     experts_cpu: int = 0  # ... and by the CPU
     experts_cpu_s: float = 0.0  # time in the CPU's experts (waiting for their input included)
+    experts_streamed: int = 0  # CPU-side experts copied to the GPU and computed there (prefill)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +143,7 @@ class EngineContext:
         self.stats = EngineStats()
         self.linears: list[HeteroLinear] = []
         self.experts: list[Any] = []  # engine.experts.HeteroExperts of a MoE model
+        self.expert_stream: Any = None  # engine.experts.ExpertStream when some layer streams prefill
         # all-CPU linears the model calls directly (HeteroLinear.direct_module), not through
         # their HeteroLinear: each counts one split call per pass
         self.direct_linears = 0

@@ -118,12 +118,13 @@ class ExpertsPlacement:
     """Where the routed experts of one mixture-of-experts layer run (docs/plan.md, "Experts"):
     the experts numbered in `gpu` are resident on the GPU side, whole; every other one is
     computed by the CPU from host RAM, only when a token chose it (its activations cross PCIe,
-    its weights never do)."""
+    its weights never do), except in prefill with `stream_prefill`: then its weights cross."""
 
     name: str  # the experts module, e.g. model.layers.0.mlp.experts
     layer_index: int
     num_experts: int
     gpu: tuple[int, ...] = ()  # expert numbers on the GPU side, ascending
+    stream_prefill: bool = False  # prefill: the CPU-side experts are copied to the GPU and run there
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -147,12 +148,7 @@ class ExpertsPlacement:
         return tuple(e for e in range(self.num_experts) if e not in on_gpu)
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "layer_index": self.layer_index,
-            "num_experts": self.num_experts,
-            "gpu": list(self.gpu),
-        }
+        return {f.name: list(self.gpu) if f.name == "gpu" else getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -259,6 +255,13 @@ class Plan:
     def split_count(self) -> int:
         return len(self.placements) - self.resident_count
 
+    def _experts_summary(self) -> dict:
+        return {
+            "experts_count": sum(x.num_experts for x in self.experts),
+            "experts_on_gpu": sum(len(x.gpu) for x in self.experts),
+            "expert_layers_streamed_in_prefill": sum(x.stream_prefill for x in self.experts),
+        }
+
     def summary(self) -> dict:
         """What a reader of a run or bench result needs to know of this plan."""
         split = [p for p in self.placements if not p.resident]
@@ -284,14 +287,7 @@ class Plan:
                 else {}
             ),
             "layer_split_gpu_layers": layer_split.gpu_layers if layer_split else None,
-            **(
-                {
-                    "experts_count": sum(x.num_experts for x in self.experts),
-                    "experts_on_gpu": sum(len(x.gpu) for x in self.experts),
-                }
-                if self.experts
-                else {}
-            ),
+            **(self._experts_summary() if self.experts else {}),
             "predictions": self.predictions.to_dict(),
             "bounds": self.bounds.to_dict() if self.bounds else {},
             "warnings": list(self.warnings),

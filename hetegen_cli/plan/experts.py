@@ -11,14 +11,27 @@ priority, weighted by its own chance of being active in a decode step
 (costmodel.experts.expert_priorities), so the hottest experts go first. `--cpu-moe` keeps every
 routed expert on the CPU and `--n-cpu-moe N` those of decoder layers 0..N-1, as llama.cpp's
 flags do.
+
+Prefill routes the whole prompt, so nearly every expert is active: a layer whose CPU-side
+experts take longer on the CPU than their weights take to cross PCIe (while the GPU computes
+every active expert) streams them in prefill (`stream_prefill`, the break-even llama.cpp users
+set by hand), through two staging buffers of one expert each on the GPU.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
-from hetegen_cli.plan.costmodel.experts import expert_priorities, expert_priority
+from hetegen_cli.plan.costmodel.experts import (
+    expert_priorities,
+    expert_priority,
+    placed_layer_s,
+    step_tokens,
+    streamed_layer_s,
+)
 from hetegen_cli.plan.document import ExpertsPlacement
 from hetegen_cli.plan.request import PlanRequest
 
@@ -48,20 +61,23 @@ def ranked_experts(spec: ModelSpec, rates: cm.PhaseRates, req: PlanRequest) -> l
 
 def place_experts(
     spec: ModelSpec, rates: cm.PhaseRates, req: PlanRequest, room: int
-) -> tuple[tuple[ExpertsPlacement, ...], int, list[str]]:
-    """(one placement per MoE layer, GPU bytes of the placed experts, notes) with `room` bytes
-    of GPU memory left after everything else; (), 0, [] for a dense model."""
+) -> tuple[tuple[ExpertsPlacement, ...], int, int, list[str]]:
+    """(one placement per MoE layer, GPU bytes of the placed experts, of the prefill staging
+    buffers, notes) with `room` bytes of GPU memory left after everything else; (), 0, 0, []
+    for a dense model. The staging buffers are set aside first when streaming would pay for a
+    layer whose experts are all on the CPU."""
     if not spec.experts:
-        return (), 0, []
-    by_layer = {x.layer_index: x for x in spec.experts}
-    chosen: dict[str, list[int]] = {x.name: [] for x in spec.experts}
-    used = 0
-    for _, layer, e in ranked_experts(spec, rates, req):
-        x = by_layer[layer]
-        if used + x.expert_bytes <= room:
-            chosen[x.name].append(e)
-            used += x.expert_bytes
-    placements = tuple(ExpertsPlacement.of(x, chosen[x.name]) for x in spec.experts)
+        return (), 0, 0, []
+    all_cpu = tuple(ExpertsPlacement.of(x) for x in spec.experts)
+    reserve = staging_bytes(spec, rates) if staging_bytes(spec, rates) <= room else 0
+    if reserve and not stream_in_prefill(spec, rates, req, all_cpu)[1]:
+        reserve = 0
+    placements, used = _fill(spec, rates, req, room - reserve)
+    stream_note: list[str] = []
+    if reserve:
+        placements, stream_note = stream_in_prefill(spec, rates, req, placements)
+        if not stream_note:  # the experts placed left no layer worth streaming: place again
+            placements, used = _fill(spec, rates, req, room)
     on_gpu = sum(len(p.gpu) for p in placements)
     total = sum(x.num_experts for x in spec.experts)
     how = req.expert_use.describe() if req.expert_use is not None else UNIFORM
@@ -70,10 +86,61 @@ def place_experts(
         f"others computed by the CPU from host RAM when chosen; placed by decode time saved per "
         f"byte with {how}"
     ]
+    notes += stream_note
     if req.cpu_moe:
         notes.append("--cpu-moe: every routed expert on the CPU")
     elif req.n_cpu_moe:
         notes.append(
             f"--n-cpu-moe {req.n_cpu_moe}: the experts of decoder layers 0-{req.n_cpu_moe - 1} on the CPU"
         )
-    return placements, used, notes
+    return placements, used, reserve if stream_note else 0, notes
+
+
+def _fill(
+    spec: ModelSpec, rates: cm.PhaseRates, req: PlanRequest, room: int
+) -> tuple[tuple[ExpertsPlacement, ...], int]:
+    """(placements, GPU bytes): the best-ranked experts that fit in `room` on the GPU side."""
+    by_layer = {x.layer_index: x for x in spec.experts}
+    chosen: dict[str, list[int]] = {x.name: [] for x in spec.experts}
+    used = 0
+    for _, layer, e in ranked_experts(spec, rates, req):
+        x = by_layer[layer]
+        if used + x.expert_bytes <= room:
+            chosen[x.name].append(e)
+            used += x.expert_bytes
+    return tuple(ExpertsPlacement.of(x, chosen[x.name]) for x in spec.experts), used
+
+
+def staging_bytes(spec: ModelSpec, rates: cm.PhaseRates) -> int:
+    """GPU bytes of the two staging buffers prefill streaming passes experts through: two
+    experts as the host holds them (the decode CPU format; engine.experts)."""
+    return 2 * round(max(x.expert_parameters for x in spec.experts) * rates.decode.cpu_dtype_bytes)
+
+
+def stream_in_prefill(
+    spec: ModelSpec, rates: cm.PhaseRates, req: PlanRequest, placements: tuple[ExpertsPlacement, ...]
+) -> tuple[tuple[ExpertsPlacement, ...], list[str]]:
+    """`placements` with `stream_prefill` on the layers where streaming the CPU-side experts to
+    the GPU beats computing them on the CPU in prefill, and a note ([] when none streams)."""
+    if not rates.prefill.has_gpu:
+        return placements, []
+    use, tokens = req.expert_use, step_tokens(req, "prefill")
+    by_name = {x.name: x for x in spec.experts}
+    out, saved = [], 0.0
+    for p in placements:
+        x = by_name[p.name]
+        per_token = use.per_token(x.layer_index) if use is not None else None
+        on_cpu = placed_layer_s(rates.prefill, x, per_token, p.gpu, tokens)
+        streamed = streamed_layer_s(rates.prefill, x, per_token, p.gpu, tokens)
+        stream = bool(p.cpu) and not x.part_quant and streamed < on_cpu
+        saved += on_cpu - streamed if stream else 0.0
+        out.append(replace(p, stream_prefill=stream))
+    layers = sum(p.stream_prefill for p in out)
+    if not layers:
+        return placements, []
+    note = (
+        f"prefill: {layers} of {len(out)} MoE layers stream their CPU-side experts to the GPU "
+        f"(through {format_bytes(staging_bytes(spec, rates))} of staging buffers), {saved:.3g} s less than "
+        f"computing them on the CPU at {tokens} prompt tokens"
+    )
+    return tuple(out), [note]

@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import Field, StrictInt, create_model, model_validator
+from pydantic import Field, StrictBool, StrictInt, create_model, model_validator
 
 from hetegen_cli.core.errors import PlanError
 from hetegen_cli.core.jsonio import read_document
@@ -68,6 +68,7 @@ class ExpertsDoc(Schema):
     layer_index: Annotated[StrictInt, Field(ge=0, le=2**20)]
     num_experts: Annotated[StrictInt, Field(ge=1, le=2**20)]
     gpu: list[Index]
+    stream_prefill: StrictBool = False  # absent in older plans
 
     @model_validator(mode="after")
     def _experts_in_range(self) -> ExpertsDoc:
@@ -200,7 +201,8 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         created_utc=parsed.created_utc,
         simulation=dict(parsed.simulation),
         experts=tuple(
-            ExpertsPlacement(x.name, x.layer_index, x.num_experts, tuple(x.gpu)) for x in parsed.experts
+            ExpertsPlacement(x.name, x.layer_index, x.num_experts, tuple(x.gpu), x.stream_prefill)
+            for x in parsed.experts
         ),
     )
 

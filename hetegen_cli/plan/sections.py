@@ -90,12 +90,14 @@ class GpuMemory(Section):
     staging_bytes: Index = 0
     resident_linear_bytes: Index = 0
     resident_expert_bytes: Index | None = None  # MoE models: the routed experts on the GPU side
+    expert_staging_bytes: Index | None = None  # MoE models: prefill streaming's two expert buffers
     total_bytes: Index = 0
 
     @classmethod
     def nothing(cls) -> GpuMemory:
         """An all-CPU plan's: every item 0 (written out)."""
-        names = [n for n in cls.model_fields if n not in ("dequant_bytes", "resident_expert_bytes")]
+        optional = ("dequant_bytes", "resident_expert_bytes", "expert_staging_bytes")
+        names = [n for n in cls.model_fields if n not in optional]
         return cls(**dict.fromkeys(names, 0))
 
 

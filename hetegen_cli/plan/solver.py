@@ -233,10 +233,13 @@ def solve(
     gpu_mem["resident_linear_bytes"] = sum(
         i.spec.weight_bytes for i in items if i.spec.name in resident and i.spec.name != head
     )
-    experts, expert_gpu, expert_notes = place_experts(spec, rates, req, budget - sum(gpu_mem.values()))
+    experts, expert_gpu, expert_staging, expert_notes = place_experts(
+        spec, rates, req, budget - sum(gpu_mem.values())
+    )
     notes += expert_notes
     if spec.experts:
         gpu_mem["resident_expert_bytes"] = expert_gpu
+        gpu_mem["expert_staging_bytes"] = expert_staging
     gpu_mem["total_bytes"] = sum(gpu_mem.values())
     assert gpu_mem["total_bytes"] <= budget, (gpu_mem, budget)
 

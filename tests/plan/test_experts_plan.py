@@ -169,3 +169,51 @@ def test_plan_on_the_command_line_with_the_moe_flags(tmp_path):
     assert [x["gpu"] for x in doc["experts"]] == [[]] * 16
     assert_error(cli(*args, "--cpu-moe", "--n-cpu-moe", "2"), "--cpu-moe and --n-cpu-moe", exit_code=2)
     assert_error(cli(*args, "--simulate"), "does not replay mixture-of-experts plans")
+
+
+# --- prefill streaming of CPU-side experts ---------------------------------------------------
+
+
+def _no_stream(experts):
+    return tuple(replace(x, stream_prefill=False) for x in experts)
+
+
+def test_prefill_streams_the_cpu_experts_where_pcie_beats_the_cpu(spec):
+    """At 2,048 prompt tokens nearly every expert is active: a 1 TFLOP/s CPU takes longer over
+    a layer's CPU-side experts than PCIe at 25 GB/s takes to bring them, so those layers stream
+    in prefill, through two experts' staging buffers, and predict a shorter prefill; decode is
+    priced as before. At 1 GB/s PCIe no layer streams, and without a GPU nothing does."""
+    req = PlanRequest(prompt_len=2048, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    plan = make_plan(spec, make_profile(ram_available=512 * GiB), req)
+    streamed = [x for x in plan.experts if x.stream_prefill]
+    assert streamed and all(x.cpu for x in streamed)
+    assert not [x for x in plan.experts if not x.cpu and x.stream_prefill]
+    gpu = plan.memory.gpu
+    held = itemsize(plan.runtime.cpu_dtype_decode)
+    assert gpu.expert_staging_bytes == 2 * spec.experts[0].expert_parameters * held
+    assert gpu.total_bytes <= 8 * GiB and any(n.startswith("prefill: ") for n in plan.notes)
+    rates = simple_rates(cpu_dtype="bfloat16", weights_dtype="bfloat16")
+    tokens = req.prompt_len
+    with_stream = experts_step_s(rates, spec.experts, plan.experts, tokens, prefill=True)
+    without = experts_step_s(rates, spec.experts, _no_stream(plan.experts), tokens, prefill=True)
+    assert with_stream < without
+    # decode never streams
+    assert experts_step_s(rates, spec.experts, plan.experts, 1) == experts_step_s(
+        rates, spec.experts, _no_stream(plan.experts), 1
+    )
+    slow = make_plan(spec, make_profile(ram_available=512 * GiB, pcie_bw=1e9), req)
+    assert not any(x.stream_prefill for x in slow.experts) and not slow.memory.gpu.expert_staging_bytes
+    cpu_only = make_plan(
+        spec, make_profile(gpu=False, ram_available=512 * GiB), replace(req, gpu_budget_bytes=None)
+    )
+    assert not any(x.stream_prefill for x in cpu_only.experts)
+
+
+def test_stream_prefill_round_trips_and_older_plans_read_it_as_off(spec):
+    req = PlanRequest(prompt_len=2048, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    plan = make_plan(spec, make_profile(ram_available=512 * GiB), req)
+    doc = plan.to_dict()
+    assert plan_from_dict(doc).experts == plan.experts and any(x.stream_prefill for x in plan.experts)
+    for x in doc["experts"]:
+        del x["stream_prefill"]
+    assert plan_from_dict(doc).experts == _no_stream(plan.experts)

@@ -85,6 +85,42 @@ def measured_layer_s(
     return sides[0], sides[1]
 
 
+def placed_layer_s(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    per_token: Sequence[float] | None,
+    gpu: Collection[int],
+    tokens: int,
+    concurrent: bool = True,
+) -> float:
+    """Seconds of one layer's experts in a step, `gpu` on the GPU side and the rest on the CPU
+    at once: the longer side; `per_token` None: uniform use."""
+    if per_token is None:
+        return max(layer_s(rates, x, len(gpu), tokens, concurrent))
+    return max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent))
+
+
+def expert_copy_s(rates: cm.Rates, x: ExpertsSpec) -> float:
+    """Seconds to copy one CPU-side expert's weights host -> GPU as the host holds them (the
+    CPU format: gate and up [2I, H], down [H, I]), in two copies."""
+    return 2 * rates.pcie_copy_s + x.expert_parameters * rates.cpu_dtype_bytes / rates.pcie_bytes_per_s
+
+
+def streamed_layer_s(
+    rates: cm.Rates, x: ExpertsSpec, per_token: Sequence[float] | None, gpu: Collection[int], tokens: int
+) -> float:
+    """Seconds of one layer's experts in a step whose CPU-side experts are streamed: the active
+    ones' weights cross PCIe one after another while the GPU computes every active expert
+    (the longer of the two; engine.experts, "prefill streaming")."""
+    gpu_s = placed_layer_s(rates, x, per_token, range(x.num_experts), tokens)
+    if per_token is None:
+        moved = expected_distinct(x.num_experts, x.top_k, tokens) * (1 - len(gpu) / x.num_experts)
+    else:
+        held = set(gpu)
+        moved = sum(active_probability(p, tokens) for e, p in enumerate(per_token) if e not in held)
+    return max(gpu_s, moved * expert_copy_s(rates, x))
+
+
 def experts_step_s(
     rates: cm.Rates,
     specs: Iterable[ExpertsSpec],
@@ -93,22 +129,25 @@ def experts_step_s(
     concurrent: bool = True,
     gpu_layers: int | None = None,
     use: ExpertStats | None = None,
+    prefill: bool = False,
 ) -> float:
     """Seconds of every MoE layer's experts in one step: each layer the longer of its two
     sides. `placements` None: every expert on the CPU, or with `gpu_layers` every expert of the
-    layers below it on the GPU (a layer split). `use`: measured use (None: uniform)."""
-    on_gpu = {p.name: p.gpu for p in placements or ()}
+    layers below it on the GPU (a layer split). `use`: measured use (None: uniform). In
+    `prefill`, a layer placed with `stream_prefill` streams its CPU-side experts instead."""
+    placed = {p.name: p for p in placements or ()}
     total = 0.0
     for x in specs:
+        p = placed.get(x.name)
         if gpu_layers is not None:
             gpu = range(x.num_experts) if x.layer_index < gpu_layers else ()
         else:
-            gpu = on_gpu.get(x.name, ())
+            gpu = p.gpu if p is not None else ()
         per_token = use.per_token(x.layer_index) if use is not None else None
-        if per_token is None:
-            total += max(layer_s(rates, x, len(gpu), tokens, concurrent))
+        if prefill and p is not None and p.stream_prefill:
+            total += streamed_layer_s(rates, x, per_token, gpu, tokens)
         else:
-            total += max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent))
+            total += placed_layer_s(rates, x, per_token, gpu, tokens, concurrent)
     return total
 
 

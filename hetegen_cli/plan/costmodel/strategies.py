@@ -221,7 +221,9 @@ def with_experts(rates: cm.PhaseRates, spec, req, linear_s: dict, experts=None, 
     use = req.expert_use
     return {
         ph: linear_s[ph]
-        + experts_step_s(rates[ph], spec.experts, experts, step_tokens(req, ph), use=use, **how)
+        + experts_step_s(
+            rates[ph], spec.experts, experts, step_tokens(req, ph), use=use, prefill=ph == "prefill", **how
+        )
         for ph in PHASES
     }
 

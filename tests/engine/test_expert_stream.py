@@ -1,0 +1,130 @@
+"""Prefill streaming of CPU-side experts (engine.experts.ExpertStream): a layer placed with
+`stream_prefill` computes its CPU-side experts on the GPU in prefill, their weights copied
+through two shared staging slots on a side stream. Greedy tokens stay transformers' on the CPU
+stand-in and on the strict stand-in (which poisons a slot read before its copy landed, or
+refilled before its reader was done); decode still computes them on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.engine.experts import ExpertStream
+from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.loading.source import resolve_model
+from hetegen_cli.plan.document import RuntimeSettings
+from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
+from tests.engine.test_strict_backend import FP32, _generate
+from tests.models.architecture.test_architectures import NEW_TOKENS, PROMPT, _tiny
+from tests.strict import StrictBackend
+
+MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """arch -> (ModelRef, transformers' greedy tokens)."""
+    out = {}
+    for arch in MOE:
+        folder = tmp_path_factory.mktemp(arch)
+        want = _tiny(arch, folder)
+        out[arch] = (resolve_model(str(folder), need_weights=True), want)
+    return out
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("backend", ["cpu", "strict"])
+@pytest.mark.parametrize("experts", ["all_cpu", "mixed"])
+def test_streamed_prefill_gives_transformers_tokens(tiny_moe, arch, backend, experts):
+    ref, want = tiny_moe[arch]
+    plan = placements(ref.spec, PLANS["mixed"])
+    streamed = [replace(x, stream_prefill=True) for x in expert_placements(ref.spec, EXPERTS[experts])]
+    runtime = RuntimeSettings(**{**FP32.__dict__, "requires_gpu": True})
+    chosen = CpuBackend() if backend == "cpu" else StrictBackend()
+    with load_hetero_model(ref, plan, runtime, chosen, progress=False, experts=streamed) as loaded:
+        got = _generate(loaded, PROMPT, NEW_TOKENS)
+        engine = loaded.model.hetegen_engine
+        stats = engine.stats
+        x = ref.spec.experts[0]
+        assert engine.expert_stream.nbytes == 2 * x.expert_parameters * 4  # two float32 experts
+    assert got == want
+    assert stats.experts_streamed > 0  # prefill: the CPU side's experts went to the GPU
+    assert stats.experts_cpu > 0  # decode: computed by the CPU, as before
+
+
+def test_a_plan_without_streaming_allocates_no_slots(tiny_moe):
+    ref, want = tiny_moe["qwen3_moe"]
+    runtime = RuntimeSettings(**{**FP32.__dict__, "requires_gpu": True})
+    experts = expert_placements(ref.spec, EXPERTS["mixed"])
+    plan = placements(ref.spec, PLANS["mixed"])
+    with load_hetero_model(ref, plan, runtime, CpuBackend(), progress=False, experts=experts) as loaded:
+        assert _generate(loaded, PROMPT, NEW_TOKENS) == want
+        assert loaded.model.hetegen_engine.expert_stream is None
+        assert loaded.model.hetegen_engine.stats.experts_streamed == 0
+
+
+def test_the_slots_alternate_and_refuse_a_third_copy():
+    class Spec:
+        hidden_size, intermediate_size = 4, 3
+
+    backend = StrictBackend()
+    stream = ExpertStream(backend, Spec(), torch.float32)
+    a = [
+        backend.empty_pinned((6, 4), torch.float32).fill_(1.0),
+        backend.empty_pinned((4, 3), torch.float32).fill_(1.0),
+    ]
+    b = [
+        backend.empty_pinned((6, 4), torch.float32).fill_(2.0),
+        backend.empty_pinned((4, 3), torch.float32).fill_(2.0),
+    ]
+    stream.load(*a)
+    stream.load(*b)
+    with pytest.raises(RuntimeError, match="both staging slots"):
+        stream.load(*a)
+    first = stream.take()
+    assert torch.equal(first[0], a[0]) and torch.equal(first[1], a[1])
+    stream.release()
+    second = stream.take()
+    assert torch.equal(second[0], b[0]) and first[0].data_ptr() != second[0].data_ptr()
+
+
+def test_a_slot_is_refilled_only_after_the_copy_stream_waited_for_its_reader():
+    """On a GPU the computation reading a slot runs asynchronously: the third copy (into the
+    first slot again) must be ordered after the event `release` recorded for that slot."""
+
+    class Spy(CpuBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple] = []
+
+        def wait_event(self, event, stream=None):
+            self.calls.append(("wait", id(event), stream))
+
+        def to_device_async(self, dst, src, stream=None):
+            self.calls.append(("copy", dst.data_ptr(), stream))
+            super().to_device_async(dst, src, stream)
+
+        def record_event(self, stream=None, event=None):
+            event = object()
+            self.calls.append(("record", id(event), stream))
+            return event
+
+    class Spec:
+        hidden_size, intermediate_size = 4, 3
+
+    backend = Spy()
+    stream = ExpertStream(backend, Spec(), torch.float32)
+    parts = (torch.ones(6, 4), torch.ones(4, 3))
+    stream.load(*parts)
+    stream.load(*parts)
+    stream.take()
+    stream.release()
+    freed = backend.calls[-1]
+    assert freed[0] == "record" and freed[2] is None  # on the compute stream
+    stream.load(*parts)
+    wait, copy = backend.calls[-4], backend.calls[-3]
+    assert wait == ("wait", freed[1], stream.copy_stream)
+    assert copy == ("copy", stream.slots[0][0].data_ptr(), stream.copy_stream)

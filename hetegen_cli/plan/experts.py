@@ -50,10 +50,10 @@ def ranked_experts(spec: ModelSpec, rates: cm.PhaseRates, req: PlanRequest) -> l
             continue
         per_token = use.per_token(x.layer_index) if use is not None else None
         if per_token is None:
-            g = expert_priority(rates.decode, x, req.batch_size)
+            g = expert_priority(rates.decode, x, req.batch_size, rates.quant)
             ranked += [(g, x.layer_index, e) for e in range(x.num_experts)] if g > 0 else []
         else:
-            gs = expert_priorities(rates.decode, x, req.batch_size, per_token)
+            gs = expert_priorities(rates.decode, x, req.batch_size, per_token, rates.quant)
             ranked += [(g, x.layer_index, e) for e, g in enumerate(gs) if g > 0]
     ranked.sort(key=lambda item: (-item[0], item[1], item[2]))
     return ranked
@@ -130,7 +130,7 @@ def stream_in_prefill(
     for p in placements:
         x = by_name[p.name]
         per_token = use.per_token(x.layer_index) if use is not None else None
-        on_cpu = placed_layer_s(rates.prefill, x, per_token, p.gpu, tokens)
+        on_cpu = placed_layer_s(rates.prefill, x, per_token, p.gpu, tokens, quant=rates.quant)
         streamed = streamed_layer_s(rates.prefill, x, per_token, p.gpu, tokens)
         stream = bool(p.cpu) and not x.part_quant and streamed < on_cpu
         saved += on_cpu - streamed if stream else 0.0

@@ -265,3 +265,27 @@ def test_a_quantized_moe_model_places_its_experts_at_their_quantized_bytes(fmt):
     float_placed = sum(len(p.gpu) for p in float_plan.experts)
     ratio = x.expert_parameters * 2 / x.expert_bytes
     assert placed >= 0.9 * float_placed * ratio
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts_are_priced_at_their_kernels_rates(fmt):
+    """A CPU expert stored as int8/int4 reads its stored bytes: priced at its format's rates
+    (PhaseRates.quant, the profile's quantized GEMV), its decode on the CPU is faster than the
+    same expert in bfloat16, and an experts-on-CPU plan of the quantized model predicts faster
+    decode than the float model's."""
+    from hetegen_cli.plan.costmodel.experts import expert_s
+    from hetegen_cli.plan.costmodel.hardware import Rates
+
+    name = "qwen3-30b-a3b"
+    req = PlanRequest(
+        prompt_len=128, max_new_tokens=32, gpu_budget_bytes=16 * GiB, cpu_budget_bytes=256 * GiB, cpu_moe=True
+    )
+    profile = _profile(free=80 * GiB, total=80 * GiB, ram_available=512 * GiB)
+    spec = _spec(fmt, name)
+    float_spec = replace(_spec(None, name), dtype="bfloat16").in_dtype("bfloat16")
+    plan, float_plan = make_plan(spec, profile, req), make_plan(float_spec, profile, req)
+    assert plan.rates.quant and fmt in plan.rates.quant
+    quant = {k: Rates.from_dict(v) for k, v in plan.rates.quant.items()}
+    x, fx, r = spec.experts[0], float_spec.experts[0], Rates.from_dict(plan.rates.decode)
+    assert expert_s(r, x, 1, False, quant=quant) < expert_s(r, fx, 1, False) == expert_s(r, x, 1, False)
+    assert plan.predictions.hetegen.decode_tokens_per_s > float_plan.predictions.hetegen.decode_tokens_per_s

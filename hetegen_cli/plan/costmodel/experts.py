@@ -15,7 +15,7 @@ of the two.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from hetegen_cli.models.shapes.experts import ExpertsSpec, expected_distinct
 from hetegen_cli.plan.costmodel import hardware as cm
@@ -28,20 +28,39 @@ def step_tokens(req, phase: str) -> int:
     return req.batch_size * (req.prompt_len if phase == "prefill" else 1)
 
 
-def expert_s(rates: cm.Rates, x: ExpertsSpec, tokens: float, on_gpu: bool, concurrent: bool = True) -> float:
+#: the rates of each quantized format (PhaseRates.quant): quantized expert parts are priced at
+#: their format's (their kernels' bytes and speed), the others at the phase's
+Quant = Mapping[str, cm.Rates]
+
+
+def expert_s(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    tokens: float,
+    on_gpu: bool,
+    concurrent: bool = True,
+    quant: Quant | None = None,
+) -> float:
     """Seconds of one active expert (gate and up [2I, H], down [H, I]) on `tokens` tokens."""
-    n = max(1, round(tokens))
-    if on_gpu:
-        return cm.gpu_time(rates, 2 * x.intermediate_size, x.hidden_size, n) + cm.gpu_time(
-            rates, x.hidden_size, x.intermediate_size, n
-        )
-    return cm.cpu_time(rates, 2 * x.intermediate_size, x.hidden_size, n, concurrent) + cm.cpu_time(
-        rates, x.hidden_size, x.intermediate_size, n, concurrent
-    )
+    n, total, quant = max(1, round(tokens)), 0.0, quant or {}
+    # gate and up run as one kernel [2I, H] (they share a format), down as another [H, I]
+    for part, rows, inputs in (
+        ("gate", 2 * x.intermediate_size, x.hidden_size),
+        ("down", *x.part_shape("down")),
+    ):
+        stored = x.part_format(part)
+        r = quant.get(stored[0], rates) if stored else rates
+        total += cm.gpu_time(r, rows, inputs, n) if on_gpu else cm.cpu_time(r, rows, inputs, n, concurrent)
+    return total
 
 
 def layer_s(
-    rates: cm.Rates, x: ExpertsSpec, gpu_experts: int, tokens: int, concurrent: bool = True
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    gpu_experts: int,
+    tokens: int,
+    concurrent: bool = True,
+    quant: Quant | None = None,
 ) -> tuple[float, float]:
     """(CPU side, GPU side) seconds of one layer's experts in a step of `tokens` tokens with
     `gpu_experts` of them on the GPU side (uniform use)."""
@@ -50,8 +69,8 @@ def layer_s(
         return 0.0, 0.0
     per_expert = tokens * x.top_k / active
     share_gpu = gpu_experts / x.num_experts
-    gpu = active * share_gpu * expert_s(rates, x, per_expert, True) if gpu_experts else 0.0
-    cpu = active * (1 - share_gpu) * expert_s(rates, x, per_expert, False, concurrent)
+    gpu = active * share_gpu * expert_s(rates, x, per_expert, True, quant=quant) if gpu_experts else 0.0
+    cpu = active * (1 - share_gpu) * expert_s(rates, x, per_expert, False, concurrent, quant)
     return cpu, gpu
 
 
@@ -68,6 +87,7 @@ def measured_layer_s(
     gpu: Collection[int],
     tokens: int,
     concurrent: bool = True,
+    quant: Quant | None = None,
 ) -> tuple[float, float]:
     """(CPU side, GPU side) seconds of one layer's experts in a step of `tokens` tokens, expert
     e chosen per token with probability `per_token[e]` and on the GPU side when in `gpu`."""
@@ -80,7 +100,7 @@ def measured_layer_s(
         on_gpu = e in gpu
         key = (max(1, round(tokens * p / active)), on_gpu)
         if key not in seconds:
-            seconds[key] = expert_s(rates, x, key[0], on_gpu, concurrent)
+            seconds[key] = expert_s(rates, x, key[0], on_gpu, concurrent, quant)
         sides[on_gpu] += active * seconds[key]
     return sides[0], sides[1]
 
@@ -92,12 +112,13 @@ def placed_layer_s(
     gpu: Collection[int],
     tokens: int,
     concurrent: bool = True,
+    quant: Quant | None = None,
 ) -> float:
     """Seconds of one layer's experts in a step, `gpu` on the GPU side and the rest on the CPU
     at once: the longer side; `per_token` None: uniform use."""
     if per_token is None:
-        return max(layer_s(rates, x, len(gpu), tokens, concurrent))
-    return max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent))
+        return max(layer_s(rates, x, len(gpu), tokens, concurrent, quant))
+    return max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent, quant))
 
 
 def expert_copy_s(rates: cm.Rates, x: ExpertsSpec) -> float:
@@ -130,6 +151,7 @@ def experts_step_s(
     gpu_layers: int | None = None,
     use: ExpertStats | None = None,
     prefill: bool = False,
+    quant: Quant | None = None,
 ) -> float:
     """Seconds of every MoE layer's experts in one step: each layer the longer of its two
     sides. `placements` None: every expert on the CPU, or with `gpu_layers` every expert of the
@@ -147,7 +169,7 @@ def experts_step_s(
         if prefill and p is not None and p.stream_prefill:
             total += streamed_layer_s(rates, x, per_token, gpu, tokens)
         else:
-            total += placed_layer_s(rates, x, per_token, gpu, tokens, concurrent)
+            total += placed_layer_s(rates, x, per_token, gpu, tokens, concurrent, quant)
     return total
 
 
@@ -176,17 +198,19 @@ def active_bytes(
     return gpu, host
 
 
-def expert_priority(rates: cm.Rates, x: ExpertsSpec, batch: int) -> float:
+def expert_priority(rates: cm.Rates, x: ExpertsSpec, batch: int, quant: Quant | None = None) -> float:
     """Decode seconds saved per byte of GPU memory by holding one expert of `x` on the GPU
     side (uniform use: the chance it is active in a step times its CPU time less its GPU time)."""
     active = expected_distinct(x.num_experts, x.top_k, batch)
     tokens = batch * x.top_k / active if active else 1
     p_active = active / x.num_experts
-    saved = expert_s(rates, x, tokens, False) - expert_s(rates, x, tokens, True)
+    saved = expert_s(rates, x, tokens, False, quant=quant) - expert_s(rates, x, tokens, True, quant=quant)
     return max(0.0, p_active * saved) / x.expert_bytes
 
 
-def expert_priorities(rates: cm.Rates, x: ExpertsSpec, batch: int, per_token: Sequence[float]) -> list[float]:
+def expert_priorities(
+    rates: cm.Rates, x: ExpertsSpec, batch: int, per_token: Sequence[float], quant: Quant | None = None
+) -> list[float]:
     """expert_priority for each expert of `x` under measured use: the chance expert e is active
     in a decode step (1 - (1 - p_e)^batch) times its CPU time less its GPU time, per byte."""
     out = []
@@ -198,6 +222,6 @@ def expert_priorities(rates: cm.Rates, x: ExpertsSpec, batch: int, per_token: Se
             continue
         n = max(1, round(batch * p / active))
         if n not in saved:
-            saved[n] = expert_s(rates, x, n, False) - expert_s(rates, x, n, True)
+            saved[n] = expert_s(rates, x, n, False, quant=quant) - expert_s(rates, x, n, True, quant=quant)
         out.append(max(0.0, active * saved[n]) / x.expert_bytes)
     return out

@@ -52,8 +52,10 @@ class CostInputs:
         self, spec: ModelSpec, cpu_dtypes: tuple[str, str], prefill_tokens: int, backend: Backend
     ) -> tuple[cm.PhaseRates, list[str]]:
         """The rates `spec` runs at on `backend` with its CPU share in `cpu_dtypes`, and those
-        of each quantized format its linears are in (a mixed model has several)."""
-        formats = sorted(set(spec.quant_map().values()))
+        of each quantized format its linears and routed experts are in (a mixed model has several)."""
+        formats = sorted(
+            set(spec.quant_map().values()) | {q for x in spec.experts for q in x.part_quant if q}
+        )
         rates, notes = phase_rates_from_profile(self.profile, spec.dtype, cpu_dtypes, prefill_tokens, formats)
         if backend != "standin":
             return rates, notes

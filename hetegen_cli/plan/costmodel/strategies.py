@@ -222,7 +222,14 @@ def with_experts(rates: cm.PhaseRates, spec, req, linear_s: dict, experts=None, 
     return {
         ph: linear_s[ph]
         + experts_step_s(
-            rates[ph], spec.experts, experts, step_tokens(req, ph), use=use, prefill=ph == "prefill", **how
+            rates[ph],
+            spec.experts,
+            experts,
+            step_tokens(req, ph),
+            use=use,
+            prefill=ph == "prefill",
+            quant=rates.quant,
+            **how,
         )
         for ph in PHASES
     }

@@ -195,3 +195,40 @@ def test_extra_buffer_types_are_off_only_for_an_amx_build():
     amx = "CPU : AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"
     assert build_has_amx(amx)
     assert not build_has_amx(amx.replace("AMX_INT8 = 1 | ", ""))
+
+
+def test_a_larger_vocabulary_pads_the_tokenizer_and_converts(tmp_path, monkeypatch):
+    """A preset whose vocabulary is larger than SmolLM2's 49,152 tokens (OLMoE's 50,304) gets
+    the tokenizer padded with unused tokens: every id has a token, the real ids and merges are
+    unchanged, and hetegen converts and runs the file (llama.cpp loads it where installed)."""
+    from gguf import GGUFReader
+
+    from hetegen_cli.core.errors import ModelError
+    from hetegen_cli.models.formats.gguf import default_gguf_path
+    from hetegen_cli.models.formats.gguf_write import TOKENIZER_VOCAB, gguf_preset_error, write_llama_gguf
+    from hetegen_cli.models.loading.source import resolve_model
+
+    try:
+        default_gguf_path()
+    except ModelError as exc:
+        pytest.skip(f"the tokenizer comes from the default model's GGUF: {exc.message}")
+    assert gguf_preset_error("olmoe-1b-7b") is None
+    assert "vocabulary of 32000" in gguf_preset_error("mixtral-8x7b")  # smaller: refused
+    monkeypatch.setenv("HETEGEN_HOME", str(tmp_path / "home"))
+    vocab = TOKENIZER_VOCAB + 40
+    path = write_llama_gguf(
+        {**TINY_GGUF_CONFIG, "vocab_size": vocab, "tie_word_embeddings": False}, tmp_path / "v.gguf"
+    )
+    reader = GGUFReader(str(path))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    original = GGUFReader(str(default_gguf_path())).fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == len(types) == vocab and tokens[:TOKENIZER_VOCAB] == original
+    assert tokens[-1] == "<|hetegen_pad_39|>" and set(types[TOKENIZER_VOCAB:]) == {5}
+    from tests.helpers import cli
+
+    ran = cli("run", "--model", str(path), "--prompt", "The capital of France is", "-n", "4", "--json")
+    assert ran.exit_code == 0, ran.stderr
+    doc = json.loads(ran.stdout)
+    assert len(doc["token_ids"]) == 4 and all(0 <= t < vocab for t in doc["token_ids"])
+    assert resolve_model(str(path), need_weights=False).spec.vocab_size == vocab

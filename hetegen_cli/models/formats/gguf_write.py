@@ -103,12 +103,29 @@ def gguf_preset_error(preset: str) -> str | None:
             f"synthetic GGUF files are written for LLaMA-family presets only "
             f"({preset} is model_type {model_type!r})"
         )
-    if config.get("vocab_size") != TOKENIZER_VOCAB:
+    if int(config.get("vocab_size") or 0) < TOKENIZER_VOCAB:
         return (
-            f"synthetic GGUF files carry SmolLM2's tokenizer ({TOKENIZER_VOCAB} tokens); "
-            f"{preset} has a vocabulary of {config.get('vocab_size')}"
+            f"synthetic GGUF files carry SmolLM2's tokenizer ({TOKENIZER_VOCAB} tokens, padded to "
+            f"a larger vocabulary); {preset} has a vocabulary of {config.get('vocab_size')}"
         )
     return None
+
+
+def padded_tokenizer(fields: list[tuple[str, Any, Any, Any]], vocab: int) -> list[tuple[str, Any, Any, Any]]:
+    """The `tokenizer.*` fields with the token list padded to `vocab` tokens by unused tokens
+    (`<|hetegen_pad_N|>`, type UNUSED, score 0): a preset whose vocabulary is larger than the
+    tokenizer's gets every id a token, as a real model's padded vocabulary does. The merges
+    and the existing ids are unchanged."""
+    count = _token_count(fields) or 0
+    if vocab <= count:
+        return fields
+    extra = vocab - count
+    pad = {
+        "tokenizer.ggml.tokens": [f"<|hetegen_pad_{i}|>" for i in range(extra)],
+        "tokenizer.ggml.token_type": [5] * extra,  # gguf.TokenType.UNUSED
+        "tokenizer.ggml.scores": [0.0] * extra,
+    }
+    return [(k, list(v) + pad[k] if k in pad else v, t, s) for k, v, t, s in fields]
 
 
 def llama_gguf_rows(out: int, heads: int) -> torch.Tensor:
@@ -275,13 +292,14 @@ def write_llama_gguf(
     (see the module docstring; the experts of a MoE model in `expert_qtype`, default `qtype`),
     atomically; returns `path`. `std` scales the matrices (tests use larger weights so
     attention is far from uniform). `tokenizer_gguf` (default: the default model's GGUF)
-    supplies the tokenizer, whose token count must equal `config["vocab_size"]`."""
+    supplies the tokenizer, whose token count must be at most `config["vocab_size"]` (it is
+    padded to it: padded_tokenizer)."""
     import gguf
     from gguf import GGMLQuantizationType, quants
 
     plan = tensor_plan(config, qtype, expert_qtype)
-    fields = tokenizer_fields(tokenizer_gguf or default_gguf_path())
     vocab = int(config["vocab_size"])
+    fields = padded_tokenizer(tokenizer_fields(tokenizer_gguf or default_gguf_path()), vocab)
     if _token_count(fields) != vocab:
         raise ModelError(
             f"the tokenizer has {_token_count(fields)} tokens, the model's vocabulary {vocab}",

@@ -116,7 +116,10 @@ def main() -> None:
     loaded, skipped = load_arms(args, ref)
 
     def one(name: str):
-        return generate(loaded[name].model, _Silent(), prompt, max_new_tokens=args.new_tokens, eos_ids=set())
+        arm = loaded[name]  # the llama.cpp adapter has no parameters to take a device from
+        return generate(
+            arm.model, _Silent(), prompt, max_new_tokens=args.new_tokens, eos_ids=set(), device=arm.device
+        )
 
     for _ in range(args.warmup):
         for name in loaded:

@@ -232,3 +232,9 @@ def test_a_larger_vocabulary_pads_the_tokenizer_and_converts(tmp_path, monkeypat
     doc = json.loads(ran.stdout)
     assert len(doc["token_ids"]) == 4 and all(0 <= t < vocab for t in doc["token_ids"])
     assert resolve_model(str(path), need_weights=False).spec.vocab_size == vocab
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return  # llama-cpp-python is optional
+    logits = _llama_cpp_logits(path, PROMPT[:3])
+    assert logits.shape == (3, vocab) and torch.isfinite(logits).all()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.engine.quant_host import DequantLinear
+from hetegen_cli.engine.quant_host import DequantLinear, StoredLinear
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant_experts import CpuExpert, copy_float_expert, read_stored_expert
 from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, quant_expert_key
@@ -300,7 +300,9 @@ def _device_expert(reader: CheckpointReader, spec: ExpertsSpec, e: int, context:
         key = quant_expert_key(spec.name, e, part)
         shape, q = spec.part_shape(part), spec.part_format(part)
         if q is not None:
-            parts[part] = DequantLinear.load(reader, key.removesuffix(".weight"), shape, q, device, None)
+            parts[part] = DequantLinear.load(
+                StoredLinear(reader, key.removesuffix(".weight"), shape, q), device, None
+            )
         else:
             linear = nn.Linear(shape[1], shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(reader.read(key, wdt, device), requires_grad=False)

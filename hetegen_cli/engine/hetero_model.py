@@ -38,7 +38,7 @@ from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
 from hetegen_cli.engine.experts import ExpertStream, install_experts
 from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
-from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight
+from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight, StoredLinear
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.loading.loader import LoadedModel
@@ -149,7 +149,9 @@ def load_hetero_model(
                 if p.resident and p.name in quant:
                     bias = _read_bias(modules[p.name], p.name, reader, wdt, backend.device)
                     shape = (p.out_features, p.in_features)
-                    resident = DequantLinear.load(reader, p.name, shape, quant[p.name], backend.device, bias)
+                    resident = DequantLinear.load(
+                        StoredLinear(reader, p.name, shape, quant[p.name]), backend.device, bias
+                    )
                     set_module(model, p.name, resident)
                     bar.advance(task)
             load_rest(model, reader, backend.device, wdt, tied, bar, task)
@@ -287,7 +289,7 @@ def _install_split(
     bias = _read_bias(linear, p.name, reader, wdt, context.backend.device)
     if quant is not None:
         shape = (p.out_features, p.in_features)
-        host = QuantHostWeight.load(reader, p.name, shape, _rows(p), quant, context.arena)
+        host = QuantHostWeight.load(StoredLinear(reader, p.name, shape, quant), _rows(p), context.arena)
         set_module(model, p.name, HeteroLinear(p, host, bias, context))
         return
     key = reader.key_for(f"{p.name}.weight")

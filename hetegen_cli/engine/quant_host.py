@@ -88,24 +88,16 @@ class QuantHostWeight:
         return rows_bytes(out_features - row0, in_features, "float32", quant)
 
     @classmethod
-    def load(
-        cls,
-        reader: CheckpointReader,
-        name: str,
-        shape: tuple[int, int],
-        cpu_rows: tuple[int, int],
-        quant: tuple[str, int],
-        arena: HostArena,
-    ) -> QuantHostWeight:
-        """Read linear `name` ([out, in], stored as `quant` = (format, group)) from a quantized
-        folder: its streamed rows into `arena`, one packed CPU kernel per CPU share."""
-        fmt, group = quant
-        out, inp = shape
+    def load(cls, stored: StoredLinear, cpu_rows: tuple[int, int], arena: HostArena) -> QuantHostWeight:
+        """Read a stored quantized linear: its streamed rows into `arena`, one packed CPU
+        kernel per CPU share."""
+        fmt, group = stored.quant
+        out, inp = stored.shape
         row0, ks = held_quant_rows(cpu_rows)
-        parts = _read_parts(reader, name, quant, (row0, out), inp, arena.take)
+        parts = stored.read((row0, out), arena.take)
         kernels = {}
         for k in ks:
-            rows = _read_parts(reader, name, quant, (0, k), inp, lambda s, d: torch.empty(s, dtype=d))
+            rows = stored.read((0, k), lambda s, d: torch.empty(s, dtype=d))
             weight = QuantWeight(
                 fmt, k, inp, rows["q"], rows["scale"], rows.get("min"), group if fmt == "int4" else None
             )
@@ -174,20 +166,10 @@ class DequantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def load(
-        cls,
-        reader: CheckpointReader,
-        name: str,
-        shape: tuple[int, int],
-        quant: tuple[str, int],
-        device: torch.device,
-        bias: torch.Tensor | None,
-    ) -> DequantLinear:
-        fmt, group = quant
-        out, inp = shape
-        parts = _read_parts(
-            reader, name, quant, (0, out), inp, lambda s, d: torch.empty(s, dtype=d, device=device)
-        )
+    def load(cls, stored: StoredLinear, device: torch.device, bias: torch.Tensor | None) -> DequantLinear:
+        fmt, group = stored.quant
+        out, inp = stored.shape
+        parts = stored.read((0, out), lambda s, d: torch.empty(s, dtype=d, device=device))
         return cls(fmt, group if fmt == "int4" else None, tuple(parts.values()), out, inp, bias)
 
     def extra_repr(self) -> str:
@@ -203,20 +185,26 @@ class DequantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
-def _read_parts(
-    reader: CheckpointReader,
-    name: str,
-    quant: tuple[str, int],
-    rows: tuple[int, int],
-    in_features: int,
-    alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Rows [start, end) of each stored part of quantized linear `name` ([out, in] as `quant` =
-    (format, group)), each read into a tensor from `alloc(shape, dtype)`."""
-    fmt, group = quant
-    start, end = rows
-    parts = {}
-    for part, (shape, _) in qfmt.part_shapes(fmt, end - start, in_features, group).items():
-        parts[part] = alloc(shape, _part_dtype(fmt, part))
-        reader.copy_rows(f"{name}.weight.{part}", parts[part], start=start)
-    return parts
+@dataclass(frozen=True)
+class StoredLinear:
+    """A quantized linear as a quantized folder stores it: read through `reader` under `name`
+    (its parts `{name}.weight.q`, `.scale`, `.min`), weight [out, in] = `shape`, stored as
+    `quant` = (format, group)."""
+
+    reader: CheckpointReader
+    name: str
+    shape: tuple[int, int]
+    quant: tuple[str, int]
+
+    def read(
+        self, rows: tuple[int, int], alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Rows [start, end) of each stored part, each read into a tensor from `alloc(shape,
+        dtype)`."""
+        fmt, group = self.quant
+        start, end = rows
+        parts = {}
+        for part, (shape, _) in qfmt.part_shapes(fmt, end - start, self.shape[1], group).items():
+            parts[part] = alloc(shape, _part_dtype(fmt, part))
+            self.reader.copy_rows(f"{self.name}.weight.{part}", parts[part], start=start)
+        return parts

@@ -55,3 +55,31 @@ def bench_options(**kw: Any) -> Any:
     if "profile" in kw:
         setup["profile_path"] = kw.pop("profile")
     return BenchOptions(setup=ModelSetup(**setup), **kw)
+
+
+def tiny_moe_folder(folder: Path, arch: str = "qwen3_moe", **over: Any) -> Path:
+    """A tiny random mixture-of-experts checkpoint of `arch` (tests.models.architecture's TINY
+    config, `over` on top) with the test tokenizer, saved into `folder` (seed 0)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.models.architecture.test_architectures import TINY
+    from tests.tiny_models import build_tokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **{**TINY[arch], **over})).save_pretrained(
+        folder
+    )
+    build_tokenizer(folder)
+    return folder
+
+
+def count_expert_use(model: Path, tmp_path: Path) -> Path:
+    """`hetegen eval --expert-use` on a short text for `model`: the counts file it wrote."""
+    text, use = tmp_path / "text.txt", tmp_path / "use.json"
+    text.write_text("the quick brown fox jumps over the lazy dog and runs far away " * 12)
+    counted = cli(
+        "eval", "--model", str(model), "--text", str(text), "--context", "32", "--expert-use", str(use)
+    )
+    assert counted.exit_code == 0, counted.stderr
+    return use

@@ -7,31 +7,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from hetegen_cli.bench import arms as bench_arms
 from hetegen_cli.bench import prepare, runner
 from hetegen_cli.bench import present as bench_present
 from tests.fakes import make_profile
-from tests.helpers import bench_options
-from tests.models.architecture.test_architectures import TINY
-from tests.tiny_models import build_tokenizer
+from tests.helpers import bench_options, tiny_moe_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_moe_dir(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("bench-moe")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen3_moe", **{**TINY["qwen3_moe"], "num_experts": 4})
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    build_tokenizer(folder)
-    return folder
+    return tiny_moe_folder(tmp_path_factory.mktemp("bench-moe"), num_experts=4)
 
 
-def _stand_in(monkeypatch, tmp_path):
-    """Pretend CUDA; every arm gets the CPU stand-in backend; a made-up GPU profile."""
+def _bench(monkeypatch, tmp_path, model, arms: tuple[str, ...]) -> dict:
+    """One bench of `arms` at 3 GiB, CUDA faked: every arm gets the CPU stand-in backend and
+    plans from a made-up GPU profile."""
     from hetegen_cli.core.devices import CpuBackend
 
     monkeypatch.setattr(prepare, "cuda_available", lambda: True)
@@ -39,23 +30,21 @@ def _stand_in(monkeypatch, tmp_path):
         monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(make_profile(threads=1, best="float32", cpu_dtypes={"float32": 50e9})))
-    return path
+    options = bench_options(
+        model=str(model),
+        profile=path,
+        prompt_len=8,
+        max_new_tokens=4,
+        repeat=1,
+        warmup=0,
+        gpu_budget_bytes=(3 * 2**30,),
+        arms=arms,
+    )
+    return runner.run_bench(options)
 
 
 def test_experts_on_cpu_arm_runs_beside_hetegen_with_the_same_tokens(monkeypatch, tmp_path, tiny_moe_dir):
-    profile = _stand_in(monkeypatch, tmp_path)
-    doc = runner.run_bench(
-        bench_options(
-            model=str(tiny_moe_dir),
-            profile=profile,
-            prompt_len=8,
-            max_new_tokens=4,
-            repeat=1,
-            warmup=0,
-            gpu_budget_bytes=(3 * 2**30,),
-            arms=("hetegen", "experts-on-cpu"),
-        )
-    )
+    doc = _bench(monkeypatch, tmp_path, tiny_moe_dir, ("hetegen", "experts-on-cpu"))
     (section,) = doc["budgets"]
     arms = {e["arm"]: e for e in section["arms"]}
     assert all(e["status"] == "ok" for e in arms.values()), arms
@@ -74,18 +63,7 @@ def test_experts_on_cpu_arm_runs_beside_hetegen_with_the_same_tokens(monkeypatch
 
 
 def test_a_dense_model_skips_the_experts_on_cpu_arm_with_the_reason(monkeypatch, tmp_path, tiny_llama_dir):
-    profile = _stand_in(monkeypatch, tmp_path)
-    options = bench_options(
-        model=str(tiny_llama_dir),
-        profile=profile,
-        prompt_len=8,
-        max_new_tokens=4,
-        repeat=1,
-        warmup=0,
-        gpu_budget_bytes=(3 * 2**30,),
-        arms=("experts-on-cpu",),
-    )
-    doc = runner.run_bench(options)
+    doc = _bench(monkeypatch, tmp_path, tiny_llama_dir, ("experts-on-cpu",))
     (entry,) = doc["budgets"][0]["arms"]
     assert entry["status"] == "skipped" and "dense model" in entry["reason"]
     assert "experts_on_cpu_plan" not in doc["budgets"][0]

@@ -252,19 +252,9 @@ def test_a_file_for_another_model_is_refused_with_one_clear_error(olmoe):
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
     """A tiny random Qwen3-MoE folder: 2 layers of 8 experts, top-2."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.helpers import tiny_moe_folder
 
-    from tests.models.architecture.test_architectures import TINY
-    from tests.tiny_models import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("moe-use")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **TINY["qwen3_moe"])).save_pretrained(
-        folder
-    )
-    build_tokenizer(folder)
-    return folder
+    return tiny_moe_folder(tmp_path_factory.mktemp("moe-use"))
 
 
 def test_eval_counts_feed_plan_and_run_executes_the_plan(tiny_moe, tmp_path):
@@ -272,14 +262,9 @@ def test_eval_counts_feed_plan_and_run_executes_the_plan(tiny_moe, tmp_path):
     from hetegen_cli.profile.expert_use import load_expert_use
     from tests.cli.test_run import PROMPT, _run
     from tests.fakes import make_profile
-    from tests.helpers import assert_error, cli
+    from tests.helpers import assert_error, cli, count_expert_use
 
-    text, use = tmp_path / "text.txt", tmp_path / "use.json"
-    text.write_text("the quick brown fox jumps over the lazy dog and runs far away " * 12)
-    counted = cli(
-        "eval", "--model", str(tiny_moe), "--text", str(text), "--context", "32", "--expert-use", str(use)
-    )
-    assert counted.exit_code == 0, counted.stderr
+    use = count_expert_use(tiny_moe, tmp_path)
     counts = load_expert_use(use)
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(make_profile()))
@@ -335,14 +320,9 @@ def test_run_and_bench_plan_on_the_fly_with_the_counts(tiny_moe, tmp_path, monke
     from hetegen_cli.run import builders
     from tests.cli.test_run import PROMPT, _run
     from tests.fakes import make_profile
-    from tests.helpers import assert_error, bench_options, cli
+    from tests.helpers import assert_error, bench_options, cli, count_expert_use
 
-    text, use = tmp_path / "text.txt", tmp_path / "use.json"
-    text.write_text("the quick brown fox jumps over the lazy dog and runs far away " * 12)
-    counted = cli(
-        "eval", "--model", str(tiny_moe), "--text", str(text), "--context", "32", "--expert-use", str(use)
-    )
-    assert counted.exit_code == 0, counted.stderr
+    use = count_expert_use(tiny_moe, tmp_path)
     counts = load_expert_use(use)
     ranked = sorted((-c, u.layer, e) for u in counts.layers for e, c in enumerate(u.counts))
     hottest = {(layer, e) for _, layer, e in ranked[:3]}

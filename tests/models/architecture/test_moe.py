@@ -100,14 +100,9 @@ def test_gpt_oss_is_refused_with_the_reason():
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
     """A tiny Qwen3-MoE folder (4 experts, stored one tensor per expert as transformers saves)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.helpers import tiny_moe_folder
 
-    folder = tmp_path_factory.mktemp("moe")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen3_moe", **{**TINY["qwen3_moe"], "num_experts": 4})
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    build_tokenizer(folder)
-    return folder
+    return tiny_moe_folder(tmp_path_factory.mktemp("moe"), num_experts=4)
 
 
 @pytest.fixture

@@ -83,3 +83,30 @@ def count_expert_use(model: Path, tmp_path: Path) -> Path:
     )
     assert counted.exit_code == 0, counted.stderr
     return use
+
+
+def quick_bench_options(
+    model: Any, profile: Path, budgets: tuple[int, ...], arms: tuple[str, ...], **kw: Any
+) -> Any:
+    """bench_options for a tiny model measured once: prompt 8, 4 new tokens, 1 run, no warm-up."""
+    return bench_options(
+        model=str(model),
+        profile=profile,
+        prompt_len=8,
+        max_new_tokens=4,
+        repeat=1,
+        warmup=0,
+        gpu_budget_bytes=tuple(budgets),
+        arms=tuple(arms),
+        **kw,
+    )
+
+
+def fake_cuda_for_bench(monkeypatch: Any) -> None:
+    """bench believes CUDA is there, and every arm gets the CPU stand-in backend."""
+    from hetegen_cli.bench import arms, prepare, runner
+    from hetegen_cli.core.devices import CpuBackend
+
+    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
+    for module in (runner, arms):
+        monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())

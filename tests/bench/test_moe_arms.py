@@ -8,11 +8,10 @@ import json
 
 import pytest
 
-from hetegen_cli.bench import arms as bench_arms
-from hetegen_cli.bench import prepare, runner
 from hetegen_cli.bench import present as bench_present
+from hetegen_cli.bench import runner
 from tests.fakes import make_profile
-from tests.helpers import bench_options, tiny_moe_folder
+from tests.helpers import fake_cuda_for_bench, quick_bench_options, tiny_moe_folder
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +20,12 @@ def tiny_moe_dir(tmp_path_factory):
 
 
 def _bench(monkeypatch, tmp_path, model, arms: tuple[str, ...]) -> dict:
-    """One bench of `arms` at 3 GiB, CUDA faked: every arm gets the CPU stand-in backend and
-    plans from a made-up GPU profile."""
-    from hetegen_cli.core.devices import CpuBackend
-
-    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
-    for module in (runner, bench_arms):
-        monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
+    """One bench of `arms` at 3 GiB, CUDA faked (the CPU stand-in backend), planned from a
+    made-up GPU profile."""
+    fake_cuda_for_bench(monkeypatch)
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(make_profile(threads=1, best="float32", cpu_dtypes={"float32": 50e9})))
-    options = bench_options(
-        model=str(model),
-        profile=path,
-        prompt_len=8,
-        max_new_tokens=4,
-        repeat=1,
-        warmup=0,
-        gpu_budget_bytes=(3 * 2**30,),
-        arms=arms,
-    )
-    return runner.run_bench(options)
+    return runner.run_bench(quick_bench_options(model, path, (3 * 2**30,), arms))
 
 
 def test_experts_on_cpu_arm_runs_beside_hetegen_with_the_same_tokens(monkeypatch, tmp_path, tiny_moe_dir):

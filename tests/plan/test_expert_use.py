@@ -311,8 +311,7 @@ def test_run_and_bench_plan_on_the_fly_with_the_counts(tiny_moe, tmp_path, monke
     """`run --gpu-memory B --expert-use FILE` and `bench --expert-use FILE` place the experts
     by the counts as `plan --expert-use` does (CUDA faked by the CPU stand-in); with --plan
     the flag is refused."""
-    from hetegen_cli.bench import arms as bench_arms
-    from hetegen_cli.bench import prepare, runner
+    from hetegen_cli.bench import prepare
     from hetegen_cli.core.devices import CpuBackend
     from hetegen_cli.models.architecture.folder import spec_from_folder
     from hetegen_cli.profile.document import save_profile
@@ -320,7 +319,7 @@ def test_run_and_bench_plan_on_the_fly_with_the_counts(tiny_moe, tmp_path, monke
     from hetegen_cli.run import builders
     from tests.cli.test_run import PROMPT, _run
     from tests.fakes import make_profile
-    from tests.helpers import assert_error, bench_options, cli, count_expert_use
+    from tests.helpers import assert_error, cli, count_expert_use, fake_cuda_for_bench, quick_bench_options
 
     use = count_expert_use(tiny_moe, tmp_path)
     counts = load_expert_use(use)
@@ -344,20 +343,8 @@ def test_run_and_bench_plan_on_the_fly_with_the_counts(tiny_moe, tmp_path, monke
     assert any(f"measured use (use.json: {counts.tokens} tokens" in n for n in doc["plan"]["notes"])
     assert_error(_run(*run_args, "--plan", str(use), "--expert-use", str(use)), "--expert-use", exit_code=2)
 
-    monkeypatch.setattr(prepare, "cuda_available", lambda: True)
-    for module in (runner, bench_arms):
-        monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
-    options = bench_options(
-        model=str(tiny_moe),
-        profile=profile,
-        prompt_len=8,
-        max_new_tokens=4,
-        repeat=1,
-        warmup=0,
-        gpu_budget_bytes=(int(three),),
-        arms=("hetegen",),
-        expert_use_path=use,
-    )
+    fake_cuda_for_bench(monkeypatch)
+    options = quick_bench_options(tiny_moe, profile, (int(three),), ("hetegen",), expert_use_path=use)
     case = prepare.make_cases(
         prepare.resolve_bench_model(options)[0], options, *prepare.load_or_measure(profile)
     )[0]

@@ -41,7 +41,12 @@ from torch import nn
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.engine.quant_host import DequantLinear, StoredLinear
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
-from hetegen_cli.models.formats.quant_experts import CpuExpert, copy_float_expert, read_stored_expert
+from hetegen_cli.models.formats.quant_experts import (
+    CpuExpert,
+    copy_float_expert,
+    expert_jobs,
+    read_stored_expert,
+)
 from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, quant_expert_key
 from hetegen_cli.plan.document import ExpertsPlacement
 
@@ -117,7 +122,7 @@ class HeteroExperts(nn.Module):
             raise ModelError("the engine of this model was closed", "load the model again")
         ctx, backend = self.context, self.context.backend
         out = torch.zeros_like(hidden_states)
-        jobs = self._jobs(top_k_index)
+        jobs = expert_jobs(top_k_index, self.num_experts)
         if self.streams and ctx.phase == "prefill":
             return self._streamed(hidden_states, top_k_weights, jobs, out)
         gpu_jobs = [job for job in jobs if self.home[job[0]][0]]
@@ -145,19 +150,6 @@ class HeteroExperts(nn.Module):
         y = torch.empty_like(out)
         backend.to_device_async(y, y_h)  # y_h is fresh for this call: never rewritten
         return out + y
-
-    def _jobs(self, top_k_index: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(expert, top-k positions, tokens) of every chosen expert, ascending, on the host:
-        transformers' grouping (one_hot over E + 1, [E + 1, k, T]); at one token, read straight
-        from the choice (the same jobs, without the grouping's index ops)."""
-        if top_k_index.shape[0] == 1:
-            chosen, token = top_k_index[0].tolist(), torch.zeros(1, dtype=torch.long)
-            order = sorted(range(len(chosen)), key=chosen.__getitem__)
-            return [(chosen[p], torch.tensor([p]), token) for p in order if chosen[p] < self.num_experts]
-        with torch.no_grad():
-            mask = F.one_hot(top_k_index.cpu(), num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
-        return [(e, *torch.where(mask[e])) for e in hit if e < self.num_experts]
 
     def _streamed(
         self, hidden: torch.Tensor, weights: torch.Tensor, jobs: list, out: torch.Tensor

@@ -159,13 +159,7 @@ class QuantExperts(nn.Module):
         if hidden_states.shape[0] == 1:
             return self._one_token(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():  # transformers' grouping: one_hot over E + 1, [E + 1, k, T]
-            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
-        for e in hit:
-            if e >= self.num_experts:
-                continue
-            pos, tok = torch.where(mask[e])
+        for e, pos, tok in expert_jobs(top_k_index, self.num_experts):
             y = self.experts[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
@@ -183,6 +177,20 @@ class QuantExperts(nn.Module):
             if e < self.num_experts:
                 out += (self.experts[e](x) * top_k_weights[0, pos]).to(out.dtype)
         return out
+
+
+def expert_jobs(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, top-k positions, tokens) of every chosen expert, ascending, on the host, as
+    transformers groups them (one_hot over E + 1, [E + 1, k, T]); at one token read straight
+    from the choice (the same jobs, without the grouping's index ops)."""
+    if top_k_index.shape[0] == 1:
+        chosen, token = top_k_index[0].tolist(), torch.zeros(1, dtype=torch.long)
+        order = sorted(range(len(chosen)), key=chosen.__getitem__)
+        return [(chosen[p], torch.tensor([p]), token) for p in order if chosen[p] < num_experts]
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index.cpu(), num_classes=num_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+    return [(e, *torch.where(mask[e])) for e in hit if e < num_experts]
 
 
 def load_quant_experts(

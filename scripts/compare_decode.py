@@ -2,20 +2,22 @@
 
 Usage: python scripts/compare_decode.py [--model FILE.gguf] [--prompt-len 128]
        [--new-tokens 64] [--repeat 3] [--warmup 1] [--threads N]
-       [--arms plain,engine,llama.cpp] [--cold-start] [--output FILE.json]
+       [--arms plain,plain-torch,engine,llama.cpp] [--cold-start] [--output FILE.json]
 
 Loads each arm once in this process: `plain` is the model as `hetegen run` runs it on a
-machine without a GPU (the GGUF's quantized linears on torch's packed CPU kernels,
---quant auto); `engine` is the same folder through the engine with every linear whole on
-the CPU (an all-CPU plan, the CPU formats the model's own weights dtype in both phases,
-the CPU backend); `llama.cpp` is llama-cpp-python on the GGUF file itself (skipped, with
-the reason, when `llama_cpp` cannot be imported or the model is not a GGUF), driven by the
+machine without a GPU (the GGUF's quantized linears on hetegen's CPU kernels where
+available, models.formats.cpu_kernels; --quant auto); `plain-torch` is the same on torch's
+packed kernels (skipped for a float model); `engine` is the same folder through the engine
+with every linear whole on the CPU (an all-CPU plan, the CPU formats the model's own
+weights dtype in both phases, the CPU backend); `llama.cpp` is llama-cpp-python on the GGUF
+file itself (skipped, with the reason, when `llama_cpp` cannot be imported or the model is not a GGUF), driven by the
 same generation loop (hetegen_cli.bench.llama_cpp). Each arm generates from the same
 random prompt (seed 0), greedy, without stopping at EOS: `warmup` untimed runs, then
 `repeat` timed rounds, the arms taking turns within each round so that a change in the
 machine's load hits them alike. Prints one JSON document: the machine and its load before
 and after, each arm's prefill seconds and decode tok/s (every run, median, min, max), the
-ratios of the medians (plain / llama.cpp, engine / plain, engine / llama.cpp), whether each
+ratios of the medians (plain / llama.cpp, plain / plain-torch, engine / plain, engine /
+llama.cpp), whether each
 arm's greedy tokens equal plain's, and with --cold-start the document of
 scripts/cold_start.py (whole `hetegen run` processes). Quote numbers from an idle machine.
 """
@@ -35,6 +37,7 @@ from cold_start import cold_start_document, load, machine  # scripts/ is sys.pat
 from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.engine.hetero_model import load_hetero_model
+from hetegen_cli.models.formats import cpu_kernels
 from hetegen_cli.models.formats.gguf import default_gguf_path
 from hetegen_cli.models.loading.loader import load_model
 from hetegen_cli.models.loading.quantized_loader import load_quantized
@@ -43,7 +46,7 @@ from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.run.generate import generate
 
-ARMS = ("plain", "engine", "llama.cpp")
+ARMS = ("plain", "plain-torch", "engine", "llama.cpp")
 
 
 class _Silent:
@@ -62,6 +65,9 @@ def load_arms(args, ref) -> tuple[dict, dict]:
     loaded, skipped = {}, {}
     if "plain" in args.arms:
         loaded["plain"] = load_quantized(ref) if ref.spec.quant else load_model(ref, "float32")
+    if "plain-torch" in args.arms and ref.spec.quant:
+        with cpu_kernels.torch_kernels():
+            loaded["plain-torch"] = load_quantized(ref)
     if "engine" in args.arms:
         dtype = ref.spec.dtype if ref.spec.quant else "float32"
         runtime = RuntimeSettings(
@@ -163,15 +169,18 @@ def main() -> None:
         "repeat": args.repeat,
         "warmup": args.warmup,
         "torch": torch.__version__,
+        "cpu_kernels": cpu_kernels.label(),
         "arms": arms,
         "skipped": skipped,
         "decode_ratio": {
             "plain/llama.cpp": ratio("plain", "llama.cpp", "decode_tokens_per_s"),
+            "plain/plain-torch": ratio("plain", "plain-torch", "decode_tokens_per_s"),
             "engine/plain": ratio("engine", "plain", "decode_tokens_per_s"),
             "engine/llama.cpp": ratio("engine", "llama.cpp", "decode_tokens_per_s"),
         },
         "prefill_speed_ratio": {  # > 1: faster than the other
             "plain/llama.cpp": ratio("llama.cpp", "plain", "prefill_s"),
+            "plain/plain-torch": ratio("plain-torch", "plain", "prefill_s"),
             "engine/plain": ratio("plain", "engine", "prefill_s"),
         },
     }

@@ -137,10 +137,7 @@ class QuantHostWeight:
     @property
     def cpu_copy_bytes(self) -> int:
         """Bytes of the packed CPU kernels' weights and scales."""
-        return sum(
-            int(k.q.numel() * k.q.element_size() + k.scales.numel() * k.scales.element_size())
-            for k in self.kernels.values()
-        )
+        return sum(k.held_bytes for k in self.kernels.values())
 
 
 class DequantLinear(nn.Module):

@@ -28,6 +28,7 @@ from hetegen_cli.measure.timing import (
     torch_threads,
     weight_pool,
 )
+from hetegen_cli.models.formats import cpu_kernels
 from hetegen_cli.profile.document import CPU_FEATURES, rate
 
 # --- host ----------------------------------------------------------------------------------
@@ -156,7 +157,11 @@ def measure_cpu(
                 if made is None:
                     continue
                 fn, weight_bytes, _ = made
-                kind = {"format": fmt, "group_size": DEFAULT_GROUP_SIZE if fmt == "int4" else None}
+                kind = {
+                    "format": fmt,
+                    "group_size": DEFAULT_GROUP_SIZE if fmt == "int4" else None,
+                    "kernel": cpu_kernels.label(),
+                }
                 quantized.append(_gemv_entry(kind, shape, weight_bytes, threads, measure(fn, clock, **m)))
     at_largest = [g for g in gemv if (g["out_features"], g["in_features"]) == largest]
     best = max(at_largest, key=lambda g: g["params_per_s"])["dtype"]

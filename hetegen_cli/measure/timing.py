@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from hetegen_cli.core import quant
 from hetegen_cli.core.errors import InputError
 from hetegen_cli.core.stats import summarize
+from hetegen_cli.models.formats.quant import QuantLinear, QuantWeight
 
 MiB = 1024**2
 CPU_DTYPES = ("float32", "bfloat16", "float16")
@@ -204,35 +205,41 @@ def gemv_fn(shape: Shape, pool: torch.Tensor, pool_bytes: int) -> tuple[Callable
 
 
 def quant_gemv_fn(fmt: str, shape: Shape, pool_bytes: int) -> tuple[Callable[[], Any], int, int] | None:
-    """(fn, weight_bytes, copies) for a quantized GEMV with torch's packed CPU kernel
-    (core.quant: int8 per row, int4 in groups of 32; bfloat16 activations), rotating over copies
-    like gemv_fn; None when the kernel cannot take `shape`."""
+    """(fn, weight_bytes, copies) for a quantized GEMV through QuantLinear, the kernel a
+    quantized model uses (models.formats.cpu_kernels: hetegen's where available, else
+    torch's packed one; int8 per row, int4 in groups of 32; float32 activations), rotating
+    over copies like gemv_fn; None when the kernel cannot take `shape`."""
     out, inp = shape
     if not quant.kernel_takes(fmt, out, inp):
         return None
+    group = quant.DEFAULT_GROUP_SIZE
     weight_bytes = quant.weight_bytes(fmt, out, inp)
     copies = max(2, pool_bytes // weight_bytes)
     gen = torch.Generator().manual_seed(0)
-    x = random_tensor(inp, torch.bfloat16, seed=1).view(1, inp)
+    x = random_tensor(inp, torch.float32, seed=1).view(1, inp)
     if fmt == "int8":
         q = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=gen)
-        weights = [q.clone() for _ in range(copies)]
-        scales = (torch.rand(out, generator=gen) * 0.01).to(torch.bfloat16)
-        mm = lambda w: torch._weight_int8pack_mm(x, w, scales)  # noqa: E731
+        scale = (torch.rand(out, generator=gen) * 0.01).to(torch.float16)
+        weight = QuantWeight("int8", out, inp, q, scale)
     else:
-        group = quant.DEFAULT_GROUP_SIZE
-        values = torch.randint(0, 16, (out, inp), dtype=torch.int32, generator=gen)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
-        weights = [packed.clone() for _ in range(copies)]
-        sz = (torch.rand(inp // group, out, 2, generator=gen) * 0.01).to(torch.bfloat16)
-        mm = lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, sz)  # noqa: E731
+        q = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8, generator=gen)
+        scale = (torch.rand(out, inp // group, generator=gen) * 0.01).to(torch.float16)
+        weight = QuantWeight("int4", out, inp, q, scale, -8 * scale, group)
+    first = QuantLinear(weight)
+    kernels = [first] + [QuantLinear(_copy(weight)) for _ in range(copies - 1)]
     turn = [0]
 
     def fn() -> torch.Tensor:
         turn[0] = (turn[0] + 1) % copies
-        return mm(weights[turn[0]])
+        return kernels[turn[0]](x)
 
     return fn, weight_bytes, copies
+
+
+def _copy(weight: QuantWeight) -> QuantWeight:
+    """`weight` in new memory (QuantLinear keeps the storage layout's tensors as they are)."""
+    parts = [None if t is None else t.clone() for t in (weight.q, weight.scale, weight.min)]
+    return QuantWeight(weight.format, weight.out_features, weight.in_features, *parts, weight.group_size)
 
 
 def gemm_fn(shape: Shape, tokens: int, dtype: torch.dtype, device: Any = "cpu") -> Callable[[], Any]:

@@ -145,6 +145,7 @@ class ThreadPoint(Schema):
 class QuantGemv(Schema):
     format: Literal["int8", "int4"]
     group_size: Dim | None = None
+    kernel: Literal["hetegen-avx2", "torch"] | None = None  # models.formats.cpu_kernels; older: torch
     out_features: Dim
     in_features: Dim
     weight_bytes: Dim

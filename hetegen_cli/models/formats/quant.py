@@ -6,12 +6,14 @@
 - int4: `q` uint8 [out, in / 2] (even column in the low nibble), `scale` and `min` float16
   [out, in / group].
 
-`QuantLinear` is an nn.Module that multiplies with torch's packed CPU kernels
-(`torch._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`). Both want bfloat16
-activations (float16 or float32 activations ran 7-45x slower on torch 2.13), so x is
-converted at the boundary and the result converted back. Every QuantLinear checks its kernel
-against the dequantized weight once, at construction: a kernel that gives wrong numbers for a
-shape (the int8 kernel did, for 24 or 40 inputs) raises instead of answering.
+`QuantLinear` is an nn.Module that multiplies with hetegen's own CPU kernels
+(models.formats.cpu_kernels: float32 activations, the storage layout as it is) where they
+are available, else with torch's packed kernels (`torch._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`; they want bfloat16 activations: float16 or float32 ran
+7-45x slower on torch 2.13). x is converted to the kernel's dtype at the boundary and the
+result converted back. Every QuantLinear checks its kernel against the dequantized weight
+once per shape: a kernel that gives wrong numbers for a shape (torch's int8 kernel did, for
+24 or 40 inputs) raises instead of answering.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch import nn
 
 from hetegen_cli.core import quant as fmt
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.formats import cpu_kernels
 
-KERNEL_DTYPE = torch.bfloat16  # activations the packed kernels take
+KERNEL_DTYPE = torch.bfloat16  # activations torch's packed kernels take
 INNER_K_TILES = 2  # the CPU int4 packing's only parameter; the kernel reads any value it wrote
 
 
@@ -159,7 +162,14 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.format, self.group_size = weight.format, weight.group_size
         self.stored_bytes = weight.nbytes
-        if weight.format == "int8":
+        self.native = cpu_kernels.kernels() if weight.in_features % 32 == 0 else None
+        self.kernel_dtype = torch.float32 if self.native is not None else KERNEL_DTYPE
+        if self.native is not None:  # the storage layout as it is; float16 read as raw bits
+            self.register_buffer("q", weight.q.contiguous(), persistent=False)
+            self.register_buffer("scales", weight.scale.contiguous(), persistent=False)
+            if weight.format == "int4":
+                self.register_buffer("mins", weight.min.contiguous(), persistent=False)
+        elif weight.format == "int8":
             self.register_buffer("q", weight.q.contiguous(), persistent=False)
             self.register_buffer("scales", weight.scale.to(KERNEL_DTYPE), persistent=False)
         else:
@@ -173,6 +183,11 @@ class QuantLinear(nn.Module):
         self.register_parameter("bias", bias)  # registered even when None: forward reads it there
         self._check(weight)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the kernel's weight, scales (and mins), as it holds them."""
+        return sum(int(b.numel() * b.element_size()) for b in self._buffers.values() if b is not None)
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return (
@@ -180,19 +195,25 @@ class QuantLinear(nn.Module):
         )
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [n, in] bfloat16 -> [n, out] bfloat16 (no bias).
+        """x2 [n, in] contiguous in `kernel_dtype` -> [n, out] in `kernel_dtype` (no bias).
 
         Called for every linear every token: the buffers are read from `_buffers` (not
-        through nn.Module.__getattr__) and the int4 kernel through its torch function (not
-        the torch.ops packet, whose Python __call__ costs more): the same kernel."""
+        through nn.Module.__getattr__) and torch's int4 kernel through its torch function
+        (not the torch.ops packet, whose Python __call__ costs more): the same kernel."""
         buffers = self._buffers
+        if self.native is not None:
+            if self.format == "int8":
+                return self.native.int8(buffers["q"], buffers["scales"], x2)
+            return self.native.int4(buffers["q"], buffers["scales"], buffers["mins"], self.group_size, x2)
         if self.format == "int8":
             return torch._weight_int8pack_mm(x2, buffers["q"], buffers["scales"])
         return torch._weight_int4pack_mm_for_cpu(x2, buffers["q"], self.group_size, buffers["scales"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = self.matmul(x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE))
+        if x2.dtype != self.kernel_dtype:
+            x2 = x2.to(self.kernel_dtype)
+        y = self.matmul(x2 if x2.is_contiguous() else x2.contiguous())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         bias = self._parameters["bias"]
@@ -206,22 +227,24 @@ class QuantLinear(nn.Module):
         Whether torch's packed kernel is right depends on its packing of a shape, not on the
         values: one check per (format, shape, group) and process. Checking all 211 linears of
         the default model cost 1.4 s of every load."""
-        key = (self.format, self.out_features, self.in_features, self.group_size)
+        key = (self.format, self.out_features, self.in_features, self.group_size, self.native is None)
         if key in _CHECKED:
             return
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, self.in_features, generator=gen).to(KERNEL_DTYPE)
+        x = torch.randn(2, self.in_features, generator=gen).to(self.kernel_dtype)
         want = F.linear(x.to(torch.float32), weight.dequantize(torch.float32))
         got = self.matmul(x).to(torch.float32)
         err = (got - want).abs().max().item()
         if not err <= 0.05 * max(1e-6, want.abs().max().item()):
+            who = "hetegen's" if self.native is not None else "torch's"
             raise ModelError(
-                f"torch's {self.format} CPU kernel gives wrong results for a "
+                f"{who} {self.format} CPU kernel gives wrong results for a "
                 f"[{self.out_features}, {self.in_features}] weight (max error {err:.3g})",
-                "use --quant none for this model, or another torch version",
+                "use --quant none for this model, or another torch version"
+                + (f" (or {cpu_kernels.ENV}=torch)" if self.native is not None else ""),
             )
         _CHECKED.add(key)
 
 
-#: (format, out, in, group) whose kernel QuantLinear._check has found right in this process
+#: (format, out, in, group, torch's?) whose kernel QuantLinear._check has found right in this process
 _CHECKED: set[tuple] = set()

@@ -102,11 +102,6 @@ class _FloatPart:
         return self.weight.numel() * self.weight.element_size()
 
 
-def _kernel_bytes(kernel: QuantLinear) -> int:
-    buffers = kernel._buffers.values()
-    return sum(int(b.numel() * b.element_size()) for b in buffers if b is not None)
-
-
 class CpuExpert:
     """One routed expert computed on the CPU (module docstring): x [T, H] -> y [T, H] in x's
     dtype. Not an nn.Module: its kernels stay in host RAM whatever `.to()` does to a model."""
@@ -132,7 +127,7 @@ class CpuExpert:
     def nbytes(self) -> int:
         """Host bytes of its kernels and float weights (ExpertsSpec.host_expert_bytes)."""
         ops = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
-        return sum(_kernel_bytes(o) if isinstance(o, QuantLinear) else o.nbytes for o in [*ops, self.down])
+        return sum(o.held_bytes if isinstance(o, QuantLinear) else o.nbytes for o in [*ops, self.down])
 
 
 def _operand(part: QuantWeight | torch.Tensor) -> QuantLinear | _FloatPart:

@@ -1,0 +1,179 @@
+"""hetegen's own CPU kernels for int4 and int8 weights (kernels/quant_gemm.c, docs/quant.md).
+
+They read hetegen's storage layout as it is (no repacking at load) and quantize the
+activations to int8 blocks of 32, as llama.cpp does for its Q4_0/Q8_0 dot products. On a
+2-core AVX2 machine they ran 2.6-5x faster than torch's packed int4 kernel at one token
+(docs/bench.md). The C source is compiled once, on first use, with the system C compiler
+(`$CC`, else `cc`) into $HETEGEN_HOME/kernels and loaded with ctypes. Where that is not
+possible (no AVX2, no compiler, `HETEGEN_CPU_KERNELS=torch`) `kernels()` is None and
+QuantLinear uses torch's packed kernels, after one note saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hetegen_cli.core import paths
+from hetegen_cli.core.console import note
+
+ENV = "HETEGEN_CPU_KERNELS"  # "auto" (default) or "torch"
+SOURCE = Path(__file__).with_name("kernels") / "quant_gemm.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+VERSION = 2  # hetegen_kernels_version() of the source
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The loaded library's two entry points (signatures in kernels/quant_gemm.c)."""
+
+    int4_gemm: ctypes._CFuncPtr
+    int8_gemm: ctypes._CFuncPtr
+    path: Path
+
+    def int4(
+        self, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, group: int, x: torch.Tensor
+    ) -> torch.Tensor:
+        """x [n, in] float32 contiguous, q uint8 [out, in / 2], scale and min float16
+        [out, in / group] -> y [n, out] float32."""
+        n, rows = x.shape[0], q.shape[0]
+        y = torch.empty(n, rows, dtype=torch.float32)
+        rc = self.int4_gemm(
+            q.data_ptr(), scale.data_ptr(), mn.data_ptr(), rows, x.shape[1], group,
+            x.data_ptr(), n, y.data_ptr(), rows, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise MemoryError(f"hetegen's int4 kernel failed ({rc})")
+        return y
+
+    def int8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] float32 contiguous, q int8 [out, in], scale float16 [out] -> y [n, out]
+        float32."""
+        n, rows = x.shape[0], q.shape[0]
+        y = torch.empty(n, rows, dtype=torch.float32)
+        rc = self.int8_gemm(
+            q.data_ptr(), scale.data_ptr(), rows, x.shape[1], x.data_ptr(), n, y.data_ptr(), rows,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise MemoryError(f"hetegen's int8 kernel failed ({rc})")
+        return y
+
+
+_LOADED: list[Kernels | None] = []  # one attempt per process
+_WHY_NOT: list[str] = []
+_TORCH_ONLY: list[bool] = []  # inside torch_kernels()
+
+
+def kernels() -> Kernels | None:
+    """hetegen's kernels, compiled and loaded on first call; None where they cannot be (the
+    reason is `why_not()`, noted once) and inside `torch_kernels()`."""
+    if _TORCH_ONLY:
+        return None
+    if not _LOADED:
+        try:
+            _LOADED.append(_load())
+        except _Unavailable as exc:
+            _LOADED.append(None)
+            _WHY_NOT.append(str(exc))
+            if os.environ.get(ENV, "auto") != "torch":
+                note(f"using torch's quantized CPU kernels: {exc}")
+    return _LOADED[0]
+
+
+@contextlib.contextmanager
+def torch_kernels() -> Iterator[None]:
+    """QuantLinear modules built inside use torch's packed kernels (for scripts that compare
+    the two in one process)."""
+    _TORCH_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _TORCH_ONLY.pop()
+
+
+def why_not() -> str | None:
+    """Why `kernels()` is None, or None when it is not (or was not asked yet)."""
+    return _WHY_NOT[0] if _WHY_NOT else None
+
+
+def label() -> str:
+    """Which CPU kernels quantized linears use: "hetegen-avx2" or "torch"."""
+    return "hetegen-avx2" if kernels() is not None else "torch"
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _load() -> Kernels:
+    choice = os.environ.get(ENV, "auto")
+    if choice not in ("auto", "torch"):
+        raise _Unavailable(f"{ENV}={choice!r} is not one of auto, torch")
+    if choice == "torch":
+        raise _Unavailable(f"{ENV}=torch")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _has_avx2():
+        raise _Unavailable("this CPU has no AVX2")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        raise _Unavailable("no C compiler found (set CC, or install gcc)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = paths.home() / "kernels" / f"quant_gemm-{key}.so"
+    if not target.exists():
+        _compile(compiler, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        raise _Unavailable(f"cannot load {target}: {exc}") from None
+    if lib.hetegen_kernels_version() != VERSION:
+        raise _Unavailable(f"{target} is not version {VERSION} of the kernels")
+    p, i = ctypes.c_void_p, ctypes.c_int
+    int4, int8 = lib.hetegen_int4_gemm, lib.hetegen_int8_gemm
+    int4.argtypes, int4.restype = [p, p, p, i, i, i, p, i, p, i, i], i
+    int8.argtypes, int8.restype = [p, p, i, i, p, i, p, i, i], i
+    return Kernels(int4, int8, target)
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile the source into `target`, through a temporary file renamed into place."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _Unavailable(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise _Unavailable(f"{compiler} could not compile them: {last}")
+        os.replace(tmp, target)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _Unavailable(f"{compiler} could not compile them: {exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _has_avx2() -> bool:
+    try:
+        flags = next(
+            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+        ).split()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return {"avx2", "fma", "f16c"} <= set(flags)

@@ -1,0 +1,173 @@
+/* hetegen's CPU kernels for quantized weights in hetegen's storage layout (docs/quant.md).
+ *
+ * y [n, ldy] (columns [0, rows)) = x [n, k] float32 @ W^T, W [rows, k] quantized:
+ *   int4: q uint8 [rows, k / 2] (even column in the low nibble), scale and min float16
+ *         [rows, k / g]; w = q * scale + min.
+ *   int8: q int8 [rows, k], scale float16 [rows]; w = q * scale.
+ * x is quantized to int16 in blocks of 32 values with a float32 scale each (its rounding,
+ * 1/65534 of a block's largest value, is far below bfloat16's), the products are summed
+ * exactly in int32 (_mm256_madd_epi16) and each block's sum is scaled in float32. int4
+ * blocks store x's even values, then its odd ones, so that a weight byte's two nibbles meet
+ * their activations. Needs AVX2, FMA and F16C; k a multiple of 32. Threads: OpenMP, the
+ * runtime torch already loaded (same soname), `threads` of them.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* below this many multiply-adds one thread answers sooner than waking the others */
+#define PARALLEL_MIN_WORK (1 << 17)
+
+int hetegen_kernels_version(void) { return 2; }
+
+/* x [k] -> xq [k] int16 per block of 32 (de-interleaved when `split`), xs [k / 32] the
+ * blocks' scales, xsum [k / 32] the blocks' sums as quantized (for int4's mins). */
+static void quantize_row(const float *x, int k, int16_t *xq, float *xs, float *xsum, int split) {
+    for (int b = 0; b < k / 32; b++) {
+        const float *v = x + 32 * b;
+        int16_t *o = xq + 32 * b;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        int s = 0;
+        for (int i = 0; i < 32; i++) {
+            int e = (int)lrintf(v[i] * id);
+            o[split ? (i % 2) * 16 + i / 2 : i] = (int16_t)e;
+            s += e;
+        }
+        xs[b] = d;
+        xsum[b] = d * (float)s;
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static int quantize_x(const float *x, int n, int k, int split, int threads, int16_t **xq, float **xs,
+                      float **xsum) {
+    int nb = k / 32;
+    *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)n * k);
+    *xs = (float *)malloc(sizeof(float) * (size_t)n * nb);
+    *xsum = (float *)malloc(sizeof(float) * (size_t)n * nb);
+    if (!*xq || !*xs || !*xsum) {
+        free(*xq), free(*xs), free(*xsum);
+        return -1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)n * k >= PARALLEL_MIN_WORK)
+    for (int t = 0; t < n; t++)
+        quantize_row(x + (size_t)t * k, k, *xq + (size_t)t * k, *xs + (size_t)t * nb, *xsum + (size_t)t * nb, split);
+    return 0;
+}
+
+int hetegen_int4_gemm(const uint8_t *q, const uint16_t *scale, const uint16_t *mn, int rows, int k, int g,
+                      const float *x, int n, float *y, int ldy, int threads) {
+    if (k % 32 || g % 32 || k % g) return -2;
+    int nb = k / 32, gpb = g / 32, ng = k / g;
+    int16_t *xq;
+    float *xs, *xsum;
+    if (quantize_x(x, n, k, 1, threads, &xq, &xs, &xsum)) return -1;
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
+    int team = (size_t)rows * k * n >= PARALLEL_MIN_WORK ? threads : 1;
+#pragma omp parallel num_threads(team)
+    {
+        float *comb = (float *)malloc(sizeof(float) * nb);
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *qr = q + (size_t)r * (k / 2);
+            const uint16_t *sr = scale + (size_t)r * ng, *mr = mn + (size_t)r * ng;
+            for (int t = 0; t < n; t++) {
+                const int16_t *xqt = xq + (size_t)t * k;
+                const float *xst = xs + (size_t)t * nb, *xsumt = xsum + (size_t)t * nb;
+                /* comb[b] = weight scale of block b * x scale of block b; mins meet x's sums */
+                float macc = 0.f;
+                if (gpb == 1) {
+                    int b = 0;
+                    __m256 mv = _mm256_setzero_ps();
+                    for (; b + 8 <= nb; b += 8) {
+                        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + b)));
+                        _mm256_storeu_ps(comb + b, _mm256_mul_ps(s, _mm256_loadu_ps(xst + b)));
+                        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + b)));
+                        mv = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsumt + b), mv);
+                    }
+                    for (; b < nb; b++) {
+                        comb[b] = _cvtsh_ss(sr[b]) * xst[b];
+                        macc += _cvtsh_ss(mr[b]) * xsumt[b];
+                    }
+                    macc += hsum8(mv);
+                } else {
+                    for (int gi = 0, b = 0; gi < ng; gi++) {
+                        float s = _cvtsh_ss(sr[gi]), xsg = 0.f;
+                        for (int j = 0; j < gpb; j++, b++) {
+                            comb[b] = s * xst[b];
+                            xsg += xsumt[b];
+                        }
+                        macc += _cvtsh_ss(mr[gi]) * xsg;
+                    }
+                }
+                __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+                int b = 0;
+                for (; b + 2 <= nb; b += 2) { /* two blocks per step: two independent sums */
+                    __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
+                    __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b + 16)));
+                    const __m256i *xv = (const __m256i *)(xqt + 32 * b);
+                    __m256i s0 = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_and_si256(w0, m4), _mm256_loadu_si256(xv)),
+                        _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), _mm256_loadu_si256(xv + 1)));
+                    __m256i s1 = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_and_si256(w1, m4), _mm256_loadu_si256(xv + 2)),
+                        _mm256_madd_epi16(_mm256_srli_epi16(w1, 4), _mm256_loadu_si256(xv + 3)));
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(comb[b]), acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(comb[b + 1]), acc1);
+                }
+                if (b < nb) {
+                    __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
+                    const __m256i *xv = (const __m256i *)(xqt + 32 * b);
+                    __m256i s0 = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_and_si256(w0, m4), _mm256_loadu_si256(xv)),
+                        _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), _mm256_loadu_si256(xv + 1)));
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(comb[b]), acc0);
+                }
+                y[(size_t)t * ldy + r] = hsum8(_mm256_add_ps(acc0, acc1)) + macc;
+            }
+        }
+        free(comb);
+    }
+    free(xq), free(xs), free(xsum);
+    return 0;
+}
+
+int hetegen_int8_gemm(const int8_t *q, const uint16_t *scale, int rows, int k, const float *x, int n, float *y,
+                      int ldy, int threads) {
+    if (k % 32) return -2;
+    int nb = k / 32;
+    int16_t *xq;
+    float *xs, *xsum;
+    if (quantize_x(x, n, k, 0, threads, &xq, &xs, &xsum)) return -1;
+    int team = (size_t)rows * k * n >= PARALLEL_MIN_WORK ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const int8_t *qr = q + (size_t)r * k;
+        float s = _cvtsh_ss(scale[r]);
+        for (int t = 0; t < n; t++) {
+            const int16_t *xqt = xq + (size_t)t * k;
+            const float *xst = xs + (size_t)t * nb;
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const __m256i *xv = (const __m256i *)(xqt + 32 * b);
+                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + 32 * b)));
+                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + 32 * b + 16)));
+                __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(xst[b]), acc);
+            }
+            y[(size_t)t * ldy + r] = hsum8(acc) * s;
+        }
+    }
+    free(xq), free(xs), free(xsum);
+    return 0;
+}

@@ -8,10 +8,10 @@ Loads each arm once in this process: `plain` is the model as `hetegen run` runs 
 machine without a GPU (the GGUF's quantized linears on hetegen's CPU kernels where
 available, models.formats.cpu_kernels; --quant auto); `plain-torch` is the same on torch's
 packed kernels (skipped for a float model); `engine` is the same folder through the engine
-with every linear whole on the CPU (an all-CPU plan, the CPU formats the model's own
-weights dtype in both phases, the CPU backend); `llama.cpp` is llama-cpp-python on the GGUF
-file itself (skipped, with the reason, when `llama_cpp` cannot be imported or the model is not a GGUF), driven by the
-same generation loop (hetegen_cli.bench.llama_cpp). Each arm generates from the same
+with every linear whole on the CPU (an all-CPU plan in the plain model's activation dtype,
+the CPU backend); `llama.cpp` is llama-cpp-python on the GGUF file itself (skipped, with the
+reason, when `llama_cpp` cannot be imported or the model is not a GGUF), driven by the same
+generation loop (hetegen_cli.bench.llama_cpp). Each arm generates from the same
 random prompt (seed 0), greedy, without stopping at EOS: `warmup` untimed runs, then
 `repeat` timed rounds, the arms taking turns within each round so that a change in the
 machine's load hits them alike. Prints one JSON document: the machine and its load before
@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 from cold_start import cold_start_document, load, machine  # scripts/ is sys.path[0]
 
-from hetegen_cli.core.devices import CpuBackend
+from hetegen_cli.core.devices import CpuBackend, dtype_name
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.models.formats import cpu_kernels
 from hetegen_cli.models.formats.gguf import default_gguf_path
 from hetegen_cli.models.loading.loader import load_model
-from hetegen_cli.models.loading.quantized_loader import load_quantized
+from hetegen_cli.models.loading.quantized_loader import activation_dtype, load_quantized
 from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
@@ -69,7 +69,7 @@ def load_arms(args, ref) -> tuple[dict, dict]:
         with cpu_kernels.torch_kernels():
             loaded["plain-torch"] = load_quantized(ref)
     if "engine" in args.arms:
-        dtype = ref.spec.dtype if ref.spec.quant else "float32"
+        dtype = dtype_name(activation_dtype()) if ref.spec.quant else "float32"
         runtime = RuntimeSettings(
             weights_dtype=dtype,
             cpu_dtype_prefill=dtype,

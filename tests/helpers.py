@@ -110,3 +110,14 @@ def fake_cuda_for_bench(monkeypatch: Any) -> None:
     monkeypatch.setattr(prepare, "cuda_available", lambda: True)
     for module in (runner, arms):
         monkeypatch.setattr(module, "get_backend", lambda kind="auto": CpuBackend())
+
+
+def _activations() -> str:
+    from hetegen_cli.core.devices import dtype_name
+    from hetegen_cli.models.loading.quantized_loader import activation_dtype
+
+    return dtype_name(activation_dtype())
+
+
+#: the activation dtype of a plain quantized model here (float32 with hetegen's CPU kernels)
+ACTIVATIONS = _activations()

@@ -17,7 +17,7 @@ from hetegen_cli.bench.runner import ArmRun
 from hetegen_cli.cli.common import sizes_bytes
 from hetegen_cli.core.errors import InputError
 from tests.fakes import make_profile
-from tests.helpers import bench_options
+from tests.helpers import ACTIVATIONS, bench_options
 
 
 def sample(prefill_s: float, decode_s: float, steps: int = 3, prompt: int = 8) -> dict:
@@ -483,7 +483,7 @@ def test_llama_cpp_arm_runs_the_same_gguf(tmp_path):
     arms = arms_of(doc["budgets"][0])
     llama, ref = arms["llama.cpp"], arms["reference"]
     assert llama["status"] == "ok" and ref["status"] == "ok", (llama.get("reason"), ref.get("reason"))
-    assert ref["info"]["compute_dtype"] == "int4+bfloat16"  # --quant auto: the GGUF's own format
+    assert ref["info"]["compute_dtype"] == f"int4+{ACTIVATIONS}"  # --quant auto: the GGUF's own format
     assert llama["info"]["config"]["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert llama["tokens_stable"] and len(llama["tokens"]) == 6  # the state resets between runs
     assert ref["ratios"]["vs_llama_cpp"]["decode_tokens_per_s"] > 0

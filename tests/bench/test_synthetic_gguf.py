@@ -13,7 +13,7 @@ from hetegen_cli.bench import runner
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.models.shapes import presets
 from tests.fakes import make_profile
-from tests.helpers import bench_options
+from tests.helpers import ACTIVATIONS, bench_options
 from tests.tiny_models import TINY_GGUF_CONFIG, llama_from_values
 
 PROMPT = [504, 3575, 282, 4649, 314, 100, 2000, 30000, 7, 9, 11, 13]
@@ -137,7 +137,7 @@ def test_bench_runs_hetegen_and_llama_cpp_on_one_gguf(tiny_gguf, tmp_path, monke
     assert model["kind"] == "synthetic" and model["format"] == "gguf-q4_0" and model["gguf"] == str(path)
     arms = {a["arm"]: a for a in doc["budgets"][0]["arms"]}
     ref, llama = arms["reference"], arms["llama.cpp"]
-    assert ref["status"] == "ok" and ref["info"]["compute_dtype"] == "int4+bfloat16"
+    assert ref["status"] == "ok" and ref["info"]["compute_dtype"] == f"int4+{ACTIVATIONS}"
     if not llama_cpp_available():
         assert llama["status"] == "skipped" and llama["reason"] == LLAMA_MISSING
         return
@@ -184,7 +184,7 @@ def test_bench_on_a_synthetic_q4_k_m_file(tmp_path, monkeypatch):
     assert model["format"] == "gguf-q4_k_m" and model["gguf"].endswith("synthetic-tiny-kq-q4_k_m-seed0.gguf")
     arms = {a["arm"]: a for a in doc["budgets"][0]["arms"]}
     ref = arms["reference"]
-    assert ref["status"] == "ok" and ref["info"]["compute_dtype"] == "int4+int8+bfloat16"
+    assert ref["status"] == "ok" and ref["info"]["compute_dtype"] == f"int4+int8+{ACTIVATIONS}"
     llama = arms["llama.cpp"]
     assert llama["status"] == ("ok" if llama_cpp_available() else "skipped"), llama.get("reason")
 

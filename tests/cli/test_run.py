@@ -17,7 +17,7 @@ from hetegen_cli.plan.document import RuntimeSettings, save_plan
 from hetegen_cli.plan.load import load_plan
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.run import builders
-from tests.helpers import assert_error, cli, transformers_greedy
+from tests.helpers import ACTIVATIONS, assert_error, cli, transformers_greedy
 
 runner = CliRunner()
 PROMPT = "The capital of France is"
@@ -497,7 +497,7 @@ def test_quant_int4_runs_a_quantized_copy_on_the_cpu(tiny_llama_dir, hetegen_hom
     result = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["quant"] == "int4" and doc["dtype"] == "int4+bfloat16" and doc["engine"] == "plain"
+    assert doc["quant"] == "int4" and doc["dtype"] == f"int4+{ACTIVATIONS}" and doc["engine"] == "plain"
     again = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")
     assert again.exit_code == 0 and "Quantizing" not in again.stderr  # made once, then reused
     assert json.loads(again.stdout)["token_ids"] == doc["token_ids"]

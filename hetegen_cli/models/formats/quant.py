@@ -164,11 +164,13 @@ class QuantLinear(nn.Module):
         self.stored_bytes = weight.nbytes
         self.native = cpu_kernels.kernels() if weight.in_features % 32 == 0 else None
         self.kernel_dtype = torch.float32 if self.native is not None else KERNEL_DTYPE
-        if self.native is not None:  # the storage layout as it is; float16 read as raw bits
+        if self.native is not None:
+            # the storage layout as it is; float16 scales held as their int16 bits, which the
+            # kernels read as they are and which a model's .to(dtype) leaves alone
             self.register_buffer("q", weight.q.contiguous(), persistent=False)
-            self.register_buffer("scales", weight.scale.contiguous(), persistent=False)
+            self.register_buffer("scales", weight.scale.contiguous().view(torch.int16), persistent=False)
             if weight.format == "int4":
-                self.register_buffer("mins", weight.min.contiguous(), persistent=False)
+                self.register_buffer("mins", weight.min.contiguous().view(torch.int16), persistent=False)
         elif weight.format == "int8":
             self.register_buffer("q", weight.q.contiguous(), persistent=False)
             self.register_buffer("scales", weight.scale.to(KERNEL_DTYPE), persistent=False)

@@ -17,7 +17,7 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.formats.gguf_write import use_more_bits, write_llama_gguf
 from hetegen_cli.models.loading.source import resolve_model
 from tests.gguf_files import copy_gguf, random_blocks
-from tests.helpers import assert_error, run_quick
+from tests.helpers import ACTIVATIONS, assert_error, run_quick
 from tests.tiny_models import llama_from_values
 
 #: the tiny GGUF's shapes (tests.tiny_models.TINY_GGUF_CONFIG) widened to K-quant super-blocks
@@ -173,7 +173,7 @@ def test_hetegen_on_the_q4_k_m_file_computes_the_model_the_file_holds(kq_gguf, k
     reference = llama_from_values(KQ_CONFIG, values)
     ids = torch.tensor([[17, 4000, 31000, 9, 12345, 77, 2048, 600]])
     with load_quantized(kq_ref) as lm, torch.inference_mode():
-        assert lm.dtype == "int4+int8+bfloat16" and kq_ref.spec.quant_label == "int4-g32+int8"
+        assert lm.dtype == f"int4+int8+{ACTIVATIONS}" and kq_ref.spec.quant_label == "int4-g32+int8"
         got = lm.model(ids).logits.float()
         want = reference(ids).logits
     assert (got - want).abs().max() <= 0.05 * want.abs().max()

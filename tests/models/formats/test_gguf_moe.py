@@ -26,7 +26,7 @@ from hetegen_cli.models.shapes.quantfile import read_quantization
 from hetegen_cli.plan.document import RuntimeSettings
 from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
 from tests.gguf_files import copy_gguf
-from tests.helpers import assert_error, run_quick
+from tests.helpers import ACTIVATIONS, assert_error, run_quick
 from tests.models.formats.test_quant_experts import routing
 
 _BASE = dict(
@@ -219,7 +219,7 @@ def test_the_engine_runs_the_converted_model_as_its_plain_model(moe_gguf):
     experts on the GPU side: both sides compute."""
     _, _, ref = moe_gguf
     ids = torch.tensor(PROMPT)
-    runtime = RuntimeSettings(weights_dtype=ref.spec.dtype)
+    runtime = RuntimeSettings(weights_dtype=ACTIVATIONS)  # the plain model's, for bit-for-bit
     with load_quantized(ref) as plain, torch.no_grad():
         want = plain.model.generate(ids, max_new_tokens=6, do_sample=False)
         logits = plain.model(ids).logits

@@ -35,7 +35,7 @@ from hetegen_cli.models.shapes.quantfile import read_quantization
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.memory import experts_bytes, host_memory
 from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
-from tests.helpers import assert_error, cli
+from tests.helpers import ACTIVATIONS, assert_error, cli
 from tests.strict import StrictBackend
 from tests.tiny_models import VOCAB_SIZE, build_tokenizer
 
@@ -169,7 +169,7 @@ def moe(request, floats, tmp_path_factory):
 
 def _load(ref, plan_name, backend, experts=None):
     """The engine with `plan_name`'s linears and `experts` (default: the same plan's) experts."""
-    runtime = RuntimeSettings(weights_dtype=ref.spec.dtype, staging_buffers=2, prefetch_depth=1)
+    runtime = RuntimeSettings(weights_dtype=ACTIVATIONS, staging_buffers=2, prefetch_depth=1)
     return load_hetero_model(
         ref,
         placements(ref.spec, PLANS[plan_name]),
@@ -338,8 +338,8 @@ def test_the_engine_holds_the_expert_bytes_the_planner_counts(moe, plan_name):
         on_gpu = sum(b.numel() * b.element_size() for x in context.experts for b in x.gpu_experts.buffers())
         assert on_gpu == gpu
         split = [lin.placement for lin in context.linears]
-        runtime = RuntimeSettings(weights_dtype=ref.spec.dtype)
-        linears = host_memory(split, ref.spec.dtype, runtime.cpu_dtypes, quant=ref.spec.quant_map())
+        runtime = RuntimeSettings(weights_dtype=ACTIVATIONS)
+        linears = host_memory(split, ACTIVATIONS, runtime.cpu_dtypes, quant=ref.spec.quant_map())
         assert loaded.memory["host_weight_bytes"] == linears.weights_bytes + linears.cpu_copy_bytes + host
 
 

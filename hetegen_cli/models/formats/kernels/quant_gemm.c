@@ -64,6 +64,46 @@ static int quantize_x(const float *x, int n, int k, int split, int threads, int1
     return 0;
 }
 
+/* comb[b] = the weight's scale of block b times x's; returns the mins' term sum_g min_g sum x_g */
+static inline float int4_scales(const uint16_t *sr, const uint16_t *mr, const float *xst, const float *xsumt,
+                                int nb, int gpb, float *comb) {
+    float macc = 0.f;
+    if (gpb == 1) {
+        int b = 0;
+        __m256 mv = _mm256_setzero_ps();
+        for (; b + 8 <= nb; b += 8) {
+            __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + b)));
+            _mm256_storeu_ps(comb + b, _mm256_mul_ps(s, _mm256_loadu_ps(xst + b)));
+            __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + b)));
+            mv = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsumt + b), mv);
+        }
+        for (; b < nb; b++) {
+            comb[b] = _cvtsh_ss(sr[b]) * xst[b];
+            macc += _cvtsh_ss(mr[b]) * xsumt[b];
+        }
+        return macc + hsum8(mv);
+    }
+    for (int gi = 0, b = 0; b < nb; gi++) {
+        float s = _cvtsh_ss(sr[gi]), xsg = 0.f;
+        for (int j = 0; j < gpb; j++, b++) {
+            comb[b] = s * xst[b];
+            xsg += xsumt[b];
+        }
+        macc += _cvtsh_ss(mr[gi]) * xsg;
+    }
+    return macc;
+}
+
+/* one block's 32 products of int4 weights (16 bytes, widened to int16) with x's block as int32 x 8 */
+static inline __m256i int4_block(__m256i w, const int16_t *xb) {
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
+    const __m256i *xv = (const __m256i *)xb;
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(w, m4), _mm256_loadu_si256(xv)),
+                            _mm256_madd_epi16(_mm256_srli_epi16(w, 4), _mm256_loadu_si256(xv + 1)));
+}
+
+#define TILE 4 /* tokens that share one widening of a weight block */
+
 int hetegen_int4_gemm(const uint8_t *q, const uint16_t *scale, const uint16_t *mn, int rows, int k, int g,
                       const float *x, int n, float *y, int ldy, int threads) {
     if (k % 32 || g % 32 || k % g) return -2;
@@ -71,66 +111,48 @@ int hetegen_int4_gemm(const uint8_t *q, const uint16_t *scale, const uint16_t *m
     int16_t *xq;
     float *xs, *xsum;
     if (quantize_x(x, n, k, 1, threads, &xq, &xs, &xsum)) return -1;
-    const __m256i m4 = _mm256_set1_epi16(0x0F);
     int team = (size_t)rows * k * n >= PARALLEL_MIN_WORK ? threads : 1;
 #pragma omp parallel num_threads(team)
     {
-        float *comb = (float *)malloc(sizeof(float) * nb);
+        float *comb = (float *)malloc(sizeof(float) * nb * TILE);
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
             const uint8_t *qr = q + (size_t)r * (k / 2);
             const uint16_t *sr = scale + (size_t)r * ng, *mr = mn + (size_t)r * ng;
-            for (int t = 0; t < n; t++) {
-                const int16_t *xqt = xq + (size_t)t * k;
-                const float *xst = xs + (size_t)t * nb, *xsumt = xsum + (size_t)t * nb;
-                /* comb[b] = weight scale of block b * x scale of block b; mins meet x's sums */
-                float macc = 0.f;
-                if (gpb == 1) {
-                    int b = 0;
-                    __m256 mv = _mm256_setzero_ps();
-                    for (; b + 8 <= nb; b += 8) {
-                        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + b)));
-                        _mm256_storeu_ps(comb + b, _mm256_mul_ps(s, _mm256_loadu_ps(xst + b)));
-                        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + b)));
-                        mv = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsumt + b), mv);
-                    }
-                    for (; b < nb; b++) {
-                        comb[b] = _cvtsh_ss(sr[b]) * xst[b];
-                        macc += _cvtsh_ss(mr[b]) * xsumt[b];
-                    }
-                    macc += hsum8(mv);
-                } else {
-                    for (int gi = 0, b = 0; gi < ng; gi++) {
-                        float s = _cvtsh_ss(sr[gi]), xsg = 0.f;
-                        for (int j = 0; j < gpb; j++, b++) {
-                            comb[b] = s * xst[b];
-                            xsg += xsumt[b];
-                        }
-                        macc += _cvtsh_ss(mr[gi]) * xsg;
+            int t = 0;
+            for (; t + TILE <= n; t += TILE) {
+                float macc[TILE];
+                __m256 acc[TILE];
+                for (int j = 0; j < TILE; j++) {
+                    size_t o = (size_t)(t + j) * nb;
+                    macc[j] = int4_scales(sr, mr, xs + o, xsum + o, nb, gpb, comb + j * nb);
+                    acc[j] = _mm256_setzero_ps();
+                }
+                for (int b = 0; b < nb; b++) {
+                    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
+                    for (int j = 0; j < TILE; j++) {
+                        __m256i s32 = int4_block(w, xq + (size_t)(t + j) * k + 32 * b);
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(comb[j * nb + b]), acc[j]);
                     }
                 }
+                for (int j = 0; j < TILE; j++) y[(size_t)(t + j) * ldy + r] = hsum8(acc[j]) + macc[j];
+            }
+            for (; t < n; t++) {
+                const int16_t *xqt = xq + (size_t)t * k;
+                float macc = int4_scales(sr, mr, xs + (size_t)t * nb, xsum + (size_t)t * nb, nb, gpb, comb);
                 __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
                 int b = 0;
                 for (; b + 2 <= nb; b += 2) { /* two blocks per step: two independent sums */
                     __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
                     __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b + 16)));
-                    const __m256i *xv = (const __m256i *)(xqt + 32 * b);
-                    __m256i s0 = _mm256_add_epi32(
-                        _mm256_madd_epi16(_mm256_and_si256(w0, m4), _mm256_loadu_si256(xv)),
-                        _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), _mm256_loadu_si256(xv + 1)));
-                    __m256i s1 = _mm256_add_epi32(
-                        _mm256_madd_epi16(_mm256_and_si256(w1, m4), _mm256_loadu_si256(xv + 2)),
-                        _mm256_madd_epi16(_mm256_srli_epi16(w1, 4), _mm256_loadu_si256(xv + 3)));
+                    __m256i s0 = int4_block(w0, xqt + 32 * b), s1 = int4_block(w1, xqt + 32 * b + 32);
                     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(comb[b]), acc0);
                     acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(comb[b + 1]), acc1);
                 }
                 if (b < nb) {
                     __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
-                    const __m256i *xv = (const __m256i *)(xqt + 32 * b);
-                    __m256i s0 = _mm256_add_epi32(
-                        _mm256_madd_epi16(_mm256_and_si256(w0, m4), _mm256_loadu_si256(xv)),
-                        _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), _mm256_loadu_si256(xv + 1)));
-                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(comb[b]), acc0);
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_block(w0, xqt + 32 * b)), _mm256_set1_ps(comb[b]),
+                                           acc0);
                 }
                 y[(size_t)t * ldy + r] = hsum8(_mm256_add_ps(acc0, acc1)) + macc;
             }
@@ -153,19 +175,22 @@ int hetegen_int8_gemm(const int8_t *q, const uint16_t *scale, int rows, int k, c
     for (int r = 0; r < rows; r++) {
         const int8_t *qr = q + (size_t)r * k;
         float s = _cvtsh_ss(scale[r]);
-        for (int t = 0; t < n; t++) {
-            const int16_t *xqt = xq + (size_t)t * k;
-            const float *xst = xs + (size_t)t * nb;
-            __m256 acc = _mm256_setzero_ps();
+        for (int t = 0; t < n; t += TILE) {
+            int tile = n - t < TILE ? n - t : TILE;
+            __m256 acc[TILE];
+            for (int j = 0; j < tile; j++) acc[j] = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
-                const __m256i *xv = (const __m256i *)(xqt + 32 * b);
                 __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + 32 * b)));
                 __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + 32 * b + 16)));
-                __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
-                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(xst[b]), acc);
+                for (int j = 0; j < tile; j++) {
+                    const __m256i *xv = (const __m256i *)(xq + (size_t)(t + j) * k + 32 * b);
+                    __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                                   _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(xs[(size_t)(t + j) * nb + b]),
+                                             acc[j]);
+                }
             }
-            y[(size_t)t * ldy + r] = hsum8(acc) * s;
+            for (int j = 0; j < tile; j++) y[(size_t)(t + j) * ldy + r] = hsum8(acc[j]) * s;
         }
     }
     free(xq), free(xs), free(xsum);

@@ -15,7 +15,8 @@ from hetegen_cli.models.shapes.config import TESTED_ARCHITECTURES
 OTHER_ARCHITECTURES = (
     "Other decoder-only causal LMs that transformers implements with nn.Linear projections run "
     "too (their shapes come from transformers' own model), untested; refused with the reason: "
-    "encoder-decoders, Conv1D projections (GPT-2), mixture-of-experts, remote code."
+    "encoder-decoders, Conv1D projections (GPT-2), mixture-of-experts layouts other than the "
+    "tested ones (docs/models.md), remote code."
 )
 
 

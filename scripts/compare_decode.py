@@ -81,7 +81,9 @@ def load_arms(args, ref) -> tuple[dict, dict]:
             requires_gpu=False,
         )
         plan = manual_plan(ref.spec, cpu_fraction_prefill=1.0, cpu_fraction_decode=1.0, runtime=runtime)
-        loaded["engine"] = load_hetero_model(ref, plan.placements, runtime, CpuBackend(), progress=False)
+        loaded["engine"] = load_hetero_model(
+            ref, plan.placements, runtime, CpuBackend(), progress=False, experts=plan.experts
+        )
     if "llama.cpp" in args.arms:
         gguf = Path(args.model) if args.model else default_gguf_path()
         try:

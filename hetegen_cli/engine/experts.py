@@ -18,7 +18,7 @@ experts in ascending order, so with top-2 routing the sum is transformers' bit f
 Quantized experts (a quantized folder's, models.shapes.experts.quant_expert_key): the GPU side
 holds each expert's stored parts on the device and dequantizes one part at a time into the
 weights dtype before its matmul (engine.quant_host.DequantLinear); the CPU side computes each
-of its experts with torch's packed int8/int4 kernels (models.formats.quant_experts.CpuExpert,
+of its experts with QuantLinear's int8/int4 kernels (models.formats.quant_experts.CpuExpert,
 the plain quantized model's own), so an all-CPU plan gives that model's numbers.
 
 Prefill streaming (a layer placed with `stream_prefill`; floating-point experts): in prefill

@@ -158,8 +158,10 @@ def quant_rates(
             "measure it"
         )
     ratio = base.cpu_bytes_per_s_concurrent / base.cpu_bytes_per_s if base.cpu_bytes_per_s else 1.0
+    kernels = sorted({m.kernel or "torch" for m in entries})  # profiles before the field: torch's
+    who = f"the {'/'.join(kernels)} {fmt} kernel" if entries else f"the {fmt} kernel"
     notes.append(
-        f"{fmt} linears: the CPU share runs torch's packed {fmt} kernel "
+        f"{fmt} linears: the CPU share runs {who} "
         f"({bw / per_param / 1e9:.2f} Gparam/s fitted); prefill uses the {base.cpu_dtype} GEMM FLOP rate"
     )
     return replace(

@@ -1,10 +1,11 @@
 """hetegen's own CPU kernels for int4 and int8 weights (kernels/quant_gemm.c, docs/quant.md).
 
 They read hetegen's storage layout as it is (no repacking at load) and quantize the
-activations to int8 blocks of 32, as llama.cpp does for its Q4_0/Q8_0 dot products. On a
-2-core AVX2 machine they ran 2.6-5x faster than torch's packed int4 kernel at one token
-(docs/bench.md). The C source is compiled once, on first use, with the system C compiler
-(`$CC`, else `cc`) into $HETEGEN_HOME/kernels and loaded with ctypes. Where that is not
+activations to int16 blocks of 32 (llama.cpp uses int8 blocks; int16 keeps the result 2e-5
+from the dequantized weight's). On a 2-core AVX2 machine the int4 kernel ran 2.0-2.8x faster
+than torch's packed one at one token (docs/bench.md, "hetegen's CPU kernels"). The C source
+is compiled once, on first use, with the system C compiler (`$CC`, else `cc`) into
+$HETEGEN_HOME/kernels and loaded with ctypes. Where that is not
 possible (no AVX2, no compiler, `HETEGEN_CPU_KERNELS=torch`) `kernels()` is None and
 QuantLinear uses torch's packed kernels, after one note saying why.
 """

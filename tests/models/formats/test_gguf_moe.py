@@ -245,7 +245,9 @@ def test_the_engine_runs_the_converted_model_as_its_plain_model(moe_gguf):
 
 
 def test_a_file_missing_an_expert_tensor_is_refused_before_writing(moe_gguf, tmp_path):
-    _, path, _ = moe_gguf
+    arch, path, _ = moe_gguf
+    if arch != "qwen3_moe":  # the check reads the layout's tensor names, whatever the architecture
+        pytest.skip("architecture-independent: checked on qwen3_moe (4 s each)")
     broken = copy_gguf(path, tmp_path / "broken.gguf", {}, drop=("blk.1.ffn_up_exps.weight",))
     with pytest.raises(
         ModelError, match=r"lacks the tensor blk\.1\.ffn_up_exps\.weight \(the up weights of the 4 "

@@ -31,6 +31,8 @@ if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "open
     collect_ignore.append("serve")
 #: Converted real models are kept here between test runs (git-ignored), not per test.
 SHARED_MODELS = Path(os.environ.get("HETEGEN_TEST_MODELS", REPO / ".hetegen-test-cache" / "models"))
+#: hetegen's compiled CPU kernels (models.formats.cpu_kernels), shared by the tests' homes
+SHARED_KERNELS = REPO / ".hetegen-test-cache" / "kernels"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -59,9 +61,18 @@ def hetegen_home(tmp_path, monkeypatch):
     home.mkdir()
     SHARED_MODELS.mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(SHARED_MODELS, target_is_directory=True)
+    SHARED_KERNELS.mkdir(parents=True, exist_ok=True)  # compiled once per source, not per test
+    (home / "kernels").symlink_to(SHARED_KERNELS, target_is_directory=True)
     monkeypatch.setenv("HETEGEN_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session")
+def presets_home(tmp_path_factory) -> Path:
+    """One HETEGEN_HOME for the tests that list every preset (`hetegen models`): deriving the
+    33 presets' layouts takes about 30 s the first time and is cached there for the next."""
+    return tmp_path_factory.mktemp("presets-home")
 
 
 @pytest.fixture(scope="session")

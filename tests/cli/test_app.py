@@ -25,7 +25,8 @@ def test_every_command_has_help(command):
     assert "Usage" in result.stdout
 
 
-def test_models_json_lists_presets_with_sizes():
+def test_models_json_lists_presets_with_sizes(presets_home, monkeypatch):
+    monkeypatch.setenv("HETEGEN_HOME", str(presets_home))
     result = runner.invoke(app, ["models", "--json"])
     assert result.exit_code == 0
     doc = json.loads(result.stdout)

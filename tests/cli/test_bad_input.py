@@ -235,7 +235,7 @@ def test_permission_denied_is_not_called_corruption(tiny_copy, monkeypatch):
     assert_error(run_quick("-m", str(tiny_copy)), "cannot read config file", "permission denied")
 
 
-def test_a_full_disk_on_stdout_is_one_error_line(tmp_path):
+def test_a_full_disk_on_stdout_is_one_error_line(presets_home):
     """`hetegen models --json > /dev/full`: the write fails at flush; one line, exit 1."""
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
@@ -246,7 +246,7 @@ def test_a_full_disk_on_stdout_is_one_error_line(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
             timeout=120,
-            env={**os.environ, "HETEGEN_HOME": str(tmp_path)},
+            env={**os.environ, "HETEGEN_HOME": str(presets_home)},
         )
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error: cannot write the output: No space left on device")

@@ -12,6 +12,17 @@ from hetegen_cli.plan.memory import experts_bytes, host_memory, workspace_bytes
 from hetegen_cli.plan.sections import Budget, GpuMemory, LinearTimes, MemoryUse, Predictions
 
 
+def activation_dtype(spec, rates) -> str:
+    """The dtype an all-CPU plan computes in: float32 for a quantized model whose every
+    quantized format the profile measured with hetegen's kernels (they take float32, so no
+    linear converts x: the plain quantized model's choice, models.loading.quantized_loader);
+    else the model's own dtype."""
+    kernels = {r.cpu_kernel for r in rates.quant.values()}
+    if spec.quant and kernels == {"hetegen-avx2"}:
+        return "float32"
+    return spec.dtype
+
+
 def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings, fixed) -> Plan:
     """Every linear (and an untied LM head) computed whole on the CPU; no GPU needed.
     `cpu_budget`: (bytes or None, where the number came from)."""
@@ -19,16 +30,18 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
     lins = list(spec.linears) + ([] if spec.tie_word_embeddings else [spec.lm_head])
     placements = tuple(LinearPlacement.of(lin, False, lin.out_features, lin.out_features) for lin in lins)
     ctx = req.prompt_len + req.max_new_tokens
-    other = spec.fixed_bytes + spec.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(spec, req)
+    dtype = activation_dtype(spec, rates)
+    if dtype != spec.dtype:
+        notes.append(
+            f"all-CPU plan of a quantized model: the rest of the model and its activations in {dtype} "
+            "(the profile's quantized CPU kernels take float32; no linear converts x)"
+        )
+    held = spec.in_dtype(dtype)  # the float tensors and the KV cache as the engine will hold them
+    other = held.fixed_bytes + held.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(held, req)
     experts = tuple(ExpertsPlacement.of(x) for x in spec.experts)  # every routed expert on the CPU
     expert_host = experts_bytes(spec, experts, rates.decode.cpu_dtype)[1] if experts else None
     host = host_memory(
-        placements,
-        rates.weights_dtype,
-        rates.cpu_dtypes,
-        other,
-        quant=spec.quant_map(),
-        expert_bytes=expert_host,
+        placements, dtype, rates.cpu_dtypes, other, quant=spec.quant_map(), expert_bytes=expert_host
     )
     check_host(host, cpu_budget, cpu_source, rates)
     estimates = []
@@ -48,7 +61,7 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
         )
         estimates.append(LinearEstimate(lin.weight_bytes, decode.cpu_s / lin.weight_bytes, prefill, decode))
     runtime = RuntimeSettings(
-        weights_dtype=spec.dtype,
+        weights_dtype=dtype,
         cpu_dtype_prefill=rates.prefill.cpu_dtype,
         cpu_dtype_decode=rates.decode.cpu_dtype,
         cpu_threads=rates.decode.cpu_threads,

@@ -420,7 +420,8 @@ def check_plan_matches(plan: Plan, spec: Any) -> None:
             f"is {stored(spec.quant_label)}",
             f"{hint} --quant {_quant_choice(spec.quant_label)}",
         )
-    if plan.runtime.weights_dtype != spec.dtype:
+    float32_rest = spec.quant_label and plan.runtime.weights_dtype == "float32"  # plan.all_cpu
+    if plan.runtime.weights_dtype != spec.dtype and not float32_rest:
         raise PlanError(
             f"plan was made for {made_for} in {plan.runtime.weights_dtype}, but the "
             f"model is loaded in {spec.dtype}",

@@ -289,3 +289,36 @@ def test_quantized_experts_are_priced_at_their_kernels_rates(fmt):
     x, fx, r = spec.experts[0], float_spec.experts[0], Rates.from_dict(plan.rates.decode)
     assert expert_s(r, x, 1, False, quant=quant) < expert_s(r, fx, 1, False) == expert_s(r, x, 1, False)
     assert plan.predictions.hetegen.decode_tokens_per_s > float_plan.predictions.hetegen.decode_tokens_per_s
+
+
+def _with_kernel(profile: dict, kernel: str | None) -> dict:
+    for entry in profile["cpu"]["quant_gemv"]:
+        entry["kernel"] = kernel
+    return profile
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dtype"), [("hetegen-avx2", "float32"), ("torch", "bfloat16"), (None, "bfloat16")]
+)
+def test_an_all_cpu_quantized_plan_computes_in_what_the_profiles_kernel_takes(kernel, dtype):
+    """hetegen's kernels take float32: the plain quantized model's choice, and the all-CPU
+    plan's, with the float tensors and the KV cache counted at that dtype; torch's (and a
+    profile from before the field) keep the model's bfloat16."""
+    spec = _spec("int4")
+    plan = make_plan(spec, _with_kernel(_profile(gpu=False), kernel), _req(0))
+    bf16 = make_plan(spec, _with_kernel(_profile(gpu=False), "torch"), _req(0))
+    assert plan.runtime.weights_dtype == dtype and plan.rates.quant["int4"]["cpu_kernel"] == (
+        kernel or "torch"
+    )
+    held = spec.in_dtype(dtype)
+    extra = (held.fixed_bytes - spec.fixed_bytes) + (
+        held.kv_cache_bytes(1, 1) - spec.kv_cache_bytes(1, 1)
+    ) * (_req(0).prompt_len + _req(0).max_new_tokens)
+    assert plan.memory.host.other_bytes - bf16.memory.host.other_bytes >= extra
+    assert (dtype == "float32") == (extra > 0) == any("activations in float32" in n for n in plan.notes)
+    check_plan_matches(plan, spec)  # a float32 rest is a plan for the bfloat16-stored model
+    with pytest.raises(PlanError, match="made for"):
+        check_plan_matches(
+            plan.__class__(**{**plan.__dict__, "runtime": replace(plan.runtime, weights_dtype="float16")}),
+            spec,
+        )

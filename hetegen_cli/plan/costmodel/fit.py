@@ -160,6 +160,7 @@ def quant_rates(
     ratio = base.cpu_bytes_per_s_concurrent / base.cpu_bytes_per_s if base.cpu_bytes_per_s else 1.0
     kernels = sorted({m.kernel or "torch" for m in entries})  # profiles before the field: torch's
     who = f"the {'/'.join(kernels)} {fmt} kernel" if entries else f"the {fmt} kernel"
+    kernel = kernels[0] if len(kernels) == 1 else "torch"
     notes.append(
         f"{fmt} linears: the CPU share runs {who} "
         f"({bw / per_param / 1e9:.2f} Gparam/s fitted); prefill uses the {base.cpu_dtype} GEMM FLOP rate"
@@ -172,6 +173,7 @@ def quant_rates(
         cpu_bytes_per_s_concurrent=bw * ratio,
         weight_bytes_per_param=per_param,
         gpu_dequant_bytes_per_param=2.0 * itemsize(base.weights_dtype) if base.has_gpu else 0.0,
+        cpu_kernel=kernel,
     ), notes
 
 

@@ -47,6 +47,9 @@ class Rates:
     # and reads again dequantizing a share into the weights dtype before its matmul
     weight_bytes_per_param: float = 0.0
     gpu_dequant_bytes_per_param: float = 0.0
+    # the quantized CPU kernel the profile measured (quantized rates only): "hetegen-avx2"
+    # (float32 activations) or "torch" (bfloat16), models.formats.cpu_kernels
+    cpu_kernel: str = ""
 
     @property
     def weight_bytes(self) -> float:

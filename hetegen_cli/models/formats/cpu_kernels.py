@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from hetegen_cli.core.console import note
 ENV = "HETEGEN_CPU_KERNELS"  # "auto" (default) or "torch"
 SOURCE = Path(__file__).with_name("kernels") / "quant_gemm.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 2  # hetegen_kernels_version() of the source
+VERSION = 3  # hetegen_kernels_version() of the source
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,55 @@ class Kernels:
 
     int4_gemm: ctypes._CFuncPtr
     int8_gemm: ctypes._CFuncPtr
+    int4_dequant: ctypes._CFuncPtr
+    int8_dequant: ctypes._CFuncPtr
     path: Path
+
+    def dequantize(
+        self,
+        fmt: str,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        mn: torch.Tensor | None,
+        group: int | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The weight of q's rows as float32 [rows, in], into `out` (contiguous, at least that
+        many elements) when given (int4: q uint8 [rows, in / 2], scale and min [rows, in /
+        group]; int8: q int8 [rows, in], scale [rows])."""
+        rows, inp = q.shape[0], q.shape[1] * (2 if fmt == "int4" else 1)
+        w = torch.empty(rows, inp) if out is None else out[: rows * inp].view(rows, inp)
+        threads = torch.get_num_threads()
+        if fmt == "int4":
+            rc = self.int4_dequant(
+                q.data_ptr(), scale.data_ptr(), mn.data_ptr(), rows, inp, group, w.data_ptr(), threads
+            )
+        else:
+            rc = self.int8_dequant(q.data_ptr(), scale.data_ptr(), rows, inp, w.data_ptr(), threads)
+        if rc:
+            raise ValueError(f"hetegen's {fmt} dequantization refused the shape ({rc})")
+        return w
+
+    def dense(
+        self, fmt: str, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None, group: int | None,
+        x: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """x [n, in] float32 @ W^T through float32 weights (prefill, n >= DENSE_TOKENS):
+        `DENSE_CHUNK` floats of W at a time are dequantized into a buffer kept per thread and
+        multiplied by torch's GEMM. -> y [n, out] float32."""
+        rows, inp = q.shape[0], x.shape[1]
+        step = max(1, DENSE_CHUNK // inp)
+        buf = getattr(_SCRATCH, "buf", None)
+        if buf is None or buf.numel() < min(rows, step) * inp:
+            buf = _SCRATCH.buf = torch.empty(max(DENSE_CHUNK, inp))
+        if rows <= step:
+            return torch.mm(x, self.dequantize(fmt, q, scale, mn, group, buf).t())
+        y = torch.empty(x.shape[0], rows)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            part = self.dequantize(fmt, q[r0:r1], scale[r0:r1], None if mn is None else mn[r0:r1], group, buf)
+            y[:, r0:r1] = torch.mm(x, part.t())
+        return y
 
     def int4(
         self, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, group: int, x: torch.Tensor
@@ -71,6 +120,13 @@ class Kernels:
             raise MemoryError(f"hetegen's int8 kernel failed ({rc})")
         return y
 
+
+#: from this many tokens (prefill) a product dequantizes W and uses torch's float32 GEMM:
+#: at 128 tokens measured 1.03-2.1x faster than the int16 products on [576..8192, 576..8192]
+#: weights; at 64 faster on 576-wide ones but 0.6-0.8x on 2048-wide (docs/quant.md)
+DENSE_TOKENS = 128
+DENSE_CHUNK = 4 << 20  # floats of W dequantized at a time (16 MiB)
+_SCRATCH = threading.local()  # one dequantization buffer per thread
 
 _LOADED: list[Kernels | None] = []  # one attempt per process
 _WHY_NOT: list[str] = []
@@ -144,7 +200,10 @@ def _load() -> Kernels:
     int4, int8 = lib.hetegen_int4_gemm, lib.hetegen_int8_gemm
     int4.argtypes, int4.restype = [p, p, p, i, i, i, p, i, p, i, i], i
     int8.argtypes, int8.restype = [p, p, i, i, p, i, p, i, i], i
-    return Kernels(int4, int8, target)
+    deq4, deq8 = lib.hetegen_int4_dequant, lib.hetegen_int8_dequant
+    deq4.argtypes, deq4.restype = [p, p, p, i, i, i, p, i], i
+    deq8.argtypes, deq8.restype = [p, p, i, i, p, i], i
+    return Kernels(int4, int8, deq4, deq8, target)
 
 
 def _compile(compiler: str, target: Path) -> None:

@@ -130,3 +130,27 @@ def test_the_library_is_compiled_once_per_source_and_reused(tmp_path):
     again = run_python(PROBE, HETEGEN_HOME=str(tmp_path))
     assert again.stdout.split("\n")[0] == "hetegen-avx2"
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [mtime]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_dequantization_gives_the_stored_values_exactly(fmt):
+    w = quantize(torch.randn(40, 352), fmt, 32)
+    got = KERNELS.dequantize(fmt, w.q, w.scale, w.min, w.group_size)
+    torch.testing.assert_close(got, w.dequantize(torch.float32), rtol=2e-7, atol=0)  # FMA: one rounding
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_prefill_multiplies_the_dequantized_weight_in_chunks(fmt, monkeypatch):
+    """From DENSE_TOKENS tokens: float32 W (in chunks of DENSE_CHUNK floats) times x, the
+    dequantized product to float32 rounding; below it, the int16 products."""
+    monkeypatch.setattr(cpu_kernels, "DENSE_CHUNK", 64 * 7)  # 7 rows of 64 inputs a chunk
+    w = quantize(torch.randn(48, 64), fmt, 32)
+    lin = QuantLinear(w)
+    x = torch.randn(cpu_kernels.DENSE_TOKENS, 64)
+    want = x @ w.dequantize(torch.float32).T
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+    few = lin(x[:3])
+    torch.testing.assert_close(few, blockwise_x(x[:3]).float() @ w.dequantize(torch.float32).T)
+    assert not torch.equal(few, x[:3] @ w.dequantize(torch.float32).T)  # the int16 path did run

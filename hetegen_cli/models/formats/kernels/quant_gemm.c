@@ -19,7 +19,7 @@
 /* below this many multiply-adds one thread answers sooner than waking the others */
 #define PARALLEL_MIN_WORK (1 << 17)
 
-int hetegen_kernels_version(void) { return 2; }
+int hetegen_kernels_version(void) { return 3; }
 
 /* x [k] -> xq [k] int16 per block of 32 (de-interleaved when `split`), xs [k / 32] the
  * blocks' scales, xsum [k / 32] the blocks' sums as quantized (for int4's mins). */
@@ -194,5 +194,51 @@ int hetegen_int8_gemm(const int8_t *q, const uint16_t *scale, int rows, int k, c
         }
     }
     free(xq), free(xs), free(xsum);
+    return 0;
+}
+
+/* W rows [0, rows) dequantized into w [rows, k] float32 (prefill: a BLAS GEMM beats the
+ * integer products once enough tokens share each weight). int4: scale/min per group. */
+int hetegen_int4_dequant(const uint8_t *q, const uint16_t *scale, const uint16_t *mn, int rows, int k, int g,
+                         float *w, int threads) {
+    if (k % 32 || g % 32 || k % g) return -2;
+    int ng = k / g;
+    const __m256i m4 = _mm256_set1_epi32(0x0F);
+    int team = (size_t)rows * k >= PARALLEL_MIN_WORK ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *qr = q + (size_t)r * (k / 2);
+        float *wr = w + (size_t)r * k;
+        for (int gi = 0; gi < ng; gi++) {
+            __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[(size_t)r * ng + gi]));
+            __m256 m = _mm256_set1_ps(_cvtsh_ss(mn[(size_t)r * ng + gi]));
+            for (int j = gi * g; j < (gi + 1) * g; j += 16) { /* 8 bytes -> 16 values, even low */
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + j / 2)));
+                __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, m4));
+                __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+                __m256 vlo = _mm256_fmadd_ps(lo, s, m), vhi = _mm256_fmadd_ps(hi, s, m);
+                /* interleave: value 2i = lo[i], 2i + 1 = hi[i] */
+                __m256 a = _mm256_unpacklo_ps(vlo, vhi), c = _mm256_unpackhi_ps(vlo, vhi);
+                _mm256_storeu_ps(wr + j, _mm256_permute2f128_ps(a, c, 0x20));
+                _mm256_storeu_ps(wr + j + 8, _mm256_permute2f128_ps(a, c, 0x31));
+            }
+        }
+    }
+    return 0;
+}
+
+int hetegen_int8_dequant(const int8_t *q, const uint16_t *scale, int rows, int k, float *w, int threads) {
+    if (k % 32) return -2;
+    int team = (size_t)rows * k >= PARALLEL_MIN_WORK ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[r]));
+        const int8_t *qr = q + (size_t)r * k;
+        float *wr = w + (size_t)r * k;
+        for (int j = 0; j < k; j += 8) {
+            __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qr + j)));
+            _mm256_storeu_ps(wr + j, _mm256_mul_ps(_mm256_cvtepi32_ps(b), s));
+        }
+    }
     return 0;
 }

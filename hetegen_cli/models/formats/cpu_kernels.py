@@ -38,7 +38,8 @@ VERSION = 3  # hetegen_kernels_version() of the source
 
 @dataclass(frozen=True)
 class Kernels:
-    """The loaded library's two entry points (signatures in kernels/quant_gemm.c)."""
+    """The loaded library's entry points (signatures in kernels/quant_gemm.c): int4 and int8
+    products with int16 activations (`int4`, `int8`), and dequantization for prefill (`dense`)."""
 
     int4_gemm: ctypes._CFuncPtr
     int8_gemm: ctypes._CFuncPtr

@@ -136,7 +136,7 @@ class QuantHostWeight:
 
     @property
     def cpu_copy_bytes(self) -> int:
-        """Bytes of the packed CPU kernels' weights and scales."""
+        """Bytes the CPU kernels hold (QuantLinear.held_bytes: weights, scales, mins)."""
         return sum(k.held_bytes for k in self.kernels.values())
 
 

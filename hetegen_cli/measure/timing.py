@@ -225,8 +225,7 @@ def quant_gemv_fn(fmt: str, shape: Shape, pool_bytes: int) -> tuple[Callable[[],
         q = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8, generator=gen)
         scale = (torch.rand(out, inp // group, generator=gen) * 0.01).to(torch.float16)
         weight = QuantWeight("int4", out, inp, q, scale, -8 * scale, group)
-    first = QuantLinear(weight)
-    kernels = [first] + [QuantLinear(_copy(weight)) for _ in range(copies - 1)]
+    kernels = [QuantLinear(weight)] + [QuantLinear(_copy(weight)) for _ in range(copies - 1)]
     turn = [0]
 
     def fn() -> torch.Tensor:

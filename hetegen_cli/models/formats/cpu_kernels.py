@@ -39,13 +39,26 @@ VERSION = 3  # hetegen_kernels_version() of the source
 @dataclass(frozen=True)
 class Kernels:
     """The loaded library's entry points (signatures in kernels/quant_gemm.c): int4 and int8
-    products with int16 activations (`int4`, `int8`), and dequantization for prefill (`dense`)."""
+    products with int16 activations (`int4`, `int8`), dequantization for prefill (`dense`), and
+    `matmul`, which picks between them."""
 
     int4_gemm: ctypes._CFuncPtr
     int8_gemm: ctypes._CFuncPtr
     int4_dequant: ctypes._CFuncPtr
     int8_dequant: ctypes._CFuncPtr
     path: Path
+
+    def matmul(
+        self, fmt: str, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None, group: int | None,
+        x: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """x [n, in] float32 contiguous @ W^T -> y [n, out] float32, W stored as `fmt`: the
+        float32 GEMM from DENSE_TOKENS tokens (`dense`), else the int16 products."""
+        if x.shape[0] >= DENSE_TOKENS:
+            return self.dense(fmt, q, scale, mn, group, x)
+        if fmt == "int8":
+            return self.int8(q, scale, x)
+        return self.int4(q, scale, mn, group, x)
 
     def dequantize(
         self,

@@ -204,13 +204,9 @@ class QuantLinear(nn.Module):
         (not the torch.ops packet, whose Python __call__ costs more): the same kernel."""
         buffers = self._buffers
         if self.native is not None:
-            if x2.shape[0] >= cpu_kernels.DENSE_TOKENS:
-                return self.native.dense(
-                    self.format, buffers["q"], buffers["scales"], buffers.get("mins"), self.group_size, x2
-                )
-            if self.format == "int8":
-                return self.native.int8(buffers["q"], buffers["scales"], x2)
-            return self.native.int4(buffers["q"], buffers["scales"], buffers["mins"], self.group_size, x2)
+            return self.native.matmul(
+                self.format, buffers["q"], buffers["scales"], buffers.get("mins"), self.group_size, x2
+            )
         if self.format == "int8":
             return torch._weight_int8pack_mm(x2, buffers["q"], buffers["scales"])
         return torch._weight_int4pack_mm_for_cpu(x2, buffers["q"], self.group_size, buffers["scales"])

@@ -95,7 +95,7 @@ def _generation(model: Any, device: Any, clock: _Clock, prompt: int, steps: int)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(prompt)
     ids = torch.randint(3, vocab, (1, prompt), generator=gen).to(device)
-    cache = new_cache(model)
+    cache = new_cache(model, capacity=prompt + steps + 1)
     start = clock()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
     token = int(out.logits[0, -1].argmax().item())

@@ -277,7 +277,7 @@ def generate(
         else:
             generator.seed()  # non-deterministic, leaves torch's global RNG alone
     decoder = IncrementalDecoder(tokenizer)
-    cache = new_cache(model)
+    cache = new_cache(model, capacity=len(prompt_ids) + max_new_tokens)
     tokens: list[int] = []
     decode_s = 0.0
     stop_reason = "length"

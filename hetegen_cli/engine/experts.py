@@ -45,6 +45,7 @@ from hetegen_cli.models.formats.quant_experts import (
     CpuExpert,
     copy_float_expert,
     expert_jobs,
+    fused_experts,
     read_stored_expert,
 )
 from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, quant_expert_key
@@ -73,6 +74,7 @@ class HeteroExperts(nn.Module):
         self.quantized = bool(spec.part_quant)
         self.gpu_experts = nn.ModuleList()
         self.cpu_experts: list[CpuExpert] = []
+        self.cpu_fused: Any = None  # their fused.GatedFFN, False where there is none; on first use
         self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
         device, wdt = context.backend.device, context.weights_dtype
@@ -216,6 +218,14 @@ class HeteroExperts(nn.Module):
             y_h.zero_()
         else:
             y_h = torch.zeros(x_h.shape, dtype=out_dtype)
+        if self.quantized and x_h.shape[0] == 1 and x_h.dtype is torch.float32 and out_dtype is torch.float32:
+            if self.cpu_fused is None:
+                self.cpu_fused = fused_experts(self.cpu_experts) or False
+            if self.cpu_fused:  # one kernel call for the token's CPU experts (models.formats.fused)
+                weights = w_h[0].tolist()
+                sel = [self.home[e][1] for e, _, _ in jobs]
+                self.cpu_fused.add(x_h.contiguous(), sel, [weights[int(pos[0])] for _, pos, _ in jobs], y_h)
+                return y_h
         for e, pos, tok in jobs:
             y = self._compute(False, self.home[e][1], x_h[tok])
             y = y * w_h[tok, pos, None]

@@ -40,6 +40,7 @@ from hetegen_cli.engine.experts import ExpertStream, install_experts
 from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight, StoredLinear
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
+from hetegen_cli.models.formats import fused
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.models.loading.meta import (
@@ -328,6 +329,7 @@ def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> No
         if direct is not None:
             set_module(model, name, direct)
             context.direct_linears += 1
+    fused.fuse_model(model)  # their MLPs and the norms: one kernel call a token (models.formats.fused)
 
 
 def _phase_hook(context: EngineContext):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetegen_cli.core.errors import ModelError
+from hetegen_cli.models.formats import fused
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantLinear, QuantWeight
 from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, expert_keys, quant_expert_key
@@ -144,6 +145,7 @@ class QuantExperts(nn.Module):
         self.num_experts = spec.num_experts
         self.spec = spec
         self.experts = experts
+        self.fused = fused_experts(experts)  # one kernel call per decode step, or None
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, stored={self.spec.quant_label or 'float'}"
@@ -166,12 +168,42 @@ class QuantExperts(nn.Module):
         adds them (0 + y_a + y_b ...: the same sum bit for bit), without its one-hot grouping,
         whose index and scatter ops were a tenth of a decode step."""
         chosen = top_k_index[0].tolist()
+        if self.fused is not None and x.dtype is torch.float32:
+            order = sorted(range(len(chosen)), key=chosen.__getitem__)
+            order = [p for p in order if chosen[p] < self.num_experts]
+            weights = top_k_weights[0].tolist()
+            out = torch.zeros(x.shape)
+            self.fused.add(x.contiguous(), [chosen[p] for p in order], [weights[p] for p in order], out)
+            return out
         out = torch.zeros_like(x)
         for pos in sorted(range(len(chosen)), key=chosen.__getitem__):
             e = chosen[pos]
             if e < self.num_experts:
                 out += (self.experts[e](x) * top_k_weights[0, pos]).to(out.dtype)
         return out
+
+
+def fused_experts(experts: list[CpuExpert]) -> fused.GatedFFN | None:
+    """Every expert as one unit of a fused.GatedFFN (hetegen's kernels, SiLU, QuantLinear
+    parts), checked on expert 0 against CpuExpert's own product; else None."""
+    if not experts or not fused.enabled() or not fused.is_silu(experts[0].act_fn):
+        return None
+    units = []
+    for e in experts:
+        if e.gate_up is not None:
+            unit = fused.fused_gate_up_unit(e.gate_up, e.down)
+        else:
+            unit = fused.gated_unit(e.gate, e.up, e.down)
+        if unit is None:
+            return None
+        units.append(unit)
+    ffn = fused.GatedFFN(units, experts)
+    x = torch.randn(1, ffn.hidden, generator=torch.Generator().manual_seed(0))
+    out = torch.zeros(1, ffn.hidden)
+    ffn.add(x, [0], [1.0], out)
+    want = experts[0](x).float()
+    err = (out - want).abs().max().item()
+    return ffn if err <= fused.CHECK_RTOL * max(1e-6, want.abs().max().item()) else None
 
 
 def expert_jobs(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -27,7 +27,7 @@ from hetegen_cli.core.console import activity, progress
 from hetegen_cli.core.devices import dtype_name
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.formats import cpu_kernels
+from hetegen_cli.models.formats import cpu_kernels, fused
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
 from hetegen_cli.models.formats.quant_experts import load_quant_experts
@@ -103,6 +103,7 @@ def load_quantized(ref: Any) -> LoadedModel:
     quantize_head(model)  # the LM head read as int8 every token
     if dtype != torch.bfloat16:
         _embedding_in_bfloat16(model, dtype)
+        fused.fuse_model(model)  # one kernel call per MLP and norm at a decode step
     model.eval()
     meta.load_generation_config(model, folder)
     quant_formats = sorted({fmt for fmt, _ in linear_formats(doc).values()})  # mixed: int4, int8

@@ -1,0 +1,230 @@
+"""One kernel call per token for a gated MLP, a MoE layer's chosen experts and an RMS norm
+(kernels/quant_gemm.c: hetegen_gated_ffn, hetegen_rms_norm; docs/quant.md).
+
+At one token a LLaMA-style MLP is three QuantLinear calls, an activation and a product, and an
+RMS norm six tensor ops: each costs more in Python and dispatch than in arithmetic on a small
+model. `fuse_model` gives the modules whose structure matches a forward that makes one call
+for float32 input on the CPU, after checking it against the module's own forward on a random
+input. Other inputs (bfloat16, more than one token for an MLP) and modules that do not match
+or fail the check keep transformers' forward. `GatedFFN` is the same for a MoE layer's chosen
+experts (models.formats.quant_experts). Needs hetegen's kernels (cpu_kernels.kernels()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetegen_cli.models.formats import cpu_kernels
+from hetegen_cli.models.formats.quant import QuantLinear
+
+#: activations hetegen_gated_ffn computes (SiLU: x * sigmoid(x)), by class name
+SILU_NAMES = frozenset({"SiLU", "SiLUActivation"})
+#: a fused forward is kept when it is this close to the module's own (largest error over the
+#: largest output); measured about 1e-7 (float32 rounding of the activation and the sums)
+CHECK_RTOL = 1e-4
+_OFF: list[bool] = []  # inside unfused()
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Models loaded inside keep transformers' forwards (for scripts that compare the two)."""
+    _OFF.append(True)
+    try:
+        yield
+    finally:
+        _OFF.pop()
+
+
+def enabled() -> bool:
+    return not _OFF and cpu_kernels.kernels() is not None
+
+
+def matrix(linear: Any, row0: int = 0, rows: int | None = None) -> list[int] | None:
+    """The kernel's description of rows [row0, row0 + rows) of a QuantLinear on hetegen's
+    kernels ({format, q, scale, min, rows, in, group} as int64), or None when it has none or
+    a bias."""
+    if not isinstance(linear, QuantLinear) or linear.native is None or linear.bias is not None:
+        return None
+    b, k = linear._buffers, linear.in_features
+    rows = linear.out_features - row0 if rows is None else rows
+    if linear.format == "int8":
+        return [1, b["q"].data_ptr() + row0 * k, b["scales"].data_ptr() + 2 * row0, 0, rows, k, 0]
+    ng = k // linear.group_size
+    return [
+        0,
+        b["q"].data_ptr() + row0 * (k // 2),
+        b["scales"].data_ptr() + 2 * row0 * ng,
+        b["mins"].data_ptr() + 2 * row0 * ng,
+        rows,
+        k,
+        linear.group_size,
+    ]
+
+
+def is_silu(act: Any) -> bool:
+    return type(act).__name__ in SILU_NAMES
+
+
+class GatedFFN:
+    """Units u = (gate, up, down), each a `matrix` description: `add(x, sel, coef, out)` adds
+    sum_j coef[j] * down_u(silu(gate_u(x)) * up_u(x)) over u = sel[j], in that order, to
+    out [H]; x [H] float32 contiguous (one token). Keeps `owners` (the QuantLinears) so that
+    the weights described stay alive."""
+
+    def __init__(self, units: list[list[int]], owners: list[Any]) -> None:
+        self.desc = torch.tensor(units, dtype=torch.int64)  # [units, 3 * 7]
+        self.hidden = units[0][5]
+        self.owners = owners
+        self.kernels = cpu_kernels.kernels()
+        self._one = ((ctypes.c_int32 * 1)(0), (ctypes.c_float * 1)(1.0))
+
+    def add(self, x: torch.Tensor, sel: list[int], coef: list[float], out: torch.Tensor) -> None:
+        n = len(sel)
+        if n == 1 and sel[0] == 0 and coef[0] == 1.0:
+            ids, cs = self._one
+        else:
+            ids, cs = (ctypes.c_int32 * n)(*sel), (ctypes.c_float * n)(*coef)
+        rc = self.kernels.gated_ffn(
+            self.desc.data_ptr(), n, ctypes.addressof(ids), ctypes.addressof(cs), x.data_ptr(), self.hidden,
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise ValueError(f"hetegen's fused MLP refused its input ({rc})")
+
+
+def gated_unit(gate: Any, up: Any, down: Any) -> list[int] | None:
+    """One unit's description from its three QuantLinears, or None."""
+    parts = [matrix(gate), matrix(up), matrix(down)]
+    return None if any(p is None for p in parts) else [v for p in parts for v in p]  # type: ignore[union-attr]
+
+
+def fused_gate_up_unit(gate_up: Any, down: Any) -> list[int] | None:
+    """One unit from a fused gate_up QuantLinear (gate rows first, then up) and down."""
+    if not isinstance(gate_up, QuantLinear) or gate_up.out_features % 2:
+        return None
+    inter = gate_up.out_features // 2
+    parts = [matrix(gate_up, 0, inter), matrix(gate_up, inter, inter), matrix(down)]
+    return None if any(p is None for p in parts) else [v for p in parts for v in p]  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Fusions:
+    """What fuse_model changed: modules given a fused forward, and those checked but kept."""
+
+    mlps: int = 0
+    norms: int = 0
+    rejected: int = 0
+
+
+def fuse_model(model: nn.Module) -> Fusions:
+    """Give each gated MLP on QuantLinears and each RMS norm of `model` its one-call forward
+    where it matches its own (module docstring). Does nothing without hetegen's kernels."""
+    if not enabled():
+        return Fusions()
+    mlps = norms = rejected = 0
+    gen = torch.Generator().manual_seed(0)
+    for module in list(model.modules()):
+        if _one_argument(module) is None:
+            continue
+        fast = _mlp_forward(module) or _norm_forward(module)
+        if fast is None:
+            continue
+        if _agrees(module, fast, gen):
+            module.forward = fast  # instance attribute: nn.Module.__call__ finds it first
+            if _is_mlp(module):
+                mlps += 1
+            else:
+                norms += 1
+        else:
+            rejected += 1
+    return Fusions(mlps, norms, rejected)
+
+
+def _one_argument(module: nn.Module) -> str | None:
+    """The name of forward's only parameter, or None."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        return None
+    return params[0].name
+
+
+def _is_mlp(module: nn.Module) -> bool:
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _mlp_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) in one call at one float32 token."""
+    if not _is_mlp(module) or not is_silu(getattr(module, "act_fn", None)):
+        return None
+    unit = gated_unit(module.gate_proj, module.up_proj, module.down_proj)
+    if unit is None:
+        return None
+    ffn, own, hidden = GatedFFN([unit], [module]), module.forward, unit[5]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 or x.numel() != hidden or x.device.type != "cpu":
+            return own(x)
+        out = torch.zeros(x.shape)
+        ffn.add(x.contiguous(), [0], [1.0], out)
+        return out
+
+    return forward
+
+
+def _norm_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x * rsqrt(mean(x^2) + eps) * (weight + shift), shift 0 or 1, whichever matches."""
+    if "rmsnorm" not in type(module).__name__.lower():
+        return None
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    if weight.dtype is not torch.float32 or weight.device.type != "cpu":
+        return None
+    own, kernels, k = module.forward, cpu_kernels.kernels(), weight.numel()
+    shift = _norm_shift(module, own, weight, eps)
+    if shift is None:
+        return None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
+            return own(x)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        kernels.rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // k, k, eps, shift, y.data_ptr())
+        return y
+
+    return forward
+
+
+def _norm_shift(module: nn.Module, own: Callable, weight: torch.Tensor, eps: float) -> float | None:
+    """0.0 (w * x_hat) or 1.0 (Gemma's (1 + w) * x_hat), whichever the module computes."""
+    x = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = own(x).float()
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        for shift in (0.0, 1.0):
+            if torch.allclose(x_hat * (weight + shift), want, rtol=1e-4, atol=1e-5):
+                return shift
+    return None
+
+
+def _agrees(module: nn.Module, fast: Callable, gen: torch.Generator) -> bool:
+    """The fused forward against the module's own on a random one-token input."""
+    width = module.gate_proj.in_features if _is_mlp(module) else module.weight.numel()
+    x = torch.randn(1, 1, width, generator=gen)
+    with torch.no_grad():
+        want, got = module.forward(x).float(), fast(x)
+    err = (got - want).abs().max().item()
+    return got.shape == want.shape and err <= CHECK_RTOL * max(1e-6, want.abs().max().item())

@@ -1,0 +1,142 @@
+"""The decode fusions (models.formats.fused): a gated MLP, a MoE layer's chosen experts and an
+RMS norm in one kernel call each, against the modules' own forwards; modules that do not
+match keep theirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from hetegen_cli.models.formats import cpu_kernels, fused
+from hetegen_cli.models.formats.quant import QuantLinear, quantize
+from hetegen_cli.models.formats.quant_experts import CpuExpert, QuantExperts, fused_experts
+
+pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="hetegen's CPU kernels are unavailable")
+
+HIDDEN, INTER = 64, 96
+
+
+def quantized_mlp(fmt: str, act: str = "silu", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", hidden_size=HIDDEN, intermediate_size=INTER, hidden_act=act)
+    mlp = LlamaMLP(config).eval()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        linear = getattr(mlp, name)
+        setattr(mlp, name, QuantLinear(quantize(linear.weight.detach(), fmt, 32)))
+    return mlp
+
+
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert err <= rtol * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_gated_mlp_is_one_call_with_its_own_result(fmt):
+    mlp = quantized_mlp(fmt)
+    own = mlp.forward
+    x = torch.randn(1, 1, HIDDEN)
+    want = own(x)
+    assert fused.fuse_model(mlp) == fused.Fusions(mlps=1)
+    assert mlp.forward is not own
+    close(mlp(x), want)
+    several = torch.randn(1, 3, HIDDEN)  # prefill: transformers' forward, bit for bit
+    assert torch.equal(mlp(several), own(several))
+    half = x.to(torch.bfloat16)  # another dtype: its own forward
+    assert torch.equal(mlp(half), own(half))
+
+
+def test_a_mlp_with_another_activation_keeps_its_forward():
+    mlp = quantized_mlp("int4", act="gelu_pytorch_tanh")
+    own = mlp.forward
+    assert fused.fuse_model(mlp) == fused.Fusions()
+    assert mlp.forward == own
+
+
+def test_a_mlp_computing_something_else_is_rejected():
+    class Doubled(LlamaMLP):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    mlp = quantized_mlp("int4")
+    mlp.__class__ = Doubled
+    assert fused.fuse_model(mlp) == fused.Fusions(rejected=1)
+    assert "forward" not in vars(mlp)
+
+
+@pytest.mark.parametrize("norm_class", [LlamaRMSNorm, GemmaRMSNorm])
+def test_rms_norms_take_their_own_weight_form(norm_class):
+    """LLaMA's w * x_hat and Gemma's (1 + w) * x_hat, any number of rows."""
+    norm = norm_class(HIDDEN, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(HIDDEN))
+    own = norm.forward
+    x = torch.randn(2, 5, HIDDEN)
+    want = own(x)
+    assert fused.fuse_model(norm) == fused.Fusions(norms=1)
+    close(norm(x), want)
+
+
+def test_a_norm_named_so_but_computing_otherwise_is_left_alone():
+    class OddRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(HIDDEN))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * self.weight  # no normalization
+
+    norm = OddRMSNorm()
+    assert fused.fuse_model(norm) == fused.Fusions()
+    assert "forward" not in vars(norm)
+
+
+def test_unfused_keeps_every_forward():
+    mlp = quantized_mlp("int4")
+    with fused.unfused():
+        assert fused.fuse_model(mlp) == fused.Fusions()
+    assert "forward" not in vars(mlp)
+
+
+def experts(fmt: str, n: int = 4) -> list[CpuExpert]:
+    gen = torch.Generator().manual_seed(1)
+    act = nn.SiLU()
+    out = []
+    for _ in range(n):
+        parts = {
+            "gate": quantize(torch.randn(INTER, HIDDEN, generator=gen) * 0.1, fmt, 32),
+            "up": quantize(torch.randn(INTER, HIDDEN, generator=gen) * 0.1, fmt, 32),
+            "down": quantize(torch.randn(HIDDEN, INTER, generator=gen) * 0.1, fmt, 32),
+        }
+        out.append(CpuExpert(parts, act))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_chosen_experts_in_one_call_weigh_and_add_as_transformers(fmt):
+    """Experts chosen out of order, one of them the padding id E (not an expert): the fused
+    sum equals the expert-by-expert one."""
+    cpu = experts(fmt)
+    spec = type("Spec", (), {"num_experts": len(cpu), "quant_label": fmt})()
+    layer = QuantExperts(spec, cpu)
+    assert layer.fused is not None
+    x = torch.randn(1, HIDDEN)
+    index = torch.tensor([[3, 4, 1]])  # 4 == E: skipped
+    weights = torch.tensor([[0.25, 0.5, 0.7]])
+    got = layer(x, index, weights)
+    want = 0.7 * cpu[1](x) + 0.25 * cpu[3](x)
+    close(got, want)
+    layer.fused = None  # the expert-by-expert path
+    close(got, layer(x, index, weights))
+
+
+def test_experts_with_a_float_part_are_not_fused():
+    cpu = experts("int4", 2)
+    cpu[1].down = nn.Identity()  # not a QuantLinear: no description
+    assert fused_experts(cpu) is None

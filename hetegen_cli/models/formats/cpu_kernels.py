@@ -33,7 +33,7 @@ from hetegen_cli.core.console import note
 ENV = "HETEGEN_CPU_KERNELS"  # "auto" (default) or "torch"
 SOURCE = Path(__file__).with_name("kernels") / "quant_gemm.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 4  # hetegen_kernels_version() of the source
+VERSION = 5  # hetegen_kernels_version() of the source
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Kernels:
         threads = torch.get_num_threads()
         if fmt == "int4":
             rc = self.int4_dequant(
-                q.data_ptr(), scale.data_ptr(), mn.data_ptr(), rows, inp, group, w.data_ptr(), threads
+                q.data_ptr(), scale.data_ptr(), _ptr(mn), rows, inp, group, w.data_ptr(), threads
             )
         else:
             rc = self.int8_dequant(q.data_ptr(), scale.data_ptr(), rows, inp, w.data_ptr(), threads)
@@ -110,14 +110,15 @@ class Kernels:
         return y
 
     def int4(
-        self, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, group: int, x: torch.Tensor
+        self, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None, group: int, x: torch.Tensor
     ) -> torch.Tensor:
         """x [n, in] float32 contiguous, q uint8 [out, in / 2], scale and min float16
-        [out, in / group] -> y [n, out] float32."""
+        [out, in / group] (min None: symmetric, min = -8 scale, as GGUF Q4_0) -> y [n, out]
+        float32."""
         n, rows = x.shape[0], q.shape[0]
         y = torch.empty(n, rows, dtype=torch.float32)
         rc = self.int4_gemm(
-            q.data_ptr(), scale.data_ptr(), mn.data_ptr(), rows, x.shape[1], group,
+            q.data_ptr(), scale.data_ptr(), _ptr(mn), rows, x.shape[1], group,
             x.data_ptr(), n, y.data_ptr(), rows, torch.get_num_threads(),
         )  # fmt: skip
         if rc:
@@ -136,6 +137,10 @@ class Kernels:
         if rc:
             raise MemoryError(f"hetegen's int8 kernel failed ({rc})")
         return y
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 #: from this many tokens (prefill) a product dequantizes W and uses torch's float32 GEMM:

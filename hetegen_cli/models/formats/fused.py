@@ -62,7 +62,7 @@ def matrix(linear: Any, row0: int = 0, rows: int | None = None) -> list[int] | N
         0,
         b["q"].data_ptr() + row0 * (k // 2),
         b["scales"].data_ptr() + 2 * row0 * ng,
-        b["mins"].data_ptr() + 2 * row0 * ng,
+        b["mins"].data_ptr() + 2 * row0 * ng if "mins" in b else 0,  # 0: symmetric (Q4_0)
         rows,
         k,
         linear.group_size,

@@ -169,7 +169,7 @@ class QuantLinear(nn.Module):
             # kernels read as they are and which a model's .to(dtype) leaves alone
             self.register_buffer("q", weight.q.contiguous(), persistent=False)
             self.register_buffer("scales", weight.scale.contiguous().view(torch.int16), persistent=False)
-            if weight.format == "int4":
+            if weight.format == "int4" and not self.symmetric(weight):
                 self.register_buffer("mins", weight.min.contiguous().view(torch.int16), persistent=False)
         elif weight.format == "int8":
             self.register_buffer("q", weight.q.contiguous(), persistent=False)
@@ -184,6 +184,14 @@ class QuantLinear(nn.Module):
         bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.register_parameter("bias", bias)  # registered even when None: forward reads it there
         self._check(weight)
+
+    @staticmethod
+    def symmetric(weight: QuantWeight) -> bool:
+        """Whether every int4 group's min is -8 times its scale (GGUF Q4_0): hetegen's kernel
+        then reads no mins, 18 bytes per 32 weights instead of 20."""
+        return weight.format == "int4" and torch.equal(
+            weight.min.to(torch.float32), -8.0 * weight.scale.to(torch.float32)
+        )
 
     @property
     def held_bytes(self) -> int:

@@ -154,3 +154,37 @@ def test_prefill_multiplies_the_dequantized_weight_in_chunks(fmt, monkeypatch):
     few = lin(x[:3])
     torch.testing.assert_close(few, blockwise_x(x[:3]).float() @ w.dequantize(torch.float32).T)
     assert not torch.equal(few, x[:3] @ w.dequantize(torch.float32).T)  # the int16 path did run
+
+
+def symmetric_weight(out: int, inp: int, group: int, gen: torch.Generator):
+    """An int4 weight as GGUF Q4_0 stores it: every group's min is -8 times its scale."""
+    w = quantize(torch.randn(out, inp, generator=gen), "int4", group)
+    w.min.copy_((-8.0 * w.scale.to(torch.float32)).to(w.min.dtype))
+    return w
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("tokens", [1, 5, cpu_kernels.DENSE_TOKENS])
+def test_symmetric_int4_reads_no_mins_and_gives_the_same_product(group, tokens):
+    """A Q4_0-like weight is held without its mins (2 bytes fewer per 32 weights) and the
+    products (int16 and dequantized) are the blockwise / float32 product of its values."""
+    gen = torch.Generator().manual_seed(group + tokens)
+    w = symmetric_weight(48, 256, group, gen)
+    lin = QuantLinear(w)
+    assert QuantLinear.symmetric(w) and "mins" not in lin._buffers
+    assert lin.held_bytes == w.q.numel() + 2 * w.scale.numel()
+    x = torch.randn(tokens, 256, generator=gen)
+    dense = tokens >= cpu_kernels.DENSE_TOKENS
+    want = (x.double() if dense else blockwise_x(x)) @ w.dequantize(torch.float64).T
+    torch.testing.assert_close(lin(x).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with_mins = KERNELS.int4(w.q, w.scale, w.min, group, x[:4])
+    without = KERNELS.int4(w.q, w.scale, None, group, x[:4])
+    torch.testing.assert_close(without, with_mins, rtol=1e-5, atol=1e-5)
+
+
+def test_an_asymmetric_int4_weight_keeps_its_mins():
+    w = quantize(torch.randn(16, 64).abs(), "int4", 32)  # all positive: min > -8 scale
+    assert not QuantLinear.symmetric(w)
+    if KERNELS is not None:
+        assert "mins" in QuantLinear(w)._buffers

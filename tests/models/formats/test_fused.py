@@ -140,3 +140,22 @@ def test_experts_with_a_float_part_are_not_fused():
     cpu = experts("int4", 2)
     cpu[1].down = nn.Identity()  # not a QuantLinear: no description
     assert fused_experts(cpu) is None
+
+
+def test_a_symmetric_int4_mlp_fuses_without_mins():
+    """GGUF Q4_0's int4 (min = -8 scale) is held without mins; the fused call reads none."""
+    mlp = quantized_mlp("int4")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        w = getattr(mlp, name)
+        stored = w.q, w._buffers["scales"].view(torch.float16)
+        weight = quantize(torch.zeros(w.out_features, w.in_features), "int4", 32)
+        weight.q.copy_(stored[0])
+        weight.scale.copy_(stored[1])
+        weight.min.copy_(-8.0 * stored[1])
+        setattr(mlp, name, QuantLinear(weight))
+        assert "mins" not in getattr(mlp, name)._buffers
+    own = mlp.forward
+    x = torch.randn(1, 1, HIDDEN)
+    want = own(x)
+    assert fused.fuse_model(mlp) == fused.Fusions(mlps=1)
+    close(mlp(x), want)

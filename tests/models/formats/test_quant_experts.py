@@ -72,9 +72,10 @@ CASES = [(arch, fmt) for arch in TINY_MOE for fmt in ("int8", "int4")]
 def grid_weight(shape: tuple[int, ...], fmt: str, gen: torch.Generator) -> torch.Tensor:
     """Random weights [..., out, in] that `fmt` stores exactly and whose scales torch's packed
     kernels hold exactly (they keep them in bfloat16): int8 rows s q, q in [-127, 127] with a
-    +-127 in every row; int4 groups of 32 s (q - 8), q in [0, 15] with a 0 and a 15 in every
-    group; s a power of two (2^-10 .. 2^-8 for int8, 2^-7 .. 2^-5 for int4: standard
-    deviations 0.04-0.3). The plain
+    +-127 in every row; int4 groups of 32 s (q - 7), q in [0, 15] with a 0 and a 15 in every
+    group (min -7 s: asymmetric, so the kernels hold mins as the planner counts them); s a
+    power of two (2^-10 .. 2^-8 for int8, 2^-7 .. 2^-5 for int4: standard deviations
+    0.04-0.3). The plain
     quantized model, the engine and the dequantized reference then hold the same weights, and
     only their activations' rounding tells them apart."""
     *lead, out, inp = shape
@@ -86,7 +87,7 @@ def grid_weight(shape: tuple[int, ...], fmt: str, gen: torch.Generator) -> torch
     q = torch.randint(0, 16, (*lead, out, inp // 32, 32), generator=gen).float()
     q[..., 0], q[..., 1] = 0.0, 15.0
     s = 2.0 ** -torch.randint(5, 8, (*lead, out, inp // 32, 1), generator=gen).float()
-    return ((q - 8.0) * s).reshape(shape)
+    return ((q - 7.0) * s).reshape(shape)
 
 
 def build_tiny_moe(arch: str, folder, fmt: str | None = None, std: float = 0.1) -> None:

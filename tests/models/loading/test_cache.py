@@ -75,7 +75,8 @@ def test_crop_is_adopted():
 def test_sliding_window_layers_stay_transformers_own():
     from transformers.cache_utils import DynamicLayer
 
-    model = tiny("gemma3_text", head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    layer_types = ["sliding_attention", "full_attention"]
+    model = tiny("gemma3_text", head_dim=8, sliding_window=4, layer_types=layer_types)
     cache = new_cache(model, capacity=16)
     kinds = [type(layer).__name__ for layer in cache.layers]
     assert kinds[0] != "GrowingLayer" and kinds[1] == "GrowingLayer"

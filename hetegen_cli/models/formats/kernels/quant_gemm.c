@@ -3,6 +3,7 @@
  * y [n, ldy] (columns [0, rows)) = x [n, k] float32 @ W^T, W [rows, k] quantized:
  *   int4: q uint8 [rows, k / 2] (even column in the low nibble), scale and min float16
  *         [rows, k / g]; w = q * scale + min.
+ *         mn NULL: symmetric (GGUF Q4_0), w = (q - 8) * scale, and no mins are read.
  *   int8: q int8 [rows, k], scale float16 [rows]; w = q * scale.
  * x is quantized to int16 in blocks of 32 values with a float32 scale each (its rounding,
  * 1/65534 of a block's largest value, is far below bfloat16's), the products are summed
@@ -19,7 +20,7 @@
 /* below this many multiply-adds one thread answers sooner than waking the others */
 #define PARALLEL_MIN_WORK (1 << 17)
 
-int hetegen_kernels_version(void) { return 4; }
+int hetegen_kernels_version(void) { return 5; }
 
 /* x [k] -> xq [k] int16 per block of 32 (de-interleaved when `split`), xs [k / 32] the
  * blocks' scales, xsum [k / 32] the blocks' sums as quantized (for int4's mins). */
@@ -64,22 +65,25 @@ static int quantize_x(const float *x, int n, int k, int split, int threads, int1
     return 0;
 }
 
-/* comb[b] = the weight's scale of block b times x's; returns the mins' term sum_g min_g sum x_g */
+/* comb[b] = the weight's scale of block b times x's; returns the mins' term sum_g min_g sum x_g
+ * (mr NULL: min_g = -8 scale_g) */
 static inline float int4_scales(const uint16_t *sr, const uint16_t *mr, const float *xst, const float *xsumt,
                                 int nb, int gpb, float *comb) {
     float macc = 0.f;
     if (gpb == 1) {
         int b = 0;
         __m256 mv = _mm256_setzero_ps();
+        const __m256 m8 = _mm256_set1_ps(-8.f);
         for (; b + 8 <= nb; b += 8) {
             __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + b)));
             _mm256_storeu_ps(comb + b, _mm256_mul_ps(s, _mm256_loadu_ps(xst + b)));
-            __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + b)));
+            __m256 m = mr ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + b))) : _mm256_mul_ps(s, m8);
             mv = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsumt + b), mv);
         }
         for (; b < nb; b++) {
-            comb[b] = _cvtsh_ss(sr[b]) * xst[b];
-            macc += _cvtsh_ss(mr[b]) * xsumt[b];
+            float s = _cvtsh_ss(sr[b]);
+            comb[b] = s * xst[b];
+            macc += (mr ? _cvtsh_ss(mr[b]) : -8.f * s) * xsumt[b];
         }
         return macc + hsum8(mv);
     }
@@ -89,7 +93,7 @@ static inline float int4_scales(const uint16_t *sr, const uint16_t *mr, const fl
             comb[b] = s * xst[b];
             xsg += xsumt[b];
         }
-        macc += _cvtsh_ss(mr[gi]) * xsg;
+        macc += (mr ? _cvtsh_ss(mr[gi]) : -8.f * s) * xsg;
     }
     return macc;
 }
@@ -100,6 +104,27 @@ static inline __m256i int4_block(__m256i w, const int16_t *xb) {
     const __m256i *xv = (const __m256i *)xb;
     return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(w, m4), _mm256_loadu_si256(xv)),
                             _mm256_madd_epi16(_mm256_srli_epi16(w, 4), _mm256_loadu_si256(xv + 1)));
+}
+
+/* one row of int4 weights . one token's x (quantized, split): four independent sums, so that
+ * the FMA latency does not bound a one-token product */
+static inline float int4_row(const uint8_t *qr, const uint16_t *sr, const uint16_t *mr, int nb, int gpb,
+                             const int16_t *xqt, const float *xst, const float *xsumt, float *comb) {
+    float macc = int4_scales(sr, mr, xst, xsumt, nb, gpb, comb);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        for (int j = 0; j < 4; j++) {
+            __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * (b + j))));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_block(w, xqt + 32 * (b + j))),
+                                     _mm256_set1_ps(comb[b + j]), acc[j]);
+        }
+    }
+    for (; b < nb; b++) {
+        __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_block(w, xqt + 32 * b)), _mm256_set1_ps(comb[b]), acc[0]);
+    }
+    return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + macc;
 }
 
 #define TILE 4 /* tokens that share one widening of a weight block */
@@ -118,7 +143,7 @@ int hetegen_int4_gemm(const uint8_t *q, const uint16_t *scale, const uint16_t *m
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
             const uint8_t *qr = q + (size_t)r * (k / 2);
-            const uint16_t *sr = scale + (size_t)r * ng, *mr = mn + (size_t)r * ng;
+            const uint16_t *sr = scale + (size_t)r * ng, *mr = mn ? mn + (size_t)r * ng : NULL;
             int t = 0;
             for (; t + TILE <= n; t += TILE) {
                 float macc[TILE];
@@ -137,25 +162,9 @@ int hetegen_int4_gemm(const uint8_t *q, const uint16_t *scale, const uint16_t *m
                 }
                 for (int j = 0; j < TILE; j++) y[(size_t)(t + j) * ldy + r] = hsum8(acc[j]) + macc[j];
             }
-            for (; t < n; t++) {
-                const int16_t *xqt = xq + (size_t)t * k;
-                float macc = int4_scales(sr, mr, xs + (size_t)t * nb, xsum + (size_t)t * nb, nb, gpb, comb);
-                __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-                int b = 0;
-                for (; b + 2 <= nb; b += 2) { /* two blocks per step: two independent sums */
-                    __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
-                    __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b + 16)));
-                    __m256i s0 = int4_block(w0, xqt + 32 * b), s1 = int4_block(w1, xqt + 32 * b + 32);
-                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(comb[b]), acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(comb[b + 1]), acc1);
-                }
-                if (b < nb) {
-                    __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
-                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_block(w0, xqt + 32 * b)), _mm256_set1_ps(comb[b]),
-                                           acc0);
-                }
-                y[(size_t)t * ldy + r] = hsum8(_mm256_add_ps(acc0, acc1)) + macc;
-            }
+            for (; t < n; t++)
+                y[(size_t)t * ldy + r] = int4_row(qr, sr, mr, nb, gpb, xq + (size_t)t * k, xs + (size_t)t * nb,
+                                                  xsum + (size_t)t * nb, comb);
         }
         free(comb);
     }
@@ -210,8 +219,9 @@ int hetegen_int4_dequant(const uint8_t *q, const uint16_t *scale, const uint16_t
         const uint8_t *qr = q + (size_t)r * (k / 2);
         float *wr = w + (size_t)r * k;
         for (int gi = 0; gi < ng; gi++) {
-            __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[(size_t)r * ng + gi]));
-            __m256 m = _mm256_set1_ps(_cvtsh_ss(mn[(size_t)r * ng + gi]));
+            float sv = _cvtsh_ss(scale[(size_t)r * ng + gi]);
+            __m256 s = _mm256_set1_ps(sv);
+            __m256 m = _mm256_set1_ps(mn ? _cvtsh_ss(mn[(size_t)r * ng + gi]) : -8.f * sv);
             for (int j = gi * g; j < (gi + 1) * g; j += 16) { /* 8 bytes -> 16 values, even low */
                 __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + j / 2)));
                 __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, m4));
@@ -268,22 +278,9 @@ static inline float row_dot(const int64_t *d, int r, const int16_t *xq, const fl
     }
     int g = (int)d[D_G], ng = k / g;
     const uint8_t *qr = (const uint8_t *)d[D_Q] + (size_t)r * (k / 2);
-    const uint16_t *sr = (const uint16_t *)d[D_SCALE] + (size_t)r * ng, *mr = (const uint16_t *)d[D_MIN] + (size_t)r * ng;
-    float macc = int4_scales(sr, mr, xs, xsum, nb, g / 32, comb);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
-        __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b + 16)));
-        __m256i s0 = int4_block(w0, xq + 32 * b), s1 = int4_block(w1, xq + 32 * b + 32);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(comb[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(comb[b + 1]), acc1);
-    }
-    if (b < nb) {
-        __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * b)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_block(w0, xq + 32 * b)), _mm256_set1_ps(comb[b]), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1)) + macc;
+    const uint16_t *sr = (const uint16_t *)d[D_SCALE] + (size_t)r * ng;
+    const uint16_t *mr = d[D_MIN] ? (const uint16_t *)d[D_MIN] + (size_t)r * ng : NULL;
+    return int4_row(qr, sr, mr, nb, g / 32, xq, xs, xsum, comb);
 }
 
 /* out [h] += sum over j < nsel of coef[j] * down_j(silu(gate_j(x)) * up_j(x)), one token x [h].

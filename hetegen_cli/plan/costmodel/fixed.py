@@ -15,8 +15,8 @@ n = tokens in the step (batch x prompt in prefill, batch in decode), d = hidden 
 width (heads x head_dim), kv = KV-cache bytes per token and layer, ctx = the context the step
 attends to (the prompt in prefill, the mean decode context in decode), V = vocabulary size. In
 prefill `c` and `e` carry the elementwise work and the attention; in decode `b` carries the
-KV-cache append (transformers' DynamicCache copies the whole cache every step) and the
-attention's reads. These terms replace the attention term of the bandwidth model on the same
+attention's reads of the KV cache and its append (in place since models.loading.cache's
+GrowingLayer; transformers' DynamicCache copied the whole cache every step). These terms replace the attention term of the bandwidth model on the same
 device, so nothing is counted twice (costmodel.strategies adds each term once). A calibration
 (costmodel.calibration) scales them per device and phase from real runs.
 """

@@ -16,8 +16,9 @@ width (heads x head_dim), kv = KV-cache bytes per token and layer, ctx = the con
 attends to (the prompt in prefill, the mean decode context in decode), V = vocabulary size. In
 prefill `c` and `e` carry the elementwise work and the attention; in decode `b` carries the
 attention's reads of the KV cache and its append (in place since models.loading.cache's
-GrowingLayer; transformers' DynamicCache copied the whole cache every step). These terms replace the attention term of the bandwidth model on the same
-device, so nothing is counted twice (costmodel.strategies adds each term once). A calibration
+GrowingLayer; transformers' DynamicCache copied the whole cache every step). These terms
+replace the attention term of the bandwidth model on the same device, so nothing is counted
+twice (costmodel.strategies adds each term once). A calibration
 (costmodel.calibration) scales them per device and phase from real runs.
 """
 

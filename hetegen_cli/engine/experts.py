@@ -74,7 +74,7 @@ class HeteroExperts(nn.Module):
         self.quantized = bool(spec.part_quant)
         self.gpu_experts = nn.ModuleList()
         self.cpu_experts: list[CpuExpert] = []
-        self.cpu_fused: Any = None  # their fused.GatedFFN, False where there is none; on first use
+        self.cpu_fused: Any = None  # their fused.GatedFFN, False where there is none (install_experts)
         self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
         device, wdt = context.backend.device, context.weights_dtype
@@ -218,14 +218,12 @@ class HeteroExperts(nn.Module):
             y_h.zero_()
         else:
             y_h = torch.zeros(x_h.shape, dtype=out_dtype)
-        if self.quantized and x_h.shape[0] == 1 and x_h.dtype is torch.float32 and out_dtype is torch.float32:
-            if self.cpu_fused is None:
-                self.cpu_fused = fused_experts(self.cpu_experts) or False
-            if self.cpu_fused:  # one kernel call for the token's CPU experts (models.formats.fused)
-                weights = w_h[0].tolist()
-                sel = [self.home[e][1] for e, _, _ in jobs]
-                self.cpu_fused.add(x_h.contiguous(), sel, [weights[int(pos[0])] for _, pos, _ in jobs], y_h)
-                return y_h
+        one_token = x_h.shape[0] == 1 and x_h.dtype is torch.float32 and out_dtype is torch.float32
+        if self.cpu_fused and one_token:  # one kernel call for the token's CPU experts (models.formats.fused)
+            weights = w_h[0].tolist()
+            sel = [self.home[e][1] for e, _, _ in jobs]
+            self.cpu_fused.add(x_h.contiguous(), sel, [weights[int(pos[0])] for _, pos, _ in jobs], y_h)
+            return y_h
         for e, pos, tok in jobs:
             y = self._compute(False, self.home[e][1], x_h[tok])
             y = y * w_h[tok, pos, None]
@@ -340,6 +338,8 @@ def install_experts(
         gate_up = experts.gpu_gate_up[j] if on_gpu else experts.cpu_gate_up[j]
         down = experts.gpu_down[j] if on_gpu else experts.cpu_down[j]
         copy_float_expert(reader, spec, e, gate_up, down)
+    if experts.quantized and experts.cpu_experts:
+        experts.cpu_fused = fused_experts(experts.cpu_experts) or False
     owner, _, attr = placement.name.rpartition(".")
     setattr(model.get_submodule(owner), attr, experts)
     return experts

@@ -163,7 +163,7 @@ def load_hetero_model(
             quantize_head(model)  # on the CPU, as the plain quantized model holds it
         context.finalize()
         memory = _memory_report(model, context)  # before direct modules bring host views in
-        _call_whole_linears_directly(model, context)
+        fusions = _call_whole_linears_directly(model, context)
     except BaseException:
         context.close()
         raise
@@ -182,6 +182,7 @@ def load_hetero_model(
         memory=memory,
         counters=context.stats,
         on_close=context.close,
+        fused=None if fusions is None else fusions.as_dict(),
     )
 
 
@@ -318,18 +319,18 @@ def _read_bias(
     return reader.read(key, wdt, device)
 
 
-def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> None:
+def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> fused.Fusions | None:
     """Without a pipeline (every linear whole on the CPU backend), the model calls each linear's
     direct module (HeteroLinear.direct_module: its packed kernel, or a CpuLinear) instead of
     the HeteroLinear, which stays registered with the context for its memory and counters."""
     if context.streaming:
-        return
+        return None
     for name, module in list(model.named_modules()):
         direct = module.direct_module() if isinstance(module, HeteroLinear) else None
         if direct is not None:
             set_module(model, name, direct)
             context.direct_linears += 1
-    fused.fuse_model(model)  # their MLPs and the norms: one kernel call a token (models.formats.fused)
+    return fused.fuse_model(model)  # their MLPs, experts and norms: one kernel call each a token
 
 
 def _phase_hook(context: EngineContext):

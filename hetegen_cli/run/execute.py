@@ -80,6 +80,7 @@ class RunResult:
             "engine": self.built.engine,
             "device": self.built.device,
             "dtype": self.built.dtype,
+            "fused": self.built.fused,
             "quant": ref.spec.quant or "none",
             "plan": self.run.record.plan_section(),
             "engine_stats": self.engine_stats,

@@ -122,6 +122,10 @@ class Fusions:
     mlps: int = 0
     norms: int = 0
     rejected: int = 0
+    experts: int = 0  # MoE layers whose chosen CPU experts are one call (GatedFFN, built at load)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"mlps": self.mlps, "norms": self.norms, "experts": self.experts, "rejected": self.rejected}
 
 
 def fuse_model(model: nn.Module) -> Fusions:
@@ -129,9 +133,11 @@ def fuse_model(model: nn.Module) -> Fusions:
     where it matches its own (module docstring). Does nothing without hetegen's kernels."""
     if not enabled():
         return Fusions()
-    mlps = norms = rejected = 0
+    mlps = norms = rejected = experts = 0
     gen = torch.Generator().manual_seed(0)
     for module in list(model.modules()):
+        if any(isinstance(getattr(module, a, None), GatedFFN) for a in ("fused", "cpu_fused")):
+            experts += 1
         if _one_argument(module) is None:
             continue
         fast = _mlp_forward(module) or _norm_forward(module)
@@ -145,7 +151,7 @@ def fuse_model(model: nn.Module) -> Fusions:
                 norms += 1
         else:
             rejected += 1
-    return Fusions(mlps, norms, rejected)
+    return Fusions(mlps, norms, rejected, experts)
 
 
 def _one_argument(module: nn.Module) -> str | None:

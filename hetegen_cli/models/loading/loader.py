@@ -45,6 +45,7 @@ class LoadedModel:
     folder: str | None = None  # where the weights were read from
     memory: dict[str, int] = field(default_factory=dict)  # bytes by home (engine)
     counters: Any = None  # engine counters with as_dict() and reset(), or None
+    fused: dict[str, int] | None = None  # models.formats.fused: modules given one-call forwards
     on_close: Callable[[], None] | None = None
 
     @property

@@ -101,9 +101,10 @@ def load_quantized(ref: Any) -> LoadedModel:
     meta.make_buffers(model, torch.device("cpu"))
     meta.check_no_meta(model)
     quantize_head(model)  # the LM head read as int8 every token
+    fusions = None
     if dtype != torch.bfloat16:
         _embedding_in_bfloat16(model, dtype)
-        fused.fuse_model(model)  # one kernel call per MLP and norm at a decode step
+        fusions = fused.fuse_model(model)  # one kernel call per MLP and norm at a decode step
     model.eval()
     meta.load_generation_config(model, folder)
     quant_formats = sorted({fmt for fmt, _ in linear_formats(doc).values()})  # mixed: int4, int8
@@ -113,4 +114,5 @@ def load_quantized(ref: Any) -> LoadedModel:
         formats=ComputeFormats(dtype_name(dtype), quant="+".join(quant_formats)),
         load_s=time.perf_counter() - start,
         folder=str(folder),
+        fused=None if fusions is None else fusions.as_dict(),
     )

@@ -132,6 +132,7 @@ def test_chosen_experts_in_one_call_weigh_and_add_as_transformers(fmt):
     got = layer(x, index, weights)
     want = 0.7 * cpu[1](x) + 0.25 * cpu[3](x)
     close(got, want)
+    assert fused.fuse_model(layer).experts == 1
     layer.fused = None  # the expert-by-expert path
     close(got, layer(x, index, weights))
 

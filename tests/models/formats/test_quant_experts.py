@@ -231,6 +231,8 @@ def test_an_all_cpu_plan_is_the_plain_quantized_model(moe, backend):
         out = loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
         if backend is CpuBackend:
             assert torch.equal(got, logits) and out.tolist() == tokens.tolist()
+            if ACTIVATIONS == "float32":  # both: each layer's CPU experts one call a token
+                assert loaded.fused["experts"] == plain.fused["experts"] == 2
         else:
             _close(got, logits)
             _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"))
@@ -430,6 +432,7 @@ def test_hetegen_quantize_and_run_quant_int4_on_a_moe_folder(floats, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["engine"] == "hetegen" and doc["quant"] == "int4" and len(doc["token_ids"]) == 3
+    assert doc["fused"] is None  # a split plan runs the pipeline: no direct modules to fuse
     assert doc["plan"]["experts_on_gpu"] == 4
 
 

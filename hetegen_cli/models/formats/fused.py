@@ -206,6 +206,8 @@ def _norm_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] |
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
             return own(x)
+        if weight.dtype is not torch.float32 or weight.device.type != "cpu":  # moved since
+            return own(x)
         x = x.contiguous()
         y = torch.empty_like(x)
         kernels.rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // k, k, eps, shift, y.data_ptr())

@@ -168,7 +168,7 @@ class QuantExperts(nn.Module):
         adds them (0 + y_a + y_b ...: the same sum bit for bit), without its one-hot grouping,
         whose index and scatter ops were a tenth of a decode step."""
         chosen = top_k_index[0].tolist()
-        if self.fused is not None and x.dtype is torch.float32:
+        if self.fused is not None and x.dtype is torch.float32 and x.device.type == "cpu":
             order = sorted(range(len(chosen)), key=chosen.__getitem__)
             order = [p for p in order if chosen[p] < self.num_experts]
             weights = top_k_weights[0].tolist()

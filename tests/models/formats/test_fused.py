@@ -160,3 +160,15 @@ def test_a_symmetric_int4_mlp_fuses_without_mins():
     want = own(x)
     assert fused.fuse_model(mlp) == fused.Fusions(mlps=1)
     close(mlp(x), want)
+
+
+def test_a_fused_norm_follows_its_weight_to_another_dtype():
+    """model.to(bfloat16) converts the norm's weight: the fused forward hands float32 input
+    to the module's own forward rather than read the weight as float32."""
+    norm = LlamaRMSNorm(HIDDEN, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(HIDDEN))
+    assert fused.fuse_model(norm).norms == 1
+    norm.to(torch.bfloat16)
+    x = torch.randn(1, 2, HIDDEN)
+    assert torch.equal(norm(x), LlamaRMSNorm.forward(norm, x))

@@ -172,3 +172,13 @@ def test_a_fused_norm_follows_its_weight_to_another_dtype():
     norm.to(torch.bfloat16)
     x = torch.randn(1, 2, HIDDEN)
     assert torch.equal(norm(x), LlamaRMSNorm.forward(norm, x))
+
+
+def test_a_fused_mlp_whose_weights_moved_uses_its_own_forward():
+    """_apply (what .to() and friends run) gives the buffers new storage: the described
+    addresses are stale, so the module's own forward answers, bit for bit."""
+    mlp = quantized_mlp("int4")
+    assert fused.fuse_model(mlp).mlps == 1
+    mlp._apply(lambda t: t.clone())
+    x = torch.randn(1, 1, HIDDEN)
+    assert torch.equal(mlp(x), LlamaMLP.forward(mlp, x))

@@ -117,7 +117,8 @@ def fused_gate_up_unit(gate_up: Any, down: Any) -> list[int] | None:
 
 @dataclass(frozen=True)
 class Fusions:
-    """What fuse_model changed: modules given a fused forward, and those checked but kept."""
+    """What fuse_model found: modules given a fused forward, modules checked but kept on their
+    own (`rejected`), and MoE layers whose experts were fused when they were built."""
 
     mlps: int = 0
     norms: int = 0
@@ -130,7 +131,8 @@ class Fusions:
 
 def fuse_model(model: nn.Module) -> Fusions:
     """Give each gated MLP on QuantLinears and each RMS norm of `model` its one-call forward
-    where it matches its own (module docstring). Does nothing without hetegen's kernels."""
+    where it matches its own (module docstring), once: a module fused already is left as it
+    is. Does nothing without hetegen's kernels."""
     if not enabled():
         return Fusions()
     mlps = norms = rejected = experts = 0
@@ -138,7 +140,7 @@ def fuse_model(model: nn.Module) -> Fusions:
     for module in list(model.modules()):
         if any(isinstance(getattr(module, a, None), GatedFFN) for a in ("fused", "cpu_fused")):
             experts += 1
-        if _one_argument(module) is None:
+        if "forward" in vars(module) or _one_argument(module) is None:
             continue
         fast = _mlp_forward(module) or _norm_forward(module)
         if fast is None:

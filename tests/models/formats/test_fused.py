@@ -182,3 +182,11 @@ def test_a_fused_mlp_whose_weights_moved_uses_its_own_forward():
     mlp._apply(lambda t: t.clone())
     x = torch.randn(1, 1, HIDDEN)
     assert torch.equal(mlp(x), LlamaMLP.forward(mlp, x))
+
+
+def test_fusing_twice_changes_nothing_the_second_time():
+    mlp = quantized_mlp("int8")
+    assert fused.fuse_model(mlp).mlps == 1
+    first = mlp.forward
+    assert fused.fuse_model(mlp) == fused.Fusions()
+    assert mlp.forward is first

@@ -70,7 +70,7 @@ def _growing_layer_class() -> Any:
 def _define(base: type) -> type:
     class GrowingLayer(base):  # type: ignore[misc, valid-type]
         """A DynamicLayer that writes new keys and values [B, H, n, D] into buffers [B, H,
-        room, D] and keeps `keys` / `values` as views of the first `length` positions: an
+        room, D] and keeps `keys` / `values` as views of the positions filled so far: an
         append copies n positions, not the whole cache. Anything that replaces `keys`
         (crop, batch selection, reset) is adopted at the next update."""
 

@@ -36,6 +36,13 @@ def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
     assert err <= rtol * want.abs().max().item(), err
 
 
+def fuses_to_its_own_result(module: nn.Module, x: torch.Tensor, expected: fused.Fusions) -> None:
+    """fuse_model reports `expected`, and the fused module answers x as it did before."""
+    want = module.forward(x)
+    assert fused.fuse_model(module) == expected
+    close(module(x), want)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_a_gated_mlp_is_one_call_with_its_own_result(fmt):
     mlp = quantized_mlp(fmt)
@@ -75,11 +82,7 @@ def test_rms_norms_take_their_own_weight_form(norm_class):
     norm = norm_class(HIDDEN, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(HIDDEN))
-    own = norm.forward
-    x = torch.randn(2, 5, HIDDEN)
-    want = own(x)
-    assert fused.fuse_model(norm) == fused.Fusions(norms=1)
-    close(norm(x), want)
+    fuses_to_its_own_result(norm, torch.randn(2, 5, HIDDEN), fused.Fusions(norms=1))
 
 
 def test_a_norm_named_so_but_computing_otherwise_is_left_alone():
@@ -155,11 +158,7 @@ def test_a_symmetric_int4_mlp_fuses_without_mins():
         weight.min.copy_(-8.0 * stored[1])
         setattr(mlp, name, QuantLinear(weight))
         assert "mins" not in getattr(mlp, name)._buffers
-    own = mlp.forward
-    x = torch.randn(1, 1, HIDDEN)
-    want = own(x)
-    assert fused.fuse_model(mlp) == fused.Fusions(mlps=1)
-    close(mlp(x), want)
+    fuses_to_its_own_result(mlp, torch.randn(1, 1, HIDDEN), fused.Fusions(mlps=1))
 
 
 def test_a_fused_norm_follows_its_weight_to_another_dtype():

@@ -54,7 +54,7 @@ from hetegen_cli.models.loading.meta import (
     set_module,
     tied_head,
 )
-from hetegen_cli.models.loading.quantized_loader import quantize_head
+from hetegen_cli.models.loading.quantized_loader import fuse_for_decode, quantize_head
 from hetegen_cli.models.loading.source import ModelRef
 from hetegen_cli.plan.document import ExpertsPlacement, LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.memory import experts_bytes, host_memory
@@ -330,7 +330,7 @@ def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> fu
         if direct is not None:
             set_module(model, name, direct)
             context.direct_linears += 1
-    return fused.fuse_model(model)  # their MLPs, experts and norms: one kernel call each a token
+    return fuse_for_decode(model)  # their attentions, MLPs, experts and norms: one call each a token
 
 
 def _phase_hook(context: EngineContext):

@@ -498,9 +498,10 @@ def test_quant_int4_runs_a_quantized_copy_on_the_cpu(tiny_llama_dir, hetegen_hom
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["quant"] == "int4" and doc["dtype"] == f"int4+{ACTIVATIONS}" and doc["engine"] == "plain"
-    if ACTIVATIONS == "float32":  # hetegen's kernels: one call per norm (2 layers); down_proj
-        # takes 136 inputs, not a multiple of 32, so it stays on torch's kernel: no fused MLP
-        assert doc["fused"] == {"mlps": 0, "norms": 5, "experts": 0, "rejected": 0}
+    if ACTIVATIONS == "float32":  # hetegen's kernels: one call per norm and attention (2
+        # layers); down_proj takes 136 inputs, not a multiple of 32, so it stays on torch's
+        # kernel: no fused MLP
+        assert doc["fused"] == {"mlps": 0, "norms": 5, "attentions": 2, "experts": 0, "rejected": 0}
     else:
         assert doc["fused"] is None
     again = _run("--model", str(tiny_llama_dir), "--prompt", PROMPT, "-n", "6", "--json", "--quant", "int4")

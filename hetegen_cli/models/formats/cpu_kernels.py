@@ -33,7 +33,7 @@ from hetegen_cli.core.console import note
 ENV = "HETEGEN_CPU_KERNELS"  # "auto" (default) or "torch"
 SOURCE = Path(__file__).with_name("kernels") / "quant_gemm.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 5  # hetegen_kernels_version() of the source
+VERSION = 6  # hetegen_kernels_version() of the source
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Kernels:
     """The loaded library's entry points (signatures in kernels/quant_gemm.c): int4 and int8
     products with int16 activations (`int4`, `int8`), dequantization for prefill (`dense`),
     `matmul`, which picks between them, and the decode fusions that models.formats.fused
-    drives (`gated_ffn`, `rms_norm`)."""
+    drives (`gated_ffn`, `rms_norm`, `attention`)."""
 
     int4_gemm: ctypes._CFuncPtr
     int8_gemm: ctypes._CFuncPtr
@@ -49,6 +49,7 @@ class Kernels:
     int8_dequant: ctypes._CFuncPtr
     gated_ffn: ctypes._CFuncPtr  # one token's gated MLP / chosen experts (models.formats.fused)
     rms_norm: ctypes._CFuncPtr  # (models.formats.fused)
+    attention: ctypes._CFuncPtr  # one token's attention step (models.formats.fused)
     path: Path
 
     def matmul(
@@ -228,7 +229,9 @@ def _load() -> Kernels:
     ffn, norm = lib.hetegen_gated_ffn, lib.hetegen_rms_norm
     ffn.argtypes, ffn.restype = [p, i, p, p, p, i, p, i], i
     norm.argtypes, norm.restype = [p, p, i, i, ctypes.c_float, ctypes.c_float, p], i
-    return Kernels(int4, int8, deq4, deq8, ffn, norm, target)
+    att = lib.hetegen_attention_decode
+    att.argtypes, att.restype = [p, p, p, p, p, p, p, p, p, i], i
+    return Kernels(int4, int8, deq4, deq8, ffn, norm, att, target)
 
 
 def _compile(compiler: str, target: Path) -> None:

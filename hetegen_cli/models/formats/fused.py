@@ -47,11 +47,13 @@ def enabled() -> bool:
     return not _OFF and cpu_kernels.kernels() is not None
 
 
-def matrix(linear: Any, row0: int = 0, rows: int | None = None) -> list[int] | None:
+def matrix(linear: Any, row0: int = 0, rows: int | None = None, bias_ok: bool = False) -> list[int] | None:
     """The kernel's description of rows [row0, row0 + rows) of a QuantLinear on hetegen's
     kernels ({format, q, scale, min, rows, in, group} as int64), or None when it has none or
-    a bias."""
-    if not isinstance(linear, QuantLinear) or linear.native is None or linear.bias is not None:
+    a bias (unless `bias_ok`: the caller adds it)."""
+    if not isinstance(linear, QuantLinear) or linear.native is None:
+        return None
+    if linear.bias is not None and not bias_ok:
         return None
     b, k = linear._buffers, linear.in_features
     rows = linear.out_features - row0 if rows is None else rows
@@ -136,23 +138,40 @@ class Fusions:
     norms: int = 0
     rejected: int = 0
     experts: int = 0  # MoE layers whose chosen CPU experts are one call (GatedFFN, built at load)
+    attentions: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"mlps": self.mlps, "norms": self.norms, "experts": self.experts, "rejected": self.rejected}
+        return {
+            "mlps": self.mlps,
+            "norms": self.norms,
+            "attentions": self.attentions,
+            "experts": self.experts,
+            "rejected": self.rejected,
+        }
 
 
-def fuse_model(model: nn.Module) -> Fusions:
+def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> Fusions:
     """Give each gated MLP on QuantLinears and each RMS norm of `model` its one-call forward
     where it matches its own (module docstring), once: a module fused already is left as it
-    is. Does nothing without hetegen's kernels."""
+    is. With `new_cache` (an empty KV cache for `model`, as models.loading.cache.new_cache
+    makes) its attentions too. Does nothing without hetegen's kernels."""
     if not enabled():
         return Fusions()
-    mlps = norms = rejected = experts = 0
+    mlps = norms = rejected = experts = attentions = 0
     gen = torch.Generator().manual_seed(0)
     for module in list(model.modules()):
         if any(isinstance(getattr(module, a, None), GatedFFN) for a in ("fused", "cpu_fused")):
             experts += 1
-        if "forward" in vars(module) or not _takes_one_argument(module):
+        if "forward" in vars(module):
+            continue
+        if new_cache is not None and (step := _attention_forward(module)) is not None:
+            agrees = _attention_agrees(module, step, new_cache, gen)
+            if agrees:
+                module.forward = step
+                attentions += 1
+            rejected += agrees is False
+            continue
+        if not _takes_one_argument(module):
             continue
         fast = _mlp_forward(module) or _norm_forward(module)
         if fast is None:
@@ -165,7 +184,7 @@ def fuse_model(model: nn.Module) -> Fusions:
                 norms += 1
         else:
             rejected += 1
-    return Fusions(mlps, norms, rejected, experts)
+    return Fusions(mlps, norms, rejected, experts, attentions)
 
 
 def _takes_one_argument(module: nn.Module) -> bool:
@@ -204,18 +223,11 @@ def _mlp_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | 
 
 def _norm_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """x * rsqrt(mean(x^2) + eps) * (weight + shift), shift 0 or 1, whichever matches."""
-    if "rmsnorm" not in type(module).__name__.lower():
+    params = _norm_params(module)
+    if params is None:
         return None
-    weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
-        return None
-    if weight.dtype is not torch.float32 or weight.device.type != "cpu":
-        return None
+    weight, eps, shift = params
     own, kernels, k = module.forward, cpu_kernels.kernels(), weight.numel()
-    shift = _norm_shift(module, own, weight, eps)
-    if shift is None:
-        return None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
@@ -228,6 +240,21 @@ def _norm_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] |
         return y
 
     return forward
+
+
+def _norm_params(module: Any) -> tuple[torch.Tensor, float, float] | None:
+    """(weight [k] float32 on the CPU, eps, shift) of a transformers RMS norm that computes
+    x_hat * (weight + shift), or None for anything else."""
+    if not isinstance(module, nn.Module) or "rmsnorm" not in type(module).__name__.lower():
+        return None
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    if weight.dtype is not torch.float32 or weight.device.type != "cpu":
+        return None
+    shift = _norm_shift(module, module.forward, weight, eps)
+    return None if shift is None else (weight, eps, shift)
 
 
 def _norm_shift(module: nn.Module, own: Callable, weight: torch.Tensor, eps: float) -> float | None:
@@ -248,3 +275,168 @@ def _agrees(module: nn.Module, fast: Callable, gen: torch.Generator) -> bool:
     x = torch.randn(1, 1, width, generator=gen)
     with torch.no_grad():
         return close_enough(fast(x), module.forward(x).float())
+
+
+#: an attention's projections, in the order the kernel takes them
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: attributes whose presence (not None) means a computation the fused step does not do
+_NOT_FUSED = ("sliding_window", "attn_logit_softcapping", "sinks")
+
+
+class _AttentionStep:
+    """One decode step of a LLaMA-style attention module in one kernel call
+    (hetegen_attention_decode): q, k, v and o on hetegen's kernels (biases allowed), optional
+    q/k RMS norms per head or over the whole projection, rotate-half rotary over the whole
+    head, softmax over the cache. Called like the module: anything but one float32 token on
+    the CPU with no attention mask, on a cache layer that can `reserve` room in float32
+    buffers (models.loading.cache), goes to the module's own forward. `taken` counts the
+    fused steps."""
+
+    def __init__(
+        self, module: nn.Module, descs: list[list[int]], ints: list[int], floats: list[float], keep: list
+    ) -> None:
+        self.own, self.layer_idx, self.keep = module.forward, module.layer_idx, keep
+        self.hidden, self.kv_heads, self.head_dim = ints[0], ints[2], ints[3]
+        self.q_proj, self.q_at = module.q_proj, descs[0][1]
+        self.desc = (ctypes.c_int64 * (4 * len(descs[0])))(*[v for d in descs for v in d])
+        self.ints = (ctypes.c_int64 * len(ints))(*ints)
+        self.floats = (ctypes.c_float * len(floats))(*floats)
+        self.kernels = cpu_kernels.kernels()
+        self.taken = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        x = kwargs.get("hidden_states") if not args else args[0] if len(args) == 1 else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        rope = kwargs.get("position_embeddings")
+        if x is None or cache is None or rope is None or kwargs.get("attention_mask") is not None:
+            return self.own(*args, **kwargs)
+        if x.dtype is not torch.float32 or x.numel() != self.hidden or x.device.type != "cpu":
+            return self.own(*args, **kwargs)
+        if self.q_proj._buffers["q"].data_ptr() != self.q_at:  # weights moved since: not where described
+            return self.own(*args, **kwargs)
+        cos, sin = rope
+        if cos.dtype is not torch.float32 or cos.numel() != self.head_dim or sin.numel() != self.head_dim:
+            return self.own(*args, **kwargs)
+        room = self._room(cache)
+        if room is None:
+            return self.own(*args, **kwargs)
+        layer, kb, vb, pos = room
+        self.ints[6], self.ints[7] = kb.shape[2], pos
+        out = torch.empty(x.shape)
+        rc = self.kernels.attention(
+            ctypes.addressof(self.desc), ctypes.addressof(self.ints), ctypes.addressof(self.floats),
+            x.contiguous().data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+            kb.data_ptr(), vb.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise ValueError(f"hetegen's fused attention refused its input ({rc})")
+        layer.filled(pos + 1)
+        self.taken += 1
+        return out, None
+
+    def _room(self, cache: Any) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
+        """(layer, key and value buffers [1, kv heads, room, head dim], the position to write)."""
+        layers = getattr(cache, "layers", None)
+        if getattr(cache, "offloading", False) or not isinstance(layers, list):
+            return None
+        if len(layers) <= self.layer_idx:
+            return None
+        layer = layers[self.layer_idx]
+        reserve = getattr(layer, "reserve", None)
+        got = reserve(1) if reserve is not None else None
+        if got is None:
+            return None
+        kb, vb, pos = got
+        shape = (1, self.kv_heads, kb.shape[2], self.head_dim)
+        for buf in (kb, vb):
+            if buf.dtype is not torch.float32 or buf.shape != shape or not buf.is_contiguous():
+                return None
+        return layer, kb, vb, pos
+
+
+def _attention_forward(module: nn.Module) -> _AttentionStep | None:
+    """The fused step for a module shaped like a LLaMA attention (see _AttentionStep), or None."""
+    if not all(hasattr(module, n) for n in _PROJECTIONS):
+        return None
+    if not isinstance(getattr(module, "layer_idx", None), int):
+        return None
+    hd, scaling = getattr(module, "head_dim", None), getattr(module, "scaling", None)
+    if not isinstance(hd, int) or not isinstance(scaling, float) or hd % 2:
+        return None
+    if any(getattr(module, a, None) is not None for a in _NOT_FUSED):
+        return None
+    descs = [matrix(getattr(module, n), bias_ok=True) for n in _PROJECTIONS]
+    if any(d is None for d in descs):
+        return None
+    q, k, v, o = (getattr(module, n) for n in _PROJECTIONS)
+    hidden, nh, nkv = q.in_features, q.out_features // hd, k.out_features // hd
+    if q.out_features % hd or k.out_features % hd or v.out_features != nkv * hd or nkv == 0 or nh % nkv:
+        return None
+    if (k.in_features, v.in_features, o.in_features, o.out_features) != (hidden, hidden, nh * hd, hidden):
+        return None
+    keep: list = []  # float32 copies the kernel reads: biases, norm weights
+    biases = [_float_ptr(lin.bias, keep) for lin in (q, k, v, o)]
+    norms = [_qk_norm(getattr(module, n, None), hd, heads) for n, heads in (("q_norm", nh), ("k_norm", nkv))]
+    if any(n is None for n in norms):
+        return None
+    (qmode, qw, qeps, qshift), (kmode, kw, keps, kshift) = norms  # type: ignore[misc]
+    ints = [hidden, nh, nkv, hd, qmode, kmode, 0, 0, *biases, _float_ptr(qw, keep), _float_ptr(kw, keep)]
+    return _AttentionStep(module, descs, ints, [qeps, qshift, keps, kshift, scaling], keep)  # type: ignore[arg-type]
+
+
+def _float_ptr(t: torch.Tensor | None, keep: list) -> int:
+    """The address of a float32 contiguous copy of t (kept alive in `keep`), 0 for None."""
+    if t is None:
+        return 0
+    keep.append(t.detach().float().contiguous().clone())
+    return keep[-1].data_ptr()
+
+
+def _qk_norm(norm: Any, hd: int, heads: int) -> tuple[int, torch.Tensor | None, float, float] | None:
+    """(mode, weight, eps, shift) of an attention's q or k norm: mode 0 none, 1 per head
+    (weight [hd]), 2 over the whole projection (weight [heads * hd]); None for a norm the
+    kernel does not compute."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return 0, None, 0.0, 0.0
+    params = _norm_params(norm)
+    if params is None:
+        return None
+    weight, eps, shift = params
+    mode = 1 if weight.numel() == hd else 2 if weight.numel() == heads * hd else None
+    return None if mode is None else (mode, weight, eps, shift)
+
+
+def _attention_agrees(
+    module: nn.Module, step: _AttentionStep, new_cache: Callable[[], Any], gen: torch.Generator
+) -> bool | None:
+    """Three decode steps of the fused attention against the module's own, each on its own
+    cache holding the same three-token prompt: True when every output is close, False when
+    one is not, None when the fused path was not taken (e.g. a sliding-window cache layer)."""
+    try:
+        params = inspect.signature(step.own).parameters
+    except (TypeError, ValueError):
+        return None
+    key = "past_key_values" if "past_key_values" in params else "cache"  # transformers < 5.2x: the former
+    hidden, hd = step.hidden, step.head_dim
+    caches = new_cache(), new_cache()
+
+    def rope(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        angle = torch.rand(1, n, hd // 2, generator=gen) * 6.3
+        angle = torch.cat([angle, angle], dim=-1)
+        return angle.cos(), angle.sin()
+
+    with torch.no_grad():
+        x, pe = torch.randn(1, 3, hidden, generator=gen), rope(3)
+        for cache in caches:
+            step.own(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: cache})
+        for _ in range(3):
+            x, pe = torch.randn(1, 1, hidden, generator=gen), rope(1)
+            want = step.own(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: caches[0]})
+            taken = step.taken
+            got = step(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: caches[1]})
+            if step.taken == taken:
+                return None
+            if not close_enough(got[0], want[0].float()):
+                return False
+    step.taken = 0
+    return True

@@ -99,8 +99,28 @@ def _define(base: type) -> type:
             kb, vb = bufs
             kb[..., old:end, :].copy_(key_states)
             vb[..., old:end, :].copy_(value_states)
-            self.keys, self.values = kb[..., :end, :], vb[..., :end, :]
+            self.filled(end)
             return self.keys, self.values
+
+        def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+            """Room for n more positions, for a caller that writes them into the buffers
+            itself (models.formats.fused's attention step): (key buffer, value buffer [B, H,
+            room, D], the first position to write), then `filled(old + n)`; None when this
+            layer holds nothing yet or its keys were replaced from outside."""
+            bufs = self._buffers
+            if not self.is_initialized or bufs is None or self.keys is None or self.keys.numel() == 0:
+                return None
+            if self.keys.data_ptr() != bufs[0].data_ptr() or self.values.data_ptr() != bufs[1].data_ptr():
+                return None
+            old = self.keys.shape[-2]
+            if old + n > bufs[0].shape[-2]:
+                bufs = self._grow(self.keys, self.values, old, old + n)
+            return bufs[0], bufs[1], old
+
+        def filled(self, end: int) -> None:
+            """The buffers' first `end` positions are the cache (after `reserve`)."""
+            kb, vb = self._buffers
+            self.keys, self.values = kb[..., :end, :], vb[..., :end, :]
 
         def _grow(
             self, key_states: torch.Tensor, value_states: torch.Tensor, old: int, end: int

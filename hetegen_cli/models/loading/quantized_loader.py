@@ -33,8 +33,16 @@ from hetegen_cli.models.formats.quant import QuantLinear, quantize
 from hetegen_cli.models.formats.quant_experts import load_quant_experts
 from hetegen_cli.models.formats.quantized import read_quant_weight
 from hetegen_cli.models.loading import meta
+from hetegen_cli.models.loading.cache import new_cache
 from hetegen_cli.models.loading.loader import LoadedModel
 from hetegen_cli.models.shapes.quantfile import linear_formats, quant_label, read_quantization
+
+
+def fuse_for_decode(model: Any) -> fused.Fusions:
+    """One kernel call per attention, MLP and norm at a decode step where hetegen's kernels
+    compute what the module does (models.formats.fused); attentions are checked on a cache
+    like the one `run.generate` gives them."""
+    return fused.fuse_model(model, lambda: new_cache(model, 8))
 
 
 def quantize_head(model: Any, group: int = quant.DEFAULT_GROUP_SIZE) -> QuantLinear | None:
@@ -104,7 +112,7 @@ def load_quantized(ref: Any) -> LoadedModel:
     fusions = None
     if dtype != torch.bfloat16:
         _embedding_in_bfloat16(model, dtype)
-        fusions = fused.fuse_model(model)  # one kernel call per MLP and norm at a decode step
+        fusions = fuse_for_decode(model)
     model.eval()
     meta.load_generation_config(model, folder)
     quant_formats = sorted({fmt for fmt, _ in linear_formats(doc).values()})  # mixed: int4, int8

@@ -20,7 +20,7 @@
 /* below this many multiply-adds one thread answers sooner than waking the others */
 #define PARALLEL_MIN_WORK (1 << 17)
 
-int hetegen_kernels_version(void) { return 5; }
+int hetegen_kernels_version(void) { return 6; }
 
 /* x [k] -> xq [k] int16 per block of 32 (de-interleaved when `split`), xs [k / 32] the
  * blocks' scales, xsum [k / 32] the blocks' sums as quantized (for int4's mins). */
@@ -364,4 +364,138 @@ int hetegen_rms_norm(const float *x, const float *w, int n, int k, float eps, fl
         for (i = 0; i < k; i++) yr[i] = (w[i] + shift) * (xr[i] * inv);
     }
     return 0;
+}
+
+/* ---- one decode step of attention in one call: q, k, v, optional q/k RMS norms, rotary
+ * (rotate-half), the new key and value written into the cache, attention of one query over
+ * the cache and o; each head's softmax in float32. ---- */
+
+/* ints a[]: sizes and pointers (as int64; 0 none); floats f[] */
+enum { A_H, A_NH, A_NKV, A_HD, A_QNORM, A_KNORM, A_ROOM, A_POS, A_BQ, A_BK, A_BV, A_BO, A_QW, A_KW, A_LEN };
+enum { F_QEPS, F_QSHIFT, F_KEPS, F_KSHIFT, F_SCALE, F_LEN };
+
+/* v [k] *= rsqrt(mean(v^2) + eps) * (w + shift) */
+static void rms_row(float *v, int k, const float *w, float eps, float shift) {
+    float ss = 0.f;
+    for (int i = 0; i < k; i++) ss += v[i] * v[i];
+    float inv = 1.f / sqrtf(ss / (float)k + eps);
+    for (int i = 0; i < k; i++) v[i] = (w[i] + shift) * (v[i] * inv);
+}
+
+/* mode 1: per head of hd values (w [hd]); mode 2: over all `heads * hd` values (w [heads * hd]) */
+static void qk_norm(float *v, int heads, int hd, int mode, const float *w, float eps, float shift) {
+    if (mode == 1)
+        for (int j = 0; j < heads; j++) rms_row(v + (size_t)j * hd, hd, w, eps, shift);
+    else if (mode == 2)
+        rms_row(v, heads * hd, w, eps, shift);
+}
+
+/* v [hd] = v * cos + rotate_half(v) * sin, rotate_half(v) = (-v[hd/2:], v[:hd/2]) */
+static void rotate(float *v, int hd, const float *cs, const float *sn) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i + half] + a * sn[i + half];
+    }
+}
+
+/* One token x [h] at position a[A_POS] of a cache of a[A_ROOM] positions: kbuf and vbuf
+ * [nkv, room, hd] float32 receive its key and value at pos; out [h] = o(attention). desc: 4
+ * matrices (q, k, v, o) of D_LEN int64; cs, sn [hd] its rotary cos and sin. */
+int hetegen_attention_decode(const int64_t *desc, const int64_t *a, const float *f, const float *x, const float *cs,
+                             const float *sn, float *kbuf, float *vbuf, float *out, int threads) {
+    int h = (int)a[A_H], nh = (int)a[A_NH], nkv = (int)a[A_NKV], hd = (int)a[A_HD];
+    int room = (int)a[A_ROOM], pos = (int)a[A_POS], qw = nh * hd, kw = nkv * hd;
+    const int64_t *dq = desc, *dk = desc + D_LEN, *dv = desc + 2 * D_LEN, *dout = desc + 3 * D_LEN;
+    if (h % 32 || qw % 32 || hd % 2 || nkv < 1 || nh % nkv || pos < 0 || pos >= room) return -2;
+    if (dq[D_K] != h || dk[D_K] != h || dv[D_K] != h || dq[D_ROWS] != qw || dk[D_ROWS] != kw ||
+        dv[D_ROWS] != kw || dout[D_K] != qw || dout[D_ROWS] != h)
+        return -2;
+    int n = pos + 1, group = nh / nkv, nbh = h / 32, nbq = qw / 32, nbmax = nbh > nbq ? nbh : nbq;
+    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * 2 * h), *aq = (int16_t *)malloc(sizeof(int16_t) * qw);
+    float *xs = (float *)malloc(sizeof(float) * 4 * nbh), *as = (float *)malloc(sizeof(float) * 2 * nbq);
+    float *qkv = (float *)malloc(sizeof(float) * (qw + 2 * kw)), *att = (float *)malloc(sizeof(float) * qw);
+    if (!xq || !aq || !xs || !as || !qkv || !att) {
+        free(xq), free(aq), free(xs), free(as), free(qkv), free(att);
+        return -1;
+    }
+    quantize_row(x, h, xq, xs, xs + nbh, 1);
+    quantize_row(x, h, xq + h, xs + 2 * nbh, xs + 3 * nbh, 0);
+    float *q = qkv, *k = qkv + qw, *v = qkv + qw + kw;
+    size_t work = (size_t)h * (qw + 2 * kw) + (size_t)qw * h + (size_t)2 * qw * n;
+    int team = work >= PARALLEL_MIN_WORK ? threads : 1, failed = 0;
+#pragma omp parallel num_threads(team)
+    {
+        float *comb = (float *)malloc(sizeof(float) * nbmax), *sc = (float *)malloc(sizeof(float) * n);
+        if (!comb || !sc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int r = 0; r < qw + 2 * kw; r++) {
+                const int64_t *d = r < qw ? dq : r < qw + kw ? dk : dv;
+                int i8 = d[D_FMT] == 1;
+                qkv[r] = row_dot(d, r < qw ? r : r < qw + kw ? r - qw : r - qw - kw, xq + (i8 ? h : 0),
+                                 xs + (i8 ? 2 * nbh : 0), xs + (i8 ? 3 * nbh : nbh), comb);
+            }
+#pragma omp single
+            {
+                const float *bq = (const float *)a[A_BQ], *bk = (const float *)a[A_BK], *bv = (const float *)a[A_BV];
+                for (int i = 0; bq && i < qw; i++) q[i] += bq[i];
+                for (int i = 0; bk && i < kw; i++) k[i] += bk[i];
+                for (int i = 0; bv && i < kw; i++) v[i] += bv[i];
+                qk_norm(q, nh, hd, (int)a[A_QNORM], (const float *)a[A_QW], f[F_QEPS], f[F_QSHIFT]);
+                qk_norm(k, nkv, hd, (int)a[A_KNORM], (const float *)a[A_KW], f[F_KEPS], f[F_KSHIFT]);
+                for (int j = 0; j < nh; j++) rotate(q + (size_t)j * hd, hd, cs, sn);
+                for (int j = 0; j < nkv; j++) {
+                    rotate(k + (size_t)j * hd, hd, cs, sn);
+                    for (int i = 0; i < hd; i++) {
+                        kbuf[((size_t)j * room + pos) * hd + i] = k[(size_t)j * hd + i];
+                        vbuf[((size_t)j * room + pos) * hd + i] = v[(size_t)j * hd + i];
+                    }
+                }
+            }
+            float scale = f[F_SCALE];
+#pragma omp for schedule(static)
+            for (int j = 0; j < nh; j++) {
+                const float *qh = q + (size_t)j * hd;
+                const float *kh = kbuf + (size_t)(j / group) * room * hd, *vh = vbuf + (size_t)(j / group) * room * hd;
+                float mx = -INFINITY, sum = 0.f;
+                for (int p = 0; p < n; p++) {
+                    const float *kp = kh + (size_t)p * hd;
+                    __m256 acc = _mm256_setzero_ps();
+                    int i = 0;
+                    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kp + i), acc);
+                    float s = hsum8(acc);
+                    for (; i < hd; i++) s += qh[i] * kp[i];
+                    sc[p] = s * scale;
+                    mx = fmaxf(mx, sc[p]);
+                }
+                for (int p = 0; p < n; p++) sum += (sc[p] = expf(sc[p] - mx));
+                float *o = att + (size_t)j * hd, inv = 1.f / sum;
+                for (int i = 0; i < hd; i++) o[i] = 0.f;
+                for (int p = 0; p < n; p++) {
+                    const float *vp = vh + (size_t)p * hd;
+                    float w = sc[p] * inv;
+                    int i = 0;
+                    for (; i + 8 <= hd; i += 8)
+                        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vp + i),
+                                                                _mm256_loadu_ps(o + i)));
+                    for (; i < hd; i++) o[i] += w * vp[i];
+                }
+            }
+            int split = dout[D_FMT] == 0;
+#pragma omp for schedule(static)
+            for (int b = 0; b < nbq; b++) quantize_row(att + 32 * b, 32, aq + 32 * b, as + b, as + nbq + b, split);
+            const float *bo = (const float *)a[A_BO];
+#pragma omp for schedule(static)
+            for (int r = 0; r < h; r++) out[r] = row_dot(dout, r, aq, as, as + nbq, comb) + (bo ? bo[r] : 0.f);
+        }
+        free(comb), free(sc);
+    }
+    free(xq), free(aq), free(xs), free(as), free(qkv), free(att);
+    return failed ? -1 : 0;
 }

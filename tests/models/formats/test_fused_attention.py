@@ -1,0 +1,174 @@
+"""The fused decode step of attention (models.formats.fused, hetegen_attention_decode): a
+whole attention module in one kernel call at one token, against transformers' own forward
+on the same quantized weights, for each form of attention it takes; anything else keeps
+transformers' forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+from hetegen_cli.models.formats import cpu_kernels, fused
+from hetegen_cli.models.formats.quant import QuantLinear, quantize
+from hetegen_cli.models.loading.cache import new_cache
+from hetegen_cli.models.loading.quantized_loader import fuse_for_decode
+
+pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="hetegen's CPU kernels are unavailable")
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+#: model type -> (config extras, attentions fused): GQA (llama), q/k/v biases (qwen2), q/k
+#: norms per head (qwen3), over the whole projection (olmoe), Gemma's (1 + w) norms and
+#: query_pre_attn_scalar with one sliding layer left to transformers (gemma3_text)
+ARCHS = {
+    "llama": ({}, 2),
+    "qwen2": ({}, 2),
+    "qwen3": ({"head_dim": 16}, 2),
+    "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, 2),
+    "gemma3_text": (
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        1,
+    ),
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def quantized_attention_model(model_type: str, fmt: str = "int4") -> torch.nn.Module:
+    """A tiny random model whose attention projections are QuantLinears (biases kept)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **COMMON, **ARCHS[model_type][0])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for name in PROJECTIONS:
+            linear = getattr(attn, name)
+            setattr(attn, name, QuantLinear(quantize(linear.weight.detach(), fmt, 32), linear.bias))
+        with torch.no_grad():  # norms away from their initial 1 (or 0), so that a wrong shift shows
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.add_(0.3 * torch.randn(norm.weight.shape))
+    return model
+
+
+def steps(model, cache, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and logits [V] of a prefill and n one-token steps."""
+    tokens, logits_seen = list(prompt), []
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        for _ in range(n + 1):
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+            logits_seen.append(logits)
+            tokens.append(int(logits.argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens[len(prompt) :], logits_seen
+
+
+def taken(model) -> int:
+    return sum(getattr(layer.self_attn.forward, "taken", 0) for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_fused_attention_gives_transformers_logits(model_type):
+    reference = quantized_attention_model(model_type)
+    model = quantized_attention_model(model_type)
+    fusions = fuse_for_decode(model)
+    assert fusions.attentions == ARCHS[model_type][1] and fusions.rejected == 0
+    prompt = [5, 9, 11, 17, 3]
+    want_tokens, want = steps(reference, new_cache(reference, 32), prompt, 10)
+    got_tokens, got = steps(model, new_cache(model, 32), prompt, 10)
+    assert taken(model) == 10 * fusions.attentions  # every decode step of every fused layer
+    assert got_tokens == want_tokens
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_fused_attention_grows_a_full_cache_and_keeps_its_past():
+    """Room for 7 positions, 12 used: the step makes room the way the cache's own update does."""
+    reference, model = quantized_attention_model("llama"), quantized_attention_model("llama")
+    fuse_for_decode(model)
+    want_tokens, want = steps(reference, new_cache(reference, 7), [5, 9, 11], 9)
+    got_tokens, got = steps(model, new_cache(model, 7), [5, 9, 11], 9)
+    assert got_tokens == want_tokens and taken(model) == 18
+    torch.testing.assert_close(got[-1], want[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_plain_cache_gets_transformers_forward():
+    """A cache layer that cannot reserve room (transformers' DynamicCache): the module's own
+    forward, and the same tokens."""
+    reference, model = quantized_attention_model("llama"), quantized_attention_model("llama")
+    fuse_for_decode(model)
+    want, _ = steps(reference, DynamicCache(config=reference.config), [5, 9, 11], 6)
+    assert steps(model, DynamicCache(config=model.config), [5, 9, 11], 6)[0] == want
+    assert taken(model) == 0
+
+
+def test_a_mask_or_moved_weights_get_transformers_forward():
+    model = quantized_attention_model("llama")
+    fuse_for_decode(model)
+    attn = model.model.layers[0].self_attn
+    cache = new_cache(model, 16)
+    steps(model, cache, [5, 9, 11], 0)  # the prompt: transformers' forward fills the cache
+    x = torch.randn(1, 1, COMMON["hidden_size"])
+    rope = model.model.rotary_emb(x, torch.tensor([[3]]))
+    with torch.inference_mode():
+        mask = torch.zeros(1, 1, 1, 4)  # padding or a window: transformers applies it
+        call = dict(hidden_states=x, position_embeddings=rope, attention_mask=mask, cache=cache)
+        want = LlamaAttention.forward(attn, **call)
+        cache.crop(-1)
+        got = attn(**call)
+        assert torch.equal(got[0], want[0])
+        assert attn.forward.taken == 0
+        attn._apply(lambda t: t.clone())  # what .to() does: the described addresses are stale
+        attn(hidden_states=x, position_embeddings=rope, attention_mask=None, cache=cache)
+        assert attn.forward.taken == 0
+
+
+class DoubledAttention(LlamaAttention):
+    """Shaped like LLaMA's attention, computing something else."""
+
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return 2 * out, weights
+
+
+def test_an_attention_that_computes_something_else_is_rejected():
+    model = quantized_attention_model("llama")
+    for layer in model.model.layers:
+        old = layer.self_attn
+        layer.self_attn = DoubledAttention(model.config, old.layer_idx)
+        layer.self_attn.load_state_dict(old.state_dict(), strict=False)
+        for name in PROJECTIONS:
+            setattr(layer.self_attn, name, getattr(old, name))
+    fusions = fuse_for_decode(model)
+    assert fusions.attentions == 0 and fusions.rejected == 2
+    assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
+
+
+def test_attention_is_fused_only_with_a_cache_to_check_it_on():
+    model = quantized_attention_model("llama")
+    assert fused.fuse_model(model).attentions == 0
+    assert fuse_for_decode(model).attentions == 2
+    assert fuse_for_decode(model).attentions == 0  # fused already: left as it is
+
+
+def test_int8_projections_fuse_too():
+    reference, model = quantized_attention_model("qwen3", "int8"), quantized_attention_model("qwen3", "int8")
+    assert fuse_for_decode(model).attentions == 2
+    want_tokens, want = steps(reference, new_cache(reference, 32), [5, 9, 11], 6)
+    got_tokens, got = steps(model, new_cache(model, 32), [5, 9, 11], 6)
+    assert got_tokens == want_tokens and taken(model) == 12
+    torch.testing.assert_close(got[-1], want[-1], rtol=1e-4, atol=1e-5)

@@ -139,12 +139,14 @@ class Fusions:
     rejected: int = 0
     experts: int = 0  # MoE layers whose chosen CPU experts are one call (GatedFFN, built at load)
     attentions: int = 0
+    layers: int = 0  # decoder layers whose fused parts are called straight (_LayerStep)
 
     def as_dict(self) -> dict[str, int]:
         return {
             "mlps": self.mlps,
             "norms": self.norms,
             "attentions": self.attentions,
+            "layers": self.layers,
             "experts": self.experts,
             "rejected": self.rejected,
         }
@@ -165,7 +167,7 @@ def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> 
         if "forward" in vars(module):
             continue
         if new_cache is not None and (step := _attention_forward(module)) is not None:
-            agrees = _attention_agrees(module, step, new_cache, gen)
+            agrees = _step_agrees(step, step.own, new_cache, step.hidden, step.head_dim, gen)
             if agrees:
                 module.forward = step
                 attentions += 1
@@ -184,7 +186,16 @@ def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> 
                 norms += 1
         else:
             rejected += 1
-    return Fusions(mlps, norms, rejected, experts, attentions)
+    layers = 0
+    for module in list(model.modules()) if new_cache is not None else []:  # their parts are fused now
+        if "forward" not in vars(module) and (whole := _layer_forward(module)) is not None:
+            agrees = _step_agrees(whole, whole.own, new_cache, whole.hidden, whole.attn.head_dim, gen)
+            whole.attn.taken = 0  # counted while checking the layer
+            if agrees:
+                module.forward = whole
+                layers += 1
+            rejected += agrees is False
+    return Fusions(mlps, norms, rejected, experts, attentions, layers)
 
 
 def _takes_one_argument(module: nn.Module) -> bool:
@@ -218,6 +229,8 @@ def _mlp_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | 
         ffn.first(x.contiguous(), out)
         return out
 
+    forward.ffn = ffn  # type: ignore[attr-defined]  # for a fused decoder layer (_LayerStep)
+    forward.current = lambda: gate._buffers["q"].data_ptr() == unit[1]  # type: ignore[attr-defined]
     return forward
 
 
@@ -239,6 +252,7 @@ def _norm_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] |
         kernels.rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // k, k, eps, shift, y.data_ptr())
         return y
 
+    forward.params = params  # type: ignore[attr-defined]  # for a fused decoder layer (_LayerStep)
     return forward
 
 
@@ -306,33 +320,44 @@ class _AttentionStep:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         x = kwargs.get("hidden_states") if not args else args[0] if len(args) == 1 else None
+        ready = self.prepare(x, kwargs)
+        if ready is None:
+            return self.own(*args, **kwargs)
+        out = torch.empty(x.shape)
+        self.run(x.contiguous(), ready, out, add=False)
+        return out, None
+
+    def prepare(self, x: torch.Tensor | None, kwargs: dict) -> tuple | None:
+        """What `run` needs for input x and the module's keyword arguments (cache, rotary,
+        mask), or None when this step does not take them."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         rope = kwargs.get("position_embeddings")
         if x is None or cache is None or rope is None or kwargs.get("attention_mask") is not None:
-            return self.own(*args, **kwargs)
+            return None
         if x.dtype is not torch.float32 or x.numel() != self.hidden or x.device.type != "cpu":
-            return self.own(*args, **kwargs)
+            return None
         if self.q_proj._buffers["q"].data_ptr() != self.q_at:  # weights moved since: not where described
-            return self.own(*args, **kwargs)
+            return None
         cos, sin = rope
         if cos.dtype is not torch.float32 or cos.numel() != self.head_dim or sin.numel() != self.head_dim:
-            return self.own(*args, **kwargs)
+            return None
         room = self._room(cache)
-        if room is None:
-            return self.own(*args, **kwargs)
-        layer, kb, vb, pos = room
-        self.ints[6], self.ints[7] = kb.shape[2], pos
-        out = torch.empty(x.shape)
+        return None if room is None else (*room, cos.contiguous(), sin.contiguous())
+
+    def run(self, x: torch.Tensor, ready: tuple, out: torch.Tensor, add: bool) -> None:
+        """out [H] = the attention's output for x [H] contiguous (out += it when `add`), the
+        cache advanced by one position."""
+        layer, kb, vb, pos, cos, sin = ready
+        self.ints[6], self.ints[7], self.ints[14] = kb.shape[2], pos, add
         rc = self.kernels.attention(
             ctypes.addressof(self.desc), ctypes.addressof(self.ints), ctypes.addressof(self.floats),
-            x.contiguous().data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-            kb.data_ptr(), vb.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+            x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), out.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         if rc:
             raise ValueError(f"hetegen's fused attention refused its input ({rc})")
         layer.filled(pos + 1)
         self.taken += 1
-        return out, None
 
     def _room(self, cache: Any) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
         """(layer, key and value buffers [1, kv heads, room, head dim], the position to write)."""
@@ -380,7 +405,7 @@ def _attention_forward(module: nn.Module) -> _AttentionStep | None:
     if any(n is None for n in norms):
         return None
     (qmode, qw, qeps, qshift), (kmode, kw, keps, kshift) = norms  # type: ignore[misc]
-    ints = [hidden, nh, nkv, hd, qmode, kmode, 0, 0, *biases, _float_ptr(qw, keep), _float_ptr(kw, keep)]
+    ints = [hidden, nh, nkv, hd, qmode, kmode, 0, 0, *biases, _float_ptr(qw, keep), _float_ptr(kw, keep), 0]
     return _AttentionStep(module, descs, ints, [qeps, qshift, keps, kshift, scaling], keep)  # type: ignore[arg-type]
 
 
@@ -406,18 +431,19 @@ def _qk_norm(norm: Any, hd: int, heads: int) -> tuple[int, torch.Tensor | None, 
     return None if mode is None else (mode, weight, eps, shift)
 
 
-def _attention_agrees(
-    module: nn.Module, step: _AttentionStep, new_cache: Callable[[], Any], gen: torch.Generator
+def _step_agrees(
+    step: Any, own: Callable, new_cache: Callable[[], Any], hidden: int, hd: int, gen: torch.Generator
 ) -> bool | None:
-    """Three decode steps of the fused attention against the module's own, each on its own
-    cache holding the same three-token prompt: True when every output is close, False when
-    one is not, None when the fused path was not taken (e.g. a sliding-window cache layer)."""
+    """Three decode steps of a fused attention or decoder layer (`step`, which counts the
+    steps it `taken`) against `own`, each on its own cache holding the same three-token prompt,
+    with random rotary angles: True when every output is close, False when one is not, None
+    when the fused path was not taken (e.g. a sliding-window cache layer) or `own` answers
+    in another form."""
     try:
-        params = inspect.signature(step.own).parameters
+        params = inspect.signature(own).parameters
     except (TypeError, ValueError):
         return None
     key = "past_key_values" if "past_key_values" in params else "cache"  # transformers < 5.2x: the former
-    hidden, hd = step.hidden, step.head_dim
     caches = new_cache(), new_cache()
 
     def rope(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,18 +451,75 @@ def _attention_agrees(
         angle = torch.cat([angle, angle], dim=-1)
         return angle.cos(), angle.sin()
 
+    def call(f: Callable, x: torch.Tensor, pe: tuple, cache: Any) -> torch.Tensor | None:
+        out = f(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: cache})
+        out = out[0] if isinstance(step, _AttentionStep) else out
+        return out if isinstance(out, torch.Tensor) else None
+
     with torch.no_grad():
         x, pe = torch.randn(1, 3, hidden, generator=gen), rope(3)
         for cache in caches:
-            step.own(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: cache})
+            call(own, x, pe, cache)
         for _ in range(3):
             x, pe = torch.randn(1, 1, hidden, generator=gen), rope(1)
-            want = step.own(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: caches[0]})
+            want = call(own, x, pe, caches[0])
             taken = step.taken
-            got = step(hidden_states=x, position_embeddings=pe, attention_mask=None, **{key: caches[1]})
-            if step.taken == taken:
+            got = call(step, x, pe, caches[1])
+            if step.taken == taken or want is None or got is None:
                 return None
-            if not close_enough(got[0], want[0].float()):
+            if not close_enough(got, want.float()):
                 return False
     step.taken = 0
     return True
+
+
+#: a pre-norm decoder layer's parts, by transformers' names
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+class _LayerStep:
+    """A pre-norm decoder layer, h = x + attn(norm1(x)), out = h + mlp(norm2(h)), at one
+    token: its fused norms, attention and MLP called straight, the residual adds inside the
+    kernels (one Python call and four kernel calls where transformers makes ten module
+    calls). Anything the fused attention does not take, or parts moved since, goes to the
+    layer's own forward. `taken` counts the fused steps."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.own = layer.forward
+        self.attn: _AttentionStep = layer.self_attn.forward
+        self.ffn: GatedFFN = layer.mlp.forward.ffn
+        self.mlp_current: Callable[[], bool] = layer.mlp.forward.current
+        self.norms = (layer.input_layernorm.forward.params, layer.post_attention_layernorm.forward.params)
+        self.hidden, self.kernels, self.taken = self.attn.hidden, cpu_kernels.kernels(), 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        x = kwargs.get("hidden_states") if not args else args[0] if len(args) == 1 else None
+        ready = self.attn.prepare(x, kwargs)
+        if ready is None or not self.mlp_current():
+            return self.own(*args, **kwargs)
+        (w1, eps1, shift1), (w2, eps2, shift2) = self.norms
+        if any(w.dtype is not torch.float32 or w.device.type != "cpu" for w in (w1, w2)):  # moved since
+            return self.own(*args, **kwargs)
+        x = x.contiguous()
+        out, h = x.clone(), torch.empty_like(x)
+        self.kernels.rms_norm(x.data_ptr(), w1.data_ptr(), 1, self.hidden, eps1, shift1, h.data_ptr())
+        self.attn.run(h, ready, out, add=True)
+        self.kernels.rms_norm(out.data_ptr(), w2.data_ptr(), 1, self.hidden, eps2, shift2, h.data_ptr())
+        self.ffn.first(h, out)
+        self.taken += 1
+        return out
+
+
+def _layer_forward(layer: nn.Module) -> _LayerStep | None:
+    """The fused step for a decoder layer made of exactly _LAYER_PARTS, each fused, or None."""
+    if {name for name, _ in layer.named_children()} != set(_LAYER_PARTS):
+        return None
+    attn, mlp = layer.self_attn.forward, layer.mlp.forward
+    norms = (layer.input_layernorm.forward, layer.post_attention_layernorm.forward)
+    if (
+        not isinstance(attn, _AttentionStep)
+        or not hasattr(mlp, "ffn")
+        or not all(hasattr(n, "params") for n in norms)
+    ):
+        return None
+    return _LayerStep(layer)

@@ -1,14 +1,14 @@
-"""The fused decode step of attention (models.formats.fused, hetegen_attention_decode): a
-whole attention module in one kernel call at one token, against transformers' own forward
-on the same quantized weights, for each form of attention it takes; anything else keeps
-transformers' forward."""
+"""The fused decode steps of attention and of a whole decoder layer (models.formats.fused,
+hetegen_attention_decode): an attention module in one kernel call at one token, a pre-norm
+layer in one Python call, against transformers' own forwards on the same quantized weights,
+for each form they take; anything else keeps transformers' forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
-from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
 
 from hetegen_cli.models.formats import cpu_kernels, fused
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
@@ -26,14 +26,15 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
-#: model type -> (config extras, attentions fused): GQA (llama), q/k/v biases (qwen2), q/k
-#: norms per head (qwen3), over the whole projection (olmoe), Gemma's (1 + w) norms and
-#: query_pre_attn_scalar with one sliding layer left to transformers (gemma3_text)
+#: model type -> (config extras, attentions fused, decoder layers fused): GQA (llama), q/k/v
+#: biases (qwen2), q/k norms per head (qwen3), over the whole projection (olmoe, whose MoE
+#: layers are not pre-norm MLP layers), Gemma's (1 + w) norms and query_pre_attn_scalar with
+#: one sliding layer left to transformers (gemma3_text, four norms a layer)
 ARCHS = {
-    "llama": ({}, 2),
-    "qwen2": ({}, 2),
-    "qwen3": ({"head_dim": 16}, 2),
-    "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, 2),
+    "llama": ({}, 2, 2),
+    "qwen2": ({}, 2, 2),
+    "qwen3": ({"head_dim": 16}, 2, 2),
+    "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, 2, 0),
     "gemma3_text": (
         {
             "head_dim": 16,
@@ -42,21 +43,25 @@ ARCHS = {
             "layer_types": ["sliding_attention", "full_attention"],
         },
         1,
+        0,
     ),
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def quantized_attention_model(model_type: str, fmt: str = "int4") -> torch.nn.Module:
-    """A tiny random model whose attention projections are QuantLinears (biases kept)."""
+    """A tiny random model whose attention projections and dense MLPs are QuantLinears
+    (biases kept)."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **COMMON, **ARCHS[model_type][0])
     model = AutoModelForCausalLM.from_config(config).eval()
     for layer in model.model.layers:
         attn = layer.self_attn
-        for name in PROJECTIONS:
-            linear = getattr(attn, name)
-            setattr(attn, name, QuantLinear(quantize(linear.weight.detach(), fmt, 32), linear.bias))
+        parts = [(attn, n) for n in PROJECTIONS]
+        parts += [(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(layer.mlp, n)]
+        for owner, name in parts:
+            linear = getattr(owner, name)
+            setattr(owner, name, QuantLinear(quantize(linear.weight.detach(), fmt, 32), linear.bias))
         with torch.no_grad():  # norms away from their initial 1 (or 0), so that a wrong shift shows
             for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
                 if norm is not None:
@@ -78,7 +83,12 @@ def steps(model, cache, prompt: list[int], n: int) -> tuple[list[int], list[torc
 
 
 def taken(model) -> int:
+    """Fused attention steps taken (inside fused layers too)."""
     return sum(getattr(layer.self_attn.forward, "taken", 0) for layer in model.model.layers)
+
+
+def layers_taken(model) -> int:
+    return sum(getattr(layer.forward, "taken", 0) for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
@@ -86,11 +96,12 @@ def test_fused_attention_gives_transformers_logits(model_type):
     reference = quantized_attention_model(model_type)
     model = quantized_attention_model(model_type)
     fusions = fuse_for_decode(model)
-    assert fusions.attentions == ARCHS[model_type][1] and fusions.rejected == 0
+    assert (fusions.attentions, fusions.layers) == ARCHS[model_type][1:] and fusions.rejected == 0
     prompt = [5, 9, 11, 17, 3]
     want_tokens, want = steps(reference, new_cache(reference, 32), prompt, 10)
     got_tokens, got = steps(model, new_cache(model, 32), prompt, 10)
-    assert taken(model) == 10 * fusions.attentions  # every decode step of every fused layer
+    assert taken(model) == 10 * fusions.attentions  # every decode step of every fused attention
+    assert layers_taken(model) == 10 * fusions.layers
     assert got_tokens == want_tokens
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
@@ -102,7 +113,7 @@ def test_fused_attention_grows_a_full_cache_and_keeps_its_past():
     fuse_for_decode(model)
     want_tokens, want = steps(reference, new_cache(reference, 7), [5, 9, 11], 9)
     got_tokens, got = steps(model, new_cache(model, 7), [5, 9, 11], 9)
-    assert got_tokens == want_tokens and taken(model) == 18
+    assert got_tokens == want_tokens and taken(model) == 18 and layers_taken(model) == 18
     torch.testing.assert_close(got[-1], want[-1], rtol=1e-4, atol=1e-5)
 
 
@@ -113,7 +124,7 @@ def test_a_plain_cache_gets_transformers_forward():
     fuse_for_decode(model)
     want, _ = steps(reference, DynamicCache(config=reference.config), [5, 9, 11], 6)
     assert steps(model, DynamicCache(config=model.config), [5, 9, 11], 6)[0] == want
-    assert taken(model) == 0
+    assert taken(model) == 0 and layers_taken(model) == 0
 
 
 def test_a_mask_or_moved_weights_get_transformers_forward():
@@ -158,11 +169,52 @@ def test_an_attention_that_computes_something_else_is_rejected():
     assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
 
 
+class PostNormLayer(LlamaDecoderLayer):
+    """A LLaMA layer's parts, put together another way (norms after the residual adds)."""
+
+    def forward(self, hidden_states, **kwargs):
+        kwargs.pop("position_ids", None), kwargs.pop("use_cache", None)
+        h = self.input_layernorm(hidden_states + self.self_attn(hidden_states=hidden_states, **kwargs)[0])
+        return self.post_attention_layernorm(h + self.mlp(h))
+
+
+def test_a_layer_that_puts_its_parts_together_otherwise_is_rejected():
+    model = quantized_attention_model("llama")
+    for i, old in enumerate(model.model.layers):
+        layer = PostNormLayer(model.config, i)
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            setattr(layer, name, getattr(old, name))
+        model.model.layers[i] = layer
+    fusions = fuse_for_decode(model)
+    assert (fusions.attentions, fusions.layers, fusions.rejected) == (2, 0, 2)
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+def test_a_fused_layer_hands_a_masked_step_to_its_own_forward():
+    model = quantized_attention_model("llama")
+    fuse_for_decode(model)
+    layer = model.model.layers[0]
+    cache = new_cache(model, 16)
+    steps(model, cache, [5, 9, 11], 0)
+    x = torch.randn(1, 1, COMMON["hidden_size"])
+    call = dict(
+        attention_mask=torch.zeros(1, 1, 1, 4),
+        position_embeddings=model.model.rotary_emb(x, torch.tensor([[3]])),
+        cache=cache,
+    )
+    with torch.inference_mode():
+        want = LlamaDecoderLayer.forward(layer, x, **call)
+        cache.crop(-1)
+        assert torch.equal(layer(x, **call), want)
+    assert layer.forward.taken == 0
+
+
 def test_attention_is_fused_only_with_a_cache_to_check_it_on():
     model = quantized_attention_model("llama")
     assert fused.fuse_model(model).attentions == 0
-    assert fuse_for_decode(model).attentions == 2
-    assert fuse_for_decode(model).attentions == 0  # fused already: left as it is
+    both = fuse_for_decode(model)
+    assert (both.attentions, both.layers) == (2, 2)
+    assert fuse_for_decode(model) == fused.Fusions()  # fused already: left as it is
 
 
 def test_int8_projections_fuse_too():

@@ -22,31 +22,58 @@
 
 int hetegen_kernels_version(void) { return 6; }
 
-/* x [k] -> xq [k] int16 per block of 32 (de-interleaved when `split`), xs [k / 32] the
- * blocks' scales, xsum [k / 32] the blocks' sums as quantized (for int4's mins). */
-static void quantize_row(const float *x, int k, int16_t *xq, float *xs, float *xsum, int split) {
-    for (int b = 0; b < k / 32; b++) {
-        const float *v = x + 32 * b;
-        int16_t *o = xq + 32 * b;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
-        float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
-        int s = 0;
-        for (int i = 0; i < 32; i++) {
-            int e = (int)lrintf(v[i] * id);
-            o[split ? (i % 2) * 16 + i / 2 : i] = (int16_t)e;
-            s += e;
-        }
-        xs[b] = d;
-        xsum[b] = d * (float)s;
-    }
-}
-
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x [k] -> xq [k] int16 per block of 32 (de-interleaved when `split`: the block's even values,
+ * then its odd ones), xs [k / 32] the blocks' scales, xsum [k / 32] the blocks' sums as
+ * quantized (for int4's mins). Rounds to nearest even, as lrintf does. */
+static void quantize_row(const float *x, int k, int16_t *xq, float *xs, float *xsum, int split) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    /* within each 128-bit lane of 8 int16: the even ones, then the odd ones */
+    const __m256i evens_odds = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8,
+                                                9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    for (int b = 0; b < k / 32; b++) {
+        const float *v = x + 32 * b;
+        __m256 f0 = _mm256_loadu_ps(v), f1 = _mm256_loadu_ps(v + 8), f2 = _mm256_loadu_ps(v + 16),
+               f3 = _mm256_loadu_ps(v + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, f0), _mm256_andnot_ps(sign, f1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, f2), _mm256_andnot_ps(sign, f3)));
+        float amax = hmax8(m);
+        float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        __m256 idv = _mm256_set1_ps(id);
+        __m256i e0 = _mm256_cvtps_epi32(_mm256_mul_ps(f0, idv)), e1 = _mm256_cvtps_epi32(_mm256_mul_ps(f1, idv)),
+                e2 = _mm256_cvtps_epi32(_mm256_mul_ps(f2, idv)), e3 = _mm256_cvtps_epi32(_mm256_mul_ps(f3, idv));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(e0, e1), _mm256_add_epi32(e2, e3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        /* int16 in order: values 0-15, 16-31 */
+        __m256i w0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(e0, e1), 0xD8);
+        __m256i w1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(e2, e3), 0xD8);
+        int16_t *o = xq + 32 * b;
+        if (split) {
+            w0 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w0, evens_odds), 0xD8); /* evens 0-14, odds 1-15 */
+            w1 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w1, evens_odds), 0xD8);
+            __m256i ev = _mm256_permute2x128_si256(w0, w1, 0x20), od = _mm256_permute2x128_si256(w0, w1, 0x31);
+            w0 = ev, w1 = od;
+        }
+        _mm256_storeu_si256((__m256i *)o, w0);
+        _mm256_storeu_si256((__m256i *)(o + 16), w1);
+        xs[b] = d;
+        xsum[b] = d * (float)_mm_cvtsi128_si32(s4);
+    }
 }
 
 static int quantize_x(const float *x, int n, int k, int split, int threads, int16_t **xq, float **xs,
@@ -108,7 +135,7 @@ static inline __m256i int4_block(__m256i w, const int16_t *xb) {
 
 /* one row of int4 weights . one token's x (quantized, split): four independent sums, so that
  * the FMA latency does not bound a one-token product */
-static inline float int4_row(const uint8_t *qr, const uint16_t *sr, const uint16_t *mr, int nb, int gpb,
+static inline __attribute__((always_inline)) float int4_row(const uint8_t *qr, const uint16_t *sr, const uint16_t *mr, int nb, int gpb,
                              const int16_t *xqt, const float *xst, const float *xsumt, float *comb) {
     float macc = int4_scales(sr, mr, xst, xsumt, nb, gpb, comb);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -260,7 +287,7 @@ int hetegen_int8_dequant(const int8_t *q, const uint16_t *scale, int rows, int k
 enum { D_FMT, D_Q, D_SCALE, D_MIN, D_ROWS, D_K, D_G, D_LEN };
 
 /* row r of a matrix . x (x quantized for the matrix's format: split for int4) */
-static inline float row_dot(const int64_t *d, int r, const int16_t *xq, const float *xs, const float *xsum,
+static inline __attribute__((always_inline)) float row_dot(const int64_t *d, int r, const int16_t *xq, const float *xs, const float *xsum,
                             float *comb) {
     int k = (int)d[D_K], nb = k / 32;
     if (d[D_FMT] == 1) {
@@ -371,7 +398,7 @@ int hetegen_rms_norm(const float *x, const float *w, int n, int k, float eps, fl
  * the cache and o; each head's softmax in float32. ---- */
 
 /* ints a[]: sizes and pointers (as int64; 0 none); floats f[] */
-enum { A_H, A_NH, A_NKV, A_HD, A_QNORM, A_KNORM, A_ROOM, A_POS, A_BQ, A_BK, A_BV, A_BO, A_QW, A_KW, A_LEN };
+enum { A_H, A_NH, A_NKV, A_HD, A_QNORM, A_KNORM, A_ROOM, A_POS, A_BQ, A_BK, A_BV, A_BO, A_QW, A_KW, A_ADD, A_LEN };
 enum { F_QEPS, F_QSHIFT, F_KEPS, F_KSHIFT, F_SCALE, F_LEN };
 
 /* v [k] *= rsqrt(mean(v^2) + eps) * (w + shift) */
@@ -400,8 +427,87 @@ static void rotate(float *v, int hd, const float *cs, const float *sn) {
     }
 }
 
+/* e^x, 8 at a time (Cephes' expf polynomial; within 2 ulp of expf for x in [-87, 88]; x below
+ * -87 gives e^-87, which a softmax over a maximum of 1 cannot tell from 0) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* the sums of 8 vectors, as one vector: lane j = sum of a[j]'s 8 lanes */
+static inline __m256 hsum8x8(const __m256 *a) {
+    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* one head: o [hd] = softmax(scale * K q) V over n positions of kh, vh [n, hd]; sc [n] scratch.
+ * Scores 8 positions at a time (independent sums), exponentials 8 at a time, o held in
+ * registers 64 values at a time. */
+static void attend(const float *qh, const float *kh, const float *vh, int n, int hd, float scale, float *sc,
+                   float *o) {
+    int p = 0;
+    if (hd % 8 == 0)
+        for (; p + 8 <= n; p += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int i = 0; i < hd; i += 8) {
+                __m256 qv = _mm256_loadu_ps(qh + i);
+                for (int j = 0; j < 8; j++)
+                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (size_t)(p + j) * hd + i), acc[j]);
+            }
+            _mm256_storeu_ps(sc + p, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+        }
+    for (; p < n; p++) {
+        float s = 0.f;
+        for (int i = 0; i < hd; i++) s += qh[i] * kh[(size_t)p * hd + i];
+        sc[p] = s * scale;
+    }
+    float mx = -INFINITY, sum = 0.f;
+    for (p = 0; p < n; p++) mx = fmaxf(mx, sc[p]);
+    __m256 sumv = _mm256_setzero_ps();
+    for (p = 0; p + 8 <= n; p += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + p), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(sc + p, e);
+        sumv = _mm256_add_ps(sumv, e);
+    }
+    for (; p < n; p++) sum += (sc[p] = expf(sc[p] - mx));
+    float inv = 1.f / (sum + hsum8(sumv));
+    if (hd % 8 == 0) {
+        for (int i0 = 0; i0 < hd; i0 += 64) {
+            int nv = (hd - i0 < 64 ? hd - i0 : 64) / 8;
+            __m256 acc[8];
+            for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+            for (p = 0; p < n; p++) {
+                __m256 w = _mm256_set1_ps(sc[p]);
+                const float *vp = vh + (size_t)p * hd + i0;
+                for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * v), acc[v]);
+            }
+            for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + i0 + 8 * v, _mm256_mul_ps(acc[v], _mm256_set1_ps(inv)));
+        }
+        return;
+    }
+    for (int i = 0; i < hd; i++) o[i] = 0.f;
+    for (p = 0; p < n; p++)
+        for (int i = 0; i < hd; i++) o[i] += sc[p] * vh[(size_t)p * hd + i];
+    for (int i = 0; i < hd; i++) o[i] *= inv;
+}
+
 /* One token x [h] at position a[A_POS] of a cache of a[A_ROOM] positions: kbuf and vbuf
- * [nkv, room, hd] float32 receive its key and value at pos; out [h] = o(attention). desc: 4
+ * [nkv, room, hd] float32 receive its key and value at pos; out [h] = o(attention), or out +=
+ * o(attention) when a[A_ADD] (a residual connection). desc: 4
  * matrices (q, k, v, o) of D_LEN int64; cs, sn [hd] its rotary cos and sin. */
 int hetegen_attention_decode(const int64_t *desc, const int64_t *a, const float *f, const float *x, const float *cs,
                              const float *sn, float *kbuf, float *vbuf, float *out, int threads) {
@@ -460,39 +566,17 @@ int hetegen_attention_decode(const int64_t *desc, const int64_t *a, const float 
             }
             float scale = f[F_SCALE];
 #pragma omp for schedule(static)
-            for (int j = 0; j < nh; j++) {
-                const float *qh = q + (size_t)j * hd;
-                const float *kh = kbuf + (size_t)(j / group) * room * hd, *vh = vbuf + (size_t)(j / group) * room * hd;
-                float mx = -INFINITY, sum = 0.f;
-                for (int p = 0; p < n; p++) {
-                    const float *kp = kh + (size_t)p * hd;
-                    __m256 acc = _mm256_setzero_ps();
-                    int i = 0;
-                    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kp + i), acc);
-                    float s = hsum8(acc);
-                    for (; i < hd; i++) s += qh[i] * kp[i];
-                    sc[p] = s * scale;
-                    mx = fmaxf(mx, sc[p]);
-                }
-                for (int p = 0; p < n; p++) sum += (sc[p] = expf(sc[p] - mx));
-                float *o = att + (size_t)j * hd, inv = 1.f / sum;
-                for (int i = 0; i < hd; i++) o[i] = 0.f;
-                for (int p = 0; p < n; p++) {
-                    const float *vp = vh + (size_t)p * hd;
-                    float w = sc[p] * inv;
-                    int i = 0;
-                    for (; i + 8 <= hd; i += 8)
-                        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vp + i),
-                                                                _mm256_loadu_ps(o + i)));
-                    for (; i < hd; i++) o[i] += w * vp[i];
-                }
-            }
+            for (int j = 0; j < nh; j++)
+                attend(q + (size_t)j * hd, kbuf + (size_t)(j / group) * room * hd,
+                       vbuf + (size_t)(j / group) * room * hd, n, hd, scale, sc, att + (size_t)j * hd);
             int split = dout[D_FMT] == 0;
 #pragma omp for schedule(static)
             for (int b = 0; b < nbq; b++) quantize_row(att + 32 * b, 32, aq + 32 * b, as + b, as + nbq + b, split);
             const float *bo = (const float *)a[A_BO];
+            int add = a[A_ADD] != 0;
 #pragma omp for schedule(static)
-            for (int r = 0; r < h; r++) out[r] = row_dot(dout, r, aq, as, as + nbq, comb) + (bo ? bo[r] : 0.f);
+            for (int r = 0; r < h; r++)
+                out[r] = (add ? out[r] : 0.f) + row_dot(dout, r, aq, as, as + nbq, comb) + (bo ? bo[r] : 0.f);
         }
         free(comb), free(sc);
     }

@@ -211,7 +211,10 @@ def select_token(logits: Any, sampling: SamplingOptions, generator: Any = None) 
     import torch
 
     if sampling.greedy:
-        token = int(torch.argmax(logits).item())
+        if logits.dtype is torch.float32 and logits.device.type == "cpu" and logits.is_contiguous():
+            token = int(logits.numpy().argmax())  # the same first maximum (or NaN), ~10x faster than torch's
+        else:
+            token = int(torch.argmax(logits).item())
         if not math.isfinite(float(logits[token])):  # argmax picks a NaN where there is one
             raise _non_finite()
         return token

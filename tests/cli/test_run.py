@@ -501,7 +501,7 @@ def test_quant_int4_runs_a_quantized_copy_on_the_cpu(tiny_llama_dir, hetegen_hom
     if ACTIVATIONS == "float32":  # hetegen's kernels: one call per norm and attention (2
         # layers); down_proj takes 136 inputs, not a multiple of 32, so it stays on torch's
         # kernel: no fused MLP
-        want = {"mlps": 0, "norms": 5, "attentions": 2, "layers": 0, "experts": 0, "rejected": 0}
+        want = {"mlps": 0, "norms": 5, "attentions": 2, "layers": 0, "model": 0, "experts": 0, "rejected": 0}
         assert doc["fused"] == want  # no fused MLP: no fused layer
     else:
         assert doc["fused"] is None

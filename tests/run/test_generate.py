@@ -50,6 +50,17 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     assert wide == {1, 2}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_maximum_and_refuses_nan(dtype):
+    """float32 on the CPU goes through numpy's argmax, other dtypes through torch's: the same
+    answer (the first of tied maxima), and a NaN is refused either way."""
+    greedy = SamplingOptions()
+    assert select_token(torch.tensor([0.5, 2.0, -1.0, 2.0], dtype=dtype), greedy) == 1
+    assert select_token(torch.arange(50_000, dtype=torch.float32).to(dtype).flip(0), greedy) == 0
+    with pytest.raises(Exception, match="NaN"):
+        select_token(torch.tensor([0.5, float("nan"), 3.0], dtype=dtype), greedy)
+
+
 # --------------------------------------------------------------------------------- stopping
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,6 +83,27 @@ def close_enough(got: torch.Tensor, want: torch.Tensor) -> bool:
     return (got - want).abs().max().item() <= CHECK_RTOL * max(1e-6, want.abs().max().item())
 
 
+def cache_key(forward: Callable) -> str:
+    """The keyword a transformers forward takes its KV cache by: `cache` (transformers >= 5.2x)
+    or `past_key_values`; for a forward that names neither (*args, **kwargs), the one this
+    transformers' LLaMA attention names."""
+    for f in (forward, _llama_attention_forward()):
+        try:
+            params = inspect.signature(f).parameters
+        except (TypeError, ValueError):
+            continue
+        for key in ("cache", "past_key_values"):
+            if key in params:
+                return key
+    return "past_key_values"
+
+
+def _llama_attention_forward() -> Callable:
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return LlamaAttention.forward
+
+
 class GatedFFN:
     """Units u = (gate, up, down), each a `matrix` description: `add(x, sel, coef, out)` adds
     sum_j coef[j] * down_u(silu(gate_u(x)) * up_u(x)) over u = sel[j], in that order, to
@@ -140,6 +162,7 @@ class Fusions:
     experts: int = 0  # MoE layers whose chosen CPU experts are one call (GatedFFN, built at load)
     attentions: int = 0
     layers: int = 0  # decoder layers whose fused parts are called straight (_LayerStep)
+    model: int = 0  # 1 when a decode step of the whole model calls its layers straight (_ModelStep)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -147,6 +170,7 @@ class Fusions:
             "norms": self.norms,
             "attentions": self.attentions,
             "layers": self.layers,
+            "model": self.model,
             "experts": self.experts,
             "rejected": self.rejected,
         }
@@ -195,7 +219,16 @@ def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> 
                 module.forward = whole
                 layers += 1
             rejected += agrees is False
-    return Fusions(mlps, norms, rejected, experts, attentions, layers)
+    whole_model = 0
+    if new_cache is not None and "forward" not in vars(model) and (top := _model_forward(model)) is not None:
+        agrees = _model_agrees(model, top, new_cache, gen)
+        for layer in top.layers:  # counted while checking the model
+            layer.taken = layer.attn.taken = 0
+        if agrees:
+            model.forward = top
+            whole_model = 1
+        rejected += agrees is False
+    return Fusions(mlps, norms, rejected, experts, attentions, layers, whole_model)
 
 
 def _takes_one_argument(module: nn.Module) -> bool:
@@ -439,11 +472,7 @@ def _step_agrees(
     with random rotary angles: True when every output is close, False when one is not, None
     when the fused path was not taken (e.g. a sliding-window cache layer) or `own` answers
     in another form."""
-    try:
-        params = inspect.signature(own).parameters
-    except (TypeError, ValueError):
-        return None
-    key = "past_key_values" if "past_key_values" in params else "cache"  # transformers < 5.2x: the former
+    key = cache_key(own)
     caches = new_cache(), new_cache()
 
     def rope(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,3 +552,104 @@ def _layer_forward(layer: nn.Module) -> _LayerStep | None:
     ):
         return None
     return _LayerStep(layer)
+
+
+class _ModelStep:
+    """A decode step of a whole causal LM whose decoder layers are all fused (_LayerStep):
+    embedding, rotary, the layers' steps called straight, final norm and LM head, without
+    transformers' model-level work (masks, output bookkeeping, module calls). Only one new
+    token of a batch of one, with a cache and nothing else asked (no mask, positions, embeddings,
+    labels or extra outputs); anything else goes to the model's own forward. Its signature is
+    the model's, for callers that inspect it."""
+
+    #: keyword arguments the step takes (with the values it takes them at, None: any)
+    TAKES = ("input_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.own, self.base, self.head = model.forward, model.model, model.lm_head
+        self.layers = [layer.forward for layer in model.model.layers]
+        self.layer_key = cache_key(self.layers[0].own)  # for a layer step that hands over to its own
+        self.__signature__ = inspect.signature(self.own)
+        self.taken = 0
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        self.output = CausalLMOutputWithPast
+        fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+        self.cache_field = "cache" if "cache" in fields else "past_key_values"  # transformers < 5.2x
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if args or ids is None or cache is None or any(k not in self.TAKES for k in kwargs):
+            return self.own(*args, **kwargs)
+        if ids.shape != (1, 1) or ids.device.type != "cpu" or kwargs.get("logits_to_keep", 1) != 1:
+            return self.own(*args, **kwargs)
+        if not kwargs.get("use_cache", True) or not kwargs.get("return_dict", True):
+            return self.own(*args, **kwargs)
+        past = cache.get_seq_length()
+        if past == 0:
+            return self.own(*args, **kwargs)
+        positions = torch.tensor([[past]])
+        h = self.base.embed_tokens(ids)
+        rope = self.base.rotary_emb(h, positions)
+        for layer in self.layers:
+            h = layer(
+                h,
+                attention_mask=None,
+                position_embeddings=rope,
+                position_ids=positions,
+                use_cache=True,
+                **{self.layer_key: cache},
+            )
+        logits = self.head(self.base.norm(h))
+        self.taken += 1
+        return self.output(logits=logits, **{self.cache_field: cache})
+
+
+def _model_forward(model: nn.Module) -> _ModelStep | None:
+    """The fused step for a causal LM with `model.embed_tokens`, `rotary_emb`, `layers` (all
+    fused), `norm` and an `lm_head`, or None."""
+    base = getattr(model, "model", None)
+    if not isinstance(base, nn.Module) or not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return None
+    parts = [getattr(base, n, None) for n in ("embed_tokens", "rotary_emb", "layers", "norm")]
+    if not all(isinstance(p, nn.Module) for p in parts):
+        return None
+    if not len(base.layers) or not all(isinstance(layer.forward, _LayerStep) for layer in base.layers):
+        return None
+    try:
+        return _ModelStep(model)
+    except (ImportError, TypeError, ValueError):
+        return None
+
+
+def _model_agrees(
+    model: nn.Module, step: _ModelStep, new_cache: Callable[[], Any], gen: torch.Generator
+) -> bool | None:
+    """Four decode steps of the fused model against its own forward, each on its own cache
+    holding the same three-token prompt: True when every step's logits are close, False when
+    one is not, None when the fused path was not taken."""
+    key = cache_key(step.own)
+    vocab = (
+        step.base.embed_tokens.num_embeddings if hasattr(step.base.embed_tokens, "num_embeddings") else None
+    )
+    if not isinstance(vocab, int):
+        return None
+    caches = new_cache(), new_cache()
+    ids = torch.randint(0, vocab, (1, 7), generator=gen)
+    with torch.no_grad():
+        for cache in caches:
+            step.own(input_ids=ids[:, :3], use_cache=True, **{key: cache})
+        for i in range(3, 7):
+            want = step.own(
+                input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[0]}
+            ).logits
+            got = step(
+                input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[1]}
+            ).logits
+            if not close_enough(got.float(), want.float()):
+                return False
+    if step.taken != 4:
+        return None
+    step.taken = 0
+    return True

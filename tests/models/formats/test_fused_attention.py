@@ -1,18 +1,19 @@
-"""The fused decode steps of attention and of a whole decoder layer (models.formats.fused,
-hetegen_attention_decode): an attention module in one kernel call at one token, a pre-norm
-layer in one Python call, against transformers' own forwards on the same quantized weights,
-for each form they take; anything else keeps transformers' forward."""
+"""The fused decode steps of attention, of a whole decoder layer and of the whole model
+(models.formats.fused, hetegen_attention_decode): an attention module in one kernel call at
+one token, a pre-norm layer in one Python call, the model's layers called straight, against
+transformers' own forwards on the same quantized weights, for each form they take; anything
+else keeps transformers' forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 from hetegen_cli.models.formats import cpu_kernels, fused
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
-from hetegen_cli.models.loading.cache import new_cache
+from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.loading.quantized_loader import fuse_for_decode
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="hetegen's CPU kernels are unavailable")
@@ -47,6 +48,7 @@ ARCHS = {
     ),
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+KW = cache_keyword(LlamaForCausalLM)  # transformers < 5.2x: past_key_values
 
 
 def quantized_attention_model(model_type: str, fmt: str = "int4") -> torch.nn.Module:
@@ -75,7 +77,7 @@ def steps(model, cache, prompt: list[int], n: int) -> tuple[list[int], list[torc
     with torch.inference_mode():
         ids = torch.tensor([prompt])
         for _ in range(n + 1):
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=ids, use_cache=True, **{KW: cache}).logits[0, -1]
             logits_seen.append(logits)
             tokens.append(int(logits.argmax()))
             ids = torch.tensor([[tokens[-1]]])
@@ -97,6 +99,7 @@ def test_fused_attention_gives_transformers_logits(model_type):
     model = quantized_attention_model(model_type)
     fusions = fuse_for_decode(model)
     assert (fusions.attentions, fusions.layers) == ARCHS[model_type][1:] and fusions.rejected == 0
+    assert fusions.model == (fusions.layers == 2)  # every layer fused: the model step too
     prompt = [5, 9, 11, 17, 3]
     want_tokens, want = steps(reference, new_cache(reference, 32), prompt, 10)
     got_tokens, got = steps(model, new_cache(model, 32), prompt, 10)
@@ -137,14 +140,14 @@ def test_a_mask_or_moved_weights_get_transformers_forward():
     rope = model.model.rotary_emb(x, torch.tensor([[3]]))
     with torch.inference_mode():
         mask = torch.zeros(1, 1, 1, 4)  # padding or a window: transformers applies it
-        call = dict(hidden_states=x, position_embeddings=rope, attention_mask=mask, cache=cache)
+        call = dict(hidden_states=x, position_embeddings=rope, attention_mask=mask, **{KW: cache})
         want = LlamaAttention.forward(attn, **call)
         cache.crop(-1)
         got = attn(**call)
         assert torch.equal(got[0], want[0])
         assert attn.forward.taken == 0
         attn._apply(lambda t: t.clone())  # what .to() does: the described addresses are stale
-        attn(hidden_states=x, position_embeddings=rope, attention_mask=None, cache=cache)
+        attn(hidden_states=x, position_embeddings=rope, attention_mask=None, **{KW: cache})
         assert attn.forward.taken == 0
 
 
@@ -200,7 +203,7 @@ def test_a_fused_layer_hands_a_masked_step_to_its_own_forward():
     call = dict(
         attention_mask=torch.zeros(1, 1, 1, 4),
         position_embeddings=model.model.rotary_emb(x, torch.tensor([[3]])),
-        cache=cache,
+        **{KW: cache},
     )
     with torch.inference_mode():
         want = LlamaDecoderLayer.forward(layer, x, **call)
@@ -213,7 +216,7 @@ def test_attention_is_fused_only_with_a_cache_to_check_it_on():
     model = quantized_attention_model("llama")
     assert fused.fuse_model(model).attentions == 0
     both = fuse_for_decode(model)
-    assert (both.attentions, both.layers) == (2, 2)
+    assert (both.attentions, both.layers, both.model) == (2, 2, 1)
     assert fuse_for_decode(model) == fused.Fusions()  # fused already: left as it is
 
 
@@ -224,3 +227,34 @@ def test_int8_projections_fuse_too():
     got_tokens, got = steps(model, new_cache(model, 32), [5, 9, 11], 6)
     assert got_tokens == want_tokens and taken(model) == 12
     torch.testing.assert_close(got[-1], want[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_step_keeps_the_signature_and_hands_other_calls_to_the_model():
+    """Callers inspect model.forward (run.generate asks for logits_to_keep and the cache's
+    keyword): the fused step shows the model's own signature. A prompt, a mask or more than
+    one token go to the model's own forward."""
+    import inspect
+
+    from hetegen_cli.run.generate import _supports_logits_to_keep
+
+    reference, model = quantized_attention_model("qwen3"), quantized_attention_model("qwen3")
+    own_params = inspect.signature(model.forward).parameters
+    assert fuse_for_decode(model).model == 1
+    assert "forward" in vars(model) and inspect.signature(model.forward).parameters == own_params
+    assert _supports_logits_to_keep(model)
+    cache, want_cache = new_cache(model, 32), new_cache(reference, 32)
+    with torch.inference_mode():
+        ids = torch.tensor([[5, 9, 11]])
+        got = model(input_ids=ids, use_cache=True, **{KW: cache}).logits  # a prompt: own forward
+        want = reference(input_ids=ids, use_cache=True, **{KW: want_cache}).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        step = torch.tensor([[7]])
+        mask = torch.ones(1, 4, dtype=torch.long)
+        got = model(input_ids=step, attention_mask=mask, use_cache=True, **{KW: cache}).logits
+        want = reference(input_ids=step, attention_mask=mask, use_cache=True, **{KW: want_cache}).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert model.forward.taken == 0
+        got = model(input_ids=torch.tensor([[3]]), use_cache=True, **{KW: cache}, logits_to_keep=1)
+        want = reference(input_ids=torch.tensor([[3]]), use_cache=True, **{KW: want_cache}, logits_to_keep=1)
+        assert model.forward.taken == 1 and got.logits.shape == want.logits.shape
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from hetegen_cli.models.loading import cache as cache_mod
-from hetegen_cli.models.loading.cache import new_cache
+from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 
+KW = cache_keyword(LlamaForCausalLM)  # transformers < 5.2x: past_key_values
 COMMON = dict(
     vocab_size=96,
     hidden_size=32,
@@ -30,13 +32,13 @@ def steps(model, cache, prompt: list[int], n: int, crop_at: int | None = None) -
     """Logits [V] of a prefill and n greedy one-token steps (cache.crop(-2) after step crop_at)."""
     out = []
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=torch.tensor([prompt]), use_cache=True, **{KW: cache}).logits[0, -1]
         out.append(logits)
         for i in range(n):
             if i == crop_at:
                 cache.crop(-2)
             token = int(logits.argmax())
-            logits = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=torch.tensor([[token]]), use_cache=True, **{KW: cache}).logits[0, -1]
             out.append(logits)
     return out
 

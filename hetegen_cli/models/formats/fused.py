@@ -185,13 +185,14 @@ def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> 
         return Fusions()
     mlps = norms = rejected = experts = attentions = 0
     gen = torch.Generator().manual_seed(0)
+    two_caches = _reused(new_cache) if new_cache is not None else None
     for module in list(model.modules()):
         if any(isinstance(getattr(module, a, None), GatedFFN) for a in ("fused", "cpu_fused")):
             experts += 1
         if "forward" in vars(module):
             continue
         if new_cache is not None and (step := _attention_forward(module)) is not None:
-            agrees = _step_agrees(step, step.own, new_cache, step.hidden, step.head_dim, gen)
+            agrees = _step_agrees(step, step.own, two_caches, step.hidden, step.head_dim, gen)
             if agrees:
                 module.forward = step
                 attentions += 1
@@ -211,17 +212,22 @@ def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> 
         else:
             rejected += 1
     layers = 0
+    verdicts: dict[tuple, bool | None] = {}  # one check per kind of layer: the same code joins its parts
     for module in list(model.modules()) if new_cache is not None else []:  # their parts are fused now
         if "forward" not in vars(module) and (whole := _layer_forward(module)) is not None:
-            agrees = _step_agrees(whole, whole.own, new_cache, whole.hidden, whole.attn.head_dim, gen)
-            whole.attn.taken = 0  # counted while checking the layer
-            if agrees:
+            kind = (type(module), type(module.self_attn), type(module.mlp))
+            if kind not in verdicts:
+                verdicts[kind] = _step_agrees(
+                    whole, whole.own, two_caches, whole.hidden, whole.attn.head_dim, gen
+                )
+                whole.attn.taken = 0  # counted while checking the layer
+            if verdicts[kind]:
                 module.forward = whole
                 layers += 1
-            rejected += agrees is False
+            rejected += verdicts[kind] is False
     whole_model = 0
     if new_cache is not None and "forward" not in vars(model) and (top := _model_forward(model)) is not None:
-        agrees = _model_agrees(model, top, new_cache, gen)
+        agrees = _model_agrees(model, top, two_caches, gen)
         for layer in top.layers:  # counted while checking the model
             layer.taken = layer.attn.taken = 0
         if agrees:
@@ -229,6 +235,25 @@ def fuse_model(model: nn.Module, new_cache: Callable[[], Any] | None = None) -> 
             whole_model = 1
         rejected += agrees is False
     return Fusions(mlps, norms, rejected, experts, attentions, layers, whole_model)
+
+
+def _reused(new_cache: Callable[[], Any]) -> Callable[[], list]:
+    """Two empty caches for a check, made once and reset for the next one (building a
+    transformers cache reads its config hundreds of times)."""
+    made: list = []
+
+    def two() -> list:
+        if made:
+            try:
+                for cache in made:
+                    cache.reset()
+                return made
+            except AttributeError:  # a cache without reset: new ones
+                made.clear()
+        made.extend((new_cache(), new_cache()))
+        return made
+
+    return two
 
 
 def _takes_one_argument(module: nn.Module) -> bool:
@@ -465,15 +490,15 @@ def _qk_norm(norm: Any, hd: int, heads: int) -> tuple[int, torch.Tensor | None, 
 
 
 def _step_agrees(
-    step: Any, own: Callable, new_cache: Callable[[], Any], hidden: int, hd: int, gen: torch.Generator
+    step: Any, own: Callable, two_caches: Callable[[], list], hidden: int, hd: int, gen: torch.Generator
 ) -> bool | None:
-    """Three decode steps of a fused attention or decoder layer (`step`, which counts the
+    """Two decode steps of a fused attention or decoder layer (`step`, which counts the
     steps it `taken`) against `own`, each on its own cache holding the same three-token prompt,
     with random rotary angles: True when every output is close, False when one is not, None
     when the fused path was not taken (e.g. a sliding-window cache layer) or `own` answers
     in another form."""
     key = cache_key(own)
-    caches = new_cache(), new_cache()
+    caches = two_caches()
 
     def rope(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         angle = torch.rand(1, n, hd // 2, generator=gen) * 6.3
@@ -489,7 +514,7 @@ def _step_agrees(
         x, pe = torch.randn(1, 3, hidden, generator=gen), rope(3)
         for cache in caches:
             call(own, x, pe, cache)
-        for _ in range(3):
+        for _ in range(2):
             x, pe = torch.randn(1, 1, hidden, generator=gen), rope(1)
             want = call(own, x, pe, caches[0])
             taken = step.taken
@@ -624,9 +649,9 @@ def _model_forward(model: nn.Module) -> _ModelStep | None:
 
 
 def _model_agrees(
-    model: nn.Module, step: _ModelStep, new_cache: Callable[[], Any], gen: torch.Generator
+    model: nn.Module, step: _ModelStep, two_caches: Callable[[], list], gen: torch.Generator
 ) -> bool | None:
-    """Four decode steps of the fused model against its own forward, each on its own cache
+    """Two decode steps of the fused model against its own forward, each on its own cache
     holding the same three-token prompt: True when every step's logits are close, False when
     one is not, None when the fused path was not taken."""
     key = cache_key(step.own)
@@ -635,12 +660,12 @@ def _model_agrees(
     )
     if not isinstance(vocab, int):
         return None
-    caches = new_cache(), new_cache()
-    ids = torch.randint(0, vocab, (1, 7), generator=gen)
+    caches = two_caches()
+    ids = torch.randint(0, vocab, (1, 5), generator=gen)
     with torch.no_grad():
         for cache in caches:
             step.own(input_ids=ids[:, :3], use_cache=True, **{key: cache})
-        for i in range(3, 7):
+        for i in range(3, 5):
             want = step.own(
                 input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[0]}
             ).logits
@@ -649,7 +674,7 @@ def _model_agrees(
             ).logits
             if not close_enough(got.float(), want.float()):
                 return False
-    if step.taken != 4:
+    if step.taken != 2:
         return None
     step.taken = 0
     return True

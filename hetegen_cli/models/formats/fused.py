@@ -510,19 +510,22 @@ def _step_agrees(
         out = out[0] if isinstance(step, _AttentionStep) else out
         return out if isinstance(out, torch.Tensor) else None
 
-    with torch.no_grad():
-        x, pe = torch.randn(1, 3, hidden, generator=gen), rope(3)
-        for cache in caches:
-            call(own, x, pe, cache)
-        for _ in range(2):
-            x, pe = torch.randn(1, 1, hidden, generator=gen), rope(1)
-            want = call(own, x, pe, caches[0])
-            taken = step.taken
-            got = call(step, x, pe, caches[1])
-            if step.taken == taken or want is None or got is None:
-                return None
-            if not close_enough(got, want.float()):
-                return False
+    try:
+        with torch.no_grad():
+            x, pe = torch.randn(1, 3, hidden, generator=gen), rope(3)
+            for cache in caches:
+                call(own, x, pe, cache)
+            for _ in range(2):
+                x, pe = torch.randn(1, 1, hidden, generator=gen), rope(1)
+                want = call(own, x, pe, caches[0])
+                taken = step.taken
+                got = call(step, x, pe, caches[1])
+                if step.taken == taken or want is None or got is None:
+                    return None
+                if not close_enough(got, want.float()):
+                    return False
+    except Exception:  # a module this check cannot drive (e.g. a partial rotary) stays as it is
+        return None
     step.taken = 0
     return True
 
@@ -662,18 +665,21 @@ def _model_agrees(
         return None
     caches = two_caches()
     ids = torch.randint(0, vocab, (1, 5), generator=gen)
-    with torch.no_grad():
-        for cache in caches:
-            step.own(input_ids=ids[:, :3], use_cache=True, **{key: cache})
-        for i in range(3, 5):
-            want = step.own(
-                input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[0]}
-            ).logits
-            got = step(
-                input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[1]}
-            ).logits
-            if not close_enough(got.float(), want.float()):
-                return False
+    try:
+        with torch.no_grad():
+            for cache in caches:
+                step.own(input_ids=ids[:, :3], use_cache=True, **{key: cache})
+            for i in range(3, 5):
+                want = step.own(
+                    input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[0]}
+                ).logits
+                got = step(
+                    input_ids=ids[:, i : i + 1], use_cache=True, logits_to_keep=1, **{key: caches[1]}
+                ).logits
+                if not close_enough(got.float(), want.float()):
+                    return False
+    except Exception:  # a model this check cannot drive stays as it is
+        return None
     if step.taken != 2:
         return None
     step.taken = 0

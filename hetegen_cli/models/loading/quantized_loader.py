@@ -27,7 +27,7 @@ from hetegen_cli.core.console import activity, progress
 from hetegen_cli.core.devices import dtype_name
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.models.formats import cpu_kernels, fused
+from hetegen_cli.models.formats import cpu_kernels, decode_steps, fused
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
 from hetegen_cli.models.formats.quant_experts import load_quant_experts
@@ -39,10 +39,12 @@ from hetegen_cli.models.shapes.quantfile import linear_formats, quant_label, rea
 
 
 def fuse_for_decode(model: Any) -> fused.Fusions:
-    """One kernel call per attention, MLP and norm at a decode step where hetegen's kernels
-    compute what the module does (models.formats.fused); attentions are checked on a cache
-    like the one `run.generate` gives them."""
-    return fused.fuse_model(model, lambda: new_cache(model, 8))
+    """One kernel call per MLP and norm at a decode step where hetegen's kernels compute what
+    the module does (models.formats.fused), then one per attention, one Python call per
+    decoder layer and a step for the whole model (models.formats.decode_steps), checked on a
+    cache like the one `run.generate` gives them."""
+    parts = fused.fuse_model(model)
+    return parts + decode_steps.fuse_steps(model, lambda: new_cache(model, 8))
 
 
 def quantize_head(model: Any, group: int = quant.DEFAULT_GROUP_SIZE) -> QuantLinear | None:

@@ -11,22 +11,20 @@ the same keys and values, no copy of the past. Sliding-window layers stay transf
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
+
+from hetegen_cli.models.formats.decode_steps import cache_key
 
 #: the smallest room a GrowingLayer makes when it does not know the context (tokens)
 MIN_ROOM = 256
 
 
 def cache_keyword(model: Any) -> str:
-    """transformers >= 5.x names the KV-cache argument `cache`; 4.x `past_key_values`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    """The keyword `model`'s forward takes the KV cache by: `cache` (transformers >= 5.2x) or
+    `past_key_values` (models.formats.decode_steps.cache_key)."""
+    return cache_key(model.forward)
 
 
 def new_cache(model: Any, capacity: int | None = None) -> Any:

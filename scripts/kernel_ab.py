@@ -7,7 +7,8 @@ e.g. `git show HEAD~1:hetegen_cli/models/formats/kernels/quant_gemm.c > /tmp/old
 `python scripts/kernel_ab.py /tmp/old.c hetegen_cli/models/formats/kernels/quant_gemm.c`.
 Compiles both with cpu_kernels.FLAGS next to the sources, builds random int4 weights (int8
 for the LM head) in hetegen's layout, enough copies to rotate through ~48 MiB so that weights
-come from memory as in decoding, and times each call `rounds` times per build, the builds
+come from memory as in decoding (at least two copies, so that no call finds the previous
+call's weights in a 32 MiB L3), and times each call `rounds` times per build, the builds
 taking turns. Prints per call: each build's median microseconds, the speed ratio and the
 largest difference between their outputs. Needs AVX2 and a C compiler.
 """
@@ -58,7 +59,7 @@ def main() -> None:
     libs = [build(args.old), build(args.new)]
     h, inter, nh, nkv, hd, vocab = SHAPES[args.shape]
     threads = args.threads
-    copies = max(1, (48 << 20) // int(h * (3 * inter + 2 * h + 2 * nkv * hd) * 0.6))
+    copies = max(2, (48 << 20) // int(h * (3 * inter + 2 * h + 2 * nkv * hd) * 0.6))
     keep: list = []
     units = []
     for _ in range(copies):

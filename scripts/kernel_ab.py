@@ -5,7 +5,7 @@ Usage: python scripts/kernel_ab.py OLD.c NEW.c [--shape 135m|1.7b] [--pos 128] [
 
 e.g. `git show HEAD~1:hetegen_cli/models/formats/kernels/quant_gemm.c > /tmp/old.c`, then
 `python scripts/kernel_ab.py /tmp/old.c hetegen_cli/models/formats/kernels/quant_gemm.c`.
-Compiles both with cpu_kernels.FLAGS next to the sources, builds random int4 weights (int8
+Compiles both with cpu_kernels.FLAGS into a temporary folder, builds random int4 weights (int8
 for the LM head) in hetegen's layout, enough copies to rotate through ~48 MiB so that weights
 come from memory as in decoding (at least two copies, so that no call finds the previous
 call's weights in a 32 MiB L3), and times each call `rounds` times per build, the builds
@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from hetegen_cli.models.formats.quant import QuantLinear, quantize
 SHAPES = {"135m": (576, 1536, 9, 3, 64, 49152), "1.7b": (2048, 8192, 32, 32, 64, 49152)}
 
 
-def build(source: Path) -> ctypes.CDLL:
-    target = source.with_suffix(".so")
+def build(source: Path, folder: Path, name: str) -> ctypes.CDLL:
+    target = folder / f"{name}.so"  # a temporary folder: nothing is written next to the sources
     subprocess.run(["gcc", *cpu_kernels.FLAGS, str(source), "-o", str(target)], check=True)
     lib = ctypes.CDLL(str(target))
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -56,7 +57,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    libs = [build(args.old), build(args.new)]
+    folder = Path(tempfile.mkdtemp(prefix="hetegen-kernel-ab-"))
+    libs = [build(args.old, folder, "old"), build(args.new, folder, "new")]
     h, inter, nh, nkv, hd, vocab = SHAPES[args.shape]
     threads = args.threads
     copies = max(2, (48 << 20) // int(h * (3 * inter + 2 * h + 2 * nkv * hd) * 0.6))

@@ -155,3 +155,32 @@ def llama_from_values(config: dict, values: dict[str, torch.Tensor]):
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
     model.tie_weights()
     return model
+
+
+#: a decoder-only model small enough for a test, every width a multiple of 32 (hetegen's CPU
+#: kernels take it): the decode-step tests build each architecture from it
+TINY_DECODER = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def greedy_steps(model, cache, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """The generated greedy tokens and the logits [V] of a prefill and n one-token steps on
+    `cache`, passed under the keyword the installed transformers names."""
+    from hetegen_cli.models.loading.cache import cache_keyword
+
+    key, tokens, seen = cache_keyword(model), list(prompt), []
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        for _ in range(n + 1):
+            logits = model(input_ids=ids, use_cache=True, **{key: cache}).logits[0, -1]
+            seen.append(logits)
+            tokens.append(int(logits.argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens[len(prompt) :], seen

@@ -2,9 +2,9 @@
 quant_gemm.c: hetegen_attention_decode; docs/quant.md, "One call per attention, MLP, MoE
 layer and norm").
 
-An attention at one token is four quantized products and some forty small tensor ops, a
-decoder layer ten module calls, the model's forward masks and bookkeeping; on a small model
-they cost more than the arithmetic. `fuse_steps` gives, over the MLPs and norms that
+An attention at one token is four quantized products and dozens of small tensor ops, a
+decoder layer four module calls and two adds, the model's forward masks and bookkeeping; on a
+small model they cost more than the arithmetic. `fuse_steps` gives, over the MLPs and norms that
 models.formats.fused made one call each:
 
 - each LLaMA-style attention a step that makes one kernel call (`_AttentionStep`),
@@ -300,8 +300,8 @@ _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp
 class _LayerStep:
     """A pre-norm decoder layer, h = x + attn(norm1(x)), out = h + mlp(norm2(h)), at one
     token: its fused norms, attention and MLP called straight, the residual adds inside the
-    kernels (one Python call and four kernel calls where transformers makes ten module
-    calls). Anything the fused attention does not take, or parts moved since, goes to the
+    kernels (one Python call and four kernel calls where transformers makes four module
+    calls and two adds). Anything the fused attention does not take, or parts moved since, goes to the
     layer's own forward. `taken` counts the fused steps."""
 
     def __init__(self, layer: nn.Module) -> None:

@@ -15,18 +15,11 @@ from hetegen_cli.models.formats import cpu_kernels, fused
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
 from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.loading.quantized_loader import fuse_for_decode
+from tests.tiny_models import TINY_DECODER, greedy_steps
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="hetegen's CPU kernels are unavailable")
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+COMMON = TINY_DECODER
 #: model type -> (config extras, attentions fused, decoder layers fused): GQA (llama), q/k/v
 #: biases (qwen2), q/k norms per head (qwen3), over the whole projection (olmoe, whose MoE
 #: layers are not pre-norm MLP layers), Gemma's (1 + w) norms and query_pre_attn_scalar with
@@ -71,19 +64,6 @@ def quantized_attention_model(model_type: str, fmt: str = "int4") -> torch.nn.Mo
     return model
 
 
-def steps(model, cache, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and logits [V] of a prefill and n one-token steps."""
-    tokens, logits_seen = list(prompt), []
-    with torch.inference_mode():
-        ids = torch.tensor([prompt])
-        for _ in range(n + 1):
-            logits = model(input_ids=ids, use_cache=True, **{KW: cache}).logits[0, -1]
-            logits_seen.append(logits)
-            tokens.append(int(logits.argmax()))
-            ids = torch.tensor([[tokens[-1]]])
-    return tokens[len(prompt) :], logits_seen
-
-
 def taken(model) -> int:
     """Fused attention steps taken (inside fused layers too)."""
     return sum(getattr(layer.self_attn.forward, "taken", 0) for layer in model.model.layers)
@@ -101,8 +81,8 @@ def test_fused_attention_gives_transformers_logits(model_type):
     assert (fusions.attentions, fusions.layers) == ARCHS[model_type][1:] and fusions.rejected == 0
     assert fusions.model == (fusions.layers == 2)  # every layer fused: the model step too
     prompt = [5, 9, 11, 17, 3]
-    want_tokens, want = steps(reference, new_cache(reference, 32), prompt, 10)
-    got_tokens, got = steps(model, new_cache(model, 32), prompt, 10)
+    want_tokens, want = greedy_steps(reference, new_cache(reference, 32), prompt, 10)
+    got_tokens, got = greedy_steps(model, new_cache(model, 32), prompt, 10)
     assert taken(model) == 10 * fusions.attentions  # every decode step of every fused attention
     assert layers_taken(model) == 10 * fusions.layers
     assert got_tokens == want_tokens
@@ -114,8 +94,8 @@ def test_fused_attention_grows_a_full_cache_and_keeps_its_past():
     """Room for 7 positions, 12 used: the step makes room the way the cache's own update does."""
     reference, model = quantized_attention_model("llama"), quantized_attention_model("llama")
     fuse_for_decode(model)
-    want_tokens, want = steps(reference, new_cache(reference, 7), [5, 9, 11], 9)
-    got_tokens, got = steps(model, new_cache(model, 7), [5, 9, 11], 9)
+    want_tokens, want = greedy_steps(reference, new_cache(reference, 7), [5, 9, 11], 9)
+    got_tokens, got = greedy_steps(model, new_cache(model, 7), [5, 9, 11], 9)
     assert got_tokens == want_tokens and taken(model) == 18 and layers_taken(model) == 18
     torch.testing.assert_close(got[-1], want[-1], rtol=1e-4, atol=1e-5)
 
@@ -125,8 +105,8 @@ def test_a_plain_cache_gets_transformers_forward():
     forward, and the same tokens."""
     reference, model = quantized_attention_model("llama"), quantized_attention_model("llama")
     fuse_for_decode(model)
-    want, _ = steps(reference, DynamicCache(config=reference.config), [5, 9, 11], 6)
-    assert steps(model, DynamicCache(config=model.config), [5, 9, 11], 6)[0] == want
+    want, _ = greedy_steps(reference, DynamicCache(config=reference.config), [5, 9, 11], 6)
+    assert greedy_steps(model, DynamicCache(config=model.config), [5, 9, 11], 6)[0] == want
     assert taken(model) == 0 and layers_taken(model) == 0
 
 
@@ -135,7 +115,7 @@ def test_a_mask_or_moved_weights_get_transformers_forward():
     fuse_for_decode(model)
     attn = model.model.layers[0].self_attn
     cache = new_cache(model, 16)
-    steps(model, cache, [5, 9, 11], 0)  # the prompt: transformers' forward fills the cache
+    greedy_steps(model, cache, [5, 9, 11], 0)  # the prompt: transformers' forward fills the cache
     x = torch.randn(1, 1, COMMON["hidden_size"])
     rope = model.model.rotary_emb(x, torch.tensor([[3]]))
     with torch.inference_mode():
@@ -198,7 +178,7 @@ def test_a_fused_layer_hands_a_masked_step_to_its_own_forward():
     fuse_for_decode(model)
     layer = model.model.layers[0]
     cache = new_cache(model, 16)
-    steps(model, cache, [5, 9, 11], 0)
+    greedy_steps(model, cache, [5, 9, 11], 0)
     x = torch.randn(1, 1, COMMON["hidden_size"])
     call = dict(
         attention_mask=torch.zeros(1, 1, 1, 4),
@@ -223,8 +203,8 @@ def test_attention_is_fused_only_with_a_cache_to_check_it_on():
 def test_int8_projections_fuse_too():
     reference, model = quantized_attention_model("qwen3", "int8"), quantized_attention_model("qwen3", "int8")
     assert fuse_for_decode(model).attentions == 2
-    want_tokens, want = steps(reference, new_cache(reference, 32), [5, 9, 11], 6)
-    got_tokens, got = steps(model, new_cache(model, 32), [5, 9, 11], 6)
+    want_tokens, want = greedy_steps(reference, new_cache(reference, 32), [5, 9, 11], 6)
+    got_tokens, got = greedy_steps(model, new_cache(model, 32), [5, 9, 11], 6)
     assert got_tokens == want_tokens and taken(model) == 12
     torch.testing.assert_close(got[-1], want[-1], rtol=1e-4, atol=1e-5)
 

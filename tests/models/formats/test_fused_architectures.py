@@ -13,22 +13,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hetegen_cli.models.formats import cpu_kernels
 from hetegen_cli.models.formats.quant import QuantLinear, quantize
-from hetegen_cli.models.loading.cache import cache_keyword, new_cache
+from hetegen_cli.models.loading.cache import new_cache
 from hetegen_cli.models.loading.quantized_loader import fuse_for_decode
+from tests.tiny_models import TINY_DECODER, greedy_steps
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="hetegen's CPU kernels are unavailable")
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
-    pad_token_id=0,
-)
+COMMON = {**TINY_DECODER, "head_dim": 16, "pad_token_id": 0}
 #: model types, with what sets them apart from LLaMA's decode step
 ARCHS = [
     "glm",  # partial, interleaved rotary
@@ -62,24 +53,11 @@ def quantized(model_type: str, **extra) -> nn.Module:
     return model
 
 
-def greedy(model: nn.Module, n: int = 6) -> tuple[list[int], list[torch.Tensor]]:
-    cache, key = new_cache(model, 32), cache_keyword(model)
-    tokens, seen = [5, 9, 11], []
-    with torch.inference_mode():
-        ids = torch.tensor([tokens])
-        for _ in range(n + 1):
-            logits = model(input_ids=ids, use_cache=True, **{key: cache}).logits[0, -1]
-            seen.append(logits)
-            tokens.append(int(logits.argmax()))
-            ids = torch.tensor([[tokens[-1]]])
-    return tokens, seen
-
-
 def same_as_unfused(model_type: str, **extra):
     reference, model = quantized(model_type, **extra), quantized(model_type, **extra)
     fusions = fuse_for_decode(model)
-    want_tokens, want = greedy(reference)
-    got_tokens, got = greedy(model)
+    want_tokens, want = greedy_steps(reference, new_cache(reference, 32), [5, 9, 11], 6)
+    got_tokens, got = greedy_steps(model, new_cache(model, 32), [5, 9, 11], 6)
     assert got_tokens == want_tokens
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())

@@ -21,17 +21,21 @@ weights dtype before its matmul (engine.quant_host.DequantLinear); the CPU side 
 of its experts with QuantLinear's int8/int4 kernels (models.formats.quant_experts.CpuExpert,
 the plain quantized model's own), so an all-CPU plan gives that model's numbers.
 
-Prefill streaming (a layer placed with `stream_prefill`; floating-point experts): in prefill
-the layer's CPU-side experts are computed on the GPU instead. Their weights, held pinned in
-the CPU format, cross PCIe one expert at a time into one of two staging slots shared by every
-layer (`ExpertStream`) on a side stream: the next expert's copy runs while the GPU computes
-the current one, each copy waits until the computation that last read its slot is done, and
-each computation waits for its copy. Decode is unchanged.
+Prefill streaming (a layer placed with `stream_prefill`): in prefill the layer's CPU-side
+experts are computed on the GPU instead. Their weights, held pinned as the CPU holds them
+(floating-point experts in the CPU format; quantized ones as stored, on hetegen's CPU kernels,
+dequantized on the GPU one part at a time, as GPU-side experts are), cross PCIe one expert at a
+time into one of two staging slots shared by every layer (`ExpertStream`) on a side stream:
+the next expert's copy runs while the GPU computes the current one, each copy waits until the
+computation that last read its slot is done, and each computation waits for its copy. Decode
+is unchanged. A quantized layer whose CPU experts sit in torch's packed layout (no hetegen
+kernels on this CPU) has no stored form to copy and is computed on the CPU instead.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetegen_cli.core.errors import ModelError
-from hetegen_cli.engine.quant_host import DequantLinear, StoredLinear
+from hetegen_cli.engine.quant_host import DequantLinear, StoredLinear, dequantize
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant_experts import (
     CpuExpert,
+    StoredPart,
     copy_float_expert,
     expert_jobs,
     fused_experts,
@@ -75,6 +80,9 @@ class HeteroExperts(nn.Module):
         self.gpu_experts = nn.ModuleList()
         self.cpu_experts: list[CpuExpert] = []
         self.cpu_fused: Any = None  # their fused.GatedFFN, False where there is none (install_experts)
+        #: quantized streaming: (format, group, tensors) of each part; the pinned blocks held
+        self.stream_layout: list[tuple[str | None, int | None, int]] = []
+        self.pinned: list[torch.Tensor] = []
         self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
         device, wdt = context.backend.device, context.weights_dtype
@@ -82,10 +90,11 @@ class HeteroExperts(nn.Module):
         self.register_buffer("gpu_gate_up", torch.empty((n_gpu, 2 * i, h), dtype=wdt, device=device), False)
         self.register_buffer("gpu_down", torch.empty((n_gpu, h, i), dtype=wdt, device=device), False)
         cdt = context.cpu_dtypes[1]  # the decode format serves both phases (plan.memory.experts_bytes)
-        #: in prefill the CPU side's experts go to the GPU (pinned, for asynchronous copies)
-        self.streams = placement.stream_prefill and not self.quantized and bool(n_cpu)
+        #: in prefill the CPU side's experts go to the GPU (pinned, for asynchronous copies);
+        #: quantized ones only if held as stored (install_experts decides)
+        self.streams = placement.stream_prefill and bool(placement.cpu)
         backend = context.backend
-        if self.streams and backend.is_cuda:
+        if self.streams and not self.quantized and backend.is_cuda:
             with torch.inference_mode(False):
                 self.cpu_gate_up = backend.empty_pinned((n_cpu, 2 * i, h), cdt)
                 self.cpu_down = backend.empty_pinned((n_cpu, h, i), cdt)
@@ -103,7 +112,21 @@ class HeteroExperts(nn.Module):
         """Drop the host-held experts (the engine closes)."""
         self.cpu_gate_up = self.cpu_down = None
         self.cpu_experts = []
+        for arena in self.pinned:
+            self.context.backend.release_arena(arena)
+        self.pinned = []
         self.closed = True
+
+    def host_parts(self, j: int) -> tuple[torch.Tensor | None, ...]:
+        """CPU-side expert j's host tensors, in the order prefill streaming copies them."""
+        if not self.quantized:
+            return self.cpu_gate_up[j], self.cpu_down[j]
+        return tuple(t for _, _, tensors in self.cpu_experts[j].stored_parts() for t in tensors)
+
+    @property
+    def stream_bytes(self) -> int:
+        """Staging bytes one of its CPU-side experts takes (ExpertStream: aligned tensors)."""
+        return sum(_aligned(t.numel() * t.element_size()) for t in self.host_parts(0) if t is not None)
 
     def extra_repr(self) -> str:
         stored = f", quantized={self.placement.name}" if self.quantized else ""
@@ -163,23 +186,36 @@ class HeteroExperts(nn.Module):
         homes = [self.home[e] for e, _, _ in jobs]
         cpu_slots = [j for on_gpu, j in homes if not on_gpu]
         if cpu_slots:
-            stream.load(self.cpu_gate_up[cpu_slots[0]], self.cpu_down[cpu_slots[0]])
+            stream.load(self.host_parts(cpu_slots[0]))
         k = 0  # CPU-side experts done
         for (on_gpu, j), (pos, tok) in zip(homes, self._to_device(jobs), strict=True):
             x = hidden[tok]
             if on_gpu:
-                y = _expert(x, self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
+                y = self._compute(True, j, x)
             else:
                 if k + 1 < len(cpu_slots):  # the next one's copy runs while this one computes
-                    stream.load(self.cpu_gate_up[cpu_slots[k + 1]], self.cpu_down[cpu_slots[k + 1]])
-                gate_up, down = stream.take()
-                y = _expert(x, gate_up.to(wdt), down.to(wdt), self.act_fn)
+                    stream.load(self.host_parts(cpu_slots[k + 1]))
+                y = self._staged(x, stream.take(), wdt)
                 stream.release()
                 k += 1
             out.index_add_(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
         self.context.stats.experts_gpu += len(jobs) - len(cpu_slots)
         self.context.stats.experts_streamed += len(cpu_slots)
         return out
+
+    def _staged(
+        self, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], wdt: torch.dtype
+    ) -> torch.Tensor:
+        """A streamed expert on the GPU from the slot's tensors (host_parts' order): float
+        weights in `wdt`; quantized parts dequantized into `wdt` one at a time."""
+        if not self.quantized:
+            gate_up, down = tensors
+            return _expert(x, gate_up.to(wdt), down.to(wdt), self.act_fn)
+        it = iter(tensors)
+        parts = [(fmt, group, tuple(next(it) for _ in range(n))) for fmt, group, n in self.stream_layout]
+        gate = F.linear(x, _weight(parts[0], wdt))  # each weight freed after its matmul
+        up = F.linear(x, _weight(parts[1], wdt))
+        return F.linear(self.act_fn(gate) * up, _weight(parts[2], wdt))
 
     def _to_host(self, hidden: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Pinned host copies of the hidden states and routing weights, on the compute stream
@@ -233,54 +269,74 @@ class HeteroExperts(nn.Module):
 
 class ExpertStream:
     """Two staging slots on the device that prefill streaming copies CPU-side experts into, on
-    a side stream (plan.memory: the plan's `expert_staging_bytes`). Copies and computations
-    alternate between the slots in order: `load` issues the next copy, `take` waits for the
-    oldest one, `release` marks its slot free once the computation reading it is queued."""
+    a side stream (plan.memory: the plan's `expert_staging_bytes`), each `capacity` bytes that
+    an expert's tensors are laid into, 64-byte aligned. Copies and computations alternate
+    between the slots in order: `load` issues the next copy, `take` waits for the oldest one,
+    `release` marks its slot free once the computation reading it is queued."""
 
-    def __init__(self, backend: Any, spec: ExpertsSpec, dtype: torch.dtype) -> None:
+    def __init__(self, backend: Any, capacity: int) -> None:
         self.backend = backend
         self.copy_stream = backend.new_stream()
-        h, i = spec.hidden_size, spec.intermediate_size
-        device = backend.device
-        self.slots = [
-            (
-                torch.empty((2 * i, h), dtype=dtype, device=device),
-                torch.empty((h, i), dtype=dtype, device=device),
-            )
-            for _ in range(2)
-        ]
+        self.slots = [torch.empty(capacity, dtype=torch.uint8, device=backend.device) for _ in range(2)]
+        self.views: list[tuple[torch.Tensor | None, ...]] = [(), ()]
         self.ready: list[Any] = [None, None]
         self.free: list[Any] = [None, None]
         self.loaded = self.taken = 0  # copies issued, copies taken (slot = count % 2)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
+        return sum(slot.numel() for slot in self.slots)
 
-    def load(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """Issue the copy of one expert's weights (pinned host tensors) into the next slot."""
+    def load(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Issue the copy of one expert's host tensors (pinned on a GPU machine; None kept as
+        None) into the next slot."""
         if self.loaded - self.taken >= 2:
             raise RuntimeError("both staging slots are loaded: take one first")
         s = self.loaded % 2
         if self.free[s] is not None:  # the last computation that read this slot
             self.backend.wait_event(self.free[s], self.copy_stream)
-        dst_gate_up, dst_down = self.slots[s]
-        self.backend.to_device_async(dst_gate_up, gate_up, self.copy_stream)
-        self.backend.to_device_async(dst_down, down, self.copy_stream)
+        views, at = [], 0
+        for t in tensors:
+            if t is None:
+                views.append(None)
+                continue
+            n = t.numel() * t.element_size()
+            dst = self.slots[s][at : at + n].view(t.dtype).view(t.shape)
+            self.backend.to_device_async(dst, t, self.copy_stream)
+            views.append(dst)
+            at += _aligned(n)
+        self.views[s] = tuple(views)
         self.ready[s] = self.backend.record_event(self.copy_stream, self.ready[s])
         self.loaded += 1
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The oldest loaded slot, once its copy has landed (the compute stream waits)."""
+    def take(self) -> tuple[torch.Tensor | None, ...]:
+        """The oldest loaded slot's tensors, once its copy has landed (the compute stream
+        waits)."""
         s = self.taken % 2
         self.backend.wait_event(self.ready[s])
-        return self.slots[s]
+        return self.views[s]
 
     def release(self) -> None:
         """The computation reading the taken slot is queued: the slot is free after it."""
         s = self.taken % 2
         self.free[s] = self.backend.record_event(None, self.free[s])
         self.taken += 1
+
+
+def _weight(part: StoredPart, dtype: torch.dtype) -> torch.Tensor:
+    """One staged part's weight [out, in] in `dtype`, dequantized on its device if quantized
+    (engine.quant_host.dequantize; a symmetric int4 part's min is -8 times its scale)."""
+    fmt, group, tensors = part
+    if fmt is None:
+        return tensors[0].to(dtype)
+    if fmt == "int4" and tensors[2] is None:
+        tensors = (tensors[0], tensors[1], tensors[1] * -8)
+    return dequantize(fmt, group, tensors, dtype)
+
+
+def _aligned(nbytes: int) -> int:
+    """Bytes a tensor takes in a staging slot: every tensor starts 64-byte aligned."""
+    return -(-nbytes // 64) * 64
 
 
 def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
@@ -320,6 +376,22 @@ def _device_expert(reader: CheckpointReader, spec: ExpertsSpec, e: int, context:
     return DeviceExpert(parts, act_fn)
 
 
+def _pin(expert: CpuExpert, backend: Any) -> torch.Tensor:
+    """Move a CPU expert's kernel buffers into one page-locked block (so that prefill streaming
+    copies them asynchronously) and return the block, which they are views of."""
+    kernels = [op for op in expert.operands() if isinstance(op, nn.Module)]  # float parts stay pageable
+    buffers = [(op, name, b) for op in kernels for name, b in op._buffers.items() if b is not None]
+    arena = backend.pinned_arena(sum(_aligned(b.numel() * b.element_size()) for _, _, b in buffers))
+    at = 0
+    for op, name, b in buffers:
+        n = b.numel() * b.element_size()
+        view = arena[at : at + n].view(b.dtype).view(b.shape)
+        view.copy_(b)
+        op._buffers[name] = view
+        at += _aligned(n)
+    return arena
+
+
 def install_experts(
     model: nn.Module, placement: ExpertsPlacement, spec: ExpertsSpec, reader: CheckpointReader, context: Any
 ) -> HeteroExperts:
@@ -338,6 +410,13 @@ def install_experts(
         gate_up = experts.gpu_gate_up[j] if on_gpu else experts.cpu_gate_up[j]
         down = experts.gpu_down[j] if on_gpu else experts.cpu_down[j]
         copy_float_expert(reader, spec, e, gate_up, down)
+    if experts.quantized and experts.streams:
+        stored = [x.stored_parts() for x in experts.cpu_experts]
+        experts.streams = None not in stored
+        if experts.streams:
+            experts.stream_layout = [(fmt, group, len(tensors)) for fmt, group, tensors in stored[0]]
+            if context.backend.is_cuda:  # before fusing: the fused kernel reads their addresses
+                experts.pinned = [_pin(x, context.backend) for x in experts.cpu_experts]
     if experts.quantized and experts.cpu_experts:
         experts.cpu_fused = fused_experts(experts.cpu_experts) or False
     owner, _, attr = placement.name.rpartition(".")

@@ -138,9 +138,9 @@ def load_hetero_model(
             for x in experts:
                 context.experts.append(install_experts(model, x, by_name[x.name], reader, context))
                 bar.advance(task)
-            streaming = [by_name[m.placement.name] for m in context.experts if m.streams]
+            streaming = [m.stream_bytes for m in context.experts if m.streams]
             if streaming:  # one pair of staging slots for every layer (plan: expert_staging_bytes)
-                context.expert_stream = ExpertStream(backend, streaming[0], context.cpu_dtypes[1])
+                context.expert_stream = ExpertStream(backend, max(streaming))
             for p in split:
                 _install_split(
                     model, modules[p.name], p, reader, context, wdt, cdt, tied, embed_key, quant.get(p.name)

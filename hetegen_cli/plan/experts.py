@@ -113,8 +113,10 @@ def _fill(
 
 def staging_bytes(spec: ModelSpec, rates: cm.PhaseRates) -> int:
     """GPU bytes of the two staging buffers prefill streaming passes experts through: two
-    experts as the host holds them (the decode CPU format; engine.experts)."""
-    return 2 * round(max(x.expert_parameters for x in spec.experts) * rates.decode.cpu_dtype_bytes)
+    experts as the host holds them (quantized parts as stored, the others in the decode CPU
+    format; engine.experts). A quantized expert is then dequantized one part at a time into
+    the memory plan.memory.dequant_bytes sets aside."""
+    return 2 * round(max(x.host_expert_bytes(rates.decode.cpu_dtype_bytes) for x in spec.experts))
 
 
 def stream_in_prefill(
@@ -132,7 +134,7 @@ def stream_in_prefill(
         per_token = use.per_token(x.layer_index) if use is not None else None
         on_cpu = placed_layer_s(rates.prefill, x, per_token, p.gpu, tokens, quant=rates.quant)
         streamed = streamed_layer_s(rates.prefill, x, per_token, p.gpu, tokens)
-        stream = bool(p.cpu) and not x.part_quant and streamed < on_cpu
+        stream = bool(p.cpu) and streamed < on_cpu
         saved += on_cpu - streamed if stream else 0.0
         out.append(replace(p, stream_prefill=stream))
     layers = sum(p.stream_prefill for p in out)

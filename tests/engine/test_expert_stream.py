@@ -67,25 +67,25 @@ def test_a_plan_without_streaming_allocates_no_slots(tiny_moe):
 
 
 def test_the_slots_alternate_and_refuse_a_third_copy():
-    class Spec:
-        hidden_size, intermediate_size = 4, 3
-
     backend = StrictBackend()
-    stream = ExpertStream(backend, Spec(), torch.float32)
-    a = [
+    stream = ExpertStream(backend, 2 * 128)  # two tensors of at most 128 bytes each
+    a = (
         backend.empty_pinned((6, 4), torch.float32).fill_(1.0),
-        backend.empty_pinned((4, 3), torch.float32).fill_(1.0),
-    ]
-    b = [
+        None,  # a symmetric int4 part's min: kept as None
+        backend.empty_pinned((4, 3), torch.float16).fill_(1.0),
+    )
+    b = (
         backend.empty_pinned((6, 4), torch.float32).fill_(2.0),
-        backend.empty_pinned((4, 3), torch.float32).fill_(2.0),
-    ]
-    stream.load(*a)
-    stream.load(*b)
+        None,
+        backend.empty_pinned((4, 3), torch.float16).fill_(2.0),
+    )
+    stream.load(a)
+    stream.load(b)
     with pytest.raises(RuntimeError, match="both staging slots"):
-        stream.load(*a)
+        stream.load(a)
     first = stream.take()
-    assert torch.equal(first[0], a[0]) and torch.equal(first[1], a[1])
+    assert torch.equal(first[0], a[0]) and first[1] is None and torch.equal(first[2], a[2])
+    assert first[2].dtype == torch.float16 and first[2].data_ptr() % 64 == 0
     stream.release()
     second = stream.take()
     assert torch.equal(second[0], b[0]) and first[0].data_ptr() != second[0].data_ptr()
@@ -112,19 +112,16 @@ def test_a_slot_is_refilled_only_after_the_copy_stream_waited_for_its_reader():
             self.calls.append(("record", id(event), stream))
             return event
 
-    class Spec:
-        hidden_size, intermediate_size = 4, 3
-
     backend = Spy()
-    stream = ExpertStream(backend, Spec(), torch.float32)
+    stream = ExpertStream(backend, 2 * 128)
     parts = (torch.ones(6, 4), torch.ones(4, 3))
-    stream.load(*parts)
-    stream.load(*parts)
+    stream.load(parts)
+    stream.load(parts)
     stream.take()
     stream.release()
     freed = backend.calls[-1]
     assert freed[0] == "record" and freed[2] is None  # on the compute stream
-    stream.load(*parts)
+    stream.load(parts)
     wait, copy = backend.calls[-4], backend.calls[-3]
     assert wait == ("wait", freed[1], stream.copy_stream)
-    assert copy == ("copy", stream.slots[0][0].data_ptr(), stream.copy_stream)
+    assert copy == ("copy", stream.slots[0].data_ptr(), stream.copy_stream)

@@ -15,7 +15,7 @@ from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.core.errors import PlanError, UsageError
 from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.plan.costmodel.experts import expert_s, experts_step_s
+from hetegen_cli.plan.costmodel.experts import expert_copy_s, expert_s, experts_step_s
 from hetegen_cli.plan.document import ExpertsPlacement, check_plan_matches
 from hetegen_cli.plan.load import plan_from_dict
 from hetegen_cli.plan.manual import manual_plan
@@ -207,6 +207,25 @@ def test_prefill_streams_the_cpu_experts_where_pcie_beats_the_cpu(spec):
         spec, make_profile(gpu=False, ram_available=512 * GiB), replace(req, gpu_budget_bytes=None)
     )
     assert not any(x.stream_prefill for x in cpu_only.experts)
+
+
+def test_quantized_experts_stream_as_stored(spec):
+    """Int4 experts cross PCIe as stored (under a third of their bfloat16 copy time), the
+    staging buffers hold two stored experts, and the layers that stream predict a shorter
+    prefill."""
+    q4 = spec.quantized("int4", 32)
+    x = q4.experts[0]
+    req = PlanRequest(prompt_len=2048, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    plan = make_plan(q4, make_profile(ram_available=512 * GiB), req)
+    assert any(p.stream_prefill for p in plan.experts)
+    assert plan.memory.gpu.expert_staging_bytes == 2 * x.host_expert_bytes(2)
+    assert x.host_expert_bytes(2) < x.expert_parameters  # under a byte a weight
+    rates = simple_rates(cpu_dtype="bfloat16", weights_dtype="bfloat16")
+    assert expert_copy_s(rates, x) < expert_copy_s(rates, spec.experts[0]) / 3
+    tokens = req.prompt_len
+    with_stream = experts_step_s(rates, q4.experts, plan.experts, tokens, prefill=True)
+    without = experts_step_s(rates, q4.experts, _no_stream(plan.experts), tokens, prefill=True)
+    assert with_stream < without
 
 
 def test_stream_prefill_round_trips_and_older_plans_read_it_as_off(spec):

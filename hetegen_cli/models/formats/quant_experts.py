@@ -124,11 +124,47 @@ class CpuExpert:
             gate, up = self.gate(x), self.up(x)
         return self.down(self.act_fn(gate) * up)
 
+    def stored_parts(self) -> list[StoredPart] | None:
+        """Gate, up and down as this expert holds them, for a copy to the GPU (engine.experts,
+        prefill streaming): a quantized part's stored q and float16 scale and min (None: a
+        symmetric int4 part, min = -8 scale), a floating-point part's weight. Views, not
+        copies; None when a part sits in torch's packed layout, which has no stored form."""
+        if self.gate_up is not None:
+            whole = _stored(self.gate_up)
+            if whole is None:
+                return None
+            fmt, group, tensors = whole
+            i = self.gate_up.out_features // 2
+            halves = ((0, i), (i, 2 * i))
+            ops = [(fmt, group, tuple(None if t is None else t[a:b] for t in tensors)) for a, b in halves]
+        else:
+            ops = [_stored(self.gate), _stored(self.up)]
+        ops.append(_stored(self.down))
+        return None if None in ops else ops
+
+    def operands(self) -> list[QuantLinear | _FloatPart]:
+        """Its kernels and float parts (gate and up fused into one where they are)."""
+        ops = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
+        return [*ops, self.down]
+
     @property
     def nbytes(self) -> int:
         """Host bytes of its kernels and float weights (ExpertsSpec.host_expert_bytes)."""
-        ops = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
-        return sum(o.held_bytes if isinstance(o, QuantLinear) else o.nbytes for o in [*ops, self.down])
+        return sum(o.held_bytes if isinstance(o, QuantLinear) else o.nbytes for o in self.operands())
+
+
+#: (format or None for a float part, group size or None, tensors): one part of an expert as held
+StoredPart = tuple[str | None, int | None, tuple[torch.Tensor | None, ...]]
+
+
+def _stored(op: QuantLinear | _FloatPart) -> StoredPart | None:
+    if isinstance(op, _FloatPart):
+        return None, None, (op.weight,)
+    if op.native is None:
+        return None
+    mins = op._buffers.get("mins")
+    half = (op.scales.view(torch.float16), None if mins is None else mins.view(torch.float16))
+    return op.format, op.group_size, (op.q, *half) if op.format == "int4" else (op.q, half[0])
 
 
 def _operand(part: QuantWeight | torch.Tensor) -> QuantLinear | _FloatPart:

@@ -122,9 +122,11 @@ def placed_layer_s(
 
 
 def expert_copy_s(rates: cm.Rates, x: ExpertsSpec) -> float:
-    """Seconds to copy one CPU-side expert's weights host -> GPU as the host holds them (the
-    CPU format: gate and up [2I, H], down [H, I]), in two copies."""
-    return 2 * rates.pcie_copy_s + x.expert_parameters * rates.cpu_dtype_bytes / rates.pcie_bytes_per_s
+    """Seconds to copy one CPU-side expert's weights host -> GPU as the host holds them: in
+    the CPU format, gate and up [2I, H] and down [H, I] in two copies; quantized, as stored,
+    up to three tensors (q, scale, min) per part."""
+    copies = 3 * len(x.part_quant) if x.part_quant else 2
+    return copies * rates.pcie_copy_s + x.host_expert_bytes(rates.cpu_dtype_bytes) / rates.pcie_bytes_per_s
 
 
 def streamed_layer_s(

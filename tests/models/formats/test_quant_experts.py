@@ -14,6 +14,7 @@ import contextlib
 import json
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from hetegen_cli.core.errors import ModelError
 from hetegen_cli.core.quant import weight_bytes
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.models.architecture.folder import spec_from_folder
+from hetegen_cli.models.formats import cpu_kernels
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
 from hetegen_cli.models.formats.quant_experts import QuantExperts, read_stored_expert
@@ -256,6 +258,50 @@ def test_mixed_expert_placements_give_the_plain_quantized_models_tokens(moe, exp
         assert stats["experts_cpu"] > 0 and stats["experts_gpu"] > 0
 
 
+def _load_streamed(ref, backend, experts):
+    streamed = [replace(x, stream_prefill=True) for x in expert_placements(ref.spec, EXPERTS[experts])]
+    runtime = RuntimeSettings(weights_dtype=ACTIVATIONS, staging_buffers=2, prefetch_depth=1)
+    plan = placements(ref.spec, PLANS["all_cpu"])
+    return load_hetero_model(ref, plan, runtime, backend, progress=False, experts=streamed)
+
+
+@pytest.mark.parametrize("experts", ["all_cpu", "mixed"])
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_quantized_experts_streamed_in_prefill_give_the_plain_models_tokens(moe, experts, backend):
+    """Layers placed with `stream_prefill`: in prefill each CPU-side expert's stored parts
+    cross to the GPU side through the two staging slots and are dequantized there (the strict
+    stand-in poisons a slot read too early or refilled too soon); decode computes them on the
+    CPU. The plain model's logits within bfloat16 rounding and its greedy tokens but at near
+    ties; each slot holds one expert as the CPU holds it, no more than the plan counts."""
+    _, ref, plain, tokens, logits = moe
+    with _load_streamed(ref, backend(), experts) as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT)).logits
+        _close(got, logits)
+        _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"))
+        assert loaded.stats()["experts_streamed"] > 0 and loaded.stats()["experts_cpu"] == 0
+        loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=2, do_sample=False)
+        assert loaded.stats()["experts_cpu"] > 0  # decode: on the CPU, as before
+        engine = engine_context(loaded.model)
+        one = engine.experts[0].cpu_experts[0].nbytes
+        x = ref.spec.experts[0]
+        assert engine.expert_stream.nbytes == 2 * one
+        assert one <= x.host_expert_bytes(4) < 2 * x.expert_parameters  # as stored, not in bfloat16
+
+
+def test_quantized_experts_in_torchs_packed_layout_are_not_streamed(moe):
+    """Without hetegen's CPU kernels the CPU holds torch's packed layout, which has no stored
+    form to copy: the layer computes its experts on the CPU in prefill too, as a plan without
+    streaming does, and no slot is allocated."""
+    _, ref, *_ = moe
+    with cpu_kernels.torch_kernels(), torch.no_grad():
+        with _load(ref, "all_cpu", CpuBackend()) as loaded:
+            want = loaded.model(torch.tensor(PROMPT)).logits
+        with _load_streamed(ref, CpuBackend(), "all_cpu") as loaded:
+            assert torch.equal(loaded.model(torch.tensor(PROMPT)).logits, want)
+            assert engine_context(loaded.model).expert_stream is None
+            assert loaded.stats()["experts_streamed"] == 0 and loaded.stats()["experts_cpu"] > 0
+
+
 @pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
 def test_plans_splitting_the_linears_too_run_both_sides(moe, backend):
     """The mixed plan: linears split (their CPU rows through the packed kernels, the others
@@ -364,6 +410,23 @@ def test_cuda_quantized_experts_give_the_plain_quantized_models_tokens(moe, expe
         stats = loaded.stats()
         assert (stats["experts_cpu"] > 0) == (experts != "all_streamed")
         assert (stats["experts_gpu"] > 0) == (experts != "all_cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_streamed_quantized_experts_give_the_plain_quantized_models_tokens(moe):
+    """On a real GPU: every CPU-side expert's stored parts copied from pinned memory on the
+    side stream in prefill and dequantized there, decode on the CPU: the plain model's logits
+    within bfloat16 rounding and its greedy tokens but at near ties."""
+    from hetegen_cli.core.devices import get_backend
+
+    _, ref, plain, tokens, logits = moe
+    backend = get_backend("cuda")
+    with _load_streamed(ref, backend, "all_cpu") as loaded, torch.no_grad():
+        got = loaded.model(torch.tensor(PROMPT, device=backend.device)).logits.float().cpu()
+        _close(got, logits)
+        _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"), backend.device)
+        assert loaded.stats()["experts_streamed"] > 0
+        assert all(arena.is_pinned() for x in engine_context(loaded.model).experts for arena in x.pinned)
 
 
 @pytest.fixture

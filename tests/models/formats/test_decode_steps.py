@@ -90,6 +90,38 @@ def test_fused_attention_gives_transformers_logits(model_type):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_long_cache_shared_by_threads_gives_transformers_logits(threads):
+    """Wide enough for the kernel's threads to share the heads (four query heads on each KV
+    head) and 300 positions in the cache: transformers' logits and tokens, at one thread and
+    two (the tiny models above are below the kernel's work threshold for a second thread)."""
+    wide = {**COMMON, "hidden_size": 512, "intermediate_size": 256, "num_attention_heads": 8}
+    wide |= {"num_key_value_heads": 2, "max_position_embeddings": 512}
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **wide)).eval()
+        for layer in model.model.layers:
+            for name in PROJECTIONS:
+                linear = getattr(layer.self_attn, name)
+                setattr(layer.self_attn, name, QuantLinear(quantize(linear.weight.detach(), "int4", 32)))
+        return model
+
+    reference, model = build(), build()
+    assert fuse_for_decode(model).attentions == 2
+    prompt = [int(t) for t in torch.randint(4, 128, (300,))]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want_tokens, want = greedy_steps(reference, new_cache(reference, 310), prompt, 4)
+        got_tokens, got = greedy_steps(model, new_cache(model, 310), prompt, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert taken(model) == 4 * 2 and got_tokens == want_tokens
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_fused_attention_grows_a_full_cache_and_keeps_its_past():
     """Room for 7 positions, 12 used: the step makes room the way the cache's own update does."""
     reference, model = quantized_attention_model("llama"), quantized_attention_model("llama")

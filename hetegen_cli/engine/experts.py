@@ -80,8 +80,10 @@ class HeteroExperts(nn.Module):
         self.gpu_experts = nn.ModuleList()
         self.cpu_experts: list[CpuExpert] = []
         self.cpu_fused: Any = None  # their fused.GatedFFN, False where there is none (install_experts)
-        #: quantized streaming: (format, group, tensors) of each part; the pinned blocks held
+        #: quantized streaming: (format, group, tensors) of each part, each CPU expert's host
+        #: tensors in that order (install_experts), the pinned blocks they live in on a GPU
         self.stream_layout: list[tuple[str | None, int | None, int]] = []
+        self.stored: list[tuple[torch.Tensor | None, ...]] = []
         self.pinned: list[torch.Tensor] = []
         self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
@@ -111,7 +113,7 @@ class HeteroExperts(nn.Module):
     def release(self) -> None:
         """Drop the host-held experts (the engine closes)."""
         self.cpu_gate_up = self.cpu_down = None
-        self.cpu_experts = []
+        self.cpu_experts, self.stored = [], []
         for arena in self.pinned:
             self.context.backend.release_arena(arena)
         self.pinned = []
@@ -119,14 +121,12 @@ class HeteroExperts(nn.Module):
 
     def host_parts(self, j: int) -> tuple[torch.Tensor | None, ...]:
         """CPU-side expert j's host tensors, in the order prefill streaming copies them."""
-        if not self.quantized:
-            return self.cpu_gate_up[j], self.cpu_down[j]
-        return tuple(t for _, _, tensors in self.cpu_experts[j].stored_parts() for t in tensors)
+        return (self.cpu_gate_up[j], self.cpu_down[j]) if not self.quantized else self.stored[j]
 
     @property
     def stream_bytes(self) -> int:
         """Staging bytes one of its CPU-side experts takes (ExpertStream: aligned tensors)."""
-        return sum(_aligned(t.numel() * t.element_size()) for t in self.host_parts(0) if t is not None)
+        return _laid_bytes(self.host_parts(0))
 
     def extra_repr(self) -> str:
         stored = f", quantized={self.placement.name}" if self.quantized else ""
@@ -295,17 +295,10 @@ class ExpertStream:
         s = self.loaded % 2
         if self.free[s] is not None:  # the last computation that read this slot
             self.backend.wait_event(self.free[s], self.copy_stream)
-        views, at = [], 0
-        for t in tensors:
-            if t is None:
-                views.append(None)
-                continue
-            n = t.numel() * t.element_size()
-            dst = self.slots[s][at : at + n].view(t.dtype).view(t.shape)
-            self.backend.to_device_async(dst, t, self.copy_stream)
-            views.append(dst)
-            at += _aligned(n)
-        self.views[s] = tuple(views)
+        self.views[s] = _laid_out(self.slots[s], tensors)
+        for dst, t in zip(self.views[s], tensors, strict=True):
+            if t is not None:
+                self.backend.to_device_async(dst, t, self.copy_stream)
         self.ready[s] = self.backend.record_event(self.copy_stream, self.ready[s])
         self.loaded += 1
 
@@ -335,8 +328,27 @@ def _weight(part: StoredPart, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _aligned(nbytes: int) -> int:
-    """Bytes a tensor takes in a staging slot: every tensor starts 64-byte aligned."""
+    """Bytes a tensor takes in a block of several: every tensor starts 64-byte aligned."""
     return -(-nbytes // 64) * 64
+
+
+def _laid_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
+    """Bytes of a uint8 block that `tensors` are laid into by `_laid_out`."""
+    return sum(_aligned(t.numel() * t.element_size()) for t in tensors if t is not None)
+
+
+def _laid_out(block: torch.Tensor, tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+    """Views of the uint8 `block` shaped and typed as `tensors`, one after another, each
+    64-byte aligned (None stays None); nothing is copied."""
+    views, at = [], 0
+    for t in tensors:
+        if t is None:
+            views.append(None)
+            continue
+        n = t.numel() * t.element_size()
+        views.append(block[at : at + n].view(t.dtype).view(t.shape))
+        at += _aligned(n)
+    return tuple(views)
 
 
 def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
@@ -381,14 +393,10 @@ def _pin(expert: CpuExpert, backend: Any) -> torch.Tensor:
     copies them asynchronously) and return the block, which they are views of."""
     kernels = [op for op in expert.operands() if isinstance(op, nn.Module)]  # float parts stay pageable
     buffers = [(op, name, b) for op in kernels for name, b in op._buffers.items() if b is not None]
-    arena = backend.pinned_arena(sum(_aligned(b.numel() * b.element_size()) for _, _, b in buffers))
-    at = 0
-    for op, name, b in buffers:
-        n = b.numel() * b.element_size()
-        view = arena[at : at + n].view(b.dtype).view(b.shape)
+    arena = backend.pinned_arena(_laid_bytes([b for _, _, b in buffers]))
+    for (op, name, b), view in zip(buffers, _laid_out(arena, [b for _, _, b in buffers]), strict=True):
         view.copy_(b)
         op._buffers[name] = view
-        at += _aligned(n)
     return arena
 
 
@@ -417,6 +425,8 @@ def install_experts(
             experts.stream_layout = [(fmt, group, len(tensors)) for fmt, group, tensors in stored[0]]
             if context.backend.is_cuda:  # before fusing: the fused kernel reads their addresses
                 experts.pinned = [_pin(x, context.backend) for x in experts.cpu_experts]
+                stored = [x.stored_parts() for x in experts.cpu_experts]  # views of the pinned blocks
+            experts.stored = [tuple(t for _, _, tensors in parts for t in tensors) for parts in stored]
     if experts.quantized and experts.cpu_experts:
         experts.cpu_fused = fused_experts(experts.cpu_experts) or False
     owner, _, attr = placement.name.rpartition(".")

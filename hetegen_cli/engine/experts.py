@@ -30,6 +30,13 @@ the next expert's copy runs while the GPU computes the current one, each copy wa
 computation that last read its slot is done, and each computation waits for its copy. Decode
 is unchanged. A quantized layer whose CPU experts sit in torch's packed layout (no hetegen
 kernels on this CPU) has no stored form to copy and is computed on the CPU instead.
+
+Decode split (a layer placed with `split_units` k): each CPU-side expert is held as two experts
+by intermediate units, its first k units (gate and up rows, down columns) and the rest, whose
+outputs add up to the whole expert's. In decode, a chosen CPU-side expert's first k units cross
+PCIe through the same staging slots and the GPU computes them while the CPU computes the rest:
+the HeteGen row split applied to an expert. Elsewhere (prefill) the two add up where the
+expert is computed; prefill streaming copies both.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.engine.quant_host import DequantLinear, StoredLinear, dequantize
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant_experts import (
@@ -52,6 +59,7 @@ from hetegen_cli.models.formats.quant_experts import (
     expert_jobs,
     fused_experts,
     read_stored_expert,
+    split_expert,
 )
 from hetegen_cli.models.shapes.experts import PARTS, ExpertsSpec, quant_expert_key
 from hetegen_cli.plan.document import ExpertsPlacement
@@ -78,12 +86,15 @@ class HeteroExperts(nn.Module):
         #: quantized experts: the GPU side's DeviceExperts, the CPU's CpuExperts (install_experts)
         self.quantized = bool(spec.part_quant)
         self.gpu_experts = nn.ModuleList()
+        #: the CPU side's experts (their units from `split` on when split), and when split
+        #: their first `split` units (install_experts)
         self.cpu_experts: list[CpuExpert] = []
+        self.cpu_firsts: list[CpuExpert] = []
         self.cpu_fused: Any = None  # their fused.GatedFFN, False where there is none (install_experts)
-        #: quantized streaming: (format, group, tensors) of each part, each CPU expert's host
-        #: tensors in that order (install_experts), the pinned blocks they live in on a GPU
+        #: quantized streaming: (format, group, tensors) of each part, each CPU expert's pieces'
+        #: host tensors in that order (install_experts), the pinned blocks they live in on a GPU
         self.stream_layout: list[tuple[str | None, int | None, int]] = []
-        self.stored: list[tuple[torch.Tensor | None, ...]] = []
+        self.stored: list[tuple[tuple[torch.Tensor | None, ...], ...]] = []
         self.pinned: list[torch.Tensor] = []
         self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
@@ -95,50 +106,74 @@ class HeteroExperts(nn.Module):
         #: in prefill the CPU side's experts go to the GPU (pinned, for asynchronous copies);
         #: quantized ones only if held as stored (install_experts decides)
         self.streams = placement.stream_prefill and bool(placement.cpu)
+        #: intermediate units of each CPU-side expert held apart (0: none), and whether decode
+        #: computes them on the GPU (quantized: only if held as stored; install_experts)
+        self.split = checked_split(placement, spec) if placement.cpu else 0
+        self.splits = bool(self.split)
         backend = context.backend
-        if self.streams and not self.quantized and backend.is_cuda:
-            with torch.inference_mode(False):
-                self.cpu_gate_up = backend.empty_pinned((n_cpu, 2 * i, h), cdt)
-                self.cpu_down = backend.empty_pinned((n_cpu, h, i), cdt)
-        else:
-            self.cpu_gate_up: torch.Tensor | None = torch.empty((n_cpu, 2 * i, h), dtype=cdt)
-            self.cpu_down: torch.Tensor | None = torch.empty((n_cpu, h, i), dtype=cdt)
+        k = self.split
+
+        def held(shape: tuple[int, ...], streamed: bool) -> torch.Tensor:
+            if streamed and not self.quantized and backend.is_cuda:
+                with torch.inference_mode(False):
+                    return backend.empty_pinned(shape, cdt)
+            return torch.empty(shape, dtype=cdt)
+
+        self.cpu_gate_up: torch.Tensor | None = held((n_cpu, 2 * (i - k), h), self.streams)
+        self.cpu_down: torch.Tensor | None = held((n_cpu, h, i - k), self.streams)
+        self.cpu_gate_up_first: torch.Tensor | None = held((n_cpu if k else 0, 2 * k, h), True)
+        self.cpu_down_first: torch.Tensor | None = held((n_cpu if k else 0, h, k), True)
 
     @property
     def host_bytes(self) -> int:
-        tensors = (self.cpu_gate_up, self.cpu_down)
+        tensors = (self.cpu_gate_up, self.cpu_down, self.cpu_gate_up_first, self.cpu_down_first)
         held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return held + sum(x.nbytes for x in self.cpu_experts)
+        return held + sum(x.nbytes for x in [*self.cpu_experts, *self.cpu_firsts])
 
     def release(self) -> None:
         """Drop the host-held experts (the engine closes)."""
-        self.cpu_gate_up = self.cpu_down = None
-        self.cpu_experts, self.stored = [], []
+        self.cpu_gate_up = self.cpu_down = self.cpu_gate_up_first = self.cpu_down_first = None
+        self.cpu_experts, self.cpu_firsts, self.stored = [], [], []
         for arena in self.pinned:
             self.context.backend.release_arena(arena)
         self.pinned = []
         self.closed = True
 
-    def host_parts(self, j: int) -> tuple[torch.Tensor | None, ...]:
-        """CPU-side expert j's host tensors, in the order prefill streaming copies them."""
-        return (self.cpu_gate_up[j], self.cpu_down[j]) if not self.quantized else self.stored[j]
+    def host_pieces(self, j: int) -> tuple[tuple[torch.Tensor | None, ...], ...]:
+        """CPU-side expert j's host tensors as streaming copies them: one piece, or when split
+        its first units then the rest."""
+        if self.quantized:
+            return self.stored[j]
+        rest = (self.cpu_gate_up[j], self.cpu_down[j])
+        return ((self.cpu_gate_up_first[j], self.cpu_down_first[j]), rest) if self.split else (rest,)
 
     @property
     def stream_bytes(self) -> int:
-        """Staging bytes one of its CPU-side experts takes (ExpertStream: aligned tensors)."""
-        return _laid_bytes(self.host_parts(0))
+        """Staging bytes the largest piece it streams takes (ExpertStream: aligned tensors):
+        every piece of an expert in prefill streaming, the first units in a decode split."""
+        pieces = self.host_pieces(0)
+        return max(_laid_bytes(p) for p in (pieces if self.streams else pieces[:1]))
 
     def extra_repr(self) -> str:
         stored = f", quantized={self.placement.name}" if self.quantized else ""
-        return f"experts={self.num_experts}, gpu={list(self.placement.gpu)}{stored}"
+        split = f", split_units={self.split}" if self.split else ""
+        return f"experts={self.num_experts}, gpu={list(self.placement.gpu)}{stored}{split}"
 
-    def _compute(self, on_gpu: bool, j: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert j of one side on its tokens `x`."""
-        if self.quantized:
-            return self.gpu_experts[j](x) if on_gpu else self.cpu_experts[j](x)
+    def _compute(self, on_gpu: bool, j: int, x: torch.Tensor, whole: bool = True) -> torch.Tensor:
+        """Expert j of one side on its tokens `x`; a split CPU-side expert without its first
+        units unless `whole`."""
         if on_gpu:
+            if self.quantized:
+                return self.gpu_experts[j](x)
             return _expert(x, self.gpu_gate_up[j], self.gpu_down[j], self.act_fn)
-        return _expert(x.to(self.cpu_gate_up.dtype), self.cpu_gate_up[j], self.cpu_down[j], self.act_fn)
+        if self.quantized:
+            y = self.cpu_experts[j](x)
+            return y + self.cpu_firsts[j](x) if whole and self.split else y
+        x = x.to(self.cpu_gate_up.dtype)
+        y = _expert(x, self.cpu_gate_up[j], self.cpu_down[j], self.act_fn)
+        if whole and self.split:
+            y = y + _expert(x, self.cpu_gate_up_first[j], self.cpu_down_first[j], self.act_fn)
+        return y
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -149,16 +184,15 @@ class HeteroExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         jobs = expert_jobs(top_k_index, self.num_experts)
         if self.streams and ctx.phase == "prefill":
-            return self._streamed(hidden_states, top_k_weights, jobs, out)
+            self._on_gpu(hidden_states, top_k_weights, jobs, out, all_pieces=True)
+            return out
+        split = self.splits and ctx.phase == "decode"
         gpu_jobs = [job for job in jobs if self.home[job[0]][0]]
         cpu_jobs = [job for job in jobs if not self.home[job[0]][0]]
         staged = self._to_host(hidden_states, top_k_weights) if cpu_jobs and backend.is_cuda else None
-        for (e, _, _), (pos, tok) in zip(gpu_jobs, self._to_device(gpu_jobs), strict=True):
-            # queued on the GPU; they run while the CPU works below
-            y = self._compute(True, self.home[e][1], hidden_states[tok])
-            y = y * top_k_weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        ctx.stats.experts_gpu += len(gpu_jobs)
+        # queued on the GPU (with a split, the CPU experts' first units too, streamed); they
+        # run while the CPU works below
+        self._on_gpu(hidden_states, top_k_weights, jobs if split else gpu_jobs, out, all_pieces=False)
         if not cpu_jobs:
             return out
         start = time.perf_counter()
@@ -167,7 +201,7 @@ class HeteroExperts(nn.Module):
         else:
             x_h, w_h, ready = staged
             ready.synchronize()  # the copy to the host has landed
-        y_h = self._cpu_experts(x_h, w_h, cpu_jobs, out.dtype)
+        y_h = self._cpu_experts(x_h, w_h, cpu_jobs, out.dtype, whole=not split)
         ctx.stats.experts_cpu += len(cpu_jobs)
         ctx.stats.experts_cpu_s += time.perf_counter() - start
         if staged is None:
@@ -176,32 +210,44 @@ class HeteroExperts(nn.Module):
         backend.to_device_async(y, y_h)  # y_h is fresh for this call: never rewritten
         return out + y
 
-    def _streamed(
-        self, hidden: torch.Tensor, weights: torch.Tensor, jobs: list, out: torch.Tensor
-    ) -> torch.Tensor:
-        """Every chosen expert on the GPU: the GPU side's from its own buffers, the CPU side's
-        through the context's ExpertStream, each next copy issued before the current matmul."""
-        stream: ExpertStream = self.context.expert_stream
-        wdt = self.context.weights_dtype
-        homes = [self.home[e] for e, _, _ in jobs]
-        cpu_slots = [j for on_gpu, j in homes if not on_gpu]
-        if cpu_slots:
-            stream.load(self.host_parts(cpu_slots[0]))
-        k = 0  # CPU-side experts done
-        for (on_gpu, j), (pos, tok) in zip(homes, self._to_device(jobs), strict=True):
-            x = hidden[tok]
+    def _on_gpu(
+        self, hidden: torch.Tensor, weights: torch.Tensor, jobs: list, out: torch.Tensor, all_pieces: bool
+    ) -> None:
+        """`jobs` computed on the GPU, added into `out` in order: the GPU side's experts from
+        their own buffers; a CPU-side expert's pieces (`all_pieces`: every one, prefill
+        streaming; else its first units, a decode split) through the context's ExpertStream,
+        each next copy issued before the current matmul."""
+        items = []  # (GPU-side slot or None, host tensors to stream or None, pos, tok)
+        for (e, _, _), (pos, tok) in zip(jobs, self._to_device(jobs), strict=True):
+            on_gpu, j = self.home[e]
             if on_gpu:
+                items.append((j, None, pos, tok))
+            else:
+                pieces = self.host_pieces(j)
+                items += [(None, p, pos, tok) for p in (pieces if all_pieces else pieces[:1])]
+        loads = [tensors for _, tensors, _, _ in items if tensors is not None]
+        stream: ExpertStream = self.context.expert_stream
+        if loads:
+            stream.load(loads[0])
+        k = 0  # pieces done
+        for j, tensors, pos, tok in items:
+            x = hidden[tok]
+            if tensors is None:
                 y = self._compute(True, j, x)
             else:
-                if k + 1 < len(cpu_slots):  # the next one's copy runs while this one computes
-                    stream.load(self.host_parts(cpu_slots[k + 1]))
-                y = self._staged(x, stream.take(), wdt)
+                if k + 1 < len(loads):  # the next one's copy runs while this one computes
+                    stream.load(loads[k + 1])
+                y = self._staged(x, stream.take(), self.context.weights_dtype)
                 stream.release()
                 k += 1
             out.index_add_(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
-        self.context.stats.experts_gpu += len(jobs) - len(cpu_slots)
-        self.context.stats.experts_streamed += len(cpu_slots)
-        return out
+        stats = self.context.stats
+        streamed = sum(not self.home[e][0] for e, _, _ in jobs)
+        stats.experts_gpu += len(jobs) - streamed
+        if all_pieces:
+            stats.experts_streamed += streamed
+        else:
+            stats.experts_split += streamed
 
     def _staged(
         self, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], wdt: torch.dtype
@@ -244,9 +290,10 @@ class HeteroExperts(nn.Module):
         return list(zip(dev[0].split(sizes), dev[1].split(sizes), strict=True))
 
     def _cpu_experts(
-        self, x_h: torch.Tensor, w_h: torch.Tensor, jobs: list, out_dtype: torch.dtype
+        self, x_h: torch.Tensor, w_h: torch.Tensor, jobs: list, out_dtype: torch.dtype, whole: bool
     ) -> torch.Tensor:
-        """The CPU experts' weighted sum [T, H] on the host (pinned on a GPU machine)."""
+        """The CPU experts' weighted sum [T, H] on the host (pinned on a GPU machine); split
+        experts without their first units unless `whole`."""
         backend = self.context.backend
         if backend.is_cuda:
             with torch.inference_mode(False):
@@ -255,13 +302,15 @@ class HeteroExperts(nn.Module):
         else:
             y_h = torch.zeros(x_h.shape, dtype=out_dtype)
         one_token = x_h.shape[0] == 1 and x_h.dtype is torch.float32 and out_dtype is torch.float32
-        if self.cpu_fused and one_token:  # one kernel call for the token's CPU experts (models.formats.fused)
+        # one kernel call for the token's CPU experts (models.formats.fused), which hold a
+        # split expert's other units only
+        if self.cpu_fused and one_token and not (whole and self.split):
             weights = w_h[0].tolist()
             sel = [self.home[e][1] for e, _, _ in jobs]
             self.cpu_fused.add(x_h.contiguous(), sel, [weights[int(pos[0])] for _, pos, _ in jobs], y_h)
             return y_h
         for e, pos, tok in jobs:
-            y = self._compute(False, self.home[e][1], x_h[tok])
+            y = self._compute(False, self.home[e][1], x_h[tok], whole)
             y = y * w_h[tok, pos, None]
             y_h.index_add_(0, tok, y.to(out_dtype))
         return y_h
@@ -400,35 +449,74 @@ def _pin(expert: CpuExpert, backend: Any) -> torch.Tensor:
     return arena
 
 
+def checked_split(placement: ExpertsPlacement, spec: ExpertsSpec) -> int:
+    """The placement's split_units; PlanError unless it splits the layer's experts."""
+    k, i, step = placement.split_units, spec.intermediate_size, spec.split_step
+    if k and (k >= i or k % step):
+        raise PlanError(
+            f"the plan splits the experts {placement.name} at {k} of their {i} intermediate "
+            f"units, not a multiple of {step} below {i}",
+            "re-run `hetegen plan` for this model, or set split_units to 0",
+        )
+    return k
+
+
 def install_experts(
     model: nn.Module, placement: ExpertsPlacement, spec: ExpertsSpec, reader: CheckpointReader, context: Any
 ) -> HeteroExperts:
     """Read one layer's experts into their homes and swap the module for a HeteroExperts."""
     original = model.get_submodule(placement.name)
     experts = HeteroExperts(placement, spec, original.act_fn, context)
+    k, i = experts.split, spec.intermediate_size
     for e in range(spec.num_experts):
         on_gpu, j = experts.home[e]
         if experts.quantized:
             if on_gpu:
                 experts.gpu_experts.append(_device_expert(reader, spec, e, context, original.act_fn))
-            else:
-                parts = read_stored_expert(reader, spec, e, context.cpu_dtypes[1])
-                experts.cpu_experts.append(CpuExpert(parts, original.act_fn))
-            continue
-        gate_up = experts.gpu_gate_up[j] if on_gpu else experts.cpu_gate_up[j]
-        down = experts.gpu_down[j] if on_gpu else experts.cpu_down[j]
-        copy_float_expert(reader, spec, e, gate_up, down)
-    if experts.quantized and experts.streams:
-        stored = [x.stored_parts() for x in experts.cpu_experts]
-        experts.streams = None not in stored
-        if experts.streams:
-            experts.stream_layout = [(fmt, group, len(tensors)) for fmt, group, tensors in stored[0]]
-            if context.backend.is_cuda:  # before fusing: the fused kernel reads their addresses
-                experts.pinned = [_pin(x, context.backend) for x in experts.cpu_experts]
-                stored = [x.stored_parts() for x in experts.cpu_experts]  # views of the pinned blocks
-            experts.stored = [tuple(t for _, _, tensors in parts for t in tensors) for parts in stored]
+                continue
+            parts = read_stored_expert(reader, spec, e, context.cpu_dtypes[1])
+            if k:
+                first, parts = split_expert(parts, k)
+                experts.cpu_firsts.append(CpuExpert(first, original.act_fn))
+            experts.cpu_experts.append(CpuExpert(parts, original.act_fn))
+        elif on_gpu:
+            copy_float_expert(reader, spec, e, experts.gpu_gate_up[j], experts.gpu_down[j])
+        elif not k:
+            copy_float_expert(reader, spec, e, experts.cpu_gate_up[j], experts.cpu_down[j])
+        else:  # gate and up rows, down columns: the first k units, then the rest
+            gate_up = torch.empty((2 * i, spec.hidden_size), dtype=experts.cpu_gate_up.dtype)
+            down = torch.empty((spec.hidden_size, i), dtype=gate_up.dtype)
+            copy_float_expert(reader, spec, e, gate_up, down)
+            gate, up = gate_up[:i], gate_up[i:]
+            torch.cat((gate[:k], up[:k]), out=experts.cpu_gate_up_first[j])
+            torch.cat((gate[k:], up[k:]), out=experts.cpu_gate_up[j])
+            experts.cpu_down_first[j].copy_(down[:, :k])
+            experts.cpu_down[j].copy_(down[:, k:])
+    if experts.quantized and (experts.streams or experts.splits):
+        _hold_stored(experts, context.backend)
     if experts.quantized and experts.cpu_experts:
         experts.cpu_fused = fused_experts(experts.cpu_experts) or False
     owner, _, attr = placement.name.rpartition(".")
     setattr(model.get_submodule(owner), attr, experts)
     return experts
+
+
+def _hold_stored(experts: HeteroExperts, backend: Any) -> None:
+    """A quantized layer that streams: each CPU-side expert's pieces as stored (experts.stored),
+    pinned on a GPU (the pieces it streams: every one in prefill streaming, else the first
+    units); a layer whose experts sit in torch's packed layout has none and neither streams in
+    prefill nor splits in decode."""
+    firsts = experts.cpu_firsts or [None] * len(experts.cpu_experts)
+    pieces = [(x,) if f is None else (f, x) for f, x in zip(firsts, experts.cpu_experts, strict=True)]
+    stored = [[x.stored_parts() for x in expert] for expert in pieces]
+    if any(None in expert for expert in stored):
+        experts.streams = experts.splits = False
+        return
+    experts.stream_layout = [(fmt, group, len(tensors)) for fmt, group, tensors in stored[0][0]]
+    if backend.is_cuda:  # before fusing: the fused kernel reads their addresses
+        pinned = pieces if experts.streams else [expert[:1] for expert in pieces]
+        experts.pinned = [_pin(x, backend) for expert in pinned for x in expert]
+        stored = [[x.stored_parts() for x in expert] for expert in pieces]  # views of the pinned blocks
+    experts.stored = [
+        tuple(tuple(t for _, _, tensors in parts for t in tensors) for parts in expert) for expert in stored
+    ]

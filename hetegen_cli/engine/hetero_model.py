@@ -36,7 +36,7 @@ from hetegen_cli.core.devices import Backend, out_of_memory_as_error, torch_dtyp
 from hetegen_cli.core.dtypes import ComputeFormats
 from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.engine.experts import ExpertStream, install_experts
+from hetegen_cli.engine.experts import ExpertStream, checked_split, install_experts
 from hetegen_cli.engine.host_weight import HostArena, HostLayout, HostWeight
 from hetegen_cli.engine.quant_host import DequantLinear, QuantHostWeight, StoredLinear
 from hetegen_cli.engine.split_linear import EngineContext, HeteroLinear
@@ -138,7 +138,7 @@ def load_hetero_model(
             for x in experts:
                 context.experts.append(install_experts(model, x, by_name[x.name], reader, context))
                 bar.advance(task)
-            streaming = [m.stream_bytes for m in context.experts if m.streams]
+            streaming = [m.stream_bytes for m in context.experts if m.streams or m.splits]
             if streaming:  # one pair of staging slots for every layer (plan: expert_staging_bytes)
                 context.expert_stream = ExpertStream(backend, max(streaming))
             for p in split:
@@ -202,8 +202,10 @@ def _check_projections(ref: ModelRef, modules: dict[str, nn.Module]) -> None:
 
 
 def _check_experts(ref: ModelRef, experts: Sequence[ExpertsPlacement]) -> None:
-    """PlanError unless `experts` places each of the model's MoE layers once, with its count."""
+    """PlanError unless `experts` places each of the model's MoE layers once, with its count
+    and a split it can take."""
     want = {x.name: x.num_experts for x in ref.spec.experts}
+    by_name = {x.name: x for x in ref.spec.experts}
     hint = "re-run `hetegen plan` for this model"
     seen: set[str] = set()
     for x in experts:
@@ -212,6 +214,7 @@ def _check_experts(ref: ModelRef, experts: Sequence[ExpertsPlacement]) -> None:
                 "twice" if x.name in seen else f"with {x.num_experts} experts, which this model does not have"
             )
             raise PlanError(f"the plan places the experts {x.name} {why}", hint)
+        checked_split(x, by_name[x.name])
         seen.add(x.name)
     if set(want) - seen:
         raise PlanError(f"the plan places no experts for {sorted(set(want) - seen)[0]}", hint)

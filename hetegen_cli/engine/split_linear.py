@@ -62,6 +62,7 @@ class EngineStats:
     experts_cpu: int = 0  # ... and by the CPU
     experts_cpu_s: float = 0.0  # time in the CPU's experts (waiting for their input included)
     experts_streamed: int = 0  # CPU-side experts copied to the GPU and computed there (prefill)
+    experts_split: int = 0  # CPU-side experts whose first units the GPU computed (decode split)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

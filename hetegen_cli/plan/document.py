@@ -118,13 +118,17 @@ class ExpertsPlacement:
     """Where the routed experts of one mixture-of-experts layer run (docs/plan.md, "Experts"):
     the experts numbered in `gpu` are resident on the GPU side, whole; every other one is
     computed by the CPU from host RAM, only when a token chose it (its activations cross PCIe,
-    its weights never do), except in prefill with `stream_prefill`: then its weights cross."""
+    its weights never do), except in prefill with `stream_prefill`: then its weights cross.
+    With `split_units` k > 0, in decode each chosen CPU-side expert is split by intermediate
+    units as HeteGen splits a linear by rows: the weights of its first k units (gate and up
+    rows, down columns) cross PCIe and the GPU computes them while the CPU computes the rest."""
 
     name: str  # the experts module, e.g. model.layers.0.mlp.experts
     layer_index: int
     num_experts: int
     gpu: tuple[int, ...] = ()  # expert numbers on the GPU side, ascending
     stream_prefill: bool = False  # prefill: the CPU-side experts are copied to the GPU and run there
+    split_units: int = 0  # decode: intermediate units of each chosen CPU-side expert the GPU computes
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -134,6 +138,8 @@ class ExpertsPlacement:
                 f"{self.name}: gpu experts {list(self.gpu)} are not distinct ascending numbers "
                 f"in [0, {self.num_experts})"
             )
+        if self.split_units < 0:
+            raise ValueError(f"{self.name}: split_units {self.split_units} is negative")
 
     @classmethod
     def of(cls, experts: Any, gpu: Any = ()) -> ExpertsPlacement:
@@ -260,6 +266,7 @@ class Plan:
             "experts_count": sum(x.num_experts for x in self.experts),
             "experts_on_gpu": sum(len(x.gpu) for x in self.experts),
             "expert_layers_streamed_in_prefill": sum(x.stream_prefill for x in self.experts),
+            "expert_layers_split_in_decode": sum(bool(x.split_units and x.cpu) for x in self.experts),
         }
 
     def summary(self) -> dict:

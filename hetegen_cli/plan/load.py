@@ -69,6 +69,7 @@ class ExpertsDoc(Schema):
     num_experts: Annotated[StrictInt, Field(ge=1, le=2**20)]
     gpu: list[Index]
     stream_prefill: StrictBool = False  # absent in older plans
+    split_units: Annotated[StrictInt, Field(ge=0, le=2**24)] = 0  # absent in older plans
 
     @model_validator(mode="after")
     def _experts_in_range(self) -> ExpertsDoc:
@@ -201,7 +202,9 @@ def plan_from_dict(doc: dict, source: str = "plan") -> Plan:
         created_utc=parsed.created_utc,
         simulation=dict(parsed.simulation),
         experts=tuple(
-            ExpertsPlacement(x.name, x.layer_index, x.num_experts, tuple(x.gpu), x.stream_prefill)
+            ExpertsPlacement(
+                x.name, x.layer_index, x.num_experts, tuple(x.gpu), x.stream_prefill, x.split_units
+            )
             for x in parsed.experts
         ),
     )

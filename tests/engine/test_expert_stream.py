@@ -125,3 +125,30 @@ def test_a_slot_is_refilled_only_after_the_copy_stream_waited_for_its_reader():
     wait, copy = backend.calls[-4], backend.calls[-3]
     assert wait == ("wait", freed[1], stream.copy_stream)
     assert copy == ("copy", stream.slots[0].data_ptr(), stream.copy_stream)
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("backend", ["cpu", "strict"])
+@pytest.mark.parametrize(("experts", "stream"), [("all_cpu", False), ("mixed", True)])
+def test_a_decode_split_gives_transformers_tokens(tiny_moe, arch, backend, experts, stream):
+    """`split_units` = one split step: in decode each chosen CPU-side expert's first units are
+    streamed and computed on the GPU side while the CPU computes the rest (the strict stand-in
+    poisons a slot read too early); the two add up to transformers' greedy tokens."""
+    ref, want = tiny_moe[arch]
+    plan = placements(ref.spec, PLANS["mixed"])
+    step = ref.spec.experts[0].split_step
+    chosen = expert_placements(ref.spec, EXPERTS[experts])
+    split = [replace(x, split_units=step, stream_prefill=stream) for x in chosen]
+    runtime = RuntimeSettings(**{**FP32.__dict__, "requires_gpu": True})
+    chosen_backend = CpuBackend() if backend == "cpu" else StrictBackend()
+    with load_hetero_model(ref, plan, runtime, chosen_backend, progress=False, experts=split) as loaded:
+        got = _generate(loaded, PROMPT, NEW_TOKENS)
+        engine = loaded.model.hetegen_engine
+        x = ref.spec.experts[0]
+        first = 3 * step * x.hidden_size * 4  # float32 gate, up and down of the first units
+        whole = x.expert_parameters * 4
+        assert engine.expert_stream.nbytes == 2 * (max(first, whole - first) if stream else first)
+        stats = engine.stats
+    assert got == want
+    assert stats.experts_split > 0 and stats.experts_cpu > 0
+    assert (stats.experts_streamed > 0) == stream

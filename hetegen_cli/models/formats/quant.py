@@ -61,6 +61,38 @@ class QuantWeight:
             self.group_size,
         )
 
+    def rows(self, start: int, stop: int) -> QuantWeight:
+        """Rows [start, stop) as a weight of its own (copies)."""
+        low = None if self.min is None else self.min[start:stop].clone()
+        return QuantWeight(
+            self.format,
+            stop - start,
+            self.in_features,
+            self.q[start:stop].clone(),
+            self.scale[start:stop].clone(),
+            low,
+            self.group_size,
+        )
+
+    def columns(self, start: int, stop: int) -> QuantWeight:
+        """Inputs [start, stop) as a weight of its own (copies); int4: whole groups only."""
+        if self.format == "int8":
+            q = self.q[:, start:stop].clone()
+            return QuantWeight("int8", self.out_features, stop - start, q, self.scale)
+        g = self.group_size
+        if start % g or stop % g:
+            raise ValueError(f"int4 columns [{start}, {stop}) do not fall on groups of {g}")
+        low = None if self.min is None else self.min[:, start // g : stop // g].contiguous()
+        return QuantWeight(
+            "int4",
+            self.out_features,
+            stop - start,
+            self.q[:, start // 2 : stop // 2].contiguous(),
+            self.scale[:, start // g : stop // g].contiguous(),
+            low,
+            g,
+        )
+
     def int4_values(self) -> torch.Tensor:
         """int4: the q values as int32 [out, in] in [0, 15] (interleaved as bytes, then widened
         once: a third of the time of widening both halves first, for every int4 kernel packed

@@ -75,6 +75,26 @@ def read_stored_expert(
     return parts
 
 
+def split_expert(
+    parts: dict[str, QuantWeight | torch.Tensor], units: int
+) -> tuple[dict[str, QuantWeight | torch.Tensor], dict[str, QuantWeight | torch.Tensor]]:
+    """An expert's parts (read_stored_expert) as two experts by intermediate units: the first
+    `units` (gate and up rows, down columns) and the rest; their outputs add up to the whole
+    expert's. int4 down columns split by whole groups (ExpertsSpec.split_step)."""
+
+    def rows(w: QuantWeight | torch.Tensor, a: int, b: int) -> QuantWeight | torch.Tensor:
+        return w.rows(a, b) if isinstance(w, QuantWeight) else w[a:b].clone()
+
+    def columns(w: QuantWeight | torch.Tensor, a: int, b: int) -> QuantWeight | torch.Tensor:
+        return w.columns(a, b) if isinstance(w, QuantWeight) else w[:, a:b].contiguous()
+
+    i = parts["down"].in_features if isinstance(parts["down"], QuantWeight) else parts["down"].shape[1]
+    first = {"gate": rows(parts["gate"], 0, units), "up": rows(parts["up"], 0, units)}
+    rest = {"gate": rows(parts["gate"], units, i), "up": rows(parts["up"], units, i)}
+    first["down"], rest["down"] = columns(parts["down"], 0, units), columns(parts["down"], units, i)
+    return first, rest
+
+
 def _fuse(a: QuantWeight, b: QuantWeight) -> QuantWeight:
     """Two weights of one format stacked by rows: [a; b]."""
     low = None if a.min is None else torch.cat((a.min, b.min))

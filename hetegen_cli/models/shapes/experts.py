@@ -82,6 +82,13 @@ class ExpertsSpec:
         format's)."""
         return sum(self.part_bytes(part, float_bytes) for part in PARTS)
 
+    @property
+    def split_step(self) -> int:
+        """Intermediate units a decode split of one expert moves in (ExpertsPlacement.
+        split_units): 32, or the largest int4 group (down's columns split by whole groups)."""
+        groups = [q[1] for q in self.part_quant if q and q[0] == "int4" and q[1]]
+        return max([32, *groups])
+
     def part_format(self, part: str) -> PartQuant:
         """(format, group size) of `part` when stored quantized, else None."""
         return self.part_quant[PARTS.index(part)] if self.part_quant else None

@@ -22,15 +22,16 @@ from safetensors.torch import load_file, save_file
 
 from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.core.dtypes import greedy_tolerance
-from hetegen_cli.core.errors import ModelError
+from hetegen_cli.core.errors import ModelError, PlanError
 from hetegen_cli.core.quant import weight_bytes
 from hetegen_cli.engine.hetero_model import engine_context, load_hetero_model
 from hetegen_cli.models.architecture.folder import spec_from_folder
 from hetegen_cli.models.formats import cpu_kernels
 from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
-from hetegen_cli.models.formats.quant_experts import QuantExperts, read_stored_expert
+from hetegen_cli.models.formats.quant_experts import CpuExpert, QuantExperts, read_stored_expert, split_expert
 from hetegen_cli.models.formats.quantized import ensure_quantized, read_quant_weight
+from hetegen_cli.models.loading.cache import cache_keyword
 from hetegen_cli.models.loading.quantized_loader import load_quantized
 from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.models.shapes.quantfile import read_quantization
@@ -302,6 +303,98 @@ def test_quantized_experts_in_torchs_packed_layout_are_not_streamed(moe):
             assert loaded.stats()["experts_streamed"] == 0 and loaded.stats()["experts_cpu"] > 0
 
 
+def _decode_logits(model, sequence, device="cpu") -> torch.Tensor:
+    """Teacher-forced along `sequence` [1, n] one decode step at a time after the prompt's
+    prefill (on `device`): the logits [n - len(PROMPT), V] that predicted its tokens after the
+    prompt."""
+    keyword, sequence = cache_keyword(model), sequence.to(device)
+    with torch.no_grad():
+        out = model(sequence[:, : len(PROMPT[0])], use_cache=True)
+        rows, cache = [out.logits[0, -1]], out.past_key_values
+        for t in range(len(PROMPT[0]), sequence.shape[1] - 1):
+            out = model(sequence[:, t : t + 1], use_cache=True, **{keyword: cache})
+            rows.append(out.logits[0, -1])
+            cache = out.past_key_values
+    return torch.stack(rows).float().cpu()
+
+
+@pytest.mark.parametrize(("experts", "stream"), [("all_cpu", False), ("mixed", True)])
+@pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
+def test_a_decode_split_gives_the_plain_models_logits(moe, backend, experts, stream):
+    """`split_units` = one split step: in decode each chosen CPU-side expert's first units
+    cross to the GPU side through the staging slots (the strict stand-in poisons a slot read
+    too early) and are computed there while the CPU computes the rest; prefill adds the two
+    where the expert is computed (with `stream_prefill`, both streamed). Each decode step's
+    logits are the plain model's within bfloat16 rounding, its greedy choice but at near ties;
+    a slot holds the largest piece streamed, as stored."""
+    _check_decode_split(moe, backend(), experts, stream)
+
+
+def _check_decode_split(moe, backend, experts: str, stream: bool) -> None:
+    _, ref, plain, tokens, _ = moe
+    step = ref.spec.experts[0].split_step
+    chosen = expert_placements(ref.spec, EXPERTS[experts])
+    split = [replace(x, split_units=step, stream_prefill=stream) for x in chosen]
+    runtime = RuntimeSettings(weights_dtype=ACTIVATIONS, staging_buffers=2, prefetch_depth=1)
+    plan = placements(ref.spec, PLANS["all_cpu"])
+    with load_hetero_model(ref, plan, runtime, backend, progress=False, experts=split) as loaded:
+        got = _decode_logits(loaded.model, tokens, backend.device)
+        with torch.no_grad():
+            want = plain.model(tokens).logits[0, len(PROMPT[0]) - 1 : -1].float()
+        _close(got, want)
+        tol = greedy_tolerance("bfloat16")
+        for pos in range(got.shape[0]):
+            a, b = int(got[pos].argmax()), int(want[pos].argmax())
+            margin = float(want[pos, b] - want[pos, a]) / float(want[pos].max() - want[pos].min())
+            assert a == b or margin <= tol, f"step {pos}: {a} against {b}, margin {margin:.3g}"
+        stats = loaded.stats()
+        assert stats["experts_split"] > 0 and stats["experts_cpu"] > 0
+        assert (stats["experts_streamed"] > 0) == stream
+        engine = engine_context(loaded.model)
+        layer = engine.experts[0]
+        assert layer.splits and len(layer.cpu_firsts) == len(layer.cpu_experts) > 0
+        first, rest = layer.cpu_firsts[0].nbytes, layer.cpu_experts[0].nbytes
+        assert engine.expert_stream.nbytes == 2 * (max(first, rest) if stream else first)
+        if backend.device.type == "cuda":  # a real GPU: the pieces it streams, page-locked
+            assert all(arena.is_pinned() for x in engine.experts for arena in x.pinned)
+
+
+def test_a_split_expert_adds_up_to_the_whole(moe):
+    """split_expert: the first units' expert plus the rest's is the whole expert (the same
+    kernels on the same stored values, summed in another order)."""
+    fmt, ref, *_ = moe
+    x = ref.spec.experts[0]
+    with CheckpointReader(ref.path) as reader:
+        parts = read_stored_expert(reader, x, 1, torch.float32)
+    act = torch.nn.SiLU()
+    inputs = torch.randn(3, x.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = CpuExpert(parts, act)(inputs)
+    first, rest = split_expert(parts, x.split_step)
+    extra = 2 * x.hidden_size if fmt == "int8" else 0  # int8: down's per-row scales held twice
+    assert CpuExpert(first, act).nbytes + CpuExpert(rest, act).nbytes == CpuExpert(parts, act).nbytes + extra
+    got = CpuExpert(first, act)(inputs) + CpuExpert(rest, act)(inputs)
+    assert torch.allclose(got, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+
+
+def test_int4_columns_split_by_whole_groups_only():
+    w = quantize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), "int4", 32)
+    assert w.columns(32, 64).dequantize().equal(w.dequantize()[:, 32:])
+    assert w.rows(1, 3).dequantize().equal(w.dequantize()[1:3])
+    with pytest.raises(ValueError, match="groups of 32"):
+        w.columns(0, 16)
+
+
+def test_a_split_off_the_step_is_refused_before_loading(moe):
+    _, ref, *_ = moe
+    x = ref.spec.experts[0]
+    bad = [replace(p, split_units=x.split_step // 2) for p in expert_placements(ref.spec, EXPERTS["all_cpu"])]
+    runtime = RuntimeSettings(weights_dtype=ACTIVATIONS, staging_buffers=2, prefetch_depth=1)
+    plan = placements(ref.spec, PLANS["all_cpu"])
+    with pytest.raises(PlanError, match="intermediate units, not a multiple") as err:
+        load_hetero_model(ref, plan, runtime, CpuBackend(), progress=False, experts=bad)
+    assert "hetegen plan" in err.value.hint
+
+
 @pytest.mark.parametrize("backend", [CpuBackend, StrictBackend])
 def test_plans_splitting_the_linears_too_run_both_sides(moe, backend):
     """The mixed plan: linears split (their CPU rows through the packed kernels, the others
@@ -427,6 +520,17 @@ def test_cuda_streamed_quantized_experts_give_the_plain_quantized_models_tokens(
         _near_ties_only(loaded.model, tokens, plain.model, greedy_tolerance("bfloat16"), backend.device)
         assert loaded.stats()["experts_streamed"] > 0
         assert all(arena.is_pinned() for x in engine_context(loaded.model).experts for arena in x.pinned)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("experts", "stream"), [("all_cpu", False), ("mixed", True)])
+def test_cuda_decode_split_gives_the_plain_quantized_models_logits(moe, experts, stream):
+    """On a real GPU: each chosen CPU-side expert's first units copied from pinned memory on
+    the side stream and dequantized there while the CPU computes the rest, every decode step
+    the plain model's logits within bfloat16 rounding."""
+    from hetegen_cli.core.devices import get_backend
+
+    _check_decode_split(moe, get_backend("cuda"), experts, stream)
 
 
 @pytest.fixture

@@ -321,7 +321,7 @@ def make_cases(ref: ModelRef, o: BenchOptions, profile: dict, identity: dict) ->
         budget = requested if requested is not None or plan is None else plan.budget.gpu_budget_bytes
         case = BudgetCase(requested, budget, plan, error)
         if ref.spec.experts:
-            moe = replace(req, cpu_moe=True)
+            moe = replace(req, cpu_moe=True, expert_split=False)  # llama.cpp's --cpu-moe
             case.moe_plan, case.moe_plan_error = _plan_or_error(ref, o, profile, identity, moe)
         cases.append(case)
     return cases

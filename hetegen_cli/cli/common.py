@@ -166,6 +166,15 @@ NCpuMoeOption = Annotated[
     ),
 ]
 
+NoExpertSplitOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-expert-split",
+        help="Mixture-of-experts models: the CPU computes each chosen CPU-side expert whole in decode "
+        "(default: split with the GPU where the plan predicts a gain).",
+    ),
+]
+
 ExpertUseOption = Annotated[
     Path | None,
     typer.Option(
@@ -186,10 +195,11 @@ _SETUP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "gpu_memory": (GpuBudgetOption, None),
     "cpu_moe": (CpuMoeOption, False),
     "n_cpu_moe": (NCpuMoeOption, 0),
+    "no_expert_split": (NoExpertSplitOption, False),
     "expert_use": (ExpertUseOption, None),
     "profile": (ProfileOption, None),
 }
-_PLAN_OPTIONS = ("plan", "gpu_memory", "cpu_moe", "n_cpu_moe", "expert_use")
+_PLAN_OPTIONS = ("plan", "gpu_memory", "cpu_moe", "n_cpu_moe", "no_expert_split", "expert_use")
 
 
 def model_setup_options(
@@ -238,6 +248,7 @@ def model_setup(
     allow_float_copy: bool = False,
     cpu_moe: bool = False,
     n_cpu_moe: int = 0,
+    no_expert_split: bool = False,
     expert_use: Path | None = None,
 ) -> ModelSetup:
     """The ModelSetup of the command line: the size parsed, the values and their combinations
@@ -253,6 +264,7 @@ def model_setup(
         profile_path=profile,
         cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe,
+        expert_split=not no_expert_split,
         expert_use_path=expert_use,
     )
     return replace(

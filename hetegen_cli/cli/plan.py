@@ -17,6 +17,7 @@ from hetegen_cli.cli.common import (
     JsonOption,
     ModelOption,
     NCpuMoeOption,
+    NoExpertSplitOption,
     ProfileOption,
     PromptLenOption,
     QuantChoice,
@@ -93,6 +94,7 @@ def register(app: typer.Typer) -> None:
         ),
         cpu_moe: CpuMoeOption = False,
         n_cpu_moe: NCpuMoeOption = 0,
+        no_expert_split: NoExpertSplitOption = False,
         expert_use: ExpertUseOption = None,
     ) -> None:
         """Plan which share of every linear layer the CPU computes (cpu_fraction, per phase),
@@ -121,6 +123,7 @@ def register(app: typer.Typer) -> None:
             model_arg=model or "",
             cpu_moe=cpu_moe,
             n_cpu_moe=n_cpu_moe,
+            expert_split=not no_expert_split,
         )
         output = output_arg(output)
         _export_arg(export)

@@ -96,6 +96,9 @@ class HeteroExperts(nn.Module):
         self.stream_layout: list[tuple[str | None, int | None, int]] = []
         self.stored: list[tuple[tuple[torch.Tensor | None, ...], ...]] = []
         self.pinned: list[torch.Tensor] = []
+        #: per CPU expert, per piece: the pinned block its stored tensors all lie in (one copy
+        #: moves the piece), or None
+        self.blocks: list[tuple[torch.Tensor | None, ...]] = []
         self.closed = False
         h, i = spec.hidden_size, spec.intermediate_size
         device, wdt = context.backend.device, context.weights_dtype
@@ -133,7 +136,7 @@ class HeteroExperts(nn.Module):
     def release(self) -> None:
         """Drop the host-held experts (the engine closes)."""
         self.cpu_gate_up = self.cpu_down = self.cpu_gate_up_first = self.cpu_down_first = None
-        self.cpu_experts, self.cpu_firsts, self.stored = [], [], []
+        self.cpu_experts, self.cpu_firsts, self.stored, self.blocks = [], [], [], []
         for arena in self.pinned:
             self.context.backend.release_arena(arena)
         self.pinned = []
@@ -217,18 +220,20 @@ class HeteroExperts(nn.Module):
         their own buffers; a CPU-side expert's pieces (`all_pieces`: every one, prefill
         streaming; else its first units, a decode split) through the context's ExpertStream,
         each next copy issued before the current matmul."""
-        items = []  # (GPU-side slot or None, host tensors to stream or None, pos, tok)
+        items = []  # (GPU-side slot or None, (host tensors, their block) to stream or None, pos, tok)
         for (e, _, _), (pos, tok) in zip(jobs, self._to_device(jobs), strict=True):
             on_gpu, j = self.home[e]
             if on_gpu:
                 items.append((j, None, pos, tok))
             else:
-                pieces = self.host_pieces(j)
+                tensors = self.host_pieces(j)
+                blocks = self.blocks[j] if self.blocks else (None,) * len(tensors)
+                pieces = list(zip(tensors, blocks, strict=True))
                 items += [(None, p, pos, tok) for p in (pieces if all_pieces else pieces[:1])]
-        loads = [tensors for _, tensors, _, _ in items if tensors is not None]
+        loads = [piece for _, piece, _, _ in items if piece is not None]
         stream: ExpertStream = self.context.expert_stream
         if loads:
-            stream.load(loads[0])
+            stream.load(*loads[0])
         k = 0  # pieces done
         for j, tensors, pos, tok in items:
             x = hidden[tok]
@@ -236,7 +241,7 @@ class HeteroExperts(nn.Module):
                 y = self._compute(True, j, x)
             else:
                 if k + 1 < len(loads):  # the next one's copy runs while this one computes
-                    stream.load(loads[k + 1])
+                    stream.load(*loads[k + 1])
                 y = self._staged(x, stream.take(), self.context.weights_dtype)
                 stream.release()
                 k += 1
@@ -336,18 +341,24 @@ class ExpertStream:
     def nbytes(self) -> int:
         return sum(slot.numel() for slot in self.slots)
 
-    def load(self, tensors: Sequence[torch.Tensor | None]) -> None:
+    def load(self, tensors: Sequence[torch.Tensor | None], block: torch.Tensor | None = None) -> None:
         """Issue the copy of one expert's host tensors (pinned on a GPU machine; None kept as
-        None) into the next slot."""
+        None) into the next slot: one copy of `block` when they all lie in that uint8 host
+        block (their views at the same offsets in the slot), else one copy each."""
         if self.loaded - self.taken >= 2:
             raise RuntimeError("both staging slots are loaded: take one first")
         s = self.loaded % 2
         if self.free[s] is not None:  # the last computation that read this slot
             self.backend.wait_event(self.free[s], self.copy_stream)
-        self.views[s] = _laid_out(self.slots[s], tensors)
-        for dst, t in zip(self.views[s], tensors, strict=True):
-            if t is not None:
-                self.backend.to_device_async(dst, t, self.copy_stream)
+        if block is not None:
+            dst = self.slots[s][: block.numel()]
+            self.views[s] = tuple(None if t is None else _at_offset(dst, t, block) for t in tensors)
+            self.backend.to_device_async(dst, block, self.copy_stream)
+        else:
+            self.views[s] = _laid_out(self.slots[s], tensors)
+            for dst, t in zip(self.views[s], tensors, strict=True):
+                if t is not None:
+                    self.backend.to_device_async(dst, t, self.copy_stream)
         self.ready[s] = self.backend.record_event(self.copy_stream, self.ready[s])
         self.loaded += 1
 
@@ -398,6 +409,20 @@ def _laid_out(block: torch.Tensor, tensors: Sequence[torch.Tensor | None]) -> tu
         views.append(block[at : at + n].view(t.dtype).view(t.shape))
         at += _aligned(n)
     return tuple(views)
+
+
+def _at_offset(dst: torch.Tensor, t: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """The view of uint8 `dst` that holds what contiguous `t` holds in the host `block`."""
+    at, n = t.data_ptr() - block.data_ptr(), t.numel() * t.element_size()
+    return dst[at : at + n].view(t.dtype).view(t.shape)
+
+
+def _within(t: torch.Tensor | None, block: torch.Tensor) -> bool:
+    """Whether `t` (None: nothing) is contiguous and lies in the uint8 `block`."""
+    if t is None:
+        return True
+    at = t.data_ptr() - block.data_ptr()
+    return t.is_contiguous() and 0 <= at <= block.numel() - t.numel() * t.element_size()
 
 
 def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
@@ -513,10 +538,20 @@ def _hold_stored(experts: HeteroExperts, backend: Any) -> None:
         experts.streams = experts.splits = False
         return
     experts.stream_layout = [(fmt, group, len(tensors)) for fmt, group, tensors in stored[0][0]]
+    blocks = [[None] * len(expert) for expert in pieces]
     if backend.is_cuda:  # before fusing: the fused kernel reads their addresses
-        pinned = pieces if experts.streams else [expert[:1] for expert in pieces]
-        experts.pinned = [_pin(x, backend) for expert in pinned for x in expert]
+        streamed = len(pieces[0]) if experts.streams else 1
+        for expert, held in zip(pieces, blocks, strict=True):
+            held[:streamed] = [_pin(x, backend) for x in expert[:streamed]]
+        experts.pinned = [b for held in blocks for b in held if b is not None]
         stored = [[x.stored_parts() for x in expert] for expert in pieces]  # views of the pinned blocks
     experts.stored = [
         tuple(tuple(t for _, _, tensors in parts for t in tensors) for parts in expert) for expert in stored
+    ]
+    experts.blocks = [  # a piece with float parts (outside its block) is copied tensor by tensor
+        tuple(
+            b if b is not None and all(_within(t, b) for t in ts) else None
+            for ts, b in zip(expert, held, strict=True)
+        )
+        for expert, held in zip(experts.stored, blocks, strict=True)
     ]

@@ -165,11 +165,13 @@ def experts_bytes(spec: ModelSpec, placements: Iterable[ExpertsPlacement], cpu_d
     """(GPU bytes, host bytes) of the routed experts as the engine holds them (engine.experts):
     the GPU side's whole, as stored (ExpertsSpec.expert_bytes: quantized parts quantized, the
     others in the weights dtype); the CPU's quantized parts as stored (their packed kernels)
-    and the others in `cpu_dtype` (the decode CPU format, which serves both phases)."""
+    and the others in `cpu_dtype` (the decode CPU format, which serves both phases); a split
+    expert as its two pieces (ExpertsSpec.split_extra_bytes)."""
     by_name = {x.name: x for x in spec.experts}
     gpu = host = 0
     for p in placements:
         x = by_name[p.name]
         gpu += len(p.gpu) * x.expert_bytes
         host += len(p.cpu) * x.host_expert_bytes(itemsize(cpu_dtype))
+        host += len(p.cpu) * (x.split_extra_bytes if p.split_units else 0)
     return gpu, host

@@ -53,6 +53,9 @@ class PlanRequest:
     #: of the first `n_cpu_moe` decoder layers; the others by time saved per byte
     cpu_moe: bool = False
     n_cpu_moe: int = 0
+    #: split each chosen CPU-side expert between the CPU and the GPU in decode where it pays
+    #: (plan.experts.split_in_decode); False: the CPU computes its experts whole
+    expert_split: bool = True
     #: measured expert use (`plan --expert-use FILE`, plan.expert_use): each expert's own chance
     #: of being chosen per token, for its place and in every prediction; None: uniform use
     expert_use: ExpertStats | None = None

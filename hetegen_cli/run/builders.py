@@ -237,6 +237,7 @@ def _plan_on_the_fly(resolved: Resolved, workload: Workload) -> Plan:
         model_arg=setup.model or "",
         cpu_moe=setup.cpu_moe,
         n_cpu_moe=setup.n_cpu_moe,
+        expert_split=setup.expert_split,
     )
     if setup.expert_use_path is not None:
         stats, use_warnings = load_expert_stats(setup.expert_use_path, resolved.ref.spec)

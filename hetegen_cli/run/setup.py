@@ -48,6 +48,7 @@ class ModelSetup:
     profile_path: Path | None = None
     cpu_moe: bool = False  # MoE models: every routed expert on the CPU (a plan made on the fly)
     n_cpu_moe: int = 0  # ... or those of the first N decoder layers
+    expert_split: bool = True  # ... split in decode where it pays (--no-expert-split: False)
     expert_use_path: Path | None = None  # MoE models: counts that place the experts (eval --expert-use)
 
     def __post_init__(self) -> None:
@@ -65,7 +66,8 @@ class ModelSetup:
                 "--plan and --gpu-memory cannot be combined",
                 "the plan already fixes the GPU budget; re-plan to change it",
             )
-        placing = [f for f, on in (("--cpu-moe", self.cpu_moe), ("--n-cpu-moe", self.n_cpu_moe)) if on]
+        flags = (("--cpu-moe", self.cpu_moe), ("--n-cpu-moe", self.n_cpu_moe))
+        placing = [f for f, on in (*flags, ("--no-expert-split", not self.expert_split)) if on]
         if self.expert_use_path is not None:
             placing.append("--expert-use")
         if self.plan_path is not None and placing:

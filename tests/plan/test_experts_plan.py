@@ -236,3 +236,89 @@ def test_stream_prefill_round_trips_and_older_plans_read_it_as_off(spec):
     for x in doc["experts"]:
         del x["stream_prefill"]
     assert plan_from_dict(doc).experts == _no_stream(plan.experts)
+
+
+def _desktop():
+    """The made-up PCIe 4 desktop of docs/plan.md section 5."""
+    return make_profile(
+        cpu_dtypes={"bfloat16": 56e9, "float16": 20e9, "float32": 60e9},
+        best="bfloat16",
+        cpu_call_s=30e-6,
+        cpu_flops=0.8e12,
+        dram=70e9,
+        pcie_bw=25e9,
+        pcie_copy_s=10e-6,
+        hbm=900e9,
+        gpu_call_s=8e-6,
+        gpu_flops=150e12,
+        free=23 * GiB,
+        total=24 * GiB,
+        cpu_ratio=0.8,
+        pcie_ratio=0.94,
+        ram_available=120 * GiB,
+        threads=14,
+    )
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_decode_splits_the_cpu_experts_where_it_shortens_the_step(spec, quant):
+    """On the made-up desktop the CPU side of a layer is the longer one in decode: each chosen
+    CPU-side expert is split, the best multiple of the split step on the GPU (no other split
+    on the grid predicts the layer shorter), staging is set aside, and the plan predicts a
+    faster decode than the same plan with `--no-expert-split`; a layer whose experts all sit
+    on the GPU side splits nothing, and neither does a plan without a GPU."""
+    model = spec.quantized(quant, 32) if quant else spec
+    req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    plan = make_plan(model, _desktop(), req)
+    whole = make_plan(model, _desktop(), replace(req, expert_split=False))
+    split = [p for p in plan.experts if p.split_units]
+    assert split and not any(p.split_units for p in whole.experts)
+    assert any(n.startswith("decode: ") for n in plan.notes)
+    assert plan.memory.gpu.expert_staging_bytes > 0 and plan.memory.gpu.total_bytes <= 8 * GiB
+    by_name = {x.name: x for x in model.experts}
+    assert plan.predictions.hetegen.decode_tokens_per_s > whole.predictions.hetegen.decode_tokens_per_s
+    for p in split:
+        x = by_name[p.name]
+        assert p.cpu and p.split_units % x.split_step == 0 and 0 < p.split_units < x.intermediate_size
+    cpu_only = make_plan(
+        model, make_profile(gpu=False, ram_available=512 * GiB), replace(req, gpu_budget_bytes=None)
+    )
+    assert not any(p.split_units for p in cpu_only.experts)
+
+
+def test_the_chosen_split_is_the_best_on_its_grid(spec):
+    """split_in_decode picks, per layer, the split step multiple with the shortest predicted
+    decode step (split_layer_s), and units 0 prices the layer as placed_layer_s does."""
+    from hetegen_cli.plan.costmodel.experts import placed_layer_s, split_layer_s
+    from hetegen_cli.plan.costmodel.predict import CostInputs
+    from hetegen_cli.plan.experts import MIN_SPLIT_GAIN
+
+    q4 = spec.quantized("int4", 32)
+    req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    plan = make_plan(q4, _desktop(), req)
+    pair = (plan.runtime.cpu_dtype_prefill, plan.runtime.cpu_dtype_decode)
+    rates, _ = CostInputs.of(_desktop()).rates(q4, pair, req.prompt_len, "cuda")
+    x = q4.experts[0]
+    for p in plan.experts[:4]:
+        grid = {k: split_layer_s(rates.decode, x, None, p.gpu, 1, k, rates.quant) for k in range(0, 768, 32)}
+        assert grid[0] == placed_layer_s(rates.decode, x, None, p.gpu, 1, quant=rates.quant)
+        best = min(grid, key=grid.get)
+        if grid[0] - grid[best] >= MIN_SPLIT_GAIN * grid[0]:
+            assert p.split_units == best
+        else:
+            assert p.split_units == 0
+
+
+def test_split_units_round_trip_and_older_plans_read_them_as_none(spec):
+    q4 = spec.quantized("int4", 32)
+    req = PlanRequest(prompt_len=512, max_new_tokens=64, gpu_budget_bytes=8 * GiB)
+    plan = make_plan(q4, _desktop(), req)
+    doc = plan.to_dict()
+    assert plan_from_dict(doc).experts == plan.experts and any(x.split_units for x in plan.experts)
+    assert plan.summary()["expert_layers_split_in_decode"] == sum(bool(x.split_units) for x in plan.experts)
+    for x in doc["experts"]:
+        del x["split_units"]
+    assert plan_from_dict(doc).experts == tuple(replace(x, split_units=0) for x in plan.experts)
+    doc["experts"][0]["split_units"] = -32
+    with pytest.raises(PlanError):
+        plan_from_dict(doc)

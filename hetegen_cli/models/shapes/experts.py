@@ -89,6 +89,13 @@ class ExpertsSpec:
         groups = [q[1] for q in self.part_quant if q and q[0] == "int4" and q[1]]
         return max([32, *groups])
 
+    @property
+    def split_extra_bytes(self) -> int:
+        """Bytes a decode split adds to one expert held by the CPU: an int8 down's float16
+        per-row scales, which both pieces hold."""
+        q = self.part_format("down")
+        return 2 * self.hidden_size if q and q[0] == "int8" else 0
+
     def part_format(self, part: str) -> PartQuant:
         """(format, group size) of `part` when stored quantized, else None."""
         return self.part_quant[PARTS.index(part)] if self.part_quant else None

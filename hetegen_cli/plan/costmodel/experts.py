@@ -40,14 +40,16 @@ def expert_s(
     on_gpu: bool,
     concurrent: bool = True,
     quant: Quant | None = None,
+    units: int | None = None,
 ) -> float:
-    """Seconds of one active expert (gate and up [2I, H], down [H, I]) on `tokens` tokens."""
+    """Seconds of one active expert (gate and up [2I, H], down [H, I]) on `tokens` tokens;
+    with `units`, of that many of its I intermediate units (a decode split's piece)."""
     n, total, quant = max(1, round(tokens)), 0.0, quant or {}
+    i = x.intermediate_size if units is None else units
+    if i <= 0:
+        return 0.0
     # gate and up run as one kernel [2I, H] (they share a format), down as another [H, I]
-    for part, rows, inputs in (
-        ("gate", 2 * x.intermediate_size, x.hidden_size),
-        ("down", *x.part_shape("down")),
-    ):
+    for part, rows, inputs in (("gate", 2 * i, x.hidden_size), ("down", x.hidden_size, i)):
         stored = x.part_format(part)
         r = quant.get(stored[0], rates) if stored else rates
         total += cm.gpu_time(r, rows, inputs, n) if on_gpu else cm.cpu_time(r, rows, inputs, n, concurrent)
@@ -121,12 +123,64 @@ def placed_layer_s(
     return max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent, quant))
 
 
-def expert_copy_s(rates: cm.Rates, x: ExpertsSpec) -> float:
+def expert_copy_s(rates: cm.Rates, x: ExpertsSpec, units: int | None = None) -> float:
     """Seconds to copy one CPU-side expert's weights host -> GPU as the host holds them: in
-    the CPU format, gate and up [2I, H] and down [H, I] in two copies; quantized, as stored,
-    up to three tensors (q, scale, min) per part."""
-    copies = 3 * len(x.part_quant) if x.part_quant else 2
-    return copies * rates.pcie_copy_s + x.host_expert_bytes(rates.cpu_dtype_bytes) / rates.pcie_bytes_per_s
+    the CPU format, gate and up [2I, H] and down [H, I] in two copies; quantized, as stored:
+    one copy of the pinned block that holds every part (engine.experts), or up to three
+    tensors (q, scale, min) a part when a part is floating point. With `units`: that many of
+    its I units (a decode split's piece, held in a block of its own)."""
+    copies = 2  # the CPU format's gate_up and down
+    if x.part_quant:
+        copies = 1 if all(x.part_quant) else 3 * len(x.part_quant)
+    share = 1.0 if units is None else units / x.intermediate_size
+    held = x.host_expert_bytes(rates.cpu_dtype_bytes) * share
+    return copies * rates.pcie_copy_s + held / rates.pcie_bytes_per_s
+
+
+def split_layer_s(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    per_token: Sequence[float] | None,
+    gpu: Collection[int],
+    tokens: int,
+    units: int,
+    quant: Quant | None = None,
+) -> float:
+    """Seconds of one layer's experts in a decode step whose CPU-side experts are split at
+    `units` (engine.experts, "decode split"): the CPU computes the other units of each active
+    one while their first `units` cross PCIe one expert after another and the GPU computes
+    them after its own experts (the longer side). `units` 0: placed_layer_s."""
+    if not units:
+        return placed_layer_s(rates, x, per_token, gpu, tokens, True, quant)
+    _, gpu_s = (
+        layer_s(rates, x, len(gpu), tokens, True, quant)
+        if per_token is None
+        else measured_layer_s(rates, x, per_token, set(gpu), tokens, True, quant)
+    )
+    active = _cpu_side_active(x, per_token, gpu, tokens)  # (tokens each, expected count)
+    rest = x.intermediate_size - units
+    cpu = sum(count * expert_s(rates, x, n, False, True, quant, rest) for n, count in active)
+    streamed = sum(count * expert_s(rates, x, n, True, quant=quant, units=units) for n, count in active)
+    moved = sum(count for _, count in active)
+    last = streamed / moved if moved else 0.0  # the last piece computes after its copy
+    return max(cpu, gpu_s + streamed, moved * expert_copy_s(rates, x, units) + last)
+
+
+def _cpu_side_active(
+    x: ExpertsSpec, per_token: Sequence[float] | None, gpu: Collection[int], tokens: int
+) -> list[tuple[float, float]]:
+    """(tokens each sees, expected number active) of a step's CPU-side experts."""
+    if per_token is None:
+        active = expected_distinct(x.num_experts, x.top_k, tokens)
+        if active <= 0:
+            return []
+        return [(tokens * x.top_k / active, active * (1 - len(gpu) / x.num_experts))]
+    held, out = set(gpu), []
+    for e, p in enumerate(per_token):
+        active = active_probability(p, tokens)
+        if e not in held and active > 0:
+            out.append((tokens * p / active, active))
+    return out
 
 
 def streamed_layer_s(
@@ -158,7 +212,8 @@ def experts_step_s(
     """Seconds of every MoE layer's experts in one step: each layer the longer of its two
     sides. `placements` None: every expert on the CPU, or with `gpu_layers` every expert of the
     layers below it on the GPU (a layer split). `use`: measured use (None: uniform). In
-    `prefill`, a layer placed with `stream_prefill` streams its CPU-side experts instead."""
+    `prefill`, a layer placed with `stream_prefill` streams its CPU-side experts instead; in
+    decode, one placed with `split_units` splits them (split_layer_s)."""
     placed = {p.name: p for p in placements or ()}
     total = 0.0
     for x in specs:
@@ -170,6 +225,8 @@ def experts_step_s(
         per_token = use.per_token(x.layer_index) if use is not None else None
         if prefill and p is not None and p.stream_prefill:
             total += streamed_layer_s(rates, x, per_token, gpu, tokens)
+        elif not prefill and p is not None and p.split_units and gpu_layers is None:
+            total += split_layer_s(rates, x, per_token, gpu, tokens, p.split_units, quant)
         else:
             total += placed_layer_s(rates, x, per_token, gpu, tokens, concurrent, quant)
     return total

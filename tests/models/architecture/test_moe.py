@@ -240,7 +240,17 @@ def test_run_executes_a_moe_plan_and_plans_one_on_the_fly_with_cpu_moe(tiny_moe,
     doc = json.loads(result.stdout)
     assert doc["plan"]["origin"] == "planned on the fly" and doc["token_ids"] == expected
     assert doc["plan"]["experts_on_gpu"] == 0 and doc["engine_stats"]["experts_gpu"] == 0
+    split = doc["plan"]["expert_layers_split_in_decode"]
+    assert (doc["engine_stats"]["experts_split"] > 0) == (split > 0)  # as planned (tiny experts: no split)
+    result = _run(*args, "--gpu-memory", "3GiB", "--profile", str(profile), "--cpu-moe", "--no-expert-split")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["token_ids"] == expected and doc["plan"]["expert_layers_split_in_decode"] == 0
+    assert doc["engine_stats"]["experts_split"] == 0 and doc["engine_stats"]["experts_cpu"] > 0
     assert_error(_run(*args, "--plan", str(path), "--cpu-moe"), "--plan and --cpu-moe", exit_code=2)
+    assert_error(
+        _run(*args, "--plan", str(path), "--no-expert-split"), "--plan and --no-expert-split", exit_code=2
+    )
 
 
 def test_a_quantized_moe_preset_prices_its_experts_quantized():

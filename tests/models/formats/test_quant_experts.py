@@ -467,12 +467,18 @@ def test_the_plain_quantized_model_computes_its_dequantized_weights(moe):
             )
 
 
-@pytest.mark.parametrize("plan_name", ["all_cpu", "mixed"])
-def test_the_engine_holds_the_expert_bytes_the_planner_counts(moe, plan_name):
+@pytest.mark.parametrize(("plan_name", "split"), [("all_cpu", False), ("mixed", False), ("mixed", True)])
+def test_the_engine_holds_the_expert_bytes_the_planner_counts(moe, plan_name, split):
     """plan.memory (the planner's and the RAM check's count) equals what the engine holds:
-    the CPU's experts as their packed kernels, the GPU side's as stored."""
+    the CPU's experts as their packed kernels (split: as their two pieces), the GPU side's as
+    stored."""
     _, ref, *_ = moe
-    with _load(ref, plan_name, CpuBackend()) as loaded:
+    experts = expert_placements(ref.spec, EXPERTS[plan_name])
+    if split:
+        experts = [replace(x, split_units=ref.spec.experts[0].split_step) for x in experts]
+    runtime = RuntimeSettings(weights_dtype=ACTIVATIONS, staging_buffers=2, prefetch_depth=1)
+    plan = placements(ref.spec, PLANS[plan_name])
+    with load_hetero_model(ref, plan, runtime, CpuBackend(), progress=False, experts=experts) as loaded:
         context = engine_context(loaded.model)
         placed = [x.placement for x in context.experts]
         gpu, host = experts_bytes(ref.spec, placed, RuntimeSettings().cpu_dtype_decode)

@@ -127,6 +127,32 @@ def test_a_slot_is_refilled_only_after_the_copy_stream_waited_for_its_reader():
     assert copy == ("copy", stream.slots[0].data_ptr(), stream.copy_stream)
 
 
+def test_tensors_in_one_host_block_move_in_one_copy():
+    """An expert whose tensors all lie in one pinned block (engine.experts._pin) crosses in one
+    copy of the block; each tensor comes back at its offset in the slot, None as None."""
+
+    class Counting(StrictBackend):
+        copies = 0
+
+        def to_device_async(self, dst, src, stream=None):
+            Counting.copies += 1
+            super().to_device_async(dst, src, stream)
+
+    backend = Counting()
+    block = backend.pinned_arena(256)
+    q = block[0:24].view(torch.float32).view(2, 3)
+    scale = block[64:72].view(torch.float16)
+    q.copy_(torch.arange(6.0).view(2, 3))
+    scale.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    stream = ExpertStream(backend, 256)
+    stream.load((q, None, scale), block)
+    got = stream.take()
+    assert Counting.copies == 1
+    assert got[1] is None and torch.equal(got[0], q) and torch.equal(got[2], scale)
+    assert got[2].data_ptr() - got[0].data_ptr() == 64  # the block's own offsets
+    stream.release()
+
+
 @pytest.mark.parametrize("arch", MOE)
 @pytest.mark.parametrize("backend", ["cpu", "strict"])
 @pytest.mark.parametrize(("experts", "stream"), [("all_cpu", False), ("mixed", True)])

@@ -199,9 +199,10 @@ def split_in_decode(
             units.append(best / x.intermediate_size)
     if not units:
         return placements, []
+    share = f"{min(units):.0%}" if min(units) == max(units) else f"{min(units):.0%}-{max(units):.0%}"
     note = (
         f"decode: {len(units)} of {len(out)} MoE layers split each chosen CPU-side expert, "
-        f"{min(units):.0%}-{max(units):.0%} of its intermediate units computed on the GPU "
+        f"{share} of its intermediate units computed on the GPU "
         f"(streamed through the staging buffers) while the CPU computes the rest, "
         f"{saved * 1e3:.3g} ms a step less"
     )

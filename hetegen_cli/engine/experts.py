@@ -27,9 +27,10 @@ experts are computed on the GPU instead. Their weights, held pinned as the CPU h
 dequantized on the GPU one part at a time, as GPU-side experts are), cross PCIe one expert at a
 time into one of two staging slots shared by every layer (`ExpertStream`) on a side stream:
 the next expert's copy runs while the GPU computes the current one, each copy waits until the
-computation that last read its slot is done, and each computation waits for its copy. Decode
-is unchanged. A quantized layer whose CPU experts sit in torch's packed layout (no hetegen
-kernels on this CPU) has no stored form to copy and is computed on the CPU instead.
+computation that last read its slot is done, and each computation waits for its copy. An
+expert whose tensors all lie in one pinned block crosses in one copy of it. A quantized layer
+whose CPU experts sit in torch's packed layout (no hetegen kernels on this CPU) has no stored
+form to copy and is computed on the CPU instead (and not split in decode either).
 
 Decode split (a layer placed with `split_units` k): each CPU-side expert is held as two experts
 by intermediate units, its first k units (gate and up rows, down columns) and the rest, whose

@@ -352,6 +352,9 @@ class ExpertStream:
         if self.free[s] is not None:  # the last computation that read this slot
             self.backend.wait_event(self.free[s], self.copy_stream)
         if block is not None:
+            room = self.slots[s].numel()
+            if block.numel() > room:
+                raise RuntimeError(f"a {block.numel()}-byte block does not fit a {room}-byte slot")
             dst = self.slots[s][: block.numel()]
             self.views[s] = tuple(None if t is None else _at_offset(dst, t, block) for t in tensors)
             self.backend.to_device_async(dst, block, self.copy_stream)

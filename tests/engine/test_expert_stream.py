@@ -151,6 +151,8 @@ def test_tensors_in_one_host_block_move_in_one_copy():
     assert got[1] is None and torch.equal(got[0], q) and torch.equal(got[2], scale)
     assert got[2].data_ptr() - got[0].data_ptr() == 64  # the block's own offsets
     stream.release()
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ExpertStream(backend, 128).load((q,), block)
 
 
 @pytest.mark.parametrize("arch", MOE)

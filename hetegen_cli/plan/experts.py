@@ -77,12 +77,12 @@ def place_experts(
         return (), 0, 0, []
     all_cpu = tuple(ExpertsPlacement.of(x) for x in spec.experts)
     reserve = staging_bytes(spec, rates) if staging_bytes(spec, rates) <= room else 0
-    if reserve and not _staged(spec, rates, req, all_cpu)[1]:
+    if reserve and not _stream_and_split(spec, rates, req, all_cpu)[1]:
         reserve = 0
     placements, used = _fill(spec, rates, req, room - reserve)
     stream_note: list[str] = []
     if reserve:
-        placements, stream_note = _staged(spec, rates, req, placements)
+        placements, stream_note = _stream_and_split(spec, rates, req, placements)
         if not stream_note:  # the experts placed left no layer worth staging: place again
             placements, used = _fill(spec, rates, req, room)
     on_gpu = sum(len(p.gpu) for p in placements)
@@ -155,7 +155,7 @@ def stream_in_prefill(
     return tuple(out), [note]
 
 
-def _staged(
+def _stream_and_split(
     spec: ModelSpec, rates: cm.PhaseRates, req: PlanRequest, placements: tuple[ExpertsPlacement, ...]
 ) -> tuple[tuple[ExpertsPlacement, ...], list[str]]:
     """`placements` streaming in prefill and split in decode where either pays, and their

@@ -118,9 +118,23 @@ def placed_layer_s(
 ) -> float:
     """Seconds of one layer's experts in a step, `gpu` on the GPU side and the rest on the CPU
     at once: the longer side; `per_token` None: uniform use."""
+    return max(layer_sides(rates, x, per_token, gpu, tokens, concurrent, quant))
+
+
+def layer_sides(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    per_token: Sequence[float] | None,
+    gpu: Collection[int],
+    tokens: int,
+    concurrent: bool = True,
+    quant: Quant | None = None,
+) -> tuple[float, float]:
+    """(CPU side, GPU side) seconds of one layer's experts in a step (layer_s under uniform
+    use, `per_token` None; else measured_layer_s)."""
     if per_token is None:
-        return max(layer_s(rates, x, len(gpu), tokens, concurrent, quant))
-    return max(measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent, quant))
+        return layer_s(rates, x, len(gpu), tokens, concurrent, quant)
+    return measured_layer_s(rates, x, per_token, set(gpu), tokens, concurrent, quant)
 
 
 def expert_copy_s(rates: cm.Rates, x: ExpertsSpec, units: int | None = None) -> float:
@@ -152,34 +166,34 @@ def split_layer_s(
     them after its own experts (the longer side). `units` 0: placed_layer_s."""
     if not units:
         return placed_layer_s(rates, x, per_token, gpu, tokens, True, quant)
-    _, gpu_s = (
-        layer_s(rates, x, len(gpu), tokens, True, quant)
-        if per_token is None
-        else measured_layer_s(rates, x, per_token, set(gpu), tokens, True, quant)
-    )
-    active = _cpu_side_active(x, per_token, gpu, tokens)  # (tokens each, expected count)
+    _, gpu_s = layer_sides(rates, x, per_token, gpu, tokens, True, quant)
+    active = _cpu_side_active(x, per_token, gpu, tokens)  # tokens each -> expected count
     rest = x.intermediate_size - units
-    cpu = sum(count * expert_s(rates, x, n, False, True, quant, rest) for n, count in active)
-    streamed = sum(count * expert_s(rates, x, n, True, quant=quant, units=units) for n, count in active)
-    moved = sum(count for _, count in active)
+    cpu = sum(count * expert_s(rates, x, n, False, True, quant, rest) for n, count in active.items())
+    streamed = sum(
+        count * expert_s(rates, x, n, True, quant=quant, units=units) for n, count in active.items()
+    )
+    moved = sum(active.values())
     last = streamed / moved if moved else 0.0  # the last piece computes after its copy
     return max(cpu, gpu_s + streamed, moved * expert_copy_s(rates, x, units) + last)
 
 
 def _cpu_side_active(
     x: ExpertsSpec, per_token: Sequence[float] | None, gpu: Collection[int], tokens: int
-) -> list[tuple[float, float]]:
-    """(tokens each sees, expected number active) of a step's CPU-side experts."""
+) -> dict[int, float]:
+    """Tokens an active CPU-side expert sees (rounded, at least 1: expert_s prices whole
+    tokens) -> expected number of such experts active in a step."""
     if per_token is None:
         active = expected_distinct(x.num_experts, x.top_k, tokens)
         if active <= 0:
-            return []
-        return [(tokens * x.top_k / active, active * (1 - len(gpu) / x.num_experts))]
-    held, out = set(gpu), []
+            return {}
+        return {max(1, round(tokens * x.top_k / active)): active * (1 - len(gpu) / x.num_experts)}
+    held, out = set(gpu), {}
     for e, p in enumerate(per_token):
         active = active_probability(p, tokens)
         if e not in held and active > 0:
-            out.append((tokens * p / active, active))
+            n = max(1, round(tokens * p / active))
+            out[n] = out.get(n, 0.0) + active
     return out
 
 
@@ -190,11 +204,7 @@ def streamed_layer_s(
     ones' weights cross PCIe one after another while the GPU computes every active expert
     (the longer of the two; engine.experts, "prefill streaming")."""
     gpu_s = placed_layer_s(rates, x, per_token, range(x.num_experts), tokens)
-    if per_token is None:
-        moved = expected_distinct(x.num_experts, x.top_k, tokens) * (1 - len(gpu) / x.num_experts)
-    else:
-        held = set(gpu)
-        moved = sum(active_probability(p, tokens) for e, p in enumerate(per_token) if e not in held)
+    moved = sum(_cpu_side_active(x, per_token, gpu, tokens).values())
     return max(gpu_s, moved * expert_copy_s(rates, x))
 
 

@@ -71,7 +71,7 @@ def hetegen_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def presets_home(tmp_path_factory) -> Path:
     """One HETEGEN_HOME for the tests that list every preset (`hetegen models`): deriving the
-    33 presets' layouts takes about 30 s the first time and is cached there for the next."""
+    33 presets' layouts takes about 10 s the first time and is cached there for the next."""
     return tmp_path_factory.mktemp("presets-home")
 
 

@@ -201,6 +201,47 @@ def test_linears_are_listed_in_the_order_the_forward_calls_them(arch):
     )
 
 
+#: four layers of mixed kinds where the architecture has kinds: sliding and global attention,
+#: layers without rotary positions, a dense layer among mixture-of-experts ones
+_KINDS = {
+    "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"] * 2),
+    "smollm3": dict(no_rope_layers=[1, 0, 1, 1]),
+    "qwen3_moe": dict(mlp_only_layers=[2]),
+    "qwen2_moe": dict(mlp_only_layers=[2]),
+}
+
+
+@pytest.mark.parametrize("arch", TESTED_ARCHITECTURES)
+def test_one_traced_layer_per_kind_lists_the_linears_as_tracing_every_layer_does(arch):
+    from torch import nn
+    from transformers import AutoConfig
+
+    from hetegen_cli.models.architecture import derive
+
+    config = AutoConfig.for_model(arch, **{**TINY[arch], "num_hidden_layers": 4, **_KINDS.get(arch, {})})
+    model = derive.meta_causal_lm(config, arch, dtype=torch.float32)
+    head = {id(model.get_output_embeddings())}
+    head_name = next(n for n, m in model.named_modules() if id(m) in head)
+    layers_name, _ = derive._decoder_layers(model, config, arch)
+    experts = {rec[0] for rec in derive._experts(model, layers_name, config, arch)}
+    every = derive._forward_order(model, head_name, experts)
+    called: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda *_a, n=n: called.append(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(f"{layers_name}.3.")
+    ]
+    per_kind = derive._forward_order(model, head_name, experts, layers_name)
+    for h in hooks:
+        h.remove()
+    assert every is not None and per_kind == every
+    layers = model.get_submodule(layers_name)
+    two_kinds = (*_KINDS, "gemma2")  # gemma2 alternates sliding and global attention by default
+    assert len({derive._layer_kind(layer) for layer in layers}) == (2 if arch in two_kinds else 1)
+    assert called == []  # the last layer is of an earlier kind: answered, not run
+    assert not any("forward" in vars(layer) for layer in layers)  # the patches are gone
+
+
 #: parameter counts the model cards state (billions, as rounded there; Gemma 3's text decoder
 #: without its 0.4B vision tower)
 CARD_PARAMETERS = {

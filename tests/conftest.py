@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n: each worker gets its share of the cores as torch threads (set before torch is
+    # imported), so that the workers' threads do not outnumber the cores
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
 from tests.tiny_models import (
     TINY_GGUF_CONFIG,
     TINY_GGUF_SEED,

@@ -6,7 +6,8 @@ Every cost is affine in the rows of a share (docs/method.md §4-6):
     T_transfer(r) = pcie_copy_s + r * in * weight_bytes / B_pcie
     T_gpu(r)      = gpu_call_s  + r * in * max(weight_bytes / B_hbm, 2 n / F_gpu)
 
-(each 0 when r == 0), n = tokens in the step. The balanced split solves
+(each 0 when r == 0), n = tokens in the step; F_cpu is at least 2 B_cpu / cpu_dtype_bytes, the
+FLOP rate of the profile's GEMVs (cpu_row_s). The balanced split solves
 T_cpu(f out) = T_transfer((1-f) out) + T_gpu((1-f) out) in closed form (`balanced_fraction`).
 `Rates` holds the fitted constants; `costmodel.fit.rates_from_profile` fits them from a profile.
 """
@@ -129,9 +130,13 @@ class PhaseRates:
 
 
 def cpu_row_s(rates: Rates, in_features: int, tokens: int, concurrent: bool = True) -> float:
-    """CPU seconds per output row: bandwidth- or compute-bound, whichever is slower."""
+    """CPU seconds per output row: bandwidth- or compute-bound, whichever is slower. The FLOP
+    rate is at least the one the GEMV fit implies (2 FLOPs per weight read at B_cpu), so a
+    one-token product costs what the profile measured for it: the GEMM rate of prefill shapes
+    can be below it (a quantized format priced at the bfloat16 GEMM's rate)."""
     bw = rates.cpu_bytes_per_s_concurrent if concurrent else rates.cpu_bytes_per_s
-    return in_features * max(rates.cpu_dtype_bytes / bw, 2.0 * tokens / rates.cpu_flops_per_s)
+    flops = max(rates.cpu_flops_per_s, 2.0 * rates.cpu_bytes_per_s / rates.cpu_dtype_bytes)
+    return in_features * max(rates.cpu_dtype_bytes / bw, 2.0 * tokens / flops)
 
 
 def transfer_row_s(rates: Rates, in_features: int, concurrent: bool = True) -> float:

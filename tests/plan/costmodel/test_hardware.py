@@ -85,6 +85,28 @@ def test_no_gpu_means_all_cpu():
     assert cm.balanced_fraction(simple_rates(has_gpu=False), 4096, 4096, 1) == 1.0
 
 
+@pytest.mark.parametrize("bytes_per_param", [0.5625, 1.0625, 2.0])
+def test_a_one_token_product_costs_what_the_gemv_fit_says_even_below_the_gemm_rate(bytes_per_param):
+    """A quantized format's rates carry the float GEMM's FLOP rate (its prefill stand-in); where
+    that is below the rate its own GEMV reached (2 FLOPs a weight read at B_cpu), one token still
+    costs the GEMV's bytes / B_cpu, and more tokens cost more: the compute bound then takes over
+    at the larger of the two rates."""
+    rates = simple_rates(
+        cpu_bytes_per_s=20 * GB,
+        cpu_bytes_per_s_concurrent=20 * GB,
+        cpu_flops_per_s=10e9,  # a slow GEMM: 2 / 10e9 s a weight, above 0.56 / 20e9
+        weight_bytes_per_param=bytes_per_param,
+        cpu_call_s=30e-6,
+    )
+    gemv_flops = 2 * 20 * GB / bytes_per_param
+    rows, cols = 4096, 4096
+    assert cm.cpu_time(rates, rows, cols, 1, False) == pytest.approx(
+        30e-6 + rows * cols * bytes_per_param / (20 * GB)
+    )
+    at_64 = rows * cols * 2 * 64 / max(10e9, gemv_flops)
+    assert cm.cpu_time(rates, rows, cols, 64, False) == pytest.approx(30e-6 + at_64)
+
+
 def test_fit_affine_recovers_line_and_falls_back():
     pts = [(1e6, 20e-6 + 1e6 / 40e9), (1e8, 20e-6 + 1e8 / 40e9), (4e8, 20e-6 + 4e8 / 40e9)]
     a, rate = cm.fit_affine(pts)

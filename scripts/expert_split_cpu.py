@@ -2,6 +2,7 @@
 
 Usage: python scripts/expert_split_cpu.py [--hidden 2048] [--intermediate 768] [--experts 128]
        [--top-k 8] [--format int4] [--splits 0,192,320,448] [--steps 200] [--rounds 7]
+       [--profile profile.json]
 
 A decode split gives the GPU the first k intermediate units of each chosen CPU-side expert and
 leaves the CPU the other I - k; the planner prices the CPU's part as an expert of I - k units
@@ -15,7 +16,9 @@ experts per step for one token, `--steps` steps per timing, the splits interleav
 than the last-level cache, as a real layer's do. Prints per split the median microseconds a
 step (and the spread), its ratio to the whole expert's, and the share of the bytes left to
 the CPU, (I - k) / I, which is what the planner's CPU time scales with (besides a per-call
-cost).
+cost). With `--profile` (a `hetegen profile` of this machine) it also prints the cost model's
+time for each step: as the planner prices it (costmodel.experts.cpu_side_s: one kernel call a
+step with hetegen's kernels) and with a call per expert part (how it priced them before).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--profile", help="a hetegen profile of this machine: print the cost model's times too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     splits = [int(k) for k in args.splits.split(",")]
@@ -93,6 +97,7 @@ def main() -> None:
         f"{args.experts} experts [{args.intermediate} x {args.hidden}] {args.format}, "
         f"{held / 2**20:.0f} MiB, top-{args.top_k}, {args.threads} threads, {args.rounds} rounds"
     )
+    predicted = _predicted(args, splits) if args.profile else {}
     base = statistics.median(seconds[splits[0]])
     for k in splits:
         s = seconds[k]
@@ -101,7 +106,37 @@ def main() -> None:
             f"k={k:5d}: {med * 1e6:8.1f} us a step ({min(s) * 1e6:.1f}-{max(s) * 1e6:.1f}), "
             f"{med / base:.3f} of k={splits[0]}, bytes left "
             f"{(args.intermediate - k) / (args.intermediate - splits[0]):.3f}"
+            + (
+                f"; cost model {predicted[k][0] * 1e6:.1f} us (a call per part: {predicted[k][1] * 1e6:.1f})"
+                if predicted
+                else ""
+            )
         )
+
+
+def _predicted(args, splits: list[int]) -> dict[int, tuple[float, float]]:
+    """k -> (the planner's seconds a step, the same with a call per expert part), from the
+    profile's rates for the format (no PCIe contention: the CPU alone)."""
+    import json
+    from pathlib import Path
+
+    from hetegen_cli.models.shapes.experts import ExpertsSpec
+    from hetegen_cli.plan.costmodel.experts import cpu_side_s, expert_s
+    from hetegen_cli.plan.costmodel.fit import quant_rates, rates_from_profile
+
+    profile = json.loads(Path(args.profile).read_text(encoding="utf-8"))
+    base, _ = rates_from_profile(profile, "bfloat16", None, 1)
+    rates, _ = quant_rates(profile, base, args.format, 32)
+    x = ExpertsSpec("experts", 0, args.experts, args.top_k, args.hidden, args.intermediate, 2)
+    x = x.quantized(args.format, 32)
+    quant = {args.format: rates}
+    out = {}
+    for k in splits:
+        units = args.intermediate - k
+        planned = cpu_side_s(base, x, {1: args.top_k}, 1, False, quant, units)
+        per_part = args.top_k * expert_s(base, x, 1, False, False, quant, units)
+        out[k] = (planned, per_part)
+    return out
 
 
 if __name__ == "__main__":

@@ -324,3 +324,42 @@ def test_an_all_cpu_quantized_plan_computes_in_what_the_profiles_kernel_takes(ke
             plan.__class__(**{**plan.__dict__, "runtime": replace(plan.runtime, weights_dtype="float16")}),
             spec,
         )
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_decode_steps_cpu_experts_pay_one_call_each_with_hetegens_kernels(fmt):
+    """With hetegen's kernels the engine computes a one-token step's chosen CPU-side experts
+    of a layer in one call (models.formats.fused): each expert costs its bytes and one per-call
+    cost, not two, under uniform and measured use. With torch's kernels, and in prefill, each
+    expert pays its own two calls. The fused plan predicts faster decode."""
+    from hetegen_cli.models.shapes.experts import expected_distinct
+    from hetegen_cli.plan.costmodel.experts import expert_s, fused_call_s, layer_s, measured_layer_s
+    from hetegen_cli.plan.costmodel.hardware import Rates
+
+    spec = _spec(fmt, "qwen3-30b-a3b")
+    x = spec.experts[0]
+    req = PlanRequest(prompt_len=128, max_new_tokens=32, gpu_budget_bytes=0, cpu_budget_bytes=256 * GiB)
+    by_kernel = {}
+    for kernel in ("hetegen-avx2", "torch"):
+        profile = _with_kernel(_profile(gpu=False, cpu_call_s=30e-6, ram_available=512 * GiB), kernel)
+        plan = make_plan(spec, profile, req)
+        quant = {k: Rates.from_dict(v) for k, v in plan.rates.quant.items()}
+        by_kernel[kernel] = (plan, Rates.from_dict(plan.rates.decode), quant)
+    plan, r, quant = by_kernel["hetegen-avx2"]
+    call, k = quant[fmt].cpu_call_s, x.top_k
+    assert call == pytest.approx(30e-6, rel=0.05)
+    assert fused_call_s(r, x, 1, quant) == call and fused_call_s(r, x, 128, quant) is None
+    whole = expert_s(r, x, 1, False, quant=quant)
+    bytes_only = expert_s(r, x, 1, False, quant=quant, calls=False)
+    assert whole - bytes_only == pytest.approx(2 * call)
+    cpu, gpu = layer_s(r, x, 0, 1, quant=quant)
+    assert gpu == 0 and cpu == pytest.approx(k * (bytes_only + call))
+    uniform = [k / x.num_experts] * x.num_experts
+    assert measured_layer_s(r, x, uniform, (), 1, quant=quant)[0] == pytest.approx(cpu)
+    active = expected_distinct(x.num_experts, k, 128)  # prefill: each expert its own calls
+    per_expert = expert_s(r, x, 128 * k / active, False, quant=quant)
+    assert layer_s(r, x, 0, 128, quant=quant)[0] == pytest.approx(active * per_expert)
+    torch_plan, tr, tquant = by_kernel["torch"]
+    assert fused_call_s(tr, x, 1, tquant) is None
+    assert layer_s(tr, x, 0, 1, quant=tquant)[0] == pytest.approx(k * expert_s(tr, x, 1, False, quant=tquant))
+    assert plan.predictions.hetegen.decode_tokens_per_s > torch_plan.predictions.hetegen.decode_tokens_per_s

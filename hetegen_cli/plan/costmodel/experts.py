@@ -10,7 +10,9 @@ average; a side's expected work is the sum over its experts of P_e times the exp
 With p_e = k/E for every expert both give the same figures. An expert on the GPU side is
 computed there; any other one by the CPU from host RAM, whole (its three matrices), only when
 active. The two sides of a layer run at once (engine.experts), so the layer takes the longer
-of the two.
+of the two. Each CPU-side expert pays its two kernels' per-call costs, except in a one-token
+step whose experts are quantized and run by hetegen's kernels: the engine computes them in one
+call, and each pays one (fused_call_s).
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ def expert_s(
     concurrent: bool = True,
     quant: Quant | None = None,
     units: int | None = None,
+    calls: bool = True,
 ) -> float:
     """Seconds of one active expert (gate and up [2I, H], down [H, I]) on `tokens` tokens;
-    with `units`, of that many of its I intermediate units (a decode split's piece)."""
+    with `units`, of that many of its I intermediate units (a decode split's piece). `calls`
+    False: without the CPU kernels' per-call cost (the expert is part of a fused call,
+    fused_call_s)."""
     n, total, quant = max(1, round(tokens)), 0.0, quant or {}
     i = x.intermediate_size if units is None else units
     if i <= 0:
@@ -52,8 +57,61 @@ def expert_s(
     for part, rows, inputs in (("gate", 2 * i, x.hidden_size), ("down", x.hidden_size, i)):
         stored = x.part_format(part)
         r = quant.get(stored[0], rates) if stored else rates
-        total += cm.gpu_time(r, rows, inputs, n) if on_gpu else cm.cpu_time(r, rows, inputs, n, concurrent)
+        if on_gpu:
+            total += cm.gpu_time(r, rows, inputs, n)
+        else:
+            total += cm.cpu_time(r, rows, inputs, n, concurrent) - (0.0 if calls else r.cpu_call_s)
     return total
+
+
+def fused_call_s(rates: cm.Rates, x: ExpertsSpec, tokens: int, quant: Quant | None) -> float | None:
+    """The fixed cost each CPU-side expert pays where the engine computes a step's chosen ones
+    in one kernel call (engine.experts, models.formats.fused: a step of one token, every part
+    stored quantized and run by hetegen's kernels): one per-call cost of its gate/up format an
+    expert, not one per kernel (docs/plan.md, "Experts"); None where each expert runs its
+    own two kernels."""
+    if tokens != 1 or not x.part_quant or not all(x.part_quant):
+        return None
+    formats = [quant.get(q[0]) if quant else None for q in x.part_quant]
+    if any(r is None or not r.cpu_kernel.startswith("hetegen") for r in formats):
+        return None
+    stored = x.part_format("gate")
+    return (quant or {})[stored[0]].cpu_call_s if stored else rates.cpu_call_s
+
+
+def cpu_expert_s(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    tokens: float,
+    step_tokens: int,
+    concurrent: bool = True,
+    quant: Quant | None = None,
+    units: int | None = None,
+) -> float:
+    """Seconds of one active CPU-side expert seeing `tokens` of a step of `step_tokens`:
+    expert_s, or where the engine fuses the step's experts (fused_call_s) its bytes and one
+    per-call cost."""
+    call = fused_call_s(rates, x, step_tokens, quant)
+    if call is None:
+        return expert_s(rates, x, tokens, False, concurrent, quant, units)
+    return expert_s(rates, x, tokens, False, concurrent, quant, units, calls=False) + call
+
+
+def cpu_side_s(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    active: Mapping[int, float],
+    tokens: int,
+    concurrent: bool = True,
+    quant: Quant | None = None,
+    units: int | None = None,
+) -> float:
+    """Seconds of a step of `tokens` tokens' CPU-side experts of one layer, `active` mapping
+    the tokens an active one sees to their expected number (_cpu_side_active); with `units`,
+    that many of each one's units (a decode split's CPU piece)."""
+    return sum(
+        count * cpu_expert_s(rates, x, n, tokens, concurrent, quant, units) for n, count in active.items()
+    )
 
 
 def layer_s(
@@ -72,8 +130,8 @@ def layer_s(
     per_expert = tokens * x.top_k / active
     share_gpu = gpu_experts / x.num_experts
     gpu = active * share_gpu * expert_s(rates, x, per_expert, True, quant=quant) if gpu_experts else 0.0
-    cpu = active * (1 - share_gpu) * expert_s(rates, x, per_expert, False, concurrent, quant)
-    return cpu, gpu
+    on_cpu = {max(1, round(per_expert)): active * (1 - share_gpu)} if gpu_experts < x.num_experts else {}
+    return cpu_side_s(rates, x, on_cpu, tokens, concurrent, quant), gpu
 
 
 def active_probability(per_token: float, tokens: int) -> float:
@@ -93,18 +151,18 @@ def measured_layer_s(
 ) -> tuple[float, float]:
     """(CPU side, GPU side) seconds of one layer's experts in a step of `tokens` tokens, expert
     e chosen per token with probability `per_token[e]` and on the GPU side when in `gpu`."""
-    sides = [0.0, 0.0]
-    seconds: dict[tuple[int, bool], float] = {}  # experts seeing as many tokens cost the same
+    gpu_side = 0.0
+    seconds: dict[int, float] = {}  # experts seeing as many tokens cost the same
     for e, p in enumerate(per_token):
         active = active_probability(p, tokens)
-        if active <= 0:
+        if active <= 0 or e not in gpu:
             continue
-        on_gpu = e in gpu
-        key = (max(1, round(tokens * p / active)), on_gpu)
-        if key not in seconds:
-            seconds[key] = expert_s(rates, x, key[0], on_gpu, concurrent, quant)
-        sides[on_gpu] += active * seconds[key]
-    return sides[0], sides[1]
+        n = max(1, round(tokens * p / active))
+        if n not in seconds:
+            seconds[n] = expert_s(rates, x, n, True, concurrent, quant)
+        gpu_side += active * seconds[n]
+    cpu = cpu_side_s(rates, x, _cpu_side_active(x, per_token, gpu, tokens), tokens, concurrent, quant)
+    return cpu, gpu_side
 
 
 def placed_layer_s(
@@ -168,8 +226,7 @@ def split_layer_s(
         return placed_layer_s(rates, x, per_token, gpu, tokens, True, quant)
     _, gpu_s = layer_sides(rates, x, per_token, gpu, tokens, True, quant)
     active = _cpu_side_active(x, per_token, gpu, tokens)  # tokens each -> expected count
-    rest = x.intermediate_size - units
-    cpu = sum(count * expert_s(rates, x, n, False, True, quant, rest) for n, count in active.items())
+    cpu = cpu_side_s(rates, x, active, tokens, True, quant, x.intermediate_size - units)
     streamed = sum(
         count * expert_s(rates, x, n, True, quant=quant, units=units) for n, count in active.items()
     )
@@ -273,7 +330,7 @@ def expert_priority(rates: cm.Rates, x: ExpertsSpec, batch: int, quant: Quant | 
     active = expected_distinct(x.num_experts, x.top_k, batch)
     tokens = batch * x.top_k / active if active else 1
     p_active = active / x.num_experts
-    saved = expert_s(rates, x, tokens, False, quant=quant) - expert_s(rates, x, tokens, True, quant=quant)
+    saved = cpu_expert_s(rates, x, tokens, batch, quant=quant) - expert_s(rates, x, tokens, True, quant=quant)
     return max(0.0, p_active * saved) / x.expert_bytes
 
 
@@ -291,6 +348,8 @@ def expert_priorities(
             continue
         n = max(1, round(batch * p / active))
         if n not in saved:
-            saved[n] = expert_s(rates, x, n, False, quant=quant) - expert_s(rates, x, n, True, quant=quant)
+            saved[n] = cpu_expert_s(rates, x, n, batch, quant=quant) - expert_s(
+                rates, x, n, True, quant=quant
+            )
         out.append(max(0.0, active * saved[n]) / x.expert_bytes)
     return out

@@ -246,7 +246,7 @@ def _trace_one_layer_per_kind(layers: Any, layers_name: str, order: list[str]) -
         kind = _layer_kind(layer)
         first = firsts.get(kind)
         if first is None:
-            firsts[kind] = first = {"index": j}
+            firsts[kind] = first = {}
             layer.forward = functools.partial(_run_first, layer.forward, first, f"{layers_name}.{j}.", order)
         else:
             layer.forward = functools.partial(_as_first, first, f"{layers_name}.{j}.", order)

@@ -70,13 +70,12 @@ def fused_call_s(rates: cm.Rates, x: ExpertsSpec, tokens: int, quant: Quant | No
     stored quantized and run by hetegen's kernels): one per-call cost of its gate/up format an
     expert, not one per kernel (docs/plan.md, "Experts"); None where each expert runs its
     own two kernels."""
-    if tokens != 1 or not x.part_quant or not all(x.part_quant):
+    if tokens != 1 or not quant or not x.part_quant or not all(x.part_quant):
         return None
-    formats = [quant.get(q[0]) if quant else None for q in x.part_quant]
+    formats = [quant.get(q[0]) for q in x.part_quant]
     if any(r is None or not r.cpu_kernel.startswith("hetegen") for r in formats):
         return None
-    stored = x.part_format("gate")
-    return (quant or {})[stored[0]].cpu_call_s if stored else rates.cpu_call_s
+    return formats[0].cpu_call_s  # gate's (PARTS order)
 
 
 def cpu_expert_s(

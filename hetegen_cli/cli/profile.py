@@ -186,13 +186,15 @@ def render(doc: dict[str, Any]) -> None:
 
 
 def _render_engine(console: Any, engine: dict[str, Any]) -> None:
-    """The engine's fixed costs: per device, dtype and family, at the smallest and largest
-    measured prompt and context; and the engine's cost per linear."""
+    """The engine's fixed costs: per device, dtype, family and weights, at the smallest and
+    largest measured prompt and context; and the engine's cost per linear."""
     t = _table(
-        "Engine fixed costs (tiny models; non-linear work per decoder layer and per step, ms)",
+        "Engine fixed costs (tiny models; non-linear work per decoder layer and per step, ms; "
+        "int4 decode includes its linears)",
         "device",
         "dtype",
         "family",
+        "weights",
         "prefill layer",
         "prefill step",
         "decode layer",
@@ -208,6 +210,7 @@ def _render_engine(console: Any, engine: dict[str, Any]) -> None:
             e["device"],
             e["dtype"],
             e["architecture"],
+            e.get("weights", "float"),
             span(pre, "layer_s"),
             span(pre, "token_s"),
             span(dec, "layer_s"),

@@ -18,7 +18,14 @@ vocabulary 2048; one and six decoder layers; untied LM head) of each architectur
   norm, masks, the generation loop); sampling's cost per vocabulary entry is timed alone;
 - the engine with every linear whole on the CPU (the inline path), split in halves (the
   copies of x and of the CPU result, the join) and wholly streamed, against the stock model:
-  the engine's cost per linear and mode.
+  the engine's cost per linear and mode;
+- on the CPU, the same models quantized to int4 and loaded as `run` loads a quantized model
+  (hetegen's kernels, the fused decode steps where the architecture takes them): entries with
+  `weights: int4`. Their prefill points subtract the quantized linears called alone, as above;
+  their decode points subtract nothing: a fused step calls its linears from C, so calling
+  them alone from Python would cost more than they do inside it. The tiny model's linears
+  (about 0.4 MB a layer, read from cache) stay in those points; the plan prices a real
+  model's quantized linears by their bytes alone on top (docs/plan.md §1d).
 
 Every figure is the fastest of `repeat` samples: on a shared machine noise only adds time. The result is the
 profile's `engine` section (profile.document.EngineCosts); plan.costmodel.fixed turns it into the
@@ -38,18 +45,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hetegen_cli.core.devices import Backend, CpuBackend, get_backend, torch_dtype
+from hetegen_cli.core.devices import Backend, CpuBackend, dtype_name, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.measure.timing import SCALE_ENV, torch_threads
 from hetegen_cli.measure.tiny_models import ARCHITECTURES, TinyShape, write_tiny_model
+from hetegen_cli.models.formats.quant import QuantLinear
+from hetegen_cli.models.formats.quantized import quantize_folder
 from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.loading.loader import LoadedModel, load_model
-from hetegen_cli.models.loading.source import ModelRef
+from hetegen_cli.models.loading.quantized_loader import activation_dtype, load_quantized
+from hetegen_cli.models.loading.source import ModelRef, resolve_model
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 
 ENGINE_COSTS_VERSION = 1
 MODES = ("inline", "split", "stream")  # the CPU computes the whole linear / half / none of it
+QUANT_FORMAT, QUANT_GROUP = "int4", 32  # the quantized entries' weights
 
 
 @dataclass(frozen=True)
@@ -120,22 +131,27 @@ def _fastest(model: Any, device: Any, clock: _Clock, prompt: int, sizes: CostSiz
 def _linears_alone(
     model: Any, device: Any, dtype: torch.dtype, clock: _Clock, tokens: int, repeat: int
 ) -> float:
-    """Fastest seconds of every linear of `model` called once with `tokens` tokens, in order,
-    with its own weights (the LM head with one token: logits_to_keep=1)."""
+    """Fastest seconds of every linear of `model` (nn.Linear, or QuantLinear through its own
+    kernel) called once with `tokens` tokens, in order, with its own weights (the LM head with
+    one token: logits_to_keep=1)."""
     head = model.get_output_embeddings()
     inputs: dict[tuple[int, int], torch.Tensor] = {}
-    operands = []
+    calls: list[Callable[[], Any]] = []
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear | QuantLinear):
             n = 1 if m is head else tokens
             if (n, m.in_features) not in inputs:
                 inputs[n, m.in_features] = torch.randn(1, n, m.in_features).to(device, dtype)
-            operands.append((inputs[n, m.in_features], m.weight, m.bias))
+            x = inputs[n, m.in_features]
+            if isinstance(m, QuantLinear):
+                calls.append(lambda m=m, x=x: m(x))
+            else:
+                calls.append(lambda m=m, x=x: F.linear(x, m.weight, m.bias))
     samples = []
     for _ in range(repeat + 1):
         start = clock()
-        for x, w, b in operands:
-            F.linear(x, w, b)
+        for call in calls:
+            call()
         samples.append(clock() - start)
     return min(samples[1:])
 
@@ -178,20 +194,37 @@ def _engine(ref: ModelRef, dtype: str, backend: Backend, mode: str, threads: int
     return load_hetero_model(ref, plan.placements, runtime, backend, progress=False)
 
 
+def _quantized(ref: ModelRef, folder: Path) -> ModelRef:
+    """The tiny float model `ref` quantized (QUANT_FORMAT) into `folder`, resolved as `run`
+    resolves a quantized folder."""
+    quantize_folder(ref, QUANT_FORMAT, QUANT_GROUP, folder)
+    return resolve_model(str(folder), need_weights=True, quant="auto")
+
+
 def _nonlinear(
-    refs: dict[int, ModelRef], dtype: str, backend: Backend, clock: _Clock, sizes: CostSizes
+    refs: dict[int, ModelRef],
+    dtype: str,
+    backend: Backend,
+    clock: _Clock,
+    sizes: CostSizes,
+    load: Callable[[ModelRef], LoadedModel] | None = None,
 ) -> dict[str, Any]:
     """Per-layer and per-step non-linear seconds of the stock model, prefill and decode: one
     generation per prompt length gives the prefill at that length and decode steps at that
-    context; the linears alone are subtracted."""
+    context; the linears alone are subtracted.
+
+    `load`: how to load a model (default the stock model in `dtype` on `backend`). A loader
+    that gives a quantized model (load_quantized) keeps its decode steps whole: their
+    linears are not subtracted (the module docstring says why)."""
     tdt = torch_dtype(dtype)
     few, many = sizes.shape.layers
     points: dict[int, dict[str, list[float]]] = {}
     for layers in (few, many):
-        with _plain(refs[layers], dtype, backend) as loaded, torch.inference_mode():
+        loading = load(refs[layers]) if load is not None else _plain(refs[layers], dtype, backend)
+        with loading as loaded, torch.inference_mode():
             model, device = loaded.model, loaded.device
             _generation(model, device, clock, sizes.prompts[0], 2)  # warm-up
-            lin1 = _linears_alone(model, device, tdt, clock, 1, sizes.repeat)
+            lin1 = 0.0 if load is not None else _linears_alone(model, device, tdt, clock, 1, sizes.repeat)
             pre, dec = [], []
             for n in sizes.prompts:
                 prefill, step = _fastest(model, device, clock, n, sizes)
@@ -289,6 +322,28 @@ def measure_engine_costs(
                         many = refs[arch][sizes.shape.layers[-1]]
                         entry["linear_s"] = _linear_overheads(many, dtype, backend, clock, sizes, threads)
                     entries.append(entry)
+            if backend.is_cuda:
+                continue
+            for arch in architectures:  # the quantized model as `run` loads it: CPU only
+                if progress:
+                    progress(f"engine costs: {arch} {QUANT_FORMAT} on {backend.name}")
+                quantized = {
+                    n: _quantized(ref, Path(tmp) / f"{arch}-{n}-{QUANT_FORMAT}")
+                    for n, ref in refs[arch].items()
+                }
+                act = dtype_name(activation_dtype())
+                entries.append(
+                    {
+                        "device": kind,
+                        "backend": backend.name,
+                        "dtype": act,
+                        "architecture": arch,
+                        "weights": QUANT_FORMAT,
+                        "threads": threads,
+                        "sample_s_per_vocab": sample,
+                        **_nonlinear(quantized, act, backend, clock, sizes, load=load_quantized),
+                    }
+                )
     shape = sizes.shape
     return {
         "version": ENGINE_COSTS_VERSION,

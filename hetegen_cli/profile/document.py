@@ -248,12 +248,16 @@ class DecodePoint(Schema):
 
 
 class EngineEntry(Schema):
-    """Fixed costs measured on one device, activation dtype and architecture family."""
+    """Fixed costs measured on one device, activation dtype, architecture family and weights:
+    "float" (the stock model; every point less its linears called alone) or "int4" (the
+    quantized model as `run` loads it; its decode points keep the tiny model's linears,
+    measure.engine_costs says why)."""
 
     device: Literal["cpu", "cuda"]
     backend: Text
     dtype: WeightDtype
     architecture: Literal["llama", "opt"]
+    weights: Literal["float", "int4"] = "float"
     threads: Threads
     sample_s_per_vocab: NonNegative
     prefill: Annotated[list[PrefillPoint], Field(min_length=1)]

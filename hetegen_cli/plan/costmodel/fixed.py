@@ -35,6 +35,12 @@ from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.profile.document import EngineEntry, EngineModel, Profile, profile_sections
 
 MODES = ("inline", "split", "stream")
+QUANT_ENTRY = "int4"  # the weights of the profile's quantized entries
+NO_QUANT_NOTE = (
+    "the profile measured no quantized model's fixed costs (made before 2026-12-07): a quantized "
+    "model's CPU decode is priced with the float model's and a GEMV call cost per linear, which "
+    "overstates it; re-run `hetegen profile`"
+)
 NO_ENGINE_NOTE = (
     "the profile has no engine costs (made before profile schema 2): predictions leave out "
     "the non-linear work (norms, rotary, KV cache, sampling) and the engine's cost per linear; "
@@ -101,6 +107,9 @@ class DeviceCosts:
     decode: PhaseTerms
     sample_s_per_vocab: float = 0.0
     linear_s: dict = field(default_factory=dict)  # mode -> phase -> seconds per linear
+    #: "float", or "int4": the quantized model as `run` loads it, whose decode terms hold its
+    #: linears' calls (quantized_decode)
+    weights: str = "float"
 
     def __getitem__(self, phase: str) -> PhaseTerms:
         return self.prefill if phase == "prefill" else self.decode
@@ -127,6 +136,7 @@ def fit_entry(entry: EngineEntry, model: EngineModel) -> DeviceCosts:
         decode=PhaseTerms(da, 0.0, 0.0, db, ds0, 0.0),
         sample_s_per_vocab=sample,
         linear_s={m: dict(v) for m, v in entry.linear_s.items()},
+        weights=entry.weights,
     )
 
 
@@ -148,11 +158,11 @@ class FixedCosts:
     def has(self, device: str) -> bool:
         return any(e.device == device for e in self.entries)
 
-    def pick(self, device: str, dtype: str, architecture: str) -> DeviceCosts | None:
-        """The entry measured on `device` closest to (dtype, architecture): the same dtype and
-        family first, then the same family, then the same dtype, then any."""
+    def pick(self, device: str, dtype: str, architecture: str, weights: str = "float") -> DeviceCosts | None:
+        """The entry measured on `device` with `weights` closest to (dtype, architecture): the
+        same dtype and family first, then the same family, then the same dtype, then any."""
         family = "opt" if architecture == "opt" else "llama"
-        on = [e for e in self.entries if e.device == device]
+        on = [e for e in self.entries if e.device == device and e.weights == weights]
         for ok in (
             lambda e: e.dtype == dtype and e.architecture == family,
             lambda e: e.architecture == family,
@@ -163,6 +173,15 @@ class FixedCosts:
             if found:
                 return found[0]
         return None
+
+    def quantized_decode(self, spec: ModelSpec) -> bool:
+        """Whether the CPU's decode steps of quantized `spec` are priced from the profile's
+        quantized entries: their layer and step terms hold the calls of a step's linears
+        (fused where the model takes it), so the linears add their bytes alone, no cost per
+        call, and the engine, which calls the same modules, adds nothing per linear
+        (docs/plan.md §1d). False for a float model, or a profile measured before them."""
+        measured = any(e.device == "cpu" and e.weights == QUANT_ENTRY for e in self.entries)
+        return spec.quant is not None and measured
 
     def linear_s(self, device: str, dtype: str, phase: str, mode: str) -> float:
         """The engine's seconds per linear in `mode` (entries without it: 0), uncalibrated."""
@@ -234,11 +253,12 @@ def fixed_s(
     batch: int,
     layers: int,
     outside: bool = True,
+    weights: str = "float",
 ) -> float | None:
     """Non-linear seconds of `layers` decoder layers (+ the step's work outside them when
     `outside`) on `device`, before any calibration; None when the profile measured no such
-    device."""
-    costs = fixed.pick(device, dtype, spec.architecture)
+    device. `weights`: the entries to use ("int4": the quantized model's)."""
+    costs = fixed.pick(device, dtype, spec.architecture, weights)
     if costs is None:
         return None
     tokens = batch * (prompt_len if phase == "prefill" else 1)

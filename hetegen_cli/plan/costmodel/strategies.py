@@ -11,14 +11,14 @@ are plan.LinearPlacement in execution order; times are seconds per step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hetegen_cli.core.phase import PHASES
 from hetegen_cli.core.quant import HEAD_FORMAT, kernel_takes
 from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.costmodel.experts import experts_step_s, step_tokens
-from hetegen_cli.plan.costmodel.fixed import FixedCosts, fixed_s, linears_s
+from hetegen_cli.plan.costmodel.fixed import QUANT_ENTRY, FixedCosts, fixed_s, linears_s
 from hetegen_cli.plan.document import LinearPlacement
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.sections import Bounds, Figures, FixedPart, PhaseSeconds, Predictions
@@ -108,11 +108,13 @@ def step_times(rates: cm.PhaseRates, spec, req, placements, phase, buffers, head
 
 @dataclass(frozen=True)
 class Part:
-    """Decoder layers of one step computed on one device ("cpu" or the GPU side's)."""
+    """Decoder layers of one step computed on one device ("cpu" or the GPU side's), priced
+    with the fixed costs measured with `weights` ("float", or "int4": FixedCosts.quantized_decode)."""
 
     device: str
     layers: int
     on_gpu: bool
+    weights: str = "float"
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,9 @@ def compose(
         lin = linears_s(fixed, engine.device, dtype, engine.placements, ph) if engine.placements else 0.0
         linear[ph], raw[ph], scaled[ph] = linear_s[ph], lin, lin * fixed.factor(engine.device, ph)
         for i, p in enumerate(parts):
-            t = fixed_s(fixed, p.device, dtype, spec, ph, layers=p.layers, outside=i == 0, **args)
+            t = fixed_s(
+                fixed, p.device, dtype, spec, ph, layers=p.layers, outside=i == 0, weights=p.weights, **args
+            )
             if t is None:
                 linear[ph] += attention_for(rates[ph], spec, req, ph, p.layers, p.on_gpu)
             else:
@@ -315,12 +319,22 @@ def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_by
 
 def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine = Engine()) -> Figures:
     """Everything on the CPU at its solo rate: every linear, the LM head, attention. `engine`:
-    the all-CPU plan run by the engine (its cost per linear); default the stock model."""
+    the all-CPU plan run by the engine (its cost per linear); default the stock model.
+
+    A quantized model with a profile that measured the quantized path
+    (FixedCosts.quantized_decode) takes that path's fixed costs; its decode linears cost their
+    bytes alone, and the engine, which calls the same modules without a GPU, adds nothing."""
+    quantized = fixed is not None and fixed.quantized_decode(spec)
     seconds = {}
     for phase in PHASES:
+        free_calls = quantized and phase == "decode"  # the calls are in the fixed terms
+
+        def on_cpu(r: cm.Rates, free_calls: bool = free_calls) -> cm.Rates:
+            return replace(r, cpu_call_s=0.0) if free_calls else r
+
         t = sum(
             cm.cpu_time(
-                rates.of_linear(phase, lin.quant),
+                on_cpu(rates.of_linear(phase, lin.quant)),
                 lin.out_features,
                 lin.in_features,
                 tokens_for(lin.role, req, phase),
@@ -328,10 +342,10 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
             )
             for lin in spec.linears
         )
-        seconds[phase] = t + head_time(cpu_head_rates(rates, phase, spec), spec, req, False)
+        seconds[phase] = t + head_time(on_cpu(cpu_head_rates(rates, phase, spec)), spec, req, False)
     seconds = with_experts(rates, spec, req, seconds, None, concurrent=False)
-    parts = [Part("cpu", spec.num_layers, False)]
-    return compose(rates, spec, req, fixed, seconds, parts, engine, 0)
+    parts = [Part("cpu", spec.num_layers, False, QUANT_ENTRY if quantized else "float")]
+    return compose(rates, spec, req, fixed, seconds, parts, Engine() if quantized else engine, 0)
 
 
 def quant_bytes(spec: ModelSpec) -> str | dict[str, int] | None:

@@ -102,3 +102,69 @@ def test_all_cpu_plans_count_the_inline_cost_per_linear():
     assert h.fixed.decode_s_per_token - c.fixed.decode_s_per_token == pytest.approx(
         len(plan.placements) * per_linear
     )
+
+
+def _all_cpu(spec, quantized_entries: bool):
+    """The all-CPU plan of `spec` on a profile whose GEMVs cost 30 us a call, with or without
+    the engine section's quantized (int4) entries."""
+    profile = make_profile(
+        gpu=False,
+        cpu_call_s=30e-6,
+        best="bfloat16",
+        cpu_dtypes={"bfloat16": 20 * GB, "float32": 20 * GB},
+        quant_bw={"int8": 16 * GB, "int4": 16 * GB},
+    )
+    profile = with_engine(profile, dtypes=("float32", "bfloat16"), quantized=quantized_entries)
+    validate_profile(profile)
+    return make_plan(spec, profile, PlanRequest(prompt_len=128, max_new_tokens=32, gpu_budget_bytes=0))
+
+
+def _int4(name: str):
+    return spec_from_config(preset_config(name), name, "bfloat16").quantized("int4", 32)
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "opt-1.3b"])
+def test_a_quantized_models_cpu_decode_is_priced_from_the_quantized_entries_without_call_costs(name):
+    """The int4 entries' decode terms hold the linears' calls: each linear (and the LM head)
+    loses exactly its call cost, the fixed part is the int4 entry's terms, and the engine adds
+    nothing per linear (it calls the plain model's modules). Prefill keeps its call costs."""
+    spec = _int4(name)
+    old, new = _all_cpu(spec, False), _all_cpu(spec, True)
+    assert oh.NO_QUANT_NOTE in old.notes and oh.NO_QUANT_NOTE not in new.notes
+    calls = len(spec.linears) + 1  # + the LM head
+    call_s = new.rates.quant["int4"]["cpu_call_s"]
+    assert call_s == pytest.approx(30e-6, rel=0.05)
+    for key in ("hetegen", "cpu_only"):
+        o, n = getattr(old.predictions, key), getattr(new.predictions, key)
+        assert o.linear.decode_s_per_token - n.linear.decode_s_per_token == pytest.approx(
+            calls * call_s, rel=1e-3
+        )
+        assert n.linear.prefill_s == pytest.approx(o.linear.prefill_s)
+        fixed = oh.fixed_costs_from_profile(with_engine(make_profile(gpu=False), quantized=True))
+        expected = oh.fixed_s(
+            fixed,
+            "cpu",
+            spec.dtype,
+            spec,
+            "decode",
+            prompt_len=128,
+            max_new_tokens=32,
+            batch=1,
+            layers=spec.num_layers,
+            weights="int4",
+        )
+        assert n.fixed.decode_s_per_token == pytest.approx(expected)
+        da = TERMS["cpu-int4"][1][0]  # the int4 entries' decode cost per layer
+        assert expected > spec.num_layers * da
+    # the engine's cost per linear is gone: the all-CPU plan predicts what the plain model does
+    assert new.predictions.hetegen.decode_s_per_token == pytest.approx(
+        new.predictions.cpu_only.decode_s_per_token
+    )
+    assert old.predictions.hetegen.decode_s_per_token > old.predictions.cpu_only.decode_s_per_token
+
+
+def test_a_float_model_ignores_the_quantized_entries():
+    spec = spec_from_config(preset_config("llama-2-7b"), "llama-2-7b", dtype="bfloat16")
+    old, new = _all_cpu(spec, False), _all_cpu(spec, True)
+    assert oh.NO_QUANT_NOTE not in old.notes
+    assert new.predictions.model_dump() == old.predictions.model_dump()

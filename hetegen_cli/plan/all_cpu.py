@@ -37,7 +37,7 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
             f"all-CPU plan of a quantized model: the rest of the model and its activations in {dtype} "
             "(the profile's quantized CPU kernels take float32; no linear converts x)"
         )
-    if spec.quant is not None and fixed is not None and not fixed.quantized_decode(spec):
+    if spec.quant is not None and not spec.experts and fixed is not None and not fixed.measured_quantized():
         notes.append(NO_QUANT_NOTE)
     held = spec.in_dtype(dtype)  # the float tensors and the KV cache as the engine will hold them
     other = held.fixed_bytes + held.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(held, req)

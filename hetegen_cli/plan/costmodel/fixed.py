@@ -179,9 +179,14 @@ class FixedCosts:
         quantized entries: their layer and step terms hold the calls of a step's linears
         (fused where the model takes it), so the linears add their bytes alone, no cost per
         call, and the engine, which calls the same modules, adds nothing per linear
-        (docs/plan.md §1d). False for a float model, or a profile measured before them."""
-        measured = any(e.device == "cpu" and e.weights == QUANT_ENTRY for e in self.entries)
-        return spec.quant is not None and measured
+        (docs/plan.md §1d). False for a float model, a profile measured before them, and a
+        mixture-of-experts model: its layers are not fused whole and route per token, which
+        the dense tiny models do not measure (it keeps the float entries' terms)."""
+        return self.measured_quantized() and spec.quant is not None and not spec.experts
+
+    def measured_quantized(self) -> bool:
+        """Whether the profile measured the quantized model's path (its int4 entries)."""
+        return any(e.device == "cpu" and e.weights == QUANT_ENTRY for e in self.entries)
 
     def linear_s(self, device: str, dtype: str, phase: str, mode: str) -> float:
         """The engine's seconds per linear in `mode` (entries without it: 0), uncalibrated."""

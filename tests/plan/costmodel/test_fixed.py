@@ -163,8 +163,15 @@ def test_a_quantized_models_cpu_decode_is_priced_from_the_quantized_entries_with
     assert old.predictions.hetegen.decode_s_per_token > old.predictions.cpu_only.decode_s_per_token
 
 
-def test_a_float_model_ignores_the_quantized_entries():
-    spec = spec_from_config(preset_config("llama-2-7b"), "llama-2-7b", dtype="bfloat16")
+@pytest.mark.parametrize(
+    "spec",
+    [
+        spec_from_config(preset_config("llama-2-7b"), "llama-2-7b", dtype="bfloat16"),
+        _int4("olmoe-1b-7b"),  # routed experts: not what the dense tiny models measured
+    ],
+    ids=["float", "int4-moe"],
+)
+def test_float_and_moe_models_ignore_the_quantized_entries(spec):
     old, new = _all_cpu(spec, False), _all_cpu(spec, True)
-    assert oh.NO_QUANT_NOTE not in old.notes
+    assert oh.NO_QUANT_NOTE not in old.notes + new.notes
     assert new.predictions.model_dump() == old.predictions.model_dump()

@@ -324,6 +324,7 @@ def measure_engine_costs(
                     entries.append(entry)
             if backend.is_cuda:
                 continue
+            act = dtype_name(activation_dtype())  # the quantized model's activations
             for arch in architectures:  # the quantized model as `run` loads it: CPU only
                 if progress:
                     progress(f"engine costs: {arch} {QUANT_FORMAT} on {backend.name}")
@@ -331,7 +332,6 @@ def measure_engine_costs(
                     n: _quantized(ref, Path(tmp) / f"{arch}-{n}-{QUANT_FORMAT}")
                     for n, ref in refs[arch].items()
                 }
-                act = dtype_name(activation_dtype())
                 entries.append(
                     {
                         "device": kind,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.assemble import assemble, check_host
 from hetegen_cli.plan.costmodel.experts import active_bytes
-from hetegen_cli.plan.costmodel.fixed import NO_QUANT_NOTE
 from hetegen_cli.plan.costmodel.strategies import Engine, bounds, cpu_only_prediction, quant_bytes, tokens_for
 from hetegen_cli.plan.document import ExpertsPlacement, LinearEstimate, LinearPlacement, Plan, RuntimeSettings
 from hetegen_cli.plan.memory import experts_bytes, host_memory, workspace_bytes
@@ -37,8 +36,8 @@ def all_cpu_plan(spec, rates, req, profile_identity, cpu_budget, notes, warnings
             f"all-CPU plan of a quantized model: the rest of the model and its activations in {dtype} "
             "(the profile's quantized CPU kernels take float32; no linear converts x)"
         )
-    if spec.quant is not None and not spec.experts and fixed is not None and not fixed.measured_quantized():
-        notes.append(NO_QUANT_NOTE)
+    if fixed is not None and (note := fixed.quantized_note(spec)):
+        notes.append(note)
     held = spec.in_dtype(dtype)  # the float tensors and the KV cache as the engine will hold them
     other = held.fixed_bytes + held.kv_cache_bytes(ctx, req.batch_size) + workspace_bytes(held, req)
     experts = tuple(ExpertsPlacement.of(x) for x in spec.experts)  # every routed expert on the CPU

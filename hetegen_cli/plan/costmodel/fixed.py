@@ -188,6 +188,11 @@ class FixedCosts:
         """Whether the profile measured the quantized model's path (its int4 entries)."""
         return any(e.device == "cpu" and e.weights == QUANT_ENTRY for e in self.entries)
 
+    def quantized_note(self, spec: ModelSpec) -> str | None:
+        """NO_QUANT_NOTE where a profile without int4 entries prices a dense quantized model."""
+        missing = spec.quant is not None and not spec.experts and not self.measured_quantized()
+        return NO_QUANT_NOTE if missing else None
+
     def linear_s(self, device: str, dtype: str, phase: str, mode: str) -> float:
         """The engine's seconds per linear in `mode` (entries without it: 0), uncalibrated."""
         with_linear = [e for e in self.entries if e.device == device and e.linear_s]

@@ -317,6 +317,11 @@ def layer_split_prediction(rates: cm.PhaseRates, spec, req, budget: int, base_by
     return out.model_copy(update={"gpu_layers": gpu_layers, "lm_head_on_gpu": head_gpu})
 
 
+def _calls_free(rates: cm.Rates, free: bool) -> cm.Rates:
+    """`rates` without the CPU's cost per call when `free` (the fixed terms hold the calls)."""
+    return replace(rates, cpu_call_s=0.0) if free else rates
+
+
 def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine = Engine()) -> Figures:
     """Everything on the CPU at its solo rate: every linear, the LM head, attention. `engine`:
     the all-CPU plan run by the engine (its cost per linear); default the stock model.
@@ -328,13 +333,9 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
     seconds = {}
     for phase in PHASES:
         free_calls = quantized and phase == "decode"  # the calls are in the fixed terms
-
-        def on_cpu(r: cm.Rates, free_calls: bool = free_calls) -> cm.Rates:
-            return replace(r, cpu_call_s=0.0) if free_calls else r
-
         t = sum(
             cm.cpu_time(
-                on_cpu(rates.of_linear(phase, lin.quant)),
+                _calls_free(rates.of_linear(phase, lin.quant), free_calls),
                 lin.out_features,
                 lin.in_features,
                 tokens_for(lin.role, req, phase),
@@ -342,7 +343,8 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
             )
             for lin in spec.linears
         )
-        seconds[phase] = t + head_time(on_cpu(cpu_head_rates(rates, phase, spec)), spec, req, False)
+        head = _calls_free(cpu_head_rates(rates, phase, spec), free_calls)
+        seconds[phase] = t + head_time(head, spec, req, False)
     seconds = with_experts(rates, spec, req, seconds, None, concurrent=False)
     parts = [Part("cpu", spec.num_layers, False, QUANT_ENTRY if quantized else "float")]
     return compose(rates, spec, req, fixed, seconds, parts, Engine() if quantized else engine, 0)

@@ -134,28 +134,28 @@ def test_a_quantized_models_cpu_decode_is_priced_from_the_quantized_entries_with
     calls = len(spec.linears) + 1  # + the LM head
     call_s = new.rates.quant["int4"]["cpu_call_s"]
     assert call_s == pytest.approx(30e-6, rel=0.05)
+    fixed = oh.fixed_costs_from_profile(with_engine(make_profile(gpu=False), quantized=True))
+    expected = oh.fixed_s(
+        fixed,
+        "cpu",
+        spec.dtype,
+        spec,
+        "decode",
+        prompt_len=128,
+        max_new_tokens=32,
+        batch=1,
+        layers=spec.num_layers,
+        weights="int4",
+    )
+    da = TERMS["cpu-int4"][1][0]  # the int4 entries' decode cost per layer
+    assert expected > spec.num_layers * da
     for key in ("hetegen", "cpu_only"):
         o, n = getattr(old.predictions, key), getattr(new.predictions, key)
         assert o.linear.decode_s_per_token - n.linear.decode_s_per_token == pytest.approx(
             calls * call_s, rel=1e-3
         )
         assert n.linear.prefill_s == pytest.approx(o.linear.prefill_s)
-        fixed = oh.fixed_costs_from_profile(with_engine(make_profile(gpu=False), quantized=True))
-        expected = oh.fixed_s(
-            fixed,
-            "cpu",
-            spec.dtype,
-            spec,
-            "decode",
-            prompt_len=128,
-            max_new_tokens=32,
-            batch=1,
-            layers=spec.num_layers,
-            weights="int4",
-        )
         assert n.fixed.decode_s_per_token == pytest.approx(expected)
-        da = TERMS["cpu-int4"][1][0]  # the int4 entries' decode cost per layer
-        assert expected > spec.num_layers * da
     # the engine's cost per linear is gone: the all-CPU plan predicts what the plain model does
     assert new.predictions.hetegen.decode_s_per_token == pytest.approx(
         new.predictions.cpu_only.decode_s_per_token

@@ -13,6 +13,9 @@ the CPU stand-in (run.simulate.record_trace: host times are this machine's), and
   ideal      the trace replay with no host time
   ratio      simulated / predicted (target: >= 0.90)
 
+The `*-olmoe` and `*-qwen3moe-*` cases are mixture-of-experts plans (docs/plan.md, "Trace
+replay": their experts are priced from the plan, their host time recorded on the proxy).
+
 The made-up machines:
   a10   PCIe 4 (25 GB/s), one host-to-device copy engine, a 16-core CPU (GEMV 50 GB/s, DRAM
         70 GB/s, 1.5 TFLOP/s), an A10-like GPU (24 GB, 600 GB/s, 125 TFLOP/s fp16)
@@ -70,6 +73,10 @@ CASES = {
     "a10-opt6.7b": ("a10", "opt-6.7b", 4 * GiB),
     "h100-opt30b": ("h100", "opt-30b", 6 * GiB),
     "h100-opt6.7b": ("h100", "opt-6.7b", 4 * GiB),
+    # mixture of experts: experts placed by use (uniform), the rest computed by the CPU
+    "a10-olmoe": ("a10", "olmoe-1b-7b", 4 * GiB),
+    "a10-qwen3moe-8g": ("a10", "qwen3-30b-a3b", 8 * GiB),
+    "a10-qwen3moe-12g": ("a10", "qwen3-30b-a3b", 12 * GiB),
 }
 
 
@@ -117,6 +124,15 @@ def run_case(name: str, copy_engines: int | None, replay_engines: int | None = N
         "copy_engines": sim["copy_engines"],
         "staging_buffers": plan.runtime.staging_buffers,
         "split_linears": plan.split_count,
+        **(
+            {
+                "experts_on_gpu": f"{sum(len(x.gpu) for x in plan.experts)} of "
+                f"{sum(x.num_experts for x in plan.experts)}",
+                "expert_layers_split": sum(bool(x.split_units and x.cpu) for x in plan.experts),
+            }
+            if plan.experts
+            else {}
+        ),
         "predicted_tok_s": dec["predicted_tokens_per_s"],
         "simulated_tok_s": dec["simulated_tokens_per_s"],
         "ideal_tok_s": dec["ideal_tokens_per_s"],
@@ -172,8 +188,13 @@ def main() -> None:
     print("decode tok/s; predicted includes the trace's host time; ratio = simulated / predicted")
     for r in rows:
         path = ", ".join(f"{item} {share:.0%}" for item, share in r["critical_path"])
+        experts = (
+            f", experts on the GPU {r['experts_on_gpu']}, {r['expert_layers_split']} layers split"
+            if "experts_on_gpu" in r
+            else ""
+        )
         print(
-            f"{r['case']}: {r['split_linears']} split linears, {r['staging_buffers']} buffer(s); "
+            f"{r['case']}: {r['split_linears']} split linears, {r['staging_buffers']} buffer(s){experts}; "
             f"critical path: {path}"
         )
 

@@ -33,7 +33,7 @@ from hetegen_cli.cli.common import (
 )
 from hetegen_cli.cli.plan_view import render, render_export, render_simulation
 from hetegen_cli.core.console import activity, emit_json, note, progress, warn
-from hetegen_cli.core.errors import PlanError, UsageError
+from hetegen_cli.core.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -151,12 +151,6 @@ def register(app: typer.Typer) -> None:
 
             stats, use_warnings = load_expert_stats(expert_use, ref.spec)
             req = replace(req, expert_use=stats)
-        if simulate and ref.spec.experts:
-            raise PlanError(
-                f"--simulate does not replay mixture-of-experts plans yet "
-                f"({ref.spec.name} has routed experts)",
-                "plan without --simulate and --timeline",
-            )
         with progress(enabled=not json_) as bar:
             doc, identity = load_or_measure(profile, bar)
         doc, engines_note = _with_copy_engines(doc, copy_engines)
@@ -167,7 +161,7 @@ def register(app: typer.Typer) -> None:
             plan = replace(plan, warnings=(*plan.warnings, *use_warnings))
         drawn = None
         if simulate:
-            plan, drawn = _simulate(plan, ref.spec, doc, timeline)
+            plan, drawn = _simulate(plan, ref.spec, doc, timeline, req.expert_use)
         exported = _export(plan, ref.spec, req, doc, identity) if export else None
         saved = save_plan(plan, output) if output is not None else None
         if exported is not None:
@@ -238,13 +232,17 @@ def _with_copy_engines(doc: dict, copy_engines: int | None) -> tuple[dict, str |
     )
 
 
-def _simulate(plan: Any, spec: Any, profile: dict, timeline: Path | None) -> tuple[Any, Path | None]:
-    """The plan with its trace replay (plan.simulate.with_simulation), and the timeline drawn."""
+def _simulate(
+    plan: Any, spec: Any, profile: dict, timeline: Path | None, use: Any = None
+) -> tuple[Any, Path | None]:
+    """The plan with its trace replay (plan.simulate.with_simulation, `use` the expert use it
+    was made with), and the timeline drawn."""
     from hetegen_cli.plan.costmodel.fixed import fixed_costs_from_profile
     from hetegen_cli.plan.simulate import with_simulation
     from hetegen_cli.run.simulate import draw_timeline, record_trace
 
-    if not plan.runtime.requires_gpu or plan.split_count == 0:
+    cpu_experts = any(x.cpu for x in plan.experts)
+    if not plan.runtime.requires_gpu or (plan.split_count == 0 and not cpu_experts):
         why = "an all-CPU plan" if not plan.runtime.requires_gpu else "plain GPU inference"
         warn(f"--simulate: this plan is {why}; there is no CPU/GPU pipeline to replay")
         if timeline is not None:
@@ -254,7 +252,7 @@ def _simulate(plan: Any, spec: Any, profile: dict, timeline: Path | None) -> tup
         trace, info = record_trace(plan, spec)
     fixed = fixed_costs_from_profile(profile)
     on_gpu = fixed is not None and fixed.has("cuda")
-    plan, sims = with_simulation(plan, spec, trace, fixed_costs_on_gpu=on_gpu, recorded=info)
+    plan, sims = with_simulation(plan, spec, trace, fixed_costs_on_gpu=on_gpu, recorded=info, use=use)
     if timeline is None:
         return plan, None
     dec = plan.simulation["decode"]

@@ -187,8 +187,11 @@ class HeteroExperts(nn.Module):
         ctx, backend = self.context, self.context.backend
         out = torch.zeros_like(hidden_states)
         jobs = expert_jobs(top_k_index, self.num_experts)
+        tr = ctx.tracer  # one "experts" op a forward (engine.trace): its work is priced by the plan
         if self.streams and ctx.phase == "prefill":
             self._on_gpu(hidden_states, top_k_weights, jobs, out, all_pieces=True)
+            if tr is not None:
+                tr.op("experts", experts=self.placement.name, tokens=hidden_states.shape[0])
             return out
         split = self.splits and ctx.phase == "decode"
         gpu_jobs = [job for job in jobs if self.home[job[0]][0]]
@@ -198,6 +201,8 @@ class HeteroExperts(nn.Module):
         # run while the CPU works below
         self._on_gpu(hidden_states, top_k_weights, jobs if split else gpu_jobs, out, all_pieces=False)
         if not cpu_jobs:
+            if tr is not None:
+                tr.op("experts", experts=self.placement.name, tokens=hidden_states.shape[0])
             return out
         start = time.perf_counter()
         if staged is None:  # the CPU stand-in: the hidden states live on the host already
@@ -208,6 +213,8 @@ class HeteroExperts(nn.Module):
         y_h = self._cpu_experts(x_h, w_h, cpu_jobs, out.dtype, whole=not split)
         ctx.stats.experts_cpu += len(cpu_jobs)
         ctx.stats.experts_cpu_s += time.perf_counter() - start
+        if tr is not None:  # the host's own work up to here; its wait and the CPU side are priced
+            tr.blocking("experts", start, experts=self.placement.name, tokens=hidden_states.shape[0])
         if staged is None:
             return out + y_h
         y = torch.empty_like(out)

@@ -16,6 +16,10 @@ Op records (dicts, JSON-ready), `op` is one of:
   kernel {stream, what: matmul|dequant|bias, linear, rows, tokens}
   cpu    {linear, rows, tokens}                   the CPU share, on the main thread (blocking)
   record {stream, event}    wait {stream, event}  (stream-side)    sync {event} (host blocks)
+  experts {experts, tokens}                       a MoE layer's routed experts (engine.experts):
+                                                  one op after the host issued their GPU work,
+                                                  before its wait and the CPU side; the replay
+                                                  expands it from the plan's placement
 `stream` is "compute" (the device's current stream) or "copy" (the prefetch copy stream).
 """
 

@@ -82,7 +82,11 @@ class Replay:
 
 
 def h2d_lane(stream: str, copy_engines: int) -> str:
-    return H2D_SHARED if copy_engines < 2 else f"h2d:{stream}"
+    """The engine a host-to-device copy on `stream` uses: one for all, or with two the CPU
+    results' (the compute stream's) and the weights' (every other stream's)."""
+    if copy_engines < 2:
+        return H2D_SHARED
+    return "h2d:compute" if stream == "compute" else "h2d:copy"
 
 
 class _Sim:
@@ -213,7 +217,9 @@ class _Sim:
         stream = op.get("stream") or "compute"
         if kind == "copy":
             lane = D2H if op.get("dir") == "d2h" else h2d_lane(stream, self.engines)
-            what = {"weight": "weight copy", "y": "y copy", "x": "x copy"}.get(op.get("what"), "copy")
+            what = {"weight": "weight copy", "y": "y copy", "x": "x copy", "experts": "expert copy"}.get(
+                op.get("what"), "copy"
+            )
         elif kind == "kernel":
             lane, what = GPU, op.get("kind") or op.get("what") or "kernel"
         else:

@@ -24,6 +24,7 @@ from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan.costmodel.fixed import linear_mode
 from hetegen_cli.plan.costmodel.strategies import figures, with_speedups
 from hetegen_cli.plan.document import LinearPlacement, Plan
+from hetegen_cli.plan.expert_stats import ExpertStats
 from hetegen_cli.plan.replay import Replay
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.plan.sections import HostPart
@@ -42,6 +43,8 @@ KINDS = (
     "attention",
     "lm head",
     "bias",
+    "expert copy",
+    "experts",
 )
 #: trace prompt lengths above this are recorded at this length (run.simulate)
 TRACE_PROMPT_CAP = 512
@@ -118,9 +121,11 @@ def simulate_plan(
     copy_engines: int | None = None,
     host_scale: float = 1.0,
     rates: cm.PhaseRates | None = None,
+    use: ExpertStats | None = None,
 ) -> dict[str, PhaseSimulation]:
     """Replay both phases of `trace` (engine.trace.trace_steps of the plan, or of a proxy with
-    the same linears) with the plan's sizes and rates; `copy_engines` defaults to the plan's."""
+    the same linears and experts) with the plan's sizes and rates; `copy_engines` defaults to
+    the plan's; `use`: the expert use the plan was made with (None: uniform)."""
     rates = rates or phase_rates_of(plan)
     engines = copy_engines or plan.runtime.copy_engines
     req = request_of(plan)
@@ -129,7 +134,9 @@ def simulate_plan(
     carry = carried_copies(phases["decode"])  # the pass before either phase: a decode step
     out = {}
     for phase in PHASES:
-        pricing = Pricing(plan.placements, rates, spec, req, phase, head_on_gpu)
+        pricing = Pricing(
+            plan.placements, rates, spec, req, phase, head_on_gpu, experts=plan.experts, use=use
+        )
         ops = phases[phase]
         out[phase] = PhaseSimulation(
             phase,
@@ -148,11 +155,12 @@ def with_simulation(
     fixed_costs_on_gpu: bool,
     copy_engines: int | None = None,
     recorded: dict | None = None,
+    use: ExpertStats | None = None,
 ) -> tuple[Plan, dict[str, PhaseSimulation]]:
     """`plan` with a `simulation` section (docs/plan.md, "Trace replay") and, unless the
     profile measured the engine's costs on the GPU (`fixed_costs_on_gpu`: they are in the
     prediction already), the trace's host time added to its hetegen prediction."""
-    sims = simulate_plan(plan, spec, trace, copy_engines=copy_engines)
+    sims = simulate_plan(plan, spec, trace, copy_engines=copy_engines, use=use)
     engines = copy_engines or plan.runtime.copy_engines
     req = request_of(plan)
     notes = list(plan.notes)

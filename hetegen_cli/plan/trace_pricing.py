@@ -21,13 +21,16 @@ at time 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hetegen_cli.core.dtypes import itemsize
 from hetegen_cli.models.shapes.spec import ModelSpec
 from hetegen_cli.plan import costmodel as cm
+from hetegen_cli.plan.costmodel.experts import placement_parts, step_tokens
 from hetegen_cli.plan.costmodel.strategies import attention_for, head_time, tokens_for
-from hetegen_cli.plan.document import LinearPlacement
+from hetegen_cli.plan.document import ExpertsPlacement, LinearPlacement
+from hetegen_cli.plan.expert_stats import ExpertStats
 from hetegen_cli.plan.replay import Replay, run_ops
 from hetegen_cli.plan.request import PlanRequest
 
@@ -46,6 +49,8 @@ class Pricing:
     small_copies: bool = True  # price the x and y copies (False: free, the analytic model's view)
     bias: bool = True  # price bias kernels
     attention: str = "layer"  # "layer": before each attention output projection; "end"; "none"
+    experts: tuple[ExpertsPlacement, ...] = ()  # the plan's, one per MoE layer
+    use: ExpertStats | None = None  # the expert use the plan was made with (None: uniform)
 
     def rates_of(self, name: str, phase: str) -> cm.Rates:
         quant = self.spec.quant_map().get(name)
@@ -114,6 +119,62 @@ def segments(ops: list[dict], order: list[str]) -> dict[str, int]:
         starts[name] = j
         after = last[name]
     return starts
+
+
+#: event ids of the ops an `experts` op expands into: above any the trace records
+_EXPERT_EVENTS = 1_000_000_000
+
+
+def expert_ops(op: dict, index: int, pricing: Pricing) -> list[dict]:
+    """The ops of one traced `experts` op (at `index`) with the plan's durations
+    (costmodel.experts.placement_parts): with a CPU side, the layer input's copy to the host
+    on the compute stream; the GPU side's kernel, and when weights cross (a decode split,
+    prefill streaming) their copies on the experts' side stream and the kernel that waits for
+    the last; then the host waits for the input, computes the CPU side and copies its sum
+    back on the compute stream. The recorded host time comes before that wait (the host
+    issued the GPU side's work first), or first when there is no CPU side."""
+    p = pricing
+    specs = {x.name: x for x in p.spec.experts}
+    x = specs.get(op.get("experts"))
+    if x is None:
+        raise ValueError(f"the trace runs the experts {op.get('experts')}, which the model does not have")
+    placed = {e.name: e for e in p.experts}.get(x.name)
+    prefill = p.phase == "prefill"
+    rates = p.rates[p.phase]
+    per_token = p.use.per_token(x.layer_index) if p.use is not None else None
+    tokens = step_tokens(p.req, p.phase)
+    parts = placement_parts(rates, x, placed, per_token, tokens, prefill, True, p.rates.quant)
+    streams = prefill and placed is not None and placed.stream_prefill
+    cpu_side = (placed is None or bool(placed.cpu)) and not streams
+    nbytes = tokens * x.hidden_size * itemsize(rates.weights_dtype)
+    act = rates.pcie_copy_s + nbytes / rates.pcie_bytes_per_s if p.small_copies else 0.0
+    x_ready, copied = _EXPERT_EVENTS + 2 * index, _EXPERT_EVENTS + 2 * index + 1
+    tag = {"experts": x.name, "gap_s": 0.0}
+    out: list[dict] = []
+    if cpu_side:
+        out.append({"op": "copy", "dir": "d2h", "stream": "compute", "what": "x", "dur": act,
+                    "label": "x copy to host (experts)", **tag})  # fmt: skip
+        out.append({"op": "record", "stream": "compute", "event": x_ready, **tag})
+    if parts.copy_s > 0:
+        out.append({"op": "copy", "dir": "h2d", "stream": "experts", "what": "experts",
+                    "dur": parts.copy_s, "label": "expert weight copy", **tag})  # fmt: skip
+        out.append({"op": "record", "stream": "experts", "event": copied, **tag})
+    if parts.gpu_s > 0:
+        out.append({"op": "kernel", "stream": "compute", "what": "experts", "kind": "experts",
+                    "dur": parts.gpu_s, "label": "GPU experts", **tag})  # fmt: skip
+    if parts.copy_s > 0:
+        out.append({"op": "wait", "stream": "compute", "event": copied, **tag})
+        out.append({"op": "kernel", "stream": "compute", "what": "experts", "kind": "experts",
+                    "dur": parts.last_s, "label": "GPU experts (streamed)", **tag})  # fmt: skip
+    gap_s = float(op.get("gap_s") or 0.0)
+    gap = {"op": "sync", "event": x_ready if cpu_side else None, **tag, "gap_s": gap_s}
+    if not cpu_side:
+        return [gap, *out]
+    out.append(gap)
+    out.append({"op": "cpu", "dur": parts.cpu_s, "label": "CPU experts", **tag})
+    out.append({"op": "copy", "dir": "h2d", "stream": "compute", "what": "y", "dur": act,
+                "label": "CPU experts' result copy", **tag})  # fmt: skip
+    return out
 
 
 def prepare(ops: list[dict], pricing: Pricing, carry: list[dict] | None = None) -> list[dict]:
@@ -201,16 +262,37 @@ def prepare(ops: list[dict], pricing: Pricing, carry: list[dict] | None = None) 
 
     inserts: dict[int, list[dict]] = {}
     pending: list[dict] = []
+
+    def flush(at: int) -> None:
+        if pending:
+            inserts.setdefault(at, []).extend(pending)
+            pending.clear()
+
+    # a MoE layer's experts run after every linear of their layer: their op is where the work
+    # of the resident linears before it goes
+    experts_at = {op["experts"]: i for i, op in enumerate(ops) if op["op"] == "experts"}
+    moe = sorted(p.spec.experts, key=lambda x: x.layer_index)
+
+    def experts_before(layer: float) -> None:
+        while moe and moe[0].layer_index < layer:
+            x = moe.pop(0)
+            if x.name not in experts_at:
+                raise ValueError(
+                    f"the trace has no operations of the experts {x.name}: it was recorded for another plan"
+                )
+            flush(experts_at[x.name])
+
     for pl in p.placements:
+        experts_before(pl.layer_index if pl.layer_index >= 0 else math.inf)
         if per_layer and pl.role == "o":
             pending.append(kernel("attention", "attention (GPU)", attn_total / layers))
         if pl.resident:
             n = p.tokens(pl.role)
             dur = cm.gpu_time(p.rates_of(pl.name, p.phase), pl.out_features, pl.in_features, n)
             pending.append(kernel("resident", f"GPU matmul, resident ({pl.role})", dur, pl.name))
-        elif pending:
-            inserts.setdefault(starts[pl.name], []).extend(pending)
-            pending = []
+        else:
+            flush(starts[pl.name])
+    experts_before(math.inf)
     tail = list(pending)
     if p.attention == "end" or (p.attention == "layer" and not has_o):
         tail.append(kernel("attention", "attention (GPU)", attn_total))
@@ -230,6 +312,9 @@ def prepare(ops: list[dict], pricing: Pricing, carry: list[dict] | None = None) 
     recorded = {op["event"] for op in ops if op["op"] == "record"}
     for i, op in enumerate(ops):
         out.extend(inserts.get(i, ()))
+        if op["op"] == "experts":
+            out.extend(expert_ops(op, i, p))
+            continue
         priced = price(op, i)
         if op["op"] == "wait" and op.get("stream") == "compute" and op.get("event") not in recorded:
             nxt = next((o for o in ops[i + 1 :] if o["op"] == "kernel"), None)

@@ -21,6 +21,7 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,14 @@ from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.core.paths import home
 from hetegen_cli.models.formats.synthetic import building, is_built
 from hetegen_cli.models.shapes.spec import ModelSpec
-from hetegen_cli.plan.document import LinearPlacement, Plan, RuntimeSettings
+from hetegen_cli.plan.document import ExpertsPlacement, LinearPlacement, Plan, RuntimeSettings
 from hetegen_cli.plan.replay import D2H, GPU, H2D_SHARED, HOST, Replay
 from hetegen_cli.plan.simulate import KINDS, TRACE_PROMPT_CAP
 
-PROXY = {"hidden_size": 64, "ffn": 128, "num_heads": 4, "vocab_size": 512}
+PROXY = {"hidden_size": 64, "ffn": 128, "num_heads": 4, "vocab_size": 512, "expert_ffn": 64}
+#: config keys of a routed expert's width: its own key, else (mixtral, olmoe) intermediate_size
+_EXPERT_WIDTH = "moe_intermediate_size"
+_EXPERT_COUNT = ("num_experts", "num_local_experts")
 _DROP = ("quantization_config", "torch_dtype", "dtype", "auto_map", "transformers_version", "_name_or_path")
 
 
@@ -59,6 +63,10 @@ def proxy_config(config: dict[str, Any], prompt_len: int) -> dict[str, Any]:
         while heads % kv:
             kv -= 1
         cfg.update(intermediate_size=PROXY["ffn"], num_key_value_heads=kv)
+        if any(config.get(k) for k in _EXPERT_COUNT):  # experts: the same count and top-k, narrow
+            cfg[_EXPERT_WIDTH if _EXPERT_WIDTH in config else "intermediate_size"] = PROXY["expert_ffn"]
+            if config.get("shared_expert_intermediate_size"):
+                cfg["shared_expert_intermediate_size"] = PROXY["ffn"]
         if "head_dim" in config:
             cfg["head_dim"] = PROXY["hidden_size"] // heads
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids inside the tiny vocabulary
@@ -137,6 +145,22 @@ def proxy_placements(plan: Plan, proxy: ModelSpec) -> list[LinearPlacement]:
     return out
 
 
+def proxy_experts(plan: Plan, proxy: ModelSpec) -> list[ExpertsPlacement]:
+    """The plan's expert placements on the proxy: the same experts on the GPU side and the same
+    prefill streaming; a decode split stays a split (the proxy's smallest one)."""
+    widths = {x.name: x for x in proxy.experts}
+    out = []
+    for p in plan.experts:
+        x = widths.get(p.name)
+        if x is None or x.num_experts != p.num_experts:
+            raise InputError(
+                f"the trace proxy has no experts {p.name}", "the plan was made for another model"
+            )
+        units = x.split_step if p.split_units and x.split_step < x.intermediate_size else 0
+        out.append(replace(p, split_units=units))
+    return out
+
+
 def record_trace(
     plan: Plan, spec: ModelSpec, *, copy_engines: int | None = None, seed: int = 0
 ) -> tuple[dict, dict]:
@@ -159,7 +183,10 @@ def record_trace(
     config = proxy_config(spec.config, prompt)
     folder = proxy_folder(config, seed)
     ref = resolve_model(str(folder), need_weights=True, dtype="float32")
-    if [lin.name for lin in ref.spec.linears] != [lin.name for lin in spec.linears]:
+    same_experts = [(x.name, x.num_experts, x.top_k) for x in ref.spec.experts] == [
+        (x.name, x.num_experts, x.top_k) for x in spec.experts
+    ]
+    if [lin.name for lin in ref.spec.linears] != [lin.name for lin in spec.linears] or not same_experts:
         raise InputError(
             f"the trace proxy of {spec.name} does not have the model's linears",
             "this architecture is not supported by --simulate",
@@ -182,7 +209,12 @@ def record_trace(
     start = time.perf_counter()
     try:
         with load_hetero_model(
-            ref, proxy_placements(plan, ref.spec), runtime, CudaPathBackend(), progress=False
+            ref,
+            proxy_placements(plan, ref.spec),
+            runtime,
+            CudaPathBackend(),
+            progress=False,
+            experts=proxy_experts(plan, ref.spec),
         ) as loaded:
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()
@@ -206,6 +238,7 @@ def record_trace(
             "num_layers": ref.spec.num_layers,
             "hidden_size": ref.spec.hidden_size,
             "ffn": PROXY["ffn"],
+            **({"expert_ffn": ref.spec.experts[0].intermediate_size} if ref.spec.experts else {}),
             "num_heads": ref.spec.num_heads,
             "num_kv_heads": ref.spec.num_kv_heads,
             "vocab_size": ref.spec.vocab_size,
@@ -232,6 +265,8 @@ _COLOURS = {
     "attention": "#6d4c41",
     "lm head": "#212121",
     "bias": "#f06292",
+    "expert copy": "#00acc1",
+    "experts": "#fdd835",
 }
 _LANE_NAMES = {
     HOST: "main thread",
@@ -253,6 +288,8 @@ _LEGEND = {
     "attention": "attention",
     "lm head": "LM head",
     "bias": "bias",
+    "expert copy": "expert weight copy",
+    "experts": "GPU experts",
 }
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from hetegen_cli.core.errors import InputError
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.engine.trace import trace_steps
 from hetegen_cli.models.architecture.spec import spec_from_config
@@ -17,13 +18,15 @@ from hetegen_cli.plan import costmodel as cm
 from hetegen_cli.plan import replay as rp
 from hetegen_cli.plan import simulate as sim
 from hetegen_cli.plan import trace_pricing as tp
+from hetegen_cli.plan.costmodel.experts import experts_step_s, placement_parts, step_tokens
 from hetegen_cli.plan.costmodel.strategies import step_times
 from hetegen_cli.plan.document import LinearPlacement, RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.plan.request import PlanRequest
-from hetegen_cli.run.simulate import proxy_config, proxy_placements
-from tests.engine.conftest import placements
+from hetegen_cli.run.simulate import proxy_config, proxy_experts, proxy_placements
+from tests.engine.conftest import EXPERTS, expert_placements, placements
 from tests.fakes import DESKTOP_RATES
+from tests.models.architecture.test_architectures import _tiny
 from tests.strict import StrictBackend
 
 PROMPT = 8
@@ -189,3 +192,146 @@ def test_the_llama_proxy_keeps_grouped_query_attention():
     proxy = spec_from_config(proxy_config(config, 100), "proxy")
     assert proxy.num_heads == 4 and proxy.num_kv_heads == 1 and proxy.num_layers == 80
     assert [lin.name for lin in proxy.linears] == [lin.name for lin in spec_from_config(config, "x").linears]
+
+
+# --- mixture-of-experts plans ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3_moe")
+    _tiny("qwen3_moe", folder)
+    return resolve_model(str(folder), need_weights=True, dtype="float32")
+
+
+def record_moe(ref, plan_placements, experts):
+    rt = RuntimeSettings(
+        weights_dtype="float32",
+        cpu_dtype_prefill="float32",
+        cpu_dtype_decode="float32",
+        staging_buffers=2,
+        prefetch_depth=1,
+        requires_gpu=True,
+    )
+    backend = StrictBackend()
+    with load_hetero_model(ref, plan_placements, rt, backend, progress=False, experts=experts) as lm:
+        return trace_steps(lm.model, PROMPT, ref.spec.vocab_size)
+
+
+def moe_replay(trace, places, experts, rates, phase, spec, **kw):
+    pricing = tp.Pricing(tuple(places), rates, spec, REQ, phase, small_copies=False, bias=False,
+                         attention="end", experts=tuple(experts))  # fmt: skip
+    return tp.replay(trace["phases"][phase], pricing, copy_engines=2, host_scale=0.0, **kw)
+
+
+def analytic(rates, spec, places, experts, phase):
+    """The plan's own prediction of one step: the linears' pipeline, attention and head
+    (step_times) plus every MoE layer's experts (experts_step_s)."""
+    _, linears = step_times(rates, spec, REQ, places, phase, 2, True)
+    tokens = step_tokens(REQ, phase)
+    moe = experts_step_s(rates[phase], spec.experts, experts, tokens, prefill=phase == "prefill",
+                         quant=rates.quant)  # fmt: skip
+    return linears + moe
+
+
+RESIDENT = lambda lin, i: (True, 0, 0)  # noqa: E731
+
+
+@pytest.mark.parametrize("rate_set", sorted(RATE_SETS))
+def test_a_moe_trace_replays_to_the_plans_experts_terms(qwen3_moe, rate_set):
+    """Dense linears resident, every other expert on the GPU side, the rest on the CPU: with
+    host time and activation copies free the replay of the engine's trace is the plan's own
+    prediction, each MoE layer the longer of its CPU and GPU sides after the layer's linears."""
+    ref = qwen3_moe
+    places = placements(ref.spec, RESIDENT)
+    experts = expert_placements(ref.spec, EXPERTS["mixed"])
+    trace = record_moe(ref, places, experts)
+    rates = cm.PhaseRates.of(RATE_SETS[rate_set])
+    for phase in sim.PHASES:
+        assert sum(op["op"] == "experts" for op in trace["phases"][phase]) == len(ref.spec.experts)
+        replayed = moe_replay(trace, places, experts, rates, phase, ref.spec)
+        assert replayed.step_s == pytest.approx(analytic(rates, ref.spec, places, experts, phase), rel=1e-9)
+        assert replayed.cpu_s > 0 and replayed.busy_s["gpu"] > 0
+        # each layer's resident linears run between the experts of the layer before and its own
+        pricing = tp.Pricing(tuple(places), rates, ref.spec, REQ, phase, experts=tuple(experts))
+        layer_of = {p.name: p.layer_index for p in places}
+        seen = set()
+        for op in tp.prepare(trace["phases"][phase], pricing):
+            seen.update([op["experts"]] if "experts" in op else [])
+            if op.get("kind") == "resident":
+                assert len(seen) == layer_of[op["linear"]], op["linear"]
+    # every expert on the CPU: the GPU only runs the linears, attention and head
+    on_cpu = expert_placements(ref.spec, EXPERTS["all_cpu"])
+    trace = record_moe(ref, places, on_cpu)
+    replayed = moe_replay(trace, places, on_cpu, rates, "decode", ref.spec)
+    assert replayed.step_s == pytest.approx(analytic(rates, ref.spec, places, on_cpu, "decode"), rel=1e-9)
+
+
+def test_split_and_streamed_experts_copy_on_their_own_stream(qwen3_moe):
+    """A decode split and prefill streaming: the pieces' copies run on the experts' side stream
+    from the moment they are issued, so they overlap the layer's resident linears, which the
+    plan's prediction adds after them: the replay lies between the prediction less those
+    linears and the prediction, and the copies take the plan's seconds."""
+    ref = qwen3_moe
+    places = placements(ref.spec, RESIDENT)
+    x = ref.spec.experts[0]
+    experts = [replace(p, split_units=x.split_step, stream_prefill=True)
+               for p in expert_placements(ref.spec, EXPERTS["mixed"])]  # fmt: skip
+    trace = record_moe(ref, places, experts)
+    rates = cm.PhaseRates.of(RATE_SETS["slow-pcie"])
+    for phase in sim.PHASES:
+        replayed = moe_replay(trace, places, experts, rates, phase, ref.spec)
+        want = analytic(rates, ref.spec, places, experts, phase)
+        resident = sum(cm.gpu_time(rates[phase], p.out_features, p.in_features, step_tokens(REQ, phase))
+                       for p in places)  # fmt: skip
+        assert want - resident - 1e-12 <= replayed.step_s <= want * (1 + 1e-9), phase
+        tokens = step_tokens(REQ, phase)
+        copies = sum(
+            placement_parts(rates[phase], s, p, None, tokens, phase == "prefill", True, rates.quant).copy_s
+            for s, p in zip(ref.spec.experts, experts, strict=True)
+        )
+        copied = sum(i.end - i.start for i in replayed.items if i.kind == "expert copy")
+        assert copies > 0 and copied == pytest.approx(copies, rel=1e-9)
+        assert all(i.lane == "h2d:copy" for i in replayed.items if i.kind == "expert copy")
+    # prefill streaming leaves the CPU nothing to do in prefill
+    assert moe_replay(trace, places, experts, rates, "prefill", ref.spec).cpu_s == 0
+
+
+def test_a_moe_trace_of_another_model_is_refused(qwen3_moe):
+    ref = qwen3_moe
+    places = placements(ref.spec, RESIDENT)
+    experts = expert_placements(ref.spec, EXPERTS["mixed"])
+    ops = record_moe(ref, places, experts)["phases"]["decode"]
+    rates = cm.PhaseRates.of(DESKTOP_RATES)
+    missing = [op for op in ops if op.get("experts") != ref.spec.experts[-1].name]
+    pricing = tp.Pricing(tuple(places), rates, ref.spec, REQ, "decode", experts=tuple(experts))
+    with pytest.raises(ValueError, match="no operations of the experts"):
+        tp.prepare(missing, pricing)
+    extra = [*ops, {"op": "experts", "experts": "model.layers.9.mlp.experts", "tokens": 1, "gap_s": 0.0}]
+    with pytest.raises(ValueError, match="which the model does not have"):
+        tp.prepare(extra, pricing)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b"])
+def test_the_moe_proxy_keeps_experts_top_k_and_placements(name):
+    config = preset_config(name)
+    spec = spec_from_config(config, name)
+    proxy = spec_from_config(proxy_config(config, 64), "proxy")
+    assert [(x.name, x.num_experts, x.top_k) for x in proxy.experts] == [
+        (x.name, x.num_experts, x.top_k) for x in spec.experts
+    ]
+    assert [lin.name for lin in proxy.linears] == [lin.name for lin in spec.linears]
+    assert {x.intermediate_size for x in proxy.experts} == {64}
+    plan = manual_plan(spec, cpu_fraction_prefill=1.0, cpu_fraction_decode=1.0)
+    x = spec.experts[0]
+    plan = replace(plan, experts=(
+        replace(plan.experts[0], gpu=(1, 3), split_units=x.split_step * 3, stream_prefill=True),
+        *plan.experts[1:],
+    ))  # fmt: skip
+    mapped = proxy_experts(plan, proxy)
+    assert mapped[0].gpu == (1, 3) and mapped[0].stream_prefill and mapped[0].split_units == 32
+    assert all(m.split_units == 0 and m.gpu == () for m in mapped[1:])
+    more = replace(plan.experts[0], num_experts=x.num_experts + 1)
+    wrong = replace(plan, experts=(more, *plan.experts[1:]))
+    with pytest.raises(InputError, match="no experts"):
+        proxy_experts(wrong, proxy)

@@ -18,11 +18,29 @@ call, and each pays one (fused_call_s).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from hetegen_cli.models.shapes.experts import ExpertsSpec, expected_distinct
 from hetegen_cli.plan.costmodel import hardware as cm
 from hetegen_cli.plan.document import ExpertsPlacement
 from hetegen_cli.plan.expert_stats import ExpertStats
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """One MoE layer's experts in a step as the engine runs them (engine.experts), in seconds:
+    the CPU side's work (on the main thread); on the GPU, `gpu_s` of work that needs no weight
+    copy, `copy_s` of weight copies on the experts' side stream that run meanwhile, and
+    `last_s` of work that waits for the last copy. The layer takes `step_s`."""
+
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    copy_s: float = 0.0
+    last_s: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        return max(self.cpu_s, max(self.gpu_s, self.copy_s) + self.last_s)
 
 
 def step_tokens(req, phase: str) -> int:
@@ -223,6 +241,20 @@ def split_layer_s(
     them after its own experts (the longer side). `units` 0: placed_layer_s."""
     if not units:
         return placed_layer_s(rates, x, per_token, gpu, tokens, True, quant)
+    return split_parts(rates, x, per_token, gpu, tokens, units, quant).step_s
+
+
+def split_parts(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    per_token: Sequence[float] | None,
+    gpu: Collection[int],
+    tokens: int,
+    units: int,
+    quant: Quant | None = None,
+) -> LayerParts:
+    """split_layer_s's parts: the CPU's other units; on the GPU its own experts and the
+    streamed pieces but the last, the pieces' copies, and the last piece after its copy."""
     _, gpu_s = layer_sides(rates, x, per_token, gpu, tokens, True, quant)
     active = _cpu_side_active(x, per_token, gpu, tokens)  # tokens each -> expected count
     cpu = cpu_side_s(rates, x, active, tokens, True, quant, x.intermediate_size - units)
@@ -231,7 +263,7 @@ def split_layer_s(
     )
     moved = sum(active.values())
     last = streamed / moved if moved else 0.0  # the last piece computes after its copy
-    return max(cpu, gpu_s + streamed, moved * expert_copy_s(rates, x, units) + last)
+    return LayerParts(cpu, gpu_s + streamed - last, moved * expert_copy_s(rates, x, units), last)
 
 
 def _cpu_side_active(
@@ -259,9 +291,37 @@ def streamed_layer_s(
     """Seconds of one layer's experts in a step whose CPU-side experts are streamed: the active
     ones' weights cross PCIe one after another while the GPU computes every active expert
     (the longer of the two; engine.experts, "prefill streaming")."""
+    return streamed_parts(rates, x, per_token, gpu, tokens).step_s
+
+
+def streamed_parts(
+    rates: cm.Rates, x: ExpertsSpec, per_token: Sequence[float] | None, gpu: Collection[int], tokens: int
+) -> LayerParts:
+    """streamed_layer_s's parts: every active expert on the GPU, the CPU side's copies."""
     gpu_s = placed_layer_s(rates, x, per_token, range(x.num_experts), tokens)
     moved = sum(_cpu_side_active(x, per_token, gpu, tokens).values())
-    return max(gpu_s, moved * expert_copy_s(rates, x))
+    return LayerParts(0.0, gpu_s, moved * expert_copy_s(rates, x))
+
+
+def placement_parts(
+    rates: cm.Rates,
+    x: ExpertsSpec,
+    placement: ExpertsPlacement | None,
+    per_token: Sequence[float] | None,
+    tokens: int,
+    prefill: bool,
+    concurrent: bool = True,
+    quant: Quant | None = None,
+) -> LayerParts:
+    """The parts of one layer's experts in a step as `placement` runs them (None: every
+    expert on the CPU): streamed in prefill with `stream_prefill`, split in decode with
+    `split_units`, else each side computing its own."""
+    gpu = placement.gpu if placement is not None else ()
+    if prefill and placement is not None and placement.stream_prefill:
+        return streamed_parts(rates, x, per_token, gpu, tokens)
+    if not prefill and placement is not None and placement.split_units:
+        return split_parts(rates, x, per_token, gpu, tokens, placement.split_units, quant)
+    return LayerParts(*layer_sides(rates, x, per_token, gpu, tokens, concurrent, quant))
 
 
 def experts_step_s(
@@ -283,18 +343,13 @@ def experts_step_s(
     placed = {p.name: p for p in placements or ()}
     total = 0.0
     for x in specs:
-        p = placed.get(x.name)
+        per_token = use.per_token(x.layer_index) if use is not None else None
         if gpu_layers is not None:
             gpu = range(x.num_experts) if x.layer_index < gpu_layers else ()
-        else:
-            gpu = p.gpu if p is not None else ()
-        per_token = use.per_token(x.layer_index) if use is not None else None
-        if prefill and p is not None and p.stream_prefill:
-            total += streamed_layer_s(rates, x, per_token, gpu, tokens)
-        elif not prefill and p is not None and p.split_units and gpu_layers is None:
-            total += split_layer_s(rates, x, per_token, gpu, tokens, p.split_units, quant)
-        else:
             total += placed_layer_s(rates, x, per_token, gpu, tokens, concurrent, quant)
+        else:
+            p = placed.get(x.name)
+            total += placement_parts(rates, x, p, per_token, tokens, prefill, concurrent, quant).step_s
     return total
 
 

@@ -52,6 +52,7 @@ class ArmRun:
     info: dict = field(default_factory=dict)
     engine_stats: dict | None = None
     logits: dict | None = None  # top2_ids, margins, top1_logits per generated token (check run)
+    host_peak_anon_bytes: int | None = None  # the peak's anonymous part (timing.RssSampler)
 
 
 Runner = Callable[[ArmContext, Prepared], ArmRun]
@@ -93,6 +94,7 @@ def run_arm(ctx: ArmContext, prepared: Prepared, on_run: Callable[[], None] | No
         {**arm.info(), "gpu_load_peak_memory_bytes": load_peak},
         stats,
         check,
+        rss.peak_anon,
     )
 
 
@@ -273,6 +275,7 @@ def _run_doc(run: ArmRun) -> dict:
         "gpu_peak_memory_bytes": run.gpu_peak_memory_bytes,
         "host_peak_rss_bytes": run.host_peak_rss_bytes,
         "host_rss_before_bytes": run.host_rss_before_bytes,
+        "host_peak_anon_bytes": run.host_peak_anon_bytes,
         "info": run.info,
         "engine_stats": run.engine_stats,
         "logits": run.logits,

@@ -21,17 +21,30 @@ RSS_INTERVAL_S = 0.01
 
 
 class RssSampler:
-    """Peak resident set size of this process, sampled every RSS_INTERVAL_S in a thread."""
+    """Peak resident set size of this process in bytes, sampled every RSS_INTERVAL_S in a
+    thread; and where the OS reports file-backed pages (Linux), the peak of the anonymous part
+    alone (`peak_anon`: RSS less the file pages, which include a safetensors file's memory
+    map: the kernel reclaims those under pressure, so they overstate what a model needs)."""
 
     def __init__(self) -> None:
         self._proc = psutil.Process()
-        self.before = self.peak = int(self._proc.memory_info().rss)
+        self.peak_anon: int | None = None
+        self.before = self.peak = 0
+        self._sample()
+        self.before = self.peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hetegen-rss", daemon=True)
 
+    def _sample(self) -> None:
+        info = self._proc.memory_info()
+        self.peak = max(self.peak, int(info.rss))
+        shared = getattr(info, "shared", None)  # Linux: RssFile + RssShmem
+        if shared is not None:
+            self.peak_anon = max(self.peak_anon or 0, int(info.rss) - int(shared))
+
     def _loop(self) -> None:
         while not self._stop.wait(RSS_INTERVAL_S):
-            self.peak = max(self.peak, int(self._proc.memory_info().rss))
+            self._sample()
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -40,7 +53,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, int(self._proc.memory_info().rss))
+        self._sample()
 
 
 class _IdsOnly:

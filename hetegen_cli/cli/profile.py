@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
     @app.command("profile")
     @guarded
     def profile_command(
-        quick: bool = typer.Option(False, "--quick", help="Fewer, smaller measurements (about 20 s)."),
+        quick: bool = typer.Option(
+            False, "--quick", help="Fewer, smaller measurements (under a minute on 2 cores)."
+        ),
         output: Path | None = typer.Option(
             None,
             "--output",

@@ -6,14 +6,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import mmap
+import os
+import sys
+import time
 from dataclasses import replace
 
+import psutil
 import pytest
 
 from hetegen_cli.bench import arms as bench_arms
 from hetegen_cli.bench import prepare, runner
 from hetegen_cli.bench import present as bench_present
 from hetegen_cli.bench.runner import ArmRun
+from hetegen_cli.bench.timing import RssSampler
 from hetegen_cli.cli.common import sizes_bytes
 from hetegen_cli.core.errors import InputError
 from tests.fakes import make_profile
@@ -490,3 +496,31 @@ def test_llama_cpp_arm_runs_the_same_gguf(tmp_path):
     assert max(abs(v) for v in llama["logits"]["top1_logits"]) > 0  # its logits, not zeros
     # the same greedy tokens as hetegen's int4, or a divergence at a near tie
     assert llama["token_check"]["compared_with"] == "reference" and llama["token_check"]["verified"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file-backed RSS is reported on Linux")
+def test_the_rss_peak_tells_a_memory_map_from_anonymous_memory(tmp_path):
+    """A file's pages read through a memory map count in RSS but not in its anonymous part;
+    memory the process writes counts in both."""
+    proc = psutil.Process()
+
+    def anon() -> int:
+        info = proc.memory_info()
+        return info.rss - info.shared
+
+    size = 96 * 2**20
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(2**20) * (size // 2**20))
+    start = anon()
+    with RssSampler() as mapped, open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert sum(m[i] for i in range(0, size, 4096)) >= 0  # touch every page
+        time.sleep(0.05)
+    assert mapped.peak - mapped.before >= size * 0.9
+    assert mapped.peak_anon is not None and mapped.peak_anon - start < size * 0.5
+    start = anon()
+    with RssSampler() as written:
+        block = bytearray(size)
+        block[::4096] = b"\x01" * len(range(0, size, 4096))  # write every page
+        time.sleep(0.05)
+    assert written.peak_anon - start >= size * 0.9
+    del block

@@ -513,7 +513,7 @@ def test_the_rss_peak_tells_a_memory_map_from_anonymous_memory(tmp_path):
     path.write_bytes(os.urandom(2**20) * (size // 2**20))
     start = anon()
     with RssSampler() as mapped, open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        assert sum(m[i] for i in range(0, size, 4096)) >= 0  # touch every page
+        sum(m[i] for i in range(0, size, 4096))  # read every page
         time.sleep(0.05)
     assert mapped.peak - mapped.before >= size * 0.9
     assert mapped.peak_anon is not None and mapped.peak_anon - start < size * 0.5

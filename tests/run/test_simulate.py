@@ -25,6 +25,7 @@ from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.plan.request import PlanRequest
 from hetegen_cli.run.simulate import proxy_config, proxy_experts, proxy_placements
 from tests.engine.conftest import EXPERTS, expert_placements, placements
+from tests.engine.test_strict_backend import FP32
 from tests.fakes import DESKTOP_RATES
 from tests.models.architecture.test_architectures import _tiny
 from tests.strict import StrictBackend
@@ -205,16 +206,8 @@ def qwen3_moe(tmp_path_factory):
 
 
 def record_moe(ref, plan_placements, experts):
-    rt = RuntimeSettings(
-        weights_dtype="float32",
-        cpu_dtype_prefill="float32",
-        cpu_dtype_decode="float32",
-        staging_buffers=2,
-        prefetch_depth=1,
-        requires_gpu=True,
-    )
     backend = StrictBackend()
-    with load_hetero_model(ref, plan_placements, rt, backend, progress=False, experts=experts) as lm:
+    with load_hetero_model(ref, plan_placements, FP32, backend, progress=False, experts=experts) as lm:
         return trace_steps(lm.model, PROMPT, ref.spec.vocab_size)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from hetegen_cli.core import paths
 from hetegen_cli.core.console import note
+from hetegen_cli.models.formats import cpu_gemm
 
 ENV = "HETEGEN_CPU_KERNELS"  # "auto" (default) or "torch"
 SOURCE = Path(__file__).with_name("kernels") / "quant_gemm.c"
@@ -95,19 +96,20 @@ class Kernels:
     ) -> torch.Tensor:  # fmt: skip
         """x [n, in] float32 @ W^T through float32 weights (prefill, n >= DENSE_TOKENS):
         `DENSE_CHUNK` floats of W at a time are dequantized into a buffer kept per thread and
-        multiplied by torch's GEMM. -> y [n, out] float32."""
+        multiplied by the faster float32 GEMM here (models.formats.cpu_gemm). -> y [n, out]
+        float32."""
         rows, inp = q.shape[0], x.shape[1]
         step = max(1, DENSE_CHUNK // inp)
         buf = getattr(_SCRATCH, "buf", None)
         if buf is None or buf.numel() < min(rows, step) * inp:
             buf = _SCRATCH.buf = torch.empty(max(DENSE_CHUNK, inp))
         if rows <= step:
-            return torch.mm(x, self.dequantize(fmt, q, scale, mn, group, buf).t())
+            return cpu_gemm.linear(x, self.dequantize(fmt, q, scale, mn, group, buf))
         y = torch.empty(x.shape[0], rows)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             part = self.dequantize(fmt, q[r0:r1], scale[r0:r1], None if mn is None else mn[r0:r1], group, buf)
-            y[:, r0:r1] = torch.mm(x, part.t())
+            y[:, r0:r1] = cpu_gemm.linear(x, part)
         return y
 
     def int4(

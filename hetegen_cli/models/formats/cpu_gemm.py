@@ -1,0 +1,179 @@
+"""The float32 GEMM behind CPU prompt products: torch's BLAS or oneDNN's, whichever is faster here.
+
+A quantized linear multiplies a prompt (at least `cpu_kernels.DENSE_TOKENS` tokens) through its
+dequantized float32 weight (models.formats.cpu_kernels). `torch.mm` calls the BLAS torch was
+built with (MKL on x86); torch also carries oneDNN, whose float32 GEMM it reaches through
+`torch.ops.mkldnn._linear_pointwise`. On a 2-core AMD EPYC the latter ran 1.1-1.4x faster on
+weights of 2-16 Mi values at 128 tokens, and slower on a [1536, 576] one (docs/quant.md,
+"Prompt products"); another CPU may rank them the other way. So the choice is measured, for
+small weights (below SMALL_WEIGHTS values) and large ones apart: once per (CPU, torch version,
+thread count), in a few tenths of a second, the first time a prompt product runs, and kept in
+$HETEGEN_HOME/cpu-gemm.json. `HETEGEN_CPU_GEMM=torch` or `=onednn` skips the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hetegen_cli.core import paths
+from hetegen_cli.core.console import note
+from hetegen_cli.core.errors import HetegenError, InputError
+from hetegen_cli.core.jsonio import atomic_write
+
+ENV = "HETEGEN_CPU_GEMM"  # "auto" (default), "torch" or "onednn"
+BACKENDS = ("torch", "onednn")
+SMALL_WEIGHTS = 1 << 20  # values of W: below, the "small" choice applies, else the "large" one
+#: the measured product of each size class: (tokens, in, out), a 128-token prompt times the
+#: weight of a 0.1B model's MLP and of a 1-2B model's attention
+SHAPES = {"small": (128, 576, 1536), "large": (128, 1024, 4096)}
+ROUNDS = 5  # interleaved timed calls of each, after one untimed call each
+MARGIN = 1.05  # oneDNN is taken only when its median call is at least this much faster
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The GEMM prompt products use, and why: `torch_us`/`onednn_us` are the median
+    microseconds of the measured call (None when it was not measured)."""
+
+    backend: str
+    reason: str  # "measured", "HETEGEN_CPU_GEMM", or why oneDNN cannot run
+    torch_us: float | None = None
+    onednn_us: float | None = None
+
+
+_CHOSEN: dict[tuple[int, str], Choice] = {}  # by (thread count, size class)
+_LOCK = threading.Lock()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, in] float32 @ w [out, in] float32 ^T -> [n, out] float32, through the GEMM chosen
+    for w's size class."""
+    if choice("small" if w.numel() < SMALL_WEIGHTS else "large").backend == "onednn":
+        return _onednn(x, w)
+    return torch.mm(x, w.t())
+
+
+def choice(size: str) -> Choice:
+    """The GEMM for weights of `size` ("small" or "large") at this process's current thread
+    count (measured, or read from the cache, on first call)."""
+    key = (torch.get_num_threads(), size)
+    got = _CHOSEN.get(key)
+    if got is None:
+        with _LOCK:
+            got = _CHOSEN.get(key) or _choose(*key)
+            _CHOSEN[key] = got
+    return got
+
+
+def label() -> str:
+    """Which GEMM prompt products use now: "torch", "onednn", or "small: torch, large: onednn"."""
+    small, large = (choice(size).backend for size in SHAPES)
+    return small if small == large else f"small: {small}, large: {large}"
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _choose(threads: int, size: str) -> Choice:
+    forced = os.environ.get(ENV, "auto")
+    if forced not in ("auto", *BACKENDS):
+        raise InputError(f"{ENV}={forced!r} is not one of auto, torch, onednn", f"unset {ENV}, or use torch")
+    why_not = _onednn_missing()
+    if forced == "onednn" and why_not:
+        raise InputError(f"{ENV}=onednn, but {why_not}", f"unset {ENV}, or use torch")
+    if forced != "auto":
+        return Choice(forced, ENV)
+    if why_not:
+        return Choice("torch", why_not)
+    key = _machine_key(threads, size)
+    cached = _read_cache().get(key)
+    if isinstance(cached, dict) and cached.get("backend") in BACKENDS:
+        return Choice(cached["backend"], "measured", cached.get("torch_us"), cached.get("onednn_us"))
+    got = _measure(SHAPES[size])
+    _write_cache(key, got)
+    return got
+
+
+def _onednn_missing() -> str | None:
+    """Why oneDNN's GEMM cannot run in this torch, or None when it can."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN"
+    try:
+        x, w = torch.ones(2, 8), torch.ones(3, 8)
+        ok = torch.equal(_onednn(x, w), torch.full((2, 3), 8.0))
+    except (RuntimeError, AttributeError) as exc:
+        return f"oneDNN's linear is not usable here ({str(exc).splitlines()[0][:80]})"
+    return None if ok else "oneDNN's linear gave a wrong product"
+
+
+def _measure(shape: tuple[int, int, int]) -> Choice:
+    """Time both GEMMs on `shape` (tokens, in, out), interleaved; oneDNN must also agree with
+    torch's product."""
+    n, k, m = shape
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+    want = torch.mm(x, w.t())
+    if not torch.allclose(_onednn(x, w), want, rtol=1e-4, atol=1e-3):
+        return Choice("torch", "oneDNN's product differed from torch's")
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "torch": lambda: torch.mm(x, w.t()),
+        "onednn": lambda: _onednn(x, w),
+    }
+    spent: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            spent[name].append((time.perf_counter() - start) * 1e6)
+    t_us, o_us = (statistics.median(spent[name]) for name in BACKENDS)
+    return Choice("onednn" if t_us >= MARGIN * o_us else "torch", "measured", round(t_us, 1), round(o_us, 1))
+
+
+def _machine_key(threads: int, size: str) -> str:
+    return f"{_cpu_name()}|torch {torch.__version__}|{threads} threads|{size}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_path() -> Path:
+    return paths.home() / "cpu-gemm.json"
+
+
+def _read_cache() -> dict:
+    try:
+        got = json.loads(_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def _write_cache(key: str, got: Choice) -> None:
+    """Keep a measured choice; a cache that cannot be written only costs the next process
+    the measurement."""
+    if got.reason != "measured":
+        return
+    doc = _read_cache()
+    doc[key] = {"backend": got.backend, "torch_us": got.torch_us, "onednn_us": got.onednn_us}
+    try:
+        atomic_write(_cache_path(), json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    except HetegenError as exc:
+        note(f"cannot keep the CPU GEMM choice: {exc}")

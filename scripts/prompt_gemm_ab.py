@@ -7,7 +7,7 @@ Usage: python scripts/prompt_gemm_ab.py [--model FILE.gguf] [--prompt-len 128] [
 Loads the model once (`load_quantized`), then runs the same random prompt (seed 0) through one
 forward (the logits of its last position), `warmup` untimed rounds then `repeat` timed ones, the
 two GEMMs taking turns within each round. Prints one JSON document: the machine and its load,
-what `cpu_gemm` would choose by itself for small and large weights (and what it
+what `cpu_gemm` would choose by itself for each class of product (and what it
 measured), each GEMM's prefill seconds (every
 run, median, min, max), their ratio, and the largest difference of the last logits between them
 relative to the largest logit.
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     before = machine()
-    own = {size: dataclasses.asdict(cpu_gemm.choice(size)) for size in cpu_gemm.SHAPES}
+    own = {cls: dataclasses.asdict(cpu_gemm.choice(cls)) for cls in cpu_gemm.CLASSES}
     ref = resolve_model(args.model, need_weights=True, quant="auto")
     loaded = load_quantized(ref)
     prompt = [random.Random(0).randrange(10, ref.spec.vocab_size) for _ in range(args.prompt_len)]
@@ -52,8 +52,8 @@ def main() -> None:
     logits: dict[str, torch.Tensor] = {}
     for round_ in range(args.warmup + args.repeat):
         for name in cpu_gemm.BACKENDS:
-            for size in cpu_gemm.SHAPES:  # this GEMM for every weight
-                cpu_gemm._CHOSEN[torch.get_num_threads(), size] = cpu_gemm.Choice(name, "prompt_gemm_ab")
+            for cls in cpu_gemm.CLASSES:  # this GEMM for every weight
+                cpu_gemm._CHOSEN[torch.get_num_threads(), cls] = cpu_gemm.Choice(name, "prompt_gemm_ab")
             start = time.perf_counter()
             with torch.inference_mode():
                 out = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)

@@ -3,12 +3,13 @@
 A quantized linear multiplies a prompt (at least `cpu_kernels.DENSE_TOKENS` tokens) through its
 dequantized float32 weight (models.formats.cpu_kernels). `torch.mm` calls the BLAS torch was
 built with (MKL on x86); torch also carries oneDNN, whose float32 GEMM it reaches through
-`torch.ops.mkldnn._linear_pointwise`. On a 2-core AMD EPYC the latter ran 1.1-1.4x faster on
-weights of 2-16 Mi values at 128 tokens, and slower on a [1536, 576] one (docs/quant.md,
-"Prompt products"); another CPU may rank them the other way. So the choice is measured, for
-small weights (below SMALL_WEIGHTS values) and large ones apart: once per (CPU, torch version,
-thread count), in a few tenths of a second, the first time a prompt product runs, and kept in
-$HETEGEN_HOME/cpu-gemm.json. `HETEGEN_CPU_GEMM=torch` or `=onednn` skips the measurement.
+`torch.ops.mkldnn._linear_pointwise`. On a 2-core AMD EPYC the latter made a 1.7B model's
+128-token prefill 1.22x faster and its 512-token one 0.97x (docs/quant.md, "Prompt products");
+another CPU may rank them the other way. So the choice is measured, per class of product
+(`CLASSES`: weights below or above SMALL_WEIGHTS values, prompts below or from LONG_TOKENS
+tokens): once per (CPU, torch version, thread count, class), in at most half a second, the first
+time a product of that class runs, and kept in $HETEGEN_HOME/cpu-gemm.json.
+`HETEGEN_CPU_GEMM=torch` or `=onednn` skips the measurement.
 """
 
 from __future__ import annotations
@@ -32,10 +33,16 @@ from hetegen_cli.core.jsonio import atomic_write
 
 ENV = "HETEGEN_CPU_GEMM"  # "auto" (default), "torch" or "onednn"
 BACKENDS = ("torch", "onednn")
-SMALL_WEIGHTS = 1 << 20  # values of W: below, the "small" choice applies, else the "large" one
-#: the measured product of each size class: (tokens, in, out), a 128-token prompt times the
-#: weight of a 0.1B model's MLP and of a 1-2B model's attention
-SHAPES = {"small": (128, 576, 1536), "large": (128, 1024, 4096)}
+SMALL_WEIGHTS = 1 << 20  # values of W: below, a "small" class, else a "large" one
+LONG_TOKENS = 256  # tokens of x: below, a "short" class, else a "long" one
+#: the product measured for each class, (tokens, in, out): the weight of a 0.1B model's MLP or
+#: of a 1-2B model's attention, times 128 or 512 tokens
+CLASSES = {
+    "small/short": (128, 576, 1536),
+    "large/short": (128, 1024, 4096),
+    "small/long": (512, 576, 1536),
+    "large/long": (512, 1024, 4096),
+}
 ROUNDS = 5  # interleaved timed calls of each, after one untimed call each
 MARGIN = 1.05  # oneDNN is taken only when its median call is at least this much faster
 
@@ -51,22 +58,27 @@ class Choice:
     onednn_us: float | None = None
 
 
-_CHOSEN: dict[tuple[int, str], Choice] = {}  # by (thread count, size class)
+_CHOSEN: dict[tuple[int, str], Choice] = {}  # by (thread count, class)
 _LOCK = threading.Lock()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, in] float32 @ w [out, in] float32 ^T -> [n, out] float32, through the GEMM chosen
-    for w's size class."""
-    if choice("small" if w.numel() < SMALL_WEIGHTS else "large").backend == "onednn":
+    for the product's class."""
+    if choice(class_of(x.shape[0], w.numel())).backend == "onednn":
         return _onednn(x, w)
     return torch.mm(x, w.t())
 
 
-def choice(size: str) -> Choice:
-    """The GEMM for weights of `size` ("small" or "large") at this process's current thread
+def class_of(tokens: int, weights: int) -> str:
+    """The class (a key of CLASSES) of a product of `tokens` rows of x by a W of `weights` values."""
+    return ("small" if weights < SMALL_WEIGHTS else "large") + ("/short" if tokens < LONG_TOKENS else "/long")
+
+
+def choice(cls: str) -> Choice:
+    """The GEMM for products of class `cls` (a key of CLASSES) at this process's current thread
     count (measured, or read from the cache, on first call)."""
-    key = (torch.get_num_threads(), size)
+    key = (torch.get_num_threads(), cls)
     got = _CHOSEN.get(key)
     if got is None:
         with _LOCK:
@@ -76,16 +88,19 @@ def choice(size: str) -> Choice:
 
 
 def label() -> str:
-    """Which GEMM prompt products use now: "torch", "onednn", or "small: torch, large: onednn"."""
-    small, large = (choice(size).backend for size in SHAPES)
-    return small if small == large else f"small: {small}, large: {large}"
+    """Which GEMM prompt products use (measuring every class not chosen yet): "torch", "onednn",
+    or each class's, e.g. "small/short: torch, large/short: onednn, ..."."""
+    got = {cls: choice(cls).backend for cls in CLASSES}
+    if len(set(got.values())) == 1:
+        return next(iter(got.values()))
+    return ", ".join(f"{cls}: {backend}" for cls, backend in got.items())
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def _choose(threads: int, size: str) -> Choice:
+def _choose(threads: int, cls: str) -> Choice:
     forced = os.environ.get(ENV, "auto")
     if forced not in ("auto", *BACKENDS):
         raise InputError(f"{ENV}={forced!r} is not one of auto, torch, onednn", f"unset {ENV}, or use torch")
@@ -96,11 +111,11 @@ def _choose(threads: int, size: str) -> Choice:
         return Choice(forced, ENV)
     if why_not:
         return Choice("torch", why_not)
-    key = _machine_key(threads, size)
+    key = _machine_key(threads, cls)
     cached = _read_cache().get(key)
     if isinstance(cached, dict) and cached.get("backend") in BACKENDS:
         return Choice(cached["backend"], "measured", cached.get("torch_us"), cached.get("onednn_us"))
-    got = _measure(SHAPES[size])
+    got = _measure(CLASSES[cls])
     _write_cache(key, got)
     return got
 
@@ -140,8 +155,8 @@ def _measure(shape: tuple[int, int, int]) -> Choice:
     return Choice("onednn" if t_us >= MARGIN * o_us else "torch", "measured", round(t_us, 1), round(o_us, 1))
 
 
-def _machine_key(threads: int, size: str) -> str:
-    return f"{_cpu_name()}|torch {torch.__version__}|{threads} threads|{size}"
+def _machine_key(threads: int, cls: str) -> str:
+    return f"{_cpu_name()}|torch {torch.__version__}|{threads} threads|{cls}"
 
 
 def _cpu_name() -> str:

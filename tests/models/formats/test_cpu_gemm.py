@@ -32,21 +32,22 @@ def test_both_gemms_give_the_product_even_through_one_reused_buffer(fresh, monke
         buf.copy_(w.flatten())
         got = cpu_gemm.linear(x, buf.view(64, 96))
         torch.testing.assert_close(got, (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-4)
-    assert cpu_gemm.label() == backend and cpu_gemm.choice("large").reason == cpu_gemm.ENV
+    assert cpu_gemm.label() == backend and cpu_gemm.choice("large/short").reason == cpu_gemm.ENV
 
 
 @needs_onednn
-def test_measured_once_per_size_then_kept_per_machine_and_thread_count(fresh, monkeypatch):
-    monkeypatch.setattr(cpu_gemm, "SHAPES", {"small": (16, 32, 64), "large": (16, 64, 128)})
-    got = {size: cpu_gemm.choice(size) for size in cpu_gemm.SHAPES}
+def test_measured_once_per_class_then_kept_per_machine_and_thread_count(fresh, monkeypatch):
+    small = {cls: (16, 32, 64) for cls in cpu_gemm.CLASSES}
+    monkeypatch.setattr(cpu_gemm, "CLASSES", small)
+    got = {cls: cpu_gemm.choice(cls) for cls in cpu_gemm.CLASSES}
     path = cpu_gemm._cache_path()
     kept = json.loads(path.read_text())
-    keys = {size: cpu_gemm._machine_key(torch.get_num_threads(), size) for size in got}
+    keys = {cls: cpu_gemm._machine_key(torch.get_num_threads(), cls) for cls in got}
     assert set(kept) == set(keys.values())
-    for size, made in got.items():
+    for cls, made in got.items():
         assert made.reason == "measured" and made.torch_us > 0 and made.onednn_us > 0
         assert made.backend == ("onednn" if made.torch_us >= cpu_gemm.MARGIN * made.onednn_us else "torch")
-        assert kept[keys[size]] == {
+        assert kept[keys[cls]] == {
             "backend": made.backend,
             "torch_us": made.torch_us,
             "onednn_us": made.onednn_us,
@@ -55,16 +56,26 @@ def test_measured_once_per_size_then_kept_per_machine_and_thread_count(fresh, mo
     # a new process (no in-process choice) reads the file instead of measuring again
     monkeypatch.setattr(cpu_gemm, "_CHOSEN", {})
     monkeypatch.setattr(cpu_gemm, "_measure", lambda shape: pytest.fail("measured twice"))
-    assert {size: cpu_gemm.choice(size) for size in got} == got
-    # what the file says is what runs, for each size class apart
-    path.write_text(json.dumps({keys["small"]: {"backend": "torch"}, keys["large"]: {"backend": "onednn"}}))
+    assert {cls: cpu_gemm.choice(cls) for cls in got} == got
+    # what the file says is what runs, for each class apart
+    backends = {
+        "small/short": "torch",
+        "large/short": "onednn",
+        "small/long": "onednn",
+        "large/long": "torch",
+    }
+    path.write_text(json.dumps({keys[cls]: {"backend": backend} for cls, backend in backends.items()}))
     monkeypatch.setattr(cpu_gemm, "_CHOSEN", {})
-    assert cpu_gemm.label() == "small: torch, large: onednn"
+    assert cpu_gemm.label() == ", ".join(f"{cls}: {backend}" for cls, backend in backends.items())
     calls = []
-    monkeypatch.setattr(cpu_gemm, "_onednn", lambda x, w: calls.append(w.numel()) or torch.mm(x, w.t()))
-    cpu_gemm.linear(torch.ones(2, 1024), torch.ones(1023, 1024))  # one value short of large
-    cpu_gemm.linear(torch.ones(2, 1024), torch.ones(1024, 1024))
-    assert calls == [cpu_gemm.SMALL_WEIGHTS]
+    monkeypatch.setattr(
+        cpu_gemm, "_onednn", lambda x, w: calls.append(x.shape[0] * w.numel()) or torch.mm(x, w.t())
+    )
+    short, long = cpu_gemm.LONG_TOKENS - 1, cpu_gemm.LONG_TOKENS
+    for tokens in (short, long):
+        for rows in (1023, 1024):  # one row of 1,024 values short of large, then large
+            cpu_gemm.linear(torch.ones(tokens, 1024), torch.ones(rows, 1024))
+    assert calls == [short * cpu_gemm.SMALL_WEIGHTS, long * (cpu_gemm.SMALL_WEIGHTS - 1024)]
 
 
 def test_a_product_that_disagrees_keeps_torch(fresh, monkeypatch):
@@ -76,18 +87,18 @@ def test_a_product_that_disagrees_keeps_torch(fresh, monkeypatch):
 def test_a_bad_setting_is_refused_with_a_hint(fresh, monkeypatch):
     monkeypatch.setenv(cpu_gemm.ENV, "blas")
     with pytest.raises(InputError, match="auto, torch, onednn") as err:
-        cpu_gemm.choice("large")
+        cpu_gemm.choice("large/short")
     assert cpu_gemm.ENV in err.value.hint
 
 
 def test_without_onednn_torch_runs_and_forcing_onednn_is_refused(fresh, monkeypatch):
     monkeypatch.setattr(cpu_gemm.torch.backends.mkldnn, "is_available", lambda: False)
-    assert cpu_gemm.choice("large") == cpu_gemm.Choice("torch", "this torch is built without oneDNN")
+    assert cpu_gemm.choice("large/long") == cpu_gemm.Choice("torch", "this torch is built without oneDNN")
     assert cpu_gemm.label() == "torch"
     monkeypatch.setattr(cpu_gemm, "_CHOSEN", {})
     monkeypatch.setenv(cpu_gemm.ENV, "onednn")
     with pytest.raises(InputError, match="without oneDNN"):
-        cpu_gemm.choice("small")
+        cpu_gemm.choice("small/short")
 
 
 @needs_onednn

@@ -170,6 +170,9 @@ def render(doc: dict[str, Any]) -> None:
     )
     for g in cpu["gemm"]:
         t.add_row(g["dtype"], str(g["tokens"]), _shape(g), _ms(g["seconds"]), format_flops(g["flops_per_s"]))
+    if cpu.get("prompt_gemm"):
+        chosen = ", ".join(f"{cls} {backend}" for cls, backend in cpu["prompt_gemm"].items())
+        t.caption = f"quantized prompt products' float32 GEMM (weights/prompt): {chosen}"
     console.print(t)
     if cpu["thread_sweep"]:
         t = _table("CPU GEMV thread sweep", "threads", "dtype", "out x in", "GB/s")

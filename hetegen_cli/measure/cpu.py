@@ -28,7 +28,7 @@ from hetegen_cli.measure.timing import (
     torch_threads,
     weight_pool,
 )
-from hetegen_cli.models.formats import cpu_kernels
+from hetegen_cli.models.formats import cpu_gemm, cpu_kernels
 from hetegen_cli.profile.document import CPU_FEATURES, rate
 
 # --- host ----------------------------------------------------------------------------------
@@ -163,6 +163,8 @@ def measure_cpu(
                     "kernel": cpu_kernels.label(),
                 }
                 quantized.append(_gemv_entry(kind, shape, weight_bytes, threads, measure(fn, clock, **m)))
+    with steps.step("CPU GEMM for prompts: torch's or oneDNN's"):
+        prompt_gemm = {cls: cpu_gemm.choice(cls).backend for cls in cpu_gemm.CLASSES}
     at_largest = [g for g in gemv if (g["out_features"], g["in_features"]) == largest]
     best = max(at_largest, key=lambda g: g["params_per_s"])["dtype"]
 
@@ -191,6 +193,7 @@ def measure_cpu(
         "gemm": gemm,
         "thread_sweep": sweep,
         "quant_gemv": quantized,
+        "prompt_gemm": prompt_gemm,
         "best_gemv_dtype": best,
         "pool_bytes": pool_bytes,
     }

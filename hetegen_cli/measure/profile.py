@@ -103,7 +103,7 @@ def gemv_relative_sd(cpu: dict[str, Any]) -> float | None:
 
 def count_steps(sizes: Sizes, sweep_counts: int, has_gpu: bool) -> int:
     """Number of progress steps of one profile run."""
-    n = 1 + len(CPU_DTYPES) * (len(sizes.gemv_shapes) + len(sizes.gemm_shapes) * len(sizes.gemm_tokens))
+    n = 2 + len(CPU_DTYPES) * (len(sizes.gemv_shapes) + len(sizes.gemm_shapes) * len(sizes.gemm_tokens))
     n += len(QUANT_FORMATS) * len(sizes.gemv_shapes)
     n += len(CPU_DTYPES) * sweep_counts
     if has_gpu:

@@ -163,6 +163,9 @@ class Cpu(Schema):
     thread_sweep: list[ThreadPoint]
     best_gemv_dtype: WeightDtype
     quant_gemv: list[QuantGemv] = Field(default_factory=list)  # profiles before issue 11 lack it
+    #: class of prompt product -> the float32 GEMM it uses (models.formats.cpu_gemm.CLASSES);
+    #: older profiles lack it
+    prompt_gemm: dict[Text, Literal["torch", "onednn"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _best_is_measured(self) -> Cpu:

@@ -12,6 +12,7 @@ from hetegen_cli.measure import cpu as profile_cpu
 from hetegen_cli.measure import engine_costs, timing
 from hetegen_cli.measure import profile as measure_profile
 from hetegen_cli.measure.profile import run_profile
+from hetegen_cli.models.formats import cpu_gemm
 from hetegen_cli.profile.document import load_profile, validate_profile
 from tests.fakes import TICK, TINY, fake_timer, tiny_profile
 
@@ -59,6 +60,9 @@ def test_injected_timer_gives_a_deterministic_document():
     for g in cpu["quant_gemv"]:
         assert g["weight_bytes"] == quant.weight_bytes(g["format"], g["out_features"], g["in_features"])
         assert g["params_per_s"] == g["out_features"] * g["in_features"] / TICK
+    # the GEMM of each class of prompt product, as prompt products at the profile's threads choose it
+    with timing.torch_threads(cpu["threads"]):
+        assert cpu["prompt_gemm"] == {cls: cpu_gemm.choice(cls).backend for cls in cpu_gemm.CLASSES}
 
 
 def test_thread_sweep_covers_one_half_and_all_cores():

@@ -52,8 +52,7 @@ def main() -> None:
     logits: dict[str, torch.Tensor] = {}
     for round_ in range(args.warmup + args.repeat):
         for name in cpu_gemm.BACKENDS:
-            for cls in cpu_gemm.CLASSES:  # this GEMM for every weight
-                cpu_gemm._CHOSEN[torch.get_num_threads(), cls] = cpu_gemm.Choice(name, "prompt_gemm_ab")
+            cpu_gemm.force(name)
             start = time.perf_counter()
             with torch.inference_mode():
                 out = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)

@@ -29,12 +29,10 @@ def case(kernels: cpu_kernels.Kernels, fmt: str, out: int, inp: int, tokens: int
     gen = torch.Generator().manual_seed(out + inp + tokens)
     weights = [quantize(torch.randn(out, inp, generator=gen), fmt, 32) for _ in range(2)]
     x = torch.randn(tokens, inp, generator=gen)
-    threads = torch.get_num_threads()
 
     def dense(backend: str):
         def run(w):
-            for cls in cpu_gemm.CLASSES:
-                cpu_gemm._CHOSEN[threads, cls] = cpu_gemm.Choice(backend, "prompt_gemm_shapes")
+            cpu_gemm.force(backend)
             return kernels.dense(fmt, w.q, w.scale, w.min, w.group_size, x)
 
         return run

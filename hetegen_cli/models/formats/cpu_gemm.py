@@ -7,8 +7,8 @@ built with (MKL on x86); torch also carries oneDNN, whose float32 GEMM it reache
 128-token prefill 1.22x faster and its 512-token one 0.97x (docs/quant.md, "Prompt products");
 another CPU may rank them the other way. So the choice is measured, per class of product
 (`CLASSES`: weights below or above SMALL_WEIGHTS values, prompts below or from LONG_TOKENS
-tokens): once per (CPU, torch version, thread count, class), in at most half a second, the first
-time a product of that class runs, and kept in $HETEGEN_HOME/cpu-gemm.json.
+tokens): once per (CPU, torch version, thread count, class), by 12 calls of the class's product
+the first time a product of that class runs, and kept in $HETEGEN_HOME/cpu-gemm.json.
 `HETEGEN_CPU_GEMM=torch` or `=onednn` skips the measurement.
 """
 
@@ -85,6 +85,13 @@ def choice(cls: str) -> Choice:
             got = _CHOSEN.get(key) or _choose(*key)
             _CHOSEN[key] = got
     return got
+
+
+def force(backend: str) -> None:
+    """Every class uses `backend` at this thread count from now on, measured or not (for scripts
+    that compare the two GEMMs in one process)."""
+    for cls in CLASSES:
+        _CHOSEN[torch.get_num_threads(), cls] = Choice(backend, "forced")
 
 
 def label() -> str:

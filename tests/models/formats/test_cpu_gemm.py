@@ -116,3 +116,10 @@ def test_prompt_products_in_chunks_match_the_dequantized_weight(fresh, monkeypat
     want = x.double() @ weight.dequantize(torch.float32).double().t()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert cpu_gemm.label() == backend
+
+
+def test_force_sets_every_class_without_measuring(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_measure", lambda shape: pytest.fail("measured"))
+    cpu_gemm.force("torch")
+    assert cpu_gemm.label() == "torch"
+    assert {cpu_gemm.choice(cls).reason for cls in cpu_gemm.CLASSES} == {"forced"}

@@ -2,14 +2,17 @@
 
 Usage: python scripts/compare_decode.py [--model FILE.gguf] [--prompt-len 128]
        [--new-tokens 64] [--repeat 3] [--warmup 1] [--threads N]
-       [--arms plain,plain-torch,engine,llama.cpp] [--cold-start] [--output FILE.json]
+       [--arms plain,plain-torch,engine,direct,llama.cpp] [--cold-start] [--output FILE.json]
 
 Loads each arm once in this process: `plain` is the model as `hetegen run` runs it on a
 machine without a GPU (the GGUF's quantized linears on hetegen's CPU kernels where
 available, models.formats.cpu_kernels; --quant auto); `plain-torch` is the same on torch's
 packed kernels (skipped for a float model); `engine` is the same folder through the engine
 with every linear whole on the CPU (an all-CPU plan in the plain model's activation dtype,
-the CPU backend); `llama.cpp` is llama-cpp-python on the GGUF file itself (skipped, with the
+the CPU backend); `direct` is the direct start's model (models.formats.direct: the plain
+model's fused decode steps run from the files with numpy, docs/run.md "Direct start"; needs
+`plain`; its prompt goes through decode steps, so compare its decode, not its prefill);
+`llama.cpp` is llama-cpp-python on the GGUF file itself (skipped, with the
 reason, when `llama_cpp` cannot be imported or the model is not a GGUF), driven by the same
 generation loop (hetegen_cli.bench.llama_cpp). Each arm generates from the same
 random prompt (seed 0), greedy, without stopping at EOS: `warmup` untimed runs, then
@@ -29,6 +32,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,7 +50,37 @@ from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.manual import manual_plan
 from hetegen_cli.run.generate import generate
 
-ARMS = ("plain", "plain-torch", "engine", "llama.cpp")
+ARMS = ("plain", "plain-torch", "engine", "direct", "llama.cpp")
+
+
+class _Direct:
+    """The direct start's model built from the plain arm's layout (its extra tensors in a
+    temporary file), answering what this script asks of an arm."""
+
+    def __init__(self, plain, folder: Path, tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        from hetegen_cli.models.formats import direct
+        from hetegen_cli.run.direct_check import _made_at_load, layout_of
+
+        layout = layout_of(plain.model)
+        if layout is None:
+            raise ValueError("the plain model's decode step is not fused whole")
+        extra = _made_at_load(plain.model, layout, folder)
+        files = ()
+        if extra:
+            save_file(extra, str(tmp / "extra.safetensors"))
+            files = (tmp / "extra.safetensors",)
+        self.model = direct.DirectModel(folder, layout, torch.get_num_threads(), files)
+        self.dtype = plain.dtype
+
+    def generate(self, prompt: list[int], new_tokens: int):
+        from hetegen_cli.run.direct import generate_direct
+
+        return generate_direct(self.model, _Silent(), prompt, new_tokens, set())
+
+    def close(self) -> None:
+        pass
 
 
 class _Silent:
@@ -84,6 +118,14 @@ def load_arms(args, ref) -> tuple[dict, dict]:
         loaded["engine"] = load_hetero_model(
             ref, plan.placements, runtime, CpuBackend(), progress=False, experts=plan.experts
         )
+    if "direct" in args.arms:
+        if "plain" not in loaded:
+            skipped["direct"] = "the direct arm is built from the plain arm: add plain to --arms"
+        else:
+            try:
+                loaded["direct"] = _Direct(loaded["plain"], ref.path, Path(tempfile.mkdtemp()))
+            except Exception as exc:  # a model the direct path does not take
+                skipped["direct"] = f"no direct start for this model: {exc}"
     if "llama.cpp" in args.arms:
         gguf = Path(args.model) if args.model else default_gguf_path()
         try:
@@ -125,6 +167,8 @@ def main() -> None:
 
     def one(name: str):
         arm = loaded[name]  # the llama.cpp adapter has no parameters to take a device from
+        if name == "direct":
+            return arm.generate(prompt, args.new_tokens)
         return generate(
             arm.model, _Silent(), prompt, max_new_tokens=args.new_tokens, eos_ids=set(), device=arm.device
         )
@@ -179,6 +223,8 @@ def main() -> None:
             "plain/plain-torch": ratio("plain", "plain-torch", "decode_tokens_per_s"),
             "engine/plain": ratio("engine", "plain", "decode_tokens_per_s"),
             "engine/llama.cpp": ratio("engine", "llama.cpp", "decode_tokens_per_s"),
+            "direct/plain": ratio("direct", "plain", "decode_tokens_per_s"),
+            "direct/llama.cpp": ratio("direct", "llama.cpp", "decode_tokens_per_s"),
         },
         "prefill_speed_ratio": {  # > 1: faster than the other
             "plain/llama.cpp": ratio("llama.cpp", "plain", "prefill_s"),

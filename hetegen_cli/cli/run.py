@@ -15,19 +15,19 @@ if TYPE_CHECKING:
 
 
 def timing_line(result: Any) -> str:
-    """The stderr summary of a run.execute.RunResult."""
+    """The stderr summary of a run (run.execute.RunResult or run.direct.DirectRun)."""
     t = result.generation.timings
     return (
         f"{wall_line(result)} | prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s "
         f"| first token {t.time_to_first_token_s:.3f} s | decode {t.generated_tokens} tok, "
-        f"{t.decode_tokens_per_s:.1f} tok/s | {result.built.engine} on {result.built.device}, "
-        f"{result.built.dtype} | stop: {result.generation.stop_reason}" + _plan_comparison(result)
+        f"{t.decode_tokens_per_s:.1f} tok/s | {result.build_label} | stop: {result.generation.stop_reason}"
+        + _plan_comparison(result)
     )
 
 
 def wall_line(result: Any) -> str:
     """'wall 5.94 s: import 2.41, resolve 0.30, load 0.70, prefill 0.03, decode 0.51, other
-    0.99': the whole process so far and where it went (run.execute.RunResult.wall_split:
+    0.99': the whole process so far and where it went (run.document.wall_split:
     import is Python, the CLI, torch and transformers' model code; resolve the model's files,
     its tokenizer, the plan and the checks; other the rest, e.g. streaming, the prediction)."""
     wall = result.wall_split()
@@ -38,9 +38,7 @@ def wall_line(result: Any) -> str:
 
 def _plan_comparison(result: Any) -> str:
     """' | plan predicted X tok/s (achieved Y% of it)' when the engine ran a plan."""
-    plan = result.run.record.plan
-    hetegen = plan.predictions.hetegen if plan is not None else None
-    predicted = hetegen.decode_tokens_per_s if hetegen is not None else None
+    predicted = result.predicted_decode_tokens_per_s
     achieved = result.generation.timings.decode_tokens_per_s
     if not predicted or not achieved:
         return ""
@@ -73,17 +71,26 @@ def register(app: typer.Typer) -> None:
         json_: JsonOption = False,
     ) -> None:
         """Generate text: tokens stream to stdout, a timing line goes to stderr."""
-        from hetegen_cli.run.execute import execute_run
-        from hetegen_cli.run.generate import SamplingOptions
+        from hetegen_cli.run.direct import try_direct
         from hetegen_cli.run.setup import GenerationRequest
+        from hetegen_cli.run.text import SamplingOptions
 
         sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         if sampling.greedy and (top_p != 1.0 or top_k != 0 or seed is not None):
             warn("--top-p, --top-k and --seed have no effect with --temperature 0 (greedy)")
         request = GenerationRequest(prompt, chat, max_new_tokens, sampling)
-        result = execute_run(setup, request, on_text=None if json_ else _write)
+        on_text = None if json_ else _write
+        result = try_direct(setup, request, on_text)  # without torch, where a record allows
+        if result is None:
+            from hetegen_cli.run.execute import execute_run
+
+            result = execute_run(setup, request, on_text=on_text, remember_direct=True)
         if json_:
             emit_json(result.to_document())
+            if result.direct_note:
+                note(result.direct_note)
             return
         _write("\n")
         note(timing_line(result))
+        if result.direct_note:
+            note(result.direct_note)

@@ -7,30 +7,29 @@ generate (GenerationRequest); its "load" step is replaceable (`ModelLoader`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from hetegen_cli.core.console import activity
 from hetegen_cli.core.devices import out_of_memory_as_error
 from hetegen_cli.models.loading.loader import LoadedModel
+from hetegen_cli.run import direct, direct_check
 from hetegen_cli.run.builders import (
     BuildRecord,
     ModelLoader,
+    Origin,
     Resolved,
     decide_build,
     load_build,
     resolve_setup,
 )
-from hetegen_cli.run.generate import GenerationResult, SamplingOptions, generate, prepare_prompt
+from hetegen_cli.run.document import process_age_s, run_document, wall_split
+from hetegen_cli.run.generate import GenerationResult, generate, prepare_prompt
 from hetegen_cli.run.predicted import predict_run
 from hetegen_cli.run.setup import GenerationRequest, ModelSetup, Workload
-
-RUN_KIND = "hetegen.run"
-RUN_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -52,64 +51,32 @@ class RunResult:
     prediction: dict[str, Any] | None = None  # run.predicted: predicted beside measured, per phase
     #: where the wall time went, in seconds (`wall_split`): import, resolve, load, generate
     wall: dict[str, float] = field(default_factory=dict)
+    direct_note: str | None = None  # what run.direct_check.remember did, to be said last
 
     def to_document(self) -> dict[str, Any]:
-        ref, gen, request = self.run.resolved.ref, self.generation, self.run.request
-        return {
-            "schema_version": RUN_SCHEMA_VERSION,
-            "kind": RUN_KIND,
-            "model": {
-                "name": ref.name,
-                "source": ref.kind,
-                "arg": ref.arg,
-                "path": str(ref.path) if ref.path else None,
-                "hub_id": ref.hub_id,
-                "architecture": ref.spec.architecture,
-                "layers": ref.spec.num_layers,
-                "parameters": ref.spec.parameter_count,
-                "max_positions": ref.spec.max_positions,
-            },
-            "prompt": request.prompt,
-            "chat": request.chat,
-            "prompt_token_ids": gen.prompt_token_ids,
-            "text": gen.text,
-            "token_ids": gen.token_ids,
-            "stop_reason": gen.stop_reason,
-            "sampling": sampling_document(request.sampling),
-            "timings": {"load_s": self.built.load_s, **gen.timings.as_dict(), "wall": self.wall_split()},
-            "engine": self.built.engine,
-            "device": self.built.device,
-            "dtype": self.built.dtype,
-            "fused": self.built.fused,
-            "quant": ref.spec.quant or "none",
-            "plan": self.run.record.plan_section(),
-            "engine_stats": self.engine_stats,
-            "prediction": self.prediction,
-        }
+        built = self.built
+        return run_document(
+            self.run.resolved.ref, self.run.request, self.generation, built.load_s, self.wall_split(),
+            engine=built.engine, device=built.device, dtype=built.dtype, fused=built.fused,
+            quant=self.run.resolved.ref.spec.quant or "none", plan=self.run.record.plan_section(),
+            engine_stats=self.engine_stats, prediction=self.prediction,
+        )  # fmt: skip
 
     def wall_split(self) -> dict[str, float]:
-        """Where the process's wall time went, so far: `import_s` (Python, the CLI, torch and
-        transformers' model code: the process's start to the run's, plus
-        models.loading.loader.import_model_code), `resolve_s` (the model's files and caches,
-        the tokenizer, the plan and the checks), `load_s` (the weights), `prefill_s`,
-        `decode_s` (the generation's own timings), `generate_s` (both, with streaming and
-        the tokenizer's decoding), `other_s` (the rest: streaming, the prediction, exiting),
-        `total_s`. import, resolve, load, prefill, decode and other add up to the total."""
-        t = self.generation.timings
-        split = {**self.wall, "prefill_s": t.prefill_s, "decode_s": t.decode_s}
-        parts = sum(split.get(k, 0.0) for k in ("import_s", "resolve_s", "load_s", "prefill_s", "decode_s"))
-        total = max(process_age_s(), parts)
-        return {**split, "other_s": total - parts, "total_s": total}
+        """Where the process's wall time went (run.document.wall_split)."""
+        return wall_split(self.wall, self.generation.timings)
 
+    @property
+    def build_label(self) -> str:
+        """'plain on cpu, float32': the engine, device and formats (the timing line's)."""
+        return f"{self.built.engine} on {self.built.device}, {self.built.dtype}"
 
-def sampling_document(s: SamplingOptions) -> dict[str, Any]:
-    return {
-        "mode": "greedy" if s.greedy else "sample",
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k,
-        "seed": s.seed,
-    }
+    @property
+    def predicted_decode_tokens_per_s(self) -> float | None:
+        """The plan's predicted decode speed, when the engine ran a plan."""
+        plan = self.run.record.plan
+        hetegen = plan.predictions.hetegen if plan is not None else None
+        return hetegen.decode_tokens_per_s if hetegen is not None else None
 
 
 def prepare_run(setup: ModelSetup, request: GenerationRequest) -> PreparedRun:
@@ -129,9 +96,12 @@ def execute_run(
     request: GenerationRequest,
     on_text: Callable[[str], None] | None = None,
     load: ModelLoader = load_build,
+    remember_direct: bool = False,
 ) -> RunResult:
     """Validate, build the model, generate. `on_text` receives streamed pieces; `load` reads
-    the weights as the decided BuildRecord says (run.builders.load_build)."""
+    the weights as the decided BuildRecord says (run.builders.load_build). With
+    `remember_direct`, a quantized CPU model whose decode step is fused whole gets its
+    direct-start record afterwards, if it has none (run.direct_check)."""
     startup = process_age_s()  # Python, the CLI and its imports (torch among them)
     start = time.perf_counter()
     run = prepare_run(setup, request)
@@ -153,6 +123,13 @@ def execute_run(
             )
         wall["generate_s"] = time.perf_counter() - generating
         stats = built.stats()
+        said = None
+        folder = run.record.ref.path
+        wanted = remember_direct and os.environ.get(direct.ENV, "auto") != "off" and folder is not None
+        if wanted and run.record.origin is Origin.QUANTIZED_CPU and (built.fused or {}).get("model"):
+            said = direct_check.remember(
+                built.model, folder, run.resolved.tokenizer, request.prompt, built.dtype
+            )
     t, record = result.timings, run.record
     prediction = predict_run(
         record.spec,
@@ -168,9 +145,4 @@ def execute_run(
         decode_steps=t.decode_steps,
         profile_path=setup.profile_path,
     )
-    return RunResult(run, built, result, stats, prediction, wall)
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (the interpreter's start, before any import)."""
-    return max(0.0, time.time() - psutil.Process().create_time())
+    return RunResult(run, built, result, stats, prediction, wall, said)

@@ -14,7 +14,7 @@ from pathlib import Path
 from hetegen_cli.core.dtypes import DTYPE_CHOICES
 from hetegen_cli.core.errors import UsageError
 from hetegen_cli.core.quant import check_quant
-from hetegen_cli.run.generate import SamplingOptions
+from hetegen_cli.run.text import SamplingOptions
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MAX_TOKENS = 2**24  # beyond any model's context

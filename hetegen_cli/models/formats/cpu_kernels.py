@@ -5,7 +5,7 @@ activations to int16 blocks of 32 (llama.cpp uses int8 blocks; int16 keeps the r
 from the dequantized weight's). On a 2-core AVX2 machine the int4 kernel ran 2.0-2.8x faster
 than torch's packed one at one token (docs/bench.md, "hetegen's CPU kernels"). The C source
 is compiled once, on first use, with the system C compiler (`$CC`, else `cc`) into
-$HETEGEN_HOME/kernels and loaded with ctypes. Where that is not
+$HETEGEN_HOME/kernels and loaded with ctypes (models.formats.kernel_lib). Where that is not
 possible (no AVX2, no compiler, `HETEGEN_CPU_KERNELS=torch`) `kernels()` is None and
 QuantLinear uses torch's packed kernels, after one note saying why.
 """
@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,14 +22,9 @@ from pathlib import Path
 
 import torch
 
-from hetegen_cli.core import paths
 from hetegen_cli.core.console import note
-from hetegen_cli.models.formats import cpu_gemm
-
-ENV = "HETEGEN_CPU_KERNELS"  # "auto" (default) or "torch"
-SOURCE = Path(__file__).with_name("kernels") / "quant_gemm.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 6  # hetegen_kernels_version() of the source
+from hetegen_cli.models.formats import cpu_gemm, kernel_lib
+from hetegen_cli.models.formats.kernel_lib import ENV, FLAGS, SOURCE, VERSION  # noqa: F401  (their names here)
 
 
 @dataclass(frozen=True)
@@ -166,7 +156,7 @@ def kernels() -> Kernels | None:
     if not _LOADED:
         try:
             _LOADED.append(_load())
-        except _Unavailable as exc:
+        except kernel_lib.Unavailable as exc:
             _LOADED.append(None)
             _WHY_NOT.append(str(exc))
             if os.environ.get(ENV, "auto") != "torch":
@@ -195,75 +185,10 @@ def label() -> str:
     return "hetegen-avx2" if kernels() is not None else "torch"
 
 
-class _Unavailable(Exception):
-    pass
-
-
 def _load() -> Kernels:
-    choice = os.environ.get(ENV, "auto")
-    if choice not in ("auto", "torch"):
-        raise _Unavailable(f"{ENV}={choice!r} is not one of auto, torch")
-    if choice == "torch":
-        raise _Unavailable(f"{ENV}=torch")
-    if platform.machine().lower() not in ("x86_64", "amd64") or not _has_avx2():
-        raise _Unavailable("this CPU has no AVX2")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
-        raise _Unavailable("no C compiler found (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = paths.home() / "kernels" / f"quant_gemm-{key}.so"
-    if not target.exists():
-        _compile(compiler, target)
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        raise _Unavailable(f"cannot load {target}: {exc}") from None
-    if lib.hetegen_kernels_version() != VERSION:
-        raise _Unavailable(f"{target} is not version {VERSION} of the kernels")
-    p, i = ctypes.c_void_p, ctypes.c_int
-    int4, int8 = lib.hetegen_int4_gemm, lib.hetegen_int8_gemm
-    int4.argtypes, int4.restype = [p, p, p, i, i, i, p, i, p, i, i], i
-    int8.argtypes, int8.restype = [p, p, i, i, p, i, p, i, i], i
-    deq4, deq8 = lib.hetegen_int4_dequant, lib.hetegen_int8_dequant
-    deq4.argtypes, deq4.restype = [p, p, p, i, i, i, p, i], i
-    deq8.argtypes, deq8.restype = [p, p, i, i, p, i], i
-    ffn, norm = lib.hetegen_gated_ffn, lib.hetegen_rms_norm
-    ffn.argtypes, ffn.restype = [p, i, p, p, p, i, p, i], i
-    norm.argtypes, norm.restype = [p, p, i, i, ctypes.c_float, ctypes.c_float, p], i
-    att = lib.hetegen_attention_decode
-    att.argtypes, att.restype = [p, p, p, p, p, p, p, p, p, i], i
-    return Kernels(int4, int8, deq4, deq8, ffn, norm, att, target)
-
-
-def _compile(compiler: str, target: Path) -> None:
-    """Compile the source into `target`, through a temporary file renamed into place."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise _Unavailable(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
-    try:
-        done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
-        )
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise _Unavailable(f"{compiler} could not compile them: {last}")
-        os.replace(tmp, target)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise _Unavailable(f"{compiler} could not compile them: {exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def _has_avx2() -> bool:
-    try:
-        flags = next(
-            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
-        ).split()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return {"avx2", "fma", "f16c"} <= set(flags)
+    lib = kernel_lib.load(lambda: torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    return Kernels(
+        lib.hetegen_int4_gemm, lib.hetegen_int8_gemm, lib.hetegen_int4_dequant, lib.hetegen_int8_dequant,
+        lib.hetegen_gated_ffn, lib.hetegen_rms_norm, lib.hetegen_attention_decode,
+        kernel_lib.library_path(),
+    )  # fmt: skip

@@ -144,12 +144,12 @@ def _ensure_quantized_gguf(
     """The folder of `gguf` in `label` (int4, int8, mixed; bfloat16 when every quantized
     linear is a float copy) beside where its fp32 conversion would go, made once; `request`
     is what --quant asked (auto: each linear in its own format)."""
-    from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized  # imports torch: only to convert
-
     target = float_target.parent / quantized_folder_name(float_target.name, label, DEFAULT_GROUP_SIZE)
     made = read_quantization(target) is not None or label == "bfloat16"
     if made and (target / "model.safetensors").is_file():
         return target
+    from hetegen_cli.models.formats.gguf_quant import write_gguf_quantized  # imports torch: only to convert
+
     note(f"Converting {gguf.name} to hetegen's {label} layout, once, into {target}")
     start = time.perf_counter()
     try:

@@ -25,49 +25,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hetegen_cli.models.formats.gguf_types import FLOAT_TYPES, NATIVE, ggml_type, row_bytes, supported_types  # noqa: F401
 from hetegen_cli.models.formats.quant import GGUF_BLOCK, QuantWeight, from_gguf_blocks, pack_nibbles, quantize
 
-#: GGUF type -> the hetegen format its linears load as (the rest: FLOAT_TYPES or unmapped)
-NATIVE = {
-    "Q4_0": "int4",
-    "Q4_1": "int4",
-    "Q4_K": "int4",
-    "Q5_0": "int8",
-    "Q5_1": "int8",
-    "Q5_K": "int8",
-    "Q6_K": "int8",
-    "Q8_0": "int8",
-}
 #: GGUF types whose int4 values, scales and mins are the file's own (no rounding at all)
 EXACT_INT4 = ("Q4_0", "Q4_1")
-FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPER_BLOCK = 256  # weights per K-quant super-block (QK_K)
 Q4_K_BYTES = 144  # d, dmin (2 + 2), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 Q6_K_BYTES = 210  # 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d
 #: values dequantized at once (a tensor re-quantized per row, a float copy): 4 MiB of
 #: float32; gguf's numpy decoders hold a few arrays of that size while they work
 CHUNK_VALUES = 1024 * 1024
-
-
-def supported_types() -> tuple[str, ...]:
-    """GGUF types a linear may be stored in, in the order docs/models.md lists them."""
-    return (*NATIVE, *FLOAT_TYPES)
-
-
-def _gguf_type(kind: str):
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType[kind]
-
-
-def row_bytes(kind: str, in_features: int) -> int:
-    """Bytes one row of `in_features` weights takes in GGUF type `kind`."""
-    from gguf import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[_gguf_type(kind)]
-    if in_features % block:
-        raise ValueError(f"{in_features} inputs are not a multiple of {kind}'s block of {block}")
-    return in_features // block * size
 
 
 def dequantize_rows(kind: str, raw: np.ndarray | torch.Tensor, in_features: int) -> torch.Tensor:
@@ -88,7 +56,7 @@ def dequantize_rows(kind: str, raw: np.ndarray | torch.Tensor, in_features: int)
             .reshape(-1, in_features)
         )
     else:
-        values = quants.dequantize(array, _gguf_type(kind))
+        values = quants.dequantize(array, ggml_type(kind))
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(-1, in_features)
 
 

@@ -17,9 +17,43 @@ from hetegen_cli.core.console import note
 from hetegen_cli.core.errors import HetegenError, ModelError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.core.units import format_bytes
-from hetegen_cli.models.formats.gguf_blocks import FLOAT_TYPES, NATIVE, row_bytes, supported_types
 from hetegen_cli.models.formats.gguf_read import GgufTensorInfo, read_gguf_layout
 from hetegen_cli.models.shapes.spec import MIXED
+
+#: GGUF type -> the hetegen format its linears load as (the rest: FLOAT_TYPES or unmapped)
+NATIVE = {
+    "Q4_0": "int4",
+    "Q4_1": "int4",
+    "Q4_K": "int4",
+    "Q5_0": "int8",
+    "Q5_1": "int8",
+    "Q5_K": "int8",
+    "Q6_K": "int8",
+    "Q8_0": "int8",
+}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def supported_types() -> tuple[str, ...]:
+    """GGUF types a linear may be stored in, in the order docs/models.md lists them."""
+    return (*NATIVE, *FLOAT_TYPES)
+
+
+def ggml_type(kind: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[kind]
+
+
+def row_bytes(kind: str, in_features: int) -> int:
+    """Bytes one row of `in_features` weights takes in GGUF type `kind`."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[ggml_type(kind)]
+    if in_features % block:
+        raise ValueError(f"{in_features} inputs are not a multiple of {kind}'s block of {block}")
+    return in_features // block * size
+
 
 FLOAT_COPY_FLAG = "--allow-float-copy"
 

@@ -41,9 +41,9 @@ from hetegen_cli.models.shapes.quantfile import (
     QUANT_FILE,
     REST_DTYPE,
     linear_formats,
+    made_quantized,
     quantization_doc,
     quantized_folder_name,
-    read_quantization,
 )
 
 _COPIED = (
@@ -177,17 +177,10 @@ def ensure_quantized(
 ) -> Path:
     """The folder of `ref` quantized to `fmt` (made once, under $HETEGEN_HOME/models unless
     `output` is given); `ref` itself when it is already in that format."""
-    doc = read_quantization(Path(ref.path))
-    if doc is not None:
-        if doc["format"] == fmt and (fmt != "int4" or doc["group_size"] == group):
-            return Path(ref.path)
-        raise ModelError(
-            f"{ref.name} is already quantized ({doc['format']}); it cannot be re-quantized to {fmt}",
-            "quantize the floating-point model instead",
-        )
+    made = made_quantized(Path(ref.path), ref.name, fmt, group, output)
+    if made is not None:
+        return made
     target = output or paths.models_dir() / quantized_folder_name(ref.name, fmt, group)
-    if output is None and read_quantization(target) is not None and (target / "model.safetensors").is_file():
-        return target
     note(
         f"Quantizing {ref.name} to {fmt}"
         + (f" (groups of {group})" if fmt == "int4" else "")

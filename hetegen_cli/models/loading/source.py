@@ -21,7 +21,7 @@ from hetegen_cli.models.architecture.folder import spec_from_folder
 from hetegen_cli.models.architecture.spec import spec_from_config
 from hetegen_cli.models.formats.gguf import ensure_converted_gguf, ensure_default_model
 from hetegen_cli.models.shapes import presets
-from hetegen_cli.models.shapes.quantfile import REST_DTYPE
+from hetegen_cli.models.shapes.quantfile import REST_DTYPE, made_quantized
 from hetegen_cli.models.shapes.spec import MIXED, ModelSpec
 
 
@@ -141,9 +141,11 @@ def apply_quant(ref: ModelRef, quant: str) -> ModelRef:
     if ref.path is None:  # shapes only: the plan of a quantized copy
         spec = replace(ref.spec, dtype=REST_DTYPE).quantized(quant, DEFAULT_GROUP_SIZE)
         return replace(ref, spec=spec)
-    from hetegen_cli.models.formats.quantized import ensure_quantized  # torch: only when quantizing
+    folder = made_quantized(ref.path, ref.name, quant, DEFAULT_GROUP_SIZE)
+    if folder is None:
+        from hetegen_cli.models.formats.quantized import ensure_quantized  # torch: only when quantizing
 
-    folder = ensure_quantized(ref, quant, DEFAULT_GROUP_SIZE)
+        folder = ensure_quantized(ref, quant, DEFAULT_GROUP_SIZE)
     spec, warnings = spec_from_folder(folder, name=ref.name)
     return ModelRef(ref.arg, ref.kind, ref.name, folder, ref.hub_id, spec, warnings)
 

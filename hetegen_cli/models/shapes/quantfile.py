@@ -23,7 +23,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from hetegen_cli.core import quant
+from hetegen_cli.core import paths, quant
 from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.shapes.experts import PARTS as EXPERT_PARTS
 from hetegen_cli.models.shapes.experts import quant_expert_key
@@ -231,3 +231,22 @@ def quantization_doc(
         "source": source,
         "quantize_s": round(seconds, 2),
     }
+
+
+def made_quantized(folder: Path, name: str, fmt: str, group: int, output: Path | None = None) -> Path | None:
+    """The folder of the model in `folder` in `fmt` when it exists already: `folder` itself
+    (stored so) or the copy made before under $HETEGEN_HOME/models (or at `output`); None when
+    one must be made (models.formats.quantized.ensure_quantized). ModelError when `folder` is
+    quantized in another format."""
+    doc = read_quantization(folder)
+    if doc is not None:
+        if doc["format"] == fmt and (fmt != "int4" or doc["group_size"] == group):
+            return folder
+        raise ModelError(
+            f"{name} is already quantized ({doc['format']}); it cannot be re-quantized to {fmt}",
+            "quantize the floating-point model instead",
+        )
+    target = output or paths.models_dir() / quantized_folder_name(name, fmt, group)
+    if output is None and read_quantization(target) is not None and (target / "model.safetensors").is_file():
+        return target
+    return None

@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from hetegen_cli.core.errors import HetegenError
 from hetegen_cli.core.jsonio import atomic_write
 from hetegen_cli.models.formats import decode_steps, direct, kernel_lib
 from hetegen_cli.models.formats.fused import norm_params
@@ -178,7 +179,15 @@ def remember(model: nn.Module, folder: Path, tokenizer: Any, prompt: str, dtype:
     unless one is current; a record that refuses the direct path (and why) when the direct
     model is not what was loaded, so the check is not repeated until something changes.
     `dtype` is the loaded model's label (LoadedModel.dtype), which direct runs report too.
-    Returns one line saying what it did and what it cost, or None when it did nothing."""
+    Returns one line saying what it did and what it cost, or None when it did nothing. A
+    record that cannot be written is said in that line; the run itself is not affected."""
+    try:
+        return _remember(model, folder, tokenizer, prompt, dtype)
+    except (HetegenError, OSError) as exc:
+        return f"no direct start recorded for this model: {getattr(exc, 'message', None) or exc}"
+
+
+def _remember(model: nn.Module, folder: Path, tokenizer: Any, prompt: str, dtype: str) -> str | None:
     if direct_run.current_record(folder) is not None:
         return None
     start = time.perf_counter()

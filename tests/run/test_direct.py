@@ -65,9 +65,16 @@ def _build(folder: Path, arch: str, seed: int = 0) -> Path:
     return folder
 
 
+def _fresh(tmp_path: Path, arch: str = "llama") -> Path:
+    """A model of its own for one test: its name (and so its quantized copy under the
+    shared $HETEGEN_HOME/models) is the test's, so no other test touches its files."""
+    return _build(tmp_path / f"{arch}-{tmp_path.name}", arch)
+
+
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def arch_dir(request, tmp_path_factory) -> Path:
-    return _build(tmp_path_factory.mktemp(request.param), request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    return _build(folder / f"direct-{request.param}-{folder.name}", request.param)
 
 
 def _run(folder: Path, *args: str, env: dict[str, str] | None = None, prompt: str = PROMPT):
@@ -100,24 +107,29 @@ def test_a_second_greedy_run_starts_direct_with_the_regular_tokens(arch_dir, fmt
 
 
 def test_the_direct_start_imports_neither_torch_nor_transformers(tmp_path):
-    folder = _build(tmp_path / "llama", "llama")
+    folder = _fresh(tmp_path)
     _run(folder, "--quant", "int4")  # checks and records
+    args = ["run", "--model", str(folder), "--quant", "int4", "--prompt", "Hello", "-n", "4", "--json"]
     code = (
         "import sys\nfrom hetegen_cli.cli.app import app\n"
-        f"try:\n    app(['run', '--model', {str(folder)!r}, '--quant', 'int4', '--prompt', 'Hello', '-n', '4', '--json'])\n"
+        f"try:\n    app({args!r})\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HETEGEN_DEBUG": "1"}, timeout=120
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HETEGEN_DEBUG": "1"},
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["engine"] == "direct"
+    assert json.loads(done.stdout)["engine"] == "direct", done.stderr
     assert done.stderr.strip().splitlines()[-1] == "False False"
 
 
 def test_changed_files_send_the_run_back_to_the_regular_path_which_checks_again(tmp_path, hetegen_home):
-    folder = _build(tmp_path / "llama", "llama")
+    folder = _fresh(tmp_path)
     first, _ = _run(folder, "--quant", "int4")
     copy = Path(first["model"]["path"])
     assert direct_run.current_record(copy) is not None
@@ -131,7 +143,7 @@ def test_changed_files_send_the_run_back_to_the_regular_path_which_checks_again(
 
 
 def test_a_check_that_fails_is_recorded_and_not_repeated(tmp_path, monkeypatch):
-    folder = _build(tmp_path / "llama", "llama")
+    folder = _fresh(tmp_path)
     monkeypatch.setattr(direct_check, "LOGIT_RTOL", -1.0)  # no logits can agree
     first, said = _run(folder, "--quant", "int4")
     assert "no direct start for this model (its logits differ" in said
@@ -143,7 +155,7 @@ def test_a_check_that_fails_is_recorded_and_not_repeated(tmp_path, monkeypatch):
 
 
 def test_runs_a_record_does_not_cover_take_the_regular_path(tmp_path):
-    folder = _build(tmp_path / "llama", "llama")
+    folder = _fresh(tmp_path)
     _run(folder, "--quant", "int4")
     sampled, _ = _run(folder, "--quant", "int4", "--temperature", "0.7", "--seed", "1")
     assert sampled["engine"] == "plain"
@@ -171,7 +183,7 @@ def test_an_unknown_setting_is_refused_in_one_line(tmp_path):
 
 
 def test_a_layout_that_does_not_fit_the_files_is_refused(tmp_path):
-    folder = _build(tmp_path / "llama", "llama")
+    folder = _fresh(tmp_path)
     first, _ = _run(folder, "--quant", "int4")
     copy = Path(first["model"]["path"])
     record = direct_run.current_record(copy)
@@ -201,3 +213,12 @@ def test_bfloat16_tensors_are_read_as_torch_widens_them(tmp_path):
     np.testing.assert_array_equal(tensors.get("c"), values["c"].numpy())
     with pytest.raises(direct.LayoutError, match=r"is \[5, 7\], not \[7, 5\]"):
         tensors.get("a", (7, 5))
+
+
+def test_a_record_that_cannot_be_written_leaves_the_run_as_it_was(tmp_path, hetegen_home):
+    folder = _fresh(tmp_path)
+    (hetegen_home / "direct").write_text("a file where the records' folder would be")
+    first, said = _run(folder, "--quant", "int4")
+    assert first["engine"] == "plain" and len(first["token_ids"]) == 8
+    assert "no direct start recorded for this model" in said and "Traceback" not in said
+    assert _run(folder, "--quant", "int4")[0]["engine"] == "plain"

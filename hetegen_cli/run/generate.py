@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hetegen_cli.core.errors import ModelError
 from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.shapes.spec import check_context
 from hetegen_cli.run.text import (  # noqa: F401  (prepare_prompt and the rest: imported from here too)
@@ -24,8 +23,11 @@ from hetegen_cli.run.text import (  # noqa: F401  (prepare_prompt and the rest: 
     SamplingOptions,
     StopCheck,
     TextCallback,
+    TextStream,
     context_limit,
     eos_token_ids,
+    generation_result,
+    non_finite_logits,
     prepare_prompt,
 )
 
@@ -37,13 +39,6 @@ def _supports_logits_to_keep(model: Any) -> bool:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _non_finite() -> ModelError:
-    return ModelError(
-        "the model produced logits that are NaN or infinite",
-        "the weights may be damaged or overflow in this dtype; try --dtype float32",
-    )
 
 
 def select_token(logits: Any, sampling: SamplingOptions, generator: Any = None) -> int:
@@ -60,12 +55,12 @@ def select_token(logits: Any, sampling: SamplingOptions, generator: Any = None) 
         else:
             token = int(torch.argmax(logits).item())
         if not math.isfinite(float(logits[token])):  # argmax picks a NaN where there is one
-            raise _non_finite()
+            raise non_finite_logits()
         return token
     scores = logits.detach().double().cpu()  # [V]
     top = scores.max()
     if not torch.isfinite(top):
-        raise _non_finite()
+        raise non_finite_logits()
     # shift before dividing: every score <= 0, so a tiny temperature gives -inf, never NaN
     scores = (scores - top) / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < scores.numel():
@@ -123,16 +118,11 @@ def generate(
             generator.manual_seed(sampling.seed)
         else:
             generator.seed()  # non-deterministic, leaves torch's global RNG alone
-    decoder = IncrementalDecoder(tokenizer)
+    stream = TextStream(tokenizer, eos, on_text)
     cache = new_cache(model, capacity=len(prompt_ids) + max_new_tokens)
     tokens: list[int] = []
     decode_s = 0.0
     stop_reason = "length"
-
-    def emit(token: int) -> None:
-        piece = decoder.push(token) if token not in eos else ""
-        if piece and on_text is not None:
-            on_text(piece)
 
     with torch.inference_mode():
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, T]
@@ -142,7 +132,7 @@ def generate(
         token = select_token(out.logits[0, -1], sampling, generator)  # logits [1, T', V]
         first_token_s = now() - start
         tokens.append(token)
-        emit(token)
+        stream.push(token)
         stopped = should_stop() if should_stop is not None else None
         while token not in eos and len(tokens) < max_new_tokens and stopped is None:
             step_start = now()
@@ -151,30 +141,15 @@ def generate(
             token = select_token(out.logits[0, -1], sampling, generator)
             decode_s += now() - step_start
             tokens.append(token)
-            emit(token)
+            stream.push(token)
             stopped = should_stop() if should_stop is not None else None
         total_s = now() - start
     if tokens[-1] in eos:
         stop_reason = "eos"
     elif stopped is not None:
         stop_reason = stopped
-    tail = decoder.flush()
-    if tail and on_text is not None:
-        on_text(tail)
-    timings = GenerationTimings(
-        prompt_tokens=len(prompt_ids),
-        generated_tokens=len(tokens),
-        prefill_s=prefill_end - start,
-        time_to_first_token_s=first_token_s,
-        decode_s=decode_s,
-        decode_steps=len(tokens) - 1,
-        total_s=total_s,
-    )
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return GenerationResult(
-        prompt_token_ids=list(prompt_ids),
-        token_ids=tokens,
-        text=text,
-        stop_reason=stop_reason,
-        timings=timings,
-    )
+    stream.close()
+    return generation_result(
+        prompt_ids, tokens, tokenizer.decode(tokens, skip_special_tokens=True), stop_reason,
+        prefill_s=prefill_end - start, first_token_s=first_token_s, decode_s=decode_s, total_s=total_s,
+    )  # fmt: skip

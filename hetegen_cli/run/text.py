@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hetegen_cli.core.errors import InputError, UsageError
+from hetegen_cli.core.errors import InputError, ModelError, UsageError
 
 TextCallback = Callable[[str], None]
 StopCheck = Callable[[], str | None]  # a reason to stop now (e.g. "cancelled"), or None
@@ -175,3 +175,46 @@ class IncrementalDecoder:
         text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix) :] if len(text) > len(prefix) else ""
+
+
+class TextStream:
+    """The generated tokens' text as it completes: `push(token)` hands each new piece to
+    `on_text` (an end-of-sequence token adds none), `close()` the held-back rest."""
+
+    def __init__(self, tokenizer: Any, eos: set[int], on_text: TextCallback | None) -> None:
+        self.decoder, self.eos, self.on_text = IncrementalDecoder(tokenizer), eos, on_text
+
+    def push(self, token: int) -> None:
+        piece = self.decoder.push(token) if token not in self.eos else ""
+        if piece and self.on_text is not None:
+            self.on_text(piece)
+
+    def close(self) -> None:
+        tail = self.decoder.flush()
+        if tail and self.on_text is not None:
+            self.on_text(tail)
+
+
+def generation_result(
+    prompt_ids: list[int], tokens: list[int], text: str, stop_reason: str, *, prefill_s: float,
+    first_token_s: float, decode_s: float, total_s: float,
+) -> GenerationResult:  # fmt: skip
+    """The result of a generation whose first token came from the prefill (decode steps:
+    one fewer than the tokens)."""
+    timings = GenerationTimings(
+        prompt_tokens=len(prompt_ids),
+        generated_tokens=len(tokens),
+        prefill_s=prefill_s,
+        time_to_first_token_s=first_token_s,
+        decode_s=decode_s,
+        decode_steps=len(tokens) - 1,
+        total_s=total_s,
+    )
+    return GenerationResult(list(prompt_ids), tokens, text, stop_reason, timings)
+
+
+def non_finite_logits(
+    hint: str = "the weights may be damaged or overflow in this dtype; try --dtype float32",
+) -> ModelError:
+    """The error for logits that are NaN or infinite."""
+    return ModelError("the model produced logits that are NaN or infinite", hint)

@@ -163,7 +163,7 @@ def load_hetero_model(
             quantize_head(model)  # on the CPU, as the plain quantized model holds it
         context.finalize()
         memory = _memory_report(model, context)  # before direct modules bring host views in
-        fusions = _call_whole_linears_directly(model, context)
+        fusions = _call_whole_linears_directly(model, context, int8_head=bool(ref.spec.quant) and head_placed)
     except BaseException:
         context.close()
         raise
@@ -322,10 +322,15 @@ def _read_bias(
     return reader.read(key, wdt, device)
 
 
-def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> fused.Fusions | None:
+def _call_whole_linears_directly(
+    model: nn.Module, context: EngineContext, int8_head: bool = False
+) -> fused.Fusions | None:
     """Without a pipeline (every linear whole on the CPU backend), the model calls each linear's
     direct module (HeteroLinear.direct_module: its packed kernel, or a CpuLinear) instead of
-    the HeteroLinear, which stays registered with the context for its memory and counters."""
+    the HeteroLinear, which stays registered with the context for its memory and counters.
+    `int8_head` (a quantized model whose plan places the LM head): the head's direct module
+    is quantized to int8 first, as the plain quantized model holds it and the plan prices it
+    (costmodel.strategies.cpu_head_rates)."""
     if context.streaming:
         return None
     for name, module in list(model.named_modules()):
@@ -333,6 +338,8 @@ def _call_whole_linears_directly(model: nn.Module, context: EngineContext) -> fu
         if direct is not None:
             set_module(model, name, direct)
             context.direct_linears += 1
+    if int8_head:
+        quantize_head(model)
     return fuse_for_decode(model)  # their attentions, MLPs, experts and norms: one call each a token
 
 

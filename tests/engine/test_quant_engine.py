@@ -265,3 +265,40 @@ def test_the_planners_all_cpu_plan_runs_like_the_plain_model(quantized):
         out = loaded.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
         assert out.tolist() == tokens.tolist()
         torch.testing.assert_close(got, logits, rtol=0, atol=1e-2 * float(logits.abs().max()))
+
+
+def test_a_placed_lm_head_is_held_as_int8_like_the_plain_model(tmp_path):
+    """An untied head is a placement of the all-CPU plan: without a pipeline the engine holds it
+    as int8, as the plain quantized model does and the plan prices it
+    (costmodel.strategies.cpu_head_rates); a float32 head read 4x the bytes every token."""
+    from hetegen_cli.core import quant
+    from hetegen_cli.measure.tiny_models import TinyShape, write_tiny_model
+    from hetegen_cli.models.formats.quant import QuantLinear
+    from hetegen_cli.plan.request import PlanRequest
+    from hetegen_cli.plan.solver import make_plan
+    from tests.fakes import GB, make_profile
+
+    shape = TinyShape(hidden=64, heads=2, intermediate=128, vocab=256, layers=(2, 2), max_positions=64)
+    src = write_tiny_model(tmp_path / "src", "llama", shape, 2)
+    folder = ensure_quantized(src, "int4", 32, tmp_path / "q")
+    ref = resolve_model(str(folder), need_weights=True, quant="auto")
+    profile = make_profile(gpu=False, quant_bw={"int8": 16 * GB, "int4": 16 * GB})
+    for entry in profile["cpu"]["quant_gemv"]:
+        entry["kernel"] = "hetegen-avx2"  # float32 activations, as the plain model computes
+    req = PlanRequest(prompt_len=16, max_new_tokens=NEW_TOKENS, gpu_budget_bytes=0, cpu_budget_bytes=8 << 30)
+    plan = make_plan(ref.spec, profile, req)
+    assert ref.spec.lm_head.name in {p.name for p in plan.placements}
+    ids = torch.tensor(PROMPT)
+    with load_quantized(ref) as plain, torch.no_grad():
+        want = plain.model(ids).logits
+        tokens = plain.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with (
+        load_hetero_model(ref, plan.placements, plan.runtime, CpuBackend(), progress=False) as loaded,
+        torch.no_grad(),
+    ):
+        head = loaded.model.get_output_embeddings()
+        assert isinstance(head, QuantLinear) and head.format == quant.HEAD_FORMAT
+        got = loaded.model(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+        out = loaded.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert out.tolist() == tokens.tolist()

@@ -51,14 +51,20 @@ def quantize_head(model: Any, group: int = quant.DEFAULT_GROUP_SIZE) -> QuantLin
     """Hold the LM head of a quantized model on the CPU as int8 (quant.HEAD_FORMAT), quantized
     at load from its bfloat16 weight; a tied embedding keeps its bfloat16 rows for the lookup.
     Measured on the default model (docs/quant.md): +0.14 % perplexity, ~1.2x decode; int4
-    cost +5 %. None (the head unchanged) when the kernel does not take its shape."""
+    cost +5 %. The head may be an nn.Linear or any module holding a float `weight` [out, in]
+    and `bias` (the engine's all-CPU CpuLinear). None (the head unchanged) when the kernel
+    does not take its shape."""
     head = model.get_output_embeddings()
     fmt = quant.HEAD_FORMAT
-    if not isinstance(head, torch.nn.Linear) or not quant.kernel_takes(
-        fmt, head.out_features, head.in_features
+    weight = getattr(head, "weight", None)
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() != 2
+        or not weight.is_floating_point()
+        or not quant.kernel_takes(fmt, *weight.shape)
     ):
         return None
-    q = QuantLinear(quantize(head.weight.detach(), fmt, group), head.bias)
+    q = QuantLinear(quantize(weight.detach(), fmt, group), getattr(head, "bias", None))
     model.set_output_embeddings(q)
     model.config.tie_word_embeddings = False  # nothing may tie the embedding back onto it
     return q

@@ -25,7 +25,12 @@ vocabulary 2048; one and six decoder layers; untied LM head) of each architectur
   their decode points subtract nothing: a fused step calls its linears from C, so calling
   them alone from Python would cost more than they do inside it. The tiny model's linears
   (about 0.4 MB a layer, read from cache) stay in those points; the plan prices a real
-  model's quantized linears by their bytes alone on top (docs/plan.md §1d).
+  model's quantized linears by their bytes alone on top (docs/plan.md §1d);
+- on the CPU, a tiny quantized Qwen3-MoE (the `moe` family: 16 experts, 8 chosen per token,
+  as Qwen3-30B-A3B and OLMoE choose) loaded the same way: a MoE layer's decode step (the
+  fused attention and norms, the router, the top-k, transformers' MoE block) less its
+  experts' one fused kernel call timed alone, which the plan prices from the real experts'
+  bytes (plan.costmodel.experts.fused_call_s). Its prefill points are kept but not used.
 
 Every figure is the fastest of `repeat` samples: on a shared machine noise only adds time. The result is the
 profile's `engine` section (profile.document.EngineCosts); plan.costmodel.fixed turns it into the
@@ -48,8 +53,9 @@ import torch.nn.functional as F
 from hetegen_cli.core.devices import Backend, CpuBackend, dtype_name, get_backend, torch_dtype
 from hetegen_cli.engine.hetero_model import load_hetero_model
 from hetegen_cli.measure.timing import SCALE_ENV, torch_threads
-from hetegen_cli.measure.tiny_models import ARCHITECTURES, TinyShape, write_tiny_model
+from hetegen_cli.measure.tiny_models import ARCHITECTURES, MOE, TinyShape, write_tiny_model
 from hetegen_cli.models.formats.quant import QuantLinear
+from hetegen_cli.models.formats.quant_experts import QuantExperts
 from hetegen_cli.models.formats.quantized import quantize_folder
 from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.loading.loader import LoadedModel, load_model
@@ -81,7 +87,17 @@ SCALED_COSTS = CostSizes(
     prompts=(4, 8, 16),
     decode_steps=2,
     repeat=1,
-    shape=TinyShape(hidden=32, heads=2, intermediate=64, vocab=64, layers=(1, 2), max_positions=64),
+    shape=TinyShape(
+        hidden=32,
+        heads=2,
+        intermediate=64,
+        vocab=64,
+        layers=(1, 2),
+        max_positions=64,
+        experts=4,
+        experts_per_token=2,
+        expert_intermediate=32,
+    ),
 )
 
 
@@ -156,6 +172,28 @@ def _linears_alone(
     return min(samples[1:])
 
 
+def _experts_alone(model: Any, clock: _Clock, repeat: int) -> float:
+    """Fastest seconds of every MoE layer's fused experts call (QuantExperts with hetegen's
+    kernels) at one token, in order, with the first top-k experts chosen: what a decode step
+    spends in them. 0 for a model without such layers (a dense model)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantExperts) and m.fused is not None]
+    if not layers:
+        return 0.0
+    calls = []
+    for m in layers:
+        k = m.spec.top_k
+        x = torch.randn(1, m.fused.hidden)
+        out = torch.zeros(1, m.fused.hidden)
+        calls.append(lambda m=m, k=k, x=x, out=out: m.fused.add(x, list(range(k)), [1.0 / k] * k, out))
+    samples = []
+    for _ in range(repeat + 1):
+        start = clock()
+        for call in calls:
+            call()
+        samples.append(clock() - start)
+    return min(samples[1:])
+
+
 def _sample_s_per_vocab(clock: _Clock, device: Any, repeat: int) -> float:
     """Seconds per vocabulary entry of greedy sampling (argmax of fp32 logits, to the host)."""
     vocab = 65536
@@ -215,7 +253,8 @@ def _nonlinear(
 
     `load`: how to load a model (default the stock model in `dtype` on `backend`). A loader
     that gives a quantized model (load_quantized) keeps its decode steps whole: their
-    linears are not subtracted (the module docstring says why)."""
+    linears are not subtracted (the module docstring says why), only a MoE layer's fused
+    experts call (_experts_alone)."""
     tdt = torch_dtype(dtype)
     few, many = sizes.shape.layers
     points: dict[int, dict[str, list[float]]] = {}
@@ -224,7 +263,10 @@ def _nonlinear(
         with loading as loaded, torch.inference_mode():
             model, device = loaded.model, loaded.device
             _generation(model, device, clock, sizes.prompts[0], 2)  # warm-up
-            lin1 = 0.0 if load is not None else _linears_alone(model, device, tdt, clock, 1, sizes.repeat)
+            if load is not None:
+                lin1 = _experts_alone(model, clock, sizes.repeat)
+            else:
+                lin1 = _linears_alone(model, device, tdt, clock, 1, sizes.repeat)
             pre, dec = [], []
             for n in sizes.prompts:
                 prefill, step = _fastest(model, device, clock, n, sizes)
@@ -274,6 +316,7 @@ def measure_engine_costs(
     threads: int,
     dtypes: dict[str, tuple[str, ...]] | None = None,
     architectures: tuple[str, ...] = ARCHITECTURES,
+    quantized: tuple[str, ...] = (*ARCHITECTURES, MOE),
     sizes: CostSizes = QUICK_COSTS,
     timer: Callable[[], float] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -282,7 +325,8 @@ def measure_engine_costs(
 
     `backends`: default the CPU stand-in only (the caller adds a CudaBackend when CUDA is
     present). `dtypes`: activation dtypes per backend name (default float32 and bfloat16 on
-    the CPU, float16 and bfloat16 on a GPU). `timer` replaces the clock (tests).
+    the CPU, float16 and bfloat16 on a GPU). `quantized`: the families also measured
+    quantized, on the CPU. `timer` replaces the clock (tests).
     """
     backends = backends or [CpuBackend()]
     default_dtypes = {"cpu": ("float32", "bfloat16")}
@@ -294,7 +338,7 @@ def measure_engine_costs(
                 n: write_tiny_model(Path(tmp) / f"{arch}-{n}", arch, sizes.shape, n)
                 for n in sizes.shape.layers
             }
-            for arch in architectures
+            for arch in dict.fromkeys((*architectures, *quantized))
         }
         for backend in backends:
             clock = _Clock(backend, timer)
@@ -325,10 +369,10 @@ def measure_engine_costs(
             if backend.is_cuda:
                 continue
             act = dtype_name(activation_dtype())  # the quantized model's activations
-            for arch in architectures:  # the quantized model as `run` loads it: CPU only
+            for arch in quantized:  # the quantized model as `run` loads it: CPU only
                 if progress:
                     progress(f"engine costs: {arch} {QUANT_FORMAT} on {backend.name}")
-                quantized = {
+                folders = {
                     n: _quantized(ref, Path(tmp) / f"{arch}-{n}-{QUANT_FORMAT}")
                     for n, ref in refs[arch].items()
                 }
@@ -341,7 +385,7 @@ def measure_engine_costs(
                         "weights": QUANT_FORMAT,
                         "threads": threads,
                         "sample_s_per_vocab": sample,
-                        **_nonlinear(quantized, act, backend, clock, sizes, load=load_quantized),
+                        **_nonlinear(folders, act, backend, clock, sizes, load=load_quantized),
                     }
                 )
     shape = sizes.shape
@@ -356,6 +400,15 @@ def measure_engine_costs(
             "intermediate_size": shape.intermediate,
             "vocab_size": shape.vocab,
             "layers": list(shape.layers),
+            **(
+                {
+                    "experts": shape.experts,
+                    "experts_per_token": shape.experts_per_token,
+                    "expert_intermediate_size": shape.expert_intermediate,
+                }
+                if MOE in quantized
+                else {}
+            ),
         },
         "repeat": sizes.repeat,
         "seconds": time.perf_counter() - start,

@@ -1,6 +1,7 @@
 """The engine-cost measurement's models (measure.engine_costs): tiny random checkpoints of
-each architecture family it measures (llama, opt), written to a folder and resolved as
-`--model FOLDER` would be, with an untied LM head so the engine can place it as a linear."""
+each architecture family it measures (llama, opt; and moe, a Qwen3-MoE, for the quantized
+entries only), written to a folder and resolved as `--model FOLDER` would be, with an untied
+LM head so the engine can place it as a linear."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from hetegen_cli.models.formats.synthetic import RandomPool, tensor_shapes, write_safetensors_streaming
 from hetegen_cli.models.loading.source import ModelRef, resolve_model
 
-ARCHITECTURES = ("llama", "opt")
+ARCHITECTURES = ("llama", "opt")  # measured as stock float models and quantized
+MOE = "moe"  # a Qwen3-MoE: measured quantized only (a quantized MoE model's CPU decode)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,11 @@ class TinyShape:
     vocab: int = 2048
     layers: tuple[int, int] = (1, 6)
     max_positions: int = 2048
+    #: the moe family: routed experts per layer, chosen per token (the top-k of Qwen3-30B-A3B
+    #: and OLMoE-1B-7B), and each expert's intermediate size
+    experts: int = 16
+    experts_per_token: int = 8
+    expert_intermediate: int = 128
 
     @property
     def head_dim(self) -> int:
@@ -46,6 +53,25 @@ def tiny_config(arch: str, shape: TinyShape, layers: int) -> dict[str, Any]:
         "eos_token_id": 2,
         "torch_dtype": "float32",
     }
+    if arch == MOE:
+        return {
+            "model_type": "qwen3_moe",
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "intermediate_size": shape.intermediate,
+            "moe_intermediate_size": shape.expert_intermediate,
+            "num_experts": shape.experts,
+            "num_experts_per_tok": shape.experts_per_token,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "num_key_value_heads": shape.heads,
+            "head_dim": shape.head_dim,
+            "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            **common,
+        }
     if arch == "opt":
         return {
             "model_type": "opt",

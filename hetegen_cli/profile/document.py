@@ -259,7 +259,7 @@ class EngineEntry(Schema):
     device: Literal["cpu", "cuda"]
     backend: Text
     dtype: WeightDtype
-    architecture: Literal["llama", "opt"]
+    architecture: Literal["llama", "opt", "moe"]  # moe: a quantized Qwen3-MoE (int4 only)
     weights: Literal["float", "int4"] = "float"
     threads: Threads
     sample_s_per_vocab: NonNegative

@@ -41,6 +41,11 @@ NO_QUANT_NOTE = (
     "model's CPU decode is priced with the float model's and a GEMV call cost per linear, which "
     "overstates it; re-run `hetegen profile`"
 )
+NO_MOE_NOTE = (
+    "the profile measured no quantized mixture-of-experts model's fixed costs (made before "
+    "2026-12-08): a quantized MoE model's CPU decode is priced with the float model's and a "
+    "GEMV call cost per linear, which overstates it; re-run `hetegen profile`"
+)
 NO_ENGINE_NOTE = (
     "the profile has no engine costs (made before profile schema 2): predictions leave out "
     "the non-linear work (norms, rotary, KV cache, sampling) and the engine's cost per linear; "
@@ -158,14 +163,15 @@ class FixedCosts:
     def has(self, device: str) -> bool:
         return any(e.device == device for e in self.entries)
 
-    def pick(self, device: str, dtype: str, architecture: str, weights: str = "float") -> DeviceCosts | None:
-        """The entry measured on `device` with `weights` closest to (dtype, architecture): the
-        same dtype and family first, then the same family, then the same dtype, then any."""
-        family = "opt" if architecture == "opt" else "llama"
+    def pick(self, device: str, dtype: str, spec: ModelSpec, weights: str = "float") -> DeviceCosts | None:
+        """The entry measured on `device` with `weights` closest to (dtype, `spec`'s family):
+        the same dtype and family first, then the same family, then (a MoE model) the same
+        dtype and then any llama entry, then the same dtype, then any."""
         on = [e for e in self.entries if e.device == device and e.weights == weights]
+        families = family(spec), "llama"
         for ok in (
-            lambda e: e.dtype == dtype and e.architecture == family,
-            lambda e: e.architecture == family,
+            *(lambda e, f=f: e.dtype == dtype and e.architecture == f for f in families),
+            *(lambda e, f=f: e.architecture == f for f in families),
             lambda e: e.dtype == dtype,
             lambda e: True,
         ):
@@ -176,22 +182,29 @@ class FixedCosts:
 
     def quantized_decode(self, spec: ModelSpec) -> bool:
         """Whether the CPU's decode steps of quantized `spec` are priced from the profile's
-        quantized entries: their layer and step terms hold the calls of a step's linears
-        (fused where the model takes it), so the linears add their bytes alone, no cost per
-        call, and the engine, which calls the same modules, adds nothing per linear
-        (docs/plan.md §1d). False for a float model, a profile measured before them, and a
-        mixture-of-experts model: its layers are not fused whole and route per token, which
-        the dense tiny models do not measure (it keeps the float entries' terms)."""
-        return self.measured_quantized() and spec.quant is not None and not spec.experts
+        quantized entries of its family: their layer and step terms hold the calls of a step's
+        linears (fused where the model takes it), so the linears add their bytes alone, no
+        cost per call, and the engine, which calls the same modules, adds nothing per linear
+        (docs/plan.md §1d). A mixture-of-experts model takes the `moe` entry, whose terms
+        leave out the experts' fused call (the plan prices it from the experts' bytes,
+        costmodel.experts.fused_call_s); a profile without one keeps the float terms. False
+        for a float model and a profile measured before the quantized entries."""
+        return spec.quant is not None and self.measured_quantized(family(spec) if spec.experts else None)
 
-    def measured_quantized(self) -> bool:
-        """Whether the profile measured the quantized model's path (its int4 entries)."""
-        return any(e.device == "cpu" and e.weights == QUANT_ENTRY for e in self.entries)
+    def measured_quantized(self, family: str | None = None) -> bool:
+        """Whether the profile measured the quantized model's path (its int4 entries; of
+        `family` when given)."""
+        return any(
+            e.device == "cpu" and e.weights == QUANT_ENTRY and family in (None, e.architecture)
+            for e in self.entries
+        )
 
     def quantized_note(self, spec: ModelSpec) -> str | None:
-        """NO_QUANT_NOTE where a profile without int4 entries prices a dense quantized model."""
-        missing = spec.quant is not None and not spec.experts and not self.measured_quantized()
-        return NO_QUANT_NOTE if missing else None
+        """NO_QUANT_NOTE where a profile without int4 entries prices a quantized model, and
+        NO_MOE_NOTE where one without the moe entry prices a quantized MoE model."""
+        if spec.quant is None or self.quantized_decode(spec):
+            return None
+        return NO_MOE_NOTE if spec.experts and self.measured_quantized() else NO_QUANT_NOTE
 
     def linear_s(self, device: str, dtype: str, phase: str, mode: str) -> float:
         """The engine's seconds per linear in `mode` (entries without it: 0), uncalibrated."""
@@ -224,6 +237,11 @@ def fixed_costs_from_profile(
 
 
 # --- applying them ---------------------------------------------------------------------------
+
+
+def family(spec: ModelSpec) -> str:
+    """The engine-cost family that measures `spec`: moe (routed experts), opt, else llama."""
+    return "moe" if spec.experts else "opt" if spec.architecture == "opt" else "llama"
 
 
 def step_context(phase: str, prompt_len: int, max_new_tokens: int) -> float:
@@ -268,7 +286,7 @@ def fixed_s(
     """Non-linear seconds of `layers` decoder layers (+ the step's work outside them when
     `outside`) on `device`, before any calibration; None when the profile measured no such
     device. `weights`: the entries to use ("int4": the quantized model's)."""
-    costs = fixed.pick(device, dtype, spec.architecture, weights)
+    costs = fixed.pick(device, dtype, spec, weights)
     if costs is None:
         return None
     tokens = batch * (prompt_len if phase == "prefill" else 1)

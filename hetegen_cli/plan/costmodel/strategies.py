@@ -109,12 +109,17 @@ def step_times(rates: cm.PhaseRates, spec, req, placements, phase, buffers, head
 @dataclass(frozen=True)
 class Part:
     """Decoder layers of one step computed on one device ("cpu" or the GPU side's), priced
-    with the fixed costs measured with `weights` ("float", or "int4": FixedCosts.quantized_decode)."""
+    with the fixed costs measured with `weights` ("float", or "int4": FixedCosts.quantized_decode);
+    in prefill with `prefill_weights` where given."""
 
     device: str
     layers: int
     on_gpu: bool
     weights: str = "float"
+    prefill_weights: str | None = None
+
+    def weights_in(self, phase: str) -> str:
+        return self.prefill_weights if phase == "prefill" and self.prefill_weights else self.weights
 
 
 @dataclass(frozen=True)
@@ -154,9 +159,8 @@ def compose(
         lin = linears_s(fixed, engine.device, dtype, engine.placements, ph) if engine.placements else 0.0
         linear[ph], raw[ph], scaled[ph] = linear_s[ph], lin, lin * fixed.factor(engine.device, ph)
         for i, p in enumerate(parts):
-            t = fixed_s(
-                fixed, p.device, dtype, spec, ph, layers=p.layers, outside=i == 0, weights=p.weights, **args
-            )
+            w = p.weights_in(ph)
+            t = fixed_s(fixed, p.device, dtype, spec, ph, layers=p.layers, outside=i == 0, weights=w, **args)
             if t is None:
                 linear[ph] += attention_for(rates[ph], spec, req, ph, p.layers, p.on_gpu)
             else:
@@ -328,7 +332,9 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
 
     A quantized model with a profile that measured the quantized path
     (FixedCosts.quantized_decode) takes that path's fixed costs; its decode linears cost their
-    bytes alone, and the engine, which calls the same modules without a GPU, adds nothing."""
+    bytes alone, and the engine, which calls the same modules without a GPU, adds nothing. A
+    MoE model takes them in decode only (its entry measures the one-token step; prefill keeps
+    the float terms)."""
     quantized = fixed is not None and fixed.quantized_decode(spec)
     seconds = {}
     for phase in PHASES:
@@ -346,7 +352,8 @@ def cpu_only_prediction(rates: cm.PhaseRates, spec, req, fixed, engine: Engine =
         head = _calls_free(cpu_head_rates(rates, phase, spec), free_calls)
         seconds[phase] = t + head_time(head, spec, req, False)
     seconds = with_experts(rates, spec, req, seconds, None, concurrent=False)
-    parts = [Part("cpu", spec.num_layers, False, QUANT_ENTRY if quantized else "float")]
+    prefill = "float" if quantized and spec.experts else None
+    parts = [Part("cpu", spec.num_layers, False, QUANT_ENTRY if quantized else "float", prefill)]
     return compose(rates, spec, req, fixed, seconds, parts, Engine() if quantized else engine, 0)
 
 

@@ -104,9 +104,9 @@ def test_all_cpu_plans_count_the_inline_cost_per_linear():
     )
 
 
-def _all_cpu(spec, quantized_entries: bool):
+def _all_cpu(spec, quantized_entries: bool, moe: bool = False):
     """The all-CPU plan of `spec` on a profile whose GEMVs cost 30 us a call, with or without
-    the engine section's quantized (int4) entries."""
+    the engine section's quantized (int4) entries (`moe`: and the moe family's)."""
     profile = make_profile(
         gpu=False,
         cpu_call_s=30e-6,
@@ -114,7 +114,7 @@ def _all_cpu(spec, quantized_entries: bool):
         cpu_dtypes={"bfloat16": 20 * GB, "float32": 20 * GB},
         quant_bw={"int8": 16 * GB, "int4": 16 * GB},
     )
-    profile = with_engine(profile, dtypes=("float32", "bfloat16"), quantized=quantized_entries)
+    profile = with_engine(profile, dtypes=("float32", "bfloat16"), quantized=quantized_entries, moe=moe)
     validate_profile(profile)
     return make_plan(spec, profile, PlanRequest(prompt_len=128, max_new_tokens=32, gpu_budget_bytes=0))
 
@@ -163,15 +163,51 @@ def test_a_quantized_models_cpu_decode_is_priced_from_the_quantized_entries_with
     assert old.predictions.hetegen.decode_s_per_token > old.predictions.cpu_only.decode_s_per_token
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        spec_from_config(preset_config("llama-2-7b"), "llama-2-7b", dtype="bfloat16"),
-        _int4("olmoe-1b-7b"),  # routed experts: not what the dense tiny models measured
-    ],
-    ids=["float", "int4-moe"],
-)
-def test_float_and_moe_models_ignore_the_quantized_entries(spec):
-    old, new = _all_cpu(spec, False), _all_cpu(spec, True)
+def test_float_models_ignore_the_quantized_entries():
+    spec = spec_from_config(preset_config("llama-2-7b"), "llama-2-7b", dtype="bfloat16")
+    old, new = _all_cpu(spec, False, moe=True), _all_cpu(spec, True, moe=True)
     assert oh.NO_QUANT_NOTE not in old.notes + new.notes
     assert new.predictions.model_dump() == old.predictions.model_dump()
+
+
+def test_a_quantized_moe_model_ignores_the_dense_quantized_entries_and_says_so():
+    """Routed experts are not what the dense tiny models measured: without the moe entry an
+    int4 MoE model keeps the float terms, and the plan says which entry is missing."""
+    spec = _int4("olmoe-1b-7b")
+    old, new = _all_cpu(spec, False), _all_cpu(spec, True)
+    assert oh.NO_QUANT_NOTE in old.notes and oh.NO_MOE_NOTE in new.notes
+    assert new.predictions.model_dump() == old.predictions.model_dump()
+
+
+@pytest.mark.parametrize("name", ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_a_quantized_moe_models_cpu_decode_is_priced_from_the_moe_entry(name):
+    """With the moe entry, decode takes its terms (per layer and outside the layers) and the
+    dense linears and the LM head lose their call cost; the routed experts keep their price
+    (the entry leaves their fused call out); prefill keeps the float terms."""
+    spec = _int4(name)
+    old, new = _all_cpu(spec, True), _all_cpu(spec, True, moe=True)
+    assert oh.NO_MOE_NOTE in old.notes and oh.NO_MOE_NOTE not in new.notes
+    fixed = oh.fixed_costs_from_profile(with_engine(make_profile(gpu=False), quantized=True, moe=True))
+    assert fixed.pick("cpu", spec.dtype, spec, "int4").architecture == "moe"
+    args = dict(prompt_len=128, max_new_tokens=32, batch=1, layers=spec.num_layers)
+    expected = oh.fixed_s(fixed, "cpu", spec.dtype, spec, "decode", weights="int4", **args)
+    da = TERMS["cpu-moe-int4"][1][0]  # the moe entry's decode cost per layer
+    assert expected > spec.num_layers * da
+    call_s = new.rates.quant["int4"]["cpu_call_s"]
+    calls = len(spec.linears) + 1  # the dense linears (the router among them) + the LM head
+    for key in ("hetegen", "cpu_only"):
+        o, n = getattr(old.predictions, key), getattr(new.predictions, key)
+        assert n.fixed.decode_s_per_token == pytest.approx(expected)
+        assert o.linear.decode_s_per_token - n.linear.decode_s_per_token == pytest.approx(
+            calls * call_s, rel=1e-3
+        )
+        assert n.linear.prefill_s == pytest.approx(o.linear.prefill_s)
+    o, n = old.predictions.cpu_only, new.predictions.cpu_only  # the stock model: no engine terms
+    assert n.fixed.prefill_s == pytest.approx(o.fixed.prefill_s)
+    # the engine's cost per linear is gone: the all-CPU plan predicts what the plain model does
+    assert new.predictions.hetegen.decode_s_per_token == pytest.approx(
+        new.predictions.cpu_only.decode_s_per_token
+    )
+    # a dense int4 model is still priced from the llama entry
+    dense = _int4("llama-2-7b")
+    assert fixed.pick("cpu", dense.dtype, dense, "int4").architecture == "llama"

@@ -163,6 +163,11 @@ def _linears_alone(
                 calls.append(lambda m=m, x=x: m(x))
             else:
                 calls.append(lambda m=m, x=x: F.linear(x, m.weight, m.bias))
+    return _fastest_calls(calls, clock, repeat)
+
+
+def _fastest_calls(calls: list[Callable[[], Any]], clock: _Clock, repeat: int) -> float:
+    """Fastest seconds of `calls` made in order, over `repeat` samples after a warm-up one."""
     samples = []
     for _ in range(repeat + 1):
         start = clock()
@@ -179,19 +184,13 @@ def _experts_alone(model: Any, clock: _Clock, repeat: int) -> float:
     layers = [m for m in model.modules() if isinstance(m, QuantExperts) and m.fused is not None]
     if not layers:
         return 0.0
-    calls = []
+    calls: list[Callable[[], Any]] = []
     for m in layers:
         k = m.spec.top_k
         x = torch.randn(1, m.fused.hidden)
         out = torch.zeros(1, m.fused.hidden)
         calls.append(lambda m=m, k=k, x=x, out=out: m.fused.add(x, list(range(k)), [1.0 / k] * k, out))
-    samples = []
-    for _ in range(repeat + 1):
-        start = clock()
-        for call in calls:
-            call()
-        samples.append(clock() - start)
-    return min(samples[1:])
+    return _fastest_calls(calls, clock, repeat)
 
 
 def _sample_s_per_vocab(clock: _Clock, device: Any, repeat: int) -> float:

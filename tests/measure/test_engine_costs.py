@@ -8,7 +8,7 @@ import torch
 
 from hetegen_cli.core.devices import CpuBackend
 from hetegen_cli.measure import engine_costs as ec
-from hetegen_cli.measure.tiny_models import TinyShape, write_tiny_model
+from hetegen_cli.measure.tiny_models import write_tiny_model
 from hetegen_cli.models.formats.fused import GatedFFN
 from hetegen_cli.models.formats.quant_experts import QuantExperts
 from hetegen_cli.models.loading.quantized_loader import load_quantized
@@ -17,22 +17,7 @@ from hetegen_cli.profile.document import validate_profile
 from tests.fakes import TICK, fake_timer, make_profile
 from tests.strict import StrictBackend
 
-SIZES = ec.CostSizes(
-    prompts=(4, 8, 16),
-    decode_steps=2,
-    repeat=1,
-    shape=TinyShape(
-        hidden=32,
-        heads=2,
-        intermediate=64,
-        vocab=64,
-        layers=(1, 2),
-        max_positions=64,
-        experts=4,
-        experts_per_token=2,
-        expert_intermediate=32,
-    ),
-)
+SIZES = ec.SCALED_COSTS  # tiny models, short prompts, one sample
 
 
 @pytest.fixture(scope="module")

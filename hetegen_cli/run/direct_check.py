@@ -49,7 +49,8 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 def layout_of(model: nn.Module) -> dict[str, Any] | None:
     """The Layout of a causal LM whose decode step is fused whole (decode_steps._ModelStep)
-    on hetegen's int4/int8 kernels, or None (with nothing written) for anything else."""
+    on hetegen's int4/int8 kernels with dense MLPs, or None (with nothing written) for anything
+    else (a MoE model's step among them)."""
     step = vars(model).get("forward")
     if not isinstance(step, decode_steps._ModelStep):
         return None
@@ -67,7 +68,7 @@ def layout_of(model: nn.Module) -> dict[str, Any] | None:
         q_norm = _qk_norm(layer.self_attn, "q_norm", names, int(attn.ints[4]), attn.floats[0:2])
         k_norm = _qk_norm(layer.self_attn, "k_norm", names, int(attn.ints[5]), attn.floats[2:4])
         proj = [_linear(getattr(layer.self_attn, n), names) for n in decode_steps._PROJECTIONS]
-        mlp = [_linear(getattr(layer.mlp, n), names) for n in ("gate_proj", "up_proj", "down_proj")]
+        mlp = [_linear(getattr(layer.mlp, n, None), names) for n in ("gate_proj", "up_proj", "down_proj")]
         norms = [_norm(getattr(layer, n), names) for n in ("input_layernorm", "post_attention_layernorm")]
         if None in (*proj, *mlp, *norms, q_norm, k_norm):
             return None

@@ -1,4 +1,4 @@
-"""Decode steps of a whole attention, decoder layer and model at one token (kernels/
+"""Decode steps of a whole MoE block, attention, decoder layer and model at one token (kernels/
 quant_gemm.c: hetegen_attention_decode; docs/quant.md, "One call per attention, MLP, MoE
 layer and norm").
 
@@ -7,12 +7,15 @@ decoder layer four module calls and two adds, the model's forward masks and book
 small model they cost more than the arithmetic. `fuse_steps` gives, over the MLPs and norms that
 models.formats.fused made one call each:
 
+- each MoE block of a router and fused routed experts a step that adds the experts' one
+  call into its output (`_MoeStep`),
 - each LLaMA-style attention a step that makes one kernel call (`_AttentionStep`),
 - each pre-norm decoder layer whose parts are all fused one Python call (`_LayerStep`),
 - a causal LM whose layers are all fused a step that calls them straight (`_ModelStep`),
 
-each checked at load against the module's own forward over decode steps on its own KV cache
-(models.loading.cache's GrowingLayer, which lets a step write into its buffers). Anything a
+each checked at load against the module's own forward: a MoE block on a random token, the
+others over decode steps on their own KV cache (models.loading.cache's GrowingLayer, which lets
+a step write into its buffers). Anything a
 step does not take goes to the module's own forward. The steps keep per-call state: one
 caller at a time (the serve worker is one thread).
 """
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from hetegen_cli.models.formats import cpu_kernels
-from hetegen_cli.models.formats.fused import Fusions, GatedFFN, close_enough, enabled, matrix, norm_params
+from hetegen_cli.models.formats.fused import Fusions, close_enough, enabled, matrix, norm_params
 
 
 def fuse_steps(model: nn.Module, new_cache: Callable[[], Any]) -> Fusions:
@@ -38,9 +41,16 @@ def fuse_steps(model: nn.Module, new_cache: Callable[[], Any]) -> Fusions:
     empty KV cache for `model` to check them on. Does nothing without hetegen's kernels."""
     if not enabled():
         return Fusions()
-    attentions = layers = whole_model = rejected = 0
+    attentions = layers = whole_model = rejected = moe_blocks = 0
     gen = torch.Generator().manual_seed(0)
     two_caches = _reused(new_cache)
+    for module in list(model.modules()):
+        if "forward" not in vars(module) and (block := _moe_forward(module)) is not None:
+            agrees = _moe_agrees(block, gen)
+            if agrees:
+                module.forward = block
+                moe_blocks += 1
+            rejected += agrees is False
     for module in list(model.modules()):
         if "forward" not in vars(module) and (step := _attention_forward(module)) is not None:
             agrees = _step_agrees(step, step.own, two_caches, step.hidden, step.head_dim, gen)
@@ -69,7 +79,8 @@ def fuse_steps(model: nn.Module, new_cache: Callable[[], Any]) -> Fusions:
             model.forward = top
             whole_model = 1
         rejected += agrees is False
-    return Fusions(attentions=attentions, layers=layers, model=whole_model, rejected=rejected)
+    found = {"attentions": attentions, "layers": layers, "model": whole_model, "rejected": rejected}
+    return Fusions(mlps=moe_blocks, **found)
 
 
 def cache_key(forward: Callable) -> str:
@@ -293,22 +304,86 @@ def _step_agrees(
     return True
 
 
+class _MoeStep:
+    """A sparse MoE block made of a router `gate` and routed `experts` only (OLMoE, Qwen3-MoE,
+    Mixtral; not Qwen2-MoE's shared expert) at one float32 token on the CPU: the router's own
+    forward (its softmax, top-k and normalization, whatever the architecture's), then the chosen
+    experts in one kernel call adding into the output (QuantExperts.add_one_token), without the
+    block's and the experts module's calls, reshapes and zeros. Anything else: the block's own
+    forward."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.own, self.router, self.experts = block.forward, block.gate, block.experts
+        self.hidden: int = block.experts.fused.hidden
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 or x.numel() != self.hidden or x.device.type != "cpu":
+            return self.own(x)
+        out = torch.zeros(x.shape)
+        self.add(x, out)
+        return out
+
+    def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the block's output at x (one token, float32, on the CPU; checked by the caller)."""
+        x = x.reshape(1, self.hidden)
+        _, weights, index = self.router(x)
+        self.experts.add_one_token(x, index, weights, out.view(1, self.hidden))
+
+    def current(self) -> bool:
+        return True  # QuantExperts live on the CPU for good
+
+
+def _moe_forward(block: nn.Module) -> _MoeStep | None:
+    """The fused step for a MoE block with exactly `gate` (a router module) and `experts`
+    (hetegen's quantized CPU experts, fused), or None."""
+    if {name for name, _ in block.named_children()} != {"gate", "experts"}:
+        return None
+    experts = block.experts
+    if getattr(experts, "fused", None) is None or not hasattr(experts, "add_one_token"):
+        return None
+    return _MoeStep(block) if _takes_x(block) else None
+
+
+def _takes_x(block: nn.Module) -> bool:
+    """Whether the block's forward takes the hidden states and nothing else."""
+    try:
+        return len(inspect.signature(block.forward).parameters) == 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _moe_agrees(step: _MoeStep, gen: torch.Generator) -> bool | None:
+    """The step against the block's own forward on a random token (the same router code
+    chooses on both sides); None when the block's forward cannot be driven so."""
+    x = torch.randn(1, 1, step.hidden, generator=gen)
+    try:
+        with torch.no_grad():
+            return close_enough(step(x), step.own(x).float())
+    except Exception:  # a block this form does not describe: left as it is
+        return None
+
+
 #: a pre-norm decoder layer's parts, by transformers' names
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
 class _LayerStep:
     """A pre-norm decoder layer, h = x + attn(norm1(x)), out = h + mlp(norm2(h)), at one
-    token: its fused norms, attention and MLP called straight, the residual adds inside the
-    kernels (one Python call and four kernel calls where transformers makes four module
-    calls and two adds). Anything the fused attention does not take, or parts moved since, goes to the
+    token: its fused norms, attention and MLP (or MoE block, _MoeStep) called straight, the
+    residual adds inside the kernels (one Python call and four kernel calls where transformers
+    makes four module calls and two adds). Anything the fused attention does not take, or parts
+    moved since, goes to the
     layer's own forward. `taken` counts the fused steps."""
 
     def __init__(self, layer: nn.Module) -> None:
         self.own = layer.forward
         self.attn: _AttentionStep = layer.self_attn.forward
-        self.ffn: GatedFFN = layer.mlp.forward.ffn
-        self.mlp_current: Callable[[], bool] = layer.mlp.forward.current
+        mlp = layer.mlp.forward
+        self.mlp_add: Callable[[torch.Tensor, torch.Tensor], None]
+        if isinstance(mlp, _MoeStep):
+            self.mlp_add, self.mlp_current = mlp.add, mlp.current
+        else:
+            self.mlp_add, self.mlp_current = mlp.ffn.first, mlp.current
         self.norms = (layer.input_layernorm.forward.params, layer.post_attention_layernorm.forward.params)
         self.hidden, self.kernels, self.taken = self.attn.hidden, cpu_kernels.kernels(), 0
 
@@ -325,7 +400,7 @@ class _LayerStep:
         self.kernels.rms_norm(x.data_ptr(), w1.data_ptr(), 1, self.hidden, eps1, shift1, h.data_ptr())
         self.attn.run(h, ready, out, add=True)
         self.kernels.rms_norm(out.data_ptr(), w2.data_ptr(), 1, self.hidden, eps2, shift2, h.data_ptr())
-        self.ffn.first(h, out)
+        self.mlp_add(h, out)
         self.taken += 1
         return out
 
@@ -338,7 +413,7 @@ def _layer_forward(layer: nn.Module) -> _LayerStep | None:
     norms = (layer.input_layernorm.forward, layer.post_attention_layernorm.forward)
     if (
         not isinstance(attn, _AttentionStep)
-        or not hasattr(mlp, "ffn")
+        or not (hasattr(mlp, "ffn") or isinstance(mlp, _MoeStep))
         or not all(hasattr(n, "params") for n in norms)
     ):
         return None

@@ -138,7 +138,7 @@ class Fusions:
     modules checked but kept on their own (`rejected`), and MoE layers whose experts were
     fused when they were built. Two add up field by field."""
 
-    mlps: int = 0
+    mlps: int = 0  # gated MLPs made one call, and MoE blocks made one step (decode_steps)
     norms: int = 0
     rejected: int = 0
     experts: int = 0  # MoE layers whose chosen CPU experts are one call (GatedFFN, built at load)

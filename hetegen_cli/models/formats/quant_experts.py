@@ -223,18 +223,29 @@ class QuantExperts(nn.Module):
         """Decode at batch 1 (x [1, H]): the chosen experts in ascending order, as transformers
         adds them (0 + y_a + y_b ...: the same sum bit for bit), without its one-hot grouping,
         whose index and scatter ops were a tenth of a decode step."""
-        chosen = top_k_index[0].tolist()
-        ascending = sorted(range(len(chosen)), key=chosen.__getitem__)
-        order = [p for p in ascending if chosen[p] < self.num_experts]  # E: a padding choice
         if self.fused is not None and x.dtype is torch.float32 and x.device.type == "cpu":
-            weights = top_k_weights[0].tolist()
             out = torch.zeros(x.shape)
-            self.fused.add(x.contiguous(), [chosen[p] for p in order], [weights[p] for p in order], out)
+            self.add_one_token(x, top_k_index, top_k_weights, out)
             return out
+        chosen = top_k_index[0].tolist()
         out = torch.zeros_like(x)
-        for pos in order:
+        for pos in _ascending(chosen, self.num_experts):
             out += (self.experts[chosen[pos]](x) * top_k_weights[0, pos]).to(out.dtype)
         return out
+
+    def add_one_token(
+        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """out [1, H] += the chosen experts' weighted sum at one token x [1, H] float32 on the
+        CPU, in one kernel call (`fused` must be set), in ascending expert order."""
+        chosen, weights = top_k_index[0].tolist(), top_k_weights[0].tolist()
+        order = _ascending(chosen, self.num_experts)
+        self.fused.add(x.contiguous(), [chosen[p] for p in order], [weights[p] for p in order], out)
+
+
+def _ascending(chosen: list[int], num_experts: int) -> list[int]:
+    """The top-k positions of `chosen` in ascending expert order, without padding choices (E)."""
+    return [p for p in sorted(range(len(chosen)), key=chosen.__getitem__) if chosen[p] < num_experts]
 
 
 def fused_experts(experts: list[CpuExpert]) -> fused.GatedFFN | None:

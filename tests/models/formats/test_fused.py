@@ -107,15 +107,17 @@ def test_unfused_keeps_every_forward():
     assert "forward" not in vars(mlp)
 
 
-def experts(fmt: str, n: int = 4) -> list[CpuExpert]:
+def experts(
+    fmt: str, n: int = 4, hidden: int = HIDDEN, inter: int = INTER, down_fmt: str | None = None
+) -> list[CpuExpert]:
     gen = torch.Generator().manual_seed(1)
     act = nn.SiLU()
     out = []
     for _ in range(n):
         parts = {
-            "gate": quantize(torch.randn(INTER, HIDDEN, generator=gen) * 0.1, fmt, 32),
-            "up": quantize(torch.randn(INTER, HIDDEN, generator=gen) * 0.1, fmt, 32),
-            "down": quantize(torch.randn(HIDDEN, INTER, generator=gen) * 0.1, fmt, 32),
+            "gate": quantize(torch.randn(inter, hidden, generator=gen) * 0.1, fmt, 32),
+            "up": quantize(torch.randn(inter, hidden, generator=gen) * 0.1, fmt, 32),
+            "down": quantize(torch.randn(hidden, inter, generator=gen) * 0.1, down_fmt or fmt, 32),
         }
         out.append(CpuExpert(parts, act))
     return out
@@ -138,6 +140,31 @@ def test_chosen_experts_in_one_call_weigh_and_add_as_transformers(fmt):
     assert fused.fuse_model(layer).experts == 1
     layer.fused = None  # the expert-by-expert path
     close(got, layer(x, index, weights))
+
+
+@pytest.mark.parametrize(("fmt", "down_fmt"), [("int4", "int4"), ("int8", "int4"), ("int4", "int8")])
+def test_experts_split_over_threads_anywhere_give_one_answer(fmt, down_fmt):
+    """Big enough for a team of threads (the kernel splits all the experts' rows together, so
+    a thread's share starts inside an expert): the same sum at 1, 2 and 3 threads, bit for bit,
+    and the expert-by-expert one, with the formats mixed as GGUF files mix them."""
+    cpu = experts(fmt, 6, hidden=256, inter=160, down_fmt=down_fmt)
+    spec = type("Spec", (), {"num_experts": len(cpu), "quant_label": fmt})()
+    layer = QuantExperts(spec, cpu)
+    assert layer.fused is not None
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([[5, 0, 3, 2, 4]])
+    weights = torch.tensor([[0.1, 0.3, 0.2, 0.15, 0.25]])
+    threads = torch.get_num_threads()
+    try:
+        answers = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            answers.append(layer(x, index, weights))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(answers[0], answers[1]) and torch.equal(answers[0], answers[2])
+    want = sum(w * cpu[e](x) for e, w in zip(index[0].tolist(), weights[0].tolist(), strict=True))
+    close(answers[0], want)
 
 
 def test_experts_with_a_float_part_are_not_fused():

@@ -31,16 +31,17 @@ from hetegen_cli.models.formats.checkpoint import CheckpointReader
 from hetegen_cli.models.formats.quant import QuantWeight, quantize
 from hetegen_cli.models.formats.quant_experts import CpuExpert, QuantExperts, read_stored_expert, split_expert
 from hetegen_cli.models.formats.quantized import ensure_quantized, read_quant_weight
-from hetegen_cli.models.loading.cache import cache_keyword
+from hetegen_cli.models.loading.cache import cache_keyword, new_cache
 from hetegen_cli.models.loading.quantized_loader import load_quantized
 from hetegen_cli.models.loading.source import resolve_model
 from hetegen_cli.models.shapes.quantfile import read_quantization
 from hetegen_cli.plan.document import RuntimeSettings
 from hetegen_cli.plan.memory import experts_bytes, host_memory
+from hetegen_cli.run import direct_check
 from tests.engine.conftest import EXPERTS, PLANS, expert_placements, placements
 from tests.helpers import ACTIVATIONS, assert_error, cli
 from tests.strict import StrictBackend
-from tests.tiny_models import VOCAB_SIZE, build_tokenizer
+from tests.tiny_models import VOCAB_SIZE, build_tokenizer, greedy_steps
 
 PROMPT = [[5, 17, 42, 99, 7, 250, 31, 64, 12]]
 NEW_TOKENS = 8
@@ -432,6 +433,39 @@ def routing(model, names, record: dict, force: dict | None = None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="hetegen's CPU kernels are unavailable")
+def test_moe_layers_decode_as_one_step_each_with_the_parts_only_result(moe):
+    """A MoE block of a router and routed experts only (all but Qwen2-MoE, whose shared expert
+    keeps transformers' block) decodes as one step adding into its layer's output, so its
+    layers and the whole model get their steps too. Decoding on hetegen's cache, where the steps
+    run, gives the greedy tokens and logits of the same model with those steps taken away and
+    only its parts fused, within 1e-4 of the largest logit as every fusion is checked: the
+    experts now add into the residual, a float32 rounding apart, which the next kernel's int16
+    rounding of its input can widen to 1/65,534 of a block (measured up to 3e-5 here)."""
+    _, _, plain, _, _ = moe
+    model, config = plain.model, plain.model.config
+    n = 0 if config.model_type == "qwen2_moe" else config.num_hidden_layers
+    assert (plain.fused["layers"], plain.fused["model"]) == (n, int(n > 0))
+    if n:
+        assert plain.fused["mlps"] == n  # the MoE blocks: these models have no dense MLP
+    prompt = PROMPT[0]
+    got_tokens, got = greedy_steps(model, new_cache(model, 32), prompt, NEW_TOKENS)
+    steps = [m for m in [model, *model.model.layers, *(layer.mlp for layer in model.model.layers)]]
+    taken = {m: vars(m).pop("forward") for m in steps if "forward" in vars(m)}
+    try:
+        assert len(taken) == 2 * n + int(n > 0)
+        want_tokens, want = greedy_steps(model, new_cache(model, 32), prompt, NEW_TOKENS)
+    finally:
+        for m, forward in taken.items():
+            m.forward = forward
+    assert got_tokens == want_tokens
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    if n:
+        assert model.forward.taken >= NEW_TOKENS  # the model's step ran, not its own forward
+    assert direct_check.layout_of(model) is None  # the direct start reads dense MLPs only
 
 
 def test_the_plain_quantized_model_computes_its_dequantized_weights(moe):

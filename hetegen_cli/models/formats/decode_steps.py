@@ -15,9 +15,8 @@ models.formats.fused made one call each:
 
 each checked at load against the module's own forward: a MoE block on a random token, the
 others over decode steps on their own KV cache (models.loading.cache's GrowingLayer, which lets
-a step write into its buffers). Anything a
-step does not take goes to the module's own forward. The steps keep per-call state: one
-caller at a time (the serve worker is one thread).
+a step write into its buffers). Anything a step does not take goes to the module's own forward.
+The steps keep per-call state: one caller at a time (the serve worker is one thread).
 """
 
 from __future__ import annotations
@@ -372,8 +371,7 @@ class _LayerStep:
     token: its fused norms, attention and MLP (or MoE block, _MoeStep) called straight, the
     residual adds inside the kernels (one Python call and four kernel calls where transformers
     makes four module calls and two adds). Anything the fused attention does not take, or parts
-    moved since, goes to the
-    layer's own forward. `taken` counts the fused steps."""
+    moved since, goes to the layer's own forward. `taken` counts the fused steps."""
 
     def __init__(self, layer: nn.Module) -> None:
         self.own = layer.forward

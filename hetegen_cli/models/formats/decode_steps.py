@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from hetegen_cli.models.formats import cpu_kernels
-from hetegen_cli.models.formats.fused import Fusions, close_enough, enabled, matrix, norm_params
+from hetegen_cli.models.formats.fused import (
+    Fusions,
+    close_enough,
+    enabled,
+    matrix,
+    norm_params,
+    takes_one_argument,
+)
 
 
 def fuse_steps(model: nn.Module, new_cache: Callable[[], Any]) -> Fusions:
@@ -340,15 +347,7 @@ def _moe_forward(block: nn.Module) -> _MoeStep | None:
     experts = block.experts
     if getattr(experts, "fused", None) is None or not hasattr(experts, "add_one_token"):
         return None
-    return _MoeStep(block) if _takes_x(block) else None
-
-
-def _takes_x(block: nn.Module) -> bool:
-    """Whether the block's forward takes the hidden states and nothing else."""
-    try:
-        return len(inspect.signature(block.forward).parameters) == 1
-    except (TypeError, ValueError):
-        return False
+    return _MoeStep(block) if takes_one_argument(block) else None
 
 
 def _moe_agrees(step: _MoeStep, gen: torch.Generator) -> bool | None:

@@ -175,7 +175,7 @@ def fuse_model(model: nn.Module) -> Fusions:
     for module in list(model.modules()):
         if any(isinstance(getattr(module, a, None), GatedFFN) for a in ("fused", "cpu_fused")):
             experts += 1
-        if "forward" in vars(module) or not _takes_one_argument(module):
+        if "forward" in vars(module) or not takes_one_argument(module):
             continue
         fast = _mlp_forward(module) or _norm_forward(module)
         if fast is None:
@@ -191,7 +191,7 @@ def fuse_model(model: nn.Module) -> Fusions:
     return Fusions(mlps=mlps, norms=norms, rejected=rejected, experts=experts)
 
 
-def _takes_one_argument(module: nn.Module) -> bool:
+def takes_one_argument(module: nn.Module) -> bool:
     """Whether forward takes exactly one positional parameter (x), as the fused forwards do."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())

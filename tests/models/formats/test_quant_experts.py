@@ -452,7 +452,7 @@ def test_moe_layers_decode_as_one_step_each_with_the_parts_only_result(moe):
         assert plain.fused["mlps"] == n  # the MoE blocks: these models have no dense MLP
     prompt = PROMPT[0]
     got_tokens, got = greedy_steps(model, new_cache(model, 32), prompt, NEW_TOKENS)
-    steps = [m for m in [model, *model.model.layers, *(layer.mlp for layer in model.model.layers)]]
+    steps = [model, *model.model.layers, *(layer.mlp for layer in model.model.layers)]
     taken = {m: vars(m).pop("forward") for m in steps if "forward" in vars(m)}
     try:
         assert len(taken) == 2 * n + int(n > 0)
